@@ -1,0 +1,4 @@
+from agi_monai.networks.blocks.cagr import CAGR, ChannelLayerNorm, CrossGroupAttention, GroupRoll, RoutingFunction, channel_shuffle
+from agi_monai.networks.blocks.resblock import ResBlock
+
+__all__ = ["CAGR", "ChannelLayerNorm", "CrossGroupAttention", "GroupRoll", "ResBlock", "RoutingFunction", "channel_shuffle"]

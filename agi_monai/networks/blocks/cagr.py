@@ -1,0 +1,219 @@
+"""The CAGR block of AGI-Net (arXiv 2411.14684, §3): Cross Group Attention, then Group-wise Rolling.
+
+CAGR replaces a k×k convolution C_in → C_out. Its parts are small modules so that the paper's
+ablations are constructor flags (``attention``, ``rolling``) and each part is testable alone.
+
+Parameter accounting (docs/design.md): a CAGR adds 20·C²/n parameters and 18·C²/n·H·W multiply-adds
+to the convolution it replaces (the paper's Table 7 and Table 9 imply exactly these rates):
+- Cross Group Attention: a grouped 1×1 convolution on the pooled [intra-group, shuffled inter-group]
+  descriptors, 2C → C with n groups: 2·C²/n parameters, negligible multiply-adds.
+- Routing function: two grouped 3×3 convolutions C → C with n groups at full resolution
+  (each followed by LayerNorm and GELU): 18·C²/n parameters and 18·C²/n·H·W multiply-adds.
+  The paper's text names one grouped 3×3 convolution; its tables need two (see docs/design.md).
+- Heads: offsets C → S·n (zero-initialised), scales C → n (zero weight, bias one, sigmoid).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Pool
+from torch import nn
+
+from agi_monai.ops import extension_available, group_roll, group_roll_reference
+
+__all__ = ["CAGR", "ChannelLayerNorm", "CrossGroupAttention", "GroupRoll", "RoutingFunction", "channel_shuffle"]
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle: (B, n·m, …) viewed as (B, n, m, …) → (B, m, n, …) → (B, n·m, …)."""
+    batch, channels = x.shape[0], x.shape[1]
+    rest = x.shape[2:]
+    shuffled = x.reshape([batch, groups, channels // groups] + list(rest)).transpose(1, 2)
+    return shuffled.reshape([batch, channels] + list(rest))
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, *spatial) tensor (as in the routing function)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class CrossGroupAttention(nn.Module):
+    """Cross Group Attention (§3.1): x̃_i = x_i ⊙ sigmoid(F([z_i, z^s_i])).
+
+    z = global average pool of x, z^s = channel shuffle of z (so group i sees every other group),
+    and F is a grouped 1×1 convolution whose group i reads [z_i, z^s_i] and writes group i's C/n
+    attention weights.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: C, the input channels.
+        groups: n, the number of channel groups (divides ``channels``).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, groups: int) -> None:
+        super().__init__()
+        if channels % groups != 0:
+            raise ValueError(f"CrossGroupAttention: groups={groups} must divide channels={channels}")
+        self.groups = groups
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.fuse = Conv[Conv.CONV, spatial_dims](2 * channels, channels, kernel_size=1, groups=groups, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(x)
+        shuffled = channel_shuffle(pooled, self.groups)
+        batch, channels = pooled.shape[0], pooled.shape[1]
+        ones = [1] * (pooled.dim() - 2)
+        # Interleave per group: [z_1, z^s_1, z_2, z^s_2, …] so that the grouped conv pairs them.
+        paired = torch.stack(
+            [pooled.reshape([batch, self.groups, channels // self.groups] + ones),
+             shuffled.reshape([batch, self.groups, channels // self.groups] + ones)],
+            dim=2,
+        ).reshape([batch, 2 * channels] + ones)
+        return x * torch.sigmoid(self.fuse(paired))
+
+
+class RoutingFunction(nn.Module):
+    """Routing function (§3.2): per sample, n rolling offsets (S per group) and n scales λ.
+
+    [grouped 3×3 conv → LayerNorm → GELU] × ``num_convs`` → global average pool → two linear heads:
+    offsets (no activation; zero-initialised) and scales (sigmoid; zero weight, bias one).
+
+    Args:
+        spatial_dims: 2 or 3 (S offsets per group: x, y[, z]).
+        channels: C, the input channels (the pooled feature vector has C entries).
+        groups: n.
+        num_convs: grouped 3×3 convolutions before pooling (2 reproduces Table 7, see module docstring).
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, groups: int, num_convs: int = 2) -> None:
+        super().__init__()
+        self.groups = groups
+        self.spatial_dims = spatial_dims
+        layers: list[nn.Module] = []
+        for _ in range(num_convs):
+            layers += [
+                Conv[Conv.CONV, spatial_dims](channels, channels, kernel_size=3, padding=1, groups=groups, bias=False),
+                ChannelLayerNorm(channels),
+                nn.GELU(),
+            ]
+        self.features = nn.Sequential(*layers)
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.offset_head = nn.Linear(channels, groups * spatial_dims)
+        self.scale_head = nn.Linear(channels, groups)
+        # Start as the plain convolution up to a constant scale: no roll, λ = sigmoid(1).
+        nn.init.zeros_(self.offset_head.weight)
+        nn.init.zeros_(self.offset_head.bias)
+        nn.init.zeros_(self.scale_head.weight)
+        nn.init.ones_(self.scale_head.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.pool(self.features(x)).flatten(1)
+        offsets = self.offset_head(pooled).reshape(-1, self.groups, self.spatial_dims)
+        scales = torch.sigmoid(self.scale_head(pooled))
+        return offsets, scales
+
+
+class GroupRoll(nn.Module):
+    """The group-wise roll of a kernel as a module, so TorchScript sees one fixed implementation.
+
+    Eagerly it calls :func:`agi_monai.ops.group_roll` (compiled op, announced fallback). When scripted
+    it calls ``torch.ops.agi_monai.group_roll`` directly, or with ``portable=True`` the pure-PyTorch
+    reference, so that a TorchScript file can run where the extension is not installed.
+
+    Args:
+        portable: use the pure-PyTorch reference (also chosen when the extension is not built).
+    """
+
+    def __init__(self, portable: bool = False) -> None:
+        super().__init__()
+        self.portable = portable or not extension_available()
+
+    def forward(self, weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        if self.portable:
+            return group_roll_reference(weight, offsets, scales)
+        if torch.jit.is_scripting():
+            return torch.ops.agi_monai.group_roll(weight, offsets, scales)
+        return group_roll(weight, offsets, scales)
+
+
+class CAGR(nn.Module):
+    """Cross Group Attention and Group-wise Rolling convolution (AGI-Net, arXiv 2411.14684, §3).
+
+    Replaces ``Conv(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2)``.
+    Per sample b and channel group i, the kernel's input-channel group is circularly rolled by a
+    predicted fractional offset and scaled by λ_{b,i}; each sample is then convolved with its own
+    kernel (the batch is folded into the convolution's groups, one cuDNN/oneDNN call per layer).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: C_in (divisible by ``groups``).
+        out_channels: C_out.
+        kernel_size: k of the replaced convolution (same padding, k // 2).
+        groups: n, channel groups with their own roll (the paper's best: 8).
+        stride: stride of the replaced convolution.
+        bias: bias of the replaced convolution (AGI-Net's ResUNet is bias-free).
+        attention: apply Cross Group Attention (False: "GR only" ablation).
+        rolling: apply Group-wise Rolling (False: "CA only" ablation, a plain convolution after CA).
+        routing_convs: grouped 3×3 convolutions in the routing function (see module docstring).
+        portable: compute the roll with the pure-PyTorch reference (for extension-free TorchScript).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        groups: int = 8,
+        stride: int = 1,
+        bias: bool = False,
+        attention: bool = True,
+        rolling: bool = True,
+        routing_convs: int = 2,
+        portable: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"CAGR: spatial_dims must be 2 or 3, got {spatial_dims}")
+        if in_channels % groups != 0:
+            raise ValueError(f"CAGR: groups={groups} must divide in_channels={in_channels}")
+        self.spatial_dims = spatial_dims
+        self.stride = stride
+        self.padding = kernel_size // 2
+        self.rolling = rolling
+        self.attention: nn.Module = CrossGroupAttention(spatial_dims, in_channels, groups) if attention else nn.Identity()
+        # The replaced convolution owns the kernel (and its initialisation); rolling only reads its weight.
+        self.conv = Conv[Conv.CONV, spatial_dims](
+            in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=self.padding, bias=bias
+        )
+        self.routing: nn.Module = RoutingFunction(spatial_dims, in_channels, groups, routing_convs) if rolling else nn.Identity()
+        self.roll = GroupRoll(portable)
+
+    def rolled_conv(self, x: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Convolves each sample of x with its own rolled, scaled kernel."""
+        kernels = self.roll(self.conv.weight, offsets.to(self.conv.weight.dtype), scales.to(self.conv.weight.dtype))
+        batch = x.shape[0]
+        folded_x = x.reshape([1, batch * x.shape[1]] + list(x.shape[2:]))
+        folded_w = kernels.reshape([batch * kernels.shape[1]] + list(kernels.shape[2:]))
+        folded_b: torch.Tensor | None = None
+        if self.conv.bias is not None:
+            folded_b = self.conv.bias.repeat(batch)
+        if self.spatial_dims == 2:
+            y = F.conv2d(folded_x, folded_w, folded_b, self.stride, self.padding, 1, batch)
+        else:
+            y = F.conv3d(folded_x, folded_w, folded_b, self.stride, self.padding, 1, batch)
+        return y.reshape([batch, -1] + list(y.shape[2:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x)
+        if not self.rolling:
+            return self.conv(x)
+        offsets, scales = self.routing(x)
+        return self.rolled_conv(x, offsets, scales)

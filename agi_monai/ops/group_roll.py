@@ -1,0 +1,100 @@
+"""Python entry point of the group-wise roll op.
+
+``torch.ops.agi_monai.group_roll`` is the compiled op (``csrc/``). :func:`group_roll` calls it when the
+extension is built for the tensor's device, and otherwise the pure-PyTorch reference, announcing the
+fallback once with a warning (never silently).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import torch
+
+from agi_monai.ops.reference import group_roll_reference
+
+__all__ = ["extension_available", "extension_has_cuda", "extension_error", "group_roll"]
+
+_LOAD_ERROR: str | None = None
+
+
+def _load_library() -> bool:
+    """Loads ``agi_monai._C`` into ``torch.ops`` (not as a Python module: the op lives in the dispatcher)."""
+    global _LOAD_ERROR
+    spec = importlib.util.find_spec("agi_monai._C")
+    if spec is None or spec.origin is None:
+        _LOAD_ERROR = (
+            "the compiled extension agi_monai._C is not built (install with "
+            "`pip install --no-build-isolation -e .` after torch; see README.md)"
+        )
+        return False
+    try:
+        torch.ops.load_library(spec.origin)
+    except OSError as err:  # e.g. built against another torch
+        _LOAD_ERROR = f"the compiled extension {spec.origin} failed to load: {err}"
+        return False
+    return True
+
+
+_LOADED = _load_library()
+
+if _LOADED:
+    # Shape propagation for FakeTensor / torch.compile / torch.export (the op stays one graph node).
+    @torch.library.register_fake("agi_monai::group_roll")
+    def _group_roll_fake(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        torch._check(offsets.dim() == 3, lambda: f"group_roll: offsets must be (B, n, S), got {offsets.shape}")
+        torch._check(weight.dim() == 2 + offsets.shape[2], lambda: "group_roll: weight rank must be 2 + S")
+        return weight.new_empty((offsets.shape[0], *weight.shape))
+
+    @torch.library.register_fake("agi_monai::_group_roll_backward")
+    def _group_roll_backward_fake(grad, weight, offsets, scales):
+        return torch.empty_like(weight), torch.empty_like(offsets), torch.empty_like(scales)
+
+
+def extension_available() -> bool:
+    """Whether the compiled op is registered (CPU kernels at least)."""
+    return _LOADED
+
+
+def extension_error() -> str | None:
+    """Why the compiled op is unavailable, or None."""
+    return _LOAD_ERROR
+
+
+def extension_has_cuda() -> bool:
+    """Whether the compiled op has CUDA kernels (the extension was built with nvcc and a CUDA torch)."""
+    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("agi_monai::group_roll", "CUDA")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback_once(device_type: str, reason: str) -> None:
+    if device_type not in _WARNED:
+        _WARNED.add(device_type)
+        warnings.warn(
+            f"agi_monai: using the pure-PyTorch group_roll on {device_type} (slower): {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def group_roll(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-group fractional circular roll of a convolution kernel (AGI-Net's Group-wise Rolling).
+
+    Args:
+        weight: (C_out, C_in, ky, kx) or (C_out, C_in, kz, ky, kx) kernel.
+        offsets: (B, n, S) real offsets, S = 2 or 3; [..., 0] rolls x (last axis), [..., 1] y, [..., 2] z.
+            Any finite value is valid (circular); the fractional part blends neighbouring integer rolls.
+        scales: (B, n) per-group factors λ.
+
+    Returns:
+        (B, C_out, C_in, k…): for group i (input channels i·C_in/n … (i+1)·C_in/n − 1),
+        ``scales[b, i] · FloatRoll(weight[:, group i], offsets[b, i])`` with ``torch.roll``'s direction.
+    """
+    device_type = weight.device.type
+    if _LOADED and (device_type == "cpu" or (device_type == "cuda" and extension_has_cuda())):
+        return torch.ops.agi_monai.group_roll(weight, offsets, scales)
+    _warn_fallback_once(device_type, _LOAD_ERROR or f"the extension has no {device_type} kernels")
+    return group_roll_reference(weight, offsets, scales)

@@ -1,0 +1,32 @@
+// Public C++ entry points of the group-wise roll op. They only look the op up in the dispatcher.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "group_roll_math.h"
+
+namespace agi_monai {
+namespace ops {
+
+// weight (C_out, C_in, k...), offsets (B, n, S), scales (B, n) -> (B, C_out, C_in, k...)
+at::Tensor group_roll(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales);
+
+// Gradients w.r.t. (weight, offsets, scales) given the gradient of the output.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _group_roll_backward(
+    const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales);
+
+namespace detail {
+// Shape, dtype, device and value checks shared by every backend; messages name the argument,
+// the shape it got and the shape it expected.
+void check_group_roll_inputs(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales);
+void check_group_roll_grad(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& offsets);
+// Sizes of one (checked) call, and the output sizes (B, C_out, C_in, k...).
+RollShape roll_shape(const at::Tensor& weight, const at::Tensor& offsets);
+std::vector<int64_t> output_sizes(const at::Tensor& weight, int64_t batch);
+}  // namespace detail
+
+}  // namespace ops
+}  // namespace agi_monai
