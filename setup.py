@@ -13,6 +13,11 @@ import sys
 
 from setuptools import setup
 
+if os.environ.get("CUDA_HOME") is None and os.path.isdir("/usr/local/cuda"):
+    # torch guesses the toolkit root from nvcc's location, which is wrong for wrapper scripts; it reads
+    # CUDA_HOME when torch.utils.cpp_extension is imported, so this must come first.
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 try:
     import torch
     from torch.utils import cpp_extension
@@ -30,9 +35,6 @@ def _want_cuda() -> bool:
     choice = os.environ.get("AGI_MONAI_WITH_CUDA", "auto").strip().lower()
     if choice in ("0", "false", "no", "off"):
         return False
-    if os.environ.get("CUDA_HOME") is None and os.path.isdir("/usr/local/cuda"):
-        # torch guesses the toolkit root from nvcc's location, which is wrong for wrapper scripts.
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     has_nvcc = shutil.which("nvcc") is not None or (
         os.environ.get("CUDA_HOME") and os.path.exists(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
     )

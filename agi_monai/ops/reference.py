@@ -29,7 +29,7 @@ def check_group_roll_inputs(weight: torch.Tensor, offsets: torch.Tensor, scales:
     batch, groups = offsets.shape[0], offsets.shape[1]
     if groups < 1:
         raise ValueError(f"group_roll: offsets must have at least one group (n >= 1), got shape {list(offsets.shape)}")
-    if tuple(scales.shape) != (batch, groups):
+    if scales.dim() != 2 or scales.shape[0] != batch or scales.shape[1] != groups:
         raise ValueError(
             f"group_roll: scales must have shape (B, n) = ({batch}, {groups}) to match offsets "
             f"{list(offsets.shape)}, got shape {list(scales.shape)}"

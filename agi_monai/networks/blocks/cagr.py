@@ -22,7 +22,15 @@ from torch import nn
 
 from agi_monai.ops import extension_available, group_roll, group_roll_reference
 
-__all__ = ["CAGR", "ChannelLayerNorm", "CrossGroupAttention", "GroupRoll", "RoutingFunction", "channel_shuffle"]
+__all__ = [
+    "CAGR",
+    "ChannelLayerNorm",
+    "CrossGroupAttention",
+    "GroupRoll",
+    "PortableGroupRoll",
+    "RoutingFunction",
+    "channel_shuffle",
+]
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -121,26 +129,23 @@ class RoutingFunction(nn.Module):
 
 
 class GroupRoll(nn.Module):
-    """The group-wise roll of a kernel as a module, so TorchScript sees one fixed implementation.
+    """The compiled group-wise roll as a module (TorchScript calls ``torch.ops.agi_monai.group_roll``).
 
-    Eagerly it calls :func:`agi_monai.ops.group_roll` (compiled op, announced fallback). When scripted
-    it calls ``torch.ops.agi_monai.group_roll`` directly, or with ``portable=True`` the pure-PyTorch
-    reference, so that a TorchScript file can run where the extension is not installed.
-
-    Args:
-        portable: use the pure-PyTorch reference (also chosen when the extension is not built).
+    Eagerly it calls :func:`agi_monai.ops.group_roll`, which falls back (announced) to the pure-PyTorch
+    reference on a device the extension was not built for.
     """
 
-    def __init__(self, portable: bool = False) -> None:
-        super().__init__()
-        self.portable = portable or not extension_available()
-
     def forward(self, weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        if self.portable:
-            return group_roll_reference(weight, offsets, scales)
         if torch.jit.is_scripting():
             return torch.ops.agi_monai.group_roll(weight, offsets, scales)
         return group_roll(weight, offsets, scales)
+
+
+class PortableGroupRoll(nn.Module):
+    """The pure-PyTorch group-wise roll as a module: a TorchScript file that runs without the extension."""
+
+    def forward(self, weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return group_roll_reference(weight, offsets, scales)
 
 
 class CAGR(nn.Module):
@@ -187,14 +192,14 @@ class CAGR(nn.Module):
         self.spatial_dims = spatial_dims
         self.stride = stride
         self.padding = kernel_size // 2
-        self.rolling = rolling
-        self.attention: nn.Module = CrossGroupAttention(spatial_dims, in_channels, groups) if attention else nn.Identity()
+        # Parts left out by the ablation flags are None (TorchScript then compiles their branch away).
+        self.attention = CrossGroupAttention(spatial_dims, in_channels, groups) if attention else None
         # The replaced convolution owns the kernel (and its initialisation); rolling only reads its weight.
         self.conv = Conv[Conv.CONV, spatial_dims](
             in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=self.padding, bias=bias
         )
-        self.routing: nn.Module = RoutingFunction(spatial_dims, in_channels, groups, routing_convs) if rolling else nn.Identity()
-        self.roll = GroupRoll(portable)
+        self.routing = RoutingFunction(spatial_dims, in_channels, groups, routing_convs) if rolling else None
+        self.roll: nn.Module = PortableGroupRoll() if portable or not extension_available() else GroupRoll()
 
     def rolled_conv(self, x: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Convolves each sample of x with its own rolled, scaled kernel."""
@@ -202,9 +207,10 @@ class CAGR(nn.Module):
         batch = x.shape[0]
         folded_x = x.reshape([1, batch * x.shape[1]] + list(x.shape[2:]))
         folded_w = kernels.reshape([batch * kernels.shape[1]] + list(kernels.shape[2:]))
+        bias = self.conv.bias
         folded_b: torch.Tensor | None = None
-        if self.conv.bias is not None:
-            folded_b = self.conv.bias.repeat(batch)
+        if bias is not None:
+            folded_b = bias.repeat(batch)
         if self.spatial_dims == 2:
             y = F.conv2d(folded_x, folded_w, folded_b, self.stride, self.padding, 1, batch)
         else:
@@ -212,8 +218,9 @@ class CAGR(nn.Module):
         return y.reshape([batch, -1] + list(y.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x)
-        if not self.rolling:
+        if self.attention is not None:
+            x = self.attention(x)
+        if self.routing is None:
             return self.conv(x)
         offsets, scales = self.routing(x)
         return self.rolled_conv(x, offsets, scales)

@@ -1,0 +1,144 @@
+"""Train-step time of AGI-Net vs ResUNet, and of CAGR's per-sample convolution strategies.
+
+One training step = forward, L1 loss, backward, Adam step (the generator's share of a pix2pix step).
+Usage::
+
+    python scripts/benchmark_network.py --device cpu  --batch 2  --size 128   # CPU-sized
+    python scripts/benchmark_network.py --device cuda --batch 16 --size 256   # the paper's batch
+    python scripts/benchmark_network.py --device cuda --amp bf16               # autocast
+
+Prints a markdown table (median of ``repeats`` timed steps after ``warmup`` steps) with the
+AGI-Net / ResUNet ratio, and optionally writes it to ``--out`` (appending).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import fire
+import torch
+import torch.nn.functional as F
+
+from agi_monai.networks import CAGR, AGINet, ResUNet
+from agi_monai.ops import extension_has_cuda
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def timed(step, device: str, warmup: int, repeats: int) -> float:
+    """Median seconds of ``step()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, amp: str | None):
+    network = network.to(device).train()
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    x = torch.rand(batch, 2, size, size, device=device)
+    target = torch.rand(batch, 1, size, size, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "", None)
+    scaler = torch.amp.GradScaler(device, enabled=amp == "fp16")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.l1_loss(network(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def per_sample_loop(block: CAGR, x: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The alternative to folding the batch into conv groups: one convolution call per sample."""
+    kernels = block.roll(block.conv.weight, offsets, scales)
+    return torch.cat([F.conv2d(x[b : b + 1], kernels[b], None, block.stride, block.padding) for b in range(x.shape[0])])
+
+
+def fold_vs_loop(device: str, batch: int, warmup: int, repeats: int) -> list[str]:
+    rows = []
+    for channels, size in [(64, 256), (256, 64), (512, 32)]:
+        if device == "cpu":
+            size //= 2
+        block = CAGR(2, channels, channels, groups=8, attention=False).to(device)
+        x = torch.rand(batch, channels, size, size, device=device, requires_grad=True)
+        offsets = torch.randn(batch, 8, 2, device=device, requires_grad=True)
+        scales = torch.rand(batch, 8, device=device, requires_grad=True)
+
+        def run(fn):
+            return lambda: fn(x, offsets, scales).sum().backward()
+
+        folded = timed(run(block.rolled_conv), device, warmup, repeats)
+        looped = timed(run(lambda *a: per_sample_loop(block, *a)), device, warmup, repeats)
+        rows.append(f"| C={channels}, {size}², B={batch} | {1e3 * folded:.2f} | {1e3 * looped:.2f} | {looped / folded:.2f} |")
+    return rows
+
+
+def main(
+    device: str = "cpu",
+    batch: int = 2,
+    size: int = 128,
+    amp: str | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    compare_fold: bool = True,
+    out: str | None = None,
+) -> None:
+    """Times ResUNet and AGI-Net train steps (and CAGR fold-vs-loop) and prints a markdown table."""
+    torch.manual_seed(0)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        if not extension_has_cuda():
+            raise SystemExit("benchmark_network: the extension has no CUDA kernels; rebuild on this machine")
+    lines = [
+        f"#### Train step, {machine(device)}: batch {batch}, 2×{size}² → 1, "
+        f"{'AMP ' + amp if amp else 'float32'}, median of {repeats}",
+        "",
+        "| network | step (ms) | ratio to ResUNet |",
+        "|---|---|---|",
+    ]
+    base = timed(train_step_fn(ResUNet(), batch, size, device, amp), device, warmup, repeats)
+    agi = timed(train_step_fn(AGINet(), batch, size, device, amp), device, warmup, repeats)
+    lines += [f"| ResUNet | {1e3 * base:.1f} | 1.00 |", f"| AGI-Net (n=8) | {1e3 * agi:.1f} | {agi / base:.3f} |"]
+    if compare_fold:
+        lines += [
+            "",
+            f"#### CAGR per-sample convolution, forward+backward, {machine(device)}",
+            "",
+            "| layer | batch folded into conv groups (ms) | loop over samples (ms) | loop / folded |",
+            "|---|---|---|---|",
+        ]
+        lines += fold_vs_loop(device, batch, warmup, repeats)
+    text = "\n".join(lines)
+    print(text)
+    print(f"\nAGI-Net / ResUNet train step on {device}: {agi / base:.3f}×")
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

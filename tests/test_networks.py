@@ -1,0 +1,155 @@
+"""CAGR, ResUNet and AGI-Net: equivalences, gradients, shapes, parameter counts, TorchScript."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agi_monai.networks import CAGR, STAGES, AGINet, CrossGroupAttention, ResUNet, RoutingFunction
+from agi_monai.networks.blocks import channel_shuffle
+from agi_monai.ops import group_roll_reference
+
+SMALL = (16, 32, 32, 64)  # channel widths that keep CPU tests fast
+
+
+def conv_nd(spatial_dims: int):
+    return F.conv2d if spatial_dims == 2 else F.conv3d
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_cagr_is_plain_conv_without_roll_scale_or_attention(spatial_dims):
+    torch.manual_seed(0)
+    block = CAGR(spatial_dims, 16, 8, kernel_size=3, groups=4, attention=False).double()
+    x = torch.randn(3, 16, *([8] * spatial_dims), dtype=torch.float64)
+    offsets = torch.zeros(3, 4, spatial_dims, dtype=torch.float64)
+    scales = torch.ones(3, 4, dtype=torch.float64)
+    expected = conv_nd(spatial_dims)(x, block.conv.weight, padding=1)
+    torch.testing.assert_close(block.rolled_conv(x, offsets, scales), expected)
+    # At initialisation the routing predicts no roll and λ = sigmoid(1) for every group.
+    torch.testing.assert_close(block(x), torch.sigmoid(torch.tensor(1.0, dtype=torch.float64)) * expected)
+
+
+def test_cagr_convolves_each_sample_with_its_own_rolled_kernel():
+    torch.manual_seed(1)
+    block = CAGR(2, 8, 6, kernel_size=3, groups=2, stride=2, bias=True).double()
+    x = torch.randn(4, 8, 10, 10, dtype=torch.float64)
+    offsets = torch.randn(4, 2, 2, dtype=torch.float64) * 3
+    scales = torch.rand(4, 2, dtype=torch.float64)
+    y = block.rolled_conv(x, offsets, scales)
+    for b in range(4):
+        kernel = group_roll_reference(block.conv.weight, offsets[b : b + 1], scales[b : b + 1])[0]
+        expected = F.conv2d(x[b : b + 1], kernel, block.conv.bias, stride=2, padding=1)
+        torch.testing.assert_close(y[b : b + 1], expected)
+
+
+def test_integer_offsets_roll_the_kernel_like_torch_roll():
+    torch.manual_seed(2)
+    block = CAGR(2, 4, 4, kernel_size=3, groups=2, attention=False).double()
+    x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
+    offsets = torch.tensor([[[1.0, 0.0], [-1.0, 2.0]]], dtype=torch.float64)  # (x, y) per group
+    w = block.conv.weight
+    rolled = torch.cat([torch.roll(w[:, :2], shifts=(0, 1), dims=(2, 3)), torch.roll(w[:, 2:], shifts=(2, -1), dims=(2, 3))], 1)
+    torch.testing.assert_close(
+        block.rolled_conv(x, offsets, torch.ones(1, 2, dtype=torch.float64)), F.conv2d(x, rolled, padding=1)
+    )
+
+
+def test_cross_group_attention_pairs_each_group_with_the_shuffled_groups():
+    torch.manual_seed(3)
+    attention = CrossGroupAttention(2, 8, 2).double()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    z = x.mean(dim=(2, 3))
+    zs = channel_shuffle(z[:, :, None, None], 2)[:, :, 0, 0]
+    # Independent evaluation of F: group i reads [z_i, z^s_i] (4 + 4 channels) and writes 4 channels.
+    w = attention.fuse.weight[:, :, 0, 0]
+    logits = torch.cat([torch.cat([z[:, 4 * i : 4 * i + 4], zs[:, 4 * i : 4 * i + 4]], 1) @ w[4 * i : 4 * i + 4].T for i in range(2)], 1)
+    expected = x * torch.sigmoid(logits + attention.fuse.bias)[:, :, None, None]
+    torch.testing.assert_close(attention(x), expected)
+    assert torch.equal(channel_shuffle(torch.arange(6.0).reshape(1, 6, 1), 2).flatten(), torch.tensor([0.0, 3, 1, 4, 2, 5]))
+
+
+def test_gradients_reach_routing_and_attention():
+    torch.manual_seed(4)
+    block = CAGR(2, 16, 16, groups=4)
+    x = torch.randn(2, 16, 12, 12)
+    block(x).square().mean().backward()
+    routing, attention = block.routing, block.attention
+    assert isinstance(routing, RoutingFunction) and isinstance(attention, CrossGroupAttention)
+    for name, param in [("offset head", routing.offset_head.weight), ("scale head", routing.scale_head.weight),
+                        ("attention", attention.fuse.weight), ("kernel", block.conv.weight)]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # The heads start at zero, so the routing convolutions see gradient once the heads have moved.
+    with torch.no_grad():
+        routing.offset_head.weight.normal_(std=0.1)
+    block.zero_grad()
+    block(x).square().mean().backward()
+    for conv in [m for m in routing.features if isinstance(m, torch.nn.Conv2d)]:
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_ablation_flags_build_the_ablated_blocks():
+    assert not any(isinstance(m, CrossGroupAttention) for m in AGINet(channels=SMALL, attention=False).modules())
+    assert not any(isinstance(m, RoutingFunction) for m in AGINet(channels=SMALL, rolling=False).modules())
+    plain = sum(p.numel() for p in ResUNet(channels=SMALL).parameters())
+    both = sum(p.numel() for p in AGINet(channels=SMALL, attention=False, rolling=False).parameters())
+    assert plain == both
+
+
+@pytest.mark.parametrize("net_cls", [ResUNet, AGINet])
+def test_output_shapes_2d_and_3d(net_cls):
+    torch.manual_seed(5)
+    net2d = net_cls(spatial_dims=2, in_channels=3, out_channels=1, channels=SMALL)
+    assert net2d(torch.randn(2, 3, 32, 40)).shape == (2, 1, 32, 40)
+    net3d = net_cls(spatial_dims=3, in_channels=2, out_channels=1, channels=(8, 16, 16, 32))
+    assert net3d(torch.randn(1, 2, 16, 16, 24)).shape == (1, 1, 16, 16, 24)
+
+
+# Table 7 of arXiv 2411.14684 (parameters in millions, 2 inputs → 1 output).
+@pytest.mark.parametrize("groups,paper", [(None, 17.04), (1, 33.58), (2, 25.31), (4, 21.19), (8, 19.15), (16, 18.18)])
+def test_parameter_counts_match_table_7(groups, paper):
+    net = ResUNet(in_channels=2, out_channels=1) if groups is None else AGINet(in_channels=2, out_channels=1, groups=groups)
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+    assert math.isclose(params, paper, rel_tol=0.05), (groups, params, paper)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="groups=3 must divide in_channels=16"):
+        CAGR(2, 16, 16, groups=3)
+    with pytest.raises(ValueError, match="unknown cagr_stages"):
+        AGINet(cagr_stages=("down1", "middle"))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        ResUNet(channels=SMALL)(torch.zeros(1, 2, 30, 32))
+    assert STAGES == ("down1", "down2", "down3", "body", "up1", "up2", "up3")
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_torchscript_round_trip_in_a_fresh_process(tmp_path, portable):
+    torch.manual_seed(6)
+    net = AGINet(in_channels=2, out_channels=1, channels=SMALL, portable=portable).eval()
+    with torch.no_grad():  # make the routing do something non-trivial
+        for m in net.modules():
+            if isinstance(m, RoutingFunction):
+                m.offset_head.weight.normal_(std=0.5)
+    x = torch.rand(2, 2, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+    scripted = torch.jit.script(net)
+    torch.jit.save(scripted, str(tmp_path / "net.ts"))
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
+    # The compiled roll needs `import agi_monai` to register the op; the portable file needs nothing.
+    preamble = "" if portable else "import agi_monai\n"
+    code = preamble + (
+        "import torch\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"net = torch.jit.load({str(tmp_path / 'net.ts')!r})\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(net(io['x']), io['expected'], rtol=1e-4, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
