@@ -1,0 +1,55 @@
+"""Reading real MRI for AGI-Net: case discovery (NIfTI, DICOM, datalists), checked loading, rigid
+registration, intensity normalization, 2D slice datasets, splits and misalignment transforms.
+
+A bundle typically calls::
+
+    cases = discover_cases(folder_or_datalist, required=inputs + [target], split="training").cases
+    preprocessing = preprocessing_transforms(inputs, target, spatial_size=(256, 256))
+    train = SliceDataset(build_volume_dataset(cases, preprocessing, cache_dir), transform=RandShiftChanneld("image"))
+
+and for inference ``build_volume_dataset(cases, preprocessing_transforms(inputs))``, a slice-wise inferer,
+then ``restore_geometry_transforms(preprocessing, "pred", output_dir)``.
+"""
+
+from agi_monai.data.contrasts import (
+    CONTRAST_ALIASES,
+    CONTRASTS,
+    LABELS,
+    canonical_contrast,
+    choose_reference,
+    parse_filename,
+    patient_id,
+)
+from agi_monai.data.datasets import SliceDataset, build_volume_dataset
+from agi_monai.data.dicom import (
+    DICOM_CONTRAST_RULES,
+    DicomSeries,
+    convert_dicom_to_nifti,
+    find_dicom_series,
+    match_series_to_contrasts,
+    write_dicom_series,
+)
+from agi_monai.data.discovery import Discovery, discover_cases
+from agi_monai.data.errors import DataError, Failure, format_failures
+from agi_monai.data.files import AtomicNibabelWriter, atomic_output, write_json
+from agi_monai.data.foreground import foreground_mask
+from agi_monai.data.registration import (
+    RigidRegistration,
+    field_of_view_overlap,
+    normalized_mutual_information,
+    register_rigid,
+    resample_to_reference,
+    same_grid,
+)
+from agi_monai.data.splits import SPLIT_NAMES, prepare_datalist, split_cases, write_datalist
+from agi_monai.data.transforms import (
+    AddForegroundMaskd,
+    AlignToReferenced,
+    LoadVolumed,
+    RandRigidMisalignChanneld,
+    RandShiftChanneld,
+    ScaleIntensityToPercentiled,
+    preprocessing_transforms,
+    restore_geometry_transforms,
+)
+from agi_monai.data.volumes import check_volume, load_volume, metatensor_to_sitk, sitk_to_metatensor

@@ -1,0 +1,245 @@
+"""DICOM: folders of files -> series -> contrasts, conversion to NIfTI, and writing a volume as a series.
+
+Series are found with SimpleITK/GDCM (which groups files by series and sorts slices by position), their
+descriptive tags are read with pydicom, and each series is matched to a canonical contrast by rules on
+SeriesDescription/ProtocolName (:data:`DICOM_CONTRAST_RULES`) or by an explicit mapping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.misc import is_dicom
+from pydicom.uid import generate_uid
+
+from agi_monai.data.contrasts import canonical_contrast
+from agi_monai.data.errors import DataError
+from agi_monai.data.files import atomic_output
+from agi_monai.data.volumes import load_volume, metatensor_to_sitk
+
+__all__ = [
+    "DICOM_CONTRAST_RULES",
+    "DicomSeries",
+    "find_dicom_series",
+    "match_series_to_contrasts",
+    "convert_dicom_to_nifti",
+    "write_dicom_series",
+]
+
+DICOM_CONTRAST_RULES: tuple[tuple[str | None, str], ...] = (
+    # (canonical contrast or None to ignore, regex searched in "SeriesDescription ProtocolName", lower case);
+    # the first matching rule wins, so exclusions and the more specific contrasts come first.
+    (None, r"localizer|scout|survey|calibration|\bloc\b|dwi|adc|diffusion|dti|perfusion|swi|tof|mra|\bmip\b"),
+    ("FLAIR", r"flair|t2f|dark[\s_-]?fluid"),
+    ("T1Gd", r"t1.*(gd|gad|contrast|post|\+\s*c|c\+|\bce\b)|t1c|t1ce|mprage.*post"),
+    ("T1", r"t1|mprage|spgr|bravo|\btfe\b|\btfl\b"),
+    ("PD", r"\bpd\b|pdw|proton[\s_-]?density|pd[\s_-]?w"),
+    ("T2", r"t2|\btse\b|\bfse\b"),
+)
+
+_NOT_DICOM_SUFFIXES = (".nii", ".nii.gz", ".json", ".txt", ".md", ".csv", ".png", ".jpg", ".py", ".npy", ".npz", ".mat")
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series: its files in slice order and the tags used to name and match it."""
+
+    series_uid: str
+    files: tuple[str, ...]
+    description: str
+    protocol: str
+    series_number: str
+    patient_id: str
+    study_uid: str
+    contrast_agent: str
+
+    @property
+    def label(self) -> str:
+        """How reports name the series: description, number and folder."""
+        return f"'{self.description or self.protocol}' (series {self.series_number}, {Path(self.files[0]).parent})"
+
+
+def find_dicom_series(root: str | Path) -> list[DicomSeries]:
+    """All DICOM series below ``root`` (recursively), ordered by folder and series number."""
+    found: list[DicomSeries] = []
+    for folder, _, names in sorted(os.walk(root)):
+        candidates = [name for name in names if not name.lower().endswith(_NOT_DICOM_SUFFIXES)]
+        if not candidates or not any(is_dicom(os.path.join(folder, name)) for name in candidates[:5]):
+            continue
+        for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
+            files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
+            header = pydicom.dcmread(files[0], stop_before_pixels=True)
+            found.append(
+                DicomSeries(
+                    series_uid=series_uid,
+                    files=files,
+                    description=str(header.get("SeriesDescription", "")),
+                    protocol=str(header.get("ProtocolName", "")),
+                    series_number=str(header.get("SeriesNumber", "")),
+                    patient_id=str(header.get("PatientID", "")) or Path(folder).name,
+                    study_uid=str(header.get("StudyInstanceUID", "")),
+                    contrast_agent=str(header.get("ContrastBolusAgent", "")),
+                )
+            )
+    return sorted(found, key=lambda series: (str(Path(series.files[0]).parent), _number(series.series_number)))
+
+
+def match_series_to_contrasts(
+    series: Sequence[DicomSeries],
+    mapping: Mapping[str, str] | None = None,
+    rules: Sequence[tuple[str | None, str]] = DICOM_CONTRAST_RULES,
+) -> dict[str, DicomSeries]:
+    """Assign the series of one study to canonical contrasts.
+
+    Args:
+        series: the series of one study.
+        mapping: explicit contrast -> selector, a selector being a SeriesInstanceUID, a SeriesNumber or a
+            SeriesDescription (case-insensitive); when given, the rules are not used.
+        rules: ordered (contrast or None, regex) rules on "SeriesDescription ProtocolName"; a T1 series
+            whose ContrastBolusAgent tag is set counts as T1Gd.
+
+    Raises:
+        DataError: a selector matches no series, or several series match one contrast (give a mapping).
+    """
+    if mapping:
+        matched = {}
+        for name, selector in mapping.items():
+            contrast = canonical_contrast(name)
+            hits = [s for s in series if selector in (s.series_uid, s.series_number) or selector.lower() == s.description.lower()]
+            if len(hits) != 1:
+                labels = ", ".join(s.label for s in series)
+                raise DataError(f"{contrast} = {selector!r}", f"matches {len(hits)} series among: {labels}", "exactly one")
+            matched[contrast] = hits[0]
+        return matched
+
+    candidates: dict[str, list[DicomSeries]] = {}
+    for item in series:
+        text = f"{item.description} {item.protocol}".lower()
+        contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
+        if contrast == "T1" and item.contrast_agent.strip():
+            contrast = "T1Gd"
+        if contrast is not None:
+            candidates.setdefault(contrast, []).append(item)
+    ambiguous = {contrast: items for contrast, items in candidates.items() if len(items) > 1}
+    if ambiguous:
+        details = "; ".join(f"{c}: " + ", ".join(s.label for s in items) for c, items in ambiguous.items())
+        raise DataError(str(Path(series[0].files[0]).parent), f"several series match one contrast ({details})", "an explicit mapping")
+    return {contrast: items[0] for contrast, items in candidates.items()}
+
+
+def convert_dicom_to_nifti(case: Mapping[str, object], output_dir: str | Path) -> dict[str, object]:
+    """Write each DICOM-series contrast of ``case`` as ``<case_id>-<contrast>.nii.gz`` in ``output_dir``
+    (atomically) and return the case with those NIfTI paths. NIfTI entries are passed through."""
+    case_id = str(case.get("case_id", "case"))
+    converted = dict(case)
+    for key, value in case.items():
+        if not _is_dicom_source(value):
+            continue
+        image = metatensor_to_sitk(load_volume(value))  # the same checks as for training
+        path = Path(output_dir) / f"{case_id}-{key}.nii.gz"
+        with atomic_output(path) as temporary:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
+        converted[key] = str(path)
+    return converted
+
+
+def write_dicom_series(
+    image: sitk.Image,
+    folder: str | Path,
+    series_description: str,
+    patient_id: str = "ANONYMOUS",
+    series_number: int = 1,
+    study_uid: str | None = None,
+) -> list[Path]:
+    """Write a 3D image as an MR DICOM series, one file per slice (each written atomically), keeping its
+    geometry (origin, spacing and any oblique direction) in the per-slice position/orientation tags.
+
+    Integer images are written as int16; others as 16-bit integers with a rescale slope (about 1/32000 of
+    the largest magnitude), as scanners do. Follows SimpleITK's "DICOM series from array" example.
+
+    Args:
+        image: the volume (LPS geometry, as SimpleITK reads it).
+        folder: output folder (created).
+        series_description: SeriesDescription and ProtocolName, e.g. ``"AX T2 FSE"``.
+        patient_id: PatientID and PatientName.
+        series_number: SeriesNumber.
+        study_uid: StudyInstanceUID, shared by the series of one study; a new one when None.
+
+    Returns:
+        The written files in slice order.
+    """
+    folder = Path(folder)
+    pixels, pixel_tags = _pixel_tags(image)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    study_uid = study_uid or generate_uid()
+    shared = {
+        "0008|0060": "MR",
+        "0008|0008": "DERIVED\\SECONDARY",
+        "0010|0010": patient_id,
+        "0010|0020": patient_id,
+        "0020|000d": study_uid,
+        "0020|000e": generate_uid(),
+        "0020|0052": generate_uid(),
+        "0008|103e": series_description,
+        "0018|1030": series_description,
+        "0020|0011": str(series_number),
+        # row and column direction cosines: the first two columns of the direction matrix
+        "0020|0037": "\\".join(_decimal_string(v) for v in (*direction[:, 0], *direction[:, 1])),
+        "0018|0050": _decimal_string(image.GetSpacing()[2]),
+        "0018|0088": _decimal_string(image.GetSpacing()[2]),
+        **pixel_tags,
+    }
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()  # keep the UIDs above instead of new ones per file
+    written = []
+    for index in range(pixels.GetDepth()):
+        plane = pixels[:, :, index]
+        for tag, value in shared.items():
+            plane.SetMetaData(tag, value)
+        position = image.TransformIndexToPhysicalPoint((0, 0, index))
+        plane.SetMetaData("0020|0032", "\\".join(_decimal_string(v) for v in position))
+        plane.SetMetaData("0020|0013", str(index + 1))
+        plane.SetMetaData("0008|0018", generate_uid())
+        path = folder / f"{series_number:03d}_{index + 1:04d}.dcm"
+        with atomic_output(path) as temporary:
+            writer.SetFileName(str(temporary))
+            writer.Execute(plane)
+        written.append(path)
+    return written
+
+
+def _pixel_tags(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
+    """The image to hand to GDCM and the pixel tags for it: integer images are stored as int16; others
+    as signed 16-bit integers through a rescale slope, which GDCM applies (SimpleITK's documented way)."""
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = float(values.min()), float(values.max())
+    if np.issubdtype(values.dtype, np.integer) and -32768 <= low and high <= 32767:
+        return sitk.Cast(image, sitk.sitkInt16), {}
+    slope = max(abs(low), abs(high), 1e-12) / 32000.0
+    tags = {"0028|1053": _decimal_string(slope), "0028|1052": "0", "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"}
+    return sitk.Cast(image, sitk.sitkFloat64), tags
+
+
+def _decimal_string(value: float) -> str:
+    """A DICOM decimal string (at most 16 characters)."""
+    return format(float(value), ".10g")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("inf")
+
+
+def _is_dicom_source(value: object) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(isinstance(v, str) for v in value)
+    return isinstance(value, (str, Path)) and Path(value).is_dir()

@@ -1,0 +1,223 @@
+"""Case discovery: a folder (NIfTI and/or DICOM) or a JSON datalist -> cases, each a MONAI datalist item
+``{"case_id", "patient_id", <contrast>: <NIfTI path or DICOM series file list>, ...}``.
+
+NIfTI files are matched by name (:func:`agi_monai.data.parse_filename`); the case is the file-name prefix,
+or the folder when the name is only a contrast (``t1.nii.gz``). DICOM series are matched by their tags
+(:func:`agi_monai.data.match_series_to_contrasts`); the case is the PatientID (plus the study when a
+patient has several). A case that lacks a required contrast, has two files for one contrast (a duplicate
+case ID), or (with ``validate=True``) holds a bad volume is reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from agi_monai.data.contrasts import CONTRASTS, LABELS, canonical_contrast, parse_filename, patient_id
+from agi_monai.data.dicom import DicomSeries, find_dicom_series, match_series_to_contrasts
+from agi_monai.data.errors import DataError, Failure, format_failures
+from agi_monai.data.volumes import load_volume
+
+__all__ = ["Discovery", "discover_cases"]
+
+_logger = logging.getLogger(__name__)
+_CASE_KEYS = ("case_id", "patient_id")
+
+
+@dataclass
+class Discovery:
+    """What :func:`discover_cases` found.
+
+    Attributes:
+        cases: usable cases, sorted by case ID (MONAI datalist items).
+        failures: skipped cases and why.
+    """
+
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    def summary(self, source: str | Path = "") -> str:
+        """One line: how many cases were found and skipped, then the skipped ones, one per line."""
+        where = f" in {source}" if source else ""
+        line = f"{len(self.cases)} cases found{where}, {len(self.failures)} skipped"
+        details = format_failures(self.failures)
+        return f"{line}\n{details}" if details else line
+
+
+def discover_cases(
+    source: str | Path,
+    required: Sequence[str] = (),
+    split: str | None = None,
+    aliases: Mapping[str, str] | None = None,
+    dicom_mapping: Mapping[str, str] | None = None,
+    validate: bool = False,
+    progress: bool = False,
+) -> Discovery:
+    """Find the cases in a folder or a JSON datalist.
+
+    Args:
+        source: a folder (searched recursively: NIfTI files by name, DICOM series by tags), or a JSON
+            datalist: a list of items, or a dict of lists (MONAI decathlon style, e.g. ``"training"``),
+            whose items map contrasts (canonical names or aliases such as ``t1ce``) to files; relative
+            paths are taken from the JSON file's folder.
+        required: contrasts every case must have (canonical names or aliases).
+        split: the key of a JSON datalist to read (``"training"``, ``"validation"``, ``"test"``); None reads
+            a plain list, or every list of a dict.
+        aliases: extra lower-case file-name token -> canonical contrast entries, e.g. ``{"mprage": "T1"}``.
+        dicom_mapping: explicit contrast -> DICOM series selector (UID, number or description), used
+            instead of the description rules for every study.
+        validate: also read every volume of every case (:func:`agi_monai.data.load_volume`) and skip cases
+            with a bad one; slower, used by the preparation scripts.
+        progress: show a progress bar while validating.
+
+    Raises:
+        DataError: ``source`` does not exist, or is a JSON file that cannot be read as a datalist.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise DataError(source, "does not exist", "a folder of NIfTI/DICOM files or a JSON datalist")
+    required = [canonical_contrast(name) for name in required]
+    if source.is_file():
+        grouped, failures = _read_datalist(source, split, aliases)
+    else:
+        grouped, failures = _scan_folder(source, aliases, dicom_mapping)
+
+    cases = []
+    for case_id in sorted(grouped):
+        entries = grouped[case_id]
+        duplicates = {c: files for c, files in entries.items() if c in CONTRASTS + LABELS and len(files) > 1}
+        if duplicates:
+            detail = "; ".join(f"{c} in {', '.join(map(str, files))}" for c, files in duplicates.items())
+            failures.append(Failure(case_id, f"duplicate case ID, several files for one contrast: {detail}"))
+            continue
+        case = {key: files[0] for key, files in entries.items()}
+        missing = [c for c in required if c not in case]
+        if missing:
+            found = ", ".join(c for c in case if c in CONTRASTS + LABELS) or "nothing"
+            failures.append(Failure(case_id, f"missing {', '.join(missing)} (found {found})"))
+            continue
+        case.setdefault("case_id", case_id)
+        case.setdefault("patient_id", patient_id(case_id))
+        cases.append(case)
+
+    if validate:
+        cases = _validated(cases, failures, progress)
+    for failure in failures:
+        _logger.warning("skipped %s", failure)
+    return Discovery(cases, failures)
+
+
+def _scan_folder(
+    root: Path, aliases: Mapping[str, str] | None, dicom_mapping: Mapping[str, str] | None
+) -> tuple[dict[str, dict[str, list[Any]]], list[Failure]]:
+    grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            parsed = parse_filename(name, aliases)
+            if parsed is None:
+                continue
+            prefix, contrast = parsed
+            case_id = prefix or Path(folder).name
+            grouped[case_id][contrast].append(str(Path(folder) / name))
+    failures: list[Failure] = []
+    for case_id, series in _dicom_studies(root).items():
+        try:
+            matched = match_series_to_contrasts(series, dicom_mapping)
+        except DataError as error:
+            failures.append(Failure(case_id, str(error)))
+            continue
+        for contrast, item in matched.items():
+            grouped[case_id][contrast].append(list(item.files))
+        grouped[case_id]["patient_id"] = [series[0].patient_id]
+    return grouped, failures
+
+
+def _dicom_studies(root: Path) -> dict[str, list[DicomSeries]]:
+    """DICOM series grouped by study; the case ID is the PatientID, plus the study UID's end when a
+    patient has several studies."""
+    studies: dict[tuple[str, str], list[DicomSeries]] = defaultdict(list)
+    for series in find_dicom_series(root):
+        studies[(series.patient_id, series.study_uid)].append(series)
+    per_patient: dict[str, int] = defaultdict(int)
+    for patient, _ in studies:
+        per_patient[patient] += 1
+    return {
+        (patient if per_patient[patient] == 1 else f"{patient}_{study.rsplit('.', 1)[-1]}"): series
+        for (patient, study), series in studies.items()
+    }
+
+
+def _read_datalist(
+    path: Path, split: str | None, aliases: Mapping[str, str] | None
+) -> tuple[dict[str, dict[str, list[Any]]], list[Failure]]:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(path, f"cannot be read as JSON ({error})", "a JSON datalist") from error
+    if isinstance(content, dict):
+        if split is not None:
+            if split not in content:
+                raise DataError(path, f"has no {split!r} list (keys: {', '.join(content)})", f"a {split!r} key")
+            items = content[split]
+        else:
+            items = [item for value in content.values() if isinstance(value, list) for item in value]
+    elif split is None:
+        items = content
+    else:
+        raise DataError(path, f"is a plain list, so it has no {split!r} split", "a dict of lists")
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise DataError(path, "does not hold a list of case dictionaries", 'e.g. [{"T1": "a.nii.gz", ...}]')
+
+    grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    failures = []
+    for index, item in enumerate(items):
+        case: dict[str, Any] = {}
+        try:
+            for key, value in item.items():
+                if key in _CASE_KEYS:
+                    case[key] = str(value)
+                else:
+                    case[canonical_contrast(key, aliases)] = _resolve(value, path.parent)
+        except DataError as error:
+            failures.append(Failure(str(item.get("case_id", f"{path.name}[{index}]")), str(error)))
+            continue
+        case_id = case.pop("case_id", None) or _case_id_from_paths(case) or f"{path.stem}-{index:04d}"
+        for key, value in case.items():
+            grouped[case_id][key].append(value)
+    return grouped, failures
+
+
+def _resolve(value: Any, base: Path) -> str | list[str]:
+    if isinstance(value, list):
+        return [str(base / name) for name in value]  # a DICOM series' files
+    return str(base / str(value))
+
+
+def _case_id_from_paths(case: Mapping[str, Any]) -> str | None:
+    for key, value in case.items():
+        if key in CONTRASTS and isinstance(value, str):
+            parsed = parse_filename(Path(value).name)
+            return (parsed[0] if parsed and parsed[0] else Path(value).parent.name) or None
+    return None
+
+
+def _validated(cases: list[dict[str, Any]], failures: list[Failure], progress: bool) -> list[dict[str, Any]]:
+    kept = []
+    for case in tqdm(cases, desc="checking volumes", unit="case", disable=not progress):
+        try:
+            for key in case:
+                if key in CONTRASTS + LABELS:
+                    load_volume(case[key])
+        except DataError as error:
+            failures.append(Failure(case["case_id"], str(error)))
+            continue
+        kept.append(case)
+    return kept

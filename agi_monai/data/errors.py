@@ -1,0 +1,49 @@
+"""Errors raised for bad input data, and the record that batch operations keep of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["DataError", "Failure", "format_failures"]
+
+
+class DataError(ValueError):
+    """Bad input data: says which file (or case), what is wrong and what was expected.
+
+    Args:
+        source: the file, folder or case the problem was found in.
+        problem: what is wrong, e.g. ``"contains 12 NaN/Inf voxels"``.
+        expected: what was expected instead, e.g. ``"finite intensities"``; optional.
+    """
+
+    def __init__(self, source: str | Path, problem: str, expected: str | None = None) -> None:
+        self.source = str(source)
+        self.problem = problem
+        self.expected = expected
+        message = f"{self.source}: {problem}"
+        if expected:
+            message += f" (expected {expected})"
+        super().__init__(message)
+
+    def __reduce__(self):  # keeps the exception picklable across DataLoader workers
+        return type(self), (self.source, self.problem, self.expected)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One case that a batch operation (discovery, preparation) skipped, and why."""
+
+    case_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.case_id}: {self.reason}"
+
+
+def format_failures(failures: list[Failure], what: str = "cases") -> str:
+    """A summary block listing skipped cases, one per line (empty string when there are none)."""
+    if not failures:
+        return ""
+    lines = [f"{len(failures)} {what} skipped:"] + [f"  - {failure}" for failure in failures]
+    return "\n".join(lines)

@@ -1,0 +1,430 @@
+"""MONAI dictionary transforms shared by training and inference, and the chain that turns a case
+(a dictionary of contrast -> file) into network-ready, geometry-restorable items.
+
+The chain (:func:`preprocessing_transforms`), in order:
+
+1. :class:`LoadVolumed` - read and check each contrast (NIfTI or DICOM series).
+2. :class:`ScaleIntensityToPercentiled` - per volume, [0, max = 99.5th percentile] -> [0, 1], clipped.
+3. :class:`AlignToReferenced` - resample every contrast onto the reference contrast's grid, with a rigid
+   registration when the grids differ.
+4. ``ConcatItemsd`` - inputs stacked as channels in scenario order (``"image"``); the target as ``"target"``.
+5. :class:`AddForegroundMaskd` - the foreground of the inputs (``"mask"``).
+6. ``Orientationd`` (RAS: axial slices along the last axis) and ``ResizeWithPadOrCropd`` to the in-plane
+   size. These two are the only spatial changes after step 3, and ``Invertd`` undoes them
+   (:func:`restore_geometry_transforms`), putting a prediction back on the reference contrast's grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Affine,
+    Compose,
+    ConcatItemsd,
+    DeleteItemsd,
+    Invertd,
+    MapTransform,
+    Orientationd,
+    RandomizableTransform,
+    ResizeWithPadOrCropd,
+    SaveImaged,
+    ScaleIntensityRange,
+)
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+from agi_monai.data.contrasts import choose_reference
+from agi_monai.data.errors import DataError
+from agi_monai.data.files import AtomicNibabelWriter
+from agi_monai.data.foreground import foreground_mask
+from agi_monai.data.registration import register_rigid, resample_to_reference, same_grid
+from agi_monai.data.volumes import load_volume, metatensor_to_sitk, sitk_to_metatensor
+
+__all__ = [
+    "LoadVolumed",
+    "ScaleIntensityToPercentiled",
+    "AlignToReferenced",
+    "AddForegroundMaskd",
+    "RandShiftChanneld",
+    "RandRigidMisalignChanneld",
+    "preprocessing_transforms",
+    "restore_geometry_transforms",
+]
+
+REGISTRATION_KEY = "registration"
+"""Item key holding, per contrast, the 4x4 RAS matrix mapping reference world points to that contrast's."""
+
+
+def _source(volume: Any, key: Hashable) -> str:
+    return volume.meta.get("filename_or_obj", str(key)) if isinstance(volume, MetaTensor) else str(key)
+
+
+class LoadVolumed(MapTransform):
+    """Load each key's NIfTI file or DICOM series as a checked channel-first float32 ``MetaTensor``.
+
+    See :func:`agi_monai.data.load_volume`: a bad file raises a :class:`DataError` naming it.
+
+    Args:
+        keys: the contrast keys to load.
+        allow_missing_keys: skip keys absent from the item.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        item = dict(data)
+        for key in self.key_iterator(item):
+            item[key] = load_volume(item[key])
+        return item
+
+
+class ScaleIntensityToPercentiled(MapTransform):
+    """Per volume, map [0, p] to [0, 1] and clip, p being the volume's ``upper_percentile`` (the paper: 99.5).
+
+    MONAI's ``ScaleIntensityRangePercentiles`` takes the lower bound from a percentile too (the volume's
+    minimum at 0); the paper fixes it at intensity 0, which differs for data with negative values.
+    The percentile is kept in the item's metadata as ``"intensity_percentile_value"``.
+
+    Args:
+        keys: the contrast keys to normalize.
+        upper_percentile: percentile of the whole volume mapped to 1.
+        allow_missing_keys: skip keys absent from the item.
+    """
+
+    def __init__(self, keys: KeysCollection, upper_percentile: float = 99.5, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.upper_percentile = upper_percentile
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        item = dict(data)
+        for key in self.key_iterator(item):
+            volume = item[key]
+            upper = float(percentile(volume, self.upper_percentile))
+            if upper <= 0:
+                raise DataError(
+                    _source(volume, key),
+                    f"has its {self.upper_percentile:g}th intensity percentile at {upper:g}",
+                    "a positive upper percentile (an MR magnitude image)",
+                )
+            item[key] = ScaleIntensityRange(a_min=0.0, a_max=upper, b_min=0.0, b_max=1.0, clip=True)(volume)
+            if isinstance(item[key], MetaTensor):
+                item[key].meta["intensity_percentile_value"] = upper
+        return item
+
+
+class AlignToReferenced(MapTransform):
+    """Put every key on the grid of ``reference_key``; images on another grid are rigidly registered first.
+
+    A key already on the reference grid is left untouched. Otherwise the image is registered to the
+    reference (``registration="rigid"``, :func:`agi_monai.data.register_rigid`) or aligned by its header
+    only (``"header"``), then resampled (linear; nearest for ``label_keys``, which are never registered
+    themselves). The resampled volume takes the reference's metadata (grid, applied operations), keeping
+    its own file name, so later spatial transforms and their inversion treat all contrasts alike.
+    The transform of each key is kept in ``item["registration"][key]`` (4x4, RAS world, reference ->
+    that contrast; identity when no resampling was needed).
+
+    Args:
+        keys: the contrast (and label) keys to align, the reference included.
+        reference_key: the contrast whose grid the others take.
+        registration: ``"rigid"`` or ``"header"``.
+        label_keys: keys holding label maps.
+        registration_options: keyword arguments for :func:`agi_monai.data.register_rigid`.
+        allow_missing_keys: skip keys absent from the item.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reference_key: str,
+        registration: str = "rigid",
+        label_keys: Sequence[str] = (),
+        registration_options: Mapping[str, Any] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if registration not in ("rigid", "header"):
+            raise ValueError(f"registration must be 'rigid' or 'header', got {registration!r}.")
+        self.reference_key = reference_key
+        self.registration = registration
+        self.label_keys = tuple(label_keys)
+        self.registration_options = dict(registration_options or {})
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        item = dict(data)
+        reference = item[self.reference_key]
+        reference_image = metatensor_to_sitk(reference)
+        matrices = dict(item.get(REGISTRATION_KEY, {}))
+        for key in self.key_iterator(item):
+            matrices[key] = np.eye(4)
+            if key == self.reference_key:
+                continue
+            moving = item[key]
+            moving_image = metatensor_to_sitk(moving)
+            if same_grid(moving_image, reference_image):
+                continue
+            transform = None
+            if self.registration == "rigid" and key not in self.label_keys:
+                result = register_rigid(
+                    reference_image, moving_image, moving_name=_source(moving, key), **self.registration_options
+                )
+                transform, matrices[key] = result.transform, result.matrix_ras
+            interpolation = "nearest" if key in self.label_keys else "linear"
+            resampled = resample_to_reference(moving_image, reference_image, transform, interpolation)
+            aligned = sitk_to_metatensor(resampled)
+            meta = copy.deepcopy(reference.meta)
+            meta.update({k: moving.meta[k] for k in ("filename_or_obj", "intensity_percentile_value") if k in moving.meta})
+            item[key] = MetaTensor(aligned.as_tensor(), meta=meta, applied_operations=copy.deepcopy(reference.applied_operations))
+        item[REGISTRATION_KEY] = matrices
+        return item
+
+
+class AddForegroundMaskd(MapTransform):
+    """Add the foreground (head; brain for skull-stripped data) of ``key`` as a 0/1 channel ``mask_key``.
+
+    The mask comes from the channel mean of ``key`` (the inputs, so that training and inference see the
+    same mask), see :func:`agi_monai.data.foreground_mask`.
+
+    Args:
+        keys: the key of the stacked inputs (one key).
+        mask_key: where to put the mask.
+        threshold: fraction of the 99th percentile above which a voxel is foreground.
+    """
+
+    def __init__(self, keys: KeysCollection, mask_key: str = "mask", threshold: float = 0.05) -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+        self.threshold = threshold
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        item = dict(data)
+        key = self.first_key(item)
+        image = item[key]
+        mask = foreground_mask(torch.as_tensor(image).mean(dim=0).numpy(), self.threshold)
+        mask_tensor = torch.from_numpy(mask[None].astype(np.float32))
+        if isinstance(image, MetaTensor):
+            mask_tensor = MetaTensor(mask_tensor, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations))
+        item[self.mask_key] = mask_tensor
+        return item
+
+
+class RandShiftChanneld(RandomizableTransform, MapTransform):
+    """Translate one input channel by a random sub-pixel vector of a given length (2D or 3D, pixels).
+
+    Simulates residual misalignment of one contrast: for training augmentation (a length drawn from a
+    range) and for the robustness test (a fixed level of 0, 0.5, ..., 3 px: ``magnitude_px=(level, level)``).
+    The direction is uniform; the channel is shifted with bilinear interpolation (MONAI ``Affine``) and
+    zeros enter at the border.
+
+    Args:
+        keys: keys of channel-first images (e.g. ``"image"``, the stacked inputs).
+        magnitude_px: (min, max) length of the shift vector, in pixels.
+        channel: the channel to shift; None picks one at random per call.
+        prob: probability of shifting at all.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        magnitude_px: tuple[float, float] = (0.0, 3.0),
+        channel: int | None = None,
+        prob: float = 1.0,
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.magnitude_px = magnitude_px
+        self.channel = channel
+        self.shift: np.ndarray | None = None
+        self.shifted_channel = 0
+
+    def randomize(self, spatial_dims: int, channels: int) -> None:  # type: ignore[override]
+        super().randomize(None)
+        direction = self.R.normal(size=spatial_dims)
+        direction /= max(np.linalg.norm(direction), 1e-12)
+        self.shift = direction * self.R.uniform(*self.magnitude_px)
+        self.shifted_channel = self.channel if self.channel is not None else int(self.R.randint(channels))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        item = dict(data)
+        first = item[self.first_key(item)]
+        self.randomize(first.ndim - 1, first.shape[0])
+        if not self._do_transform:
+            return item
+        for key in self.key_iterator(item):
+            item[key] = _warp_channel(item[key], self.shifted_channel, Affine(translate_params=self.shift.tolist(), padding_mode="zeros", image_only=True))
+        return item
+
+
+class RandRigidMisalignChanneld(RandomizableTransform, MapTransform):
+    """Move one input channel of a 3D volume rigidly: a rotation of a given angle about a random axis
+    through the volume centre, then a translation of a given length in a random direction (mm).
+
+    The 3D counterpart of :class:`RandShiftChanneld`, in physical units: the voxel spacing comes from the
+    ``MetaTensor``'s affine (1 mm when absent), so anisotropic volumes rotate correctly.
+
+    Args:
+        keys: keys of channel-first 3D images.
+        rotation_deg: (min, max) rotation angle in degrees.
+        translation_mm: (min, max) translation length in mm.
+        channel: the channel to move; None picks one at random per call.
+        prob: probability of moving at all.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        rotation_deg: tuple[float, float] = (0.0, 3.0),
+        translation_mm: tuple[float, float] = (0.0, 3.0),
+        channel: int | None = None,
+        prob: float = 1.0,
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.rotation_deg = rotation_deg
+        self.translation_mm = translation_mm
+        self.channel = channel
+        self.rotation = np.eye(3)
+        self.translation = np.zeros(3)
+        self.moved_channel = 0
+
+    def randomize(self, channels: int) -> None:  # type: ignore[override]
+        super().randomize(None)
+        axis, direction = self.R.normal(size=3), self.R.normal(size=3)
+        axis /= max(np.linalg.norm(axis), 1e-12)
+        direction /= max(np.linalg.norm(direction), 1e-12)
+        self.rotation = _rotation_matrix(axis, math.radians(self.R.uniform(*self.rotation_deg)))
+        self.translation = direction * self.R.uniform(*self.translation_mm)
+        self.moved_channel = self.channel if self.channel is not None else int(self.R.randint(channels))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        item = dict(data)
+        first = item[self.first_key(item)]
+        if first.ndim != 4:
+            raise ValueError(f"RandRigidMisalignChanneld needs (C, X, Y, Z) volumes, got shape {tuple(first.shape)}.")
+        self.randomize(first.shape[0])
+        if not self._do_transform:
+            return item
+        for key in self.key_iterator(item):
+            spacing = _spacing(item[key])
+            # the physical motion x -> R x + t, expressed on voxel coordinates (Affine works in voxels)
+            to_mm, to_voxels = np.diag(spacing), np.diag(1.0 / spacing)
+            motion = np.eye(4)
+            motion[:3, :3] = to_voxels @ self.rotation @ to_mm
+            motion[:3, 3] = to_voxels @ self.translation
+            # MONAI's Affine maps output coordinates to input ones: moving content by ``motion`` needs its inverse
+            warp = Affine(affine=torch.as_tensor(np.linalg.inv(motion)), padding_mode="zeros", image_only=True)
+            item[key] = _warp_channel(item[key], self.moved_channel, warp)
+        return item
+
+
+def _warp_channel(image: torch.Tensor, channel: int, warp: Affine) -> torch.Tensor:
+    plane = image[channel : channel + 1]
+    plane = plane.as_tensor() if isinstance(plane, MetaTensor) else torch.as_tensor(plane)
+    warped = warp(plane.float())
+    output = image.clone()
+    output[channel : channel + 1] = (warped.as_tensor() if isinstance(warped, MetaTensor) else warped).to(output.dtype)
+    return output
+
+
+def _spacing(image: Any) -> np.ndarray:
+    if isinstance(image, MetaTensor):
+        return np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+    return np.ones(3)
+
+
+def _rotation_matrix(axis: np.ndarray, angle: float) -> np.ndarray:
+    """Rodrigues' formula: rotation by ``angle`` (radians) about the unit vector ``axis``."""
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+
+
+def preprocessing_transforms(
+    inputs: Sequence[str],
+    target: str | None = None,
+    spatial_size: Sequence[int] = (256, 256),
+    reference: str | None = None,
+    registration: str = "rigid",
+    labels: Sequence[str] = (),
+    upper_percentile: float = 99.5,
+    mask_threshold: float = 0.05,
+    registration_options: Mapping[str, Any] | None = None,
+) -> Compose:
+    """The deterministic chain from a case (contrast -> file) to network-ready volumes, shared by training
+    and inference.
+
+    The output item holds ``"image"`` (inputs as channels in the order of ``inputs``, (C, H, W, D),
+    values in [0, 1]), ``"target"`` (1, H, W, D) when ``target`` is given, ``"mask"`` (1, H, W, D, 0/1),
+    each label key (1, H, W, D), and ``"registration"`` (see :class:`AlignToReferenced`). H, W is
+    ``spatial_size``; D the number of axial slices of the reference grid in RAS orientation.
+
+    Args:
+        inputs: input contrasts in scenario order, e.g. ``("T1", "T2")``.
+        target: the contrast to synthesize; None for inference without ground truth.
+        spatial_size: in-plane size after padding/cropping: (256, 256) IXI, (240, 240) BraTS.
+        reference: the contrast whose grid all take; default :func:`agi_monai.data.choose_reference` of
+            ``inputs`` (it must be an input, so that inference finds it).
+        registration: ``"rigid"`` (register contrasts on other grids) or ``"header"`` (resample only).
+        labels: label keys to carry along (e.g. ``("seg",)``), resampled with nearest neighbour.
+        upper_percentile: intensity percentile mapped to 1 (the paper: 99.5).
+        mask_threshold: see :func:`agi_monai.data.foreground_mask`.
+        registration_options: keyword arguments for :func:`agi_monai.data.register_rigid`.
+    """
+    inputs = list(inputs)
+    reference = reference or choose_reference(inputs)
+    if reference not in inputs:
+        raise ValueError(f"reference {reference!r} must be one of the inputs {inputs} (the target is missing at inference).")
+    images = inputs + ([target] if target else [])
+    labels = list(labels)
+    outputs = ["image"] + (["target"] if target else []) + ["mask"] + labels
+    stacking = [ConcatItemsd(inputs, "image")] + ([ConcatItemsd([target], "target")] if target else [])
+    return Compose(
+        [
+            LoadVolumed(images + labels),
+            ScaleIntensityToPercentiled(images, upper_percentile),
+            AlignToReferenced(images + labels, reference, registration, labels, registration_options),
+            *stacking,
+            DeleteItemsd(images),
+            AddForegroundMaskd("image", "mask", mask_threshold),
+            Orientationd(outputs, axcodes="RAS", labels=None),
+            ResizeWithPadOrCropd(outputs, spatial_size=(*spatial_size, -1)),
+        ]
+    )
+
+
+def restore_geometry_transforms(
+    preprocessing: Compose,
+    keys: KeysCollection = "pred",
+    output_dir: str | Path | None = None,
+    output_postfix: str = "synth",
+    orig_key: str = "image",
+) -> Compose:
+    """Postprocessing that puts predictions made on preprocessed items back on the reference contrast's
+    original grid (``Invertd`` of the orientation and pad/crop), and writes them as NIfTI when
+    ``output_dir`` is given (``<first input's file name>_<output_postfix>.nii.gz``).
+
+    Args:
+        preprocessing: the chain the items came from (:func:`preprocessing_transforms`).
+        keys: prediction keys, each (C, H, W, D) like ``orig_key``.
+        output_dir: where to write (atomically); None to only restore the geometry.
+        output_postfix: appended to the output file names.
+        orig_key: the preprocessed key whose history is inverted.
+    """
+    steps: list[Any] = [Invertd(keys, transform=preprocessing, orig_keys=orig_key, nearest_interp=False, to_tensor=True)]
+    if output_dir is not None:
+        steps.append(
+            SaveImaged(
+                keys,
+                output_dir=str(output_dir),
+                output_postfix=output_postfix,
+                separate_folder=False,
+                resample=False,
+                print_log=False,
+                writer=AtomicNibabelWriter,
+            )
+        )
+    return Compose(steps)
