@@ -46,6 +46,7 @@ from agi_monai.data.transforms import (
     AddForegroundMaskd,
     AlignToReferenced,
     LoadVolumed,
+    NameAfterCased,
     RandRigidMisalignChanneld,
     RandShiftChanneld,
     ScaleIntensityToPercentiled,

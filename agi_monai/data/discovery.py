@@ -1,8 +1,9 @@
 """Case discovery: a folder (NIfTI and/or DICOM) or a JSON datalist -> cases, each a MONAI datalist item
 ``{"case_id", "patient_id", <contrast>: <NIfTI path or DICOM series file list>, ...}``.
 
-NIfTI files are matched by name (:func:`agi_monai.data.parse_filename`); the case is the file-name prefix,
-or the folder when the name is only a contrast (``t1.nii.gz``). DICOM series are matched by their tags
+NIfTI files are matched by name (:func:`agi_monai.data.parse_filename`); the case is the file-name prefix.
+A file named only by its contrast (``t1.nii.gz``, ``mav.nii.gz``) belongs to the one prefixed case of its
+folder, or, when there is none or several, to a case named after the folder. DICOM series are matched by their tags
 (:func:`agi_monai.data.match_series_to_contrasts`); the case is the PatientID (plus the study when a
 patient has several). A case that lacks a required contrast, has two files for one contrast (a duplicate
 case ID), or (with ``validate=True``) holds a bad volume is reported by name and skipped.
@@ -120,13 +121,12 @@ def _scan_folder(
 ) -> tuple[dict[str, dict[str, list[Any]]], list[Failure]]:
     grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     for folder, _, names in sorted(os.walk(root)):
-        for name in sorted(names):
-            parsed = parse_filename(name, aliases)
-            if parsed is None:
-                continue
-            prefix, contrast = parsed
-            case_id = prefix or Path(folder).name
-            grouped[case_id][contrast].append(str(Path(folder) / name))
+        parsed = [(name, *found) for name in sorted(names) if (found := parse_filename(name, aliases))]
+        prefixes = {prefix for _, prefix, _ in parsed if prefix}
+        # a file named only by its contrast (t1.nii.gz, mav.nii.gz) joins the folder's one named case, if any
+        unnamed_case = prefixes.pop() if len(prefixes) == 1 else Path(folder).name
+        for name, prefix, contrast in parsed:
+            grouped[prefix or unnamed_case][contrast].append(str(Path(folder) / name))
     failures: list[Failure] = []
     for case_id, series in _dicom_studies(root).items():
         try:

@@ -53,6 +53,7 @@ __all__ = [
     "ScaleIntensityToPercentiled",
     "AlignToReferenced",
     "AddForegroundMaskd",
+    "NameAfterCased",
     "RandShiftChanneld",
     "RandRigidMisalignChanneld",
     "preprocessing_transforms",
@@ -210,6 +211,20 @@ class AddForegroundMaskd(MapTransform):
         if isinstance(image, MetaTensor):
             mask_tensor = MetaTensor(mask_tensor, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations))
         item[self.mask_key] = mask_tensor
+        return item
+
+
+class NameAfterCased(MapTransform):
+    """Set each key's file name in its metadata to the item's ``"case_id"``, so that MONAI's savers name
+    outputs after the case (input file names such as ``t1.nii.gz`` repeat across cases)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        item = dict(data)
+        if "case_id" not in item:
+            return item
+        for key in self.key_iterator(item):
+            if isinstance(item[key], MetaTensor):
+                item[key].meta["filename_or_obj"] = f"{item['case_id']}.nii.gz"
         return item
 
 
@@ -405,7 +420,7 @@ def restore_geometry_transforms(
 ) -> Compose:
     """Postprocessing that puts predictions made on preprocessed items back on the reference contrast's
     original grid (``Invertd`` of the orientation and pad/crop), and writes them as NIfTI when
-    ``output_dir`` is given (``<first input's file name>_<output_postfix>.nii.gz``).
+    ``output_dir`` is given (``<case_id>_<output_postfix>.nii.gz``).
 
     Args:
         preprocessing: the chain the items came from (:func:`preprocessing_transforms`).
@@ -416,6 +431,7 @@ def restore_geometry_transforms(
     """
     steps: list[Any] = [Invertd(keys, transform=preprocessing, orig_keys=orig_key, nearest_interp=False, to_tensor=True)]
     if output_dir is not None:
+        steps.append(NameAfterCased(keys))
         steps.append(
             SaveImaged(
                 keys,

@@ -1,0 +1,109 @@
+"""DICOM: series written from the shipped NIfTI (axial and oblique) come back with the same geometry,
+are matched to contrasts, discovered as cases and converted to NIfTI."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from agi_monai.data import (
+    DataError,
+    convert_dicom_to_nifti,
+    discover_cases,
+    find_dicom_series,
+    load_volume,
+    match_series_to_contrasts,
+    metatensor_to_sitk,
+    write_dicom_series,
+)
+
+DATA = Path(__file__).parent / "data"
+NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
+BRATS_T1 = DATA / "brats2023-gli" / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t1n.nii.gz"
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def native_study(tmp_path_factory) -> Path:
+    """The native TCGA scans (oblique, each on its own matrix) as one DICOM study, series in one folder."""
+    folder = tmp_path_factory.mktemp("dicom") / "TCGA-FG-6692"
+    for number, (name, description) in enumerate([("t2", "AX T2 FSE"), ("flair", "AX T2 FLAIR"), ("t1", "AX T1 SE"), ("t1c", "AX T1 SE +C")], 2):
+        write_dicom_series(sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")), folder, description, "TCGA-FG-6692", number, study_uid="1.2.826.0.1.3680043.8.498.1")
+    return folder
+
+
+def _canonical(image: sitk.Image) -> sitk.Image:
+    # DICOM sorts slices along row x column, so a left-handed NIfTI grid comes back with its slice axis
+    # reversed (same voxels, same positions); compare both in one canonical axis order
+    return sitk.DICOMOrient(image, "LPS")
+
+
+def _assert_same_geometry_and_voxels(read_back: sitk.Image, original: sitk.Image, voxel_tolerance: float = 0.0) -> None:
+    read_back, original = _canonical(read_back), _canonical(original)
+    assert read_back.GetSize() == original.GetSize()
+    np.testing.assert_allclose(read_back.GetOrigin(), original.GetOrigin(), atol=TOLERANCE)
+    np.testing.assert_allclose(read_back.GetSpacing(), original.GetSpacing(), atol=TOLERANCE)
+    np.testing.assert_allclose(read_back.GetDirection(), original.GetDirection(), atol=TOLERANCE)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(read_back), sitk.GetArrayFromImage(original), atol=voxel_tolerance)
+
+
+def test_axial_round_trip_keeps_geometry(tmp_path):
+    original = sitk.ReadImage(str(BRATS_T1))
+    files = write_dicom_series(original, tmp_path, "T1 pre")
+    assert len(files) == 155 and pydicom.dcmread(files[0]).Modality == "MR"
+    _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(tmp_path)), original)
+
+
+def test_oblique_round_trip_keeps_geometry(native_study):
+    original = sitk.ReadImage(str(NATIVE / "t2.nii.gz"))
+    assert not np.allclose(np.abs(original.GetDirection()), np.eye(3).flatten(), atol=0.01)  # really oblique
+    (series,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]
+    _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(list(series.files))), original)
+
+
+def test_float_volume_round_trip_within_rescale_precision(tmp_path):
+    original = sitk.Cast(sitk.ReadImage(str(NATIVE / "flair.nii.gz")), sitk.sitkFloat32) / 7.3
+    write_dicom_series(original, tmp_path, "synthetic FLAIR")
+    largest = float(sitk.GetArrayViewFromImage(original).max())
+    _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(tmp_path)), original, voxel_tolerance=largest / 32000)
+
+
+def test_series_are_matched_to_contrasts_by_description(native_study):
+    series = find_dicom_series(native_study)
+    assert [s.description for s in series] == ["AX T2 FSE", "AX T2 FLAIR", "AX T1 SE", "AX T1 SE +C"]
+    matched = match_series_to_contrasts(series)
+    assert {contrast: s.description for contrast, s in matched.items()} == {
+        "T2": "AX T2 FSE",
+        "FLAIR": "AX T2 FLAIR",
+        "T1": "AX T1 SE",
+        "T1Gd": "AX T1 SE +C",
+    }
+    explicit = match_series_to_contrasts(series, mapping={"t1": "4", "T2": "ax t2 fse"})
+    assert explicit["T1"].description == "AX T1 SE" and explicit["T2"].series_number == "2"
+    with pytest.raises(DataError, match="matches 0 series"):
+        match_series_to_contrasts(series, mapping={"PD": "AX PD"})
+
+
+def test_two_series_for_one_contrast_need_a_mapping(native_study, tmp_path):
+    series = find_dicom_series(native_study)
+    duplicate = [s for s in series if s.description == "AX T2 FSE"][0]
+    lookalike = type(duplicate)(**{**duplicate.__dict__, "series_uid": "9.9", "description": "COR T2"})
+    with pytest.raises(DataError, match="several series match one contrast .*T2: 'AX T2 FSE'.*'COR T2'"):
+        match_series_to_contrasts([*series, lookalike])
+
+
+def test_dicom_folder_discovered_as_a_case_and_converted(native_study, tmp_path):
+    with pytest.raises(DataError, match="holds 4 DICOM series"):
+        load_volume(native_study)
+    discovery = discover_cases(native_study.parent, required=["T1", "T2", "FLAIR", "T1Gd"])
+    (case,) = discovery.cases
+    assert case["case_id"] == "TCGA-FG-6692" and case["patient_id"] == "TCGA-FG-6692"
+    assert len(case["T2"]) == 26 and all(name.endswith(".dcm") for name in case["T2"])
+    converted = convert_dicom_to_nifti(case, tmp_path / "nifti")
+    assert converted["T2"] == str(tmp_path / "nifti" / "TCGA-FG-6692-T2.nii.gz")
+    assert sorted(p.name for p in (tmp_path / "nifti").iterdir()) == [f"TCGA-FG-6692-{c}.nii.gz" for c in ("FLAIR", "T1", "T1Gd", "T2")]
+    _assert_same_geometry_and_voxels(sitk.ReadImage(converted["T2"]), sitk.ReadImage(str(NATIVE / "t2.nii.gz")))
+    rediscovered = discover_cases(tmp_path / "nifti", required=["T1", "T2", "FLAIR", "T1Gd"])
+    assert [c["case_id"] for c in rediscovered.cases] == ["TCGA-FG-6692"]

@@ -1,0 +1,152 @@
+"""Case discovery: file-name rules, the shipped folders, JSON datalists and the cases that get skipped."""
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from agi_monai.data import DataError, canonical_contrast, choose_reference, discover_cases, parse_filename, patient_id
+
+DATA = Path(__file__).parent / "data"
+SHARED = Path(__file__).parents[2] / "shared" / "data"
+BRATS_GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
+
+
+@pytest.mark.parametrize(
+    "filename, expected",
+    [
+        ("IXI012-HH-1211-T1.nii.gz", ("IXI012-HH-1211", "T1")),
+        ("IXI012-HH-1211-PD.nii.gz", ("IXI012-HH-1211", "PD")),
+        ("BraTS-GLI-00001-000-t1n.nii.gz", ("BraTS-GLI-00001-000", "T1")),
+        ("BraTS-GLI-00001-000-t1c.nii.gz", ("BraTS-GLI-00001-000", "T1Gd")),
+        ("BraTS-GLI-00001-000-t2w.nii.gz", ("BraTS-GLI-00001-000", "T2")),
+        ("BraTS-GLI-00001-000-t2f.nii.gz", ("BraTS-GLI-00001-000", "FLAIR")),
+        ("BraTS-GLI-00001-000-seg.nii.gz", ("BraTS-GLI-00001-000", "seg")),
+        ("BraTS20_Training_001_t1ce.nii.gz", ("BraTS20_Training_001", "T1Gd")),
+        ("BraTS20_Training_001_flair.nii", ("BraTS20_Training_001", "FLAIR")),
+        ("OtherEXampleFromTCIA_fla_bet.nii.gz", ("OtherEXampleFromTCIA", "FLAIR")),
+        ("Flair_subtrMeanDivStd.nii.gz", ("", "FLAIR")),
+        ("T1c_subtrMeanDivStd.nii.gz", ("", "T1Gd")),
+        ("OTMultiClass.nii.gz", ("", "seg")),
+        ("t1.nii.gz", ("", "T1")),
+        ("mav.nii.gz", ("", "seg")),
+        ("isen-20.nii.gz", None),
+        ("brainmask.nii.gz", None),
+        ("IXI002-Guys-0828-MRA.nii.gz", None),
+        ("IXI012-HH-1211-T1.json", None),
+    ],
+)
+def test_filename_rules(filename, expected):
+    assert parse_filename(filename) == expected
+
+
+def test_aliases_contrast_names_reference_and_patients():
+    assert parse_filename("sub-01_mprage.nii.gz", aliases={"mprage": "T1"}) == ("sub-01", "T1")
+    assert canonical_contrast("t1ce") == "T1Gd" and canonical_contrast("flair") == "FLAIR"
+    with pytest.raises(DataError, match="'?dwi'?: is not a known contrast"):
+        canonical_contrast("dwi")
+    assert choose_reference(["T1", "PD"]) == "PD" and choose_reference(["T1", "T2", "FLAIR"]) == "T2"
+    assert patient_id("BraTS-GLI-00001-001") == "BraTS-GLI-00001"
+    assert patient_id("IXI012-HH-1211") == "IXI012"
+    assert patient_id("aurora-example") == "aurora-example"
+
+
+def test_discovery_of_the_shipped_folders():
+    discovery = discover_cases(DATA)
+    cases = {case["case_id"]: case for case in discovery.cases}
+    assert discovery.failures == []
+    contrasts = {case_id: sorted(k for k in case if k not in ("case_id", "patient_id")) for case_id, case in cases.items()}
+    assert contrasts == {
+        "BraTS-GLI-00001-000": ["FLAIR", "T1", "T1Gd", "T2"],
+        "IXI901-SIM-0001": ["PD", "T1", "T2"],
+        "OtherEXampleFromTCIA": ["FLAIR", "T1", "T1Gd", "T2", "seg"],  # mav.nii.gz joins its folder's case
+        "TCGA-FG-6692-native": ["FLAIR", "T1", "T1Gd", "T2"],
+        "aurora-example": ["FLAIR", "T1", "T1Gd", "T2"],
+    }
+    assert cases["BraTS-GLI-00001-000"]["T1Gd"].endswith("BraTS-GLI-00001-000-t1c.nii.gz")
+    assert cases["BraTS-GLI-00001-000"]["patient_id"] == "BraTS-GLI-00001"
+    assert cases["IXI901-SIM-0001"]["patient_id"] == "IXI901"
+
+
+def test_missing_contrast_is_reported_by_name_and_skipped():
+    discovery = discover_cases(DATA, required=["T1", "T2", "PD"])
+    assert [case["case_id"] for case in discovery.cases] == ["IXI901-SIM-0001"]
+    reasons = {failure.case_id: failure.reason for failure in discovery.failures}
+    assert reasons["aurora-example"] == "missing PD (found FLAIR, T1, T1Gd, T2)"
+    assert len(reasons) == 4
+    assert "4 skipped" in discovery.summary().splitlines()[0]
+
+
+def test_official_ixi_layout_and_duplicate_case_ids(tmp_path):
+    ixi = DATA / "ixi-sim"
+    for contrast in ("T1", "T2", "PD"):
+        (tmp_path / f"IXI-{contrast}").mkdir()
+        shutil.copy(ixi / f"IXI901-SIM-0001-{contrast}.nii.gz", tmp_path / f"IXI-{contrast}" / f"IXI012-HH-1211-{contrast}.nii.gz")
+    # the same subject's T1 a second time, in another folder: its case ID is no longer unique
+    (tmp_path / "extra").mkdir()
+    shutil.copy(ixi / "IXI901-SIM-0001-T1.nii.gz", tmp_path / "extra" / "IXI012-HH-1211-T1.nii.gz")
+    shutil.copy(ixi / "IXI901-SIM-0001-T2.nii.gz", tmp_path / "IXI-T2" / "IXI013-HH-1212-T2.nii.gz")
+    discovery = discover_cases(tmp_path, required=["T2"])
+    assert [case["case_id"] for case in discovery.cases] == ["IXI013-HH-1212"]
+    (failure,) = discovery.failures
+    assert failure.case_id == "IXI012-HH-1211"
+    assert failure.reason.startswith("duplicate case ID, several files for one contrast: T1 in ")
+    assert "extra/IXI012-HH-1211-T1.nii.gz" in failure.reason and "IXI-T1/IXI012-HH-1211-T1.nii.gz" in failure.reason
+
+
+def test_validation_skips_bad_volumes_and_goes_on(tmp_path):
+    for case_id in ("good", "truncated", "fake"):
+        (tmp_path / case_id).mkdir()
+        for name in ("t1n", "t2w"):
+            shutil.copy(BRATS_GLI / f"BraTS-GLI-00001-000-{name}.nii.gz", tmp_path / case_id / f"{case_id}-{name}.nii.gz")
+    truncated = tmp_path / "truncated" / "truncated-t2w.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[:200_000])
+    (tmp_path / "fake" / "fake-t1n.nii.gz").write_bytes(gzip.compress(b"not an image" * 100))
+    discovery = discover_cases(tmp_path, required=["T1", "T2"], validate=True)
+    assert [case["case_id"] for case in discovery.cases] == ["good"]
+    reasons = {failure.case_id: failure.reason for failure in discovery.failures}
+    assert "truncated-t2w.nii.gz: is truncated or its compressed data is corrupt" in reasons["truncated"]
+    assert "fake-t1n.nii.gz: is not a NIfTI file" in reasons["fake"]
+
+
+def test_explicit_json_datalist(tmp_path):
+    datalist = {
+        "training": [
+            {"case_id": "gli", "t1": str(BRATS_GLI / "BraTS-GLI-00001-000-t1n.nii.gz"), "T2": str(BRATS_GLI / "BraTS-GLI-00001-000-t2w.nii.gz")},
+            {"case_id": "bad", "T1": "a.nii.gz", "dwi": "b.nii.gz"},
+        ],
+        "test": [{"flair": "relative/x-t2f.nii.gz", "T1": "relative/x-t1n.nii.gz"}],
+    }
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(datalist))
+    training = discover_cases(path, required=["T1"], split="training")
+    assert [case["case_id"] for case in training.cases] == ["gli"]
+    assert training.cases[0]["T1"].endswith("-t1n.nii.gz") and training.cases[0]["patient_id"] == "gli"
+    assert training.failures[0].case_id == "bad" and "dwi: is not a known contrast" in training.failures[0].reason
+    (test_case,) = discover_cases(path, split="test").cases
+    assert test_case["case_id"] == "x" and test_case["FLAIR"] == str(tmp_path / "relative" / "x-t2f.nii.gz")
+    with pytest.raises(DataError, match="has no 'validation' list"):
+        discover_cases(path, split="validation")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(DataError, match="broken.json: cannot be read as JSON"):
+        discover_cases(tmp_path / "broken.json")
+    with pytest.raises(DataError, match="does not exist"):
+        discover_cases(tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside this clone")
+@pytest.mark.parametrize(
+    "folder, case_count, contrasts",
+    [
+        ("brats2023-gli", 1, {"T1", "T2", "FLAIR", "T1Gd"}),
+        ("brats2023-mets", 1, {"T1", "T2", "FLAIR", "T1Gd"}),
+        ("tcga-lgg", 2, {"T1", "T2", "FLAIR", "T1Gd"}),
+        ("brats2015-deepmedic", 4, {"FLAIR", "T1Gd", "seg"}),
+        ("ixi-sim", 3, {"T1", "T2", "PD"}),
+    ],
+)
+def test_discovery_of_every_shared_folder(folder, case_count, contrasts):
+    discovery = discover_cases(SHARED / folder, required=sorted(contrasts))
+    assert len(discovery.cases) == case_count and discovery.failures == []

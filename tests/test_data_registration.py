@@ -1,0 +1,120 @@
+"""Rigid registration: accuracy against the ixi-sim ground truth, a measurable gain on the native TCGA
+scans, and the errors for images of another subject, size or place.
+
+Run with ``-s`` to print the measured numbers (docs/data.md quotes them).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from agi_monai.data import DataError, normalized_mutual_information, register_rigid, resample_to_reference
+
+DATA = Path(__file__).parent / "data"
+SHARED = Path(__file__).parents[2] / "shared" / "data"
+NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
+IXI_HEAD_CENTRE_LPS = np.array([0.0, 17.0, 10.0])  # the ground truth's rotation centre (0, -17, 10) mm RAS
+
+
+def _read(path: Path) -> sitk.Image:
+    return sitk.ReadImage(str(path), sitk.sitkFloat32)
+
+
+def _errors(estimated_lps: np.ndarray, truth_lps: np.ndarray, reference: sitk.Image) -> tuple[float, float, float]:
+    """Rotation error (deg), displacement error at the head centre (mm) and the largest displacement error
+    over the reference field of view's corners (mm)."""
+    difference = np.linalg.inv(truth_lps) @ estimated_lps
+    angle = np.degrees(np.arccos(np.clip((np.trace(difference[:3, :3]) - 1) / 2, -1, 1)))
+    corners = [reference.TransformIndexToPhysicalPoint([b * (n - 1) for b, n in zip(bits, reference.GetSize())]) for bits in np.ndindex(2, 2, 2)]
+    points = np.array([IXI_HEAD_CENTRE_LPS, *corners])
+    moved = (difference[:3, :3] @ points.T).T + difference[:3, 3]
+    displacement = np.linalg.norm(moved - points, axis=1)
+    return float(angle), float(displacement[0]), float(displacement[1:].max())
+
+
+def _ixi_cases() -> list[tuple[Path, str]]:
+    cases = [(DATA / "ixi-sim", "IXI901-SIM-0001")]
+    if SHARED.is_dir():
+        cases += [(SHARED / "ixi-sim", f"IXI901-SIM-000{n}") for n in (2, 3)]
+    return cases
+
+
+@pytest.mark.parametrize("folder, subject", _ixi_cases(), ids=lambda value: getattr(value, "name", value))
+def test_ixi_sim_t1_to_t2_within_1mm_and_1deg(folder, subject):
+    truth = np.array(json.loads((folder / "ground_truth_transforms.json").read_text())["subjects"][subject]["itk_lps_T1_from_T2"])
+    reference, moving = _read(folder / f"{subject}-T2.nii.gz"), _read(folder / f"{subject}-T1.nii.gz")
+    header_only = _errors(np.eye(4), truth, reference)
+    result = register_rigid(reference, moving)
+    angle, centre, corners = _errors(result.matrix_lps, truth, reference)
+    print(
+        f"\n{subject} T1->T2: rotation error {angle:.3f} deg, displacement error {centre:.3f} mm at the head centre, "
+        f"{corners:.3f} mm at worst FOV corner (header only: {header_only[0]:.2f} deg, {header_only[1]:.2f} mm)"
+    )
+    assert header_only[0] > 1.0 and header_only[1] > 2.0  # the headers alone are off, as with real IXI
+    assert angle < 1.0 and centre < 1.0 and corners < 1.0
+
+
+@pytest.fixture(scope="module")
+def native_t2() -> sitk.Image:
+    return _read(NATIVE / "t2.nii.gz")
+
+
+@pytest.mark.parametrize("contrast", ["t1", "t1c", "flair"])
+def test_native_tcga_registration_improves_mutual_information(native_t2, contrast):
+    moving = _read(NATIVE / f"{contrast}.nii.gz")
+    result = register_rigid(native_t2, moving, moving_name=contrast)
+    inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(moving)
+    reference = sitk.GetArrayFromImage(native_t2)
+    scores = []
+    for transform in (None, result.transform):  # header-only resampling, then registered
+        resampled = sitk.GetArrayFromImage(resample_to_reference(moving, native_t2, transform))
+        covered = sitk.GetArrayFromImage(resample_to_reference(inside, native_t2, transform, "nearest")) > 0
+        scores.append(normalized_mutual_information(reference, resampled, covered))
+    print(f"\nnative {contrast}->t2: NMI {scores[0]:.4f} header only -> {scores[1]:.4f} registered "
+          f"({result.rotation_deg:.1f} deg, {result.translation_mm:.1f} mm)")
+    assert scores[1] > scores[0] + 0.05
+
+
+def test_normalized_mutual_information_bounds():
+    values = np.random.default_rng(0).random((16, 16, 16))
+    assert normalized_mutual_information(values, values) == pytest.approx(2.0)
+    assert normalized_mutual_information(values, np.random.default_rng(1).random((16, 16, 16))) < 1.1
+
+
+@pytest.fixture(scope="module")
+def ixi_pair() -> tuple[sitk.Image, sitk.Image]:
+    folder = DATA / "ixi-sim"
+    return _read(folder / "IXI901-SIM-0001-T2.nii.gz"), _read(folder / "IXI901-SIM-0001-T1.nii.gz")
+
+
+def _moved(image: sitk.Image, shift_mm=(0.0, 0.0, 0.0), scale: float = 1.0) -> sitk.Image:
+    """The same pixels with another header: shifted, or with voxels ``scale`` times larger about the centre."""
+    changed = sitk.Image(image)
+    changed.SetSpacing([s * scale for s in image.GetSpacing()])
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    new_centre = np.array(changed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    changed.SetOrigin((np.array(changed.GetOrigin()) + centre - new_centre + np.array(shift_mm)).tolist())
+    return changed
+
+
+def test_field_of_view_elsewhere_is_rejected(ixi_pair):
+    reference, moving = ixi_pair
+    with pytest.raises(DataError, match=r"T1.nii.gz: overlaps the reference field of view by only 0%"):
+        register_rigid(reference, _moved(moving, shift_mm=(0, 0, 400)), moving_name="T1.nii.gz")
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.3])
+def test_head_of_another_size_is_rejected(ixi_pair, scale):
+    reference, moving = ixi_pair
+    with pytest.raises(DataError, match=r"T1.nii.gz: its head/brain mask matches the reference only with Dice 0\.[0-7]"):
+        register_rigid(reference, _moved(moving, scale=scale), moving_name="T1.nii.gz")
+
+
+def test_motion_beyond_range_is_rejected(ixi_pair):
+    reference, moving = ixi_pair
+    with pytest.raises(DataError, match=r"T1.nii.gz: registration needed .* mm \(expected scans of one subject within 30 deg and 10 mm\)"):
+        register_rigid(reference, _moved(moving, shift_mm=(0, 0, 20)), moving_name="T1.nii.gz", max_translation_mm=10)
