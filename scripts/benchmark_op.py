@@ -1,0 +1,223 @@
+"""Benchmark of the group-wise roll op: compiled (``torch.ops.agi_monai.group_roll``) vs pure-PyTorch
+(``agi_monai.ops.group_roll_reference``), forward and forward+backward, at the per-sample kernel shapes
+of AGI-Net's CAGR layers.
+
+    python scripts/benchmark_op.py --device cpu|cuda|all --out docs/benchmarks_op.json
+
+Each timing is the median of ``repeats`` runs after ``warmup`` runs (``torch.cuda.synchronize()``
+around every run on CUDA). Prints a markdown table (with the machine in its header) and writes the
+results to ``out``: JSON (including the markdown) for ``.json``, the markdown alone for ``.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import agi_monai  # noqa: F401  (registers torch.ops.agi_monai)
+from agi_monai import ops
+
+# (label, weight shape (C_out, C_in, k…), batch B, groups n): the per-sample kernels that AGI-Net's CAGR
+# layers roll (ResUNet widths 64/128/256/512, n = 8, batch 16 at 256², B = 1 at inference; 3D B = 2).
+SHAPES = [
+    ("CAGR 64→64 3×3, B=16, n=8", (64, 64, 3, 3), 16, 8),
+    ("CAGR 128→128 3×3, B=16, n=8", (128, 128, 3, 3), 16, 8),
+    ("CAGR 512→512 3×3, B=16, n=8", (512, 512, 3, 3), 16, 8),
+    ("CAGR 256→256 3×3, B=1, n=8", (256, 256, 3, 3), 1, 8),
+    ("CAGR 3D 64→64 3×3×3, B=2, n=8", (64, 64, 3, 3, 3), 2, 8),
+]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "extension_available": ops.extension_available(),
+        "extension_has_cuda": ops.extension_has_cuda(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str, warmup: int, repeats: int) -> list[float]:
+    """Wall times of fn() in milliseconds, one per repeat (after the warm-up)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def make_inputs(weight_shape, batch, groups, device, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    spatial = len(weight_shape) - 2
+    weight = torch.randn(weight_shape, generator=generator)
+    offsets = (torch.rand((batch, groups, spatial), generator=generator) - 0.5) * 4
+    scales = torch.rand((batch, groups), generator=generator) + 0.5
+    return [t.to(device=device, dtype=dtype) for t in (weight, offsets, scales)]
+
+
+def bench_shape(label, weight_shape, batch, groups, device, dtype, warmup, repeats) -> dict:
+    impls = {"compiled": torch.ops.agi_monai.group_roll, "reference": ops.group_roll_reference}
+    weight, offsets, scales = make_inputs(weight_shape, batch, groups, device, dtype)
+    leaves = [t.clone().requires_grad_() for t in (weight, offsets, scales)]
+    grad_out = torch.randn((batch, *weight_shape), generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    row = {"name": label, "device": device, "dtype": str(dtype).replace("torch.", ""),
+           "weight": list(weight_shape), "batch": batch, "groups": groups}
+    with torch.no_grad():
+        diff = (impls["compiled"](weight, offsets, scales).double() - impls["reference"](weight, offsets, scales).double())
+        row["max_abs_diff"] = float(diff.abs().max())
+    del diff
+    for name, fn in impls.items():
+        def forward(fn=fn):
+            with torch.no_grad():
+                return fn(weight, offsets, scales)
+
+        def forward_backward(fn=fn):
+            out = fn(*leaves)
+            return torch.autograd.grad(out, leaves, grad_out)
+
+        for key, call in (("fwd", forward), ("fwdbwd", forward_backward)):
+            times = time_call(call, device, warmup, repeats)
+            row[f"{key}_{name}_ms"] = statistics.median(times)
+            row[f"{key}_{name}_min_max_ms"] = [min(times), max(times)]
+    row["fwd_speedup"] = row["fwd_reference_ms"] / row["fwd_compiled_ms"]
+    row["fwdbwd_speedup"] = row["fwdbwd_reference_ms"] / row["fwdbwd_compiled_ms"]
+    return row
+
+
+def markdown(info: dict, rows: list[dict], settings: dict) -> str:
+    header = [
+        "## group_roll: compiled op vs pure-PyTorch reference",
+        "",
+        f"- CPU: {info['cpu']} ({info['cpu_count']} cores, torch threads {info['torch_threads']})",
+        f"- GPU: {info['gpu'] or 'none'}",
+        f"- torch {info['torch']} (CUDA {info['torch_cuda']}), Python {info['python']}",
+        f"- median of {settings['repeats']} runs after {settings['warmup']} warm-up runs; "
+        f"dtype {settings['dtype']}; times in ms; speed-up = reference / compiled",
+        f"- command: `{settings['command']}`",
+        "",
+        "| shape | device | fwd compiled | fwd reference | fwd speed-up | fwd+bwd compiled | fwd+bwd reference "
+        "| fwd+bwd speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines = [
+        f"| {r['name']} | {r['device']} | {r['fwd_compiled_ms']:.3f} | {r['fwd_reference_ms']:.3f} | "
+        f"{r['fwd_speedup']:.1f}× | {r['fwdbwd_compiled_ms']:.3f} | {r['fwdbwd_reference_ms']:.3f} | "
+        f"{r['fwdbwd_speedup']:.1f}× |"
+        for r in rows
+    ]
+    return "\n".join(header + lines) + "\n"
+
+
+def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype: str = "float32",
+         warmup: int | None = None, repeats: int | None = None, threads: int | None = None,
+         shapes: str | tuple | int | None = None) -> None:
+    """Times the op at AGI-Net's shapes.
+
+    Args:
+        device: "cpu", "cuda" or "all" (cuda is skipped, with a note, where unavailable).
+        out: where to write the results (".json" or ".md"); None or "" prints only.
+        dtype: float32 (default), float64, float16 or bfloat16.
+        warmup: warm-up runs per timing (default 2 on CPU, 10 on CUDA).
+        repeats: timed runs per timing, the median is reported (default 7 on CPU, 50 on CUDA).
+        threads: torch.set_num_threads for the CPU runs (default: torch's choice).
+        shapes: comma-separated indices into SHAPES to run a subset (default: all).
+    """
+    if not ops.extension_available():
+        sys.exit(f"benchmark_op: the compiled extension is not available: {ops.extension_error()}")
+    if dtype not in DTYPES:
+        sys.exit(f"benchmark_op: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if threads:
+        torch.set_num_threads(int(threads))
+    devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}.get(device)
+    if devices is None:
+        sys.exit(f"benchmark_op: device must be cpu, cuda or all, got {device!r}")
+    notes = []
+    if "cuda" in devices and not (torch.cuda.is_available() and ops.extension_has_cuda()):
+        note = (f"CUDA skipped: torch.cuda.is_available()={torch.cuda.is_available()}, "
+                f"extension_has_cuda()={ops.extension_has_cuda()}")
+        if device == "cuda":
+            sys.exit(f"benchmark_op: {note}")
+        print(note, file=sys.stderr)
+        notes.append(note)
+        devices.remove("cuda")
+    if shapes in (None, ""):
+        selected = SHAPES
+    else:  # fire turns "0,4" into a tuple and "3" into an int
+        indices = shapes if isinstance(shapes, (list, tuple)) else str(shapes).split(",")
+        selected = [SHAPES[int(i)] for i in indices]
+    info = machine_info()
+    rows = []
+    for dev in devices:
+        w = warmup if warmup is not None else (10 if dev == "cuda" else 2)
+        r = repeats if repeats is not None else (50 if dev == "cuda" else 7)
+        for label, weight_shape, batch, groups in selected:
+            row = bench_shape(label, weight_shape, batch, groups, dev, DTYPES[dtype], w, r)
+            row.update(warmup=w, repeats=r)
+            print(f"{label} [{dev}]: fwd {row['fwd_compiled_ms']:.3f} vs {row['fwd_reference_ms']:.3f} ms "
+                  f"({row['fwd_speedup']:.1f}×), fwd+bwd {row['fwdbwd_compiled_ms']:.3f} vs "
+                  f"{row['fwdbwd_reference_ms']:.3f} ms ({row['fwdbwd_speedup']:.1f}×)", file=sys.stderr, flush=True)
+            rows.append(row)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    settings = {
+        "warmup": sorted({row["warmup"] for row in rows}),
+        "repeats": sorted({row["repeats"] for row in rows}),
+        "dtype": dtype,
+        "command": "python scripts/benchmark_op.py " + " ".join(sys.argv[1:]),
+    }
+    settings["warmup"] = "/".join(map(str, settings["warmup"]))
+    settings["repeats"] = "/".join(map(str, settings["repeats"]))
+    table = markdown(info, rows, settings)
+    print(table)
+    result = {"machine": info, "settings": settings, "notes": notes, "rows": rows, "markdown": table}
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".md":
+            path.write_text(table, encoding="utf-8")
+        elif path.suffix == ".json":
+            path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        else:
+            sys.exit(f"benchmark_op: --out must end in .json or .md, got {out!r}")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

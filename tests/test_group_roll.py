@@ -1,0 +1,803 @@
+"""Tests of the compiled group-wise roll op ``torch.ops.agi_monai.group_roll`` (csrc/) and its
+pure-PyTorch reference ``agi_monai.ops.group_roll_reference``.
+
+Three implementations are compared: the compiled kernels (sum over the 2^S corners), the reference
+(einsum of per-axis circulant matrices) and ``naive_group_roll`` below, written here from METHOD §2
+with ``torch.roll`` blends, so that the reference itself is verified independently.
+
+CPU tests run on CI (2 cores, the whole file in well under 90 s). CUDA tests carry ``@pytest.mark.cuda``
+and run only where a GPU and the CUDA kernels are present.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import agi_monai  # noqa: F401  (loads the op library)
+from agi_monai import ops
+from agi_monai.ops import group_roll_reference
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+requires_extension = pytest.mark.skipif(
+    not ops.extension_available(),
+    reason=f"the compiled extension agi_monai._C is not available: {ops.extension_error()}",
+)
+_HAS_CUDA = torch.cuda.is_available() and ops.extension_has_cuda()
+_SKIP_CUDA = pytest.mark.skipif(
+    not _HAS_CUDA,
+    reason="needs a CUDA device and the CUDA kernels of agi_monai._C "
+    f"(torch.cuda.is_available()={torch.cuda.is_available()}, extension_has_cuda()={ops.extension_has_cuda()})",
+)
+
+
+def requires_cuda(test):
+    """``@pytest.mark.cuda`` plus a skip (with the reason) where no GPU or no CUDA kernels are present."""
+    return pytest.mark.cuda(_SKIP_CUDA(test))
+
+
+def compiled_op(weight, offsets, scales):
+    return torch.ops.agi_monai.group_roll(weight, offsets, scales)
+
+
+IMPLEMENTATIONS = {"compiled": compiled_op, "reference": group_roll_reference}
+
+
+def impl_params():
+    """The two implementations under test; the compiled one is skipped only if the extension is absent."""
+    return [
+        pytest.param("compiled", marks=requires_extension),
+        pytest.param("reference"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# The third implementation: METHOD §2, literally.
+# --------------------------------------------------------------------------------------------------
+
+
+def naive_group_roll(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """out[b, :, group i] = scales[b, i] · Σ_corners (Π_axes (1 − t) or t) · torch.roll(w_i, floor(o) + corner).
+
+    Loops over samples, groups and the 2^S corners; offsets[..., a] rolls kernel axis −1 − a (x, y, z).
+    Differentiable w.r.t. all inputs (the fraction t = o − floor(o) keeps the autograd graph; the integer
+    shift is a Python int, i.e. the one-sided derivative at integer offsets, as in the other two).
+    """
+    batch, groups, spatial = offsets.shape
+    per_group = weight.shape[1] // groups
+    dims = [-1 - a for a in range(spatial)]
+    if batch == 0:
+        return weight.new_zeros((0, *weight.shape))
+    samples = []
+    for b in range(batch):
+        parts = []
+        for i in range(groups):
+            w_i = weight[:, i * per_group : (i + 1) * per_group]
+            whole = [math.floor(float(offsets[b, i, a].detach())) for a in range(spatial)]
+            frac = [offsets[b, i, a] - whole[a] for a in range(spatial)]
+            blend = torch.zeros_like(w_i)
+            for corner in itertools.product((0, 1), repeat=spatial):
+                coefficient = 1.0
+                for a in range(spatial):
+                    coefficient = coefficient * (frac[a] if corner[a] else 1 - frac[a])
+                shifts = [whole[a] + corner[a] for a in range(spatial)]
+                blend = blend + coefficient * torch.roll(w_i, shifts=shifts, dims=dims)
+            parts.append(scales[b, i] * blend)
+        samples.append(torch.cat(parts, dim=1))
+    return torch.stack(samples)
+
+
+def make_offsets(kind: str, batch: int, groups: int, kernel: tuple[int, ...], generator, dtype=torch.float64):
+    """(B, n, S) offsets of one kind; kernel is (…, ky, kx) so axis a of the offsets has size kernel[-1 - a]."""
+    spatial = len(kernel)
+    sizes = torch.tensor([kernel[-1 - a] for a in range(spatial)], dtype=torch.float64)
+    shape = (batch, groups, spatial)
+    uniform = torch.rand(shape, generator=generator, dtype=torch.float64)
+    sign = torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0).to(torch.float64)
+    if kind == "integer":  # whole shifts, both signs, up to two turns
+        out = torch.randint(-14, 15, shape, generator=generator).to(torch.float64)
+    elif kind == "fractional":  # in [0, k): the common case
+        out = uniform * sizes
+    elif kind == "negative":  # in (−2k, 0)
+        out = -(uniform * 2 * sizes + 1e-3)
+    elif kind == "large":  # ±1e3 with a fraction, far beyond any kernel size
+        out = sign * (1000.0 + uniform)
+    elif kind == "beyond_k":  # ±(k + 0.3): just past one full turn
+        out = sign * (sizes + 0.3)
+    elif kind == "mixed":  # a bit of everything in one tensor
+        out = torch.where(uniform < 0.25, torch.round(uniform * 40 - 20), sign * (uniform * 3 * sizes))
+        out = torch.where(uniform > 0.9, sign * (1000.0 + uniform), out)
+    else:
+        raise AssertionError(kind)
+    return out.to(dtype)
+
+
+def make_inputs(batch, groups, c_in, c_out, kernel, kind="fractional", seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn((c_out, c_in, *kernel), generator=generator, dtype=torch.float64).to(dtype)
+    offsets = make_offsets(kind, batch, groups, kernel, generator, dtype)
+    scales = (torch.rand((batch, groups), generator=generator, dtype=torch.float64) * 1.5 + 0.25).to(dtype)
+    return weight, offsets, scales
+
+
+def tight(actual, expected, msg=""):
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12, msg=lambda m: f"{msg}\n{m}")
+
+
+# (B, n, C_in, C_out): n ∈ {1, 2, 4, 8, 16} dividing C_in, B ∈ 1…8.
+GROUPINGS = [(1, 1, 1, 1), (8, 1, 3, 2), (3, 2, 4, 3), (5, 4, 4, 2), (2, 8, 16, 3), (1, 16, 16, 2), (4, 16, 32, 1), (7, 8, 8, 2)]
+KERNELS_2D = [(1, 1), (2, 2), (3, 3), (5, 5), (7, 7), (3, 5), (5, 3), (2, 7), (4, 1), (6, 4)]
+KERNELS_3D = [(1, 1, 1), (2, 2, 2), (3, 3, 3), (3, 5, 7), (7, 7, 7), (2, 3, 4), (5, 1, 3)]
+OFFSET_KINDS = ["integer", "fractional", "negative", "large", "beyond_k", "mixed"]
+
+
+def _grouping_id(g):
+    return "B{}-n{}-cin{}-cout{}".format(*g)
+
+
+def _kernel_id(k):
+    return "k" + "x".join(map(str, k))
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward numerics: compiled == reference == naive (float64, tight tolerances).
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_three_way(grouping, kernel, kind):
+    batch, groups, c_in, c_out = grouping
+    seed = zlib.crc32(repr((grouping, kernel, kind)).encode())
+    weight, offsets, scales = make_inputs(batch, groups, c_in, c_out, kernel, kind, seed)
+    naive = naive_group_roll(weight, offsets, scales)
+    reference = group_roll_reference(weight, offsets, scales)
+    assert reference.shape == (batch, c_out, c_in, *kernel)
+    assert reference.dtype == torch.float64
+    tight(reference, naive, "reference != naive torch.roll blend (METHOD §2)")
+    if ops.extension_available():
+        compiled = compiled_op(weight, offsets, scales)
+        assert compiled.shape == reference.shape and compiled.dtype == torch.float64
+        tight(compiled, reference, "compiled op != reference")
+        tight(compiled, naive, "compiled op != naive torch.roll blend (METHOD §2)")
+
+
+@pytest.mark.parametrize("kind", OFFSET_KINDS)
+@pytest.mark.parametrize("kernel", KERNELS_2D, ids=_kernel_id)
+@pytest.mark.parametrize("grouping", GROUPINGS, ids=_grouping_id)
+def test_forward_2d_three_way(grouping, kernel, kind):
+    _check_three_way(grouping, kernel, kind)
+
+
+@pytest.mark.parametrize("kind", OFFSET_KINDS)
+@pytest.mark.parametrize("kernel", KERNELS_3D, ids=_kernel_id)
+@pytest.mark.parametrize("grouping", GROUPINGS, ids=_grouping_id)
+def test_forward_3d_three_way(grouping, kernel, kind):
+    _check_three_way(grouping, kernel, kind)
+
+
+def test_naive_matches_spec_by_hand():
+    """Pins the direction conventions independently of all three implementations."""
+    w = torch.arange(3.0, dtype=torch.float64).reshape(1, 1, 1, 3)  # x axis = [0, 1, 2]
+    one = torch.ones(1, 1, dtype=torch.float64)
+    # torch.roll by +1 along x: out[j] = w[j - 1] → [2, 0, 1]; 0.25 of the way to +2 → [1, 2, 0].
+    expected = 0.75 * torch.tensor([2.0, 0.0, 1.0]) + 0.25 * torch.tensor([1.0, 2.0, 0.0])
+    offsets = torch.tensor([[[1.25, 0.0]]], dtype=torch.float64)
+    for impl in [naive_group_roll, group_roll_reference] + ([compiled_op] if ops.extension_available() else []):
+        tight(impl(w, offsets, one)[0, 0, 0, 0], expected.double(), f"{impl}")
+    # offsets[..., 1] rolls y (the axis before x); a kernel of size 1 along x is unaffected by x offsets.
+    w_y = torch.arange(3.0, dtype=torch.float64).reshape(1, 1, 3, 1)
+    offsets_y = torch.tensor([[[7.5, -1.0]]], dtype=torch.float64)  # y by −1: out[j] = w[j + 1] → [1, 2, 0]
+    for impl in [naive_group_roll, group_roll_reference] + ([compiled_op] if ops.extension_available() else []):
+        tight(impl(w_y, offsets_y, one)[0, 0, 0, :, 0], torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64), f"{impl}")
+    # offsets[..., 2] rolls depth.
+    w_z = torch.arange(4.0, dtype=torch.float64).reshape(1, 1, 4, 1, 1)
+    offsets_z = torch.tensor([[[0.0, 0.0, 2.0]]], dtype=torch.float64)
+    for impl in [naive_group_roll, group_roll_reference] + ([compiled_op] if ops.extension_available() else []):
+        tight(impl(w_z, offsets_z, one)[0, 0, 0, :, 0, 0], torch.tensor([2.0, 3.0, 0.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("impl", impl_params())
+def test_identity_and_full_turn(impl):
+    """Zero offsets and scale 1 give the weight back; whole turns (±k, ±1000·k) are the identity too."""
+    fn = IMPLEMENTATIONS[impl]
+    weight, _, _ = make_inputs(3, 2, 4, 3, (3, 5))
+    ones = torch.ones(3, 2, dtype=torch.float64)
+    zero = torch.zeros(3, 2, 2, dtype=torch.float64)
+    tight(fn(weight, zero, ones), weight.expand(3, *weight.shape))
+    turns = torch.tensor([[5.0, 3.0], [-5.0, -3.0], [5000.0, -3000.0]], dtype=torch.float64)
+    tight(fn(weight, turns[:, None, :].expand(3, 2, 2).contiguous(), ones), weight.expand(3, *weight.shape))
+
+
+@requires_extension
+def test_non_contiguous_inputs():
+    weight, offsets, scales = make_inputs(4, 2, 6, 4, (3, 3), "mixed", seed=3)
+    weight_nc = weight.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    offsets_nc = offsets.transpose(0, 1).contiguous().transpose(0, 1)
+    scales_nc = torch.stack([scales, scales], dim=-1)[..., 0]
+    assert not (weight_nc.is_contiguous() or offsets_nc.is_contiguous() or scales_nc.is_contiguous())
+    tight(compiled_op(weight_nc, offsets_nc, scales_nc), group_roll_reference(weight, offsets, scales))
+
+
+@pytest.mark.parametrize("impl", impl_params())
+def test_empty_batch(impl):
+    weight, offsets, scales = make_inputs(0, 2, 4, 3, (3, 3))
+    weight.requires_grad_()
+    out = IMPLEMENTATIONS[impl](weight, offsets, scales)
+    assert out.shape == (0, 3, 4, 3, 3)
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    tight(grad, torch.zeros_like(weight))
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients.
+# --------------------------------------------------------------------------------------------------
+
+# floor() is not differentiable at integer offsets (the blend switches corners there), so gradcheck's
+# finite differences must not straddle an integer: gradcheck offsets are integer + [0.2, 0.8].
+GRADCHECK_CASES = {
+    "2d": dict(batch=2, groups=2, c_in=4, c_out=3, kernel=(3, 2)),
+    "2d-k5-n1": dict(batch=1, groups=1, c_in=2, c_out=2, kernel=(5, 4)),
+    "2d-large": dict(batch=2, groups=2, c_in=2, c_out=1, kernel=(3, 3), large=True),
+    "3d": dict(batch=2, groups=2, c_in=4, c_out=2, kernel=(2, 3, 2)),
+    "3d-k3": dict(batch=1, groups=1, c_in=1, c_out=2, kernel=(3, 3, 3)),
+}
+
+
+def gradcheck_inputs(batch, groups, c_in, c_out, kernel, large=False, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn((c_out, c_in, *kernel), generator=generator, dtype=torch.float64)
+    whole = torch.randint(-9, 10, (batch, groups, len(kernel)), generator=generator).to(torch.float64)
+    if large:
+        whole = whole + torch.where(whole < 0, -1000.0, 1000.0)
+    offsets = whole + 0.2 + 0.6 * torch.rand(whole.shape, generator=generator, dtype=torch.float64)
+    scales = torch.rand((batch, groups), generator=generator, dtype=torch.float64) + 0.5
+    return tuple(t.to(device).requires_grad_() for t in (weight, offsets, scales))
+
+
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+@pytest.mark.parametrize("impl", impl_params())
+def test_gradcheck(impl, case):
+    inputs = gradcheck_inputs(**GRADCHECK_CASES[case])
+    assert torch.autograd.gradcheck(IMPLEMENTATIONS[impl], inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+GRAD_SHAPES = [
+    (1, 1, 1, 1, (1, 1)),
+    (3, 2, 4, 3, (3, 3)),
+    (8, 4, 8, 2, (2, 5)),
+    (2, 16, 16, 2, (7, 7)),
+    (4, 8, 8, 3, (6, 4)),
+    (2, 2, 4, 2, (3, 3, 3)),
+    (5, 4, 4, 1, (2, 5, 3)),
+    (1, 16, 16, 2, (7, 7, 7)),
+]
+
+
+@requires_extension
+@pytest.mark.parametrize("kind", ["mixed", "integer", "large"])
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=lambda s: _grouping_id(s[:4]) + "-" + _kernel_id(s[4]))
+def test_compiled_backward_matches_autograd_of_reference_and_naive(shape, kind):
+    """Compiled backward == autograd through the reference == autograd through the naive blend.
+
+    At integer offsets all three use the same one-sided (right) derivative: d/do of o − floor(o) is 1.
+    """
+    batch, groups, c_in, c_out, kernel = shape
+    weight, offsets, scales = make_inputs(batch, groups, c_in, c_out, kernel, kind, seed=len(kernel) * 100 + batch)
+    grad_out = torch.randn((batch, c_out, c_in, *kernel), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for name, fn in [("compiled", compiled_op), ("reference", group_roll_reference), ("naive", naive_group_roll)]:
+        inputs = [t.clone().requires_grad_() for t in (weight, offsets, scales)]
+        out = fn(*inputs)
+        grads[name] = torch.autograd.grad(out, inputs, grad_out)
+    for which, label in enumerate(["weight", "offsets", "scales"]):
+        torch.testing.assert_close(grads["reference"][which], grads["naive"][which], rtol=1e-10, atol=1e-10,
+                                   msg=lambda m: f"grad {label}: reference vs naive\n{m}")
+        torch.testing.assert_close(grads["compiled"][which], grads["reference"][which], rtol=1e-10, atol=1e-10,
+                                   msg=lambda m: f"grad {label}: compiled vs reference\n{m}")
+
+
+@requires_extension
+def test_gradient_of_single_input():
+    """Only the inputs that require grad get one (the others are not needed by autograd)."""
+    weight, offsets, scales = make_inputs(2, 2, 4, 2, (3, 3), "mixed")
+    offsets.requires_grad_()
+    out = compiled_op(weight, offsets, scales)
+    (g_off,) = torch.autograd.grad(out.square().sum(), offsets)
+    o2 = offsets.detach().clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(group_roll_reference(weight, o2, scales).square().sum(), o2)
+    torch.testing.assert_close(g_off, g_ref, rtol=1e-10, atol=1e-10)
+
+
+@requires_extension
+def test_double_backward_is_refused():
+    inputs = gradcheck_inputs(**GRADCHECK_CASES["2d"])
+    grads = torch.autograd.grad(compiled_op(*inputs).square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        grads[1].sum().backward()
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch).
+# --------------------------------------------------------------------------------------------------
+
+
+@requires_extension
+@pytest.mark.parametrize(
+    "shape,requires_grad",
+    [
+        ((2, 2, 4, 3, (3, 3)), True),
+        ((1, 1, 2, 2, (2, 5)), False),
+        ((2, 2, 4, 2, (3, 2, 3)), True),
+        ((3, 4, 4, 1, (1, 3, 3)), False),
+    ],
+    ids=["2d-grad", "2d", "3d-grad", "3d"],
+)
+def test_opcheck(shape, requires_grad):
+    batch, groups, c_in, c_out, kernel = shape
+    inputs = [t.requires_grad_(requires_grad) for t in make_inputs(batch, groups, c_in, c_out, kernel, "mixed")]
+    torch.library.opcheck(torch.ops.agi_monai.group_roll.default, tuple(inputs))
+
+
+# --------------------------------------------------------------------------------------------------
+# float16 / bfloat16 on CPU: float accumulation, then one rounding.
+# --------------------------------------------------------------------------------------------------
+
+
+def assert_close_low_precision(actual, expected64, dtype, ulps=2.0, label=""):
+    """|actual − expected| ≤ ulps·eps(dtype)·|expected| + a small absolute floor.
+
+    With float accumulation the result is the float64 value rounded once (≤ 0.5 ulp, plus float32 noise);
+    accumulating in half/bfloat16 itself would typically be off by several ulps.
+    """
+    assert actual.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    floor = 1e-5 * float(expected64.abs().max()) + float(torch.finfo(dtype).tiny)
+    torch.testing.assert_close(actual.double(), expected64, rtol=ulps * eps, atol=floor, msg=lambda m: f"{label}\n{m}")
+
+
+LOW_PRECISION_SHAPES = [(4, 8, 16, 8, (3, 3)), (2, 4, 8, 4, (7, 5)), (2, 2, 4, 4, (3, 3, 3))]
+
+
+def _check_low_precision(fn, dtype, shape, device="cpu"):
+    batch, groups, c_in, c_out, kernel = shape
+    weight, offsets, scales = (t.to(dtype) for t in make_inputs(batch, groups, c_in, c_out, kernel, "mixed", seed=5))
+    grad_out = torch.randn((batch, c_out, c_in, *kernel), generator=torch.Generator().manual_seed(2)).to(dtype)
+    # The float64 truth is computed from exactly the low-precision values.
+    ref_inputs = [t.double().requires_grad_() for t in (weight, offsets, scales)]
+    expected = group_roll_reference(*ref_inputs)
+    expected_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
+    inputs = [t.to(device).requires_grad_() for t in (weight, offsets, scales)]
+    out = fn(*inputs)
+    assert_close_low_precision(out.cpu(), expected.detach(), dtype, label="forward")
+    grads = torch.autograd.grad(out, inputs, grad_out.to(device))
+    for got, want, label in zip(grads, expected_grads, ["grad weight", "grad offsets", "grad scales"]):
+        # Backward sums many terms: allow a few ulps on top of the final rounding.
+        assert_close_low_precision(got.cpu(), want, dtype, ulps=4.0, label=label)
+
+
+@pytest.mark.parametrize("shape", LOW_PRECISION_SHAPES, ids=lambda s: f"{len(s[4])}d-" + _kernel_id(s[4]))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", impl_params())
+def test_low_precision_cpu(impl, dtype, shape):
+    _check_low_precision(IMPLEMENTATIONS[impl], dtype, shape)
+
+
+@pytest.mark.parametrize("impl", impl_params())
+def test_float32_cpu(impl):
+    weight, offsets, scales = make_inputs(4, 8, 16, 8, (3, 3), "mixed", seed=9)
+    out = IMPLEMENTATIONS[impl](weight.float(), offsets.float(), scales.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), group_roll_reference(weight.float().double(), offsets.float().double(),
+                                                                  scales.float().double()), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Python entry point: compiled where available, fallback announced.
+# --------------------------------------------------------------------------------------------------
+
+
+@requires_extension
+def test_python_entry_uses_compiled_op_without_warning():
+    weight, offsets, scales = make_inputs(2, 2, 4, 2, (3, 3), "mixed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = ops.group_roll(weight, offsets, scales)
+    tight(out, compiled_op(weight, offsets, scales))
+
+
+def _run_python(code: str, cwd: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("PYTHONWARNINGS", None)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+# A meta path finder proxy that makes ``agi_monai._C`` unfindable (find_spec → None), exactly as in an
+# install where the extension was never built; in the "broken" mode it instead points the spec at a
+# file that is not a shared library, as for an extension built against another torch.
+_FALLBACK_SCRIPT = """
+import importlib.util, sys, warnings
+MODE, DATA = sys.argv[1], sys.argv[2]
+
+class HideExtension:
+    def __init__(self, finder):
+        self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        if name == "agi_monai._C":
+            if MODE == "broken":
+                return importlib.util.spec_from_file_location(name, DATA + "/_C.so")
+            return None
+        find = getattr(self.finder, "find_spec", None)
+        return None if find is None else find(name, path, target)
+    def invalidate_caches(self):
+        if hasattr(self.finder, "invalidate_caches"):
+            self.finder.invalidate_caches()
+
+sys.meta_path[:] = [HideExtension(f) for f in sys.meta_path]
+assert importlib.util.find_spec("agi_monai") is not None
+
+import torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")  # so that "exactly one" tests the op's own once-only logic
+    import agi_monai
+    from agi_monai import ops
+    data = torch.load(DATA + "/io.pt")
+    first = ops.group_roll(*data["inputs"])
+    second = ops.group_roll(*data["inputs"])
+runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+assert len(runtime) == 1, [str(w.message) for w in runtime]
+message = str(runtime[0].message)
+assert "pure-PyTorch" in message, message
+assert not ops.extension_available() and not ops.extension_has_cuda()
+assert ops.extension_error() is not None and ops.extension_error() in message, (ops.extension_error(), message)
+assert not hasattr(torch.ops.agi_monai, "group_roll"), "the op library was loaded anyway"
+torch.testing.assert_close(first, data["expected"], rtol=1e-12, atol=1e-12)
+torch.testing.assert_close(second, data["expected"], rtol=1e-12, atol=1e-12)
+print("FALLBACK-OK", message)
+"""
+
+
+@pytest.mark.parametrize("mode,reason", [("missing", "not built"), ("broken", "failed to load")])
+def test_fallback_is_announced_once(tmp_path, mode, reason):
+    weight, offsets, scales = make_inputs(3, 2, 4, 2, (3, 3), "mixed", seed=11)
+    torch.save({"inputs": (weight, offsets, scales), "expected": naive_group_roll(weight, offsets, scales)},
+               tmp_path / "io.pt")
+    (tmp_path / "_C.so").write_bytes(b"this is not a shared library\n")
+    result = _run_python(_FALLBACK_SCRIPT, tmp_path, mode, str(tmp_path))
+    assert "FALLBACK-OK" in result.stdout
+    assert reason in result.stdout, result.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# TorchScript, torch.compile, torch.export.
+# --------------------------------------------------------------------------------------------------
+
+
+class RollModule(torch.nn.Module):
+    """A kernel parameter rolled per sample: the shape of CAGR's use of the op."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+
+    def forward(self, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return torch.ops.agi_monai.group_roll(self.weight, offsets, scales)
+
+
+@requires_extension
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*is deprecated:FutureWarning")
+def test_torchscript_save_load_in_fresh_process(tmp_path):
+    cases = {}
+    for name, shape in {"2d": (3, 4, 8, 4, (3, 3)), "3d": (2, 2, 4, 2, (3, 2, 3))}.items():
+        batch, groups, c_in, c_out, kernel = shape
+        weight, offsets, scales = make_inputs(batch, groups, c_in, c_out, kernel, "mixed", seed=21)
+        scripted = torch.jit.script(RollModule(weight))
+        assert "agi_monai::group_roll" in str(scripted.graph)
+        expected = scripted(offsets, scales).detach()
+        tight(expected, group_roll_reference(weight, offsets, scales))
+        scripted.save(str(tmp_path / f"{name}.pt"))
+        cases[name] = {"inputs": (offsets, scales), "expected": expected}
+    torch.save(cases, tmp_path / "io.pt")
+    code = f"""
+        import agi_monai  # registers torch.ops.agi_monai before torch.jit.load
+        import torch
+        cases = torch.load({str(tmp_path / "io.pt")!r})
+        for name, case in cases.items():
+            module = torch.jit.load({str(tmp_path)!r} + "/" + name + ".pt")
+            out = module(*case["inputs"])
+            torch.testing.assert_close(out, case["expected"], rtol=0, atol=0)
+            out.sum().backward()
+            assert module.weight.grad is not None and module.weight.grad.shape == module.weight.shape
+        print("TORCHSCRIPT-OK")
+    """
+    assert "TORCHSCRIPT-OK" in _run_python(code, cwd=tmp_path).stdout
+
+
+@requires_extension
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_compile_fullgraph(backend, dynamic):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+
+    def fn(weight, offsets, scales):
+        return torch.ops.agi_monai.group_roll(weight, offsets * 2.0, scales).sin()
+
+    compiled = torch.compile(fn, fullgraph=True, backend=counter, dynamic=dynamic)
+    # Batch sizes distinct from every other size (C_out 3, C_in 4, k 3, n 2, S 2): dynamo's duck sizing
+    # would otherwise give equal sizes one symbol and recompile when they part.
+    batches = [5, 7] if dynamic else [5]
+    for batch in batches:
+        inputs = make_inputs(batch, 2, 4, 3, (3, 3), "mixed", seed=batch)
+        got_in = [t.clone().requires_grad_() for t in inputs]
+        want_in = [t.clone().requires_grad_() for t in inputs]
+        got = compiled(*got_in)
+        want = fn(*want_in)
+        tight(got, want)
+        got_grads = torch.autograd.grad(got.sum(), got_in)
+        want_grads = torch.autograd.grad(want.sum(), want_in)
+        for g, w in zip(got_grads, want_grads):
+            tight(g, w)
+    # One graph, compiled once (with dynamic=True the second batch size reuses it: the fake impl is symbolic).
+    assert counter.frame_count == 1, counter.frame_count
+    assert counter.op_count >= 1
+    torch._dynamo.reset()
+
+
+@requires_extension
+@pytest.mark.skipif(
+    os.environ.get("AGI_MONAI_TEST_INDUCTOR") != "1",
+    reason="inductor's first C++ compile takes ~25 s on a 2-core machine; set AGI_MONAI_TEST_INDUCTOR=1 to run",
+)
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    torch._dynamo.reset()
+
+    def fn(weight, offsets, scales):
+        return torch.ops.agi_monai.group_roll(weight, offsets, scales).mul(2.0)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    inputs = [t.requires_grad_() for t in make_inputs(3, 2, 4, 3, (3, 3), "mixed")]
+    out = compiled(*inputs)
+    tight(out, fn(*inputs))
+    grads = torch.autograd.grad(out.sum(), inputs)
+    want = torch.autograd.grad(fn(*inputs).sum(), inputs)
+    for g, w in zip(grads, want):
+        tight(g, w)
+    torch._dynamo.reset()
+
+
+@requires_extension
+@pytest.mark.parametrize("kernel", [(3, 3), (3, 3, 3)], ids=["2d", "3d"])
+def test_torch_export_keeps_one_node(kernel):
+    weight, offsets, scales = make_inputs(4, 2, 4, 3, kernel, "mixed", seed=31)
+    module = RollModule(weight)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    exported = torch.export.export(
+        module, (offsets, scales), dynamic_shapes={"offsets": {0: batch}, "scales": {0: batch}}
+    )
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.agi_monai.group_roll.default) == 1, targets
+    decomposed = exported.run_decompositions()
+    assert any(n.target is torch.ops.agi_monai.group_roll.default for n in decomposed.graph.nodes)
+    runnable = exported.module()
+    for b in (4, 7):
+        _, offsets_b, scales_b = make_inputs(b, 2, 4, 3, kernel, "mixed", seed=b)
+        tight(runnable(offsets_b, scales_b), module(offsets_b, scales_b).detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs: errors name the argument, the shape it got and the shape it expected.
+# --------------------------------------------------------------------------------------------------
+
+W2 = lambda: torch.randn(2, 4, 3, 3)  # noqa: E731
+W3 = lambda: torch.randn(2, 4, 3, 3, 3)  # noqa: E731
+O2 = lambda: torch.randn(2, 2, 2)  # noqa: E731
+S2 = lambda: torch.rand(2, 2)  # noqa: E731
+
+
+def _with_offset(value):
+    offsets = O2()
+    offsets[1, 0, 1] = value
+    return W2(), offsets, S2()
+
+
+BAD_INPUTS = {
+    # id: (inputs, keywords that the message must contain, exception type of the reference)
+    "offsets-rank2": (lambda: (W2(), torch.randn(2, 4), S2()), ["offsets", "(B, n, S)", "got shape [2, 4]"], ValueError),
+    "offsets-rank4": (lambda: (W2(), torch.randn(2, 2, 2, 1), S2()), ["offsets", "(B, n, S)", "[2, 2, 2, 1]"], ValueError),
+    "offsets-S4": (lambda: (W2(), torch.randn(2, 2, 4), S2()), ["offsets", "S = 2", "got shape [2, 2, 4]"], ValueError),
+    "offsets-S1": (lambda: (W2(), torch.randn(2, 2, 1), S2()), ["offsets", "S = 2", "got shape [2, 2, 1]"], ValueError),
+    "weight-2d-for-S3": (lambda: (W2(), torch.randn(2, 2, 3), S2()),
+                         ["weight", "(C_out, C_in, kz, ky, kx)", "got shape [2, 4, 3, 3]"], ValueError),
+    "weight-3d-for-S2": (lambda: (W3(), O2(), S2()), ["weight", "(C_out, C_in, ky, kx)", "got shape [2, 4, 3, 3, 3]"],
+                         ValueError),
+    "weight-rank3": (lambda: (torch.randn(2, 4, 3), O2(), S2()), ["weight", "(C_out, C_in, ky, kx)", "got shape [2, 4, 3]"],
+                     ValueError),
+    "scales-wrong-n": (lambda: (W2(), O2(), torch.rand(2, 3)), ["scales", "(B, n) = (2, 2)", "got shape [2, 3]"], ValueError),
+    "scales-wrong-B": (lambda: (W2(), O2(), torch.rand(1, 2)), ["scales", "(B, n) = (2, 2)", "got shape [1, 2]"], ValueError),
+    "scales-rank1": (lambda: (W2(), O2(), torch.rand(2)), ["scales", "(B, n) = (2, 2)", "got shape [2]"], ValueError),
+    "n-not-dividing": (lambda: (torch.randn(2, 6, 3, 3), torch.randn(2, 4, 2), torch.rand(2, 4)),
+                       ["n = 4", "must divide C_in = 6", "[2, 6, 3, 3]"], ValueError),
+    "no-groups": (lambda: (W2(), torch.randn(2, 0, 2), torch.rand(2, 0)), ["offsets", "n >= 1", "got shape [2, 0, 2]"],
+                  ValueError),
+    "integer-dtype": (lambda: (W2().long(), O2().long(), S2().long()), ["weight", "float16, bfloat16, float32 or float64"],
+                      TypeError),
+    "mixed-dtype-offsets": (lambda: (W2(), O2().double(), S2()), ["weight, offsets and scales", "one dtype", "offsets"],
+                            TypeError),
+    "mixed-dtype-scales": (lambda: (W2(), O2(), S2().half()), ["weight, offsets and scales", "one dtype", "scales"],
+                           TypeError),
+    "nan-offset": (lambda: _with_offset(float("nan")), ["offsets", "finite", "NaN or Inf", "[2, 2, 2]"], ValueError),
+    "inf-offset": (lambda: _with_offset(float("inf")), ["offsets", "finite", "NaN or Inf", "[2, 2, 2]"], ValueError),
+    "neg-inf-offset": (lambda: _with_offset(float("-inf")), ["offsets", "finite", "NaN or Inf", "[2, 2, 2]"], ValueError),
+    "empty-kernel-axis": (lambda: (torch.randn(2, 4, 0, 3), O2(), S2()), ["weight", "non-empty kernel axes", "[2, 4, 0, 3]"],
+                          ValueError),
+}
+
+# Known divergences of the reference from the compiled op's checks (reported to the op's owner).
+REFERENCE_XFAIL = {
+    "empty-kernel-axis": "group_roll_reference does not check for empty kernel axes (k = 0): it fails inside "
+    "fractional_roll_matrix with 'RuntimeError: ZeroDivisionError' instead of naming weight and its shape",
+}
+MESSAGE_XFAIL = {
+    **REFERENCE_XFAIL,
+    "integer-dtype": "dtype names differ: C++ prints 'Long', the reference 'torch.int64'",
+    "mixed-dtype-offsets": "dtype names differ: C++ prints 'Float'/'Double', the reference 'torch.float32'/'torch.float64'",
+    "mixed-dtype-scales": "dtype names differ: C++ prints 'Float'/'Half', the reference 'torch.float32'/'torch.float16'",
+}
+
+
+def _bad_params(xfails):
+    return [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=xfails[name])) if name in xfails else name
+        for name in BAD_INPUTS
+    ]
+
+
+@requires_extension
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["plain", "autograd"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_compiled(case, requires_grad):
+    build, keywords, _ = BAD_INPUTS[case]
+    inputs = build()
+    if requires_grad:
+        inputs = [t.requires_grad_() if t.is_floating_point() else t for t in inputs]
+    with pytest.raises(RuntimeError) as excinfo:
+        compiled_op(*inputs)
+    message = str(excinfo.value)
+    assert message.startswith("group_roll: "), message
+    for keyword in keywords:
+        assert keyword in message, f"{keyword!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("case", _bad_params(REFERENCE_XFAIL))
+def test_bad_inputs_reference(case):
+    build, keywords, error = BAD_INPUTS[case]
+    with pytest.raises(error) as excinfo:
+        group_roll_reference(*build())
+    message = str(excinfo.value)
+    for keyword in keywords:
+        assert keyword in message, f"{keyword!r} not in {message!r}"
+
+
+@requires_extension
+@pytest.mark.parametrize("case", _bad_params(MESSAGE_XFAIL))
+def test_bad_inputs_same_message(case):
+    """The reference promises the compiled op's exact message text."""
+    build, _, _ = BAD_INPUTS[case]
+    inputs = build()
+    with pytest.raises(RuntimeError) as compiled_error:
+        compiled_op(*inputs)
+    with pytest.raises((ValueError, TypeError)) as reference_error:
+        group_roll_reference(*inputs)
+    assert str(compiled_error.value).splitlines()[0] == str(reference_error.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU and the CUDA kernels).
+# --------------------------------------------------------------------------------------------------
+
+CUDA_SHAPES = [
+    (1, 1, 1, 1, (1, 1)),
+    (16, 8, 64, 64, (3, 3)),
+    (3, 2, 4, 3, (2, 7)),
+    (64, 16, 32, 4, (5, 5)),  # B·n = 1024
+    (512, 16, 16, 2, (3, 3)),  # B·n = 8192
+    (2, 2, 8, 4, (3, 3, 3)),
+    (4, 8, 16, 2, (7, 5, 3)),
+    (128, 16, 16, 2, (3, 3, 3)),  # B·n = 2048
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["mixed", "large"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: _grouping_id(s[:4]) + "-" + _kernel_id(s[4]))
+@requires_cuda
+def test_cuda_matches_cpu(shape, kind, dtype):
+    batch, groups, c_in, c_out, kernel = shape
+    inputs = [t.to(dtype) for t in make_inputs(batch, groups, c_in, c_out, kernel, kind, seed=batch + groups)]
+    grad_out = torch.randn((batch, c_out, c_in, *kernel), dtype=dtype, generator=torch.Generator().manual_seed(4))
+    results = {}
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in inputs]
+        out = compiled_op(*leaves)
+        grads = torch.autograd.grad(out, leaves, grad_out.to(device))
+        results[device] = [out.detach().cpu()] + [g.cpu() for g in grads]
+    # Forward is the same per-element arithmetic (up to FMA contraction); backward reductions differ in order.
+    tolerances = {torch.float64: (1e-12, 1e-12, 1e-10), torch.float32: (1e-5, 1e-5, 1e-4)}[dtype]
+    for i, label in enumerate(["forward", "grad weight", "grad offsets", "grad scales"]):
+        cpu, cuda = results["cpu"][i], results["cuda"][i]
+        rtol = tolerances[0] if i == 0 else tolerances[2]
+        atol = tolerances[1] if i == 0 else tolerances[2] * max(1.0, float(cpu.abs().max()))
+        torch.testing.assert_close(cuda, cpu, rtol=rtol, atol=atol, msg=lambda m: f"{label}\n{m}")
+
+
+@requires_cuda
+def test_cuda_reference_matches_compiled():
+    inputs = [t.cuda() for t in make_inputs(8, 4, 8, 4, (3, 3), "mixed")]
+    tight(compiled_op(*inputs).cpu(), group_roll_reference(*inputs).cpu())
+
+
+@pytest.mark.parametrize("case", list(GRADCHECK_CASES))
+@requires_cuda
+def test_cuda_gradcheck(case):
+    inputs = gradcheck_inputs(**GRADCHECK_CASES[case], device="cuda")
+    assert torch.autograd.gradcheck(compiled_op, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", LOW_PRECISION_SHAPES, ids=lambda s: f"{len(s[4])}d-" + _kernel_id(s[4]))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@requires_cuda
+def test_cuda_low_precision(dtype, shape):
+    _check_low_precision(compiled_op, dtype, shape, device="cuda")
+
+
+@requires_cuda
+def test_cuda_opcheck():
+    inputs = [t.cuda().requires_grad_() for t in make_inputs(2, 2, 4, 3, (3, 3), "mixed")]
+    torch.library.opcheck(torch.ops.agi_monai.group_roll.default, tuple(inputs))
+
+
+@requires_cuda
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="CUDA backward refuses B·n > 65535 ('group_roll (CUDA kernel): B * n must be at most 65535'): the "
+    "routing-gradient kernel puts (sample, group) on gridDim.y; the CPU kernels and the CUDA forward have no such limit",
+)
+def test_cuda_very_many_groups():
+    """B·n above 65535 (the CUDA grid's y limit): forward and backward still equal the CPU kernels."""
+    batch, groups = 4400, 16  # B·n = 70400
+    inputs = make_inputs(batch, groups, groups, 1, (1, 2), "mixed", seed=7)
+    results = {}
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in inputs]
+        out = compiled_op(*leaves)
+        results[device] = [out.detach().cpu()] + [g.cpu() for g in torch.autograd.grad(out.square().sum(), leaves)]
+    for cpu, cuda in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-10, atol=1e-10)
+
+
+@requires_cuda
+def test_cuda_device_mismatch():
+    weight, offsets, scales = make_inputs(2, 2, 4, 3, (3, 3))
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        compiled_op(weight.cuda(), offsets, scales.cuda())
+    with pytest.raises(ValueError, match="must be on one device"):
+        group_roll_reference(weight.cuda(), offsets, scales.cuda())
