@@ -29,8 +29,17 @@ TOLERANCE = 1e-4
 def native_study(tmp_path_factory) -> Path:
     """The native TCGA scans (oblique, each on its own matrix) as one DICOM study, series in one folder."""
     folder = tmp_path_factory.mktemp("dicom") / "TCGA-FG-6692"
-    for number, (name, description) in enumerate([("t2", "AX T2 FSE"), ("flair", "AX T2 FLAIR"), ("t1", "AX T1 SE"), ("t1c", "AX T1 SE +C")], 2):
-        write_dicom_series(sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")), folder, description, "TCGA-FG-6692", number, study_uid="1.2.826.0.1.3680043.8.498.1")
+    for number, (name, description) in enumerate(
+        [("t2", "AX T2 FSE"), ("flair", "AX T2 FLAIR"), ("t1", "AX T1 SE"), ("t1c", "AX T1 SE +C")], 2
+    ):
+        write_dicom_series(
+            sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")),
+            folder,
+            description,
+            "TCGA-FG-6692",
+            number,
+            study_uid="1.2.826.0.1.3680043.8.498.1",
+        )
     return folder
 
 
@@ -46,7 +55,9 @@ def _assert_same_geometry_and_voxels(read_back: sitk.Image, original: sitk.Image
     np.testing.assert_allclose(read_back.GetOrigin(), original.GetOrigin(), atol=TOLERANCE)
     np.testing.assert_allclose(read_back.GetSpacing(), original.GetSpacing(), atol=TOLERANCE)
     np.testing.assert_allclose(read_back.GetDirection(), original.GetDirection(), atol=TOLERANCE)
-    np.testing.assert_allclose(sitk.GetArrayFromImage(read_back), sitk.GetArrayFromImage(original), atol=voxel_tolerance)
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(read_back), sitk.GetArrayFromImage(original), atol=voxel_tolerance
+    )
 
 
 def test_axial_round_trip_keeps_geometry(tmp_path):
@@ -67,7 +78,9 @@ def test_float_volume_round_trip_within_rescale_precision(tmp_path):
     original = sitk.Cast(sitk.ReadImage(str(NATIVE / "flair.nii.gz")), sitk.sitkFloat32) / 7.3
     write_dicom_series(original, tmp_path, "synthetic FLAIR")
     largest = float(sitk.GetArrayViewFromImage(original).max())
-    _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(tmp_path)), original, voxel_tolerance=largest / 32000)
+    _assert_same_geometry_and_voxels(
+        metatensor_to_sitk(load_volume(tmp_path)), original, voxel_tolerance=largest / 32000
+    )
 
 
 def test_series_are_matched_to_contrasts_by_description(native_study):
@@ -103,7 +116,9 @@ def test_dicom_folder_discovered_as_a_case_and_converted(native_study, tmp_path)
     assert len(case["T2"]) == 26 and all(name.endswith(".dcm") for name in case["T2"])
     converted = convert_dicom_to_nifti(case, tmp_path / "nifti")
     assert converted["T2"] == str(tmp_path / "nifti" / "TCGA-FG-6692-T2.nii.gz")
-    assert sorted(p.name for p in (tmp_path / "nifti").iterdir()) == [f"TCGA-FG-6692-{c}.nii.gz" for c in ("FLAIR", "T1", "T1Gd", "T2")]
+    assert sorted(p.name for p in (tmp_path / "nifti").iterdir()) == [
+        f"TCGA-FG-6692-{c}.nii.gz" for c in ("FLAIR", "T1", "T1Gd", "T2")
+    ]
     _assert_same_geometry_and_voxels(sitk.ReadImage(converted["T2"]), sitk.ReadImage(str(NATIVE / "t2.nii.gz")))
     rediscovered = discover_cases(tmp_path / "nifti", required=["T1", "T2", "FLAIR", "T1Gd"])
     assert [c["case_id"] for c in rediscovered.cases] == ["TCGA-FG-6692"]

@@ -57,7 +57,9 @@ def test_discovery_of_the_shipped_folders():
     discovery = discover_cases(DATA)
     cases = {case["case_id"]: case for case in discovery.cases}
     assert discovery.failures == []
-    contrasts = {case_id: sorted(k for k in case if k not in ("case_id", "patient_id")) for case_id, case in cases.items()}
+    contrasts = {
+        case_id: sorted(k for k in case if k not in ("case_id", "patient_id")) for case_id, case in cases.items()
+    }
     assert contrasts == {
         "BraTS-GLI-00001-000": ["FLAIR", "T1", "T1Gd", "T2"],
         "IXI901-SIM-0001": ["PD", "T1", "T2"],
@@ -83,7 +85,10 @@ def test_official_ixi_layout_and_duplicate_case_ids(tmp_path):
     ixi = DATA / "ixi-sim"
     for contrast in ("T1", "T2", "PD"):
         (tmp_path / f"IXI-{contrast}").mkdir()
-        shutil.copy(ixi / f"IXI901-SIM-0001-{contrast}.nii.gz", tmp_path / f"IXI-{contrast}" / f"IXI012-HH-1211-{contrast}.nii.gz")
+        shutil.copy(
+            ixi / f"IXI901-SIM-0001-{contrast}.nii.gz",
+            tmp_path / f"IXI-{contrast}" / f"IXI012-HH-1211-{contrast}.nii.gz",
+        )
     # the same subject's T1 a second time, in another folder: its case ID is no longer unique
     (tmp_path / "extra").mkdir()
     shutil.copy(ixi / "IXI901-SIM-0001-T1.nii.gz", tmp_path / "extra" / "IXI012-HH-1211-T1.nii.gz")
@@ -100,7 +105,9 @@ def test_validation_skips_bad_volumes_and_goes_on(tmp_path):
     for case_id in ("good", "truncated", "fake"):
         (tmp_path / case_id).mkdir()
         for name in ("t1n", "t2w"):
-            shutil.copy(BRATS_GLI / f"BraTS-GLI-00001-000-{name}.nii.gz", tmp_path / case_id / f"{case_id}-{name}.nii.gz")
+            shutil.copy(
+                BRATS_GLI / f"BraTS-GLI-00001-000-{name}.nii.gz", tmp_path / case_id / f"{case_id}-{name}.nii.gz"
+            )
     truncated = tmp_path / "truncated" / "truncated-t2w.nii.gz"
     truncated.write_bytes(truncated.read_bytes()[:200_000])
     (tmp_path / "fake" / "fake-t1n.nii.gz").write_bytes(gzip.compress(b"not an image" * 100))
@@ -114,7 +121,11 @@ def test_validation_skips_bad_volumes_and_goes_on(tmp_path):
 def test_explicit_json_datalist(tmp_path):
     datalist = {
         "training": [
-            {"case_id": "gli", "t1": str(BRATS_GLI / "BraTS-GLI-00001-000-t1n.nii.gz"), "T2": str(BRATS_GLI / "BraTS-GLI-00001-000-t2w.nii.gz")},
+            {
+                "case_id": "gli",
+                "t1": str(BRATS_GLI / "BraTS-GLI-00001-000-t1n.nii.gz"),
+                "T2": str(BRATS_GLI / "BraTS-GLI-00001-000-t2w.nii.gz"),
+            },
             {"case_id": "bad", "T1": "a.nii.gz", "dwi": "b.nii.gz"},
         ],
         "test": [{"flair": "relative/x-t2f.nii.gz", "T1": "relative/x-t1n.nii.gz"}],

@@ -28,7 +28,10 @@ def _errors(estimated_lps: np.ndarray, truth_lps: np.ndarray, reference: sitk.Im
     over the reference field of view's corners (mm)."""
     difference = np.linalg.inv(truth_lps) @ estimated_lps
     angle = np.degrees(np.arccos(np.clip((np.trace(difference[:3, :3]) - 1) / 2, -1, 1)))
-    corners = [reference.TransformIndexToPhysicalPoint([b * (n - 1) for b, n in zip(bits, reference.GetSize())]) for bits in np.ndindex(2, 2, 2)]
+    corners = [
+        reference.TransformIndexToPhysicalPoint([b * (n - 1) for b, n in zip(bits, reference.GetSize())])
+        for bits in np.ndindex(2, 2, 2)
+    ]
     points = np.array([IXI_HEAD_CENTRE_LPS, *corners])
     moved = (difference[:3, :3] @ points.T).T + difference[:3, 3]
     displacement = np.linalg.norm(moved - points, axis=1)
@@ -44,7 +47,11 @@ def _ixi_cases() -> list[tuple[Path, str]]:
 
 @pytest.mark.parametrize("folder, subject", _ixi_cases(), ids=lambda value: getattr(value, "name", value))
 def test_ixi_sim_t1_to_t2_within_1mm_and_1deg(folder, subject):
-    truth = np.array(json.loads((folder / "ground_truth_transforms.json").read_text())["subjects"][subject]["itk_lps_T1_from_T2"])
+    truth = np.array(
+        json.loads((folder / "ground_truth_transforms.json").read_text(encoding="utf-8"))["subjects"][subject][
+            "itk_lps_T1_from_T2"
+        ]
+    )
     reference, moving = _read(folder / f"{subject}-T2.nii.gz"), _read(folder / f"{subject}-T1.nii.gz")
     header_only = _errors(np.eye(4), truth, reference)
     result = register_rigid(reference, moving)
@@ -74,8 +81,10 @@ def test_native_tcga_registration_improves_mutual_information(native_t2, contras
         resampled = sitk.GetArrayFromImage(resample_to_reference(moving, native_t2, transform))
         covered = sitk.GetArrayFromImage(resample_to_reference(inside, native_t2, transform, "nearest")) > 0
         scores.append(normalized_mutual_information(reference, resampled, covered))
-    print(f"\nnative {contrast}->t2: NMI {scores[0]:.4f} header only -> {scores[1]:.4f} registered "
-          f"({result.rotation_deg:.1f} deg, {result.translation_mm:.1f} mm)")
+    print(
+        f"\nnative {contrast}->t2: NMI {scores[0]:.4f} header only -> {scores[1]:.4f} registered "
+        f"({result.rotation_deg:.1f} deg, {result.translation_mm:.1f} mm)"
+    )
     assert scores[1] > scores[0] + 0.05
 
 
@@ -110,11 +119,16 @@ def test_field_of_view_elsewhere_is_rejected(ixi_pair):
 @pytest.mark.parametrize("scale", [0.7, 1.3])
 def test_head_of_another_size_is_rejected(ixi_pair, scale):
     reference, moving = ixi_pair
-    with pytest.raises(DataError, match=r"T1.nii.gz: its head/brain mask matches the reference only with Dice 0\.[0-7]"):
+    with pytest.raises(
+        DataError, match=r"T1.nii.gz: its head/brain mask matches the reference only with Dice 0\.[0-7]"
+    ):
         register_rigid(reference, _moved(moving, scale=scale), moving_name="T1.nii.gz")
 
 
 def test_motion_beyond_range_is_rejected(ixi_pair):
     reference, moving = ixi_pair
-    with pytest.raises(DataError, match=r"T1.nii.gz: registration needed .* mm \(expected scans of one subject within 30 deg and 10 mm\)"):
+    with pytest.raises(
+        DataError,
+        match=r"T1.nii.gz: registration needed .* mm \(expected scans of one subject within 30 deg and 10 mm\)",
+    ):
         register_rigid(reference, _moved(moving, shift_mm=(0, 0, 20)), moving_name="T1.nii.gz", max_translation_mm=10)

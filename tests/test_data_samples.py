@@ -13,7 +13,7 @@ BUDGET_BYTES = 42_000_000  # the 40 MB (MiB) budget, with room for the README it
 
 
 def _table() -> dict[str, tuple[int, str]]:
-    rows = (ROW.match(line) for line in (DATA / "README.md").read_text().splitlines())
+    rows = (ROW.match(line) for line in (DATA / "README.md").read_text(encoding="utf-8").splitlines())
     return {row["path"]: (int(row["bytes"]), row["sha256"]) for row in rows if row}
 
 
@@ -32,8 +32,10 @@ def test_every_shipped_file_is_listed_with_its_checksum():
 
 
 def test_licence_files_and_budget():
-    assert (DATA / "licenses" / "BrainLesion-tutorials-LICENSE.txt").read_text().startswith("MIT License")
-    assert (DATA / "ixi-sim" / "README.md").read_text().startswith("# ixi-sim: SIMULATED")
+    assert (
+        (DATA / "licenses" / "BrainLesion-tutorials-LICENSE.txt").read_text(encoding="utf-8").startswith("MIT License")
+    )
+    assert (DATA / "ixi-sim" / "README.md").read_text(encoding="utf-8").startswith("# ixi-sim: SIMULATED")
     assert sum(path.stat().st_size for path in DATA.rglob("*") if path.is_file()) < BUDGET_BYTES
 
 

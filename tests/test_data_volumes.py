@@ -55,17 +55,36 @@ def _bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
         "gzip, not NIfTI": (gzipped_text, "is not a NIfTI file"),
         "missing": (folder / "missing.nii.gz", "file not found"),
         "NaN/Inf": (_save(folder / "nan.nii.gz", with_nan), "contains 2 NaN/Inf voxels"),
-        "constant": (_save(folder / "constant.nii.gz", np.full((8, 8, 8), 7, np.int16)), r"is constant \(every voxel is 7\)"),
+        "constant": (
+            _save(folder / "constant.nii.gz", np.full((8, 8, 8), 7, np.int16)),
+            r"is constant \(every voxel is 7\)",
+        ),
         "empty": (_save(folder / "empty.nii.gz", np.zeros((8, 8, 8), np.int16)), r"is constant \(every voxel is 0\)"),
         "2D": (_save(folder / "plane.nii.gz", volume[0]), r"has 2 dimensions, shape \(8, 8\)"),
         "single slice": (_save(folder / "slice.nii.gz", volume[:, :, :1]), "is a single 2D slice"),
-        "4D": (_save(folder / "series.nii.gz", np.stack([volume, volume], -1)), r"has 4 dimensions, shape \(8, 8, 8, 2\)"),
+        "4D": (
+            _save(folder / "series.nii.gz", np.stack([volume, volume], -1)),
+            r"has 4 dimensions, shape \(8, 8, 8, 2\)",
+        ),
         "no extension": (folder / "volume.img", "has no NIfTI extension"),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["truncated", "not gzip", "gzip, not NIfTI", "missing", "NaN/Inf", "constant", "empty", "2D", "single slice", "4D", "no extension"]
+    "case",
+    [
+        "truncated",
+        "not gzip",
+        "gzip, not NIfTI",
+        "missing",
+        "NaN/Inf",
+        "constant",
+        "empty",
+        "2D",
+        "single slice",
+        "4D",
+        "no extension",
+    ],
 )
 def test_bad_file_error_names_the_file_and_the_problem(tmp_path, case):
     (tmp_path / "volume.img").write_bytes(b"\0" * 10)

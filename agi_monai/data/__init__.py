@@ -41,7 +41,7 @@ from agi_monai.data.registration import (
     resample_to_reference,
     same_grid,
 )
-from agi_monai.data.splits import SPLIT_NAMES, prepare_datalist, split_cases, write_datalist
+from agi_monai.data.splits import SPLIT_NAMES, preparation_summary, prepare_datalist, split_cases, write_datalist
 from agi_monai.data.transforms import (
     AddForegroundMaskd,
     AlignToReferenced,

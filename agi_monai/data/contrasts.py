@@ -148,4 +148,3 @@ def patient_id(case_id: str) -> str:
         if match:
             return match.group(1)
     return case_id
-

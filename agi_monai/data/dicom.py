@@ -7,9 +7,11 @@ SeriesDescription/ProtocolName (:data:`DICOM_CONTRAST_RULES`) or by an explicit 
 
 from __future__ import annotations
 
+import locale
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,10 +114,16 @@ def match_series_to_contrasts(
         matched = {}
         for name, selector in mapping.items():
             contrast = canonical_contrast(name)
-            hits = [s for s in series if selector in (s.series_uid, s.series_number) or selector.lower() == s.description.lower()]
+            hits = [
+                s
+                for s in series
+                if selector in (s.series_uid, s.series_number) or selector.lower() == s.description.lower()
+            ]
             if len(hits) != 1:
                 labels = ", ".join(s.label for s in series)
-                raise DataError(f"{contrast} = {selector!r}", f"matches {len(hits)} series among: {labels}", "exactly one")
+                raise DataError(
+                    f"{contrast} = {selector!r}", f"matches {len(hits)} series among: {labels}", "exactly one"
+                )
             matched[contrast] = hits[0]
         return matched
 
@@ -130,7 +138,11 @@ def match_series_to_contrasts(
     ambiguous = {contrast: items for contrast, items in candidates.items() if len(items) > 1}
     if ambiguous:
         details = "; ".join(f"{c}: " + ", ".join(s.label for s in items) for c, items in ambiguous.items())
-        raise DataError(str(Path(series[0].files[0]).parent), f"several series match one contrast ({details})", "an explicit mapping")
+        raise DataError(
+            str(Path(series[0].files[0]).parent),
+            f"several series match one contrast ({details})",
+            "an explicit mapping",
+        )
     return {contrast: items[0] for contrast, items in candidates.items()}
 
 
@@ -198,21 +210,44 @@ def write_dicom_series(
     }
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()  # keep the UIDs above instead of new ones per file
-    written = []
-    for index in range(pixels.GetDepth()):
-        plane = pixels[:, :, index]
-        for tag, value in shared.items():
-            plane.SetMetaData(tag, value)
-        position = image.TransformIndexToPhysicalPoint((0, 0, index))
-        plane.SetMetaData("0020|0032", "\\".join(_decimal_string(v) for v in position))
-        plane.SetMetaData("0020|0013", str(index + 1))
-        plane.SetMetaData("0008|0018", generate_uid())
-        path = folder / f"{series_number:03d}_{index + 1:04d}.dcm"
-        with atomic_output(path) as temporary:
-            writer.SetFileName(str(temporary))
-            writer.Execute(plane)
-        written.append(path)
+    with _preserved_locale():
+        written = [
+            _write_slice(writer, pixels, image, index, shared, folder / f"{series_number:03d}_{index + 1:04d}.dcm")
+            for index in range(pixels.GetDepth())
+        ]
     return written
+
+
+def _write_slice(
+    writer: sitk.ImageFileWriter,
+    pixels: sitk.Image,
+    image: sitk.Image,
+    index: int,
+    shared: Mapping[str, str],
+    path: Path,
+) -> Path:
+    plane = pixels[:, :, index]
+    for tag, value in shared.items():
+        plane.SetMetaData(tag, value)
+    position = image.TransformIndexToPhysicalPoint((0, 0, index))
+    plane.SetMetaData("0020|0032", "\\".join(_decimal_string(v) for v in position))
+    plane.SetMetaData("0020|0013", str(index + 1))
+    plane.SetMetaData("0008|0018", generate_uid())
+    with atomic_output(path) as temporary:
+        writer.SetFileName(str(temporary))
+        writer.Execute(plane)
+    return path
+
+
+@contextmanager
+def _preserved_locale() -> Iterator[None]:
+    """GDCM's DICOM writer leaves the process locale at "C", which turns Python's default text encoding
+    into ASCII; put it back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _pixel_tags(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
@@ -223,7 +258,14 @@ def _pixel_tags(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
     if np.issubdtype(values.dtype, np.integer) and -32768 <= low and high <= 32767:
         return sitk.Cast(image, sitk.sitkInt16), {}
     slope = max(abs(low), abs(high), 1e-12) / 32000.0
-    tags = {"0028|1053": _decimal_string(slope), "0028|1052": "0", "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"}
+    tags = {
+        "0028|1053": _decimal_string(slope),
+        "0028|1052": "0",
+        "0028|0100": "16",
+        "0028|0101": "16",
+        "0028|0102": "15",
+        "0028|0103": "1",
+    }
     return sitk.Cast(image, sitk.sitkFloat64), tags
 
 

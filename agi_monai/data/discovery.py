@@ -159,7 +159,7 @@ def _read_datalist(
     path: Path, split: str | None, aliases: Mapping[str, str] | None
 ) -> tuple[dict[str, dict[str, list[Any]]], list[Failure]]:
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(path, f"cannot be read as JSON ({error})", "a JSON datalist") from error
     if isinstance(content, dict):
@@ -197,8 +197,8 @@ def _read_datalist(
 
 def _resolve(value: Any, base: Path) -> str | list[str]:
     if isinstance(value, list):
-        return [str(base / name) for name in value]  # a DICOM series' files
-    return str(base / str(value))
+        return [os.path.normpath(base / name) for name in value]  # a DICOM series' files
+    return os.path.normpath(base / str(value))
 
 
 def _case_id_from_paths(case: Mapping[str, Any]) -> str | None:

@@ -35,7 +35,7 @@ def write_json(data: Any, path: str | Path) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically; returns the path."""
     path = Path(path)
     with atomic_output(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
 
 

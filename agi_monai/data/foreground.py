@@ -30,6 +30,9 @@ def foreground_mask(volume: np.ndarray, threshold: float = 0.05, slice_axis: int
     components = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(binary)), sortByObjectSize=True)
     largest = np.moveaxis(sitk.GetArrayViewFromImage(components) == 1, slice_axis, 0)
     filled = np.stack(
-        [sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(plane.astype(np.uint8)))) for plane in largest]
+        [
+            sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.GetImageFromArray(plane.astype(np.uint8))))
+            for plane in largest
+        ]
     )
     return np.moveaxis(filled > 0, 0, slice_axis)

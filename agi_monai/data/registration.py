@@ -218,7 +218,9 @@ def _bounding_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     size = image.GetSize()
     corners = np.array(
         [
-            image.TransformContinuousIndexToPhysicalPoint([(-0.5 if bit == 0 else n - 0.5) for bit, n in zip(bits, size)])
+            image.TransformContinuousIndexToPhysicalPoint(
+                [(-0.5 if bit == 0 else n - 0.5) for bit, n in zip(bits, size)]
+            )
             for bits in np.ndindex(2, 2, 2)
         ]
     )
@@ -240,8 +242,12 @@ def _foreground_dice(
     moving image had data (a scan covering less of the head is not penalised)."""
     inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
     inside.CopyInformation(moving)
-    covered = sitk.GetArrayViewFromImage(resample_to_reference(inside, reference, registration.transform, "nearest")) > 0
+    covered = (
+        sitk.GetArrayViewFromImage(resample_to_reference(inside, reference, registration.transform, "nearest")) > 0
+    )
     # SimpleITK arrays are (z, y, x): fill holes in the planes of the reference's slices
-    first, second = (foreground_mask(sitk.GetArrayViewFromImage(image), slice_axis=0) & covered for image in (reference, resampled))
+    first, second = (
+        foreground_mask(sitk.GetArrayViewFromImage(image), slice_axis=0) & covered for image in (reference, resampled)
+    )
     total = first.sum() + second.sum()
     return float(2.0 * (first & second).sum() / total) if total else 0.0

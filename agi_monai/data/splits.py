@@ -11,10 +11,10 @@ from typing import Any
 
 from agi_monai.data.contrasts import CONTRASTS, LABELS
 from agi_monai.data.discovery import Discovery, discover_cases
-from agi_monai.data.errors import DataError
+from agi_monai.data.errors import DataError, format_failures
 from agi_monai.data.files import write_json
 
-__all__ = ["SPLIT_NAMES", "split_cases", "write_datalist", "prepare_datalist"]
+__all__ = ["SPLIT_NAMES", "split_cases", "write_datalist", "prepare_datalist", "preparation_summary"]
 
 SPLIT_NAMES: tuple[str, str, str] = ("training", "validation", "test")
 
@@ -55,13 +55,16 @@ def split_cases(
 def write_datalist(
     splits: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, info: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write splits as a JSON datalist (atomically), with file paths relative to the JSON's folder so the
-    data and the list can move together. ``info`` is stored under ``"_info"``."""
+    """Write splits as a JSON datalist (atomically). Files below the JSON's folder are written relative to
+    it, so the data and the list can move together; others stay absolute. ``info`` goes under ``"_info"``."""
     path = Path(path)
-    base = path.parent.resolve()
+    base = Path(os.path.abspath(path.parent))
     content: dict[str, Any] = {"_info": dict(info or {})}
     for name, cases in splits.items():
-        content[name] = [{key: _relative(value, base) if key in CONTRASTS + LABELS else value for key, value in case.items()} for case in cases]
+        content[name] = [
+            {key: _relative(value, base) if key in CONTRASTS + LABELS else value for key, value in case.items()}
+            for case in cases
+        ]
     return write_json(content, path)
 
 
@@ -96,12 +99,27 @@ def prepare_datalist(
     return splits, discovery
 
 
+def preparation_summary(
+    splits: Mapping[str, Sequence[Any]], discovery: Discovery, output: str | Path, unit: str = "cases"
+) -> str:
+    """What :func:`prepare_datalist` did: the skipped cases, one per line, then a one-line summary."""
+    counts = "/".join(str(len(cases)) for cases in splits.values())
+    line = (
+        f"{output}: {counts} {'/'.join(splits)} {unit} of {len(discovery.cases)} usable, "
+        f"{len(discovery.failures)} skipped"
+    )
+    details = format_failures(discovery.failures, unit)
+    return f"{details}\n{line}" if details else line
+
+
 def _patient_counts(sizes: Sequence[float], available: int) -> list[int]:
     if all(float(size).is_integer() and size >= 1 for size in sizes) or sum(sizes) > 1 + 1e-9:
         counts = [int(size) for size in sizes]
         if sum(counts) > available:
             raise DataError(
-                "split", f"asks for {sum(counts)} patients {counts} but only {available} have every contrast", f"at least {sum(counts)}"
+                "split",
+                f"asks for {sum(counts)} patients {counts} but only {available} have every contrast",
+                f"at least {sum(counts)}",
             )
         return counts
     if not math.isclose(sum(sizes), 1.0, abs_tol=1e-6):
@@ -111,6 +129,8 @@ def _patient_counts(sizes: Sequence[float], available: int) -> list[int]:
 
 
 def _relative(value: Any, base: Path) -> Any:
+    """Relative to ``base`` when the file lies below it, else absolute."""
     if isinstance(value, list):
         return [_relative(item, base) for item in value]
-    return os.path.relpath(Path(value).resolve(), base)
+    path = Path(os.path.abspath(value))
+    return os.path.relpath(path, base) if path.is_relative_to(base) else str(path)

@@ -179,8 +179,12 @@ class AlignToReferenced(MapTransform):
             resampled = resample_to_reference(moving_image, reference_image, transform, interpolation)
             aligned = sitk_to_metatensor(resampled)
             meta = copy.deepcopy(reference.meta)
-            meta.update({k: moving.meta[k] for k in ("filename_or_obj", "intensity_percentile_value") if k in moving.meta})
-            item[key] = MetaTensor(aligned.as_tensor(), meta=meta, applied_operations=copy.deepcopy(reference.applied_operations))
+            meta.update(
+                {k: moving.meta[k] for k in ("filename_or_obj", "intensity_percentile_value") if k in moving.meta}
+            )
+            item[key] = MetaTensor(
+                aligned.as_tensor(), meta=meta, applied_operations=copy.deepcopy(reference.applied_operations)
+            )
         item[REGISTRATION_KEY] = matrices
         return item
 
@@ -209,7 +213,9 @@ class AddForegroundMaskd(MapTransform):
         mask = foreground_mask(torch.as_tensor(image).mean(dim=0).numpy(), self.threshold)
         mask_tensor = torch.from_numpy(mask[None].astype(np.float32))
         if isinstance(image, MetaTensor):
-            mask_tensor = MetaTensor(mask_tensor, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations))
+            mask_tensor = MetaTensor(
+                mask_tensor, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations)
+            )
         item[self.mask_key] = mask_tensor
         return item
 
@@ -271,7 +277,11 @@ class RandShiftChanneld(RandomizableTransform, MapTransform):
         if not self._do_transform:
             return item
         for key in self.key_iterator(item):
-            item[key] = _warp_channel(item[key], self.shifted_channel, Affine(translate_params=self.shift.tolist(), padding_mode="zeros", image_only=True))
+            item[key] = _warp_channel(
+                item[key],
+                self.shifted_channel,
+                Affine(translate_params=self.shift.tolist(), padding_mode="zeros", image_only=True),
+            )
         return item
 
 
@@ -392,7 +402,9 @@ def preprocessing_transforms(
     inputs = list(inputs)
     reference = reference or choose_reference(inputs)
     if reference not in inputs:
-        raise ValueError(f"reference {reference!r} must be one of the inputs {inputs} (the target is missing at inference).")
+        raise ValueError(
+            f"reference {reference!r} must be one of the inputs {inputs} (the target is missing at inference)."
+        )
     images = inputs + ([target] if target else [])
     labels = list(labels)
     outputs = ["image"] + (["target"] if target else []) + ["mask"] + labels
@@ -429,7 +441,9 @@ def restore_geometry_transforms(
         output_postfix: appended to the output file names.
         orig_key: the preprocessed key whose history is inverted.
     """
-    steps: list[Any] = [Invertd(keys, transform=preprocessing, orig_keys=orig_key, nearest_interp=False, to_tensor=True)]
+    steps: list[Any] = [
+        Invertd(keys, transform=preprocessing, orig_keys=orig_key, nearest_interp=False, to_tensor=True)
+    ]
     if output_dir is not None:
         steps.append(NameAfterCased(keys))
         steps.append(
