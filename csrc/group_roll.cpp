@@ -33,6 +33,23 @@ std::string shape_of(const at::Tensor& t) {
   ss << t.sizes();
   return ss.str();
 }
+
+// Python's spelling of a dtype, so that messages read the same as the pure-PyTorch path's.
+std::string dtype_name(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(type);
+  }
+}
 }  // namespace
 
 void check_group_roll_inputs(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales) {
@@ -64,11 +81,11 @@ void check_group_roll_inputs(const at::Tensor& weight, const at::Tensor& offsets
   }
   TORCH_CHECK(
       at::isFloatingType(weight.scalar_type()),
-      "group_roll: weight must be float16, bfloat16, float32 or float64, got ", weight.scalar_type());
+      "group_roll: weight must be float16, bfloat16, float32 or float64, got ", dtype_name(weight.scalar_type()));
   TORCH_CHECK(
       offsets.scalar_type() == weight.scalar_type() && scales.scalar_type() == weight.scalar_type(),
-      "group_roll: weight, offsets and scales must share one dtype, got weight ", weight.scalar_type(), ", offsets ",
-      offsets.scalar_type(), ", scales ", scales.scalar_type());
+      "group_roll: weight, offsets and scales must share one dtype, got weight ", dtype_name(weight.scalar_type()),
+      ", offsets ", dtype_name(offsets.scalar_type()), ", scales ", dtype_name(scales.scalar_type()));
   TORCH_CHECK(
       offsets.device() == weight.device() && scales.device() == weight.device(),
       "group_roll: weight, offsets and scales must be on one device, got weight on ", weight.device(), ", offsets on ",
@@ -106,8 +123,8 @@ void check_group_roll_grad(const at::Tensor& grad, const at::Tensor& weight, con
       at::IntArrayRef(expected), " (B, C_out, C_in, k...), got shape ", shape_of(grad));
   TORCH_CHECK(
       grad.scalar_type() == weight.scalar_type() && grad.device() == weight.device(),
-      "_group_roll_backward: grad must match weight's dtype and device, got ", grad.scalar_type(), " on ",
-      grad.device(), ", expected ", weight.scalar_type(), " on ", weight.device());
+      "_group_roll_backward: grad must match weight's dtype and device, got ", dtype_name(grad.scalar_type()), " on ",
+      grad.device(), ", expected ", dtype_name(weight.scalar_type()), " on ", weight.device());
 }
 
 }  // namespace detail

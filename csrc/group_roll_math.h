@@ -112,65 +112,64 @@ AGI_HOST_DEVICE void load_axis_rolls(
   }
 }
 
-// Unscaled rolled kernel value at (z, y, x) of one (C_out, C_in) kernel slice `w`, and optionally
-// its derivative with respect to each axis offset (d_offset[a]).
-template <typename acc_t, typename scalar_t>
-AGI_HOST_DEVICE acc_t rolled_value(
-    const scalar_t* w, const AxisRoll<acc_t> rolls[kMaxAxes], int64_t z, int64_t y, int64_t x,
-    acc_t* d_offset /* nullable, kMaxAxes entries */) {
+// At most 2^3 corners: the integer rolls that the fractional roll blends.
+constexpr int kMaxTaps = 8;
+
+// The taps of kernel position (z, y, x) for one (sample, group): the flat kernel index each corner
+// reads (forward: the source (j - s - c) mod k; transpose: the destination (j + s + c) mod k), its
+// blend weight, and the weight's derivative w.r.t. each axis offset. Returns the number of taps (2^S).
+template <typename acc_t>
+AGI_HOST_DEVICE int kernel_taps(
+    const AxisRoll<acc_t> rolls[kMaxAxes], int64_t z, int64_t y, int64_t x, bool transpose,
+    int64_t index[kMaxTaps], acc_t weight[kMaxTaps], acc_t d_weight[kMaxTaps][kMaxAxes]) {
   const AxisRoll<acc_t>& rx = rolls[0];
   const AxisRoll<acc_t>& ry = rolls[1];
   const AxisRoll<acc_t>& rz = rolls[2];
-  acc_t value = acc_t(0);
-  if (d_offset != nullptr) {
-    d_offset[0] = d_offset[1] = d_offset[2] = acc_t(0);
-  }
+  int t = 0;
   for (int cz = 0; cz < rz.corners; ++cz) {
     const acc_t wz = corner_weight(rz, cz);
-    const int64_t sz = source_index(rz, z, cz);
+    const int64_t iz = transpose ? destination_index(rz, z, cz) : source_index(rz, z, cz);
     for (int cy = 0; cy < ry.corners; ++cy) {
       const acc_t wy = corner_weight(ry, cy);
-      const int64_t sy = source_index(ry, y, cy);
+      const int64_t iy = transpose ? destination_index(ry, y, cy) : source_index(ry, y, cy);
       for (int cx = 0; cx < rx.corners; ++cx) {
         const acc_t wx = corner_weight(rx, cx);
-        const int64_t sx = source_index(rx, x, cx);
-        const acc_t v = static_cast<acc_t>(w[(sz * ry.size + sy) * rx.size + sx]);
-        value += wz * wy * wx * v;
-        if (d_offset != nullptr) {
-          d_offset[0] += wz * wy * corner_weight_grad<acc_t>(cx) * v;
-          d_offset[1] += wz * corner_weight_grad<acc_t>(cy) * wx * v;
-          d_offset[2] += corner_weight_grad<acc_t>(cz) * wy * wx * v;
-        }
+        const int64_t ix = transpose ? destination_index(rx, x, cx) : source_index(rx, x, cx);
+        index[t] = (iz * ry.size + iy) * rx.size + ix;
+        weight[t] = wz * wy * wx;
+        d_weight[t][0] = wz * wy * corner_weight_grad<acc_t>(cx);
+        d_weight[t][1] = wz * corner_weight_grad<acc_t>(cy) * wx;
+        d_weight[t][2] = corner_weight_grad<acc_t>(cz) * wy * wx;
+        ++t;
       }
     }
   }
-  return value;
+  return t;
 }
 
-// Gradient of the loss w.r.t. one kernel element (z, y, x) of slice (o, c), summed over the batch:
-// the transpose of the roll, reading grad_out at the destinations of this source element.
-template <typename acc_t, typename scalar_t>
-AGI_HOST_DEVICE acc_t unrolled_grad(
-    const scalar_t* grad_slice /* grad_out[b, o, c] */, const AxisRoll<acc_t> rolls[kMaxAxes],
-    int64_t z, int64_t y, int64_t x) {
-  const AxisRoll<acc_t>& rx = rolls[0];
-  const AxisRoll<acc_t>& ry = rolls[1];
-  const AxisRoll<acc_t>& rz = rolls[2];
-  acc_t acc = acc_t(0);
-  for (int cz = 0; cz < rz.corners; ++cz) {
-    const acc_t wz = corner_weight(rz, cz);
-    const int64_t dz = destination_index(rz, z, cz);
-    for (int cy = 0; cy < ry.corners; ++cy) {
-      const acc_t wy = corner_weight(ry, cy);
-      const int64_t dy = destination_index(ry, y, cy);
-      for (int cx = 0; cx < rx.corners; ++cx) {
-        const acc_t wx = corner_weight(rx, cx);
-        const int64_t dx = destination_index(rx, x, cx);
-        acc += wz * wy * wx * static_cast<acc_t>(grad_slice[(dz * ry.size + dy) * rx.size + dx]);
-      }
+// Scale and offset gradients of one (sample, group) from the K×K correlation
+// M[k][j] = Σ_{o, c in group} grad_out[b, o, c, k] · w[o, c, j]: the rolled value at k is
+// Σ_t weight_t · w[index_t], so d_scale = Σ_k Σ_t weight_t · M[k][index_t] and
+// d_offset[a] = Σ_k Σ_t d_weight_t,a · M[k][index_t] (to be multiplied by the group's scale).
+template <typename acc_t>
+AGI_HOST_DEVICE void routing_grad_from_correlation(
+    const acc_t* correlation, const AxisRoll<acc_t> rolls[kMaxAxes], const RollShape& s, acc_t* d_scale,
+    acc_t d_offset[kMaxAxes]) {
+  const int64_t K = s.kernel_numel();
+  *d_scale = acc_t(0);
+  d_offset[0] = d_offset[1] = d_offset[2] = acc_t(0);
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t index[kMaxTaps];
+    acc_t weight[kMaxTaps];
+    acc_t d_weight[kMaxTaps][kMaxAxes];
+    const int64_t x = k % s.kx, y = (k / s.kx) % s.ky, z = k / (s.kx * s.ky);
+    const int taps = kernel_taps(rolls, z, y, x, /*transpose=*/false, index, weight, d_weight);
+    for (int t = 0; t < taps; ++t) {
+      const acc_t m = correlation[k * K + index[t]];
+      *d_scale += weight[t] * m;
+      for (int a = 0; a < kMaxAxes; ++a) d_offset[a] += d_weight[t][a] * m;
     }
   }
-  return acc;
 }
 
 }  // namespace detail

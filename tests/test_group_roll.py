@@ -650,17 +650,9 @@ BAD_INPUTS = {
                           ValueError),
 }
 
-# Known divergences of the reference from the compiled op's checks (reported to the op's owner).
-REFERENCE_XFAIL = {
-    "empty-kernel-axis": "group_roll_reference does not check for empty kernel axes (k = 0): it fails inside "
-    "fractional_roll_matrix with 'RuntimeError: ZeroDivisionError' instead of naming weight and its shape",
-}
-MESSAGE_XFAIL = {
-    **REFERENCE_XFAIL,
-    "integer-dtype": "dtype names differ: C++ prints 'Long', the reference 'torch.int64'",
-    "mixed-dtype-offsets": "dtype names differ: C++ prints 'Float'/'Double', the reference 'torch.float32'/'torch.float64'",
-    "mixed-dtype-scales": "dtype names differ: C++ prints 'Float'/'Half', the reference 'torch.float32'/'torch.float16'",
-}
+# Known divergences between the compiled op's and the reference's checks (none at present).
+REFERENCE_XFAIL: dict[str, str] = {}
+MESSAGE_XFAIL: dict[str, str] = {}
 
 
 def _bad_params(xfails):
@@ -775,12 +767,6 @@ def test_cuda_opcheck():
 
 
 @requires_cuda
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="CUDA backward refuses B·n > 65535 ('group_roll (CUDA kernel): B * n must be at most 65535'): the "
-    "routing-gradient kernel puts (sample, group) on gridDim.y; the CPU kernels and the CUDA forward have no such limit",
-)
 def test_cuda_very_many_groups():
     """B·n above 65535 (the CUDA grid's y limit): forward and backward still equal the CPU kernels."""
     batch, groups = 4400, 16  # B·n = 70400

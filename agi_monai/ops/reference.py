@@ -34,6 +34,9 @@ def check_group_roll_inputs(weight: torch.Tensor, offsets: torch.Tensor, scales:
             f"group_roll: scales must have shape (B, n) = ({batch}, {groups}) to match offsets "
             f"{list(offsets.shape)}, got shape {list(scales.shape)}"
         )
+    for axis in range(2, weight.dim()):
+        if weight.shape[axis] < 1:
+            raise ValueError(f"group_roll: weight must have non-empty kernel axes, got shape {list(weight.shape)}")
     if weight.shape[1] % groups != 0:
         raise ValueError(
             f"group_roll: the number of groups n = {groups} (offsets.size(1)) must divide C_in = {weight.shape[1]} "
