@@ -6,15 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from agi_monai.data import (
     LoadVolumed,
     RandShiftChanneld,
     SliceDataset,
+    build_inference_dataset,
+    build_slice_dataset,
     build_volume_dataset,
     discover_cases,
+    metatensor_to_sitk,
     preprocessing_transforms,
+    restore_geometry_transforms,
+    write_dicom_series,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -73,21 +79,53 @@ def test_cached_volumes_are_reused_and_an_epoch_takes_seconds(brats_slices, brat
     torch.testing.assert_close(epoch[7]["image"], dataset[7]["image"])
 
 
-def test_registered_ixi_and_native_tcga_become_slices():
-    ixi = discover_cases(DATA / "ixi-sim", required=["T1", "T2", "PD"]).cases
-    dataset = SliceDataset(
-        build_volume_dataset(ixi, preprocessing_transforms(["T1", "PD"], "T2", (128, 128))), progress=False
-    )
-    item = dataset[0]
-    assert item["image"].shape == (2, 128, 128) and item["case_id"] == "IXI901-SIM-0001"
-    assert 30 < len(dataset) <= 72
+FAST_REGISTRATION = {"registration_options": {"sampling_fraction": 0.05}}
 
-    native = discover_cases(DATA / "tcga-lgg" / "TCGA-FG-6692-native").cases
-    preprocessing = preprocessing_transforms(
-        ["T1", "T2", "FLAIR"], "T1Gd", (256, 256), registration_options={"iterations": 50}
+
+@pytest.mark.parametrize(
+    "folder, inputs, target, size, labels, slices",
+    [
+        ("brats2023-gli", ["T1", "T2"], "FLAIR", (240, 240), [], (100, 155)),
+        ("brats2023-mets", ["T2", "FLAIR"], "T1", (240, 240), [], (100, 155)),
+        ("tcga-lgg/TCGA-FG-6692", ["T1", "T2", "FLAIR"], "T1Gd", (240, 240), ["seg"], (100, 155)),
+        ("ixi-sim", ["T2", "PD"], "T1", (128, 128), [], (30, 72)),  # T1 registered to the T2/PD grid
+        ("tcga-lgg/TCGA-FG-6692-native", ["T1", "T2"], "FLAIR", (256, 256), [], (10, 26)),  # T1, FLAIR registered
+    ],
+)
+def test_one_call_turns_each_shipped_folder_into_slices(folder, inputs, target, size, labels, slices):
+    dataset = build_slice_dataset(
+        DATA / folder, inputs, target, size, labels=labels, progress=False, **FAST_REGISTRATION
     )
-    dataset = SliceDataset(build_volume_dataset(native, preprocessing), progress=False)
-    assert dataset[0]["image"].shape == (3, 256, 256) and 10 < len(dataset) <= 26
+    assert dataset.failures == [] and len(dataset.case_ids) == 1
+    assert slices[0] < len(dataset) <= slices[1]
+    item = dataset[len(dataset) // 2]
+    assert item["image"].shape == (len(inputs), *size) and item["target"].shape == (1, *size)
+    assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+    if labels:
+        assert item["seg"].shape == (1, *size) and set(item["seg"].unique().tolist()) <= {0.0, 1.0, 2.0, 4.0}
+
+
+def test_one_call_from_dicom_to_slices_and_restorable_inference_items(tmp_path):
+    study = tmp_path / "TCGA-FG-6692"
+    native = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
+    for number, (name, description) in enumerate([("t2", "AX T2 FSE"), ("t1", "AX T1 SE"), ("flair", "AX FLAIR")], 1):
+        write_dicom_series(
+            sitk.ReadImage(str(native / f"{name}.nii.gz")), study, description, "TCGA-FG-6692", number, "1.2.3"
+        )
+    dataset = build_slice_dataset(tmp_path, ["T1", "T2"], "FLAIR", (256, 256), progress=False, **FAST_REGISTRATION)
+    assert dataset.case_ids == ["TCGA-FG-6692"] and 10 < len(dataset) <= 26
+
+    inference = build_inference_dataset(tmp_path, ["T1", "T2"], (256, 256), **FAST_REGISTRATION)
+    item = inference[0]
+    assert item["image"].shape == (2, 256, 256, 26) and "target" not in item
+    item["pred"] = item["image"][1:].clone()
+    restored = restore_geometry_transforms(inference.transform, "pred")(item)["pred"]
+    t2 = sitk.ReadImage(str(native / "t2.nii.gz"))
+    read_back = metatensor_to_sitk(restored)  # the T2 grid again (as DICOM stores it: slices in row x column order)
+    assert read_back.GetSize() == t2.GetSize()
+    np.testing.assert_allclose(
+        sitk.DICOMOrient(read_back, "LPS").GetOrigin(), sitk.DICOMOrient(t2, "LPS").GetOrigin(), atol=1e-3
+    )
 
 
 def test_bad_case_is_skipped_and_reported(brats_cases, tmp_path):

@@ -3,12 +3,14 @@ registration, intensity normalization, 2D slice datasets, splits and misalignmen
 
 A bundle typically calls::
 
-    cases = discover_cases(folder_or_datalist, required=inputs + [target], split="training").cases
-    preprocessing = preprocessing_transforms(inputs, target, spatial_size=(256, 256))
-    train = SliceDataset(build_volume_dataset(cases, preprocessing, cache_dir), transform=RandShiftChanneld("image"))
+    train = build_slice_dataset(datalist, ["T1", "T2"], "PD", (256, 256), split="training", cache_dir=cache,
+                                transform=RandShiftChanneld("image", magnitude_px=(0.0, 3.0)))
+    infer = build_inference_dataset(folder, ["T1", "T2"], (256, 256))
+    # a slice-wise inferer over infer[i]["image"], then:
+    restore = restore_geometry_transforms(infer.transform, "pred", output_dir, output_postfix="PD")
 
-and for inference ``build_volume_dataset(cases, preprocessing_transforms(inputs))``, a slice-wise inferer,
-then ``restore_geometry_transforms(preprocessing, "pred", output_dir)``.
+The pieces (``discover_cases``, ``preprocessing_transforms``, ``build_volume_dataset``, ``SliceDataset``)
+can be wired separately in a config.
 """
 
 from agi_monai.data.contrasts import (
@@ -20,7 +22,7 @@ from agi_monai.data.contrasts import (
     parse_filename,
     patient_id,
 )
-from agi_monai.data.datasets import SliceDataset, build_volume_dataset
+from agi_monai.data.datasets import SliceDataset, build_inference_dataset, build_slice_dataset, build_volume_dataset
 from agi_monai.data.dicom import (
     DICOM_CONTRAST_RULES,
     DicomSeries,

@@ -19,9 +19,11 @@ from monai.transforms import Compose
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from agi_monai.data.discovery import discover_cases
 from agi_monai.data.errors import DataError, Failure, format_failures
+from agi_monai.data.transforms import preprocessing_transforms
 
-__all__ = ["build_volume_dataset", "SliceDataset"]
+__all__ = ["build_volume_dataset", "SliceDataset", "build_slice_dataset", "build_inference_dataset"]
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +47,72 @@ def build_volume_dataset(
     if cache_dir is None:
         return Dataset(list(cases), transform=preprocessing)
     return PersistentDataset(list(cases), transform=preprocessing, cache_dir=Path(cache_dir))
+
+
+def build_slice_dataset(
+    source: str | Path,
+    inputs: Sequence[str],
+    target: str,
+    spatial_size: Sequence[int] = (256, 256),
+    split: str | None = None,
+    cache_dir: str | Path | None = None,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    min_foreground_fraction: float = 0.05,
+    num_workers: int = 0,
+    progress: bool = True,
+    **preprocessing_options: Any,
+) -> SliceDataset:
+    """One call from a folder (NIfTI or DICOM, co-registered or not) or a JSON datalist to 2D training items.
+
+    Discovers the cases having ``inputs`` and ``target`` (:func:`agi_monai.data.discover_cases`), preprocesses
+    them (:func:`agi_monai.data.preprocessing_transforms`, cached in ``cache_dir``) and slices them
+    (:class:`SliceDataset`). Skipped cases, at discovery or preprocessing, are in the result's ``failures``.
+
+    Args:
+        source: a folder or a JSON datalist.
+        inputs: input contrasts in scenario order.
+        target: the contrast to synthesize.
+        spatial_size: in-plane size, (256, 256) for IXI, (240, 240) for BraTS.
+        split: the datalist split to read (``"training"``...), for a JSON ``source``.
+        cache_dir: where preprocessed volumes are kept (one folder per scenario and size).
+        transform: random 2D transforms applied on access (e.g. :class:`agi_monai.data.RandShiftChanneld`).
+        min_foreground_fraction: see :class:`SliceDataset`.
+        num_workers: processes preprocessing volumes while building.
+        progress: show a progress bar.
+        preprocessing_options: further arguments of :func:`agi_monai.data.preprocessing_transforms`
+            (``reference``, ``registration``, ``labels``, ``registration_options``...).
+    """
+    labels = list(preprocessing_options.get("labels", ()))
+    discovery = discover_cases(source, required=[*inputs, target, *labels], split=split)
+    preprocessing = preprocessing_transforms(inputs, target, spatial_size, **preprocessing_options)
+    dataset = SliceDataset(
+        build_volume_dataset(discovery.cases, preprocessing, cache_dir),
+        keys=["image", "target", "mask", *labels],
+        min_foreground_fraction=min_foreground_fraction,
+        transform=transform,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    dataset.failures[:0] = discovery.failures
+    return dataset
+
+
+def build_inference_dataset(
+    source: str | Path,
+    inputs: Sequence[str],
+    spatial_size: Sequence[int] = (256, 256),
+    target: str | None = None,
+    split: str | None = None,
+    **preprocessing_options: Any,
+) -> Dataset:
+    """One call from a folder or a JSON datalist to preprocessed 3D inference items (``"image"``, ``"mask"``,
+    and ``"target"`` when given, for evaluation), whose geometry
+    ``restore_geometry_transforms(dataset.transform, ...)`` restores. Cases lacking an input are skipped
+    (logged). Arguments as for :func:`build_slice_dataset`.
+    """
+    required = [*inputs, *([target] if target else []), *preprocessing_options.get("labels", ())]
+    cases = discover_cases(source, required=required, split=split).cases
+    return build_volume_dataset(cases, preprocessing_transforms(inputs, target, spatial_size, **preprocessing_options))
 
 
 class SliceDataset(torch.utils.data.Dataset):
