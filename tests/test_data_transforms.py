@@ -135,6 +135,22 @@ def test_shift_moves_only_the_chosen_channel_by_the_level(brats_slices, level):
     assert np.linalg.norm(shift.shift) == pytest.approx(level)
 
 
+def test_in_plane_shift_of_a_volume_moves_every_slice_alike():
+    volume = torch.from_numpy(nib.load(BRATS_GLI / "BraTS-GLI-00001-000-t2w.nii.gz").get_fdata(dtype=np.float32)[None])
+    shift = RandShiftChanneld("image", magnitude_px=(2.5, 2.5), channel=0, in_plane=True)
+    shift.set_random_state(seed=1)
+    moved = shift({"image": volume})["image"]
+    assert shift.shift[2] == 0.0 and np.linalg.norm(shift.shift) == pytest.approx(2.5)
+    # MONAI's Affine samples at x + shift, so the content moves by -shift: in-plane, on every slice
+    for planes in (
+        (moved[0], volume[0]),
+        (moved[0, ..., 60], volume[0, ..., 60]),
+        (moved[0, ..., 100], volume[0, ..., 100]),
+    ):
+        displacement = _centre_of_mass(planes[0].numpy()) - _centre_of_mass(planes[1].numpy())
+        np.testing.assert_allclose(displacement, -shift.shift[: displacement.size], atol=0.02)
+
+
 def test_shift_picks_a_channel_at_random_reproducibly(brats_slices):
     chosen = []
     for seed in range(6):

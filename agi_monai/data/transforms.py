@@ -247,6 +247,8 @@ class RandShiftChanneld(RandomizableTransform, MapTransform):
         magnitude_px: (min, max) length of the shift vector, in pixels.
         channel: the channel to shift; None picks one at random per call.
         prob: probability of shifting at all.
+        in_plane: for (C, H, W, D) volumes, shift within the axial plane only (the same 2D shift for every
+            slice, as the 2D robustness test applies to each slice).
     """
 
     def __init__(
@@ -255,17 +257,21 @@ class RandShiftChanneld(RandomizableTransform, MapTransform):
         magnitude_px: tuple[float, float] = (0.0, 3.0),
         channel: int | None = None,
         prob: float = 1.0,
+        in_plane: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.magnitude_px = magnitude_px
         self.channel = channel
+        self.in_plane = in_plane
         self.shift: np.ndarray | None = None
         self.shifted_channel = 0
 
     def randomize(self, spatial_dims: int, channels: int) -> None:  # type: ignore[override]
         super().randomize(None)
         direction = self.R.normal(size=spatial_dims)
+        if self.in_plane:
+            direction[2:] = 0.0
         direction /= max(np.linalg.norm(direction), 1e-12)
         self.shift = direction * self.R.uniform(*self.magnitude_px)
         self.shifted_channel = self.channel if self.channel is not None else int(self.R.randint(channels))
