@@ -97,6 +97,39 @@ def fold_vs_loop(device: str, batch: int, warmup: int, repeats: int) -> list[str
     return rows
 
 
+def cagr_breakdown(device: str, batch: int, amp: str | None, warmup: int, repeats: int) -> list[str]:
+    """Forward+backward time of a CAGR's parts next to the plain convolution it replaces."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "", None)
+    rows = []
+    for channels, size in [(64, 256), (256, 64), (512, 32)]:
+        if device == "cpu":
+            size //= 2
+        block = CAGR(2, channels, channels, groups=8).to(device)
+        with torch.no_grad():
+            block.routing.offset_head.weight.normal_(std=0.1)
+        x = torch.rand(batch, channels, size, size, device=device, requires_grad=True)
+
+        def run(fn):
+            def step():
+                with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = fn()
+                sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+
+            return 1e3 * timed(step, device, warmup, repeats)
+
+        offsets, scales = (t.detach().requires_grad_() for t in block.routing(x))
+        parts = [
+            run(lambda: F.conv2d(x, block.conv.weight, padding=1)),
+            run(lambda: block(x)),
+            run(lambda: block.attention(x)),
+            run(lambda: block.routing(x)),
+            run(lambda: block.roll(block.conv.weight, offsets, scales)),
+            run(lambda: block.rolled_conv(x, offsets, scales)),
+        ]
+        rows.append(f"| C={channels}, {size}², B={batch} | " + " | ".join(f"{p:.2f}" for p in parts) + " |")
+    return rows
+
+
 def main(
     device: str = "cpu",
     batch: int = 2,
@@ -105,6 +138,7 @@ def main(
     warmup: int = 2,
     repeats: int = 5,
     compare_fold: bool = True,
+    breakdown: bool = False,
     out: str | None = None,
 ) -> None:
     """Times ResUNet and AGI-Net train steps (and CAGR fold-vs-loop) and prints a markdown table."""
@@ -132,6 +166,15 @@ def main(
             "|---|---|---|---|",
         ]
         lines += fold_vs_loop(device, batch, warmup, repeats)
+    if breakdown:
+        lines += [
+            "",
+            f"#### CAGR parts, forward+backward (ms), {machine(device)}, {'AMP ' + amp if amp else 'float32'}",
+            "",
+            "| layer | plain conv | CAGR | attention | routing | group_roll | rolled conv (roll + folded conv) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += cagr_breakdown(device, batch, amp, warmup, repeats)
     text = "\n".join(lines)
     print(text)
     print(f"\nAGI-Net / ResUNet train step on {device}: {agi / base:.3f}×")

@@ -781,6 +781,17 @@ def test_cuda_very_many_groups():
 
 
 @requires_cuda
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cuda_non_finite_offsets_give_nan_not_a_crash(bad):
+    """On CUDA the finiteness check is skipped (it would synchronise): the bad group's kernels are NaN."""
+    weight, offsets, scales = (t.cuda() for t in make_inputs(2, 2, 4, 3, (3, 3)))
+    offsets[1, 0, 0] = bad
+    out = compiled_op(weight, offsets, scales).cpu()
+    assert torch.isnan(out[1, :, :2]).all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :, 2:]).all()
+
+
+@requires_cuda
 def test_cuda_device_mismatch():
     weight, offsets, scales = make_inputs(2, 2, 4, 3, (3, 3))
     with pytest.raises(RuntimeError, match="must be on one device"):

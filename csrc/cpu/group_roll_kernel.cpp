@@ -60,29 +60,28 @@ TapTable<acc_t> tap_table(const scalar_t* offsets, const scalar_t* scales, const
   return table;
 }
 
-// out[b, o, c] = Σ_t weight · w[o, c][index]: one task per output channel, reading each kernel slice
-// once for all samples.
-// `taps` is a template argument (4 in 2D, 8 in 3D) so that the inner loops unroll.
+// out[b, o, c] = Σ_t weight · w[o, c][index]: one task per (sample, output channel), so that the
+// output (B times the kernel's size) is written in one sequential stream.
 template <typename scalar_t, int taps>
 void forward_cpu(const scalar_t* w, const scalar_t* offsets, const scalar_t* scales, scalar_t* out, const RollShape& s) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = s.kernel_numel();
   const TapTable<acc_t> table = tap_table<acc_t>(offsets, scales, s, /*transpose=*/false);
-  at::parallel_for(0, s.out_channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> slice(K);
-    for (int64_t o = begin; o < end; ++o) {
-      for (int64_t c = 0; c < s.in_channels; ++c) {
-        const int64_t g = c / s.channels_per_group;
-        const scalar_t* w_slice = w + (o * s.in_channels + c) * K;
-        for (int64_t k = 0; k < K; ++k) slice[k] = static_cast<acc_t>(w_slice[k]);
-        for (int64_t b = 0; b < s.batch; ++b) {
-          const int64_t base = (b * s.groups + g) * K * taps;
-          const int32_t* index = table.index.data() + base;
-          const acc_t* weight = table.weight.data() + base;
-          scalar_t* out_slice = out + ((b * s.out_channels + o) * s.in_channels + c) * K;
+  at::parallel_for(0, s.batch * s.out_channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bo = begin; bo < end; ++bo) {
+      const int64_t b = bo / s.out_channels, o = bo % s.out_channels;
+      scalar_t* out_row = out + bo * s.in_channels * K;
+      const scalar_t* w_row = w + o * s.in_channels * K;
+      for (int64_t g = 0; g < s.groups; ++g) {
+        const int64_t base = (b * s.groups + g) * K * taps;
+        const int32_t* index = table.index.data() + base;
+        const acc_t* weight = table.weight.data() + base;
+        for (int64_t c = g * s.channels_per_group; c < (g + 1) * s.channels_per_group; ++c) {
+          const scalar_t* w_slice = w_row + c * K;
+          scalar_t* out_slice = out_row + c * K;
           for (int64_t k = 0; k < K; ++k) {
             acc_t value = acc_t(0);
-            for (int t = 0; t < taps; ++t) value += weight[k * taps + t] * slice[index[k * taps + t]];
+            for (int t = 0; t < taps; ++t) value += weight[k * taps + t] * static_cast<acc_t>(w_slice[index[k * taps + t]]);
             out_slice[k] = static_cast<scalar_t>(value);
           }
         }

@@ -122,6 +122,9 @@ class RoutingFunction(nn.Module):
         nn.init.ones_(self.scale_head.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Channels-last: grouped convolutions run 1.5–2× faster on oneDNN/cuDNN in that layout, and the
+        # channel LayerNorm then normalises a contiguous last axis instead of copying a permuted tensor.
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         pooled = self.pool(self.features(x)).flatten(1)
         offsets = self.offset_head(pooled).reshape(-1, self.groups, self.spatial_dims)
         scales = torch.sigmoid(self.scale_head(pooled))
