@@ -53,10 +53,11 @@ def timed(step, device: str, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, amp: str | None):
-    network = network.to(device).train()
+def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, amp: str | None, channels_last: bool = False):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    network = network.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4, betas=(0.5, 0.999))
-    x = torch.rand(batch, 2, size, size, device=device)
+    x = torch.rand(batch, 2, size, size, device=device).contiguous(memory_format=memory_format)
     target = torch.rand(batch, 1, size, size, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "", None)
     scaler = torch.amp.GradScaler(device, enabled=amp == "fp16")
@@ -139,6 +140,7 @@ def main(
     repeats: int = 5,
     compare_fold: bool = True,
     breakdown: bool = False,
+    channels_last: bool = False,
     out: str | None = None,
 ) -> None:
     """Times ResUNet and AGI-Net train steps (and CAGR fold-vs-loop) and prints a markdown table."""
@@ -149,13 +151,13 @@ def main(
             raise SystemExit("benchmark_network: the extension has no CUDA kernels; rebuild on this machine")
     lines = [
         f"#### Train step, {machine(device)}: batch {batch}, 2×{size}² → 1, "
-        f"{'AMP ' + amp if amp else 'float32'}, median of {repeats}",
+        f"{'AMP ' + amp if amp else 'float32'}{', channels-last' if channels_last else ''}, median of {repeats}",
         "",
         "| network | step (ms) | ratio to ResUNet |",
         "|---|---|---|",
     ]
-    base = timed(train_step_fn(ResUNet(), batch, size, device, amp), device, warmup, repeats)
-    agi = timed(train_step_fn(AGINet(), batch, size, device, amp), device, warmup, repeats)
+    base = timed(train_step_fn(ResUNet(), batch, size, device, amp, channels_last), device, warmup, repeats)
+    agi = timed(train_step_fn(AGINet(), batch, size, device, amp, channels_last), device, warmup, repeats)
     lines += [f"| ResUNet | {1e3 * base:.1f} | 1.00 |", f"| AGI-Net (n=8) | {1e3 * agi:.1f} | {agi / base:.3f} |"]
     if compare_fold:
         lines += [
