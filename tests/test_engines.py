@@ -1,0 +1,255 @@
+"""pix2pix training engine on real slices: one iteration's contract (both networks step, the output dict),
+a learning signal, resume that reproduces an uninterrupted run, atomic checkpoints, and validation metrics
+equal to MONAI's metric functions."""
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader
+from monai.handlers import CheckpointLoader, CheckpointSaver, MeanAbsoluteError, StatsHandler, from_engine
+from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
+from monai.networks.nets import PatchDiscriminator
+from monai.utils import set_determinism
+from torch.utils.data import Subset
+
+from agi_monai.data import build_slice_dataset
+from agi_monai.engines import (
+    AtomicCheckpointSaver,
+    Pix2PixTrainer,
+    StructuralSimilarityIndex,
+    synthesis_evaluator,
+    training_checkpoint_dict,
+)
+from agi_monai.networks import AGINet
+
+DATA = Path(__file__).parent / "data"
+INPUTS, TARGET = ["T1", "T2"], "FLAIR"
+# the (8, 16, 16, 32) AGI-Net and an 8-channel PatchGAN run an iteration on two 64x64 slices in ~0.1 s
+SIZE, WIDTHS = (64, 64), (8, 16, 16, 32)
+OUTPUT_KEYS = {"image", "target", "pred", "loss", "g_loss", "d_loss", "l1_loss", "adv_loss"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    # the suite shares 2 cores with other processes; with 2 OpenMP threads a contended core makes every
+    # convolution wait (iterations measured 10-50x slower), with 1 thread they run at full speed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def slices():
+    """BraTS-GLI-00001-000 (T1, T2) -> FLAIR, the central 64x64 of each kept axial slice."""
+    dataset = build_slice_dataset(DATA / "brats2023-gli", INPUTS, TARGET, SIZE, progress=False)
+    assert len(dataset) > 100 and not dataset.failures
+    return dataset
+
+
+def make_networks(seed: int = 0, g_lr: float = 1e-4) -> dict:
+    set_determinism(seed)
+    generator = AGINet(in_channels=len(INPUTS), channels=WIDTHS)
+    discriminator = PatchDiscriminator(spatial_dims=2, channels=8, in_channels=len(INPUTS) + 1, num_layers_d=3)
+    return {
+        "generator": generator,
+        "discriminator": discriminator,
+        "g_optimizer": torch.optim.Adam(generator.parameters(), lr=g_lr, betas=(0.5, 0.999)),
+        "d_optimizer": torch.optim.Adam(discriminator.parameters(), lr=1e-4, betas=(0.5, 0.999)),
+    }
+
+
+def make_trainer(loader, networks: dict, max_epochs: int = 1, **kwargs) -> Pix2PixTrainer:
+    return Pix2PixTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=loader, **networks, **kwargs)
+
+
+def loader_of(dataset, indices, batch_size: int = 2) -> DataLoader:
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False)
+
+
+def parameters_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def test_three_iterations_step_both_networks_and_report_the_output_dict(slices):
+    networks = make_networks()
+    before = {name: parameters_of(networks[name]) for name in ("generator", "discriminator")}
+    logged = []
+    trainer = make_trainer(
+        loader_of(slices, range(40, 46)),
+        networks,
+        train_handlers=[StatsHandler(output_transform=lambda output: output["g_loss"], name="pix2pix_test")],
+        key_train_metric={"train_mae": MeanAbsoluteError(output_transform=from_engine(["pred", "target"]))},
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: logged.append(dict(engine.state.output)))
+    trainer.run()
+
+    assert trainer.state.iteration == 3 and len(logged) == 3
+    for output in logged:
+        assert set(output) == OUTPUT_KEYS
+        for key in ("g_loss", "d_loss", "l1_loss", "adv_loss"):
+            assert isinstance(output[key], float) and math.isfinite(output[key]), key
+        assert output["g_loss"] == pytest.approx(output["adv_loss"] + 100.0 * output["l1_loss"], rel=1e-5)
+        assert output["image"].shape == (2, 2, *SIZE) and output["target"].shape == (2, 1, *SIZE)
+        assert output["pred"].shape == (2, 1, *SIZE) and not output["pred"].requires_grad
+    pred, target = from_engine(["pred", "target"])(trainer.state.output)
+    assert pred.shape == target.shape
+    assert math.isfinite(trainer.state.metrics["train_mae"])
+    for name in ("generator", "discriminator"):
+        after = parameters_of(networks[name])
+        changed = [key for key in after if not torch.equal(after[key], before[name][key])]
+        assert len(changed) > len(after) // 2, f"{name}: only {changed} changed"
+
+
+def test_l1_decreases_when_overfitting_one_batch(slices):
+    # a learning signal on real images: the generator fits two slices' FLAIR from their T1 and T2
+    networks = make_networks(g_lr=1e-3)
+    l1 = []
+    trainer = make_trainer(loader_of(slices, [50, 80]), networks, max_epochs=30)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: l1.append(engine.state.output["l1_loss"]))
+    trainer.run()
+    assert len(l1) == 30
+    assert sum(l1[-5:]) / 5 < 0.5 * l1[0], l1
+
+
+@pytest.mark.parametrize("saver", ["atomic_with_helper", "monai_with_contract_dict"])
+def test_resume_reproduces_an_uninterrupted_run(slices, tmp_path, saver):
+    # two batches an epoch and an unshuffled loader: a resume at the epoch boundary sees the same batches
+    loader = loader_of(slices, [30, 50, 70, 90])
+
+    uninterrupted = make_networks(seed=0)
+    make_trainer(loader, uninterrupted, max_epochs=2).run()
+
+    interrupted = make_networks(seed=0)
+    first = make_trainer(loader, interrupted, max_epochs=1)
+    if saver == "atomic_with_helper":
+        save_dict = training_checkpoint_dict(first)
+        saver_class = AtomicCheckpointSaver
+    else:
+        save_dict = {**interrupted, "trainer": first}  # the five entries the configs name
+        saver_class = CheckpointSaver
+    saver_class(str(tmp_path), save_dict, save_final=True, final_filename="checkpoint.pt").attach(first)
+    first.run()
+    assert first.state.iteration == 2
+
+    resumed = make_networks(seed=1)  # different weights, overwritten by the checkpoint
+    second = make_trainer(loader, resumed, max_epochs=2)
+    load_dict = training_checkpoint_dict(second) if saver == "atomic_with_helper" else {**resumed, "trainer": second}
+    CheckpointLoader(str(tmp_path / "checkpoint.pt"), load_dict).attach(second)  # reads with weights_only=True
+    iterations = []
+    second.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: iterations.append(engine.state.iteration))
+    second.run()
+
+    assert iterations == [3, 4] and second.state.iteration == 4 and second.state.epoch == 2
+    for name in ("generator", "discriminator"):
+        expected, actual = parameters_of(uninterrupted[name]), parameters_of(resumed[name])
+        for key in expected:
+            assert torch.equal(actual[key], expected[key]), f"{name}.{key}"
+    expected_adam = uninterrupted["g_optimizer"].state_dict()["state"]
+    actual_adam = resumed["g_optimizer"].state_dict()["state"]
+    assert all(torch.equal(actual_adam[i]["exp_avg"], expected_adam[i]["exp_avg"]) for i in expected_adam)
+
+
+def test_checkpoints_are_replaced_atomically(slices, tmp_path, monkeypatch):
+    networks = make_networks()
+    trainer = make_trainer(loader_of(slices, [40, 41]), networks, max_epochs=2)
+    saver = AtomicCheckpointSaver(
+        str(tmp_path), training_checkpoint_dict(trainer), save_interval=1, n_saved=1, file_prefix="train"
+    )
+    saver.attach(trainer)
+    saved = {}
+
+    def save_then_fail(engine):
+        if engine.state.epoch == 1:
+            saved.update(torch.load(tmp_path / "train_checkpoint_epoch=1.pt", weights_only=True))
+            real_save = torch.save
+
+            def interrupted_save(obj, f, *args, **kwargs):  # a kill mid-write leaves a partial file
+                real_save(obj, f, *args, **kwargs)
+                if isinstance(f, (str, os.PathLike)):
+                    os.truncate(f, 100)
+                else:
+                    f.truncate(100)
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(torch, "save", interrupted_save)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, save_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    # the epoch-2 save failed: epoch 1's checkpoint is whole, with its own permissions, and no temporary file is left
+    assert sorted(os.listdir(tmp_path)) == ["train_checkpoint_epoch=1.pt"]
+    monkeypatch.undo()
+    checkpoint = torch.load(tmp_path / "train_checkpoint_epoch=1.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == saved["trainer"]["iteration"] == 1
+    assert set(checkpoint) == {"generator", "discriminator", "g_optimizer", "d_optimizer", "g_scaler", "d_scaler", "trainer"}
+    assert os.stat(tmp_path / "train_checkpoint_epoch=1.pt").st_mode & 0o044 == 0o044  # group/other readable
+
+
+def test_validation_metrics_match_monai_metric_functions(slices):
+    networks = make_networks()
+    make_trainer(loader_of(slices, [40, 41]), networks, max_epochs=2).run()
+    generator = networks["generator"]
+    loader = loader_of(slices, range(20, 110, 10), batch_size=4)  # 9 slices: batches of 4, 4, 1
+
+    evaluator = synthesis_evaluator("cpu", loader, generator)
+    evaluator.run()
+
+    generator.eval()
+    with torch.no_grad():
+        pred = torch.cat([generator(batch["image"].as_tensor()) for batch in loader]).clamp(0.0, 1.0)
+    target = torch.cat([batch["target"].as_tensor() for batch in loader])
+    expected = {
+        "psnr": PSNRMetric(max_val=1.0)(pred, target).mean().item(),
+        "ssim": SSIMMetric(spatial_dims=2, data_range=1.0)(pred, target).mean().item(),
+        "mae": MAEMetric()(pred, target).mean().item(),
+    }
+    assert set(evaluator.state.metrics) == set(expected)
+    for name, value in expected.items():
+        assert evaluator.state.metrics[name] == pytest.approx(value, rel=1e-5), name
+    assert evaluator.state.key_metric_name == "psnr" and evaluator.state.best_metric == evaluator.state.metrics["psnr"]
+    assert evaluator.state.metric_details["ssim"].shape == (9, 1)  # per slice, for MetricsSaver
+
+
+def test_ssim_handler_averages_per_image_ssim():
+    set_determinism(0)
+    target = torch.rand(3, 1, 32, 32)
+    pred = (target + 0.1 * torch.randn_like(target)).clamp(0, 1)
+    handler = StructuralSimilarityIndex(spatial_dims=2, data_range=1.0, save_details=False)
+    handler.reset()
+    handler.update((pred[:2], target[:2]))
+    handler.update((pred[2:], target[2:]))
+    assert handler.compute() == pytest.approx(SSIMMetric(2, data_range=1.0)(pred, target).mean().item(), rel=1e-6)
+
+
+def test_amp_is_ignored_on_cpu(slices):
+    networks = make_networks()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(loader_of(slices, [40, 41]), networks, amp=True)
+    assert any("amp=True ignored on cpu" in str(w.message) for w in caught)
+    assert not trainer.amp and not trainer.g_scaler.is_enabled() and not trainer.d_scaler.is_enabled()
+    trainer.run()
+    assert math.isfinite(trainer.state.output["g_loss"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_amp_on_cuda(slices):
+    device = torch.device("cuda")
+    networks = make_networks()
+    for name in ("generator", "discriminator"):
+        networks[name].to(device)
+    networks["g_optimizer"] = torch.optim.Adam(networks["generator"].parameters(), lr=1e-3, betas=(0.5, 0.999))
+    networks["d_optimizer"] = torch.optim.Adam(networks["discriminator"].parameters(), lr=1e-4, betas=(0.5, 0.999))
+    l1 = []
+    trainer = Pix2PixTrainer(device, 30, loader_of(slices, [50, 80]), amp=True, **networks)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: l1.append(engine.state.output["l1_loss"]))
+    trainer.run()
+    assert trainer.amp and trainer.g_scaler.is_enabled() and trainer.g_scaler.get_scale() > 0
+    assert all(math.isfinite(value) for value in l1) and sum(l1[-5:]) / 5 < 0.5 * l1[0], l1
+    assert trainer.state.output["pred"].dtype == torch.float32
