@@ -22,6 +22,7 @@ from agi_monai.engines import (
     AtomicCheckpointSaver,
     Pix2PixTrainer,
     StructuralSimilarityIndex,
+    clip_prediction,
     synthesis_evaluator,
     training_checkpoint_dict,
 )
@@ -104,6 +105,16 @@ def test_three_iterations_step_both_networks_and_report_the_output_dict(slices):
         after = parameters_of(networks[name])
         changed = [key for key in after if not torch.equal(after[key], before[name][key])]
         assert len(changed) > len(after) // 2, f"{name}: only {changed} changed"
+
+
+def test_decollated_output_with_postprocessing(slices):
+    # decollate=True gives MONAI's list of per-item dicts, losses replicated, postprocessing applied per item
+    trainer = make_trainer(loader_of(slices, [40, 41]), make_networks(), decollate=True, postprocessing=clip_prediction())
+    trainer.run()
+    output = trainer.state.output
+    assert isinstance(output, list) and len(output) == 2 and set(output[0]) == OUTPUT_KEYS
+    assert output[0]["pred"].shape == (1, *SIZE) and 0.0 <= output[0]["pred"].min() <= output[0]["pred"].max() <= 1.0
+    assert from_engine(["g_loss"], first=True)(output) == output[1]["g_loss"]
 
 
 def test_l1_decreases_when_overfitting_one_batch(slices):
@@ -189,6 +200,38 @@ def test_checkpoints_are_replaced_atomically(slices, tmp_path, monkeypatch):
     assert checkpoint["trainer"]["iteration"] == saved["trainer"]["iteration"] == 1
     assert set(checkpoint) == {"generator", "discriminator", "g_optimizer", "d_optimizer", "g_scaler", "d_scaler", "trainer"}
     assert os.stat(tmp_path / "train_checkpoint_epoch=1.pt").st_mode & 0o044 == 0o044  # group/other readable
+
+
+def test_best_model_with_a_fixed_name_is_replaced_in_place(tmp_path, monkeypatch):
+    # models/model.pt: the best generator under one name; a failed save keeps the previous best whole
+    from ignite.engine import Engine
+
+    model = torch.nn.Linear(2, 1)
+    engine = Engine(lambda engine, batch: None)
+    engine.state.metrics = {}
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def improve(engine):  # before the saver: each epoch is a new best
+        engine.state.metrics["val_psnr"] = float(engine.state.epoch)
+        with torch.no_grad():
+            model.weight.fill_(engine.state.epoch)
+
+    AtomicCheckpointSaver(
+        str(tmp_path), {"model": model}, save_key_metric=True, key_metric_name="val_psnr", key_metric_filename="model.pt"
+    ).attach(engine)
+    engine.run([0], max_epochs=2)
+    assert os.listdir(tmp_path) == ["model.pt"]
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].eq(2).all()
+
+    def failing_save(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([0], max_epochs=3)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["model.pt"]
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].eq(2).all()
 
 
 def test_validation_metrics_match_monai_metric_functions(slices):

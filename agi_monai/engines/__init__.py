@@ -1,8 +1,37 @@
 """Ignite engines for synthesis bundles: pix2pix training, validation/evaluation metrics, atomic checkpoints.
 
-A bundle's ``train.json`` writes ``"_target_": "agi_monai.engines.Pix2PixTrainer"`` for the trainer,
-``agi_monai.engines.synthesis_evaluator`` (or the ``SupervisedEvaluator`` recipe in its docstring) for
-validation, and ``agi_monai.engines.AtomicCheckpointSaver`` with ``training_checkpoint_dict(trainer)`` to resume.
+Training (``train.json``)::
+
+    "train#trainer": {"_target_": "agi_monai.engines.Pix2PixTrainer", "device": "@device",
+        "max_epochs": 120, "epoch_length": 1000, "train_data_loader": "@train#dataloader",
+        "generator": "@network", "discriminator": "@discriminator",
+        "g_optimizer": "@g_optimizer", "d_optimizer": "@d_optimizer", "l1_weight": 100.0, "amp": true,
+        "train_handlers": "@train#handlers"}
+
+``engine.state.output`` holds ``image``, ``target``, ``pred`` and the floats ``loss`` (= ``g_loss``), ``g_loss``,
+``d_loss``, ``l1_loss``, ``adv_loss``.
+
+Resume: save and load the same dict, :func:`training_checkpoint_dict` (generator, discriminator, both
+optimizers, both AMP scalers, the trainer's Ignite state). A train handler cannot name its own trainer, so
+the saver and loader are attached in ``initialize``::
+
+    "train#checkpoint_saver": {"_target_": "agi_monai.engines.AtomicCheckpointSaver", "save_dir": "@ckpt_dir",
+        "save_dict": "$agi_monai.engines.training_checkpoint_dict(@train#trainer)",
+        "save_interval": 1, "n_saved": 1, "save_final": true, "final_filename": "training.pt"},
+    "train#checkpoint_loader": {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/training.pt'",
+        "load_dict": "$agi_monai.engines.training_checkpoint_dict(@train#trainer)"},
+    "initialize": ["$@train#checkpoint_saver.attach(@train#trainer)", ...]
+
+(``CheckpointLoader`` reads with ``weights_only=True``.) Ignite restarts the data iterator when it resumes
+inside an epoch, so checkpoints taken at epoch ends (``epoch_level=True``, the default) resume exactly; with
+a fixed ``set_determinism`` seed and an unshuffled loader the resumed run equals an uninterrupted one.
+``AtomicCheckpointSaver`` (MONAI's saver writes non-atomically) also fits the best-generator checkpoint:
+``save_dict={"model": "@network"}, save_key_metric=true, key_metric_filename="model.pt"`` on the evaluator.
+
+Validation: :func:`synthesis_evaluator`, or the ``SupervisedEvaluator`` recipe in its docstring (PSNR with
+``PeakSignalToNoiseRatio(max_val=1.0)``, SSIM with :class:`StructuralSimilarityIndex`, MAE with
+``MeanAbsoluteError``, on predictions clipped to [0, 1] by :func:`clip_prediction`; the evaluator's output
+keys are ``pred`` and ``label``).
 """
 
 from agi_monai.engines.checkpoint import AtomicCheckpointSaver
