@@ -281,6 +281,7 @@ def test_amp_is_ignored_on_cpu(slices):
     assert math.isfinite(trainer.state.output["g_loss"])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_amp_on_cuda(slices):
     device = torch.device("cuda")
@@ -393,6 +394,7 @@ def _ddp_worker(rank: int, world_size: int, tmp_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes import torch and MONAI: ~14 s on 2 cores
 def test_ddp_with_gloo_keeps_ranks_in_step(slices, tmp_path):
     # DistributedDataParallel on both networks: two discriminator forwards per step and the generator step's
     # gradients through the discriminator must neither stall the reducer nor let the ranks drift apart
