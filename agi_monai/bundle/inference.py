@@ -1,0 +1,130 @@
+"""Folder-to-folder synthesis: every case of a dataset -> slice-wise 2D prediction -> the reference input's
+original grid -> ``<case>_<target>.nii.gz``. A bad case is reported and the others go on.
+
+MONAI's ``SupervisedEvaluator`` would stop the whole run at the first exception (Ignite re-raises), so the
+loop over cases is written here; each step inside it is MONAI's (the inferer, ``Invertd``, ``SaveImaged``
+with :class:`agi_monai.data.AtomicNibabelWriter`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import Dataset, MetaTensor
+from monai.inferers import Inferer
+from tqdm import tqdm
+
+from agi_monai.data import DataError, Failure
+
+__all__ = ["FolderSynthesis", "SynthesisSummary"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SynthesisSummary:
+    """What a :class:`FolderSynthesis` run wrote and skipped."""
+
+    output_dir: Path
+    written: list[Path] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        line = (
+            f"synthesized {len(self.written)} of {len(self.written) + len(self.failures)} cases into "
+            f"{self.output_dir}, {len(self.failures)} failed"
+        )
+        return "\n".join([line, *(f"  - {failure}" for failure in self.failures)])
+
+
+class FolderSynthesis:
+    """Synthesize the target contrast for every case of ``dataset`` (the ``run`` step of ``inference.json``).
+
+    For each case: ``dataset[i]`` (loading, registration, normalization, orientation, pad/crop), ``inferer``
+    (e.g. ``SliceInferer(spatial_dim=2)``) on ``"image"`` -> ``"pred"`` (1, H, W, D), then
+    ``postprocessing`` (clip, :func:`agi_monai.data.restore_geometry_transforms` writing
+    ``<case_id>_<target>.nii.gz`` atomically). A case that fails anywhere is logged with its reason and
+    listed in the summary; the rest continue. Nothing is written for a failed case.
+
+    Args:
+        dataset: volume dataset whose ``data`` items carry ``"case_id"`` (:func:`agi_monai.data.build_volume_dataset`).
+        network: the generator (its weights already loaded).
+        inferer: MONAI inferer mapping (1, C, H, W, D) to (1, 1, H, W, D).
+        postprocessing: applied to the item holding ``"pred"``; it writes the output.
+        output_dir: where the outputs go (for the summary and the expected file names).
+        target: the synthesized contrast, the file name's suffix.
+        device: where the network runs.
+        skipped: cases already left out (e.g. by discovery), reported with the rest.
+        amp: autocast (CUDA only).
+        progress: show a progress bar over cases.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        network: torch.nn.Module,
+        inferer: Inferer,
+        postprocessing: Callable[[dict[str, Any]], Any],
+        output_dir: str | Path,
+        target: str,
+        device: str | torch.device = "cpu",
+        skipped: Sequence[Failure] = (),
+        amp: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.dataset = dataset
+        self.network = network
+        self.inferer = inferer
+        self.postprocessing = postprocessing
+        self.output_dir = Path(output_dir)
+        self.target = target
+        self.device = torch.device(device)
+        self.skipped = list(skipped)
+        self.amp = amp and self.device.type == "cuda"
+        self.progress = progress
+
+    def output_path(self, case_id: str) -> Path:
+        return self.output_dir / f"{case_id}_{self.target}.nii.gz"
+
+    def __call__(self) -> SynthesisSummary:
+        summary = SynthesisSummary(self.output_dir, failures=list(self.skipped))
+        self.network.eval()
+        cases = self.dataset.data
+        for index in tqdm(range(len(cases)), desc=f"synthesizing {self.target}", unit="case", disable=not self.progress):
+            case_id = str(cases[index].get("case_id", index))
+            try:
+                self._synthesize(index)
+            except Exception as error:  # one bad case must not stop the others; the reason is reported
+                failure = Failure(case_id, _reason(error))
+                _logger.error("%s", failure)
+                summary.failures.append(failure)
+                continue
+            summary.written.append(self.output_path(case_id))
+        print(summary, flush=True)
+        return summary
+
+    def _synthesize(self, index: int) -> None:
+        item = self.dataset[index]
+        image = item["image"]
+        image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        autocast = torch.autocast("cuda") if self.amp else nullcontext()
+        with torch.inference_mode(), autocast:
+            prediction = self.inferer(image[None].to(self.device), self.network)
+        item["pred"] = MetaTensor(torch.as_tensor(prediction)[0].float().cpu())
+        self.postprocessing(item)
+
+
+def _reason(error: BaseException) -> str:
+    """The :class:`DataError` behind an error when there is one (MONAI's ``Compose`` wraps it), else the error."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, DataError):
+            return str(cause)
+        cause = cause.__cause__
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,209 @@
+"""Writes every scenario bundle in ``bundles/`` from the one template ``bundles/_template/`` and the table below.
+
+    python scripts/generate_bundles.py            # (re)write bundles/<scenario>/ for every scenario
+    python scripts/generate_bundles.py --check    # exit 1 listing the files that differ from what it would write
+
+Template files hold ``{{token}}`` placeholders. In JSON, a string that is exactly one token becomes the
+token's JSON value (a list, a number...); elsewhere tokens are replaced by text. Generated bundles are never
+edited by hand: ``tests/test_bundles.py`` fails when a committed bundle differs from what this writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLES = ROOT / "bundles"
+TEMPLATE = BUNDLES / "_template"
+#: Template files copied into each bundle (the template's ``schemas/`` stays there).
+TEMPLATE_FILES = (
+    "LICENSE",
+    "configs/metadata.json",
+    "configs/train.json",
+    "configs/evaluate.json",
+    "configs/inference.json",
+    "configs/multi_gpu_train.json",
+    "configs/logging.conf",
+    "docs/README.md",
+)
+TOKEN = re.compile(r"\{\{(\w+)\}\}")
+
+# Reference grid per scenario = agi_monai.data.choose_reference(inputs): T2, then PD, FLAIR, T1, T1Gd.
+REFERENCE_ORDER = ("T2", "PD", "FLAIR", "T1", "T1Gd")
+
+FAMILIES: dict[str, dict[str, str]] = {
+    "IXI": {
+        "dataset_dir": "/workspace/data/IXI",
+        "prepare_script": "prepare_ixi.py",
+        "data_source": "IXI dataset (brain-development.org/ixi-dataset): T1, T2 and PD of healthy subjects",
+        "data_text": (
+            "IXI (https://brain-development.org/ixi-dataset/): T1, T2 and PD of about 600 healthy subjects "
+            "(Guy's, Hammersmith and IOP hospitals, London); T2 and PD come from one dual-echo scan, the sagittal "
+            "T1 is registered rigidly onto their grid. The paper splits 577 subjects 500/37/40 (training/validation/"
+            "test), 256x256 axial slices. Files named like `IXI012-HH-1211-T1.nii.gz`."
+        ),
+        "data_licence": (
+            "IXI is distributed under the Creative Commons CC BY-SA 3.0 licence "
+            "(https://creativecommons.org/licenses/by-sa/3.0/); download it from the IXI site."
+        ),
+        "dataset_reference": "IXI dataset, https://brain-development.org/ixi-dataset/",
+    },
+    "BraTS": {
+        "dataset_dir": "/workspace/data/BraTS2023",
+        "prepare_script": "prepare_brats.py",
+        "data_source": "BraTS 2023 adult glioma challenge (Synapse syn51156910): T1, T1Gd, T2, FLAIR, skull-stripped, co-registered",
+        "data_text": (
+            "BraTS 2023 adult glioma (https://www.synapse.org/brats2023): pre-operative T1 (`t1n`), T1Gd (`t1c`), "
+            "T2 (`t2w`) and FLAIR (`t2f`), skull-stripped, co-registered to one 1 mm 240x240x155 grid; files named "
+            "like `BraTS-GLI-00001-000-t1n.nii.gz` (older BraTS `*_t1ce.nii.gz` also work). The paper splits 580 "
+            "patients 500/40/40, 240x240 axial slices."
+        ),
+        "data_licence": (
+            "BraTS 2023 data are under the challenge's data terms (registration on Synapse); cite the BraTS 2023 "
+            "papers when using them."
+        ),
+        "dataset_reference": (
+            "Baid U. et al., The RSNA-ASNR-MICCAI BraTS 2021 Benchmark on Brain Tumor Segmentation and "
+            "Radiogenomic Classification, arXiv:2107.02314; Menze B. et al., IEEE TMI 34(10) 2015"
+        ),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    family: str
+    inputs: tuple[str, ...]
+    target: str
+    spatial_size: int
+    paper: str = "not reported in the paper's tables"
+
+
+SCENARIOS = (
+    Scenario("ixi_t2_pd_to_t1", "IXI", ("T2", "PD"), "T1", 256,
+             "AGI-Net 29.23 / 94.38 / 1.59, pix2pix-ResUNet 28.77 / 93.96 / 1.70"),
+    Scenario("ixi_t1_pd_to_t2", "IXI", ("T1", "PD"), "T2", 256,
+             "AGI-Net 31.71 / 94.33 / 1.37, pix2pix-ResUNet 31.20 / 94.14 / 1.44"),
+    Scenario("ixi_t1_t2_to_pd", "IXI", ("T1", "T2"), "PD", 256,
+             "AGI-Net 34.96 / 96.62 / 0.97, pix2pix-ResUNet 34.38 / 96.34 / 1.01"),
+    Scenario("brats_t2_flair_to_t1", "BraTS", ("T2", "FLAIR"), "T1", 240,
+             "AGI-Net 26.07 / 92.20 / 1.98, pix2pix-ResUNet 25.67 / 91.68 / 2.10"),
+    Scenario("brats_t1_flair_to_t2", "BraTS", ("T1", "FLAIR"), "T2", 240,
+             "AGI-Net 25.37 / 92.17 / 1.95, pix2pix-ResUNet 24.82 / 91.62 / 2.13"),
+    Scenario("brats_t1_t2_to_flair", "BraTS", ("T1", "T2"), "FLAIR", 240,
+             "AGI-Net 24.54 / 89.80 / 2.22, pix2pix-ResUNet 24.06 / 89.18 / 2.37"),
+    Scenario("brats_t2_flair_t1gd_to_t1", "BraTS", ("T2", "FLAIR", "T1Gd"), "T1", 240),
+    Scenario("brats_t1_flair_t1gd_to_t2", "BraTS", ("T1", "FLAIR", "T1Gd"), "T2", 240),
+    Scenario("brats_t1_t2_t1gd_to_flair", "BraTS", ("T1", "T2", "T1Gd"), "FLAIR", 240),
+    Scenario(
+        "brats_t1_t2_flair_to_t1gd", "BraTS", ("T1", "T2", "FLAIR"), "T1Gd", 240,
+        "not in the paper's synthesis tables (the paper uses this scenario for its downstream segmentation test: "
+        "Dice with synthesized vs real vs zero-imputed T1Gd)",
+    ),
+)
+
+
+def tokens(scenario: Scenario) -> dict[str, Any]:
+    """The values of the template's ``{{token}}`` placeholders for one scenario."""
+    family = FAMILIES[scenario.family]
+    inputs = list(scenario.inputs)
+    size = scenario.spatial_size
+    return {
+        **family,
+        "name": scenario.name,
+        "family": scenario.family,
+        "title": f"{scenario.family} ({', '.join(inputs)}) -> {scenario.target}",
+        "inputs": inputs,
+        "inputs_text": ", ".join(inputs),
+        "target": scenario.target,
+        "reference": next(c for c in REFERENCE_ORDER if c in inputs),
+        "num_inputs": len(inputs),
+        "num_inputs_plus_one": len(inputs) + 1,
+        "spatial_size": [size, size],
+        "spatial_size_text": f"{size}x{size}",
+        "channel_def": {str(i): c for i, c in enumerate(inputs)},
+        "channel_text": ", ".join(f"{i}: {c}" for i, c in enumerate(inputs)),
+        "paper_results": scenario.paper,
+    }
+
+
+def _fill_text(text: str, values: dict[str, Any]) -> str:
+    return TOKEN.sub(lambda m: str(values[m.group(1)]), text)
+
+
+def _fill_json(node: Any, values: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        return {key: _fill_json(value, values) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_fill_json(value, values) for value in node]
+    if isinstance(node, str):
+        whole = TOKEN.fullmatch(node)
+        return values[whole.group(1)] if whole else _fill_text(node, values)
+    return node
+
+
+def render(scenario: Scenario) -> dict[str, str]:
+    """Relative path -> content of every file of the scenario's bundle."""
+    values = tokens(scenario)
+    files = {}
+    for relative in TEMPLATE_FILES:
+        text = (TEMPLATE / relative).read_text(encoding="utf-8")
+        if relative.endswith(".json"):
+            files[relative] = json.dumps(_fill_json(json.loads(text), values), indent=4, ensure_ascii=False) + "\n"
+        else:
+            files[relative] = _fill_text(text, values)
+    return files
+
+
+def planned(bundles: Path = BUNDLES) -> list[tuple[Path, str]]:
+    """Every file of every bundle, with the content the generator writes."""
+    return [
+        (bundles / scenario.name / relative, content)
+        for scenario in SCENARIOS
+        for relative, content in render(scenario).items()
+    ]
+
+
+def differences(bundles: Path = BUNDLES) -> list[str]:
+    """Files that are missing or differ from what the generator writes (paths relative to ``bundles``)."""
+    return [
+        str(path.relative_to(bundles))
+        for path, content in planned(bundles)
+        if not path.is_file() or path.read_text(encoding="utf-8") != content
+    ]
+
+
+def write(bundles: Path = BUNDLES) -> list[Path]:
+    """Write every bundle; returns the files written."""
+    written = []
+    for path, content in planned(bundles):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report bundles that differ from the template")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = differences()
+        for path in stale:
+            print(f"differs from the template: bundles/{path}")
+        print(f"{len(SCENARIOS)} bundles checked, {len(stale)} files differ")
+        return 1 if stale else 0
+    written = write()
+    print(f"wrote {len(written)} files of {len(SCENARIOS)} bundles from {TEMPLATE.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

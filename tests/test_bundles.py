@@ -1,0 +1,324 @@
+"""The scenario bundles (issue #5): generated from the template, configs that parse and import, metadata on
+MONAI's schema, network in/out, folder inference with a bad case, TorchScript export, 2-iteration training,
+resume and evaluation on the shipped real data (tiny-width overrides; real widths are the defaults).
+
+CLI runs go through ``python -m monai.bundle`` in subprocesses, exactly as a user types them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pydoc import locate
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.bundle.config_item import ComponentLocator
+from monai.utils import optional_import
+
+from agi_monai.bundle import load_split, loss_terms, slice_names
+from agi_monai.networks import AGINet
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLES = ROOT / "bundles"
+DATA = ROOT / "tests" / "data"
+SCHEMA = BUNDLES / "_template" / "schemas" / "meta_schema_20240725.json"
+SCHEMA_SHA256 = "774785636fa303916a6a438655fd47fcbc7c0e16a66200f13278cd55ff91ab17"
+TINY = ["--network_def#channels", "[8,16,16,32]"]
+TINY_D = ["--discriminator_def#channels", "8"]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("generate_bundles", ROOT / "scripts" / "generate_bundles.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATOR = _generator()
+SCENARIOS = {s.name: s for s in GENERATOR.SCENARIOS}
+CONFIGS = ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json")
+
+
+def _configs(name: str, config: str) -> list[str]:
+    """The files a config is run with: evaluate and multi_gpu_train override train.json."""
+    folder = BUNDLES / name / "configs"
+    base = [] if config in ("train.json", "inference.json") else [str(folder / "train.json")]
+    return [*base, str(folder / config)]
+
+
+def _bundle(name: str, command: str, configs: list[str], *args: str, timeout: int = 600) -> str:
+    """``python -m monai.bundle <command>`` from the repository root; returns stdout+stderr, fails with it."""
+    config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", command, "--config_file", config_file, *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
+    return output
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def test_committed_bundles_equal_what_the_generator_writes():
+    assert sorted(p.name for p in BUNDLES.iterdir() if p.is_dir() and p.name != "_template") == sorted(SCENARIOS)
+    assert GENERATOR.differences() == [], "run: python scripts/generate_bundles.py"
+    for name in SCENARIOS:
+        files = {str(p.relative_to(BUNDLES / name)) for p in (BUNDLES / name).rglob("*") if p.is_file()}
+        assert files == set(GENERATOR.TEMPLATE_FILES), f"{name}: files not written by the generator"
+
+
+def test_scenario_table_is_the_papers():
+    table = {(s.family, s.inputs, s.target, s.spatial_size) for s in SCENARIOS.values()}
+    assert len(table) == 10
+    assert ("IXI", ("T1", "T2"), "PD", 256) in table and ("BraTS", ("T1", "T2", "FLAIR"), "T1Gd", 240) in table
+    for scenario in SCENARIOS.values():
+        assert scenario.target not in scenario.inputs
+        assert scenario.spatial_size == {"IXI": 256, "BraTS": 240}[scenario.family]
+
+
+# ------------------------------------------------------------------------------------------ configs parse
+
+
+def _targets(node):
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield node["_target_"]
+        for value in node.values():
+            yield from _targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _targets(value)
+
+
+def _references(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _references(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _references(value)
+    elif isinstance(node, str) and node[:1] in "$@":
+        yield from re.findall(r"@([\w#]+)", node)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_config_parses_and_every_target_imports(name, config):
+    parser = ConfigParser()
+    parser.read_config(_configs(name, config))
+    parser.parse()
+    locator = ComponentLocator()
+    for target in set(_targets(parser.get())):
+        assert locator.get_component_module_name(target) or locate(target) is not None, (
+            f"{name}/{config}: _target_ {target} does not import"
+        )
+    for reference in set(_references(parser.get())):
+        assert reference in parser, f"{name}/{config}: @{reference} is not defined"
+    scenario = SCENARIOS[name]
+    assert parser["inputs"] == list(scenario.inputs) and parser["target"] == scenario.target
+    assert parser["network_def"]["_target_"] == "agi_monai.networks.AGINet"
+    assert parser["network_def"]["in_channels"] == len(scenario.inputs)
+    if config != "inference.json":
+        for kept in ("train#trainer#max_epochs", "train#dataset#data", "train#handlers", "validate#dataset#data"):
+            assert kept in parser, f"{name}/{config}: MONAI Label overrides {kept}"
+        assert parser["discriminator_def"]["in_channels"] == len(scenario.inputs) + 1
+    assert "network" in parser and "run" in parser
+
+
+def test_paper_training_settings():
+    parser = ConfigParser()
+    parser.read_config(_configs("ixi_t1_t2_to_pd", "train.json"))
+    assert parser["epochs"] * parser["val_interval"] == 120_000
+    assert parser["batch_size"] == 16 and parser["learning_rate"] == 1e-4 and parser["l1_weight"] == 100.0
+    assert parser["g_optimizer"]["betas"] == [0.5, 0.999] == parser["d_optimizer"]["betas"]
+    assert parser["discriminator_def"]["_target_"] == "monai.networks.nets.PatchDiscriminator"
+    assert parser["adversarial_loss"]["_target_"] == "monai.losses.PatchAdversarialLoss"
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_metadata_describes_the_scenario(name):
+    scenario = SCENARIOS[name]
+    meta = json.loads((BUNDLES / name / "configs" / "metadata.json").read_text())
+    schema = json.loads(SCHEMA.read_text())
+    assert set(schema["required"]) <= set(meta)
+    assert meta["schema"].endswith("/meta_schema_20240725.json")
+    image = meta["network_data_format"]["inputs"]["image"]
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    for tensor in (image, pred):
+        assert set(schema["$defs"]["tensor"]["required"]) <= set(tensor)
+        assert tensor["format"] == "magnitude" and tensor["value_range"] == [0, 1] and tensor["dtype"] == "float32"
+    assert image["num_channels"] == len(scenario.inputs)
+    assert image["channel_def"] == {str(i): c for i, c in enumerate(scenario.inputs)}
+    assert pred["num_channels"] == 1 and pred["channel_def"] == {"0": scenario.target}
+    assert meta["monai_version"] == "1.6.1" and meta["required_packages_version"]["pytorch-ignite"] == "0.5.5"
+
+
+@pytest.mark.skipif(not optional_import("jsonschema")[1], reason="jsonschema is not installed (MONAI's verify_metadata needs it)")
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_verify_metadata(name):
+    from monai.bundle import verify_metadata
+
+    verify_metadata(
+        meta_file=str(BUNDLES / name / "configs" / "metadata.json"), filepath=str(SCHEMA), hash_val=SCHEMA_SHA256
+    )
+
+
+@pytest.mark.parametrize("name", ["ixi_t1_t2_to_pd", "brats_t1_t2_flair_to_t1gd"])
+def test_verify_net_in_out(name):
+    from monai.bundle import verify_net_in_out
+
+    folder = BUNDLES / name / "configs"
+    verify_net_in_out(
+        net_id="network_def", meta_file=str(folder / "metadata.json"), config_file=str(folder / "inference.json"),
+        device="cpu", n=2,
+    )
+
+
+# -------------------------------------------------------------------------------------------- the helpers
+
+
+def test_load_split_folder_without_datalist_uses_every_case(caplog):
+    cases = load_split(DATA / "ixi-sim", "validation", ["T1", "T2", "PD"])
+    assert [c["case_id"] for c in cases] == ["IXI901-SIM-0001"]
+    assert "has no datalist.json" in caplog.text
+
+
+def test_load_split_reads_a_datalist_split(tmp_path):
+    case = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
+    files = {c: str(next(case.glob(f"*-{t}.nii.gz"))) for c, t in [("T1", "t1n"), ("T2", "t2w"), ("FLAIR", "t2f")]}
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": [files], "test": []}))
+    assert len(load_split(tmp_path, "training", ["T1", "T2", "FLAIR"])) == 1
+    assert load_split(tmp_path / "datalist.json", "test", ["T1"]) == []
+
+
+def test_loss_terms_and_slice_names():
+    output = {"pred": torch.zeros(2, 1, 4, 4), "loss": 3.0, "g_loss": 3.0, "d_loss": 0.5}
+    assert loss_terms(output) == {"g_loss": 3.0, "d_loss": 0.5} == loss_terms([output, output])
+    batch = {"case_id": ["a", "b"], "slice_index": torch.tensor([3, 7])}
+    names = [n["filename_or_obj"] for n in slice_names(batch)]
+    assert names == ["a#3", "b#7"] == [n["filename_or_obj"] for n in slice_names([{"case_id": "a", "slice_index": 3}, {"case_id": "b", "slice_index": 7}])]
+
+
+# ------------------------------------------------------------------------------- inference and export
+
+
+@pytest.fixture(scope="module")
+def untrained_bundle(tmp_path_factory):
+    """A bundle root holding an untrained tiny-width generator as ``models/model.pt`` (the training output's format)."""
+    root = tmp_path_factory.mktemp("brats_t1_t2_flair_to_t1gd")
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    network = AGINet(in_channels=3, channels=[8, 16, 16, 32])
+    torch.save(network.state_dict(), root / "models" / "model.pt")
+    return root
+
+
+def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(untrained_bundle, tmp_path):
+    good = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
+    cases = tmp_path / "cases"
+    (cases / "good").mkdir(parents=True)
+    for f in good.iterdir():
+        (cases / "good" / f.name).symlink_to(f)
+    (cases / "bad").mkdir()
+    for f in good.glob("*-t2[wf].nii.gz"):
+        (cases / "bad" / f.name.replace("BraTS-GLI-00001-000", "BraTS-GLI-99999-000")).symlink_to(f)
+    truncated = gzip.compress((good / "BraTS-GLI-00001-000-t1n.nii.gz").read_bytes())[:5000]
+    (cases / "bad" / "BraTS-GLI-99999-000-t1n.nii.gz").write_bytes(truncated)
+    output = tmp_path / "out"
+    name = "brats_t1_t2_flair_to_t1gd"
+    log = _bundle(
+        name, "run", _configs(name, "inference.json"), "--bundle_root", str(untrained_bundle),
+        "--dataset_dir", str(cases), "--output_dir", str(output), *TINY,
+    )
+    assert "synthesized 1 of 2 cases" in log and "1 failed" in log
+    assert "BraTS-GLI-99999-000: " in log and "t1n.nii.gz" in log
+    assert sorted(p.name for p in output.iterdir()) == ["BraTS-GLI-00001-000_T1Gd.nii.gz"]  # no partial file
+    written = nib.load(output / "BraTS-GLI-00001-000_T1Gd.nii.gz")
+    reference = nib.load(good / "BraTS-GLI-00001-000-t2w.nii.gz")  # T2: the reference input's grid
+    assert written.shape == reference.shape
+    np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
+    values = np.asarray(written.dataobj)
+    assert values.dtype == np.float32 and values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.0
+
+
+def test_export_torchscript_loads_in_a_fresh_process(untrained_bundle):
+    name = "brats_t1_t2_flair_to_t1gd"
+    folder = BUNDLES / name / "configs"
+    ts = untrained_bundle / "models" / "model.ts"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def", "--filepath", str(ts),
+            "--ckpt_file", str(untrained_bundle / "models" / "model.pt"), "--meta_file", str(folder / "metadata.json"),
+            "--config_file", str(folder / "inference.json"), "--bundle_root", str(untrained_bundle), *TINY,
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    check = (
+        "import torch, agi_monai\n"  # registers the compiled op the TorchScript file calls
+        f"ts = torch.jit.load({str(ts)!r})\n"
+        "x = torch.rand(2, 3, 48, 40)\n"
+        "with torch.no_grad(): a = ts(x)\n"
+        "from agi_monai.networks import AGINet\n"
+        "net = AGINet(in_channels=3, channels=[8, 16, 16, 32]).eval()\n"
+        f"net.load_state_dict(torch.load({str(untrained_bundle / 'models' / 'model.pt')!r}, weights_only=True))\n"
+        "with torch.no_grad(): b = net(x)\n"
+        "assert a.shape == (2, 1, 48, 40), a.shape\n"
+        "torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    fresh = subprocess.run([sys.executable, "-c", check], cwd="/", capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0 and fresh.stdout.strip().endswith("ok"), fresh.stderr[-4000:]
+
+
+# ------------------------------------------------------------------------------------ training, evaluate
+
+
+def _train_args(root: Path, dataset: Path, *extra: str) -> list[str]:
+    return [
+        "--bundle_root", str(root), "--dataset_dir", str(dataset), "--epochs", "1", "--val_interval", "2",
+        "--batch_size", "2", "--num_workers", "0", "--spatial_size", "[64,64]", *TINY, *TINY_D, *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, dataset",
+    [("ixi_t1_t2_to_pd", DATA / "ixi-sim"), ("brats_t1_t2_to_flair", DATA / "brats2023-gli")],
+)
+def test_two_iterations_train_resume_and_evaluate(name, dataset, tmp_path):
+    pytest.importorskip("agi_monai.engines")
+    log = _bundle(name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset))
+    assert "val_psnr" in log
+    models = tmp_path / "models"
+    best = torch.load(models / "model.pt", weights_only=True)  # the generator's state only
+    AGINet(in_channels=2, channels=[8, 16, 16, 32]).load_state_dict(best)
+    (first,) = models.glob("training_checkpoint_*.pt")
+    state = torch.load(first, weights_only=True)
+    assert {"generator", "discriminator", "g_optimizer", "d_optimizer", "trainer"} <= set(state)
+    assert state["trainer"]["iteration"] == 2
+
+    # resume: a second epoch continues at iteration 2 and ends at 4
+    _bundle(name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset, "--epochs", "2", "--resume_ckpt", str(first)))
+    # (a resumed run does not know the earlier run's file, so both stay)
+    resumed = torch.load(models / "training_checkpoint_epoch=2.pt", weights_only=True)
+    assert resumed["trainer"]["iteration"] == 4
+
+    _bundle(name, "run", _configs(name, "evaluate.json"), *_train_args(tmp_path, dataset))
+    metrics = dict(line.split(",") for line in (tmp_path / "eval" / "metrics.csv").read_text().split())
+    assert set(metrics) == {"val_psnr", "val_ssim", "val_mae"} and all(np.isfinite(float(v)) for v in metrics.values())
+    rows = (tmp_path / "eval" / "val_psnr_raw.csv").read_text().splitlines()
+    assert rows[0].startswith("filename") and len(rows) > 10 and "#" in rows[1]
