@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +33,9 @@ BUNDLES = ROOT / "bundles"
 DATA = ROOT / "tests" / "data"
 SCHEMA = BUNDLES / "_template" / "schemas" / "meta_schema_20240725.json"
 SCHEMA_SHA256 = "774785636fa303916a6a438655fd47fcbc7c0e16a66200f13278cd55ff91ab17"
+# One OpenMP thread per process: on a busy 2-core machine two spinning threads made a tiny-width training
+# iteration take 7 s instead of 0.05 s (measured); the runs below are about wiring, not speed.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--network_def#channels", "[8,16,16,32]"]
 TINY_D = ["--discriminator_def#channels", "8"]
 
@@ -60,7 +64,7 @@ def _bundle(name: str, command: str, configs: list[str], *args: str, timeout: in
     """``python -m monai.bundle <command>`` from the repository root; returns stdout+stderr, fails with it."""
     config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", command, "--config_file", config_file, *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
     return output
@@ -264,7 +268,7 @@ def test_export_torchscript_loads_in_a_fresh_process(untrained_bundle):
             "--ckpt_file", str(untrained_bundle / "models" / "model.pt"), "--meta_file", str(folder / "metadata.json"),
             "--config_file", str(folder / "inference.json"), "--bundle_root", str(untrained_bundle), *TINY,
         ],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     check = (
@@ -280,7 +284,7 @@ def test_export_torchscript_loads_in_a_fresh_process(untrained_bundle):
         "torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)\n"
         "print('ok')\n"
     )
-    fresh = subprocess.run([sys.executable, "-c", check], cwd="/", capture_output=True, text=True, timeout=300)
+    fresh = subprocess.run([sys.executable, "-c", check], cwd="/", capture_output=True, text=True, timeout=300, env=ENV)
     assert fresh.returncode == 0 and fresh.stdout.strip().endswith("ok"), fresh.stderr[-4000:]
 
 
@@ -296,10 +300,10 @@ def _train_args(root: Path, dataset: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, dataset",
-    [("ixi_t1_t2_to_pd", DATA / "ixi-sim"), ("brats_t1_t2_to_flair", DATA / "brats2023-gli")],
+    "name, dataset, resume",
+    [("ixi_t1_t2_to_pd", DATA / "ixi-sim", True), ("brats_t1_t2_to_flair", DATA / "brats2023-gli", False)],
 )
-def test_two_iterations_train_resume_and_evaluate(name, dataset, tmp_path):
+def test_two_iterations_train_resume_and_evaluate(name, dataset, resume, tmp_path):
     pytest.importorskip("agi_monai.engines")
     log = _bundle(name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset))
     assert "val_psnr" in log
@@ -311,14 +315,44 @@ def test_two_iterations_train_resume_and_evaluate(name, dataset, tmp_path):
     assert {"generator", "discriminator", "g_optimizer", "d_optimizer", "trainer"} <= set(state)
     assert state["trainer"]["iteration"] == 2
 
-    # resume: a second epoch continues at iteration 2 and ends at 4
-    _bundle(name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset, "--epochs", "2", "--resume_ckpt", str(first)))
-    # (a resumed run does not know the earlier run's file, so both stay)
-    resumed = torch.load(models / "training_checkpoint_epoch=2.pt", weights_only=True)
-    assert resumed["trainer"]["iteration"] == 4
+    if resume:  # a second epoch continues at iteration 2 and ends at 4 (resume is the same for every bundle)
+        _resume(name, dataset, tmp_path, first)
 
     _bundle(name, "run", _configs(name, "evaluate.json"), *_train_args(tmp_path, dataset))
     metrics = dict(line.split(",") for line in (tmp_path / "eval" / "metrics.csv").read_text().split())
     assert set(metrics) == {"val_psnr", "val_ssim", "val_mae"} and all(np.isfinite(float(v)) for v in metrics.values())
     rows = (tmp_path / "eval" / "val_psnr_raw.csv").read_text().splitlines()
     assert rows[0].startswith("filename") and len(rows) > 10 and "#" in rows[1]
+
+
+def _resume(name: str, dataset: Path, tmp_path: Path, first: Path) -> None:
+    models = tmp_path / "models"
+    log = _bundle(
+        name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset, "--epochs", "2", "--resume_ckpt", str(first))
+    )
+    assert f"Restored all variables from {first}" in log
+    assert "Epoch: 2/2, Iter: 1/2" in log and "Epoch: 1/2" not in log
+    # (a resumed run does not know the earlier run's file, so both stay)
+    resumed = torch.load(models / "training_checkpoint_epoch=2.pt", weights_only=True)
+    assert resumed["trainer"]["iteration"] == 4
+
+
+
+@pytest.mark.slow
+def test_multi_gpu_train_with_two_gloo_cpu_processes(tmp_path):
+    pytest.importorskip("agi_monai.engines")
+    name = "ixi_t1_t2_to_pd"
+    configs = _configs(name, "multi_gpu_train.json")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        "--config_file", "[" + ",".join(f"'{c}'" for c in configs) + "]", *_train_args(tmp_path, DATA / "ixi-sim"),
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert log.count("Pix2PixTrainer - INFO - Engine run finished") == 2  # both ranks trained
+    AGINet(in_channels=2, channels=[8, 16, 16, 32]).load_state_dict(  # saved once, without DDP's "module."
+        torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    )
+    state = torch.load(tmp_path / "models" / "training_checkpoint_epoch=1.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 2 and not any(k.startswith("module.") for k in state["generator"])
