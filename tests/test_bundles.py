@@ -23,6 +23,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
+from monai.bundle.properties import InferProperties, TrainProperties
+from monai.utils.enums import BundleProperty, BundlePropertyConfig
 from monai.utils import optional_import
 
 from agi_monai.bundle import load_split, loss_terms, slice_names
@@ -137,6 +139,11 @@ def test_config_parses_and_every_target_imports(name, config):
             assert kept in parser, f"{name}/{config}: MONAI Label overrides {kept}"
         assert parser["discriminator_def"]["in_channels"] == len(scenario.inputs) + 1
     assert "network" in parser and "run" in parser
+    # the properties MONAI's ConfigWorkflow requires of a train / infer bundle (MONAI Label, Deploy)
+    properties = InferProperties if config == "inference.json" else TrainProperties
+    for prop in properties.values():
+        if prop.get(BundleProperty.REQUIRED):
+            assert prop[BundlePropertyConfig.ID].replace("::", "#") in parser, f"{name}/{config}: {prop}"
 
 
 def test_paper_training_settings():
@@ -180,7 +187,7 @@ def test_verify_metadata(name):
     )
 
 
-@pytest.mark.parametrize("name", ["ixi_t1_t2_to_pd", "brats_t1_t2_flair_to_t1gd"])
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_verify_net_in_out(name):
     from monai.bundle import verify_net_in_out
 
@@ -286,6 +293,24 @@ def test_export_torchscript_loads_in_a_fresh_process(untrained_bundle):
     )
     fresh = subprocess.run([sys.executable, "-c", check], cwd="/", capture_output=True, text=True, timeout=300, env=ENV)
     assert fresh.returncode == 0 and fresh.stdout.strip().endswith("ok"), fresh.stderr[-4000:]
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_bundle_exports_to_torchscript(name, tmp_path):
+    from monai.bundle import ckpt_export
+
+    scenario = SCENARIOS[name]
+    network = AGINet(in_channels=len(scenario.inputs), channels=[8, 16, 16, 32])
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    folder = BUNDLES / name / "configs"
+    ckpt_export(
+        net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
+        meta_file=str(folder / "metadata.json"), config_file=str(folder / "inference.json"),
+        bundle_root=str(tmp_path), **{"network_def#channels": [8, 16, 16, 32]},
+    )
+    x = torch.rand(1, len(scenario.inputs), 32, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(tmp_path / "model.ts")(x), network.eval()(x), rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ training, evaluate

@@ -44,7 +44,8 @@ class SynthesisSummary:
 
 
 class FolderSynthesis:
-    """Synthesize the target contrast for every case of ``dataset`` (the ``run`` step of ``inference.json``).
+    """Synthesize the target contrast for every case of ``dataset``: the ``evaluator`` of ``inference.json``
+    (the id MONAI's bundle properties give the inference engine), called by its ``run``.
 
     For each case: ``dataset[i]`` (loading, registration, normalization, orientation, pad/crop), ``inferer``
     (e.g. ``SliceInferer(spatial_dim=2)``) on ``"image"`` -> ``"pred"`` (1, H, W, D), then
