@@ -174,7 +174,13 @@ def test_metadata_describes_the_scenario(name):
     assert image["num_channels"] == len(scenario.inputs)
     assert image["channel_def"] == {str(i): c for i, c in enumerate(scenario.inputs)}
     assert pred["num_channels"] == 1 and pred["channel_def"] == {"0": scenario.target}
-    assert meta["monai_version"] == "1.6.1" and meta["required_packages_version"]["pytorch-ignite"] == "0.5.5"
+    # the pins are the project's own (environment.yml), so they install together
+    pins = dict(re.findall(r"^\s*- ([\w-]+)==(\S+)", (ROOT / "environment.yml").read_text(), re.M))
+    packages = {"monai": meta["monai_version"], "torch": meta["pytorch_version"], **meta["required_packages_version"]}
+    for package, version in pins.items():
+        if package in packages:
+            assert packages[package] == version, f"{name}: {package} {packages[package]} but environment.yml pins {version}"
+    assert {"monai", "torch", "pytorch-ignite", "nibabel", "SimpleITK"} <= set(pins) & set(packages)
 
 
 @pytest.mark.skipif(not optional_import("jsonschema")[1], reason="jsonschema is not installed (MONAI's verify_metadata needs it)")
@@ -196,6 +202,21 @@ def test_verify_net_in_out(name):
         net_id="network_def", meta_file=str(folder / "metadata.json"), config_file=str(folder / "inference.json"),
         device="cpu", n=2,
     )
+
+
+def test_resunet_baseline_is_one_override_away():
+    from monai.bundle import verify_net_in_out
+
+    folder = BUNDLES / "ixi_t1_t2_to_pd" / "configs"
+    override = {"network_def#_target_": "agi_monai.networks.ResUNet"}
+    verify_net_in_out(
+        net_id="network_def", meta_file=str(folder / "metadata.json"), config_file=str(folder / "inference.json"),
+        device="cpu", n=2, **override,
+    )
+    parser = ConfigParser()
+    parser.read_config(str(folder / "train.json"))
+    parser.update(override)
+    assert type(parser.get_parsed_content("network_def")).__name__ == "ResUNet"
 
 
 # -------------------------------------------------------------------------------------------- the helpers

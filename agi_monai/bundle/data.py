@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agi_monai.data import SliceDataset, build_volume_dataset, discover_cases, format_failures, preprocessing_transforms
+from agi_monai.data import SliceDataset, build_volume_dataset, discover_cases, preprocessing_transforms
 
 __all__ = ["DATALIST_NAME", "load_split", "slice_dataset"]
 
@@ -23,7 +23,8 @@ def load_split(source: str | Path, split: str, contrasts: Sequence[str]) -> list
 
     ``source`` is a JSON datalist, a folder holding ``datalist.json`` (read as the datalist), or a plain folder
     of cases: then there is no split, and every split is the whole folder (a warning says so; use
-    ``scripts/prepare_*.py`` to write a datalist with held-out cases). Skipped cases are logged by name.
+    ``scripts/prepare_*.py`` to write a datalist with held-out cases). Skipped cases are logged by name
+    (by :func:`agi_monai.data.discover_cases`).
 
     Args:
         source: JSON datalist or folder (``dataset_dir`` in the configs).
@@ -41,9 +42,7 @@ def load_split(source: str | Path, split: str, contrasts: Sequence[str]) -> list
         )
     else:
         discovery = discover_cases(source, required=contrasts, split=split)
-    if discovery.failures:
-        _logger.warning("%s", format_failures(discovery.failures))
-    return discovery.cases
+    return discovery.cases  # discovery has logged each skipped case
 
 
 def slice_dataset(
