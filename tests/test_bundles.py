@@ -27,7 +27,8 @@ from monai.bundle.properties import InferProperties, TrainProperties
 from monai.utils.enums import BundleProperty, BundlePropertyConfig
 from monai.utils import optional_import
 
-from agi_monai.bundle import load_split, loss_terms, slice_names
+from agi_monai.bundle import FolderSynthesis, load_split, loss_terms, slice_names
+from agi_monai.data import Failure
 from agi_monai.networks import AGINet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,6 +243,27 @@ def test_loss_terms_and_slice_names():
     batch = {"case_id": ["a", "b"], "slice_index": torch.tensor([3, 7])}
     names = [n["filename_or_obj"] for n in slice_names(batch)]
     assert names == ["a#3", "b#7"] == [n["filename_or_obj"] for n in slice_names([{"case_id": "a", "slice_index": 3}, {"case_id": "b", "slice_index": 7}])]
+
+
+def test_folder_synthesis_reports_any_error_and_goes_on(tmp_path):
+    from monai.data import Dataset
+    from monai.inferers import SimpleInferer
+
+    class Network(torch.nn.Module):
+        def forward(self, x):  # fails on the second case, as a CUDA out-of-memory error would
+            if x.shape[-1] == 3:
+                raise RuntimeError("out of memory")
+            return x[:, :1]
+
+    written = []
+    cases = [{"case_id": "a", "image": torch.rand(2, 8, 8, 4)}, {"case_id": "b", "image": torch.rand(2, 8, 8, 3)}]
+    summary = FolderSynthesis(
+        Dataset(cases), Network(), SimpleInferer(), lambda item: written.append(item["pred"].shape), tmp_path, "PD",
+        skipped=[Failure("c", "missing T2")], progress=False,
+    )()
+    assert written == [(1, 8, 8, 4)] and summary.written == [tmp_path / "a_PD.nii.gz"]
+    assert [str(f) for f in summary.failures] == ["c: missing T2", "b: RuntimeError: out of memory"]
+    assert str(summary).splitlines()[0] == f"synthesized 1 of 3 cases into {tmp_path}, 2 failed"
 
 
 # ------------------------------------------------------------------------------- inference and export
