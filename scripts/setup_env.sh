@@ -23,11 +23,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup] installing $TORCH_REQ"
   pip_install "$TORCH_REQ"
 fi
-if ! "$VENV/bin/python" -c "import monai, ignite, nibabel, pydicom, SimpleITK, fire, pytest, tqdm, ninja" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import monai, ignite, nibabel, pydicom, SimpleITK, fire, pytest, tqdm, ninja, jsonschema" 2>/dev/null; then
   echo "[setup] installing the pinned dependencies (pyproject.toml)"
   pip_install setuptools wheel ninja
   pip_install "monai==1.6.1" "pytorch-ignite==0.5.5" "nibabel==5.4.2" "pydicom==3.0.2" "SimpleITK==2.5.7" \
-    "fire==0.7.1" "tqdm>=4.66" "tensorboard>=2.15" "pytest>=8"
+    "fire==0.7.1" "tqdm>=4.66" "tensorboard>=2.15" "pytest>=8" "jsonschema>=4"
 fi
 
 # Rebuild the extension only when its sources are newer than the built library.

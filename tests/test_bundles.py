@@ -190,7 +190,8 @@ def test_verify_metadata(name):
     from monai.bundle import verify_metadata
 
     verify_metadata(
-        meta_file=str(BUNDLES / name / "configs" / "metadata.json"), filepath=str(SCHEMA), hash_val=SCHEMA_SHA256
+        meta_file=str(BUNDLES / name / "configs" / "metadata.json"), filepath=str(SCHEMA), hash_val=SCHEMA_SHA256,
+        hash_type="sha256",
     )
 
 
