@@ -29,7 +29,9 @@ def test_demo_writes_synthesis_on_the_input_grid_and_finite_metrics(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output), "--progress", "False", *tiny],
         capture_output=True, encoding="utf-8", cwd=REPO, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "PYTHONIOENCODING": "utf-8"},
+        # one thread: the tiny network's many small operations run 2x slower on 2 threads when the cores are shared
+        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+             "PYTHONIOENCODING": "utf-8"},
     )
     assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
     written = output / "TCGA-FG-6692_FLAIR_synthesized.nii.gz"
