@@ -23,16 +23,17 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup] installing $TORCH_REQ"
   pip_install "$TORCH_REQ"
 fi
-if ! "$VENV/bin/python" -c "import monai, ignite, nibabel, pydicom, SimpleITK, fire, pytest, tqdm, ninja, jsonschema" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import monai, ignite, nibabel, pydicom, SimpleITK, fire, pytest, tqdm, ninja, jsonschema, matplotlib" 2>/dev/null; then
   echo "[setup] installing the pinned dependencies (pyproject.toml)"
   pip_install setuptools wheel ninja
   pip_install "monai==1.6.1" "pytorch-ignite==0.5.5" "nibabel==5.4.2" "pydicom==3.0.2" "SimpleITK==2.5.7" \
-    "fire==0.7.1" "tqdm>=4.66" "tensorboard>=2.15" "pytest>=8" "jsonschema>=4"
+    "fire==0.7.1" "tqdm>=4.66" "tensorboard>=2.15" "matplotlib>=3.8" "pytest>=8" "jsonschema>=4"
 fi
 
 # Rebuild the extension only when its sources are newer than the built library.
 so=$(ls agi_monai/_C*.so 2>/dev/null | head -n 1 || true)
-if [ -z "$so" ] || [ -n "$(find csrc setup.py -newer "$so" -print -quit)" ] \
+if [ -z "$so" ] || [ -n "$(find csrc setup.py pyproject.toml -newer "$so" -print -quit)" ] \
+   || [ ! -x "$VENV/bin/agi-monai" ] \
    || ! "$VENV/bin/python" -c "import agi_monai" 2>/dev/null; then
   echo "[setup] building the agi_monai._C extension (C++ kernels; CUDA kernels when torch and nvcc allow)"
   start=$(date +%s)
