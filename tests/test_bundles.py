@@ -387,24 +387,58 @@ def test_two_iterations_train_resume_and_evaluate(name, dataset, resume, tmp_pat
     if resume:  # a second epoch continues at iteration 2 and ends at 4 (resume is the same for every bundle)
         _resume(name, dataset, tmp_path, first)
 
-    _bundle(name, "run", _configs(name, "evaluate.json"), *_train_args(tmp_path, dataset))
-    metrics = dict(line.split(",") for line in (tmp_path / "eval" / "metrics.csv").read_text().split())
-    assert set(metrics) == {"val_psnr", "val_ssim", "val_mae"} and all(np.isfinite(float(v)) for v in metrics.values())
-    rows = (tmp_path / "eval" / "val_psnr_raw.csv").read_text().splitlines()
-    assert rows[0].startswith("filename") and len(rows) > 10 and "#" in rows[1]
+    log = _bundle(name, "run", _configs(name, "evaluate.json"), *_train_args(tmp_path, dataset))
+    # evaluate.json: one row per test case (the folder's one case), both protocols, a summary stating each protocol
+    scenario = SCENARIOS[name]
+    (case,) = load_split(dataset, "test", [*scenario.inputs, scenario.target])
+    lines = (tmp_path / "eval" / "metrics_per_case.csv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+    assert [row["case_id"] for row in rows] == [case["case_id"]]
+    summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
+    assert set(summary["protocols"]) == {"slice2d", "brasyn3d"} and summary["failed"] == [] and summary["cases"] == 1
+    for protocol, entry in summary["protocols"].items():
+        assert entry["protocol"]["data_range"] == 1.0 and entry["protocol"]["mask"] == "brain mask"
+        for metric in ("psnr_db", "ssim_pct", "mae_x100"):
+            value = float(rows[0][f"{protocol}_{metric}"])
+            assert np.isfinite(value) and entry["metrics"][metric]["mean"] == value
+            assert f"{protocol}_{metric}: " in log  # StatsHandler printed the means
+    assert "| PSNR (dB) |" in (tmp_path / "eval" / "metrics_summary.md").read_text()
 
 
 def _resume(name: str, dataset: Path, tmp_path: Path, first: Path) -> None:
     models = tmp_path / "models"
+    best_before = (models / "model.pt").read_bytes()
+    first_ranking = torch.load(first, weights_only=True)["best_model_ranking"]["_saved"]
+    assert len(first_ranking) == 1  # (score, name) of the best generator so far, saved as models/model.pt
+    # "latest" finds the newest training checkpoint of models/ (here the only one, epoch 1)
     log = _bundle(
-        name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset, "--epochs", "2", "--resume_ckpt", str(first))
+        name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset, "--epochs", "2", "--resume_ckpt", "latest")
     )
     assert f"Restored all variables from {first}" in log
     assert "Epoch: 2/2, Iter: 1/2" in log and "Epoch: 1/2" not in log
-    # (a resumed run does not know the earlier run's file, so both stay)
+    # the earlier run's checkpoint is superseded (n_saved=1), not left beside the new one
+    assert sorted(p.name for p in models.glob("training_checkpoint_*.pt")) == ["training_checkpoint_epoch=2.pt"]
     resumed = torch.load(models / "training_checkpoint_epoch=2.pt", weights_only=True)
     assert resumed["trainer"]["iteration"] == 4
+    # model.pt was replaced only if the second validation beat the restored best score
+    (best_score, _), = first_ranking
+    (new_score, _), = resumed["best_model_ranking"]["_saved"]
+    assert new_score >= best_score
+    assert ((models / "model.pt").read_bytes() == best_before) == (new_score == best_score)
 
+
+def test_resume_checkpoint_resolution(tmp_path):
+    from agi_monai.engines import find_resume_checkpoint
+
+    assert find_resume_checkpoint("", tmp_path) == ""
+    assert find_resume_checkpoint("latest", tmp_path) == ""  # nothing yet: start afresh
+    for epoch in (2, 10, 9):
+        (tmp_path / f"training_checkpoint_epoch={epoch}.pt").write_bytes(b"")
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert find_resume_checkpoint("latest", tmp_path) == str(tmp_path / "training_checkpoint_epoch=10.pt")
+    assert find_resume_checkpoint(tmp_path / "model.pt", tmp_path) == str(tmp_path / "model.pt")
+    with pytest.raises(FileNotFoundError, match=r"resume_ckpt: .*missing\.pt does not exist; expected a training"):
+        find_resume_checkpoint(tmp_path / "missing.pt", tmp_path)
 
 
 @pytest.mark.slow

@@ -12,21 +12,15 @@ Training (``train.json``)::
 ``d_loss``, ``l1_loss``, ``adv_loss``.
 
 Resume: save and load the same dict, :func:`training_checkpoint_dict` (generator, discriminator, both
-optimizers, both AMP scalers, the trainer's Ignite state). A train handler cannot name its own trainer, so
-the saver and loader are attached in ``initialize``::
-
-    "train#checkpoint_saver": {"_target_": "agi_monai.engines.AtomicCheckpointSaver", "save_dir": "@ckpt_dir",
-        "save_dict": "$agi_monai.engines.training_checkpoint_dict(@train#trainer)",
-        "save_interval": 1, "n_saved": 1, "save_final": true, "final_filename": "training.pt"},
-    "train#checkpoint_loader": {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/training.pt'",
-        "load_dict": "$agi_monai.engines.training_checkpoint_dict(@train#trainer)"},
-    "initialize": ["$@train#checkpoint_saver.attach(@train#trainer)", ...]
+optimizers, both AMP scalers, the trainer's Ignite state, and the best generator's score). A train handler
+cannot name its own trainer, so the saver and loader are attached in ``initialize``; ``bundles/_template/configs/
+train.json`` is the recipe (``checkpoint_saver``, ``checkpoint_loader``, ``best_model_saver``,
+``resume_path`` = :func:`find_resume_checkpoint` of ``--resume_ckpt`` ``""`` | ``latest`` | a file).
 
 (``CheckpointLoader`` reads with ``weights_only=True``.) Ignite restarts the data iterator when it resumes
 inside an epoch, so checkpoints taken at epoch ends (``epoch_level=True``, the default) resume exactly; with
 a fixed ``set_determinism`` seed and an unshuffled loader the resumed run equals an uninterrupted one.
-``AtomicCheckpointSaver`` (MONAI's saver writes non-atomically) also fits the best-generator checkpoint:
-``save_dict={"model": "@network"}, save_key_metric=true, key_metric_filename="model.pt"`` on the evaluator.
+:class:`AtomicCheckpointSaver` (MONAI's saver writes non-atomically) serves both checkpoints.
 
 Validation: :func:`synthesis_evaluator`, or the ``SupervisedEvaluator`` recipe in its docstring (PSNR with
 ``PeakSignalToNoiseRatio(max_val=1.0)``, SSIM with :class:`StructuralSimilarityIndex`, MAE with
@@ -34,7 +28,7 @@ Validation: :func:`synthesis_evaluator`, or the ``SupervisedEvaluator`` recipe i
 keys are ``pred`` and ``label``).
 """
 
-from agi_monai.engines.checkpoint import AtomicCheckpointSaver
+from agi_monai.engines.checkpoint import AtomicCheckpointSaver, find_resume_checkpoint
 from agi_monai.engines.evaluation import (
     StructuralSimilarityIndex,
     clip_prediction,
@@ -51,6 +45,7 @@ __all__ = [
     "StructuralSimilarityIndex",
     "SynthesisPrepareBatch",
     "clip_prediction",
+    "find_resume_checkpoint",
     "synthesis_evaluator",
     "synthesis_metrics",
     "training_checkpoint_dict",

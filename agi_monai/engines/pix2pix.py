@@ -235,19 +235,23 @@ class Pix2PixTrainer(Trainer):
         return engine.state.output  # type: ignore[no-any-return]
 
 
-def training_checkpoint_dict(trainer: Pix2PixTrainer) -> dict[str, Any]:
+def training_checkpoint_dict(trainer: Pix2PixTrainer, best_model_saver: Any | None = None) -> dict[str, Any]:
     """Everything a :class:`Pix2PixTrainer` run needs to resume, for ``CheckpointSaver(save_dict=...)`` and
     ``CheckpointLoader(load_dict=...)``: ``generator``, ``discriminator``, ``g_optimizer``, ``d_optimizer``,
     ``g_scaler``, ``d_scaler`` (empty state when AMP is off) and ``trainer`` (Ignite's iteration, epoch,
     epoch length, max epochs). All are state dicts of tensors and numbers, so ``CheckpointLoader`` reads
     them with ``torch.load(weights_only=True)``.
 
+    With ``best_model_saver`` (the validation's :class:`agi_monai.engines.AtomicCheckpointSaver` of the best
+    generator), also ``best_model_ranking``, the scores of the generators saved so far: a resumed run then
+    replaces ``models/model.pt`` only with a better one, not with whatever its first validation gives.
+
     In a bundle config the saver and loader cannot be train handlers (they would reference the trainer inside
     its own arguments); attach them once the trainer exists, e.g.
     ``"$@train#checkpoint_saver.attach(@train#trainer)"`` with
-    ``"save_dict": "$agi_monai.engines.training_checkpoint_dict(@train#trainer)"``.
+    ``"save_dict": "$agi_monai.engines.training_checkpoint_dict(@train#trainer, @best_model_saver)"``.
     """
-    return {
+    objects = {
         "generator": trainer.generator,
         "discriminator": trainer.discriminator,
         "g_optimizer": trainer.g_optimizer,
@@ -256,3 +260,12 @@ def training_checkpoint_dict(trainer: Pix2PixTrainer) -> dict[str, Any]:
         "d_scaler": trainer.d_scaler,
         "trainer": trainer,
     }
+    ranking = getattr(best_model_saver, "key_metric_ranking", None)
+    if best_model_saver is not None and ranking is None:
+        raise ValueError(
+            "best_model_saver: expected an agi_monai.engines.AtomicCheckpointSaver with save_key_metric=True, "
+            f"got {type(best_model_saver).__name__} without a key-metric checkpoint"
+        )
+    if ranking is not None:
+        objects["best_model_ranking"] = ranking
+    return objects
