@@ -1,0 +1,287 @@
+"""Per-case rows, summaries and markdown tables of the metric protocols, written atomically.
+
+An evaluation directory holds (``write_evaluation``):
+
+- ``metrics_per_case.csv``: ``case_id`` and, per protocol ``p``, ``p_psnr_db``, ``p_ssim_pct``, ``p_mae_x100``
+  and ``p_slices`` (``"slice2d"``: evaluated slices) or ``p_voxels`` (``"brasyn3d"``: voxels in the mask);
+- ``metrics_summary.json``: per protocol, its :class:`~agi_monai.evaluation.Protocol` record and the mean,
+  standard deviation (population, ddof 0), median, minimum and maximum of each metric over the cases, plus the
+  failed cases with their reasons;
+- ``metrics_summary.md``: the same as a markdown table, each protocol's data range and mask policy beside it.
+
+``scripts/report.py`` reads these files back (and robustness-sweep CSVs) to compare runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agi_monai.data import Failure, atomic_output, write_json
+from agi_monai.evaluation.protocols import METRIC_NAMES, Protocol, ProtocolResult
+
+__all__ = [
+    "CASES_CSV",
+    "METRIC_LABELS",
+    "SUMMARY_JSON",
+    "SUMMARY_MD",
+    "case_row",
+    "cases_markdown",
+    "comparison_markdown",
+    "read_csv",
+    "statistics",
+    "summarize",
+    "summary_markdown",
+    "sweep_markdown",
+    "sweep_statistics",
+    "write_csv",
+    "write_evaluation",
+    "write_text",
+]
+
+CASES_CSV = "metrics_per_case.csv"
+SUMMARY_JSON = "metrics_summary.json"
+SUMMARY_MD = "metrics_summary.md"
+#: Column headers of the metrics, in the paper's units.
+METRIC_LABELS = {"psnr_db": "PSNR (dB)", "ssim_pct": "SSIM (%)", "mae_x100": "MAE (x100)"}
+STATISTICS = ("mean", "std", "median", "min", "max")
+
+
+def case_row(case_id: str, results: Mapping[str, ProtocolResult]) -> dict[str, Any]:
+    """One CSV row: ``case_id``, then ``<protocol>_<metric>`` and ``<protocol>_<evaluated unit>`` per protocol."""
+    row: dict[str, Any] = {"case_id": case_id}
+    for name, result in results.items():
+        row.update({f"{name}_{metric}": value for metric, value in result.metrics.items()})
+        row[f"{name}_{result.protocol.evaluated_unit}"] = result.evaluated
+    return row
+
+
+def statistics(values: Iterable[float]) -> dict[str, float | int]:
+    """Mean, population standard deviation (ddof 0), median, minimum, maximum and count of ``values``
+    (``nan`` for an empty list; a PSNR of ``inf`` makes the mean ``inf``)."""
+    array = np.asarray(list(values), dtype=np.float64)
+    if array.size == 0:
+        return {**{name: math.nan for name in STATISTICS}, "n": 0}
+    with np.errstate(invalid="ignore"):  # inf - inf in the deviation of an infinite PSNR: nan, as it should
+        values_by_name = {
+            "mean": array.mean(), "std": array.std(), "median": np.median(array), "min": array.min(),
+            "max": array.max(),
+        }
+    return {**{name: float(value) for name, value in values_by_name.items()}, "n": int(array.size)}
+
+
+def summarize(
+    rows: Sequence[Mapping[str, Any]],
+    protocols: Mapping[str, Protocol],
+    failures: Sequence[Failure] = (),
+    description: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary JSON's content: per protocol its record and :func:`statistics` of each metric over ``rows``
+    (from :func:`case_row`), the number of cases, the failed cases, and ``description`` (scenario, network...)."""
+    return {
+        "description": dict(description or {}),
+        "cases": len(rows),
+        "case_ids": [str(row["case_id"]) for row in rows],
+        "failed": [{"case_id": f.case_id, "reason": f.reason} for f in failures],
+        "statistics": "over cases: mean, std (population, ddof 0), median, min, max",
+        "protocols": {
+            name: {
+                "protocol": protocol.as_dict(),
+                "metrics": {m: statistics(float(row[f"{name}_{m}"]) for row in rows) for m in METRIC_NAMES},
+            }
+            for name, protocol in protocols.items()
+        },
+    }
+
+
+def _number(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
+def _mean_std(stats: Mapping[str, float]) -> str:
+    if not stats.get("n"):
+        return "-"
+    return f"{_number(stats['mean'])} ± {_number(stats['std'])} ({_number(stats['median'])})"
+
+
+def summary_markdown(summary: Mapping[str, Any], title: str | None = None) -> str:
+    """A markdown table of a :func:`summarize` result: one row per protocol, each metric as
+    ``mean ± std (median)`` over cases, with the protocol's data range and mask; the full policies below."""
+    lines = [f"## {title}", ""] if title else []
+    description = summary.get("description") or {}
+    if description:
+        lines += ["; ".join(f"{key}: {value}" for key, value in description.items()), ""]
+    header = ["protocol", *(METRIC_LABELS[m] for m in METRIC_NAMES), "cases", "data range", "mask"]
+    lines += _table_lines(header, [
+        [
+            f"{entry['protocol']['title']} (`{name}`)", *(_mean_std(entry["metrics"][m]) for m in METRIC_NAMES),
+            str(summary["cases"]), f"{entry['protocol']['data_range']:g}", entry["protocol"]["mask"],
+        ]
+        for name, entry in summary["protocols"].items()
+    ])
+    lines += ["", "Values: mean ± standard deviation (median) over cases."]
+    for name, entry in summary["protocols"].items():
+        protocol = entry["protocol"]
+        lines.append(
+            f"- `{name}`: {protocol['normalization']}; mask: {protocol['mask_policy']}; SSIM: {protocol['ssim']}; "
+            f"{protocol['aggregation']}."
+        )
+    if summary.get("failed"):
+        lines += ["", f"Failed cases ({len(summary['failed'])}):"]
+        lines += [f"- {failure['case_id']}: {failure['reason']}" for failure in summary["failed"]]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(summaries: Mapping[str, Mapping[str, Any]], protocol: str | None = None) -> str:
+    """Runs side by side (e.g. ``{"AGI-Net": summary, "ResUNet": summary}``): one table per protocol, one row per
+    run, ``mean ± std`` of each metric; refuses to put runs measured under different protocol settings in one
+    table."""
+    names = [protocol] if protocol else list(dict.fromkeys(p for s in summaries.values() for p in s["protocols"]))
+    lines: list[str] = []
+    for name in names:
+        entries = {run: s["protocols"][name] for run, s in summaries.items() if name in s["protocols"]}
+        if not entries:
+            raise ValueError(f"no summary holds protocol {name!r}; they hold {sorted({p for s in summaries.values() for p in s['protocols']})}")
+        records = {json.dumps(entry["protocol"], sort_keys=True) for entry in entries.values()}
+        if len(records) > 1:
+            raise ValueError(f"the runs {list(entries)} used different {name!r} settings; expected one protocol per table")
+        record = next(iter(entries.values()))["protocol"]
+        lines += [f"### {record['title']} (`{name}`): data range {record['data_range']:g}, mask: {record['mask']}", ""]
+        header = ["run", *(METRIC_LABELS[m] for m in METRIC_NAMES), "cases"]
+        lines += _table_lines(header, [
+            [run, *(_mean_std(entry["metrics"][m]) for m in METRIC_NAMES), str(summaries[run]["cases"])]
+            for run, entry in entries.items()
+        ])
+        lines += ["", f"{record['normalization']}; mask: {record['mask_policy']}; SSIM: {record['ssim']}; "
+                      f"{record['aggregation']}. Values: mean ± std (median) over cases.", ""]
+    return "\n".join(lines)
+
+
+def cases_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
+    """A per-case CSV's rows as a markdown table (numbers to ``digits`` decimals, whole numbers as integers)."""
+    if not rows:
+        return "(no cases)\n"
+    columns = list(rows[0])
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return str(int(value)) if value.is_integer() else _number(value, digits)
+        return str(value)
+
+    return "\n".join(_table_lines(columns, [[cell(row[c]) for c in columns] for row in rows])) + "\n"
+
+
+def sweep_statistics(
+    rows: Sequence[Mapping[str, Any]], metric: str, group: str = "network", level: str = "perturbation"
+) -> dict[str, dict[float, dict[str, float | int]]]:
+    """``{group value: {level: statistics of metric}}`` (see :func:`statistics`) of a robustness sweep's rows, groups
+    in first-seen order, levels ascending.
+
+    Raises:
+        ValueError: a column is missing.
+    """
+    for column in (group, level, metric):
+        if rows and column not in rows[0]:
+            raise ValueError(f"the sweep table has no column {column!r}; its columns are {list(rows[0])}")
+    cells: dict[str, dict[float, list[float]]] = {}
+    for row in rows:
+        cells.setdefault(str(row[group]), {}).setdefault(float(row[level]), []).append(float(row[metric]))
+    return {name: {lvl: statistics(by_level[lvl]) for lvl in sorted(by_level)} for name, by_level in cells.items()}
+
+
+def sweep_markdown(
+    rows: Sequence[Mapping[str, Any]], metric: str, group: str = "network", level: str = "perturbation"
+) -> str:
+    """A robustness sweep (rows with ``group``, ``level`` and ``metric`` columns, e.g. one per case) as a table:
+    one row per group, one column per level (ascending), the mean of ``metric`` over the rows of each cell."""
+    cells = sweep_statistics(rows, metric, group, level)
+    levels = sorted({lvl for by_level in cells.values() for lvl in by_level})
+    header = [group, *(f"{lvl:g}" for lvl in levels)]
+    body = [
+        [name, *(_number(by_level[lvl]["mean"]) if lvl in by_level else "-" for lvl in levels)]
+        for name, by_level in cells.items()
+    ]
+    label = METRIC_LABELS.get(metric, metric)
+    return f"{label}, mean over the rows of each cell, by {level}:\n\n" + "\n".join(_table_lines(header, body)) + "\n"
+
+
+def _table_lines(header: Sequence[str], body: Iterable[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+# -------------------------------------------------------------------------------------------------- files
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path, columns: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` as CSV atomically (floats in full precision, ``repr``), columns in the first row's order
+    unless given; returns the path."""
+    path = Path(path)
+    columns = list(columns or (rows[0] if rows else ["case_id"]))
+    with atomic_output(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: repr(v) if isinstance(v, float) else v for c, v in row.items()} for row in rows)
+    return path
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a CSV written by :func:`write_csv` (or any CSV), numbers parsed as float.
+
+    Raises:
+        ValueError: the file is missing, empty, or a row has more or fewer cells than the header.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (expected a CSV of metrics)")
+    with path.open(newline="", encoding="utf-8") as stream:
+        reader = csv.DictReader(stream)
+        if not reader.fieldnames:
+            raise ValueError(f"{path}: empty file (expected a header row)")
+        rows = []
+        for number, row in enumerate(reader, start=2):
+            if None in row or None in row.values():
+                raise ValueError(f"{path}: line {number} has a different number of cells than the header")
+            rows.append({key: _parse(value) for key, value in row.items()})
+    return rows
+
+
+def _parse(value: str) -> Any:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def write_evaluation(
+    rows: Sequence[Mapping[str, Any]],
+    protocols: Mapping[str, Protocol],
+    output_dir: str | Path,
+    failures: Sequence[Failure] = (),
+    description: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write the per-case CSV, the summary JSON and the markdown table into ``output_dir``, each atomically;
+    returns ``{"cases": ..., "summary": ..., "markdown": ...}`` paths."""
+    output_dir = Path(output_dir)
+    summary = summarize(rows, protocols, failures, description)
+    columns = ["case_id"] + [
+        f"{name}_{column}" for name, p in protocols.items() for column in (*METRIC_NAMES, p.evaluated_unit)
+    ]
+    return {
+        "cases": write_csv(rows, output_dir / CASES_CSV, columns),
+        "summary": write_json(summary, output_dir / SUMMARY_JSON),
+        "markdown": write_text(summary_markdown(summary, "Synthesis metrics"), output_dir / SUMMARY_MD),
+    }
