@@ -59,7 +59,10 @@ def volume_dataset(
 
 
 class _CaseLoading(torch.utils.data.Dataset):
-    """``dataset[i]``, or a :class:`Failure` naming the case and the reason when loading raises."""
+    """``dataset[i]``, or a :class:`Failure` naming the case and the reason when loading raises.
+
+    Any exception, not only a :class:`agi_monai.data.DataError` as when slice datasets are built: an evaluation
+    must end with every readable case measured and every other one named."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset

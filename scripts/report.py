@@ -1,0 +1,205 @@
+"""Markdown tables and PNG figures from evaluation outputs (``evaluate.json``'s ``metrics_per_case.csv`` and
+``metrics_summary.json``), robustness-sweep CSVs and synthesized NIfTI volumes. Every file is written atomically;
+every table is also printed.
+
+    # runs side by side, one table per protocol (a run: NAME=PATH, PATH an evaluation folder or its summary JSON)
+    python scripts/report.py compare AGI-Net=bundles/x/eval ResUNet=outputs/resunet/eval --output docs/quality.md
+    # one run's per-case table
+    python scripts/report.py cases bundles/x/eval --output cases.md
+    # metric vs perturbation: a table per metric and robustness_<metric>.png (CSV columns network, perturbation,
+    # and metric columns such as psnr_db, ssim_pct, mae_x100; several rows per cell are averaged)
+    python scripts/report.py robustness sweep.csv --output_dir reports/ --title "IXI (T1, T2) -> PD"
+    # the paper's Fig. 5 from volumes on one grid (inputs and target raw files, predictions in [0, 1])
+    python scripts/report.py panel --target case-t2f.nii.gz --predictions "AGI-Net=a.nii.gz,ResUNet=b.nii.gz" \\
+        --inputs "T1=case-t1n.nii.gz,T2=case-t2w.nii.gz" --target_name FLAIR --output panel.png
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import fire
+import torch
+from monai.transforms import Orientation
+from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+from agi_monai.data import load_volume
+from agi_monai.evaluation import brain_mask, slice_protocol, synthesis_panel
+from agi_monai.evaluation.figures import robustness_plot
+from agi_monai.evaluation.tables import (
+    CASES_CSV,
+    SUMMARY_JSON,
+    cases_markdown,
+    comparison_markdown,
+    read_csv,
+    sweep_markdown,
+    write_text,
+)
+
+METRICS = ("psnr_db", "ssim_pct", "mae_x100")
+
+
+def _pairs(value: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    """``"a=x,b=y"``, ``["a=x", "b=y"]`` or ``{"a": "x"}`` -> ``{"a": "x", "b": "y"}``."""
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    pairs = {}
+    for item in items:
+        name, separator, path = item.partition("=")
+        if not separator or not name or not path:
+            raise ValueError(f"{item!r}: expected NAME=PATH")
+        pairs[name.strip()] = path.strip()
+    return pairs
+
+
+def _emit(text: str, output: str | None) -> str:
+    print(text)
+    if output:
+        print(f"written to {write_text(text, output)}")
+    return text
+
+
+def _summary(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    file = path / SUMMARY_JSON if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{file}: no such file (expected an evaluation folder or its {SUMMARY_JSON})")
+    summary = json.loads(file.read_text(encoding="utf-8"))
+    if "protocols" not in summary:
+        raise ValueError(f"{file}: not an evaluation summary (no 'protocols' entry)")
+    return summary
+
+
+def compare(*runs: str, output: str | None = None, protocol: str | None = None) -> str:
+    """Runs side by side: one markdown table per protocol, one row per run (mean ± std (median) over cases).
+
+    Args:
+        runs: ``NAME=PATH`` (or a bare PATH, named after its folder), PATH an evaluation folder or its
+            ``metrics_summary.json``.
+        output: a markdown file to write.
+        protocol: only this protocol (``slice2d`` or ``brasyn3d``).
+    """
+    if not runs:
+        raise ValueError("no run given; expected NAME=PATH arguments")
+    named = {}
+    for run in runs:
+        name, separator, path = str(run).partition("=")
+        if not separator:  # a bare path: named after its evaluation folder
+            path = name
+            name = (Path(path).parent if Path(path).is_file() else Path(path)).resolve().name
+        named[name] = _summary(path)
+    return _emit(comparison_markdown(named, protocol), output)
+
+
+def cases(path: str, output: str | None = None) -> str:
+    """One run's per-case metrics as a markdown table.
+
+    Args:
+        path: an evaluation folder or its ``metrics_per_case.csv``.
+        output: a markdown file to write.
+    """
+    file = Path(path) / CASES_CSV if Path(path).is_dir() else Path(path)
+    return _emit(cases_markdown(read_csv(file)), output)
+
+
+def robustness(
+    sweep: str,
+    output_dir: str = ".",
+    metrics: Sequence[str] | str = METRICS,
+    group: str = "network",
+    level: str = "perturbation",
+    title: str | None = None,
+    xlabel: str = "translation of one input (pixels)",
+) -> str:
+    """A robustness sweep's CSV -> ``<output_dir>/robustness.md`` (a table per metric) and
+    ``<output_dir>/robustness_<metric>.png`` (metric vs level, a line per network; the paper's Fig. 3).
+
+    Args:
+        sweep: CSV with columns ``group``, ``level`` and the metrics (e.g. one row per case and level).
+        output_dir: where the markdown and PNGs go.
+        metrics: the metric columns to report (those absent from the CSV are skipped; none present is an error).
+        group: the column naming the networks.
+        level: the column of perturbation levels.
+        title: the plots' title.
+        xlabel: the x axis label.
+    """
+    rows = read_csv(sweep)
+    if not rows:
+        raise ValueError(f"{sweep}: no rows")
+    wanted = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+    present = [m for m in wanted if m in rows[0]]
+    if not present:
+        raise ValueError(f"{sweep}: none of the metric columns {wanted}; its columns are {list(rows[0])}")
+    output = Path(output_dir)
+    sections = [f"# Robustness: {title}" if title else "# Robustness", ""]
+    for metric in present:
+        plot = robustness_plot(rows, output / f"robustness_{metric}.png", metric, group, level, title, xlabel)
+        sections += [sweep_markdown(rows, metric, group, level), f"![{metric}]({plot.name})", ""]
+    return _emit("\n".join(sections), str(output / "robustness.md"))
+
+
+def panel(
+    target: str,
+    predictions: str | Sequence[str] | Mapping[str, str],
+    output: str,
+    inputs: str | Sequence[str] | Mapping[str, str] = (),
+    target_name: str = "target",
+    slice_index: int | None = None,
+    title: str | None = None,
+) -> str:
+    """The synthesis panel (the paper's Fig. 5) of one axial slice, from volumes on one grid.
+
+    Inputs and target are raw files, normalised here as the bundles do (x / the volume's 99.5th percentile,
+    clipped to [0, 1]); predictions are the bundles' outputs, already in [0, 1]. The row labels carry each
+    prediction's whole-volume metrics under the 2D protocol (:func:`agi_monai.evaluation.slice_protocol`, brain
+    mask = the inputs' foreground, or the target's when no input is given).
+
+    Args:
+        target: the real volume (NIfTI or DICOM folder).
+        predictions: ``NAME=PATH`` pairs, comma-separated, of synthesized volumes.
+        output: the PNG to write.
+        inputs: ``NAME=PATH`` pairs of the input contrasts (shown in the first row).
+        target_name: the synthesized contrast's name.
+        slice_index: the axial slice (last axis); default the one where the mask covers the most.
+        title: the figure's title (default: the target file and slice).
+    """
+    real = _normalised(target)
+    synthesized = {name: _volume(path) for name, path in _pairs(predictions).items()}
+    sources = {name: _normalised(path) for name, path in _pairs(inputs).items()} if inputs else {}
+    for name, volume in {**synthesized, **sources}.items():
+        if volume.shape != real.shape:
+            raise ValueError(f"{name} has shape {tuple(volume.shape)}, the target {tuple(real.shape)}; expected one grid")
+    mask = brain_mask(torch.stack(list(sources.values())) if sources else real)
+    metrics = {name: slice_protocol(volume, real, mask).metrics for name, volume in synthesized.items()}
+    z = int(mask.float().sum(dim=(0, 1)).argmax()) if slice_index is None else int(slice_index)
+    path = synthesis_panel(
+        inputs={name: v[..., z] for name, v in sources.items()},
+        predictions={name: v[..., z] for name, v in synthesized.items()},
+        target=real[..., z], path=output, target_name=target_name, metrics=metrics,
+        title=title or f"{Path(target).name}, axial slice {z}; metrics: 2D protocol, brain mask, whole volume",
+    )
+    print(f"written to {path}")
+    return str(path)
+
+
+def _volume(path: str) -> torch.Tensor:
+    """A NIfTI file or DICOM series as an (H, W, D) float tensor in RAS (the bundles' orientation)."""
+    volume = Orientation(axcodes="RAS", labels=None)(load_volume(path))
+    return volume.as_tensor()[0].float()
+
+
+def _normalised(path: str) -> torch.Tensor:
+    """:func:`_volume` / its 99.5th percentile, clipped to [0, 1]: the bundles' intensity normalisation."""
+    volume = _volume(path)
+    upper = float(percentile(volume, 99.5))
+    if upper <= 0:
+        raise ValueError(f"{path}: its 99.5th intensity percentile is {upper:g}; expected a positive MR magnitude image")
+    return (volume / upper).clamp(0.0, 1.0)
+
+
+if __name__ == "__main__":
+    fire.Fire({"compare": compare, "cases": cases, "robustness": robustness, "panel": panel})
