@@ -1,11 +1,11 @@
 """What the bundle configs (``bundles/*/configs/*.json``) call beyond MONAI: reading a dataset folder or
-datalist split, 2D slice datasets from datalist items, folder-to-folder synthesis, and small adapters
+datalist split, folder-to-folder synthesis, and small adapters
 between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tested
 (``tests/test_bundles.py``); the configs only wire it.
 """
 
-from agi_monai.bundle.data import load_split, slice_dataset
+from agi_monai.bundle.data import load_split
 from agi_monai.bundle.handlers import loss_terms, slice_names
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
 
-__all__ = ["FolderSynthesis", "SynthesisSummary", "load_split", "loss_terms", "slice_dataset", "slice_names"]
+__all__ = ["FolderSynthesis", "SynthesisSummary", "load_split", "loss_terms", "slice_names"]

@@ -22,7 +22,13 @@ from agi_monai.data.contrasts import (
     parse_filename,
     patient_id,
 )
-from agi_monai.data.datasets import SliceDataset, build_inference_dataset, build_slice_dataset, build_volume_dataset
+from agi_monai.data.datasets import (
+    SliceDataset,
+    build_inference_dataset,
+    build_slice_dataset,
+    build_volume_dataset,
+    slice_dataset,
+)
 from agi_monai.data.dicom import (
     DICOM_CONTRAST_RULES,
     DicomSeries,

@@ -23,7 +23,7 @@ from agi_monai.data.discovery import discover_cases
 from agi_monai.data.errors import DataError, Failure, format_failures
 from agi_monai.data.transforms import preprocessing_transforms
 
-__all__ = ["build_volume_dataset", "SliceDataset", "build_slice_dataset", "build_inference_dataset"]
+__all__ = ["build_volume_dataset", "SliceDataset", "slice_dataset", "build_slice_dataset", "build_inference_dataset"]
 
 _logger = logging.getLogger(__name__)
 
@@ -49,12 +49,11 @@ def build_volume_dataset(
     return PersistentDataset(list(cases), transform=preprocessing, cache_dir=Path(cache_dir))
 
 
-def build_slice_dataset(
-    source: str | Path,
+def slice_dataset(
+    data: Sequence[Mapping[str, Any]],
     inputs: Sequence[str],
     target: str,
     spatial_size: Sequence[int] = (256, 256),
-    split: str | None = None,
     cache_dir: str | Path | None = None,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     min_foreground_fraction: float = 0.05,
@@ -62,19 +61,20 @@ def build_slice_dataset(
     progress: bool = True,
     **preprocessing_options: Any,
 ) -> SliceDataset:
-    """One call from a folder (NIfTI or DICOM, co-registered or not) or a JSON datalist to 2D training items.
+    """2D axial training/validation items from datalist items (``train#dataset`` of the bundles, whose
+    ``data`` MONAI Label replaces): :func:`agi_monai.data.preprocessing_transforms`, cached per volume, then
+    :class:`SliceDataset`. Cases whose preprocessing fails are skipped and listed in the result's ``failures``.
 
-    Discovers the cases having ``inputs`` and ``target`` (:func:`agi_monai.data.discover_cases`), preprocesses
-    them (:func:`agi_monai.data.preprocessing_transforms`, cached in ``cache_dir``) and slices them
-    (:class:`SliceDataset`). Skipped cases, at discovery or preprocessing, are in the result's ``failures``.
+    The volumes are cached in a subfolder of ``cache_dir`` named after the scenario and size (e.g.
+    ``T1_T2_to_PD_256x256``): MONAI's ``PersistentDataset`` keys its cache by the items only, so one folder
+    must never serve two preprocessing configurations.
 
     Args:
-        source: a folder or a JSON datalist.
+        data: datalist items, each with the ``inputs`` and ``target`` contrasts (:func:`discover_cases`).
         inputs: input contrasts in scenario order.
         target: the contrast to synthesize.
         spatial_size: in-plane size, (256, 256) for IXI, (240, 240) for BraTS.
-        split: the datalist split to read (``"training"``...), for a JSON ``source``.
-        cache_dir: where preprocessed volumes are kept (one folder per scenario and size).
+        cache_dir: where preprocessed volumes are kept; None to keep nothing on disk.
         transform: random 2D transforms applied on access (e.g. :class:`agi_monai.data.RandShiftChanneld`).
         min_foreground_fraction: see :class:`SliceDataset`.
         num_workers: processes preprocessing volumes while building.
@@ -83,16 +83,40 @@ def build_slice_dataset(
             (``reference``, ``registration``, ``labels``, ``registration_options``...).
     """
     labels = list(preprocessing_options.get("labels", ()))
-    discovery = discover_cases(source, required=[*inputs, target, *labels], split=split)
     preprocessing = preprocessing_transforms(inputs, target, spatial_size, **preprocessing_options)
-    dataset = SliceDataset(
-        build_volume_dataset(discovery.cases, preprocessing, cache_dir),
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir) / f"{'_'.join(inputs)}_to_{target}_{'x'.join(str(s) for s in spatial_size)}"
+    return SliceDataset(
+        build_volume_dataset(data, preprocessing, cache_dir),
         keys=["image", "target", "mask", *labels],
         min_foreground_fraction=min_foreground_fraction,
         transform=transform,
         num_workers=num_workers,
         progress=progress,
     )
+
+
+def build_slice_dataset(
+    source: str | Path,
+    inputs: Sequence[str],
+    target: str,
+    spatial_size: Sequence[int] = (256, 256),
+    split: str | None = None,
+    **options: Any,
+) -> SliceDataset:
+    """One call from a folder (NIfTI or DICOM, co-registered or not) or a JSON datalist to 2D training items:
+    :func:`agi_monai.data.discover_cases` (the cases having ``inputs``, ``target`` and any ``labels``), then
+    :func:`slice_dataset`. Cases skipped at discovery or preprocessing are in the result's ``failures``.
+
+    Args:
+        source: a folder or a JSON datalist.
+        inputs, target, spatial_size: as for :func:`slice_dataset`.
+        split: the datalist split to read (``"training"``...), for a JSON ``source``.
+        options: the other arguments of :func:`slice_dataset` (``cache_dir``, ``transform``, ``labels``...).
+    """
+    labels = list(options.get("labels", ()))
+    discovery = discover_cases(source, required=[*inputs, target, *labels], split=split)
+    dataset = slice_dataset(discovery.cases, inputs, target, spatial_size, **options)
     dataset.failures[:0] = discovery.failures
     return dataset
 
