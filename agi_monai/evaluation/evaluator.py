@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.data import Dataset
+from monai.data import Dataset, MetaTensor
 from monai.engines import Evaluator
 from monai.inferers import Inferer
 from torch.utils.data import DataLoader
@@ -180,7 +180,9 @@ class VolumeEvaluator(Evaluator):
         return {"case_id": case_id, "results": results}
 
     def _evaluate(self, item: Mapping[str, Any]) -> dict[str, ProtocolResult]:
-        image = torch.as_tensor(item[self.image_key])
+        image = item[self.image_key]
+        # plain tensor: MetaTensor metadata tracking costs time in every layer and is not needed for metrics
+        image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
         self.network.eval()
         autocast = torch.autocast(self.state.device.type) if self.amp else nullcontext()
         with torch.inference_mode(), autocast:
