@@ -3,6 +3,9 @@
 Series are found with SimpleITK/GDCM (which groups files by series and sorts slices by position), their
 descriptive tags are read with pydicom, and each series is matched to a canonical contrast by rules on
 SeriesDescription/ProtocolName (:data:`DICOM_CONTRAST_RULES`) or by an explicit mapping.
+
+:func:`write_derived_series` writes a synthesized volume as a new MR series of the reference input's study
+(patient, study and frame of reference carried over), so that a viewer overlays it on the inputs.
 """
 
 from __future__ import annotations
@@ -10,16 +13,20 @@ from __future__ import annotations
 import locale
 import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.misc import is_dicom
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 from agi_monai.data.contrasts import canonical_contrast
 from agi_monai.data.errors import DataError
@@ -33,6 +40,8 @@ __all__ = [
     "match_series_to_contrasts",
     "convert_dicom_to_nifti",
     "write_dicom_series",
+    "write_derived_series",
+    "DERIVED_SERIES_NUMBER_OFFSET",
 ]
 
 DICOM_CONTRAST_RULES: tuple[tuple[str | None, str], ...] = (
@@ -267,6 +276,232 @@ def _pixel_tags(image: sitk.Image) -> tuple[sitk.Image, dict[str, str]]:
         "0028|0103": "1",
     }
     return sitk.Cast(image, sitk.sitkFloat64), tags
+
+
+#: A derived series is numbered this much above its reference series (1000 + 4 for a reference series 4).
+DERIVED_SERIES_NUMBER_OFFSET = 1000
+
+# Patient, study and frame-of-reference tags a derived series shares with its reference series: the same
+# patient and study, and the same patient coordinate system (FrameOfReferenceUID), so viewers overlay them.
+_CARRIED_OVER_TAGS = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "BodyPartExamined",
+    "PatientPosition",
+)
+_UINT16_MAX = 65535
+
+
+def write_derived_series(
+    image: sitk.Image,
+    folder: str | Path,
+    series_description: str,
+    derivation_description: str,
+    reference: str | Path | Sequence[str | Path] | None = None,
+    case_id: str = "SYNTHETIC",
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write a synthesized volume as a new MR series (one file per slice), derived from a reference series.
+
+    The series is a new one (new SeriesInstanceUID and SOPInstanceUIDs) with ImageType DERIVED\\SECONDARY and
+    the given descriptions. With a ``reference`` (a file of the input series the volume was synthesized on,
+    or that series' files, or its folder) the patient, study and frame-of-reference tags are copied from it
+    (:data:`_CARRIED_OVER_TAGS`) and the series number is the reference's plus
+    :data:`DERIVED_SERIES_NUMBER_OFFSET`. Without one (NIfTI input), a new study is made whose patient is
+    marked synthetic: PatientName ``SYNTHETIC^<case_id>``, PatientID ``case_id``, new Study and Frame of
+    Reference UIDs.
+
+    Geometry comes from ``image`` (which must be on the reference grid): ImagePositionPatient per slice,
+    ImageOrientationPatient, PixelSpacing, SliceThickness and SpacingBetweenSlices, any oblique direction
+    kept. Intensities are stored as unsigned 16-bit integers with RescaleIntercept = the minimum and
+    RescaleSlope = (maximum - minimum) / 65535, so a reader recovers every voxel within half a step
+    (1/131070 of the range). Unsigned with an intercept rather than signed: a synthesized image in [0, 1]
+    uses all 65536 levels instead of 32768.
+
+    The series is written into a temporary folder beside ``folder`` and renamed onto it when complete, so
+    ``folder`` never holds a partial series.
+
+    Args:
+        image: the volume (SimpleITK's LPS geometry, e.g. ``sitk.ReadImage`` of the synthesized NIfTI).
+        folder: the series folder to create (its files: ``IM_0001.dcm`` ...).
+        series_description: SeriesDescription (at most 64 characters), e.g. ``"SYNTHETIC FLAIR (bundle)"``.
+        derivation_description: DerivationDescription, how the image was made (at most 1024 characters).
+        reference: the reference input series (its first file is read), or None for a new study.
+        case_id: the patient ID of the new study when there is no reference.
+        overwrite: replace an existing ``folder``; otherwise an existing one is an error.
+
+    Returns:
+        The written files in slice order.
+
+    Raises:
+        DataError: ``folder`` exists and ``overwrite`` is False; a description is too long; the reference
+            cannot be read; ``image`` is not 3D.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise DataError(folder, "already exists", "a new output folder, or overwrite=True to replace it")
+    if len(series_description) > 64:
+        raise DataError(series_description, f"is {len(series_description)} characters long", "a SeriesDescription of at most 64")
+    if image.GetDimension() != 3:
+        raise DataError(folder, f"the image to write has {image.GetDimension()} dimensions", "a 3D volume")
+    header = _series_header(image, series_description, derivation_description, reference, case_id)
+    stored, intercept, slope = _quantize_uint16(sitk.GetArrayFromImage(image))
+    header.RescaleIntercept = _ds(intercept)
+    header.RescaleSlope = _ds(slope)
+    header.RescaleType = "US"  # unspecified units: MR magnitude, normalised by the bundle
+    low, high = intercept, intercept + slope * _UINT16_MAX
+    header.WindowCenter = _ds((low + high) / 2)
+    header.WindowWidth = _ds(max(high - low, 1e-6))
+
+    with _atomic_folder(folder, overwrite) as temporary:
+        written = []
+        for index in range(stored.shape[0]):
+            path = temporary / f"IM_{index + 1:04d}.dcm"
+            _slice_dataset(header, image, index, stored[index]).save_as(path, enforce_file_format=True)
+            written.append(folder / path.name)
+    return written
+
+
+def _series_header(
+    image: sitk.Image,
+    series_description: str,
+    derivation_description: str,
+    reference: str | Path | Sequence[str | Path] | None,
+    case_id: str,
+) -> Dataset:
+    """The tags every slice of a derived series shares."""
+    now = datetime.now()
+    header = Dataset()
+    if reference is not None:
+        source = _reference_file(reference)
+        try:
+            reference_header = pydicom.dcmread(source, stop_before_pixels=True)
+        except Exception as error:  # pydicom raises several types for unreadable files; report the file
+            raise DataError(source, f"cannot be read as DICOM ({error})", "the reference input series") from error
+        for keyword in _CARRIED_OVER_TAGS:
+            if keyword in reference_header:
+                header[keyword] = reference_header[keyword]
+        number = _number(str(reference_header.get("SeriesNumber", "")))
+        header.SeriesNumber = DERIVED_SERIES_NUMBER_OFFSET + (int(number) if np.isfinite(number) else 0)
+    else:
+        header.SpecificCharacterSet = "ISO_IR 192"  # UTF-8
+        header.PatientName = f"SYNTHETIC^{case_id}"[:64]
+        header.PatientID = case_id[:64]
+        header.StudyInstanceUID = generate_uid()
+        header.FrameOfReferenceUID = generate_uid()
+        header.StudyDate, header.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        header.StudyDescription = "agi-monai synthesis from NIfTI (no DICOM reference)"
+        header.PositionReferenceIndicator = ""
+        header.SeriesNumber = DERIVED_SERIES_NUMBER_OFFSET
+    if "SpecificCharacterSet" not in header:
+        header.SpecificCharacterSet = "ISO_IR 192"
+    header.SOPClassUID = MRImageStorage
+    header.Modality = "MR"
+    # value 3 is required for MR images; OTHER: none of the MR-specific defined terms fits a synthesized image
+    header.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    header.SeriesInstanceUID = generate_uid()
+    header.SeriesDescription = series_description
+    header.DerivationDescription = derivation_description[:1024]
+    header.SeriesDate = header.ContentDate = header.InstanceCreationDate = now.strftime("%Y%m%d")
+    header.SeriesTime = header.ContentTime = header.InstanceCreationTime = now.strftime("%H%M%S")
+    header.Manufacturer = "agi-monai"
+    header.BurnedInAnnotation = "NO"
+    # MR Image module attributes that describe an acquisition; a synthesized image has none (RM: research mode)
+    header.ScanningSequence, header.SequenceVariant, header.ScanOptions = "RM", "NONE", ""
+    header.MRAcquisitionType = ""
+    header.RepetitionTime = header.EchoTime = header.EchoTrainLength = None
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    spacing = image.GetSpacing()
+    header.ImageOrientationPatient = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
+    header.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]  # between rows (along y), between columns (along x)
+    header.SliceThickness = header.SpacingBetweenSlices = _ds(spacing[2])
+    return header
+
+
+def _slice_dataset(header: Dataset, image: sitk.Image, index: int, pixels: np.ndarray) -> Dataset:
+    """One slice's file: the shared header, its position and its pixels."""
+    dataset = Dataset()
+    dataset.update(header)
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    position = image.TransformIndexToPhysicalPoint((0, 0, index))
+    normal = np.cross(*np.asarray(image.GetDirection()).reshape(3, 3)[:, :2].T)
+    dataset.ImagePositionPatient = [_ds(v) for v in position]
+    dataset.SliceLocation = _ds(float(np.dot(normal, position)))
+    dataset.InstanceNumber = index + 1
+    # sets Rows, Columns, the pixel-format tags and a new SOPInstanceUID (also in the file meta)
+    dataset.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=16)
+    dataset.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    return dataset
+
+
+def _quantize_uint16(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Stored uint16 values, intercept and slope with ``values ~ stored * slope + intercept``; the slope and
+    intercept are the values their decimal strings read back as, so the error stays within half a step."""
+    low, high = float(values.min()), float(values.max())
+    intercept = float(_ds(low))
+    slope = float(_ds((high - intercept) / _UINT16_MAX)) if high > intercept else 1.0
+    stored = np.clip(np.rint((values.astype(np.float64) - intercept) / slope), 0, _UINT16_MAX)
+    return stored.astype(np.uint16), intercept, slope
+
+
+def _reference_file(reference: str | Path | Sequence[str | Path]) -> Path:
+    """The first file of a reference series given as a file, its files, or a folder holding one series."""
+    if isinstance(reference, (str, Path)):
+        path = Path(reference)
+        if not path.is_dir():
+            return path
+        series = find_dicom_series(path)
+        if len(series) != 1:
+            raise DataError(path, f"holds {len(series)} DICOM series", "the folder of one reference series")
+        return Path(series[0].files[0])
+    if not reference:
+        raise DataError("<reference>", "is an empty list of files", "the files of the reference series")
+    return Path(reference[0])
+
+
+@contextmanager
+def _atomic_folder(folder: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside ``folder``, renamed onto it when the block succeeds (an existing
+    ``folder`` is replaced only then, when ``overwrite``), removed when it fails."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = folder.with_name(f".tmp-{os.getpid()}-{folder.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if folder.exists():
+            if not overwrite:
+                raise DataError(folder, "appeared while it was being written", "a new output folder")
+            replaced = folder.with_name(f".old-{os.getpid()}-{folder.name}")
+            os.replace(folder, replaced)
+            os.replace(temporary, folder)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(temporary, folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _ds(value: float) -> str:
+    """A DICOM decimal string (at most 16 characters) with as many digits as fit."""
+    return format_number_as_ds(float(value))
 
 
 def _decimal_string(value: float) -> str:

@@ -1,0 +1,580 @@
+"""The ``agi-monai`` command line (also ``python -m agi_monai``): synthesis, DICOM conversion, evaluation,
+TorchScript export and the table of scenario bundles.
+
+Every command that runs a network goes through the bundle's own configs with MONAI's ``ConfigWorkflow`` (or
+``ckpt_export``), with the command's arguments as config overrides, so ``agi-monai synthesize`` and
+``python -m monai.bundle run --config_file <bundle>/configs/inference.json`` run the same code. Extra
+``--<config id>=<value>`` flags are passed to the config as overrides (e.g. ``--network_def#channels=[8,8,8,8]``).
+
+Exit status: 0 when every case was written, 1 when any case failed (the others are still written and the
+failed ones are named), 2 for a bad argument (the message names it; no traceback).
+"""
+
+# no "from __future__ import annotations", and Optional[str] rather than "str | None" in the commands: Fire's
+# --help prints the annotations, and these read "Optional[str]" there
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import warnings
+
+import fire
+
+__all__ = ["UsageError", "main", "synthesize", "convert_dicom", "evaluate", "export", "list_bundles_table"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_PROGRAM = "agi-monai"
+_FILE_FLAGS = {"t1": "T1", "t2": "T2", "pd": "PD", "flair": "FLAIR", "t1gd": "T1Gd"}
+
+
+class UsageError(Exception):
+    """A bad command-line argument: the message says which, what was given and what is expected."""
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def synthesize(
+    input_dir: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    bundle: Optional[str] = None,
+    target: Optional[str] = None,
+    t1: Optional[str] = None,
+    t2: Optional[str] = None,
+    pd: Optional[str] = None,
+    flair: Optional[str] = None,
+    t1gd: Optional[str] = None,
+    case_id: Optional[str] = None,
+    device: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    overwrite: bool = False,
+    dicom: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> int:
+    """Synthesize the missing contrast of every case in a folder (NIfTI and/or DICOM), or of one case given file by file.
+
+    Writes <case>_<target>.nii.gz on the grid of the case's reference input (T2, else PD, FLAIR, T1, T1Gd) and,
+    with --dicom, <case>_<target>_dicom/: a new MR series derived from the reference series (DICOM input) or a
+    new study with synthetic patient tags (NIfTI input). A bad case is reported and the others go on; the exit
+    status is 1 when any case failed. Other --<config id>=<value> flags override the bundle's inference.json
+    (e.g. --network_def#channels=[8,8,8,8]). Examples:
+
+        agi-monai synthesize /scans --output_dir out --bundle brats_t1_t2_to_flair
+        agi-monai synthesize --t1 a-t1.nii.gz --t2 a-t2.nii.gz --target FLAIR --output_dir out --dicom
+
+    Args:
+        input_dir: folder of cases (NIfTI named like <case>-t1.nii.gz, DICOM series named by their
+            SeriesDescription) or a JSON datalist. Leave out when giving --t1/--t2/... files.
+        output_dir: where outputs go (created); not the input folder nor inside it.
+        bundle: a bundle name (see 'agi-monai bundles') or a bundle folder. Default: chosen from the contrasts
+            every case has (and --target).
+        target: the contrast to synthesize (T1, T2, PD, FLAIR, T1Gd) when choosing the bundle; needed when
+            the contrasts present allow several.
+        t1: the T1 of one case (a NIfTI file or a folder holding one DICOM series); likewise t2, pd, flair, t1gd.
+        t2: the T2 of one case.
+        pd: the PD of one case.
+        flair: the FLAIR of one case.
+        t1gd: the contrast-enhanced T1 of one case.
+        case_id: the case's name for files given with --t1/...; default: from the file names.
+        device: torch device, e.g. cpu, cuda, cuda:1. Default: cuda:0 if available, else cpu.
+        batch_size: axial slices per forward pass (the bundle's slices_per_batch, 16).
+        overwrite: replace existing outputs; without it a case whose output exists fails, naming the file.
+        dicom: also write a DICOM series per case.
+        progress: show progress bars.
+        overrides: --<config id>=<value> overrides of the bundle's inference.json.
+    """
+    from agi_monai.bundle.registry import BundleError, choose_bundle, find_bundle
+    from agi_monai.data import discover_cases
+
+    started = time.perf_counter()
+    given = {"t1": t1, "t2": t2, "pd": pd, "flair": flair, "t1gd": t1gd}
+    files = {_FILE_FLAGS[flag]: value for flag, value in given.items() if value is not None}
+    overwrite, dicom, progress = _flag(overwrite, "overwrite"), _flag(dicom, "dicom"), _flag(progress, "progress")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise UsageError(f"--batch_size: got {batch_size!r}, expected a positive number of slices")
+    if output_dir is None:
+        raise UsageError("--output_dir is required: the folder the synthesized images are written to")
+    output = Path(str(output_dir)).resolve()
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output_dir {output_dir}: is a file, expected a folder")
+    with tempfile.TemporaryDirectory(prefix="agi-monai-") as scratch:
+        source = _input_source(input_dir, files, case_id, output, Path(scratch))
+        try:
+            if bundle is not None:
+                chosen = find_bundle(bundle)
+                if target is not None and _canonical(target, "--target") != chosen.target:
+                    raise UsageError(f"--target {target}: bundle {chosen.name} synthesizes {chosen.target}, not {target}")
+            else:
+                present = _contrasts_present(discover_cases(source), source)
+                chosen = choose_bundle(present, target)
+                print(
+                    f"{_PROGRAM} synthesize: using bundle {chosen.name} ({', '.join(chosen.inputs)} -> {chosen.target}); "
+                    f"contrasts every case has: {', '.join(present)}",
+                    flush=True,
+                )
+        except BundleError as error:
+            raise UsageError(str(error)) from None
+
+        workflow = _workflow(
+            chosen, ["inference.json"], overrides, dataset_dir=str(source), output_dir=str(output),
+            device=_device_expression(device), **({"slices_per_batch": batch_size} if batch_size else {}),
+            **({} if progress else {"evaluator#progress": False}),
+        )
+        _initialize(workflow, chosen)
+        discovery = workflow.parser.get_parsed_content("discovery")  # the instance the evaluator will read
+        cases = {case["case_id"]: case for case in discovery.cases}
+        _skip_cases_with_outputs(discovery, output, chosen.target, dicom, overwrite)
+        summary = _run(workflow)
+        if dicom:
+            _write_dicom_outputs(summary, cases, chosen, overwrite, progress)
+        workflow.finalize()
+
+    total = len(summary.written) + len(summary.failures)
+    failed = ", ".join(f.case_id for f in summary.failures)
+    line = (
+        f"{_PROGRAM} synthesize: {len(summary.written)} of {total} cases written ({chosen.target}, "
+        f"{'NIfTI + DICOM' if dicom else 'NIfTI'}) to {output} by {chosen.name} in {time.perf_counter() - started:.1f} s; "
+        f"{len(summary.failures)} failed" + (f": {failed}" if failed else "")
+    )
+    print(line, flush=True)
+    return EXIT_FAILED if summary.failures or total == 0 else EXIT_OK
+
+
+def convert_dicom(input_dir: str, output_dir: str, overwrite: bool = False, progress: bool = True) -> int:
+    """Convert the DICOM series of every case in a folder to NIfTI: <case>-<contrast>.nii.gz.
+
+    Series are grouped into cases by patient (and study) and matched to contrasts by their SeriesDescription
+    /ProtocolName; a case whose series cannot be matched (e.g. two T2 series) is reported and skipped. The
+    output folder can then be given to 'agi-monai synthesize'. Exit status 1 when any case failed.
+
+    Args:
+        input_dir: folder holding DICOM files (searched recursively).
+        output_dir: where the NIfTI files go (created); not the input folder.
+        overwrite: replace existing NIfTI files; without it a case whose output exists fails, naming the file.
+        progress: show a progress bar.
+    """
+    from tqdm import tqdm
+
+    from agi_monai.data import CONTRASTS, LABELS, DataError, Failure, convert_dicom_to_nifti, discover_cases
+
+    started = time.perf_counter()
+    overwrite, progress = _flag(overwrite, "overwrite"), _flag(progress, "progress")
+    source = _existing_path(input_dir, "input_dir", "a folder of DICOM files")
+    output = Path(str(output_dir)).resolve()
+    if output == source:
+        raise UsageError(f"output_dir {output_dir}: is the input folder; expected another folder")
+    discovery = discover_cases(source)
+    dicom_cases = [c for c in discovery.cases if any(_is_dicom_value(c[k]) for k in c if k in CONTRASTS + LABELS)]
+    failures = [f for f in discovery.failures]
+    if not dicom_cases and not failures:
+        raise UsageError(f"input_dir {input_dir}: no DICOM series found (expected DICOM files in it or below it)")
+    written: list[Path] = []
+    converted = 0
+    for case in tqdm(dicom_cases, desc="converting", unit="case", disable=not progress):
+        targets = [output / f"{case['case_id']}-{k}.nii.gz" for k in case if k in CONTRASTS + LABELS and _is_dicom_value(case[k])]
+        existing = [str(p) for p in targets if p.exists()]
+        if existing and not overwrite:
+            failures.append(Failure(case["case_id"], f"output already exists: {', '.join(existing)} (pass --overwrite to replace it)"))
+            continue
+        try:
+            convert_dicom_to_nifti(case, output)
+        except DataError as error:
+            for path in targets:  # no partial case: remove what this run wrote for it
+                if str(path) not in existing:
+                    path.unlink(missing_ok=True)
+            failures.append(Failure(case["case_id"], str(error)))
+            continue
+        written.extend(targets)
+        converted += 1
+    for failure in failures:
+        print(f"  - {failure}", flush=True)
+    print(
+        f"{_PROGRAM} convert-dicom: {len(written)} series of {converted} of {converted + len(failures)} cases written "
+        f"to {output} in {time.perf_counter() - started:.1f} s; {len(failures)} failed"
+        + (f": {', '.join(f.case_id for f in failures)}" if failures else ""),
+        flush=True,
+    )
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def evaluate(
+    bundle: str, dataset_dir: str, output_dir: Optional[str] = None, device: Optional[str] = None, **overrides: Any
+) -> int:
+    """Evaluate a bundle's trained generator on a dataset: its configs/train.json + configs/evaluate.json, run by MONAI.
+
+    What is measured and written (metrics tables in output_dir) is up to the bundle's evaluate.json; this
+    command passes the arguments as overrides and lists the files it wrote.
+
+    Args:
+        bundle: a bundle name (see 'agi-monai bundles') or a bundle folder; its models/model.pt is evaluated.
+        dataset_dir: folder of cases or a JSON datalist (its "test" split, or every case of a folder).
+        output_dir: where the metrics go (default: the bundle's, <bundle>/eval).
+        device: torch device, e.g. cpu, cuda. Default: cuda:0 if available, else cpu.
+        overrides: --<config id>=<value> overrides of the bundle's configs.
+    """
+    started = time.perf_counter()
+    chosen = _find_bundle(bundle)
+    source = _existing_path(dataset_dir, "dataset_dir", "a folder of cases or a JSON datalist")
+    settings = {"dataset_dir": str(source), "device": _device_expression(device)}
+    if output_dir is not None:
+        settings["output_dir"] = str(Path(output_dir).resolve())
+    workflow = _workflow(chosen, ["train.json", "evaluate.json"], overrides, workflow_type=None, **settings)
+    output = Path(workflow.parser.get_parsed_content("output_dir"))
+    before = _snapshot(output)
+    _initialize(workflow, chosen)
+    results = workflow.run()
+    workflow.finalize()
+    changed = sorted(p for p, stamp in _snapshot(output).items() if before.get(p) != stamp)
+    # failed cases: on what 'run' returned, or on the engine at MONAI's train-property id for the evaluator
+    failures = [f for result in (results or []) for f in getattr(result, "failures", [])]
+    if not failures and "validate#evaluator" in workflow.parser:
+        failures = list(getattr(workflow.parser.get_parsed_content("validate#evaluator"), "failures", []))
+    names = ", ".join(str(p.relative_to(output)) for p in changed) or "nothing"
+    print(
+        f"{_PROGRAM} evaluate: {chosen.name} on {source}: wrote {names} in {output} in "
+        f"{time.perf_counter() - started:.1f} s" + (f"; {len(failures)} cases failed" if failures else ""),
+        flush=True,
+    )
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def export(bundle: str, filepath: Optional[str] = None, portable: bool = False, overwrite: bool = False, **overrides: Any) -> int:
+    """Export a bundle's generator (models/model.pt) to TorchScript with MONAI's ckpt_export.
+
+    The default file needs agi_monai imported before torch.jit.load (its graph calls the compiled roll,
+    torch.ops.agi_monai.group_roll). With --portable the graph uses the pure-PyTorch roll instead: the file
+    runs with torch alone, where agi-monai is not installed (slower; same results).
+
+    Args:
+        bundle: a bundle name (see 'agi-monai bundles') or a bundle folder.
+        filepath: the .ts file to write (default: <bundle>/models/model.ts).
+        portable: export the extension-free graph.
+        overwrite: replace an existing file; otherwise an existing one is an error.
+        overrides: --<config id>=<value> overrides of the bundle's inference.json (e.g. network widths).
+    """
+    from monai.bundle import ConfigParser, ckpt_export
+
+    from agi_monai.data import atomic_output
+
+    started = time.perf_counter()
+    chosen = _find_bundle(bundle)
+    portable, overwrite = _flag(portable, "portable"), _flag(overwrite, "overwrite")
+    config_file = chosen.config_dir / "inference.json"
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    _check_overrides(parser, overrides, [config_file])
+    weights = chosen.weights
+    _require_weights(weights, chosen)
+    target = Path(filepath).resolve() if filepath else chosen.root / "models" / "model.ts"
+    if target.suffix != ".ts":
+        raise UsageError(f"--filepath {filepath}: expected a file name ending in .ts")
+    if target.exists() and not overwrite:
+        raise UsageError(f"--filepath {target}: already exists (pass --overwrite to replace it)")
+    if portable:
+        overrides = {**overrides, "network_def#portable": True}
+    with atomic_output(target) as temporary, warnings.catch_warnings():
+        # torch 2.13+ deprecates torch.jit.script/save, which ckpt_export uses; the file is still what we want
+        warnings.filterwarnings("ignore", message=".*torch.jit.*", category=FutureWarning)
+        ckpt_export(
+            net_id="network_def", filepath=str(temporary), ckpt_file=str(weights),
+            meta_file=str(chosen.config_dir / "metadata.json"), config_file=str(config_file),
+            bundle_root=str(chosen.root), **overrides,
+        )
+    kind = "portable: loads with torch alone" if portable else "load it after 'import agi_monai'"
+    print(f"{_PROGRAM} export: {chosen.name} -> {target} ({kind}) in {time.perf_counter() - started:.1f} s", flush=True)
+    return EXIT_OK
+
+
+def list_bundles_table() -> int:
+    """List the scenario bundles: inputs, target, slice size and whether trained weights (models/model.pt) are present."""
+    from agi_monai.bundle.registry import bundles_root, list_bundles
+
+    found = list_bundles()
+    rows = [("bundle", "inputs", "target", "slice", "weights")] + [
+        (
+            b.name, ", ".join(b.inputs), b.target, "x".join(map(str, b.spatial_size)),
+            "yes" if b.has_weights else "no (models/model.pt missing)",
+        )
+        for b in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    with_weights = sum(b.has_weights for b in found)
+    print(f"{len(found)} bundles in {bundles_root()}, {with_weights} with trained weights", flush=True)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[..., int]] = {
+    "synthesize": synthesize,
+    "convert-dicom": convert_dicom,
+    "evaluate": evaluate,
+    "export": export,
+    "bundles": list_bundles_table,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 some case failed, 2 bad argument)."""
+    # MONAI announces at import that the optional nvImageCodec DICOM decoder is missing; not news for a user
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    from agi_monai.data import DataError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0].replace("_", "-") in COMMANDS:
+        args[0] = args[0].replace("_", "-")
+    command = args[0] if args and args[0] in COMMANDS else ""
+    try:
+        result = fire.Fire(COMMANDS, command=_fire_help(args), name=_PROGRAM, serialize=lambda _: None)
+    except (UsageError, DataError) as error:
+        print(f"{' '.join([_PROGRAM, *([command] if command else [])])}: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    return result if isinstance(result, int) else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _fire_help(args: list[str]) -> list[str]:
+    """Fire hands ``--help`` to a command's ``**overrides``; ``-- --help`` asks Fire itself for the help (also
+    what a bare ``agi-monai`` shows)."""
+    if not args:
+        return ["--", "--help"]
+    if "--" in args:
+        return args
+    wanted = [a for a in args if a in ("--help", "-h")]
+    return [a for a in args if a not in ("--help", "-h")] + ["--", "--help"] if wanted else args
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A true/false flag: Fire gives a bool for --flag, --noflag and --flag=False, a string for --flag=false."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "false", "no", "0"):
+        return text in ("true", "yes", "1")
+    raise UsageError(f"--{name}: got {value!r}, expected true or false")
+
+
+def _canonical(name: Any, flag: str) -> str:
+    from agi_monai.data import CONTRASTS, DataError, canonical_contrast
+
+    try:
+        contrast = canonical_contrast(str(name))
+    except DataError:
+        contrast = ""
+    if contrast not in CONTRASTS:
+        raise UsageError(f"{flag} {name}: not a contrast; expected one of {', '.join(CONTRASTS)}")
+    return contrast
+
+
+def _existing_path(value: Any, flag: str, expected: str) -> Path:
+    if value is None or isinstance(value, bool):
+        raise UsageError(f"{flag} is required: {expected}")
+    path = Path(str(value)).resolve()
+    if not path.exists():
+        raise UsageError(f"{flag} {value}: does not exist (expected {expected})")
+    return path
+
+
+def _input_source(
+    input_dir: Any, files: Mapping[str, Any], case_id: str | None, output: Path, scratch: Path
+) -> Path:
+    """The folder or datalist to discover cases in: ``input_dir``, or a datalist of the files given one by one."""
+    from agi_monai.data import write_json
+
+    if input_dir is not None and files:
+        flags = " ".join(f"--{k.lower()}" for k in files)
+        raise UsageError(f"give either input_dir ({input_dir}) or per-contrast files ({flags}), not both")
+    if input_dir is None and not files:
+        raise UsageError("no input: give an input folder (agi-monai synthesize INPUT_DIR ...) or files (--t1 ... --t2 ...)")
+    if input_dir is not None:
+        source = _existing_path(input_dir, "input_dir", "a folder of NIfTI/DICOM cases or a JSON datalist")
+        if output == source or source in output.parents:
+            raise UsageError(
+                f"--output_dir {output}: is the input folder or inside it ({source}); outputs there would be read "
+                f"as inputs by a later run; expected another folder"
+            )
+        return source
+    item: dict[str, str] = {"case_id": str(case_id)} if case_id is not None else {}
+    for contrast, value in files.items():
+        item[contrast] = str(_existing_path(value, f"--{contrast.lower()}", f"a NIfTI file or a DICOM series folder"))
+    return write_json([item], scratch / "datalist.json")
+
+
+def _contrasts_present(discovery: Any, source: Path) -> list[str]:
+    """The image contrasts every discovered case has."""
+    from agi_monai.data import CONTRASTS
+
+    if not discovery.cases:
+        raise UsageError(f"input {source}: no cases found ({discovery.summary()}); expected NIfTI files named like "
+                         f"<case>-t1.nii.gz or DICOM series")
+    return [c for c in CONTRASTS if all(c in case for case in discovery.cases)]
+
+
+def _find_bundle(name: Any) -> Any:
+    from agi_monai.bundle.registry import BundleError, find_bundle
+
+    if name is None or isinstance(name, bool):
+        raise UsageError("a bundle is required: a name from 'agi-monai bundles' or a bundle folder")
+    try:
+        return find_bundle(str(name))
+    except BundleError as error:
+        raise UsageError(str(error)) from None
+
+
+def _device_expression(device: Any) -> str | None:
+    """A config expression for ``--device`` (None keeps the bundle's default), checked here."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(str(device))
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a torch device; expected cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return f"$torch.device({str(parsed)!r})"
+
+
+def _workflow(bundle: Any, configs: Sequence[str], overrides: Mapping[str, Any], workflow_type: Optional[str] = "infer",
+              **settings: Any) -> Any:
+    """MONAI's ``ConfigWorkflow`` over the bundle's ``configs`` with the command's settings and overrides, after
+    checking the overrides and that the weights exist (with a plain parse, before the workflow sets up logging)."""
+    from monai.bundle import ConfigParser, ConfigWorkflow
+
+    config_files = [str(bundle.config_dir / name) for name in configs]
+    settings = {"bundle_root": str(bundle.root), **{k: v for k, v in settings.items() if v is not None}}
+    parser = ConfigParser()
+    parser.read_config(config_files)
+    _check_overrides(parser, overrides, config_files)
+    parser.update({**settings, **overrides})
+    _require_weights(Path(parser.get_parsed_content("ckpt_dir")) / "model.pt", bundle)
+    return ConfigWorkflow(
+        config_file=config_files if len(config_files) > 1 else config_files[0],
+        meta_file=str(bundle.config_dir / "metadata.json"),
+        workflow_type=workflow_type,
+        **{**settings, **overrides},
+    )
+
+
+def _check_overrides(parser: Any, overrides: Mapping[str, Any], config_files: Sequence[Any]) -> None:
+    """An override must name an entry of the config (its first ``#`` part), so that a mistyped flag is an error."""
+    for key in overrides:
+        if key.split("#", 1)[0] not in parser:
+            files = ", ".join(map(str, config_files))
+            raise UsageError(f"--{key}: not an option of this command and not a config id of {files}")
+
+
+def _require_weights(weights: Path, bundle: Any) -> None:
+    if not weights.is_file():
+        config = bundle.config_dir / "train.json"
+        raise UsageError(
+            f"{weights}: no trained weights for bundle {bundle.name} (no bundle ships weights yet). Train them with "
+            f"'python -m monai.bundle run --config_file {config} --bundle_root {bundle.root} --dataset_dir <data>' "
+            f"(writes models/model.pt), or put a trained model.pt there"
+        )
+
+
+def _initialize(workflow: Any, bundle: Any) -> None:
+    """The workflow's ``initialize`` (which loads the weights), a failure reported as the weights' fault."""
+    try:
+        workflow.initialize()
+    except Exception as error:  # MONAI wraps the expression's error; report the innermost one
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UsageError(
+            f"{weights}: cannot be loaded into bundle {bundle.name}'s network ({type(cause).__name__}: {detail}); "
+            f"expected a state_dict saved by this bundle's training"
+        ) from None
+
+
+def _skip_cases_with_outputs(discovery: Any, output: Path, target: str, dicom: bool, overwrite: bool) -> None:
+    """Without ``overwrite``, a case whose output exists becomes a failure naming the file (nothing is replaced)."""
+    from agi_monai.data import Failure
+
+    if overwrite:
+        return
+    kept = []
+    for case in discovery.cases:
+        paths = [_nifti_output(output, case["case_id"], target)]
+        if dicom:
+            paths.append(_dicom_output(output, case["case_id"], target))
+        existing = [str(p) for p in paths if p.exists()]
+        if existing:
+            discovery.failures.append(
+                Failure(case["case_id"], f"output already exists: {', '.join(existing)} (pass --overwrite to replace it)")
+            )
+        else:
+            kept.append(case)
+    discovery.cases[:] = kept
+
+
+def _nifti_output(output: Path, case_id: str, target: str) -> Path:
+    return output / f"{case_id}_{target}.nii.gz"  # FolderSynthesis.output_path's name
+
+
+def _dicom_output(output: Path, case_id: str, target: str) -> Path:
+    return output / f"{case_id}_{target}_dicom"
+
+
+def _run(workflow: Any) -> Any:
+    from agi_monai.bundle import SynthesisSummary
+
+    results = workflow.run()
+    summaries = [r for r in (results or []) if isinstance(r, SynthesisSummary)]
+    if len(summaries) != 1:
+        raise RuntimeError(f"the bundle's 'run' returned {results!r}, expected one SynthesisSummary")
+    return summaries[0]
+
+
+def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, overwrite: bool, progress: bool) -> None:
+    """A DICOM series beside each written NIfTI; a case whose series fails moves to the summary's failures."""
+    import SimpleITK as sitk
+    from tqdm import tqdm
+
+    from agi_monai import __version__
+    from agi_monai.data import DataError, Failure, choose_reference
+    from agi_monai.data.dicom import write_derived_series
+
+    reference_contrast = choose_reference(bundle.inputs)
+    for nifti in tqdm(list(summary.written), desc="writing DICOM", unit="case", disable=not progress):
+        case_id = nifti.name[: -len(f"_{bundle.target}.nii.gz")]
+        reference = cases[case_id][reference_contrast]
+        is_dicom = _is_dicom_value(reference)
+        try:
+            write_derived_series(
+                sitk.ReadImage(str(nifti)),
+                _dicom_output(nifti.parent, case_id, bundle.target),
+                series_description=f"SYNTHETIC {bundle.target} {bundle.name}"[:64],
+                derivation_description=(
+                    f"Synthetic {bundle.target} made by AGI-Net bundle {bundle.name} (agi-monai {__version__}) from "
+                    f"{', '.join(bundle.inputs)} on the {reference_contrast} grid; research use only, not for diagnosis"
+                ),
+                reference=reference if is_dicom else None,
+                case_id=case_id,
+                overwrite=overwrite,
+            )
+        except (DataError, OSError) as error:  # the case fails as a whole: its NIfTI goes too
+            nifti.unlink(missing_ok=True)
+            summary.written.remove(nifti)
+            summary.failures.append(Failure(case_id, f"DICOM output: {error}"))
+
+
+def _is_dicom_value(value: Any) -> bool:
+    """A case entry that is a DICOM series: a list of files, or a folder."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, str) and Path(value).is_dir())
+
+
+def _snapshot(folder: Path) -> dict[Path, float]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}

@@ -1,0 +1,365 @@
+"""The ``agi-monai`` command line (issue #7), run as a user runs it: ``.venv/bin/agi-monai`` and
+``python -m agi_monai`` in subprocesses, on shipped real cases cut to 40 axial slices, with a copy of a bundle
+holding a freshly initialised narrow generator (``--network_def#channels=[8,8,8,8]``; 8 is CAGR's group count,
+so every width must be a multiple of it) and 64x64 slices, so that each run takes seconds.
+
+Argument errors that are raised before any bundle config is run are checked in-process through ``main()``
+(which returns the exit status); everything that runs a MONAI workflow runs in a subprocess, because a
+workflow applies the bundle's logging configuration to its process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from agi_monai.cli import main
+from agi_monai.data import write_dicom_series
+from agi_monai.networks import AGINet
+from agi_monai.ops import extension_available
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
+AURORA = DATA / "brats2023-mets" / "aurora-example"
+NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
+SCRIPT = Path(sys.executable).parent / "agi-monai"
+WIDTHS = [8, 8, 8, 8]
+FAST = ["--network_def#channels", str(WIDTHS).replace(" ", ""), "--spatial_size", "[64,64]", "--progress", "False"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: the tests share two cores
+SLICES = slice(60, 100)  # 40 axial slices through the tumour
+
+
+def run_cli(*args: str, module: bool = False, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``agi-monai ARGS`` (the console script) or ``python -m agi_monai ARGS``."""
+    command = [sys.executable, "-m", "agi_monai"] if module else [str(SCRIPT)]
+    return subprocess.run(
+        [*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or ENV
+    )
+
+
+def crop(source: Path, destination: Path) -> Path:
+    """The shipped volume cut to :data:`SLICES` (nibabel's slicer keeps the affine right)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.load(source).slicer[:, :, SLICES], destination)
+    return destination
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def make_bundle(folder: Path, name: str, in_channels: int) -> Path:
+    """A copy of a repository bundle whose models/model.pt is a freshly initialised narrow generator."""
+    root = folder / name
+    shutil.copytree(ROOT / "bundles" / name, root, ignore=shutil.ignore_patterns("models", "eval"))
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(AGINet(in_channels=in_channels, channels=WIDTHS).state_dict(), root / "models" / "model.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> Path:
+    """A bundles folder with two scenarios that both read (T1, T2): -> FLAIR (BraTS) and -> PD (IXI)."""
+    folder = tmp_path_factory.mktemp("bundles")
+    make_bundle(folder, "brats_t1_t2_to_flair", 2)
+    make_bundle(folder, "ixi_t1_t2_to_pd", 2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flair_bundle(bundles) -> Path:
+    return bundles / "brats_t1_t2_to_flair"
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Path:
+    """Two real cases with T1 and T2: BraTS-GLI (LPS header, prefixed names) and aurora (RAS header, bare names)."""
+    folder = tmp_path_factory.mktemp("cases")
+    for name in ("t1n", "t2w"):
+        crop(GLI / f"BraTS-GLI-00001-000-{name}.nii.gz", folder / GLI.name / f"BraTS-GLI-00001-000-{name}.nii.gz")
+    for name in ("t1", "t2"):
+        crop(AURORA / f"{name}.nii.gz", folder / AURORA.name / f"{name}.nii.gz")
+    return folder
+
+
+def reference_of(output: Path, cases: Path) -> Path:
+    """The input whose grid a (T1, T2) -> FLAIR output is on: the case's T2."""
+    case_id = output.name.removesuffix("_FLAIR.nii.gz")
+    return next((cases / case_id).glob("*t2*.nii.gz"))
+
+
+def assert_on_input_grid(output: Path, reference: Path) -> None:
+    written, expected = nib.load(output), nib.load(reference)
+    assert written.shape == expected.shape
+    np.testing.assert_allclose(written.affine, expected.affine, atol=1e-4)
+    values = np.asarray(written.dataobj)
+    assert values.dtype == np.float32 and values.min() >= 0.0 and values.max() <= 1.0 and values.std() > 0.0
+
+
+# ------------------------------------------------------------------------------------------------ synthesize
+
+
+def test_synthesize_folder_writes_each_case_on_its_input_grid(flair_bundle, cases, tmp_path):
+    before = digest(cases)
+    result = run_cli("synthesize", cases, "--bundle", flair_bundle, "--output_dir", tmp_path / "out", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in outputs] == ["BraTS-GLI-00001-000_FLAIR.nii.gz", "aurora-example_FLAIR.nii.gz"]
+    for output in outputs:
+        assert_on_input_grid(output, reference_of(output, cases))
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"agi-monai synthesize: 2 of 2 cases written \(FLAIR, NIfTI\) to {re.escape(str(tmp_path / 'out'))} "
+        r"by brats_t1_t2_to_flair in \d+\.\d s; 0 failed",
+        last,
+    ), last
+    assert digest(cases) == before  # inputs untouched
+
+
+def test_a_failing_case_is_named_the_others_are_written_and_the_exit_status_is_1(flair_bundle, cases, tmp_path):
+    folder = tmp_path / "cases"
+    shutil.copytree(cases / GLI.name, folder / GLI.name)
+    bad = folder / "BraTS-GLI-99999-000"
+    bad.mkdir()
+    shutil.copy(cases / GLI.name / "BraTS-GLI-00001-000-t2w.nii.gz", bad / "BraTS-GLI-99999-000-t2w.nii.gz")
+    truncated = (cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz").read_bytes()[:5000]
+    (bad / "BraTS-GLI-99999-000-t1n.nii.gz").write_bytes(truncated)
+    result = run_cli("synthesize", folder, "--bundle", flair_bundle, "--output_dir", tmp_path / "out", *FAST, module=True)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["BraTS-GLI-00001-000_FLAIR.nii.gz"]  # no partial file
+    assert "BraTS-GLI-99999-000: " in result.stdout and "BraTS-GLI-99999-000-t1n.nii.gz" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].endswith("; 1 failed: BraTS-GLI-99999-000")
+    assert "1 of 2 cases written" in result.stdout
+
+
+def test_existing_output_needs_overwrite(flair_bundle, cases, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    existing = output / "aurora-example_FLAIR.nii.gz"
+    existing.write_bytes(b"an earlier result")
+    args = ["synthesize", cases / AURORA.name, "--bundle", flair_bundle, "--output_dir", output, *FAST]
+    refused = run_cli(*args)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert f"aurora-example: output already exists: {existing} (pass --overwrite to replace it)" in refused.stdout
+    assert existing.read_bytes() == b"an earlier result" and sorted(output.iterdir()) == [existing]
+    replaced = run_cli(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert_on_input_grid(existing, cases / AURORA.name / "t2.nii.gz")
+    assert sorted(output.iterdir()) == [existing]  # no temporary file left
+
+
+def test_files_given_one_by_one_and_the_bundle_chosen_by_target(bundles, cases, tmp_path):
+    env = {**ENV, "AGI_MONAI_BUNDLES": str(bundles)}
+    t1, t2 = cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz", cases / GLI.name / "BraTS-GLI-00001-000-t2w.nii.gz"
+    ambiguous = run_cli("synthesize", "--t1", t1, "--t2", t2, "--output_dir", tmp_path / "out", *FAST, env=env)
+    assert ambiguous.returncode == 2 and "Traceback" not in ambiguous.stderr
+    assert (
+        "agi-monai synthesize: error: the contrasts present (T1, T2) allow several targets: choose one with "
+        "--target FLAIR (brats_t1_t2_to_flair); --target PD (ixi_t1_t2_to_pd)"
+    ) in ambiguous.stderr
+    assert not (tmp_path / "out").exists()
+    chosen = run_cli("synthesize", "--t1", t1, "--t2", t2, "--target", "flair", "--output_dir", tmp_path / "out", *FAST,
+                     env=env, module=True)
+    assert chosen.returncode == 0, chosen.stderr[-3000:]
+    assert "using bundle brats_t1_t2_to_flair (T1, T2 -> FLAIR); contrasts every case has: T1, T2" in chosen.stdout
+    assert_on_input_grid(tmp_path / "out" / "BraTS-GLI-00001-000_FLAIR.nii.gz", t2)
+
+
+# ----------------------------------------------------------------------------------------- argument errors
+
+
+def test_missing_weights_name_the_file_and_how_to_train(cases, tmp_path, capsys):
+    bundle = ROOT / "bundles" / "brats_t1_t2_to_flair"
+    if (bundle / "models" / "model.pt").exists():
+        pytest.skip("this checkout has trained weights for brats_t1_t2_to_flair")
+    status = main(["synthesize", str(cases), "--bundle", "brats_t1_t2_to_flair", "--output_dir", str(tmp_path / "o")])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert f"{bundle / 'models' / 'model.pt'}: no trained weights for bundle brats_t1_t2_to_flair" in error
+    assert f"python -m monai.bundle run --config_file {bundle / 'configs' / 'train.json'}" in error
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bundle", "brats_t1_t2_to_nothing"], "bundle 'brats_t1_t2_to_nothing' is neither a bundle folder nor one of: brats_t1_flair_t1gd_to_t2, "),
+        (["--device", "gpu"], "--device gpu: not a torch device; expected cpu, cuda or cuda:N"),
+        (["--batch_size", "0"], "--batch_size: got 0, expected a positive number of slices"),
+        (["--overwrite", "maybe"], "--overwrite: got 'maybe', expected true or false"),
+        (["--outptu_dir", "x"], "--outptu_dir: not an option of this command and not a config id of "),
+        (["--target", "T2"], "--target T2: bundle brats_t1_t2_to_flair synthesizes FLAIR, not T2"),
+        (["--t1", "a.nii.gz"], "give either input_dir ("),
+    ],
+)
+def test_bad_arguments_are_named(flair_bundle, cases, tmp_path, capsys, args, message):
+    argv = ["synthesize", str(cases), "--output_dir", str(tmp_path / "o")]
+    argv += [] if "--bundle" in args else ["--bundle", str(flair_bundle)]
+    status = main(argv + args)
+    error = capsys.readouterr().err
+    assert status == 2 and message in error and "Traceback" not in error, error
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_inside_the_input_folder_is_refused(flair_bundle, cases, capsys):
+    status = main(["synthesize", str(cases), "--bundle", str(flair_bundle), "--output_dir", str(cases / "out")])
+    assert status == 2 and "is the input folder or inside it" in capsys.readouterr().err
+    assert not (cases / "out").exists()
+
+
+def test_user_errors_print_no_traceback_from_the_console_script(tmp_path):
+    result = run_cli("synthesize", tmp_path / "missing", "--output_dir", tmp_path / "o")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"agi-monai synthesize: error: input_dir {tmp_path / 'missing'}: does not exist "
+        "(expected a folder of NIfTI/DICOM cases or a JSON datalist)"
+    )
+
+
+# --------------------------------------------------------------------------------------- bundles, help
+
+
+def test_bundles_lists_the_ten_scenarios():
+    result = run_cli("bundles")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    names = sorted(p.name for p in (ROOT / "bundles").iterdir() if p.is_dir() and not p.name.startswith("_"))
+    assert len(names) == 10 and [line.split()[0] for line in lines[1:-1]] == names
+    assert lines[0].split() == ["bundle", "inputs", "target", "slice", "weights"]
+    row = next(line for line in lines if line.startswith("brats_t1_t2_flair_to_t1gd "))
+    assert re.match(r"brats_t1_t2_flair_to_t1gd\s+T1, T2, FLAIR\s+T1Gd\s+240x240\s+(yes|no)", row), row
+    with_weights = sum((ROOT / "bundles" / n / "models" / "model.pt").is_file() for n in names)
+    assert lines[-1] == f"10 bundles in {ROOT / 'bundles'}, {with_weights} with trained weights"
+
+
+def test_bundles_table_shows_weights(bundles, capsys, monkeypatch):
+    monkeypatch.setenv("AGI_MONAI_BUNDLES", str(bundles))
+    assert main(["bundles"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ixi_t1_t2_to_pd\s+T1, T2\s+PD\s+256x256\s+yes$", out, re.M), out
+    assert out.strip().endswith("2 bundles in " + str(bundles) + ", 2 with trained weights")
+
+
+def test_help_from_the_console_script():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    text = result.stdout + result.stderr
+    for command in ("synthesize", "convert-dicom", "evaluate", "export", "bundles"):
+        assert re.search(rf"^\s+{command}\n\s+\S", text, re.M), f"{command} missing from:\n{text}"
+
+
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("synthesize", ["--output_dir", "--bundle", "--target", "--t1", "--t1gd", "--device", "--batch_size", "--overwrite", "--dicom"]),
+        ("convert-dicom", ["INPUT_DIR", "OUTPUT_DIR", "--overwrite"]),
+        ("evaluate", ["BUNDLE", "DATASET_DIR", "--output_dir", "--device"]),
+        ("export", ["BUNDLE", "--filepath", "--portable", "--overwrite"]),
+        ("bundles", []),
+    ],
+)
+def test_help_of_each_command(command, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    text = "".join(capsys.readouterr())
+    assert exit_info.value.code == 0
+    assert f"agi-monai {command}" in text
+    for flag in flags:
+        assert flag in text, f"{flag} missing from the help of {command}:\n{text}"
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def test_portable_export_runs_without_agi_monai(flair_bundle, tmp_path, capsys):
+    portable, compiled = tmp_path / "portable.ts", tmp_path / "compiled.ts"
+    widths = ["--network_def#channels", str(WIDTHS).replace(" ", "")]
+    result = run_cli("export", flair_bundle, "--portable", "--filepath", portable, *widths)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"agi-monai export: brats_t1_t2_to_flair -> {portable} (portable: loads with torch alone)" in result.stdout
+    assert run_cli("export", flair_bundle, "--filepath", compiled, *widths, module=True).returncode == 0
+    assert main(["export", str(flair_bundle), "--filepath", str(compiled)]) == 2  # checked before any export
+    assert f"--filepath {compiled}: already exists (pass --overwrite" in capsys.readouterr().err
+
+    torch.manual_seed(1)
+    x = torch.rand(1, 2, 48, 40)
+    network = AGINet(in_channels=2, channels=WIDTHS).eval()
+    network.load_state_dict(torch.load(flair_bundle / "models" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        expected = network(x)
+    torch.save(x, tmp_path / "x.pt")
+    fresh = (  # a new interpreter that never imports agi_monai
+        "import sys, torch\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"y = torch.jit.load({str(portable)!r})(x)\n"
+        f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
+        "assert 'agi_monai' not in sys.modules\n"
+        "try:\n"
+        f"    torch.jit.load({str(compiled)!r})\n"
+        "    print('compiled file loaded')\n"
+        "except RuntimeError as error:\n"
+        "    print('compiled file failed:', error)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", fresh], cwd="/", capture_output=True, text=True, timeout=300, env=ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-4, atol=1e-5)
+    if extension_available():  # the default export calls the compiled op: the negative control
+        assert "compiled file failed:" in run.stdout and "agi_monai::group_roll" in run.stdout, run.stdout
+
+
+# ------------------------------------------------------------------------------------------ convert-dicom
+
+
+def test_convert_dicom_writes_one_nifti_per_series(tmp_path, capsys):
+    study = tmp_path / "dicom" / "TCGA-FG-6692"
+    for number, (name, description) in enumerate([("t2", "AX T2 FSE"), ("t1", "AX T1 SE")], 2):
+        write_dicom_series(sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")), study, description, "TCGA-FG-6692", number,
+                           study_uid="1.2.826.0.1.3680043.8.498.1")
+    before = digest(tmp_path / "dicom")
+    result = run_cli("convert-dicom", tmp_path / "dicom", tmp_path / "nifti")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "nifti").iterdir()) == ["TCGA-FG-6692-T1.nii.gz", "TCGA-FG-6692-T2.nii.gz"]
+    assert re.search(r"convert-dicom: 2 series of 1 of 1 cases written to .* 0 failed$", result.stdout.strip())
+    for contrast, name in (("T1", "t1"), ("T2", "t2")):
+        converted = sitk.DICOMOrient(sitk.ReadImage(str(tmp_path / "nifti" / f"TCGA-FG-6692-{contrast}.nii.gz")), "LPS")
+        original = sitk.DICOMOrient(sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")), "LPS")
+        assert converted.GetSize() == original.GetSize()
+        np.testing.assert_allclose(converted.GetOrigin(), original.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(converted.GetDirection(), original.GetDirection(), atol=1e-4)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(converted), sitk.GetArrayFromImage(original))
+    converted = digest(tmp_path / "nifti")
+    assert main(["convert-dicom", str(tmp_path / "dicom"), str(tmp_path / "nifti"), "--progress=False"]) == 1
+    assert f"TCGA-FG-6692: output already exists: {tmp_path / 'nifti' / 'TCGA-FG-6692-T2.nii.gz'}" in capsys.readouterr().out
+    assert digest(tmp_path / "nifti") == converted
+    assert digest(tmp_path / "dicom") == before
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_runs_the_bundles_evaluation(flair_bundle, tmp_path):
+    case = tmp_path / "cases" / GLI.name
+    for name in ("t1n", "t2w", "t2f"):
+        crop(GLI / f"BraTS-GLI-00001-000-{name}.nii.gz", case / f"BraTS-GLI-00001-000-{name}.nii.gz")
+    result = run_cli(
+        "evaluate", flair_bundle, tmp_path / "cases", "--output_dir", tmp_path / "eval", "--num_workers", "0", *FAST[:4]
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    written = sorted(p.name for p in (tmp_path / "eval").rglob("*") if p.is_file())
+    assert written, "evaluate wrote nothing"
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"agi-monai evaluate: brats_t1_t2_to_flair on {tmp_path / 'cases'}: wrote ")
+    assert all(name in last for name in written)
