@@ -20,7 +20,7 @@ from monai.data import Dataset, MetaTensor
 from monai.inferers import Inferer
 from tqdm import tqdm
 
-from agi_monai.data import DataError, Failure
+from agi_monai.data import Failure, failure_reason
 
 __all__ = ["FolderSynthesis", "SynthesisSummary"]
 
@@ -102,7 +102,7 @@ class FolderSynthesis:
             try:
                 self._synthesize(index)
             except Exception as error:  # one bad case must not stop the others; the reason is reported
-                failure = Failure(case_id, _reason(error))
+                failure = Failure(case_id, failure_reason(error))
                 _logger.error("%s", failure)
                 summary.failures.append(failure)
                 continue
@@ -119,13 +119,3 @@ class FolderSynthesis:
             prediction = self.inferer(image[None].to(self.device), self.network)
         item["pred"] = MetaTensor(torch.as_tensor(prediction)[0].float().cpu())
         self.postprocessing(item)
-
-
-def _reason(error: BaseException) -> str:
-    """The :class:`DataError` behind an error when there is one (MONAI's ``Compose`` wraps it), else the error."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, DataError):
-            return str(cause)
-        cause = cause.__cause__
-    return f"{type(error).__name__}: {error}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataError", "Failure", "format_failures"]
+__all__ = ["DataError", "Failure", "failure_reason", "format_failures"]
 
 
 class DataError(ValueError):
@@ -47,3 +47,14 @@ def format_failures(failures: list[Failure], what: str = "cases") -> str:
         return ""
     lines = [f"{len(failures)} {what} skipped:"] + [f"  - {failure}" for failure in failures]
     return "\n".join(lines)
+
+
+def failure_reason(error: BaseException) -> str:
+    """What to report for a failed case: the :class:`DataError` behind ``error`` when there is one (MONAI's
+    ``Compose`` wraps it in a ``RuntimeError``), else the error's type and message."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, DataError):
+            return str(cause)
+        cause = cause.__cause__
+    return f"{type(error).__name__}: {error}"

@@ -28,8 +28,7 @@ from monai.engines import Evaluator
 from monai.inferers import Inferer
 from torch.utils.data import DataLoader
 
-from agi_monai.bundle.inference import _reason as failure_reason
-from agi_monai.data import Failure, build_volume_dataset, preprocessing_transforms
+from agi_monai.data import Failure, build_volume_dataset, failure_reason, preprocessing_transforms
 from agi_monai.evaluation.protocols import (
     METRIC_NAMES,
     PROTOCOL_NAMES,
@@ -53,7 +52,7 @@ def volume_dataset(
 ) -> Dataset:
     """Preprocessed whole volumes (``"image"``, ``"target"``, ``"mask"``, ``"case_id"``) of datalist items, for
     :class:`VolumeEvaluator`: the bundles' chain (:func:`agi_monai.data.preprocessing_transforms`) without a
-    cache, each case read once. Named ``data`` like :func:`agi_monai.bundle.slice_dataset`, so that
+    cache, each case read once. Named ``data`` like :func:`agi_monai.data.slice_dataset`, so that
     ``validate#dataset#data`` stays the id a caller replaces."""
     return build_volume_dataset(data, preprocessing_transforms(inputs, target, spatial_size, **preprocessing_options))
 
