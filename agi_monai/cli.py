@@ -12,6 +12,7 @@ failed ones are named), 2 for a bad argument (the message names it; no traceback
 
 # no "from __future__ import annotations", and Optional[str] rather than "str | None" in the commands: Fire's
 # --help prints the annotations, and these read "Optional[str]" there
+import contextlib
 import logging
 import sys
 import tempfile
@@ -306,7 +307,7 @@ def list_bundles_table() -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     with_weights = sum(b.has_weights for b in found)
-    print(f"{len(found)} bundles in {bundles_root()}, {with_weights} with trained weights", flush=True)
+    print(f"{len(found)} bundles in {bundles_root()}, {with_weights} with weights (models/model.pt)", flush=True)
     return EXIT_OK
 
 
@@ -324,15 +325,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # MONAI announces at import that the optional nvImageCodec DICOM decoder is missing; not news for a user
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    from agi_monai.bundle.registry import BundleError
     from agi_monai.data import DataError
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0].replace("_", "-") in COMMANDS:
         args[0] = args[0].replace("_", "-")
     command = args[0] if args and args[0] in COMMANDS else ""
+    fire_args = _fire_help(args)
+    # Fire writes help to stderr; asked-for help belongs on stdout (so that it pages and greps)
+    help_to_stdout = contextlib.redirect_stderr(sys.stdout) if fire_args[-2:] == ["--", "--help"] else contextlib.nullcontext()
     try:
-        result = fire.Fire(COMMANDS, command=_fire_help(args), name=_PROGRAM, serialize=lambda _: None)
-    except (UsageError, DataError) as error:
+        with help_to_stdout:
+            result = fire.Fire(COMMANDS, command=fire_args, name=_PROGRAM, serialize=lambda _: None)
+    except (UsageError, DataError, BundleError) as error:
         print(f"{' '.join([_PROGRAM, *([command] if command else [])])}: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     return result if isinstance(result, int) else EXIT_OK
@@ -492,7 +498,8 @@ def _initialize(workflow: Any, bundle: Any) -> None:
         while cause.__cause__ is not None:
             cause = cause.__cause__
         weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
-        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        detail = " ".join(str(cause).split()) or type(cause).__name__  # e.g. every size mismatch, on one line
+        detail = detail if len(detail) <= 400 else detail[:400] + " ..."
         raise UsageError(
             f"{weights}: cannot be loaded into bundle {bundle.name}'s network ({type(cause).__name__}: {detail}); "
             f"expected a state_dict saved by this bundle's training"

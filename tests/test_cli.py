@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
@@ -155,10 +156,21 @@ def test_existing_output_needs_overwrite(flair_bundle, cases, tmp_path):
     assert refused.returncode == 1, refused.stderr[-3000:]
     assert f"aurora-example: output already exists: {existing} (pass --overwrite to replace it)" in refused.stdout
     assert existing.read_bytes() == b"an earlier result" and sorted(output.iterdir()) == [existing]
-    replaced = run_cli(*args, "--overwrite")
+    replaced = run_cli(*args, "--overwrite", "--dicom")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert_on_input_grid(existing, cases / AURORA.name / "t2.nii.gz")
-    assert sorted(output.iterdir()) == [existing]  # no temporary file left
+    series = output / "aurora-example_FLAIR_dicom"
+    assert sorted(output.iterdir()) == [existing, series]  # no temporary file left
+    # NIfTI input (a RAS header): the DICOM series is a new study of a patient marked synthetic, on the same grid
+    assert str(pydicom.dcmread(next(series.iterdir())).PatientName) == "SYNTHETIC^aurora-example"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series)))
+    from_dicom, from_nifti = (sitk.DICOMOrient(i, "LPS") for i in (reader.Execute(), sitk.ReadImage(str(existing))))
+    assert from_dicom.GetSize() == from_nifti.GetSize()
+    for getter in ("GetOrigin", "GetSpacing", "GetDirection"):
+        np.testing.assert_allclose(getattr(from_dicom, getter)(), getattr(from_nifti, getter)(), atol=1e-4)
+    values = sitk.GetArrayFromImage(from_nifti)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(from_dicom), values, atol=(values.max() - values.min()) / 65535)
 
 
 def test_files_given_one_by_one_and_the_bundle_chosen_by_target(bundles, cases, tmp_path):
@@ -196,7 +208,7 @@ def test_missing_weights_name_the_file_and_how_to_train(cases, tmp_path, capsys)
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--bundle", "brats_t1_t2_to_nothing"], "bundle 'brats_t1_t2_to_nothing' is neither a bundle folder nor one of: brats_t1_flair_t1gd_to_t2, "),
+        (["--bundle", "brats_t1_t2_to_nothing"], "bundle 'brats_t1_t2_to_nothing' is neither a bundle folder nor one of: brats_t1_flair_t1gd_to_t2, brats_t1_flair_to_t2, "),
         (["--device", "gpu"], "--device gpu: not a torch device; expected cpu, cuda or cuda:N"),
         (["--batch_size", "0"], "--batch_size: got 0, expected a positive number of slices"),
         (["--overwrite", "maybe"], "--overwrite: got 'maybe', expected true or false"),
@@ -236,13 +248,17 @@ def test_bundles_lists_the_ten_scenarios():
     result = run_cli("bundles")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    names = sorted(p.name for p in (ROOT / "bundles").iterdir() if p.is_dir() and not p.name.startswith("_"))
-    assert len(names) == 10 and [line.split()[0] for line in lines[1:-1]] == names
+    names = [  # the paper's ten scenarios; other bundles (the downstream segmentation one) are not listed
+        "brats_t1_flair_t1gd_to_t2", "brats_t1_flair_to_t2", "brats_t1_t2_flair_to_t1gd", "brats_t1_t2_t1gd_to_flair",
+        "brats_t1_t2_to_flair", "brats_t2_flair_t1gd_to_t1", "brats_t2_flair_to_t1", "ixi_t1_pd_to_t2",
+        "ixi_t1_t2_to_pd", "ixi_t2_pd_to_t1",
+    ]
+    assert [line.split()[0] for line in lines[1:-1]] == names
     assert lines[0].split() == ["bundle", "inputs", "target", "slice", "weights"]
     row = next(line for line in lines if line.startswith("brats_t1_t2_flair_to_t1gd "))
     assert re.match(r"brats_t1_t2_flair_to_t1gd\s+T1, T2, FLAIR\s+T1Gd\s+240x240\s+(yes|no)", row), row
     with_weights = sum((ROOT / "bundles" / n / "models" / "model.pt").is_file() for n in names)
-    assert lines[-1] == f"10 bundles in {ROOT / 'bundles'}, {with_weights} with trained weights"
+    assert lines[-1] == f"10 bundles in {ROOT / 'bundles'}, {with_weights} with weights (models/model.pt)"
 
 
 def test_bundles_table_shows_weights(bundles, capsys, monkeypatch):
@@ -250,13 +266,13 @@ def test_bundles_table_shows_weights(bundles, capsys, monkeypatch):
     assert main(["bundles"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^ixi_t1_t2_to_pd\s+T1, T2\s+PD\s+256x256\s+yes$", out, re.M), out
-    assert out.strip().endswith("2 bundles in " + str(bundles) + ", 2 with trained weights")
+    assert out.strip().endswith("2 bundles in " + str(bundles) + ", 2 with weights (models/model.pt)")
 
 
 def test_help_from_the_console_script():
     result = run_cli("--help")
     assert result.returncode == 0
-    text = result.stdout + result.stderr
+    text = result.stdout  # asked-for help goes to stdout
     for command in ("synthesize", "convert-dicom", "evaluate", "export", "bundles"):
         assert re.search(rf"^\s+{command}\n\s+\S", text, re.M), f"{command} missing from:\n{text}"
 

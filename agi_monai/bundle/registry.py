@@ -57,6 +57,11 @@ class BundleInfo:
     def has_weights(self) -> bool:
         return self.weights.is_file()
 
+    @property
+    def is_synthesis(self) -> bool:
+        """Whether the bundle synthesizes an image contrast (not, e.g., the downstream segmentation bundle)."""
+        return self.target in CONTRASTS
+
 
 def bundles_root() -> Path:
     """The folder of scenario bundles: ``$AGI_MONAI_BUNDLES`` if set, else ``bundles/`` beside the package."""
@@ -90,25 +95,30 @@ def read_bundle(root: str | Path) -> BundleInfo:
 
 
 def list_bundles(root: str | Path | None = None) -> list[BundleInfo]:
-    """Every bundle below ``root`` (default :func:`bundles_root`), sorted by name; the template is left out."""
+    """Every synthesis bundle in ``root`` (default :func:`bundles_root`), sorted by name; the template and bundles
+    whose target is not an image contrast (the downstream segmentation bundle) are left out."""
     root = Path(root) if root is not None else bundles_root()
     if not root.is_dir():
         raise BundleError(
             f"{root}: the bundles folder does not exist (expected the repository's bundles/, or set {BUNDLES_ENV})"
         )
-    folders = [p for p in sorted(root.iterdir()) if (p / "configs" / "inference.json").is_file()]
-    return [read_bundle(p) for p in folders if not p.name.startswith("_")]
+    folders = [p for p in sorted(root.iterdir()) if (p / "configs" / "inference.json").is_file() and p.name[0] != "_"]
+    return [bundle for bundle in map(read_bundle, folders) if bundle.is_synthesis]
 
 
 def find_bundle(name_or_path: str | Path, root: str | Path | None = None) -> BundleInfo:
-    """A bundle by name (a folder of :func:`bundles_root`) or by path.
+    """A synthesis bundle by name (a folder of :func:`bundles_root`) or by path.
 
     Raises:
-        BundleError: neither a bundle folder nor a known name; the message lists the known names.
+        BundleError: neither a bundle folder nor a known name (the message lists the known names), or a bundle
+            that does not synthesize an image contrast.
     """
     path = Path(name_or_path)
     if (path / "configs" / "inference.json").is_file():
-        return read_bundle(path)
+        bundle = read_bundle(path)
+        if not bundle.is_synthesis:
+            raise BundleError(f"bundle {path} outputs {bundle.target!r}, not an image contrast: not a synthesis bundle")
+        return bundle
     known = list_bundles(root)
     for bundle in known:
         if bundle.name == str(name_or_path):
