@@ -17,11 +17,10 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
-
-import warnings
 
 import fire
 
@@ -171,7 +170,7 @@ def convert_dicom(input_dir: str, output_dir: str, overwrite: bool = False, prog
         raise UsageError(f"output_dir {output_dir}: is the input folder; expected another folder")
     discovery = discover_cases(source)
     dicom_cases = [c for c in discovery.cases if any(_is_dicom_value(c[k]) for k in c if k in CONTRASTS + LABELS)]
-    failures = [f for f in discovery.failures]
+    failures = list(discovery.failures)
     if not dicom_cases and not failures:
         raise UsageError(f"input_dir {input_dir}: no DICOM series found (expected DICOM files in it or below it)")
     written: list[Path] = []
@@ -223,7 +222,7 @@ def evaluate(
     source = _existing_path(dataset_dir, "dataset_dir", "a folder of cases or a JSON datalist")
     settings = {"dataset_dir": str(source), "device": _device_expression(device)}
     if output_dir is not None:
-        settings["output_dir"] = str(Path(output_dir).resolve())
+        settings["output_dir"] = str(Path(str(output_dir)).resolve())
     workflow = _workflow(chosen, ["train.json", "evaluate.json"], overrides, workflow_type=None, **settings)
     output = Path(workflow.parser.get_parsed_content("output_dir"))
     before = _snapshot(output)
@@ -271,7 +270,7 @@ def export(bundle: str, filepath: Optional[str] = None, portable: bool = False, 
     _check_overrides(parser, overrides, [config_file])
     weights = chosen.weights
     _require_weights(weights, chosen)
-    target = Path(filepath).resolve() if filepath else chosen.root / "models" / "model.ts"
+    target = Path(str(filepath)).resolve() if filepath else chosen.root / "models" / "model.ts"
     if target.suffix != ".ts":
         raise UsageError(f"--filepath {filepath}: expected a file name ending in .ts")
     if target.exists() and not overwrite:
@@ -410,7 +409,7 @@ def _input_source(
         return source
     item: dict[str, str] = {"case_id": str(case_id)} if case_id is not None else {}
     for contrast, value in files.items():
-        item[contrast] = str(_existing_path(value, f"--{contrast.lower()}", f"a NIfTI file or a DICOM series folder"))
+        item[contrast] = str(_existing_path(value, f"--{contrast.lower()}", "a NIfTI file or a DICOM series folder"))
     return write_json([item], scratch / "datalist.json")
 
 
@@ -583,5 +582,6 @@ def _is_dicom_value(value: Any) -> bool:
     return isinstance(value, (list, tuple)) or (isinstance(value, str) and Path(value).is_dir())
 
 
-def _snapshot(folder: Path) -> dict[Path, float]:
+def _snapshot(folder: Path) -> dict[Path, int]:
+    """Modification times of the files below ``folder``, to tell which ones a run wrote."""
     return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else {}
