@@ -1,5 +1,7 @@
-"""The README demo (scripts/demo.py) end to end with tiny settings: training on the shipped BraTS cases,
-synthesis of the held-out TCGA case on its input's grid, metrics next to the baselines, nothing left behind."""
+"""The README demo (scripts/demo.py) end to end with tiny settings: the bundle brats_t1_t2_flair_to_t1gd trains
+an AGI-Net and a ResUNet on the shipped BraTS cases (its own train.json plus a budget override file), both
+synthesize T1Gd for the held-out TCGA case on its input's grid, metrics next to the input-as-T1Gd baselines, a PNG
+panel; nothing left behind, inputs and the bundle folder untouched."""
 
 import json
 import math
@@ -11,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -22,42 +25,59 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.slow
-def test_demo_writes_synthesis_on_the_input_grid_and_finite_metrics(tmp_path):
+def test_demo_trains_both_networks_with_the_bundle_and_writes_synthesis_metrics_and_panel(tmp_path):
+    from matplotlib.image import imread
+
+    from agi_monai.networks import AGINet, ResUNet
+
     output = tmp_path / "demo"
-    inputs_before = _snapshot(DATA)
-    tiny = ["--iterations", "3", "--channels", "8,16,32,64", "--batch_size", "2", "--crop_size", "64"]
+    bundle = REPO / "bundles" / "brats_t1_t2_flair_to_t1gd"
+    inputs_before, bundle_before = _snapshot(DATA), _snapshot(bundle)
+    channels = [8, 16, 32, 64]
+    tiny = ["--iterations", "3", "--channels", ",".join(map(str, channels)), "--batch_size", "2", "--crop_size", "64"]
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output), "--progress", "False", *tiny],
-        capture_output=True, encoding="utf-8", cwd=REPO, timeout=300,
+        capture_output=True, encoding="utf-8", cwd=REPO, timeout=600,
         # one thread: the tiny network's many small operations run 2x slower on 2 threads when the cores are shared
         env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
              "PYTHONIOENCODING": "utf-8"},
     )
     assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
-    written = output / "TCGA-FG-6692_FLAIR_synthesized.nii.gz"
     summary = result.stdout.strip().splitlines()[-1]
-    assert summary.startswith(f"demo: FLAIR for TCGA-FG-6692 written to {written}; PSNR ")
-    assert "baseline T1-as-FLAIR" in summary or "baseline T2-as-FLAIR" in summary
-    assert "trained 3 iterations in " in summary and " s on cpu (" in summary
+    assert summary.startswith(f"demo: T1Gd for TCGA-FG-6692 -> {output}; AGI-Net "), summary
+    assert " | ResUNet " in summary and "3 iterations each on cpu (" in summary
 
-    synthesized, reference = nib.load(written), nib.load(HELD_OUT_T2)
-    assert synthesized.shape == reference.shape
-    np.testing.assert_allclose(synthesized.affine, reference.affine, atol=1e-4)
-    voxels = np.asarray(synthesized.dataobj)
-    assert voxels.dtype == np.float32 and np.isfinite(voxels).all() and 0.0 <= voxels.min() and voxels.max() <= 1.0
+    reference = nib.load(HELD_OUT_T2)
+    for folder in ("agi_net", "resunet"):
+        synthesized = nib.load(output / f"TCGA-FG-6692_T1Gd_{folder}.nii.gz")
+        assert synthesized.shape == reference.shape
+        np.testing.assert_allclose(synthesized.affine, reference.affine, atol=1e-4)
+        voxels = np.asarray(synthesized.dataobj)
+        assert voxels.dtype == np.float32 and np.isfinite(voxels).all() and 0.0 <= voxels.min() <= voxels.max() <= 1.0
 
     metrics = json.loads((output / "demo_metrics.json").read_text(encoding="utf-8"))
-    assert metrics["case_id"] == "TCGA-FG-6692" and metrics["output"] == str(written)
-    assert set(metrics["metrics"]) == {"synthesized", "untrained_network", "T1_as_FLAIR", "T2_as_FLAIR"}
+    assert metrics["case_id"] == "TCGA-FG-6692" and metrics["scenario"]["bundle"] == bundle.name
+    assert set(metrics["metrics"]) == {"AGI-Net", "ResUNet", "T1 as T1Gd", "T2 as T1Gd", "FLAIR as T1Gd"}
     for name, values in metrics["metrics"].items():
         assert set(values) == {"psnr_db", "ssim_pct", "mae_x100"}, name
         assert all(isinstance(v, float) and math.isfinite(v) for v in values.values()), (name, values)
     assert 0 < metrics["evaluated_slices"] <= reference.shape[2]
-    assert metrics["training"]["iterations"] == 3 and metrics["training"]["cases"] == [
-        "BraTS-GLI-00001-000", "aurora-example"
-    ]
-    assert math.isfinite(metrics["training"]["final_l1"])
+    assert "slice2d" in metrics["protocol"]
+    for name, (network_class, folder) in {"AGI-Net": (AGINet, "agi_net"), "ResUNet": (ResUNet, "resunet")}.items():
+        run = metrics["training"][name]
+        assert run["trained_here"] and run["iterations"] == 3 and set(run["last_losses"]) >= {"l1_loss", "d_loss"}
+        overrides = json.loads(Path(run["overrides"]).read_text(encoding="utf-8"))
+        assert overrides["network_def#_target_"] == f"agi_monai.networks.{network_class.__name__}"
+        assert overrides["network_def#channels"] == channels and overrides["val_interval"] == 3
+        assert str(bundle / "configs" / "train.json") in run["command"]
+        # the bundle's best-generator checkpoint: generator state only, of the right class and widths
+        weights = torch.load(output / folder / "models" / "model.pt", weights_only=True)
+        network_class(spatial_dims=2, in_channels=3, out_channels=1, channels=channels).load_state_dict(weights)
+        assert run["parameters"] == sum(v.numel() for v in weights.values() if v.is_floating_point())
 
+    panel = imread(output / "demo_panel.png")
+    assert panel.ndim == 3 and panel.shape[1] > 2 * panel.shape[0]  # two rows of seven panels
     leftovers = [p for p in output.rglob("*") if "tmp" in p.name.lower() or p.suffix == ".part"]
     assert not leftovers, leftovers
     assert _snapshot(DATA) == inputs_before  # the shipped inputs are only read
+    assert _snapshot(bundle) == bundle_before  # the run happens in output_dir, not in the bundle
