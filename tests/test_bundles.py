@@ -77,7 +77,7 @@ def _bundle(name: str, command: str, configs: list[str], *args: str, timeout: in
 
 
 def test_committed_bundles_equal_what_the_generator_writes():
-    assert sorted(p.name for p in BUNDLES.iterdir() if p.is_dir() and p.name != "_template") == sorted(SCENARIOS)
+    assert sorted(p.name for p in BUNDLES.iterdir() if p.is_dir() and p.name not in ("_template", "brats_segmentation")) == sorted(SCENARIOS)
     assert GENERATOR.differences() == [], "run: python scripts/generate_bundles.py"
     for name in SCENARIOS:
         files = {str(p.relative_to(BUNDLES / name)) for p in (BUNDLES / name).rglob("*") if p.is_file()}
