@@ -3,10 +3,14 @@
 of AGI-Net's CAGR layers.
 
     python scripts/benchmark_op.py --device cpu|cuda|all --out docs/benchmarks_op.json
+    python scripts/benchmark_op.py --device cpu --cpu_paths taps   # also the previous (per-tap) CPU kernels
 
-Each timing is the median of ``repeats`` runs after ``warmup`` runs (``torch.cuda.synchronize()``
-around every run on CUDA). Prints a markdown table (with the machine in its header) and writes the
-results to ``out``: JSON (including the markdown) for ``.json``, the markdown alone for ``.md``.
+The implementations are timed interleaved (one run of each in turn, ``repeats`` rounds after ``warmup``
+rounds; ``torch.cuda.synchronize()`` around every run on CUDA), so that load from other processes on a
+shared machine hits them alike. The reported time is the minimum over the rounds (the robust statistic
+when other work can only add time); the median is kept in the JSON. Prints a markdown table (with the
+machine in its header) and writes the results to ``out``: JSON (including the markdown) for ``.json``,
+the markdown alone for ``.md``.
 """
 
 from __future__ import annotations
@@ -66,19 +70,37 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn, device: str, warmup: int, repeats: int) -> list[float]:
-    """Wall times of fn() in milliseconds, one per repeat (after the warm-up)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+def time_interleaved(calls: dict, device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Wall times in milliseconds of each of ``calls`` (name → fn), run in turn, ``repeats`` rounds after
+    ``warmup`` rounds; one time per round and name."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(warmup + repeats):
+        for name, fn in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
     return times
+
+
+class cpu_path:
+    """Selects the compiled op's CPU code path (``AGI_MONAI_GROUP_ROLL_CPU``, read at every call) for a block."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get("AGI_MONAI_GROUP_ROLL_CPU")
+        if self.path is not None:
+            os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = self.path
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is None:
+            os.environ.pop("AGI_MONAI_GROUP_ROLL_CPU", None)
+        else:
+            os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = self.saved
 
 
 def make_inputs(weight_shape, batch, groups, device, dtype, seed=0):
@@ -90,32 +112,48 @@ def make_inputs(weight_shape, batch, groups, device, dtype, seed=0):
     return [t.to(device=device, dtype=dtype) for t in (weight, offsets, scales)]
 
 
-def bench_shape(label, weight_shape, batch, groups, device, dtype, warmup, repeats) -> dict:
-    impls = {"compiled": torch.ops.agi_monai.group_roll, "reference": ops.group_roll_reference}
+def bench_shape(label, weight_shape, batch, groups, device, dtype, warmup, repeats, cpu_paths=()) -> dict:
+    """Times the compiled op (and, on CPU, each of ``cpu_paths`` as "compiled[path]") and the reference."""
+    impls = {"compiled": (torch.ops.agi_monai.group_roll, None), "reference": (ops.group_roll_reference, None)}
+    if device == "cpu":
+        for path in cpu_paths:
+            impls[f"compiled[{path}]"] = (torch.ops.agi_monai.group_roll, path)
     weight, offsets, scales = make_inputs(weight_shape, batch, groups, device, dtype)
     leaves = [t.clone().requires_grad_() for t in (weight, offsets, scales)]
     grad_out = torch.randn((batch, *weight_shape), generator=torch.Generator().manual_seed(1)).to(device, dtype)
     row = {"name": label, "device": device, "dtype": str(dtype).replace("torch.", ""),
            "weight": list(weight_shape), "batch": batch, "groups": groups}
     with torch.no_grad():
-        diff = (impls["compiled"](weight, offsets, scales).double() - impls["reference"](weight, offsets, scales).double())
-        row["max_abs_diff"] = float(diff.abs().max())
-    del diff
-    for name, fn in impls.items():
-        def forward(fn=fn):
-            with torch.no_grad():
+        expected = impls["reference"][0](weight, offsets, scales).double()
+        for name, (fn, path) in impls.items():
+            if name != "reference":
+                with cpu_path(path):
+                    row[f"max_abs_diff_{name}"] = float((fn(weight, offsets, scales).double() - expected).abs().max())
+    row["max_abs_diff"] = row["max_abs_diff_compiled"]
+    del expected
+    calls = {}
+    for name, (fn, path) in impls.items():
+        def forward(fn=fn, path=path):
+            with cpu_path(path), torch.no_grad():
                 return fn(weight, offsets, scales)
 
-        def forward_backward(fn=fn):
-            out = fn(*leaves)
-            return torch.autograd.grad(out, leaves, grad_out)
+        def forward_backward(fn=fn, path=path):
+            with cpu_path(path):
+                out = fn(*leaves)
+                return torch.autograd.grad(out, leaves, grad_out)
 
-        for key, call in (("fwd", forward), ("fwdbwd", forward_backward)):
-            times = time_call(call, device, warmup, repeats)
-            row[f"{key}_{name}_ms"] = statistics.median(times)
-            row[f"{key}_{name}_min_max_ms"] = [min(times), max(times)]
-    row["fwd_speedup"] = row["fwd_reference_ms"] / row["fwd_compiled_ms"]
-    row["fwdbwd_speedup"] = row["fwdbwd_reference_ms"] / row["fwdbwd_compiled_ms"]
+        calls[("fwd", name)] = forward
+        calls[("fwdbwd", name)] = forward_backward
+    times = time_interleaved(calls, device, warmup, repeats)
+    for (key, name), values in times.items():
+        row[f"{key}_{name}_ms"] = min(values)
+        row[f"{key}_{name}_median_ms"] = statistics.median(values)
+        row[f"{key}_{name}_min_max_ms"] = [min(values), max(values)]
+    for name in impls:
+        if name != "reference":
+            suffix = "" if name == "compiled" else name[len("compiled"):]
+            row[f"fwd_speedup{suffix}"] = row["fwd_reference_ms"] / row[f"fwd_{name}_ms"]
+            row[f"fwdbwd_speedup{suffix}"] = row["fwdbwd_reference_ms"] / row[f"fwdbwd_{name}_ms"]
     return row
 
 
@@ -126,7 +164,7 @@ def markdown(info: dict, rows: list[dict], settings: dict) -> str:
         f"- CPU: {info['cpu']} ({info['cpu_count']} cores, torch threads {info['torch_threads']})",
         f"- GPU: {info['gpu'] or 'none'}",
         f"- torch {info['torch']} (CUDA {info['torch_cuda']}), Python {info['python']}",
-        f"- median of {settings['repeats']} runs after {settings['warmup']} warm-up runs; "
+        f"- minimum of {settings['repeats']} interleaved runs after {settings['warmup']} warm-up runs; "
         f"dtype {settings['dtype']}; times in ms; speed-up = reference / compiled",
         f"- command: `{settings['command']}`",
         "",
@@ -140,22 +178,35 @@ def markdown(info: dict, rows: list[dict], settings: dict) -> str:
         f"{r['fwdbwd_speedup']:.1f}× |"
         for r in rows
     ]
+    variants = sorted({k[len("fwd_"):-len("_ms")] for r in rows for k in r
+                       if k.startswith("fwd_compiled[") and k.endswith("]_ms")})
+    for variant in variants:
+        suffix = variant[len("compiled"):]
+        lines += ["", f"CPU path {suffix[1:-1]} (AGI_MONAI_GROUP_ROLL_CPU), same runs:", "",
+                  "| shape | fwd | fwd speed-up | fwd+bwd | fwd+bwd speed-up |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"| {r['name']} | {r[f'fwd_{variant}_ms']:.3f} | {r[f'fwd_speedup{suffix}']:.1f}× | "
+            f"{r[f'fwdbwd_{variant}_ms']:.3f} | {r[f'fwdbwd_speedup{suffix}']:.1f}× |"
+            for r in rows if f"fwd_{variant}_ms" in r
+        ]
     return "\n".join(header + lines) + "\n"
 
 
 def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype: str = "float32",
          warmup: int | None = None, repeats: int | None = None, threads: int | None = None,
-         shapes: str | tuple | int | None = None) -> None:
+         shapes: str | tuple | int | None = None, cpu_paths: str | tuple | None = None) -> None:
     """Times the op at AGI-Net's shapes.
 
     Args:
         device: "cpu", "cuda" or "all" (cuda is skipped, with a note, where unavailable).
         out: where to write the results (".json" or ".md"); None or "" prints only.
         dtype: float32 (default), float64, float16 or bfloat16.
-        warmup: warm-up runs per timing (default 2 on CPU, 10 on CUDA).
-        repeats: timed runs per timing, the median is reported (default 7 on CPU, 50 on CUDA).
+        warmup: warm-up rounds (default 2 on CPU, 10 on CUDA).
+        repeats: timed rounds, the minimum is reported (default 15 on CPU, 50 on CUDA).
         threads: torch.set_num_threads for the CPU runs (default: torch's choice).
         shapes: comma-separated indices into SHAPES to run a subset (default: all).
+        cpu_paths: comma-separated extra CPU code paths of the compiled op to time alongside
+            (AGI_MONAI_GROUP_ROLL_CPU: avx512, avx2, baseline, taps = the per-tap kernels of the first version).
     """
     if not ops.extension_available():
         sys.exit(f"benchmark_op: the compiled extension is not available: {ops.extension_error()}")
@@ -180,13 +231,17 @@ def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype
     else:  # fire turns "0,4" into a tuple and "3" into an int
         indices = shapes if isinstance(shapes, (list, tuple)) else str(shapes).split(",")
         selected = [SHAPES[int(i)] for i in indices]
+    if cpu_paths in (None, ""):
+        extra_paths: list[str] = []
+    else:  # fire turns "a,b" into a tuple
+        extra_paths = [str(p) for p in (cpu_paths if isinstance(cpu_paths, (list, tuple)) else str(cpu_paths).split(","))]
     info = machine_info()
     rows = []
     for dev in devices:
         w = warmup if warmup is not None else (10 if dev == "cuda" else 2)
-        r = repeats if repeats is not None else (50 if dev == "cuda" else 7)
+        r = repeats if repeats is not None else (50 if dev == "cuda" else 15)
         for label, weight_shape, batch, groups in selected:
-            row = bench_shape(label, weight_shape, batch, groups, dev, DTYPES[dtype], w, r)
+            row = bench_shape(label, weight_shape, batch, groups, dev, DTYPES[dtype], w, r, extra_paths)
             row.update(warmup=w, repeats=r)
             print(f"{label} [{dev}]: fwd {row['fwd_compiled_ms']:.3f} vs {row['fwd_reference_ms']:.3f} ms "
                   f"({row['fwd_speedup']:.1f}×), fwd+bwd {row['fwdbwd_compiled_ms']:.3f} vs "

@@ -702,6 +702,126 @@ def test_bad_inputs_same_message(case):
 
 
 # --------------------------------------------------------------------------------------------------
+# CPU code paths (csrc/cpu/group_roll_kernel.cpp): lane permutes (float32, AVX-512, K ≤ 32),
+# displacement rows (vector extensions: float64, and float32 elsewhere), per-tap loops (the first
+# version; float16/bfloat16 and non-finite inputs). AGI_MONAI_GROUP_ROLL_CPU picks one per call.
+# --------------------------------------------------------------------------------------------------
+
+CPU_PATHS = ["avx512", "avx2", "baseline", "taps"]
+
+
+def _cpu_path_supported(path: str) -> bool:
+    if not ops.extension_available():
+        return False
+    saved = os.environ.get("AGI_MONAI_GROUP_ROLL_CPU")
+    os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = path
+    try:
+        compiled_op(*make_inputs(1, 1, 1, 1, (3, 3)))
+        return True
+    except RuntimeError as err:
+        assert "is not supported by this CPU" in str(err), err
+        return False
+    finally:
+        if saved is None:
+            os.environ.pop("AGI_MONAI_GROUP_ROLL_CPU")
+        else:
+            os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = saved
+
+
+def cpu_path_params():
+    """Every CPU path; those this CPU lacks (e.g. avx512) are skipped, with the reason."""
+    return [
+        pytest.param(path, marks=pytest.mark.skipif(not _cpu_path_supported(path), reason=f"{path}: not on this CPU"))
+        for path in CPU_PATHS
+    ]
+
+
+# (B, n, C_in, C_out, kernel): every kernel variant and its edges.
+CPU_PATH_SHAPES = [
+    (3, 2, 4, 3, (3, 3)),  # lanes dense (K ≤ 9); row of 36: a partial last register; windows past both tensor ends
+    (2, 8, 64, 5, (3, 3)),  # lanes dense; registers straddle groups (8 channels × 9 = 72 entries per group)
+    (2, 4, 16, 3, (2, 2)),  # lanes dense, K = 4
+    (3, 1, 3, 2, (1, 1)),  # K = 1: all taps read the one entry
+    (2, 2, 4, 3, (3, 5)),  # lanes per slice, K = 15 (one register)
+    (2, 4, 8, 2, (5, 5)),  # lanes per slice, K = 25 (two registers, the second partial)
+    (2, 2, 4, 3, (3, 3, 3)),  # 3D lanes per slice, K = 27
+    (1, 2, 2, 2, (2, 4, 4)),  # 3D, K = 32: exactly two registers
+    (2, 2, 4, 2, (7, 7)),  # K = 49: displacement rows on every path but taps
+    (2, 2, 2, 2, (3, 3, 4)),  # 3D, K = 36: displacement rows
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", CPU_PATH_SHAPES, ids=lambda s: _grouping_id(s[:4]) + "-" + _kernel_id(s[4]))
+@pytest.mark.parametrize("path", cpu_path_params())
+def test_cpu_paths_match_reference(monkeypatch, path, shape, dtype):
+    """Forward and all three gradients of each CPU path equal the float64 reference (float32 to rounding)."""
+    monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CPU", path)
+    batch, groups, c_in, c_out, kernel = shape
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+    for kind in ["mixed", "integer", "large"]:
+        weight, offsets, scales = make_inputs(batch, groups, c_in, c_out, kernel, kind, seed=zlib.crc32(repr(shape).encode()))
+        weight, offsets, scales = (t.to(dtype) for t in (weight, offsets, scales))
+        grad_out = torch.randn((batch, c_out, c_in, *kernel), generator=torch.Generator().manual_seed(3)).to(dtype)
+        ref_inputs = [t.double().requires_grad_() for t in (weight, offsets, scales)]
+        expected = group_roll_reference(*ref_inputs)
+        expected_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
+        inputs = [t.clone().requires_grad_() for t in (weight, offsets, scales)]
+        out = compiled_op(*inputs)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        for label, got, want in zip(["forward", "grad weight", "grad offsets", "grad scales"],
+                                    [out, *grads], [expected, *expected_grads]):
+            scale = max(1.0, float(want.detach().abs().max()))
+            torch.testing.assert_close(got.detach().double(), want.detach(), rtol=tolerance, atol=tolerance * scale,
+                                       msg=lambda m: f"{path} {kind} {label}\n{m}")
+
+
+@pytest.mark.parametrize("where", ["weight", "grad"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (3, 3, 3), (7, 7)], ids=_kernel_id)
+@pytest.mark.parametrize("path", cpu_path_params())
+def test_cpu_paths_propagate_non_finite_like_the_definition(monkeypatch, path, kernel, dtype, where):
+    """NaN/Inf in the weight or in the incoming gradient reach exactly the entries whose taps read them,
+    zero-weight taps included (0 · NaN = NaN), as in the torch.roll blend of METHOD §2: the vector kernels
+    must neither mix in the neighbouring slices their windows cover nor drop zero-weight taps."""
+    monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CPU", path)
+    weight, offsets, scales = make_inputs(2, 2, 4, 3, kernel, "fractional", seed=17)
+    offsets[0, 0] = torch.round(offsets[0, 0])  # integer offsets: zero blend weights
+    grad_out = torch.randn((2, 3, 4, *kernel), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    if where == "weight":  # group 0 (input channels 0, 1); group 1 stays finite
+        weight[1, 0].view(-1)[2] = float("nan")
+        weight[2, 1].view(-1)[0] = float("inf")
+    else:  # samples 0 and 1, group 0 (NaN only: sums of Infs of both signs depend on the summation order)
+        grad_out[0, 0, 1].view(-1)[1] = float("nan")
+        grad_out[1, 2, 0].view(-1)[-1] = float("nan")
+    naive_inputs = [t.clone().requires_grad_() for t in (weight, offsets, scales)]
+    expected = naive_group_roll(*naive_inputs)
+    expected_grads = torch.autograd.grad(expected, naive_inputs, grad_out)
+    inputs = [t.to(dtype).requires_grad_() for t in (weight, offsets, scales)]
+    out = compiled_op(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    for label, got, want in zip(["forward", "grad weight", "grad offsets", "grad scales"], [out, *grads],
+                                [expected, *expected_grads]):
+        got, want = got.detach().double(), want.detach()
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{label}: NaN entries differ"
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), f"{label}: Inf entries differ"
+        finite = torch.isfinite(want)
+        # The test only means something if the bad value reaches some entries and not others.
+        mixed = {"weight": ("forward", "grad offsets", "grad scales"), "grad": ("grad weight", "grad offsets", "grad scales")}
+        assert (finite.any() and not finite.all()) == (label in mixed[where]) and finite.any(), label
+        tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(got[finite], want[finite], rtol=tolerance,
+                                   atol=tolerance * float(want[finite].abs().max()))
+
+
+@requires_extension
+def test_cpu_path_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CPU", "fastest")
+    with pytest.raises(RuntimeError, match="AGI_MONAI_GROUP_ROLL_CPU must be one of auto, avx512, avx2, baseline, taps; got 'fastest'"):
+        compiled_op(*make_inputs(1, 1, 1, 1, (3, 3)))
+
+
+# --------------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU and the CUDA kernels).
 # --------------------------------------------------------------------------------------------------
 

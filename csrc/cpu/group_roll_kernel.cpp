@@ -1,18 +1,64 @@
 // CPU kernels of agi_monai::group_roll and its backward.
 //
-// The roll of a (sample, group) is the same for every (C_out, C_in) kernel slice of that group, so
-// its taps (flat index and blend weight of each of the 2^S corners, per kernel position) are computed
-// once per call into a table; the loops then stream over the kernel slices.
+// Layout: one "row" is one output channel's C_in·K kernel entries (K = k^S), contiguous; output row
+// (b, o) is the roll of weight row o for sample b, and every entry j of a row reads entries of its own
+// K-entry slice only: j + d with |d| < K, at the 2^S taps of its kernel position (group_roll_math.h).
+// The taps depend on (sample, group, kernel position) only, so each kernel below builds, once per
+// sample, a per-position description of the taps and then streams over the rows. Three kernels:
+//
+// 1. Lane permutes (float32, AVX-512, K ≤ 32). A register of 16 output entries is a fixed blend of
+//    permutations of one 32-entry source window: out = Σ_t coef_t · permute(window, index_t), one
+//    two-source permute (vpermt2ps) and one multiply-add per tap and register. K ≤ 9 (2D 3×3):
+//    registers tile the row densely and the window is [j − 8, j + 24); 9 < K ≤ 32 (3D 3×3×3, 2D 5×5):
+//    one or two registers per slice, the window is the slice itself. The per-register (index, coef)
+//    patterns are built once per sample ("lane plan"). Only the taps' own entries are ever blended.
+// 2. Displacements (float64, float32 with K > 32 or without AVX-512; any ISA through vector
+//    extensions). Per sample, one coefficient row per distinct displacement d (0 where a position
+//    does not use it): out[j] = Σ_d coef_d[j] · w[j + d], contiguous multiply-adds. Taps with a zero
+//    blend weight are left out (an integer roll costs one multiply-add per entry). Positions near a
+//    slice edge then read neighbouring slices with coefficient 0, so a non-finite input there would
+//    leak NaN: the forward checks the weight first, the weight gradient the incoming gradient (during
+//    the routing-gradient pass, which reads all of it anyway), and otherwise the tap kernels run.
+// 3. Taps (float16, bfloat16, and that fallback): per element, the 2^S taps from a table, as
+//    defined. (The previous CPU implementation; AGI_MONAI_GROUP_ROLL_CPU=taps selects it.)
+//
+// The vector kernels are compiled for AVX-512, AVX2+FMA and the baseline ISA (function target
+// attributes) and picked at run time; AGI_MONAI_GROUP_ROLL_CPU=auto|avx512|avx2|baseline|taps
+// overrides the choice (for tests and benchmarks). All paths agree to rounding (the sums are
+// associated differently) and propagate NaN/Inf from the taps they use exactly as the definition.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../group_roll.h"
 #include "../group_roll_math.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define AGI_ALWAYS_INLINE inline __attribute__((always_inline))
+#define AGI_VECTOR_EXTENSIONS 1
+#else
+#define AGI_ALWAYS_INLINE inline
+#define AGI_VECTOR_EXTENSIONS 0
+#endif
+
+#if AGI_VECTOR_EXTENSIONS && defined(__x86_64__)
+#define AGI_X86_DISPATCH 1
+#include <immintrin.h>
+#define AGI_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+#define AGI_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define AGI_X86_DISPATCH 0
+#endif
 
 namespace agi_monai {
 namespace ops {
@@ -23,6 +69,863 @@ using detail::AxisRoll;
 using detail::kMaxAxes;
 using detail::kMaxTaps;
 using detail::RollShape;
+
+// ---------------------------------------------------------------------------------------------------
+// Which CPU code path runs.
+// ---------------------------------------------------------------------------------------------------
+
+enum class CpuPath { kTaps = 0, kBaseline = 1, kAvx2 = 2, kAvx512 = 3 };
+
+const char* path_name(CpuPath path) {
+  switch (path) {
+    case CpuPath::kTaps: return "taps";
+    case CpuPath::kBaseline: return "baseline";
+    case CpuPath::kAvx2: return "avx2";
+    case CpuPath::kAvx512: return "avx512";
+  }
+  return "?";
+}
+
+CpuPath best_cpu_path() {
+#if AGI_X86_DISPATCH
+  static const CpuPath best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
+      return CpuPath::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuPath::kAvx2;
+    return CpuPath::kBaseline;
+  }();
+  return best;
+#elif AGI_VECTOR_EXTENSIONS
+  return CpuPath::kBaseline;
+#else
+  return CpuPath::kTaps;
+#endif
+}
+
+// The best path of this CPU, or the one AGI_MONAI_GROUP_ROLL_CPU names (read at every call, so that
+// tests and benchmarks can switch paths within one process).
+CpuPath selected_cpu_path() {
+  const char* env = std::getenv("AGI_MONAI_GROUP_ROLL_CPU");
+  const CpuPath best = best_cpu_path();
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
+  for (CpuPath path : {CpuPath::kTaps, CpuPath::kBaseline, CpuPath::kAvx2, CpuPath::kAvx512}) {
+    if (std::strcmp(env, path_name(path)) == 0) {
+      TORCH_CHECK(
+          static_cast<int>(path) <= static_cast<int>(best), "group_roll: AGI_MONAI_GROUP_ROLL_CPU=", env,
+          " is not supported by this CPU or build (the best it supports is ", path_name(best), ")");
+      return path;
+    }
+  }
+  TORCH_CHECK(
+      false, "group_roll: AGI_MONAI_GROUP_ROLL_CPU must be one of auto, avx512, avx2, baseline, taps; got '", env,
+      "'");
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Taps of one sample.
+// ---------------------------------------------------------------------------------------------------
+
+// Entry ((g · K + k) · taps + t): the flat kernel index that tap t of position k reads (forward) or
+// writes (transpose), its blend weight and, per axis, the weight's derivative w.r.t. the offset.
+template <typename T>
+struct SampleTaps {
+  int taps = 0;
+  std::vector<int32_t> index;
+  std::vector<T> weight;
+  std::vector<T> d_weight;  // [entry][axis]
+};
+
+// The same taps as detail::kernel_taps, in the same order and with the same products, but with the
+// circular index arithmetic (integer modulo) done once per axis position instead of per tap.
+template <typename T>
+void sample_taps(const T* offsets, const RollShape& s, int64_t b, bool transpose, SampleTaps<T>& out) {
+  const int64_t K = s.kernel_numel();
+  out.taps = 1 << s.spatial;
+  const int64_t entries = s.groups * K * out.taps;
+  out.index.resize(entries);
+  out.weight.resize(entries);
+  out.d_weight.resize(entries * kMaxAxes);
+  const int64_t sizes[kMaxAxes] = {s.kx, s.ky, s.kz};
+  std::vector<int32_t> axis_index[kMaxAxes];  // [position · 2 + corner]
+  for (int a = 0; a < kMaxAxes; ++a) axis_index[a].resize(2 * sizes[a]);
+  int64_t e = 0;
+  for (int64_t g = 0; g < s.groups; ++g) {
+    AxisRoll<T> rolls[kMaxAxes];
+    detail::load_axis_rolls<T>(offsets, s, b, g, rolls);
+    for (int a = 0; a < kMaxAxes; ++a) {
+      for (int64_t j = 0; j < sizes[a]; ++j) {
+        for (int c = 0; c < rolls[a].corners; ++c) {
+          axis_index[a][2 * j + c] = static_cast<int32_t>(
+              transpose ? detail::destination_index(rolls[a], j, c) : detail::source_index(rolls[a], j, c));
+        }
+      }
+    }
+    const AxisRoll<T>& rx = rolls[0];
+    const AxisRoll<T>& ry = rolls[1];
+    const AxisRoll<T>& rz = rolls[2];
+    for (int64_t z = 0; z < s.kz; ++z) {
+      for (int64_t y = 0; y < s.ky; ++y) {
+        for (int64_t x = 0; x < s.kx; ++x) {
+          for (int cz = 0; cz < rz.corners; ++cz) {
+            const T wz = detail::corner_weight(rz, cz);
+            const int64_t iz = axis_index[2][2 * z + cz];
+            for (int cy = 0; cy < ry.corners; ++cy) {
+              const T wy = detail::corner_weight(ry, cy);
+              const int64_t iy = axis_index[1][2 * y + cy];
+              for (int cx = 0; cx < rx.corners; ++cx, ++e) {
+                const T wx = detail::corner_weight(rx, cx);
+                out.index[e] = static_cast<int32_t>((iz * s.ky + iy) * s.kx + axis_index[0][2 * x + cx]);
+                out.weight[e] = wz * wy * wx;
+                out.d_weight[e * kMaxAxes + 0] = wz * wy * detail::corner_weight_grad<T>(cx);
+                out.d_weight[e * kMaxAxes + 1] = wz * detail::corner_weight_grad<T>(cy) * wx;
+                out.d_weight[e * kMaxAxes + 2] = detail::corner_weight_grad<T>(cz) * wy * wx;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Dispatch of the vectorised jobs.
+// ---------------------------------------------------------------------------------------------------
+
+// A job's `run<RegisterBytes>(begin, end)` is compiled once per instruction set: these wrappers carry
+// the target attribute and the job's always-inline body is compiled inside them.
+#if AGI_X86_DISPATCH
+template <typename Job>
+AGI_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t end) {
+  job.template run<64>(begin, end);
+}
+template <typename Job>
+AGI_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) {
+  job.template run<32>(begin, end);
+}
+#endif
+template <typename Job>
+void run_baseline(const Job& job, int64_t begin, int64_t end) {
+  job.template run<16>(begin, end);
+}
+
+template <typename Job>
+void parallel_run(const Job& job, CpuPath path, int64_t size, int64_t grain) {
+  void (*body)(const Job&, int64_t, int64_t) = run_baseline<Job>;
+#if AGI_X86_DISPATCH
+  if (path == CpuPath::kAvx512) body = run_avx512<Job>;
+  if (path == CpuPath::kAvx2) body = run_avx2<Job>;
+#endif
+  at::parallel_for(0, size, std::max<int64_t>(grain, 1), [&](int64_t begin, int64_t end) { body(job, begin, end); });
+}
+
+#if AGI_VECTOR_EXTENSIONS
+// ---------------------------------------------------------------------------------------------------
+// Displacement kernels (vector extensions).
+// ---------------------------------------------------------------------------------------------------
+
+// Registers as GCC/Clang vector extensions: `Pack<T, Lanes>` is one register of Lanes values (the
+// plain scalar for one lane); loads and stores are unaligned. Used only inside the always-inline job
+// bodies, which the wrappers above compile for one instruction set each (so the vector ABI of these
+// helpers never matters: -Wpsabi would warn about it for the wider packs).
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename T, int Lanes>
+struct PackOf {
+  typedef T type __attribute__((vector_size(Lanes * sizeof(T))));
+};
+template <typename T>
+struct PackOf<T, 1> {
+  using type = T;
+};
+template <typename T, int Lanes>
+using Pack = typename PackOf<T, Lanes>::type;
+
+template <int Lanes, typename T>
+AGI_ALWAYS_INLINE Pack<T, Lanes> load_pack(const T* p) {
+  Pack<T, Lanes> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <int Lanes, typename T>
+AGI_ALWAYS_INLINE void store_pack(T* p, const Pack<T, Lanes>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Lanes of one register of T for a target whose registers have RegisterBytes bytes.
+template <int RegisterBytes, typename T>
+constexpr int lanes() {
+  return RegisterBytes / static_cast<int>(sizeof(T)) > 0 ? RegisterBytes / static_cast<int>(sizeof(T)) : 1;
+}
+
+// The roll of every row of one sample: out[j] = Σ_i coef[i · row + j] · in[j + disp[i]].
+template <typename T>
+struct DisplacementTable {
+  std::vector<int32_t> disp;  // the displacements with a non-zero coefficient somewhere, ascending
+  std::vector<T> coef;        // disp.size() rows of `row` coefficients
+  int32_t dmin = 0, dmax = 0;
+  std::vector<int32_t> slot;  // scratch: displacement + K - 1 -> index into disp, or -1
+  SampleTaps<T> taps;         // scratch
+};
+
+// Forward (transpose = false): coefficient of w[j + d] in out[j], the scaled blend weight of the tap
+// that reads it. Transpose: coefficient of grad[j + d] in grad_w[j] (the tap that writes j + d from j).
+template <typename T>
+void build_displacement_table(
+    const T* offsets, const T* scales, const RollShape& s, int64_t b, bool transpose, DisplacementTable<T>& table) {
+  const int64_t K = s.kernel_numel();
+  const int64_t row = s.in_channels * K;
+  const int64_t group_len = s.channels_per_group * K;
+  sample_taps<T>(offsets, s, b, transpose, table.taps);
+  const int taps = table.taps.taps;
+  table.slot.assign(2 * K - 1, -1);
+  table.disp.clear();
+  for (int pass = 0; pass < 2; ++pass) {  // 0: which displacements occur; 1: their coefficients
+    for (int64_t g = 0; g < s.groups; ++g) {
+      const T scale = scales[b * s.groups + g];
+      for (int64_t e = g * K * taps; e < (g + 1) * K * taps; ++e) {
+        const T c = scale * table.taps.weight[e];
+        if (c == T(0)) continue;  // zero blend weight (integer offset) or zero scale: no term
+        const int64_t k = (e / taps) % K;
+        const int64_t d = table.taps.index[e] - k;
+        if (pass == 0) {
+          table.slot[d + K - 1] = 0;
+        } else {
+          T* dst = table.coef.data() + table.slot[d + K - 1] * row + g * group_len + k;
+          for (int64_t c_in = 0; c_in < s.channels_per_group; ++c_in) dst[c_in * K] += c;
+        }
+      }
+    }
+    if (pass == 0) {
+      for (int64_t d = -(K - 1); d <= K - 1; ++d) {
+        if (table.slot[d + K - 1] < 0) continue;
+        table.slot[d + K - 1] = static_cast<int32_t>(table.disp.size());
+        table.disp.push_back(static_cast<int32_t>(d));
+      }
+      table.coef.assign(table.disp.size() * row, T(0));
+      table.dmin = table.disp.empty() ? 0 : table.disp.front();
+      table.dmax = table.disp.empty() ? 0 : table.disp.back();
+    }
+  }
+}
+
+// acc[r] (+)= Σ_i coef[i · row + j + ...] · in[base + j + disp[i] + ...] for Regs registers of Lanes
+// values. Reads of `in` outside [0, numel) are skipped: their coefficients are 0 (they lie outside
+// the row's slices), and only the first and last rows of the tensor have such positions.
+template <int Regs, int Lanes, typename T>
+AGI_ALWAYS_INLINE void displacement_strip(
+    const DisplacementTable<T>& table, int64_t row, const T* in, int64_t numel, int64_t base, int64_t j,
+    Pack<T, Lanes>* acc) {
+  const int count = static_cast<int>(table.disp.size());
+  const int32_t* disp = table.disp.data();
+  const T* coef = table.coef.data() + j;
+  const int64_t start = base + j;
+  if (start + table.dmin >= 0 && start + Regs * Lanes + table.dmax <= numel) {
+    for (int i = 0; i < count; ++i) {
+      const T* c = coef + i * row;
+      const T* x = in + start + disp[i];
+      for (int r = 0; r < Regs; ++r) acc[r] += load_pack<Lanes>(c + r * Lanes) * load_pack<Lanes>(x + r * Lanes);
+    }
+  } else {
+    T sums[Regs * Lanes];
+    std::memcpy(sums, acc, sizeof(sums));
+    for (int i = 0; i < count; ++i) {
+      for (int l = 0; l < Regs * Lanes; ++l) {
+        const int64_t at = start + l + disp[i];
+        if (at >= 0 && at < numel) sums[l] += coef[i * row + l] * in[at];
+      }
+    }
+    std::memcpy(acc, sums, sizeof(sums));
+  }
+}
+
+// out[j] = (out[j] if Accumulate) + Σ_i coef_i[j] · in[base + j + d_i] over a whole row: strips of 4
+// registers (independent multiply-add chains), then one register, then halving widths for the rest.
+template <int Lanes, bool Accumulate, typename T>
+AGI_ALWAYS_INLINE void displacement_row(
+    const DisplacementTable<T>& table, int64_t row, const T* in, int64_t numel, int64_t base, T* out,
+    int64_t j = 0) {
+  constexpr int kRegs = Lanes > 1 ? 4 : 1;
+  for (; j + kRegs * Lanes <= row; j += kRegs * Lanes) {
+    Pack<T, Lanes> acc[kRegs];
+    for (int r = 0; r < kRegs; ++r) acc[r] = Accumulate ? load_pack<Lanes>(out + j + r * Lanes) : Pack<T, Lanes>{};
+    displacement_strip<kRegs, Lanes>(table, row, in, numel, base, j, acc);
+    for (int r = 0; r < kRegs; ++r) store_pack<Lanes>(out + j + r * Lanes, acc[r]);
+  }
+  for (; j + Lanes <= row; j += Lanes) {
+    Pack<T, Lanes> acc[1] = {Accumulate ? load_pack<Lanes>(out + j) : Pack<T, Lanes>{}};
+    displacement_strip<1, Lanes>(table, row, in, numel, base, j, acc);
+    store_pack<Lanes>(out + j, acc[0]);
+  }
+  if constexpr (Lanes > 1) {
+    if (j < row) displacement_row<Lanes / 2, Accumulate>(table, row, in, numel, base, out, j);
+  }
+}
+
+// Sets *nonfinite if any of data[begin, end) is NaN or Inf (x · 0 is 0 for finite x, NaN otherwise).
+template <typename T>
+struct FiniteCheckJob {
+  const T* data;
+  std::atomic<bool>* nonfinite;
+
+  template <int RegisterBytes>
+  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    constexpr int L = lanes<RegisterBytes, T>();
+    Pack<T, L> probe[4] = {};
+    int64_t i = begin;
+    for (; i + 4 * L <= end; i += 4 * L) {
+      for (int r = 0; r < 4; ++r) probe[r] += load_pack<L>(data + i + r * L) * T(0);
+    }
+    T sums[4 * L];
+    std::memcpy(sums, probe, sizeof(sums));
+    for (; i < end; ++i) sums[0] += data[i] * T(0);
+    bool bad = false;
+    for (int l = 0; l < 4 * L; ++l) bad |= !(sums[l] == T(0));
+    if (bad) nonfinite->store(true, std::memory_order_relaxed);
+  }
+};
+
+template <typename T>
+bool all_finite(const T* data, int64_t numel, CpuPath path) {
+  std::atomic<bool> nonfinite{false};
+  parallel_run(FiniteCheckJob<T>{data, &nonfinite}, path, numel, 1 << 16);
+  return !nonfinite.load();
+}
+
+// out[b, o] = roll of w[o] for sample b: one task per (sample, output channel) row; each task builds
+// the table of the sample it is on (so it is in cache, and no table is built twice by one task).
+template <typename T>
+struct DisplacementForwardJob {
+  const T* w;
+  const T* offsets;
+  const T* scales;
+  T* out;
+  RollShape s;
+
+  template <int RegisterBytes>
+  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    const int64_t row = s.in_channels * s.kernel_numel();
+    const int64_t numel = s.out_channels * row;
+    DisplacementTable<T> table;
+    int64_t table_sample = -1;
+    for (int64_t bo = begin; bo < end; ++bo) {
+      const int64_t b = bo / s.out_channels, o = bo % s.out_channels;
+      if (b != table_sample) {
+        build_displacement_table<T>(offsets, scales, s, b, /*transpose=*/false, table);
+        table_sample = b;
+      }
+      displacement_row<lanes<RegisterBytes, T>(), false>(table, row, w, numel, o * row, out + bo * row);
+    }
+  }
+};
+
+// grad_w[o] = Σ_b transposed roll of grad[b, o]: tasks are blocks of output channels; within a block
+// the samples are the outer loop so that a sample's table is read from cache for every row of the
+// block, and the block's rows of grad_w (the accumulators) stay in cache across the samples.
+template <typename T>
+struct DisplacementGradWeightJob {
+  const T* grad;
+  T* grad_w;
+  const std::vector<DisplacementTable<T>>* tables;  // one per sample, transposed
+  RollShape s;
+  int64_t rows_per_block;
+
+  template <int RegisterBytes>
+  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    constexpr int L = lanes<RegisterBytes, T>();
+    const int64_t row = s.in_channels * s.kernel_numel();
+    const int64_t numel = s.batch * s.out_channels * row;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t o_begin = block * rows_per_block;
+      const int64_t o_end = std::min(o_begin + rows_per_block, s.out_channels);
+      for (int64_t b = 0; b < s.batch; ++b) {
+        const DisplacementTable<T>& table = (*tables)[b];
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          const int64_t base = (b * s.out_channels + o) * row;
+          if (b == 0) {
+            displacement_row<L, false>(table, row, grad, numel, base, grad_w + o * row);
+          } else {
+            displacement_row<L, true>(table, row, grad, numel, base, grad_w + o * row);
+          }
+        }
+      }
+    }
+  }
+};
+
+// Scale and offset gradients of one (sample, group): with G_d[j] = Σ_o grad[b, o, j] · w[o, j + d]
+// over the group's positions j, d_scale = Σ_j Σ_taps weight · G_{d_tap}[j] and d_offset[a] =
+// scale · Σ_j Σ_taps ∂weight/∂o_a · G_{d_tap}[j]. The group's positions are walked in strips of one
+// register; per strip the G_d of the (at most 4^S) displacements of the group are accumulated over the
+// output channels, then combined with the taps. Only the (d, j) pairs of taps are read back, so values
+// read from neighbouring slices never matter. Also reports whether grad was finite (it reads all of it).
+constexpr int kMaxGroupDisplacements = 64;  // ≤ 4 distinct displacements per axis (2 shifts × wrap)
+
+template <typename T>
+struct DisplacementGradRoutingJob {
+  const T* grad;
+  const T* w;
+  const T* offsets;
+  const T* scales;
+  T* grad_offsets;
+  T* grad_scales;
+  RollShape s;
+  std::atomic<bool>* grad_nonfinite;
+
+  struct GroupTaps {
+    std::vector<int32_t> disp;  // distinct displacements of group g's taps, ascending
+    std::vector<int32_t> slot;  // [k][t]: index into disp
+    SampleTaps<T> taps;         // of the sample
+  };
+
+  void group_taps(int64_t g, GroupTaps& gt) const {
+    const int64_t K = s.kernel_numel();
+    const int taps = gt.taps.taps;
+    gt.disp.clear();
+    gt.slot.resize(K * taps);
+    for (int64_t e = 0; e < K * taps; ++e) gt.disp.push_back(gt.taps.index[g * K * taps + e] - static_cast<int32_t>(e / taps));
+    std::sort(gt.disp.begin(), gt.disp.end());
+    gt.disp.erase(std::unique(gt.disp.begin(), gt.disp.end()), gt.disp.end());
+    TORCH_INTERNAL_ASSERT(static_cast<int>(gt.disp.size()) <= kMaxGroupDisplacements);
+    for (int64_t e = 0; e < K * taps; ++e) {
+      const int32_t d = gt.taps.index[g * K * taps + e] - static_cast<int32_t>(e / taps);
+      gt.slot[e] = static_cast<int32_t>(std::lower_bound(gt.disp.begin(), gt.disp.end(), d) - gt.disp.begin());
+    }
+  }
+
+  // Adds the strip [q, q + Lanes) of group g's positions to the sums (one register per displacement).
+  template <int Lanes>
+  AGI_ALWAYS_INLINE void strip(
+      int64_t b, int64_t g, int64_t q, const GroupTaps& gt, T& d_scale, T d_offset[kMaxAxes],
+      Pack<T, Lanes>& probe) const {
+    const int64_t K = s.kernel_numel();
+    const int64_t row = s.in_channels * K;
+    const int64_t w_numel = s.out_channels * row;
+    const int64_t col = g * s.channels_per_group * K + q;
+    const int count = static_cast<int>(gt.disp.size());
+    const int32_t* disp = gt.disp.data();
+    const int32_t dmin = gt.disp.front(), dmax = gt.disp.back();
+    Pack<T, Lanes> G[kMaxGroupDisplacements];
+    for (int i = 0; i < count; ++i) G[i] = Pack<T, Lanes>{};
+    for (int64_t o = 0; o < s.out_channels; ++o) {
+      const Pack<T, Lanes> gv = load_pack<Lanes>(grad + (b * s.out_channels + o) * row + col);
+      probe += gv * T(0);
+      const int64_t start = o * row + col;
+      if (start + dmin >= 0 && start + Lanes + dmax <= w_numel) {
+        for (int i = 0; i < count; ++i) G[i] += gv * load_pack<Lanes>(w + start + disp[i]);
+      } else {
+        T gs[Lanes];
+        std::memcpy(gs, &gv, sizeof(gs));
+        for (int i = 0; i < count; ++i) {
+          T sums[Lanes];
+          std::memcpy(sums, &G[i], sizeof(sums));
+          for (int l = 0; l < Lanes; ++l) {
+            const int64_t at = start + l + disp[i];
+            if (at >= 0 && at < w_numel) sums[l] += gs[l] * w[at];
+          }
+          std::memcpy(&G[i], sums, sizeof(sums));
+        }
+      }
+    }
+    T sums[kMaxGroupDisplacements][Lanes];
+    std::memcpy(sums, G, count * sizeof(G[0]));
+    const int taps = gt.taps.taps;
+    for (int l = 0; l < Lanes; ++l) {
+      const int64_t k = (q + l) % K;
+      for (int t = 0; t < taps; ++t) {
+        const int64_t e = g * K * taps + k * taps + t;
+        const T m = sums[gt.slot[k * taps + t]][l];
+        d_scale += gt.taps.weight[e] * m;
+        for (int a = 0; a < kMaxAxes; ++a) d_offset[a] += gt.taps.d_weight[e * kMaxAxes + a] * m;
+      }
+    }
+  }
+
+  // All of group g's positions from q on: strips of one register, then halving widths.
+  template <int Lanes>
+  AGI_ALWAYS_INLINE void strips(
+      int64_t b, int64_t g, int64_t q, const GroupTaps& gt, T& d_scale, T d_offset[kMaxAxes], bool& bad) const {
+    const int64_t group_len = s.channels_per_group * s.kernel_numel();
+    Pack<T, Lanes> probe{};
+    for (; q + Lanes <= group_len; q += Lanes) strip<Lanes>(b, g, q, gt, d_scale, d_offset, probe);
+    T probes[Lanes];
+    std::memcpy(probes, &probe, sizeof(probes));
+    for (int l = 0; l < Lanes; ++l) bad |= !(probes[l] == T(0));
+    if constexpr (Lanes > 1) {
+      if (q < group_len) strips<Lanes / 2>(b, g, q, gt, d_scale, d_offset, bad);
+    }
+  }
+
+  template <int RegisterBytes>
+  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    GroupTaps gt;
+    int64_t taps_sample = -1;
+    bool bad = false;
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / s.groups, g = bg % s.groups;
+      if (b != taps_sample) {
+        sample_taps<T>(offsets, s, b, /*transpose=*/false, gt.taps);
+        taps_sample = b;
+      }
+      group_taps(g, gt);
+      T d_scale = T(0);
+      T d_offset[kMaxAxes] = {T(0), T(0), T(0)};
+      strips<lanes<RegisterBytes, T>()>(b, g, 0, gt, d_scale, d_offset, bad);
+      grad_scales[bg] = d_scale;
+      for (int64_t a = 0; a < s.spatial; ++a) grad_offsets[bg * s.spatial + a] = scales[bg] * d_offset[a];
+    }
+    if (bad) grad_nonfinite->store(true, std::memory_order_relaxed);
+  }
+};
+#endif  // AGI_VECTOR_EXTENSIONS
+
+#if AGI_X86_DISPATCH
+// ---------------------------------------------------------------------------------------------------
+// Lane-permute kernels (float32, AVX-512, K ≤ 32).
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int kLanes = 16;              // floats per AVX-512 register
+constexpr int64_t kMaxLaneKernel = 32;  // K that a two-register window still holds
+
+bool lane_kernels_apply(const RollShape& s) {
+  return s.kernel_numel() <= kMaxLaneKernel;
+}
+
+// One register of output: entries [out, out + 16) of a row (lanes beyond `mask` unused), blended from
+// the 32-entry window [window, window + 32) of the source row with pattern `pattern`.
+struct LaneUnit {
+  int32_t out;
+  int32_t window;
+  int32_t pattern;
+  uint32_t mask;
+};
+
+// Where the units are and what each lane of each pattern is; the same for every sample. Dense (K ≤ 9):
+// unit u covers row entries [16u, 16u + 16) from the window [16u − 8, 16u + 24), one pattern per unit.
+// Per slice (9 < K ≤ 32): units [c·K, c·K + 16) and [c·K + 16, c·K + K) of every input channel c read
+// the window [c·K, c·K + 32) (the slice); their patterns are shared by the slices of a group.
+struct LaneLayout {
+  std::vector<LaneUnit> units;  // cover the row in order
+  int64_t patterns = 0;
+  std::vector<int32_t> position;  // [p · 16 + l]: g · K + k of the lane (group, kernel position), or -1
+  std::vector<int32_t> slice;     // [p · 16 + l]: where the lane's slice starts, relative to the window
+};
+
+void build_lane_layout(const RollShape& s, LaneLayout& layout) {
+  const int64_t K = s.kernel_numel();
+  const int64_t row = s.in_channels * K;
+  layout.units.clear();
+  if (K <= 9) {
+    layout.patterns = (row + kLanes - 1) / kLanes;
+    layout.position.assign(layout.patterns * kLanes, -1);
+    layout.slice.assign(layout.patterns * kLanes, 0);
+    for (int64_t p = 0; p < layout.patterns; ++p) {
+      const int64_t out = p * kLanes;
+      const int valid = static_cast<int>(std::min<int64_t>(kLanes, row - out));
+      layout.units.push_back({static_cast<int32_t>(out), static_cast<int32_t>(out - 8), static_cast<int32_t>(p),
+                              (1u << valid) - 1u});
+    }
+    // Walk the row with counters (no division per entry): entry `at` is position k of input channel c.
+    int64_t c = 0, k = 0, g = 0, c_in_group = 0;
+    for (int64_t at = 0; at < row; ++at) {
+      layout.position[at] = static_cast<int32_t>(g * K + k);
+      layout.slice[at] = static_cast<int32_t>(c * K - (at / kLanes * kLanes - 8));
+      if (++k == K) {
+        k = 0;
+        ++c;
+        if (++c_in_group == s.channels_per_group) {
+          c_in_group = 0;
+          ++g;
+        }
+      }
+    }
+  } else {
+    const int64_t halves = K > kLanes ? 2 : 1;
+    layout.patterns = s.groups * halves;
+    layout.position.assign(layout.patterns * kLanes, -1);
+    layout.slice.assign(layout.patterns * kLanes, 0);
+    for (int64_t g = 0; g < s.groups; ++g) {
+      for (int64_t h = 0; h < halves; ++h) {
+        for (int64_t l = 0; l < kLanes && h * kLanes + l < K; ++l)
+          layout.position[(g * halves + h) * kLanes + l] = static_cast<int32_t>(g * K + h * kLanes + l);
+      }
+    }
+    for (int64_t c = 0; c < s.in_channels; ++c) {
+      const int64_t g = c / s.channels_per_group;
+      for (int64_t h = 0; h < halves; ++h) {
+        const int valid = static_cast<int>(std::min<int64_t>(kLanes, K - h * kLanes));
+        layout.units.push_back({static_cast<int32_t>(c * K + h * kLanes), static_cast<int32_t>(c * K),
+                                static_cast<int32_t>(g * halves + h), (1u << valid) - 1u});
+      }
+    }
+  }
+}
+
+// One sample's patterns: per pattern p and tap t, 16 lanes of index (into the window) and coef (the
+// scaled blend weight), at [(p · taps + t) · 16 + l]. Unused lanes: index 0, coef 0.
+struct LanePlan {
+  int taps = 0;
+  std::vector<int32_t> index;
+  std::vector<float> coef;
+  SampleTaps<float> sample;  // the taps it was built from (forward or transposed)
+};
+
+template <int Taps>
+void build_lane_plan(
+    const float* offsets, const float* scales, const RollShape& s, const LaneLayout& layout, int64_t b,
+    bool transpose, LanePlan& plan) {
+  const int64_t K = s.kernel_numel();
+  sample_taps<float>(offsets, s, b, transpose, plan.sample);
+  const SampleTaps<float>& st = plan.sample;
+  plan.taps = Taps;
+  plan.index.resize(layout.patterns * Taps * kLanes);
+  plan.coef.resize(layout.patterns * Taps * kLanes);
+  for (int64_t p = 0; p < layout.patterns; ++p) {
+    int32_t* index = plan.index.data() + p * Taps * kLanes;
+    float* coef = plan.coef.data() + p * Taps * kLanes;
+    for (int l = 0; l < kLanes; ++l) {
+      const int32_t position = layout.position[p * kLanes + l];
+      if (position < 0) {
+        for (int t = 0; t < Taps; ++t) {
+          index[t * kLanes + l] = 0;
+          coef[t * kLanes + l] = 0.0f;
+        }
+        continue;
+      }
+      const float scale = scales[b * s.groups + position / K];
+      const int32_t slice = layout.slice[p * kLanes + l];
+      for (int t = 0; t < Taps; ++t) {
+        index[t * kLanes + l] = slice + st.index[position * Taps + t];
+        coef[t * kLanes + l] = scale * st.weight[position * Taps + t];
+      }
+    }
+  }
+}
+
+// The source window [at, at + 32) of `data` (numel entries); entries outside the tensor read as 0
+// (only the first and last rows have such windows, and no tap reads them).
+AGI_TARGET_AVX512 inline void load_window(const float* data, int64_t at, int64_t numel, __m512& lo, __m512& hi) {
+  if (at >= 0 && at + 2 * kLanes <= numel) {
+    lo = _mm512_loadu_ps(data + at);
+    hi = _mm512_loadu_ps(data + at + kLanes);
+    return;
+  }
+  alignas(64) float window[2 * kLanes];
+  for (int l = 0; l < 2 * kLanes; ++l) window[l] = (at + l >= 0 && at + l < numel) ? data[at + l] : 0.0f;
+  lo = _mm512_load_ps(window);
+  hi = _mm512_load_ps(window + kLanes);
+}
+
+// One unit's pattern in registers: index_t and coef_t of its taps.
+template <int Taps>
+struct UnitPattern {
+  __m512i index[Taps];
+  __m512 coef[Taps];
+};
+
+template <int Taps>
+AGI_TARGET_AVX512 inline void load_pattern(const LanePlan& plan, int32_t pattern, UnitPattern<Taps>& up) {
+  const int32_t* index = plan.index.data() + pattern * Taps * kLanes;
+  const float* coef = plan.coef.data() + pattern * Taps * kLanes;
+  for (int t = 0; t < Taps; ++t) {
+    up.index[t] = _mm512_loadu_si512(index + t * kLanes);
+    up.coef[t] = _mm512_loadu_ps(coef + t * kLanes);
+  }
+}
+
+// Σ_t coef_t · permute(window, index_t).
+template <int Taps>
+AGI_TARGET_AVX512 inline __m512 blend(const UnitPattern<Taps>& up, __m512 lo, __m512 hi) {
+  __m512 acc = _mm512_mul_ps(up.coef[0], _mm512_permutex2var_ps(lo, up.index[0], hi));
+  for (int t = 1; t < Taps; ++t) acc = _mm512_fmadd_ps(up.coef[t], _mm512_permutex2var_ps(lo, up.index[t], hi), acc);
+  return acc;
+}
+
+AGI_TARGET_AVX512 inline void store_unit(float* dst, uint32_t mask, __m512 v) {
+  if (mask == 0xFFFFu) {
+    _mm512_storeu_ps(dst, v);
+  } else {
+    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>(mask), v);
+  }
+}
+
+// Rows are processed in small blocks of output channels and, within a block, unit by unit: a unit's
+// pattern stays in registers while it is applied to each row of the block (few rows: the stores then
+// still go to a few sequential streams).
+constexpr int64_t kLaneRowsPerBlock = 4;
+
+// out[b, o] for the tasks (sample, block of output channels) in [begin, end).
+template <int Taps>
+AGI_TARGET_AVX512 void lane_forward_tasks(
+    const float* w, const float* offsets, const float* scales, float* out, const RollShape& s,
+    const LaneLayout& layout, int64_t begin, int64_t end) {
+  const int64_t row = s.in_channels * s.kernel_numel();
+  const int64_t numel = s.out_channels * row;
+  const int64_t blocks = (s.out_channels + kLaneRowsPerBlock - 1) / kLaneRowsPerBlock;
+  LanePlan plan;
+  int64_t plan_sample = -1;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / blocks;
+    const int64_t o_begin = (task % blocks) * kLaneRowsPerBlock;
+    const int64_t o_end = std::min(o_begin + kLaneRowsPerBlock, s.out_channels);
+    if (b != plan_sample) {
+      build_lane_plan<Taps>(offsets, scales, s, layout, b, /*transpose=*/false, plan);
+      plan_sample = b;
+    }
+    for (const LaneUnit& u : layout.units) {
+      UnitPattern<Taps> up;
+      load_pattern(plan, u.pattern, up);
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        __m512 lo, hi;
+        load_window(w, o * row + u.window, numel, lo, hi);
+        store_unit(out + (b * s.out_channels + o) * row + u.out, u.mask, blend(up, lo, hi));
+      }
+    }
+  }
+}
+
+// grad_w[o] = Σ_b transposed roll of grad[b, o] for the blocks of output channels in [begin, end);
+// the block's grad_w rows accumulate over the samples in cache.
+template <int Taps>
+AGI_TARGET_AVX512 void lane_grad_weight_blocks(
+    const float* grad, float* grad_w, const std::vector<LanePlan>& plans, const RollShape& s,
+    const LaneLayout& layout, int64_t begin, int64_t end) {
+  const int64_t row = s.in_channels * s.kernel_numel();
+  const int64_t numel = s.batch * s.out_channels * row;
+  for (int64_t block = begin; block < end; ++block) {
+    const int64_t o_begin = block * kLaneRowsPerBlock;
+    const int64_t o_end = std::min(o_begin + kLaneRowsPerBlock, s.out_channels);
+    for (int64_t b = 0; b < s.batch; ++b) {
+      for (const LaneUnit& u : layout.units) {
+        UnitPattern<Taps> up;
+        load_pattern(plans[b], u.pattern, up);
+        const __mmask16 mask = static_cast<__mmask16>(u.mask);
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          __m512 lo, hi;
+          load_window(grad, (b * s.out_channels + o) * row + u.window, numel, lo, hi);
+          __m512 v = blend(up, lo, hi);
+          float* dst = grad_w + o * row + u.out;
+          if (b > 0) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, dst));
+          store_unit(dst, u.mask, v);
+        }
+      }
+    }
+  }
+}
+
+// Routing gradients, task = (sample, block of units): per unit and tap, A_t = Σ_o grad[b, o, unit] ·
+// permute(w[o] window, index_t) (each lane's tap source), added lane by lane into the task's
+// tap correlations M[g · K + k][t] (the lane's group and kernel position). The caller combines them:
+// d_scale = Σ weight · M, d_offset = scale · Σ ∂weight/∂offset · M (deterministic task order).
+template <int Taps>
+AGI_TARGET_AVX512 void lane_grad_routing_tasks(
+    const float* grad, const float* w, const std::vector<LanePlan>& plans, const RollShape& s,
+    const LaneLayout& layout, int64_t units_per_task, int64_t tasks_per_sample, float* correlations, int64_t begin,
+    int64_t end) {
+  const int64_t row = s.in_channels * s.kernel_numel();
+  const int64_t w_numel = s.out_channels * row;
+  const int64_t units = static_cast<int64_t>(layout.units.size());
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / tasks_per_sample;
+    const LanePlan& plan = plans[b];
+    const int64_t u_begin = (task % tasks_per_sample) * units_per_task;
+    const int64_t u_end = std::min(u_begin + units_per_task, units);
+    float* M = correlations + task * s.groups * s.kernel_numel() * Taps;
+    for (int64_t ui = u_begin; ui < u_end; ++ui) {
+      const LaneUnit& u = layout.units[ui];
+      const int32_t* index = plan.index.data() + u.pattern * Taps * kLanes;
+      __m512i idx[Taps];
+      __m512 A[Taps];
+      for (int t = 0; t < Taps; ++t) {
+        idx[t] = _mm512_loadu_si512(index + t * kLanes);
+        A[t] = _mm512_setzero_ps();
+      }
+      const __mmask16 mask = static_cast<__mmask16>(u.mask);
+      for (int64_t o = 0; o < s.out_channels; ++o) {
+        __m512 lo, hi;
+        load_window(w, o * row + u.window, w_numel, lo, hi);
+        const __m512 g = _mm512_maskz_loadu_ps(mask, grad + (b * s.out_channels + o) * row + u.out);
+        for (int t = 0; t < Taps; ++t) A[t] = _mm512_fmadd_ps(g, _mm512_permutex2var_ps(lo, idx[t], hi), A[t]);
+      }
+      alignas(64) float lanes_of[Taps][kLanes];
+      for (int t = 0; t < Taps; ++t) _mm512_store_ps(lanes_of[t], A[t]);
+      for (int l = 0; l < kLanes; ++l) {
+        const int32_t position = layout.position[u.pattern * kLanes + l];
+        if (((u.mask >> l) & 1u) == 0 || position < 0) continue;
+        for (int t = 0; t < Taps; ++t) M[position * Taps + t] += lanes_of[t][l];
+      }
+    }
+  }
+}
+
+template <int Taps>
+void lane_forward(const float* w, const float* offsets, const float* scales, float* out, const RollShape& s) {
+  LaneLayout layout;
+  build_lane_layout(s, layout);
+  const int64_t blocks = (s.out_channels + kLaneRowsPerBlock - 1) / kLaneRowsPerBlock;
+  const int64_t row = s.in_channels * s.kernel_numel();
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / (row * kLaneRowsPerBlock));
+  at::parallel_for(0, s.batch * blocks, grain, [&](int64_t begin, int64_t end) {
+    lane_forward_tasks<Taps>(w, offsets, scales, out, s, layout, begin, end);
+  });
+}
+
+template <int Taps>
+void lane_backward(
+    const float* grad, const float* w, const float* offsets, const float* scales, float* grad_w, float* grad_offsets,
+    float* grad_scales, const RollShape& s) {
+  const int64_t K = s.kernel_numel();
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  LaneLayout layout;
+  build_lane_layout(s, layout);
+  std::vector<LanePlan> plans(s.batch), transposed_plans(s.batch);
+  at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      build_lane_plan<Taps>(offsets, scales, s, layout, b, /*transpose=*/false, plans[b]);
+      build_lane_plan<Taps>(offsets, scales, s, layout, b, /*transpose=*/true, transposed_plans[b]);
+    }
+  });
+  // Routing gradients: a few tasks per thread, each sample's units split evenly.
+  const int64_t units = static_cast<int64_t>(layout.units.size());
+  const int64_t tasks_per_sample =
+      std::min<int64_t>(units, std::max<int64_t>(1, (4 * threads + s.batch - 1) / s.batch));
+  const int64_t units_per_task = (units + tasks_per_sample - 1) / tasks_per_sample;
+  const int64_t entries = s.groups * K * Taps;
+  std::vector<float> correlations(s.batch * tasks_per_sample * entries, 0.0f);
+  at::parallel_for(0, s.batch * tasks_per_sample, 1, [&](int64_t begin, int64_t end) {
+    lane_grad_routing_tasks<Taps>(grad, w, plans, s, layout, units_per_task, tasks_per_sample, correlations.data(),
+                                  begin, end);
+  });
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const SampleTaps<float>& st = plans[b].sample;
+    for (int64_t g = 0; g < s.groups; ++g) {
+      float d_scale = 0.0f;
+      float d_offset[kMaxAxes] = {0.0f, 0.0f, 0.0f};
+      for (int64_t e = g * K * Taps; e < (g + 1) * K * Taps; ++e) {
+        float m = 0.0f;
+        for (int64_t task = b * tasks_per_sample; task < (b + 1) * tasks_per_sample; ++task)
+          m += correlations[task * entries + e];
+        d_scale += st.weight[e] * m;
+        for (int a = 0; a < kMaxAxes; ++a) d_offset[a] += st.d_weight[e * kMaxAxes + a] * m;
+      }
+      const int64_t bg = b * s.groups + g;
+      grad_scales[bg] = d_scale;
+      for (int64_t a = 0; a < s.spatial; ++a) grad_offsets[bg * s.spatial + a] = scales[bg] * d_offset[a];
+    }
+  }
+  const int64_t blocks = (s.out_channels + kLaneRowsPerBlock - 1) / kLaneRowsPerBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    lane_grad_weight_blocks<Taps>(grad, grad_w, transposed_plans, s, layout, begin, end);
+  });
+}
+#endif  // AGI_X86_DISPATCH
+
+// ---------------------------------------------------------------------------------------------------
+// Tap kernels (any dtype): float16 / bfloat16, non-finite inputs, AGI_MONAI_GROUP_ROLL_CPU=taps.
+// ---------------------------------------------------------------------------------------------------
 
 // Taps of every (sample, group, kernel position): entry ((b * n + g) * K + k) * taps + t.
 template <typename acc_t>
@@ -63,7 +966,7 @@ TapTable<acc_t> tap_table(const scalar_t* offsets, const scalar_t* scales, const
 // out[b, o, c] = Σ_t weight · w[o, c][index]: one task per (sample, output channel), so that the
 // output (B times the kernel's size) is written in one sequential stream.
 template <typename scalar_t, int taps>
-void forward_cpu(const scalar_t* w, const scalar_t* offsets, const scalar_t* scales, scalar_t* out, const RollShape& s) {
+void forward_taps(const scalar_t* w, const scalar_t* offsets, const scalar_t* scales, scalar_t* out, const RollShape& s) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = s.kernel_numel();
   const TapTable<acc_t> table = tap_table<acc_t>(offsets, scales, s, /*transpose=*/false);
@@ -92,7 +995,7 @@ void forward_cpu(const scalar_t* w, const scalar_t* offsets, const scalar_t* sca
 
 // grad_w[o, c, j] = Σ_b Σ_t weight · grad[b, o, c][destination]: the transposed roll.
 template <typename scalar_t, int taps>
-void grad_weight_cpu(const scalar_t* grad, const scalar_t* offsets, const scalar_t* scales, scalar_t* grad_w, const RollShape& s) {
+void grad_weight_taps(const scalar_t* grad, const scalar_t* offsets, const scalar_t* scales, scalar_t* grad_w, const RollShape& s) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t K = s.kernel_numel();
   const TapTable<acc_t> table = tap_table<acc_t>(offsets, scales, s, /*transpose=*/true);
@@ -120,7 +1023,7 @@ void grad_weight_cpu(const scalar_t* grad, const scalar_t* offsets, const scalar
 // Scale and offset gradients: per (sample, group) the K×K correlation of grad_out with the kernel
 // slices of the group (one pass over them), then the taps (group_roll_math.h).
 template <typename scalar_t>
-void grad_routing_cpu(
+void grad_routing_correlation(
     const scalar_t* grad, const scalar_t* w, const scalar_t* offsets, const scalar_t* scales, scalar_t* grad_offsets,
     scalar_t* grad_scales, const RollShape& s) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -155,6 +1058,83 @@ void grad_routing_cpu(
   });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Entry points.
+// ---------------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+constexpr bool has_vector_kernels() {
+  return AGI_VECTOR_EXTENSIONS && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>);
+}
+
+template <typename scalar_t>
+void forward(const scalar_t* w, const scalar_t* offsets, const scalar_t* scales, scalar_t* out, const RollShape& s,
+             CpuPath path) {
+#if AGI_X86_DISPATCH
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (path == CpuPath::kAvx512 && lane_kernels_apply(s)) {
+      (s.spatial == 2 ? lane_forward<4> : lane_forward<8>)(w, offsets, scales, out, s);
+      return;
+    }
+  }
+#endif
+#if AGI_VECTOR_EXTENSIONS
+  if constexpr (has_vector_kernels<scalar_t>()) {
+    if (path != CpuPath::kTaps && all_finite(w, s.weight_numel(), path)) {
+      const int64_t row = s.in_channels * s.kernel_numel();
+      parallel_run(DisplacementForwardJob<scalar_t>{w, offsets, scales, out, s}, path, s.batch * s.out_channels,
+                   (1 << 14) / row);
+      return;
+    }
+  }
+#endif
+  (s.spatial == 2 ? forward_taps<scalar_t, 4> : forward_taps<scalar_t, 8>)(w, offsets, scales, out, s);
+}
+
+template <typename scalar_t>
+void backward(const scalar_t* grad, const scalar_t* w, const scalar_t* offsets, const scalar_t* scales,
+              scalar_t* grad_w, scalar_t* grad_offsets, scalar_t* grad_scales, const RollShape& s, CpuPath path) {
+  const auto grad_weight_by_taps = s.spatial == 2 ? grad_weight_taps<scalar_t, 4> : grad_weight_taps<scalar_t, 8>;
+#if AGI_X86_DISPATCH
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (path == CpuPath::kAvx512 && lane_kernels_apply(s)) {
+      (s.spatial == 2 ? lane_backward<4> : lane_backward<8>)(grad, w, offsets, scales, grad_w, grad_offsets,
+                                                            grad_scales, s);
+      return;
+    }
+  }
+#endif
+#if AGI_VECTOR_EXTENSIONS
+  if constexpr (has_vector_kernels<scalar_t>()) {
+    if (path != CpuPath::kTaps) {
+      std::atomic<bool> grad_nonfinite{false};
+      parallel_run(
+          DisplacementGradRoutingJob<scalar_t>{grad, w, offsets, scales, grad_offsets, grad_scales, s, &grad_nonfinite},
+          path, s.batch * s.groups, 1);
+      if (grad_nonfinite.load()) {
+        grad_weight_by_taps(grad, offsets, scales, grad_w, s);
+        return;
+      }
+      std::vector<DisplacementTable<scalar_t>> tables(s.batch);
+      at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b)
+          build_displacement_table<scalar_t>(offsets, scales, s, b, /*transpose=*/true, tables[b]);
+      });
+      // Blocks of output channels whose grad_w rows (accumulated over the samples) fit in L2.
+      const int64_t row_bytes = s.in_channels * s.kernel_numel() * static_cast<int64_t>(sizeof(scalar_t));
+      const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+      const int64_t rows_per_block = std::max<int64_t>(
+          1, std::min<int64_t>((s.out_channels + 2 * threads - 1) / (2 * threads), (256 << 10) / row_bytes));
+      const int64_t blocks = (s.out_channels + rows_per_block - 1) / rows_per_block;
+      parallel_run(DisplacementGradWeightJob<scalar_t>{grad, grad_w, &tables, s, rows_per_block}, path, blocks, 1);
+      return;
+    }
+  }
+#endif
+  grad_weight_by_taps(grad, offsets, scales, grad_w, s);
+  grad_routing_correlation<scalar_t>(grad, w, offsets, scales, grad_offsets, grad_scales, s);
+}
+
 at::Tensor group_roll_cpu(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales) {
   detail::check_group_roll_inputs(weight, offsets, scales);
   TORCH_CHECK(weight.device().is_cpu(), "group_roll (CPU kernel): weight must be a CPU tensor, got ", weight.device());
@@ -162,10 +1142,10 @@ at::Tensor group_roll_cpu(const at::Tensor& weight, const at::Tensor& offsets, c
   const at::Tensor w = weight.contiguous(), o = offsets.contiguous(), sc = scales.contiguous();
   at::Tensor out = at::empty(detail::output_sizes(weight, s.batch), weight.options());
   if (out.numel() == 0) return out;
+  const CpuPath path = selected_cpu_path();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "group_roll_cpu", [&] {
-    const auto run = s.spatial == 2 ? forward_cpu<scalar_t, 4> : forward_cpu<scalar_t, 8>;
-    run(w.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), s);
+    forward<scalar_t>(w.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
+                      out.mutable_data_ptr<scalar_t>(), s, path);
   });
   return out;
 }
@@ -176,18 +1156,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_roll_backward_cpu(
   detail::check_group_roll_grad(grad, weight, offsets);
   const RollShape s = detail::roll_shape(weight, offsets);
   const at::Tensor gr = grad.contiguous(), w = weight.contiguous(), o = offsets.contiguous(), sc = scales.contiguous();
-  at::Tensor grad_w = at::zeros_like(w);
+  // Every kernel writes all of grad_w; the routing gradients are written per (sample, group).
+  at::Tensor grad_w = grad.numel() == 0 ? at::zeros_like(w) : at::empty_like(w);
   at::Tensor grad_o = at::zeros_like(o);
   at::Tensor grad_s = at::zeros_like(sc);
   if (grad.numel() == 0) return {grad_w, grad_o, grad_s};
+  const CpuPath path = selected_cpu_path();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "group_roll_backward_cpu", [&] {
-    const auto grad_weight = s.spatial == 2 ? grad_weight_cpu<scalar_t, 4> : grad_weight_cpu<scalar_t, 8>;
-    grad_weight(
-        gr.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
-        grad_w.mutable_data_ptr<scalar_t>(), s);
-    grad_routing_cpu<scalar_t>(
+    backward<scalar_t>(
         gr.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
-        sc.const_data_ptr<scalar_t>(), grad_o.mutable_data_ptr<scalar_t>(), grad_s.mutable_data_ptr<scalar_t>(), s);
+        sc.const_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>(), grad_o.mutable_data_ptr<scalar_t>(),
+        grad_s.mutable_data_ptr<scalar_t>(), s, path);
   });
   return {grad_w, grad_o, grad_s};
 }
