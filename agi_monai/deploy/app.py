@@ -1,0 +1,159 @@
+"""The MONAI Deploy application: a DICOM study (series matched per contrast) or NIfTI cases in, the scenario bundle's
+synthesized contrast out as float32 NIfTI and as a derived DICOM MR series.
+
+    python -m agi_monai.deploy -i <study or cases> -o <output> -m <bundle>/models/model.ts
+    python -m agi_monai.deploy -i <study or cases> -o <output> -m <bundle folder>   # models/model.pt
+
+``-i``/``-o``/``-m`` default to MONAI Deploy's ``HOLOSCAN_INPUT_PATH``/``HOLOSCAN_OUTPUT_PATH``/``HOLOSCAN_MODEL_PATH``
+(the MAP contract). Exit status: 0 when every case was written, 1 when any case failed (the others are written
+and the failed ones are named), 2 for a bad argument or a model that cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from agi_monai.bundle.registry import BundleError
+from agi_monai.data import DataError
+from agi_monai.deploy.operators import CaseDiscoveryOperator, SynthesisOperator, SyntheticImageWriterOperator
+from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs
+
+# agi_monai.deploy.operators has made the SDK importable (agi_monai.deploy.sdk)
+from monai.deploy.conditions import CountCondition  # noqa: E402
+from monai.deploy.core import AppContext, Application  # noqa: E402
+from monai.deploy.core.arg_parser import set_up_logging  # noqa: E402
+
+__all__ = ["SynthesisApp", "main"]
+
+_PROGRAM = "python -m agi_monai.deploy"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class SynthesisApp(Application):
+    """cases -> synthesis -> writer (see :mod:`agi_monai.deploy.operators`), run once over the input.
+
+    Args:
+        app_context: MONAI Deploy's context: ``input_path`` (a DICOM study, NIfTI cases or a JSON datalist) and
+            ``output_path``.
+        synthesizer: the loaded bundle (from ``app_context.model_path``).
+        dicom: also write a DICOM series per case.
+        overwrite: replace existing outputs.
+        dicom_mapping: explicit contrast -> DICOM series selector.
+    """
+
+    def __init__(
+        self,
+        app_context: AppContext,
+        synthesizer: BundleSynthesizer,
+        dicom: bool = True,
+        overwrite: bool = False,
+        dicom_mapping: Mapping[str, str] | None = None,
+    ) -> None:
+        self.app_context = app_context
+        self.synthesizer = synthesizer
+        self.dicom = dicom
+        self.overwrite = overwrite
+        self.dicom_mapping = dicom_mapping
+        self.writer: SyntheticImageWriterOperator | None = None
+        super().__init__([_PROGRAM])  # Holoscan would otherwise parse the host process's sys.argv
+
+    @property
+    def outputs(self) -> SynthesisOutputs:
+        """What the last run wrote and which cases failed."""
+        return self.writer.outputs if self.writer is not None else SynthesisOutputs()
+
+    def compose(self) -> None:
+        cases = CaseDiscoveryOperator(
+            self, CountCondition(self, 1), name="cases", input_path=self.app_context.input_path,
+            inputs=self.synthesizer.inputs, dicom_mapping=self.dicom_mapping,
+        )
+        synthesis = SynthesisOperator(self, name="synthesis", synthesizer=self.synthesizer)
+        self.writer = SyntheticImageWriterOperator(
+            self, name="writer", output_dir=self.app_context.output_path, synthesizer=self.synthesizer,
+            dicom=self.dicom, overwrite=self.overwrite,
+        )
+        self.add_flow(cases, synthesis, {("cases", "cases")})
+        self.add_flow(synthesis, self.writer, {("results", "results")})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments, load the bundle, run :class:`SynthesisApp`; returns the exit status."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    started = time.perf_counter()
+    set_up_logging(args.log_level)
+    context = AppContext({k: str(v) for k, v in vars(args).items() if k in ("input", "output", "model", "workdir") and v})
+    try:
+        source, output = Path(context.input_path).resolve(), Path(context.output_path).resolve()
+        if not source.exists():
+            raise DataError(source, "does not exist", "a DICOM study, a folder of NIfTI cases or a JSON datalist (-i)")
+        if output == source or source in output.parents:
+            raise DataError(output, f"is the input folder or inside it ({source})", "another output folder (-o)")
+        synthesizer = BundleSynthesizer(context.model_path, device=args.device, overrides=_overrides(args.override))
+    except (BundleError, DataError) as error:
+        print(f"{_PROGRAM}: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    app = SynthesisApp(context, synthesizer, dicom=args.dicom, overwrite=args.overwrite, dicom_mapping=args.dicom_mapping)
+    app.run()
+    outputs = app.outputs
+    for failure in outputs.failures:
+        print(f"  - {failure}", flush=True)
+    cases = sum(1 for p in outputs.written if p.name.endswith(".nii.gz"))
+    failed = ", ".join(f.case_id for f in outputs.failures)
+    print(
+        f"{_PROGRAM}: {cases} of {cases + len(outputs.failures)} cases written ({synthesizer.target}, "
+        f"{'NIfTI + DICOM' if args.dicom else 'NIfTI'}) to {output} by {synthesizer.name} in "
+        f"{time.perf_counter() - started:.1f} s; {len(outputs.failures)} failed" + (f": {failed}" if failed else ""),
+        flush=True,
+    )
+    return EXIT_FAILED if outputs.failures or not cases else EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=_PROGRAM,
+        description="Synthesize a missing MR contrast with an agi-monai bundle (MONAI Deploy application): a DICOM "
+        "study or NIfTI cases in, float32 NIfTI and a derived DICOM series out.",
+    )
+    # MONAI Deploy's standard options (monai.deploy.core.arg_parser), defaults from HOLOSCAN_* variables
+    parser.add_argument("-i", "--input", help="DICOM study, folder of NIfTI cases or JSON datalist (default: $HOLOSCAN_INPUT_PATH or ./input)")
+    parser.add_argument("-o", "--output", help="output folder (default: $HOLOSCAN_OUTPUT_PATH or ./output)")
+    parser.add_argument("-m", "--model", help="TorchScript file from 'agi-monai export' or a bundle folder (default: $HOLOSCAN_MODEL_PATH or ./models)")
+    parser.add_argument("-w", "--workdir", help="working folder (unused; MONAI Deploy's option)")
+    parser.add_argument("-l", "--log-level", dest="log_level", type=str.upper, choices=["DEBUG", "INFO", "WARN", "ERROR", "CRITICAL"])
+    parser.add_argument("--device", help="torch device (default: cuda:0 when available, else cpu)")
+    parser.add_argument("--no-dicom", dest="dicom", action="store_false", help="write NIfTI only")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--dicom-mapping", type=_json_object, help='contrast -> series selector, e.g. \'{"T2": "AX T2 FSE"}\'')
+    parser.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
+                        help="inference.json override, VALUE as JSON, e.g. network_def#channels=[8,16,16,32] (repeatable)")
+    return parser
+
+
+def _json_object(text: str) -> dict[str, str]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error}); expected an object") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``ID=VALUE`` pairs, each VALUE parsed as JSON when it is JSON, else kept as text."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, separator, text = pair.partition("=")
+        if not separator or not key:
+            raise BundleError(f"--override {pair!r}: expected ID=VALUE, e.g. network_def#channels=[8,16,16,32]")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides

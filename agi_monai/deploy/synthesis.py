@@ -1,0 +1,213 @@
+"""The synthesis step of a scenario bundle, in memory and without MONAI Deploy: load an exported bundle (a
+TorchScript ``model.ts`` from ``agi-monai export``, or a bundle folder with ``models/model.pt``), turn one case
+into a float32 volume on its reference input's grid, and write that volume as NIfTI and as a derived DICOM
+series.
+
+The Deploy operators (:mod:`agi_monai.deploy.operators`) are thin wrappers around these, so the logic is tested
+whether or not the SDK is installed.
+
+Every step is the bundle's own: its ``preprocessing`` and ``inferer`` entries (parsed from the ``inference.json``
+stored in the TorchScript file, or from the folder's configs), :func:`agi_monai.engines.clip_prediction` and
+:func:`agi_monai.data.restore_geometry_transforms` (MONAI ``Invertd``), as in ``FolderSynthesis``. Unlike MONAI
+Deploy's stock ``MonaiBundleInferenceOperator``, which casts every image output to ``uint8`` (right for a label
+map, destructive for a synthesized MR image in [0, 1]), the prediction stays float32 end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor, load_net_with_metadata
+from monai.transforms import Compose
+
+import agi_monai  # noqa: F401  (registers torch.ops.agi_monai.group_roll before a default export is loaded)
+from agi_monai.bundle.registry import BundleError
+from agi_monai.data import (
+    AtomicNibabelWriter,
+    DataError,
+    Failure,
+    canonical_contrast,
+    choose_reference,
+    metatensor_to_sitk,
+    restore_geometry_transforms,
+)
+from agi_monai.data.dicom import write_derived_series
+from agi_monai.engines import clip_prediction
+
+__all__ = ["BundleSynthesizer", "SynthesisOutputs", "write_synthesis_outputs"]
+
+#: The config stored in a TorchScript file by ``agi-monai export`` (MONAI ``ckpt_export``'s extra file name).
+INFERENCE_CONFIG = "inference.json"
+
+
+class BundleSynthesizer:
+    """One scenario bundle's generator with its preprocessing and inferer: ``synthesizer(case)`` returns the
+    synthesized target as a float32 ``MetaTensor`` (1, X, Y, Z) on the grid of the case's reference input.
+
+    Args:
+        model: a TorchScript file written by ``agi-monai export`` (its ``inference.json`` is read from the file),
+            or a bundle folder (``configs/inference.json`` with ``models/model.pt``, else ``models/model.ts``).
+        device: torch device; default ``cuda:0`` when available, else ``cpu``.
+        overrides: config id -> value overrides of ``inference.json`` (e.g. ``{"network_def#channels": [8, 16, 16, 32]}``
+            for a bundle folder whose weights are narrower than the paper's; ``{"slices_per_batch": 4}``).
+
+    Raises:
+        BundleError: ``model`` is neither; the file is not a TorchScript export with an ``inference.json``; the
+            weights do not load into the bundle's network. The message names the file and what was expected.
+    """
+
+    def __init__(
+        self, model: str | Path, device: str | torch.device | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> None:
+        self.model_path = Path(model).resolve()
+        self.device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        if self.model_path.is_dir():
+            self.parser, self.network, self.name = self._from_folder(self.model_path, dict(overrides or {}))
+        elif self.model_path.is_file():
+            self.parser, self.network, self.name = self._from_torchscript(self.model_path, dict(overrides or {}))
+        else:
+            raise BundleError(f"{model}: does not exist (expected a TorchScript file from 'agi-monai export' or a bundle folder)")
+        self.network.eval()
+        self.inputs: list[str] = [canonical_contrast(c) for c in self.parser.get_parsed_content("inputs")]
+        self.target: str = canonical_contrast(self.parser.get_parsed_content("target"))
+        self.reference: str = choose_reference(self.inputs)
+        self.preprocessing: Compose = self.parser.get_parsed_content("preprocessing")
+        self.inferer = self.parser.get_parsed_content("inferer")
+        # the bundle's postprocessing without its writer: clip to [0, 1], then back onto the reference grid (Invertd
+        # of this very preprocessing instance: MONAI matches the recorded transforms by identity)
+        self.postprocessing = Compose(
+            [clip_prediction("pred"), restore_geometry_transforms(self.preprocessing, "pred")]
+        )
+
+    def __call__(self, case: Mapping[str, Any]) -> MetaTensor:
+        """The synthesized target of ``case`` (a datalist item: contrast -> NIfTI file or DICOM series files).
+
+        Raises:
+            Exception: whatever the preprocessing raises for a bad case (MONAI wraps an
+                :class:`agi_monai.data.DataError` in a ``RuntimeError``; :func:`agi_monai.data.failure_reason`
+                finds it).
+        """
+        item = self.preprocessing(dict(case))
+        image = item["image"]
+        image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+        with torch.inference_mode():
+            prediction = self.inferer(image[None].to(self.device), self.network)
+        item["pred"] = MetaTensor(torch.as_tensor(prediction)[0].float().cpu())
+        return self.postprocessing(item)["pred"]
+
+    def _from_folder(self, folder: Path, overrides: dict[str, Any]) -> tuple[ConfigParser, torch.nn.Module, str]:
+        config = folder / "configs" / INFERENCE_CONFIG
+        if not config.is_file():
+            raise BundleError(f"{folder}: not a bundle folder (no configs/{INFERENCE_CONFIG}); expected a bundle or a .ts file")
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        parser.update({"bundle_root": str(folder), "device": f"$torch.device({str(self.device)!r})", **overrides})
+        weights, scripted = folder / "models" / "model.pt", folder / "models" / "model.ts"
+        if weights.is_file():
+            network = parser.get_parsed_content("network_def")
+            try:
+                network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
+            except Exception as error:  # a wrong scenario's weights, a truncated file: name the file
+                raise BundleError(
+                    f"{weights}: cannot be loaded into bundle {folder.name}'s network ({type(error).__name__}: "
+                    f"{_one_line(error)}); expected a state_dict saved by this bundle's training"
+                ) from None
+            return parser, network.to(self.device), folder.name
+        if scripted.is_file():
+            return self._from_torchscript(scripted, overrides, parser)
+        raise BundleError(f"{folder}: has neither models/model.pt nor models/model.ts (expected trained weights)")
+
+    def _from_torchscript(
+        self, path: Path, overrides: dict[str, Any], parser: ConfigParser | None = None
+    ) -> tuple[ConfigParser, torch.nn.Module, str]:
+        try:
+            network, _, extra = load_net_with_metadata(str(path), map_location=self.device, more_extra_files=(INFERENCE_CONFIG,))
+        except Exception as error:  # torch.jit.load raises RuntimeError/ValueError for a file that is not TorchScript
+            raise BundleError(
+                f"{path}: cannot be loaded as TorchScript ({type(error).__name__}: {_one_line(error)}); expected a "
+                f"file written by 'agi-monai export'"
+            ) from None
+        if parser is None:
+            if not extra.get(INFERENCE_CONFIG):
+                raise BundleError(f"{path}: holds no {INFERENCE_CONFIG}; expected a file written by 'agi-monai export'")
+            parser = ConfigParser(json.loads(extra[INFERENCE_CONFIG]))
+            parser.update({"bundle_root": str(path.parent), "device": f"$torch.device({str(self.device)!r})", **overrides})
+        # agi-monai export writes <bundle>/models/model.ts: the bundle is named after the folder above models/
+        name = path.parent.parent.name if path.parent.name == "models" else path.stem
+        return parser, network, name
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+@dataclass
+class SynthesisOutputs:
+    """What :func:`write_synthesis_outputs` wrote and which cases failed."""
+
+    written: list[Path] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+def write_synthesis_outputs(
+    case: Mapping[str, Any],
+    prediction: MetaTensor,
+    synthesizer: BundleSynthesizer,
+    output_dir: str | Path,
+    dicom: bool = True,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write ``<case>_<target>.nii.gz`` (float32, atomically) and, with ``dicom``, ``<case>_<target>_dicom/``: a
+    new MR series derived from the case's reference input series (DICOM input: same patient, study and frame of
+    reference) or a new study with synthetic patient tags (NIfTI input); see
+    :func:`agi_monai.data.dicom.write_derived_series`.
+
+    If the DICOM series fails, the NIfTI written for the case is removed, so a case is written whole or not at all.
+
+    Returns:
+        The NIfTI file and, with ``dicom``, the series folder.
+
+    Raises:
+        DataError: an output exists and ``overwrite`` is False (nothing is replaced), or the series cannot be written.
+    """
+    case_id = str(case["case_id"])
+    output_dir = Path(output_dir)
+    nifti = output_dir / f"{case_id}_{synthesizer.target}.nii.gz"
+    series = output_dir / f"{case_id}_{synthesizer.target}_dicom"
+    existing = [str(p) for p in (nifti, *([series] if dicom else [])) if p.exists()]
+    if existing and not overwrite:
+        raise DataError(", ".join(existing), "output already exists", "a new output, or --overwrite to replace it")
+    writer = AtomicNibabelWriter(output_dtype=np.float32)
+    writer.set_data_array(prediction, channel_dim=0)
+    writer.set_metadata(prediction.meta, resample=False)
+    writer.write(nifti)
+    if not dicom:
+        return [nifti]
+    reference = case.get(synthesizer.reference)
+    from_dicom = isinstance(reference, (list, tuple)) or (isinstance(reference, (str, Path)) and Path(reference).is_dir())
+    try:
+        write_derived_series(
+            metatensor_to_sitk(prediction),
+            series,
+            series_description=f"SYNTHETIC {synthesizer.target} {synthesizer.name}"[:64],
+            derivation_description=(
+                f"Synthetic {synthesizer.target} made by AGI-Net bundle {synthesizer.name} (agi-monai "
+                f"{agi_monai.__version__}, MONAI Deploy app) from {', '.join(synthesizer.inputs)} on the "
+                f"{synthesizer.reference} grid; research use only, not for diagnosis"
+            ),
+            reference=reference if from_dicom else None,
+            case_id=case_id,
+            overwrite=overwrite,
+        )
+    except (DataError, OSError):
+        nifti.unlink(missing_ok=True)
+        raise
+    return [nifti, series]
