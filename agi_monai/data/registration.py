@@ -78,7 +78,7 @@ def register_rigid(
     shrink_factors: Sequence[int] = (4, 2, 1),
     smoothing_sigmas_mm: Sequence[float] = (2.0, 1.0, 0.0),
     histogram_bins: int = 32,
-    seed: int = 0,
+    seed: int = 1,
     max_translation_mm: float = 50.0,
     max_rotation_deg: float = 30.0,
     min_overlap: float = 0.25,
@@ -100,7 +100,8 @@ def register_rigid(
         shrink_factors: downsampling per pyramid level, coarse to fine.
         smoothing_sigmas_mm: Gaussian smoothing per level, in mm.
         histogram_bins: Mattes mutual-information histogram bins.
-        seed: seed of the metric's random sampling.
+        seed: seed of the metric's random sampling; not 0, which SimpleITK reads as "seed from the wall clock"
+            (``sitk.sitkWallClock``), so that every run sampled other voxels and registered differently.
         max_translation_mm: larger displacements of the reference centre are rejected.
         max_rotation_deg: larger rotations are rejected.
         min_overlap: the two fields of view must overlap by at least this share of the smaller one.
@@ -128,6 +129,8 @@ def register_rigid(
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=histogram_bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
+    if seed == sitk.sitkWallClock:
+        raise ValueError(f"seed={seed} is SimpleITK's 'wall clock' seed (a different sampling every run); expected a nonzero seed")
     method.SetMetricSamplingPercentage(sampling_fraction, seed)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(

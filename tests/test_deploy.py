@@ -1,0 +1,159 @@
+"""The MONAI Deploy application (issue #7 item 3), run in-process as Holoscan runs it: a DICOM study made from the
+shipped native TCGA scans (three series; T1 and T2 selected by their descriptions) plus a NIfTI case, a copy of
+``brats_t1_t2_to_flair`` with an untrained narrow generator exported to TorchScript by ``agi-monai export``.
+
+Checked against an independent path: the bundle's own ``inference.json`` run by ``python -m monai.bundle run``
+with the eager ``model.pt`` on the same cases must give the same float32 volumes; the DICOM series must carry the
+reference series' patient/study/frame of reference and its geometry.
+
+Skipped, with the reason, where the MONAI Deploy App SDK is not importable (docs/deploy.md says how to install it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+
+from agi_monai.deploy.sdk import import_deploy_sdk
+
+try:
+    import_deploy_sdk()
+except ImportError as error:  # the exact reason, e.g. the SDK not installed, or Holoscan failing to load
+    pytest.skip(f"MONAI Deploy App SDK not importable: {error}", allow_module_level=True)
+
+from agi_monai.cli import main as cli_main  # noqa: E402
+from agi_monai.data import write_dicom_series  # noqa: E402
+from agi_monai.deploy.app import main  # noqa: E402
+from agi_monai.networks import AGINet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NATIVE = ROOT / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692-native"
+AURORA = ROOT / "tests" / "data" / "brats2023-mets" / "aurora-example"
+WIDTHS = [8, 16, 16, 32]
+STUDY_UID = "1.2.826.0.1.3680043.8.498.7"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A bundle copy with a freshly initialised narrow generator, exported to models/model.ts by the CLI."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bundles") / "brats_t1_t2_to_flair"
+    shutil.copytree(ROOT / "bundles" / root.name, root, ignore=shutil.ignore_patterns("models", "eval"))
+    (root / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(AGINet(in_channels=2, channels=WIDTHS).state_dict(), root / "models" / "model.pt")
+    assert cli_main(["export", str(root), "--network_def#channels", str(WIDTHS).replace(" ", "")]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """A DICOM study (T2, T1 and a FLAIR series of TCGA-FG-6692, oblique) and a NIfTI case (aurora, 30 slices)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    study = folder / "study"
+    for number, (name, description) in enumerate([("t2", "AX T2 FSE"), ("t1", "AX T1 SE"), ("flair", "AX T2 FLAIR")], 2):
+        write_dicom_series(sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")), study, description, "TCGA-FG-6692", number,
+                           study_uid=STUDY_UID)
+    case = folder / "nifti" / "aurora-example"
+    case.mkdir(parents=True)
+    for name in ("t1", "t2"):
+        nib.save(nib.load(AURORA / f"{name}.nii.gz").slicer[:, :, 65:95], case / f"{name}.nii.gz")
+    return folder
+
+
+@pytest.mark.slow
+def test_app_synthesizes_float_nifti_and_a_derived_dicom_series(exported, inputs, tmp_path, capsys):
+    before = digest(inputs)
+    output = tmp_path / "out"
+    status = main(["-i", str(inputs), "-o", str(output), "-m", str(exported / "models" / "model.ts"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed[-3000:]
+    assert sorted(p.name for p in output.iterdir()) == [
+        "TCGA-FG-6692_FLAIR.nii.gz", "TCGA-FG-6692_FLAIR_dicom", "aurora-example_FLAIR.nii.gz", "aurora-example_FLAIR_dicom",
+    ]
+    assert "2 of 2 cases written (FLAIR, NIfTI + DICOM)" in printed and "by brats_t1_t2_to_flair" in printed
+    assert digest(inputs) == before  # inputs untouched
+
+    # the same cases through the bundle's own inference (eager model.pt, MONAI ConfigWorkflow): the same volumes
+    reference_run = tmp_path / "bundle_run"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(exported / "configs" / "inference.json"),
+        "--bundle_root", str(exported), "--dataset_dir", str(inputs), "--output_dir", str(reference_run),
+        "--network_def#channels", str(WIDTHS).replace(" ", ""), "--device", "$torch.device('cpu')",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    for case in ("TCGA-FG-6692", "aurora-example"):
+        deployed, bundled = nib.load(output / f"{case}_FLAIR.nii.gz"), nib.load(reference_run / f"{case}_FLAIR.nii.gz")
+        assert deployed.get_data_dtype() == np.float32  # not the stock operator's uint8
+        np.testing.assert_allclose(deployed.affine, bundled.affine, atol=1e-5)
+        values = np.asarray(deployed.dataobj)
+        np.testing.assert_allclose(values, np.asarray(bundled.dataobj), atol=1e-4)  # TorchScript vs eager, ITK threads
+        assert 0.0 <= values.min() and values.max() <= 1.0 and len(np.unique(values)) > 256  # a float image, not 8 bits
+
+    # DICOM in -> DICOM out: a new series of the input study, on the T2 series' grid (the reference of (T1, T2))
+    series = output / "TCGA-FG-6692_FLAIR_dicom"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series)))
+    synthetic = reader.Execute()
+    t2_files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(inputs / "study"), _series_uid(inputs / "study", "AX T2 FSE"))
+    reader.SetFileNames(t2_files)
+    t2 = reader.Execute()
+    assert synthetic.GetSize() == t2.GetSize()
+    for getter in ("GetOrigin", "GetSpacing", "GetDirection"):
+        np.testing.assert_allclose(getattr(synthetic, getter)(), getattr(t2, getter)(), atol=1e-4)
+    nifti = sitk.ReadImage(str(output / "TCGA-FG-6692_FLAIR.nii.gz"))
+    values = sitk.GetArrayFromImage(nifti)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(synthetic), values, atol=(values.max() - values.min()) / 65535)
+    header, t2_header = pydicom.dcmread(next(series.iterdir())), pydicom.dcmread(t2_files[0])
+    assert list(header.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
+    assert header.SeriesDescription == "SYNTHETIC FLAIR brats_t1_t2_to_flair"
+    assert header.StudyInstanceUID == STUDY_UID and header.PatientID == "TCGA-FG-6692"
+    assert header.FrameOfReferenceUID == t2_header.FrameOfReferenceUID
+    assert header.SeriesInstanceUID != t2_header.SeriesInstanceUID and int(header.SeriesNumber) == 1002
+    assert "MONAI Deploy app" in header.DerivationDescription
+
+    # again without --overwrite: every case fails naming its file, nothing is replaced
+    written = digest(output)
+    assert main(["-i", str(inputs), "-o", str(output), "-m", str(exported / "models" / "model.ts"), "--device", "cpu", "--no-dicom"]) == 1
+    assert f"TCGA-FG-6692: {output / 'TCGA-FG-6692_FLAIR.nii.gz'}: output already exists" in capsys.readouterr().out
+    assert digest(output) == written
+
+
+def test_model_that_is_not_an_export_is_named(inputs, tmp_path, capsys):
+    broken = tmp_path / "model.ts"
+    broken.write_bytes(b"not a TorchScript archive")
+    assert main(["-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(broken)]) == 2
+    error = capsys.readouterr().err
+    assert f"{broken}: cannot be loaded as TorchScript" in error and "expected a file written by 'agi-monai export'" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_inside_the_input_is_refused(exported, inputs, capsys):
+    assert main(["-i", str(inputs), "-o", str(inputs / "out"), "-m", str(exported)]) == 2
+    assert "is the input folder or inside it" in capsys.readouterr().err
+    assert not (inputs / "out").exists()
+
+
+def _series_uid(folder: Path, description: str) -> str:
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        first = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)[0]
+        if pydicom.dcmread(first, stop_before_pixels=True).SeriesDescription == description:
+            return uid
+    raise AssertionError(f"no series {description!r} in {folder}")
