@@ -1,15 +1,21 @@
 """Running a scenario bundle's own recipe from Python at a chosen budget: the README demo, the equal-budget
-comparison and the ablations train through here, so that what they measure is what ``python -m monai.bundle run``
-does.
+comparison and the ablations train and evaluate through here, so that what they measure is what
+``python -m monai.bundle run`` does.
 
 The budget is a bundle config file of overrides merged over ``train.json`` (MONAI merges a list of config files),
 written next to the run: ``<bundle_root>/overrides.json``, and the equivalent command is logged, so any run can
-be repeated by hand.
+be repeated by hand. The same file, merged over ``train.json`` + ``evaluate.json``, evaluates the run
+(:func:`evaluate_bundle`) and rebuilds its generator (:func:`load_generator`).
+
+The shipped real data (``tests/data``) hold three 4-contrast cases; :func:`shipped_datalist` writes the one split
+the demo, the comparison and the ablations use: train on the two BraTS 2023 cases, test on TCGA-FG-6692.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,13 +23,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 
-from agi_monai.data import write_json
+from agi_monai.data import discover_cases, write_json
 
-__all__ = ["TrainingRun", "budget_overrides", "synthesize_volume", "train_bundle"]
+__all__ = [
+    "CPU_CHANNELS",
+    "PAPER_CHANNELS",
+    "SHIPPED_TEST_CASE",
+    "SHIPPED_TRAINING_CASES",
+    "TrainingRun",
+    "budget_overrides",
+    "budget_widths",
+    "bundle_network",
+    "evaluate_bundle",
+    "load_generator",
+    "seed_overrides",
+    "shipped_datalist",
+    "synthesize_volume",
+    "train_bundle",
+]
+
+#: The shipped 4-contrast cases trained on (folders under ``tests/data``).
+SHIPPED_TRAINING_CASES = ("brats2023-gli/BraTS-GLI-00001-000", "brats2023-mets/aurora-example")
+#: The held-out shipped case: folder under ``tests/data``, case name (its files are named ``OtherEXampleFromTCIA_*``).
+SHIPPED_TEST_CASE = ("tcga-lgg/TCGA-FG-6692", "TCGA-FG-6692")
+#: Generator widths of the budget runs on a CPU (AGI-Net 1.2 M parameters) and the paper's (19 M), with CUDA.
+CPU_CHANNELS = (16, 32, 64, 128)
+PAPER_CHANNELS = (64, 128, 256, 512)
+_SEED_EXPRESSION = re.compile(r"set_determinism\(\s*seed\s*=\s*\d+\s*\)")
 
 _logger = logging.getLogger(__name__)
 
@@ -108,6 +138,16 @@ def budget_overrides(
     return overrides
 
 
+def budget_widths(
+    device: torch.device, channels: Sequence[int] | None = None, discriminator_channels: int | None = None
+) -> tuple[list[int], int]:
+    """Generator widths and PatchGAN width of a budget run: those given, else :data:`CPU_CHANNELS` and 16 on a
+    CPU, the paper's :data:`PAPER_CHANNELS` and the bundle's 64 with CUDA."""
+    on_cuda = torch.device(device).type == "cuda"
+    widths = [int(c) for c in (channels or (PAPER_CHANNELS if on_cuda else CPU_CHANNELS))]
+    return widths, int(discriminator_channels or (64 if on_cuda else 16))
+
+
 def train_bundle(bundle: str | Path, bundle_root: str | Path, overrides: Mapping[str, Any]) -> TrainingRun:
     """Runs ``<bundle>/configs/train.json`` merged with ``overrides`` (written to ``<bundle_root>/overrides.json``)
     in ``bundle_root`` (its ``models/`` and logs go there; the bundle folder is only read).
@@ -163,3 +203,129 @@ def synthesize_volume(
     if isinstance(prediction, MetaTensor):
         prediction = prediction.as_tensor()
     return prediction[0].clamp(0.0, 1.0).float().cpu()
+
+
+def shipped_datalist(data_dir: str | Path, contrasts: Sequence[str], path: str | Path) -> Path:
+    """Write the shipped data's one split as a JSON datalist at ``path`` (absolute file paths, only ``contrasts``):
+    ``"training"`` the two BraTS 2023 cases (:data:`SHIPPED_TRAINING_CASES`), ``"validation"`` and ``"test"`` the
+    held-out TCGA-FG-6692 (:data:`SHIPPED_TEST_CASE`, under its TCIA name: discovery would name it after its file
+    prefix, ``OtherEXampleFromTCIA``). There is no fourth case, so the validation list selects nothing: the
+    budget runs validate once, after their last iteration.
+
+    Raises:
+        ValueError: a shipped case is missing or lacks one of ``contrasts`` (``data_dir`` is not ``tests/data``).
+    """
+    data_dir, contrasts = Path(data_dir), list(contrasts)
+
+    def case(folder: str, name: str | None = None) -> dict[str, str]:
+        found = discover_cases(data_dir / folder, required=contrasts).cases if (data_dir / folder).is_dir() else []
+        if len(found) != 1:
+            raise ValueError(
+                f"{data_dir / folder}: expected one case with {contrasts} (the shipped samples, tests/data), found "
+                f"{len(found)}"
+            )
+        return {"case_id": name or found[0]["case_id"], **{c: str(Path(found[0][c]).resolve()) for c in contrasts}}
+
+    held_out = case(*SHIPPED_TEST_CASE)
+    return write_json(
+        {"training": [case(folder) for folder in SHIPPED_TRAINING_CASES], "validation": [held_out], "test": [held_out]},
+        path,
+    )
+
+
+def seed_overrides(bundle: str | Path, seed: int) -> dict[str, str]:
+    """The override of ``train.json``'s ``initialize`` entry ``$monai.utils.set_determinism(seed=...)`` that seeds
+    a run with ``seed`` (weight initialisation, data order, augmentation), e.g. ``{"initialize#0": ...}``.
+
+    Raises:
+        ValueError: ``train.json`` has no such entry, or several.
+    """
+    train_json = Path(bundle) / "configs" / "train.json"
+    entries = json.loads(train_json.read_text(encoding="utf-8")).get("initialize", [])
+    found = [i for i, entry in enumerate(entries) if isinstance(entry, str) and _SEED_EXPRESSION.search(entry)]
+    if len(found) != 1:
+        raise ValueError(
+            f"{train_json}: expected one 'initialize' entry calling set_determinism(seed=N), found {len(found)}"
+        )
+    index = found[0]
+    return {f"initialize#{index}": _SEED_EXPRESSION.sub(f"set_determinism(seed={int(seed)})", entries[index])}
+
+
+def _parser(bundle: Path, config_names: Sequence[str], overrides: Mapping[str, Any] | None) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / name) for name in config_names])
+    parser.update(dict(overrides or {}))
+    return parser
+
+
+def bundle_network(bundle: str | Path, overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """The generator ``network_def`` of ``<bundle>/configs/train.json`` with ``overrides`` (e.g. a run's
+    ``overrides.json`` content, or ``{"network_def#groups": 4}``), built by MONAI's config parser as a run would
+    build it, on the CPU."""
+    return _parser(Path(bundle), ["train.json"], overrides).get_parsed_content("network_def")
+
+
+def _read_overrides(overrides: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
+    if overrides is None or isinstance(overrides, Mapping):
+        return dict(overrides or {})
+    path = Path(overrides)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such overrides file (expected the JSON a training run wrote)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_generator(
+    bundle: str | Path, weights: str | Path, overrides: str | Path | Mapping[str, Any] | None = None
+) -> torch.nn.Module:
+    """The bundle's generator (:func:`bundle_network` with ``overrides``: a mapping or a run's ``overrides.json``)
+    with the state dict ``weights`` (a run's ``models/model.pt``) loaded, on the CPU, in eval mode.
+
+    Raises:
+        ValueError: ``weights`` is missing or does not fit the network these overrides describe (names the file).
+    """
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ValueError(f"{weights}: no such weights file (expected a generator state_dict, models/model.pt)")
+    network = bundle_network(bundle, _read_overrides(overrides))
+    try:
+        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise ValueError(
+            f"{weights}: does not fit {type(network).__name__} of bundle {Path(bundle).name} with these overrides "
+            f"({detail[:300]}); expected the weights of a run with the same network_def overrides"
+        ) from None
+    return network.eval()
+
+
+def evaluate_bundle(
+    bundle: str | Path, bundle_root: str | Path, overrides: Mapping[str, Any] | None = None
+) -> Path:
+    """Runs ``<bundle>/configs/train.json`` + ``evaluate.json`` merged with ``<bundle_root>/overrides.json`` (the
+    training run's) and ``overrides``: the generator ``<bundle_root>/models/model.pt`` synthesizes every case of the
+    ``test`` split, measured under the bundle's protocols. Returns the folder of ``metrics_per_case.csv``,
+    ``metrics_summary.json`` and ``metrics_summary.md`` (``<bundle_root>/eval`` unless ``output_dir`` is
+    overridden).
+
+    Raises:
+        RuntimeError: the run wrote no summary.
+    """
+    # imported here: agi_monai.evaluation (its robustness sweep) imports this module
+    from agi_monai.evaluation.tables import SUMMARY_JSON
+
+    bundle, bundle_root = Path(bundle), Path(bundle_root)
+    config_files = [str(bundle / "configs" / name) for name in ("train.json", "evaluate.json")]
+    run_overrides = bundle_root / "overrides.json"
+    if run_overrides.is_file():
+        config_files.append(str(run_overrides))
+    workflow = ConfigWorkflow(
+        config_file=config_files, workflow_type=None, bundle_root=str(bundle_root),
+        logging_file=str(bundle / "configs" / "logging.conf"), **dict(overrides or {}),
+    )
+    workflow.initialize()
+    workflow.run()
+    output = Path(workflow.parser.get_parsed_content("output_dir"))
+    workflow.finalize()
+    if not (output / SUMMARY_JSON).is_file():
+        raise RuntimeError(f"the evaluation of {bundle_root} wrote no {SUMMARY_JSON} in {output}; see its log")
+    return output
