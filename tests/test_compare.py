@@ -1,0 +1,130 @@
+"""The equal-budget comparison (scripts/compare.py) and the experiment helpers it shares with the demo and the
+ablations: the shipped split, the seed override, the bundle's network rebuilt from a run's overrides, and one tiny
+end-to-end comparison on the shipped cases (training, evaluate.json, baselines, sweep, panel, reports)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from agi_monai.bundle.experiment import (
+    SHIPPED_TEST_CASE,
+    bundle_network,
+    load_generator,
+    seed_overrides,
+    shipped_datalist,
+)
+from agi_monai.evaluation.tables import read_csv
+from agi_monai.networks import AGINet, ResUNet
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+BUNDLE = REPO / "bundles" / "brats_t1_t2_to_flair"
+
+
+def test_shipped_datalist_trains_on_the_brats_cases_and_tests_on_tcga(tmp_path):
+    path = shipped_datalist(DATA, ["T1", "T2", "FLAIR"], tmp_path / "datalist.json")
+    datalist = json.loads(path.read_text())
+    assert [c["case_id"] for c in datalist["training"]] == ["BraTS-GLI-00001-000", "aurora-example"]
+    assert datalist["test"] == datalist["validation"] and [c["case_id"] for c in datalist["test"]] == ["TCGA-FG-6692"]
+    held_out = datalist["test"][0]
+    assert set(held_out) == {"case_id", "T1", "T2", "FLAIR"}
+    assert held_out["FLAIR"] == str((DATA / SHIPPED_TEST_CASE[0] / "OtherEXampleFromTCIA_fla_bet.nii.gz").resolve())
+    assert all(Path(c[k]).is_absolute() and Path(c[k]).is_file() for s in datalist.values() for c in s for k in ("T1", "T2", "FLAIR"))
+    with pytest.raises(ValueError, match=r"tcga-lgg/TCGA-FG-6692: expected one case with \['T1', 'PD'\]"):
+        shipped_datalist(DATA, ["T1", "PD"], tmp_path / "other.json")
+
+
+def test_seed_override_replaces_the_bundles_determinism_seed(tmp_path):
+    overrides = seed_overrides(BUNDLE, 7)
+    assert overrides == {"initialize#0": "$monai.utils.set_determinism(seed=7)"}
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update(overrides)
+    assert parser["initialize"][0] == "$monai.utils.set_determinism(seed=7)" and len(parser["initialize"]) == 3
+    fake = tmp_path / "bundle"
+    (fake / "configs").mkdir(parents=True)
+    (fake / "configs" / "train.json").write_text(json.dumps({"initialize": ["$print(1)"]}))
+    with pytest.raises(ValueError, match=r"train.json: expected one 'initialize' entry calling set_determinism"):
+        seed_overrides(fake, 1)
+
+
+def test_a_runs_overrides_rebuild_its_generator(tmp_path):
+    overrides = {"network_def#_target_": "agi_monai.networks.ResUNet", "network_def#channels": [8, 16, 32, 64]}
+    network = bundle_network(BUNDLE, overrides)
+    assert type(network) is ResUNet and network.head.out_channels == 8 and network.head.in_channels == 2
+    torch.manual_seed(3)
+    trained = ResUNet(2, 2, 1, channels=(8, 16, 32, 64))
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "overrides.json").write_text(json.dumps(overrides))
+    loaded = load_generator(BUNDLE, tmp_path / "model.pt", tmp_path / "overrides.json")
+    assert not loaded.training
+    x = torch.rand(1, 2, 32, 32)
+    assert torch.equal(loaded(x), trained.eval()(x))
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'model.pt'}: does not fit AGINet of bundle brats_t1_t2_to_flair"):
+        load_generator(BUNDLE, tmp_path / "model.pt", {"network_def#channels": [8, 16, 32, 64]})
+    with pytest.raises(ValueError, match="no such weights file"):
+        load_generator(BUNDLE, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="no such overrides file"):
+        load_generator(BUNDLE, tmp_path / "model.pt", tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_compare_trains_both_networks_at_one_budget_and_reports(tmp_path):
+    output = tmp_path / "compare"
+    channels = [8, 16, 32, 64]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare.py"), "--scenarios", "brats_t1_t2_to_flair",
+         "--iterations", "2", "--batch_size", "2", "--crop_size", "64", "--channels", ",".join(map(str, channels)),
+         "--discriminator_channels", "8", "--protocols", "slice2d", "--sweep_kinds", "translation",
+         "--sweep_maximum", "0.5", "--device", "cpu", "--progress", "False", "--output_dir", str(output)],
+        capture_output=True, encoding="utf-8", cwd=REPO, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((output / "compare.json").read_text())
+    scenario = summary["scenarios"]["brats_t1_t2_to_flair"]
+    assert scenario["test_cases"] == ["TCGA-FG-6692"] and summary["seed"] == 0
+    assert summary["command"].startswith("OMP_NUM_THREADS=1 python ") and "--iterations 2" in summary["command"]
+    assert summary["machine"]["torch_threads"] == 1 and summary["seconds"] > 0
+
+    # the same budget and seed for both; only the generator class differs
+    runs = {name: json.loads(Path(run["overrides"]).read_text()) for name, run in scenario["training"].items()}
+    differing = {k for k in runs["AGI-Net"].keys() | runs["ResUNet"].keys() if runs["AGI-Net"].get(k) != runs["ResUNet"].get(k)}
+    assert differing == {"network_def#_target_"}
+    assert runs["AGI-Net"]["initialize#0"] == "$monai.utils.set_determinism(seed=0)"
+    for name, network_class in (("AGI-Net", AGINet), ("ResUNet", ResUNet)):
+        run = scenario["training"][name]
+        assert run["iterations"] == 2
+        weights = torch.load(run["weights"], weights_only=True)
+        network = network_class(2, 2, 1, channels=channels)
+        network.load_state_dict(weights)
+        assert run["parameters"] == sum(p.numel() for p in network.parameters())
+        # evaluate.json's numbers are the table's
+        per_case = read_csv(Path(scenario["evaluations"][name]) / "metrics_per_case.csv")
+        assert scenario["quality"][name]["slice2d"]["psnr_db"] == pytest.approx(per_case[0]["slice2d_psnr_db"])
+    assert set(scenario["quality"]) == {"AGI-Net", "ResUNet", "T1 as FLAIR", "T2 as FLAIR"}
+    quality = (output / "brats_t1_t2_to_flair" / "quality.md").read_text()
+    assert "| T1 as FLAIR | 14.82 ± 0.00 (14.82) |" in quality  # the input-as-FLAIR baseline (as the demo's README)
+
+    # the sweep: both networks at 0 and 0.5 px; its unperturbed level is evaluate.json's synthesis
+    assert scenario["sweep"]["levels"] == [0.0, 0.5] and scenario["sweep"]["unperturbed_vs_evaluate_json_db"] < 0.01
+    rows = read_csv(output / "brats_t1_t2_to_flair" / "robustness" / "translation_slice2d.csv")
+    assert [(r["network"], r["perturbation"]) for r in rows] == [
+        ("AGI-Net", 0.0), ("ResUNet", 0.0), ("AGI-Net", 0.5), ("ResUNet", 0.5)]
+    assert [r["shift_px"] for r in rows] == pytest.approx([0.0, 0.0, 0.5, 0.5])
+    for name in ("robustness/translation_slice2d_psnr_db.png", "panel.png"):
+        assert matplotlib.image.imread(output / "brats_t1_t2_to_flair" / name).ndim == 3
+    results = (output / "results.md").read_text()
+    assert summary["command"] in results and "### Misalignment sweep: translation" in results
+    assert "| network | 0 | 0.5 |" in results
+    assert all(math.isfinite(r["psnr_db"]) for r in rows)
