@@ -499,10 +499,26 @@ def _initialize(workflow: Any, bundle: Any) -> None:
         weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
         detail = " ".join(str(cause).split()) or type(cause).__name__  # e.g. every size mismatch, on one line
         detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+        if not _readable_state_dict(weights):  # torch says only e.g. "OSError: [Errno 22] Invalid argument" then
+            raise UsageError(
+                f"{weights}: cannot be read as a PyTorch file ({type(cause).__name__}: {detail}): truncated or corrupt; "
+                f"expected a state_dict saved by bundle {bundle.name}'s training"
+            ) from None
         raise UsageError(
             f"{weights}: cannot be loaded into bundle {bundle.name}'s network ({type(cause).__name__}: {detail}); "
             f"expected a state_dict saved by this bundle's training"
         ) from None
+
+
+def _readable_state_dict(weights: Path) -> bool:
+    """Whether ``weights`` loads as a (weights-only) PyTorch file at all, whatever network it fits."""
+    import torch
+
+    try:
+        torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises OSError, RuntimeError, UnpicklingError... for a damaged file
+        return False
+    return True
 
 
 def _skip_cases_with_outputs(discovery: Any, output: Path, target: str, dicom: bool, overwrite: bool) -> None:

@@ -149,6 +149,15 @@ def choose_bundle(present: Iterable[str], target: str | None = None, bundles: Se
     found = ", ".join(c for c in CONTRASTS if c in present_set) or "none"
     usable = [b for b in bundles if set(b.inputs) <= present_set]
     candidates = [b for b in usable if (b.target == wanted if wanted else b.target not in present_set)]
+    family = _family(present_set)
+    if not wanted and family is not None:
+        # without a target, stay within the dataset the case comes from: a BraTS case (T1, T2, FLAIR, T1Gd) must not
+        # get an IXI bundle's PD just because PD is the contrast it lacks
+        candidates = [b for b in candidates if _family({*b.inputs, b.target}) == family]
+        if not candidates and all(
+            c in present_set for b in bundles if _family({*b.inputs, b.target}) == family for c in (*b.inputs, b.target)
+        ):
+            raise BundleError(f"nothing to synthesize: the case has {found}; name --bundle or --target")
     if not candidates:
         if wanted:
             makers = [f"{b.name} ({', '.join(b.inputs)})" for b in bundles if b.target == wanted]
@@ -173,3 +182,14 @@ def choose_bundle(present: Iterable[str], target: str | None = None, bundles: Se
         )
     return best[0]
 
+
+#: Contrasts that only one dataset family of scenarios has: FLAIR and T1Gd are BraTS's, PD is IXI's.
+_FAMILY_MARKERS = {"BraTS": frozenset({"FLAIR", "T1Gd"}), "IXI": frozenset({"PD"})}
+
+
+def _family(contrasts: Iterable[str]) -> str | None:
+    """The dataset family (``"BraTS"``, ``"IXI"``) that a set of contrasts belongs to; None for T1/T2 alone, which
+    both have, or for a mix of both families' contrasts (then the usual candidate rules and messages apply).
+    """
+    found = {name for name, markers in _FAMILY_MARKERS.items() if markers & set(contrasts)}
+    return found.pop() if len(found) == 1 else None

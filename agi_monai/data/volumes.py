@@ -75,6 +75,13 @@ def _load_nifti(path: Path) -> MetaTensor:
         raise DataError(path, "file not found", "an existing NIfTI file")
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise DataError(path, "has no NIfTI extension", ".nii or .nii.gz, or a DICOM series folder")
+    with open(path, "rb") as file:
+        start = file.read(4)
+    if not start:
+        raise DataError(path, "is empty (0 bytes)", "a NIfTI-1/2 image")
+    if path.name.lower().endswith(".gz") and start[:2] != b"\x1f\x8b" and int.from_bytes(start, "little") in (348, 540):
+        # nibabel would only say "not a gzip file", which reads as "not an image"
+        raise DataError(path, "is an uncompressed NIfTI file named .nii.gz", "gzip-compressed data, or the name .nii")
     try:
         # a reader given at call time makes LoadImage raise the reader's own error instead of a generic one
         volume = _NIFTI_LOADER(path, reader=NibabelReader())
@@ -111,8 +118,35 @@ def _load_dicom_series(source: str | Path | Sequence[str]) -> MetaTensor:
         raise DataError(label, f"cannot be read as a DICOM series ({error})", "readable DICOM images") from error
     if image.GetDimension() == 3 and image.GetSize()[2] == 1:
         raise DataError(label, f"is a single 2D slice, size {image.GetSize()}", "a 3D DICOM series")
+    _check_series_slices(files, image, label)
     volume = sitk_to_metatensor(image, source=label)
     return volume[0]  # check_volume sees the bare 3D array, like a NIfTI volume
+
+
+def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) -> None:
+    """One patient in every slice, and no slice missing: GDCM leaves out a file it cannot parse (e.g. a truncated
+    one) without a word, and ITK then stacks the remaining slices as if they were evenly spaced."""
+    origins, patients = [], set()
+    for name in files:  # headers only; SimpleITK reads classic and enhanced (per-frame) MR positions alike
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(name))
+        header.ReadImageInformation()
+        origins.append(header.GetOrigin())
+        patients.add(header.GetMetaData("0010|0020").strip() if header.HasMetaDataKey("0010|0020") else "")
+    if len(patients) > 1:
+        raise DataError(label, f"mixes slices of several patients (PatientID {', '.join(sorted(patients))})", "one series of one patient")
+    if len(origins) < 3:
+        return
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    gaps = np.abs(np.diff(np.asarray(origins) @ normal))
+    typical = float(np.median(gaps))
+    if typical > 0 and gaps.max() > 1.5 * typical:
+        raise DataError(
+            label,
+            f"has a gap of {gaps.max():.3g} mm between two of its {len(origins)} readable slices where the others are "
+            f"{typical:.3g} mm apart (a slice is missing or could not be read)",
+            "a complete series",
+        )
 
 
 def sitk_to_metatensor(image: sitk.Image, source: str = "") -> MetaTensor:
