@@ -92,6 +92,35 @@ def test_gradients_reach_routing_and_attention():
         assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_routing_function_pools_features_and_keeps_gradients_channels_last(spatial_dims):
+    """Heads read the global average of the features; the gradient entering the features is channels-last
+    (the layout of the features themselves: mixed layouts make GELU's and LayerNorm's backward slow on CPU)."""
+    torch.manual_seed(7)
+    routing = RoutingFunction(spatial_dims, 16, 4).double()
+    with torch.no_grad():
+        routing.offset_head.weight.normal_(std=0.5)
+        routing.scale_head.weight.normal_(std=0.5)
+    x = torch.randn(2, 16, *([6] * spatial_dims), dtype=torch.float64, requires_grad=True)
+    seen = []
+
+    def keep_gradient(module, args, out):
+        out.register_hook(seen.append)  # (a forward hook that returns a value would replace the output)
+
+    handle = routing.features.register_forward_hook(keep_gradient)
+    offsets, scales = routing(x)
+    handle.remove()
+    # Independent evaluation: the adaptive average pool of the features computed in the default layout.
+    pool = F.adaptive_avg_pool2d if spatial_dims == 2 else F.adaptive_avg_pool3d
+    pooled = pool(routing.features(x.detach()), 1).flatten(1)
+    torch.testing.assert_close(offsets, routing.offset_head(pooled).reshape(2, 4, spatial_dims))
+    torch.testing.assert_close(scales, torch.sigmoid(routing.scale_head(pooled)))
+    (offsets.square().sum() + scales.sum()).backward()
+    layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    assert len(seen) == 1 and seen[0].is_contiguous(memory_format=layout), seen[0].stride()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_ablation_flags_build_the_ablated_blocks():
     assert not any(isinstance(m, CrossGroupAttention) for m in AGINet(channels=SMALL, attention=False).modules())
     assert not any(isinstance(m, RoutingFunction) for m in AGINet(channels=SMALL, rolling=False).modules())
