@@ -7,6 +7,9 @@
 #                      kernels compile wherever nvcc 13 is installed; torch==2.13.0 here is CPU-only)
 #   AGI_MONAI_WITH_CUDA  auto (default) | 1 | 0 — see setup.py
 #   AGI_MONAI_VENV     where the virtual environment lives (default ./.venv)
+#   AGI_MONAI_DEPLOY   1 (default) | 0: the side environment $VENV/deploy with the MONAI Deploy App SDK
+#                      (scripts/deploy_requirements.txt; docs/deploy.md says why it is a side environment). Its
+#                      failure is not fatal: the Deploy tests then skip, saying why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${AGI_MONAI_VENV:-.venv}"
@@ -40,6 +43,22 @@ if [ -z "$so" ] || [ -n "$(find csrc setup.py pyproject.toml -newer "$so" -print
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
   echo "[setup] extension built in $(( $(date +%s) - start )) s"
 fi
+if [ "${AGI_MONAI_DEPLOY:-1}" = 1 ]; then
+  site_dir=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  pyver=$("$VENV/bin/python" -c 'import sys; print(f"python{sys.version_info.major}.{sys.version_info.minor}")')
+  deploy_site="$VENV/deploy/lib/$pyver/site-packages"
+  if [ ! -f "$deploy_site/monai/deploy/__init__.py" ] || [ scripts/deploy_requirements.txt -nt "$deploy_site/monai/deploy/__init__.py" ]; then
+    echo "[setup] installing the MONAI Deploy App SDK into the side environment $VENV/deploy"
+    if "$PY" -m venv "$VENV/deploy" \
+       && echo "import site; site.addsitedir('$(realpath "$site_dir")')" > "$deploy_site/aa_agi_monai_main_venv.pth" \
+       && "$VENV/deploy/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r scripts/deploy_requirements.txt; then
+      touch "$deploy_site/monai/deploy/__init__.py"
+    else
+      echo "[setup] WARNING: the MONAI Deploy side environment could not be installed; its tests will skip"
+    fi
+  fi
+fi
+
 "$VENV/bin/python" - <<'PY'
 import torch, agi_monai.ops as ops
 print(f"[setup] ready: torch {torch.__version__}, compiled op: {ops.extension_available()}, "
