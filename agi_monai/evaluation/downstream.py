@@ -50,11 +50,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.data import Dataset, MetaTensor
-from monai.engines import Evaluator
 from monai.inferers import Inferer, SliceInferer
 from monai.metrics import DiceMetric
 from monai.transforms import (
@@ -66,7 +65,6 @@ from monai.transforms import (
     MapLabelValue,
     MapTransform,
 )
-from torch.utils.data import DataLoader
 
 from agi_monai.bundle.registry import read_bundle
 from agi_monai.data import (
@@ -76,14 +74,13 @@ from agi_monai.data import (
     build_volume_dataset,
     canonical_contrast,
     choose_reference,
-    failure_reason,
     load_volume,
     metatensor_to_sitk,
     preprocessing_transforms,
     same_grid,
     write_json,
 )
-from agi_monai.evaluation.evaluator import _CaseLoading
+from agi_monai.evaluation.evaluator import CaseEvaluator
 from agi_monai.evaluation.tables import statistics, write_csv, write_text
 
 __all__ = [
@@ -517,11 +514,7 @@ def region_dice(prediction: torch.Tensor, label: torch.Tensor) -> dict[str, floa
 # ---------------------------------------------------------------------------------------------- evaluator
 
 
-def _identity(item: Any) -> Any:
-    return item
-
-
-class DownstreamEvaluator(Evaluator):
+class DownstreamEvaluator(CaseEvaluator):
     """Segment each labelled case under each condition and measure Dice of TC, WT, ET in 3D and 2D.
 
     A MONAI ``Evaluator`` (an Ignite engine); one iteration is one case: its four preprocessed contrasts
@@ -597,40 +590,20 @@ class DownstreamEvaluator(Evaluator):
                     f"the synthesizer makes {synthesis_target} from {list(synthesis_inputs)}; expected "
                     f"{self.missing_contrast} from contrasts among {others}"
                 )
-        if len(dataset) == 0:
-            raise ValueError("the dataset holds no labelled case to evaluate (is the split empty?)")
-        device = torch.device(device)
-        loader = DataLoader(_CaseLoading(dataset), batch_size=None, collate_fn=_identity, num_workers=num_workers)
-        super().__init__(device=device, val_data_loader=loader, epoch_length=len(dataset), decollate=False,
-                         amp=amp and device.type == "cuda")
+        super().__init__(device, dataset, output_dir, description, val_handlers, amp, num_workers)
         self.network = network
         self.inferer = inferer
-        self.output_dir = Path(output_dir)
         self.conditions = conditions
         self.synthesizer = synthesizer
         self.mean_value = mean_value
         self.threshold = threshold
-        self.description = dict(description or {})
-        self.rows: list[dict[str, Any]] = []
-        self.failures: list[Failure] = []
         self.post = Compose([Activations(sigmoid=True), AsDiscrete(threshold=threshold)])
-        self.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        self.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-        if val_handlers:
-            self._register_handlers(val_handlers)
 
-    def _iteration(self, engine: Engine, item: Any) -> dict[str, Any]:  # type: ignore[override]
-        if isinstance(item, Failure):
-            return self._failed(item)
-        case_id = str(item.get("case_id", f"case_{engine.state.iteration}"))
-        try:
-            rows = self.evaluate_case(item)
-        except Exception as error:  # one bad case must not stop the others; the reason is reported
-            return self._failed(Failure(case_id, failure_reason(error)))
-        for row in rows:
+    def record(self, case_id: str, measured: list[dict[str, Any]]) -> dict[str, Any]:
+        for row in measured:
             _logger.info("%s %s: %s", case_id, row["condition"], " ".join(f"{m} {row[m]:.3f}" for m in METRICS))
-        self.rows += [{"case_id": case_id, **row} for row in rows]
-        return {"case_id": case_id, "rows": rows}
+        self.rows += [{"case_id": case_id, **row} for row in measured]
+        return {"rows": measured}
 
     def evaluate_case(self, item: Mapping[str, Any]) -> list[dict[str, Any]]:
         """One row per condition (``condition``, the :data:`METRICS`, slices per region, the imputed value)."""
@@ -666,24 +639,13 @@ class DownstreamEvaluator(Evaluator):
             logits = self.inferer(image[None].to(self.state.device), self.network)
         return self.post(torch.as_tensor(logits)[0].float().cpu())
 
-    def _failed(self, failure: Failure) -> dict[str, Any]:
-        _logger.error("%s", failure)
-        self.failures.append(failure)
-        return {"case_id": failure.case_id, "failure": failure}
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows, self.failures = [], []
-
-    def _write(self, engine: Engine) -> None:
+    def write(self, engine: Engine) -> None:
         paths = write_downstream(self.rows, self.output_dir, self.conditions, self.failures, self.description)
         summary = summarize_downstream(self.rows, self.conditions, self.failures, self.description)
         for condition, metrics in summary["conditions"].items():
             for metric, stats in metrics.items():
                 engine.state.metrics[f"{condition}_{metric}"] = stats["mean"]
-        cases = len({row["case_id"] for row in self.rows})
-        lines = [f"evaluated {cases} of {cases + len(self.failures)} cases into {paths['cases']}, "
-                 f"{len(self.failures)} failed"]
-        print("\n".join(lines + [f"  - {failure}" for failure in self.failures]), flush=True)
+        self._print_summary(len({row["case_id"] for row in self.rows}), paths["cases"])
 
 
 def _plain(volume: Any) -> torch.Tensor:

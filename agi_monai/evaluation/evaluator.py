@@ -38,7 +38,7 @@ from agi_monai.evaluation.protocols import (
 )
 from agi_monai.evaluation.tables import case_row, write_evaluation
 
-__all__ = ["VolumeEvaluator", "volume_dataset"]
+__all__ = ["CaseEvaluator", "VolumeEvaluator", "volume_dataset"]
 
 _logger = logging.getLogger(__name__)
 
@@ -82,7 +82,85 @@ def _identity(item: Any) -> Any:
     return item
 
 
-class VolumeEvaluator(Evaluator):
+class CaseEvaluator(Evaluator):
+    """A MONAI ``Evaluator`` (Ignite engine) whose iteration is one whole case: loaded (behind a wrapper that turns
+    a loading error into a :class:`Failure`), then :meth:`evaluate_case`. A case that fails anywhere is logged
+    with its reason and kept in :attr:`failures`; the others go on (MONAI's ``SupervisedEvaluator`` would stop at
+    the first exception). :meth:`record` keeps a measured case's rows in :attr:`rows`; :meth:`write` runs at the
+    end of the epoch, after which ``val_handlers`` (e.g. ``StatsHandler``) see its ``engine.state.metrics``.
+
+    Args:
+        device: where the network runs.
+        dataset: whole preprocessed cases whose ``data`` items carry ``"case_id"``.
+        output_dir: where :meth:`write` writes.
+        description: written at the top of the summary (scenario, network, checkpoint...).
+        val_handlers: Ignite/MONAI handlers, attached after the evaluator's own end-of-epoch writer.
+        amp: autocast the network on CUDA.
+        num_workers: processes loading and preprocessing cases ahead of the network.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        dataset: Dataset,
+        output_dir: str | Path,
+        description: Mapping[str, Any] | None = None,
+        val_handlers: Sequence | None = None,
+        amp: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        if len(dataset) == 0:
+            raise ValueError("the dataset holds no case to evaluate (is the split empty?)")
+        device = torch.device(device)
+        loader = DataLoader(_CaseLoading(dataset), batch_size=None, collate_fn=_identity, num_workers=num_workers)
+        super().__init__(device=device, val_data_loader=loader, epoch_length=len(dataset), decollate=False,
+                         amp=amp and device.type == "cuda")
+        self.output_dir = Path(output_dir)
+        self.description = dict(description or {})
+        self.rows: list[dict[str, Any]] = []
+        self.failures: list[Failure] = []
+        self.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+        if val_handlers:
+            self._register_handlers(val_handlers)
+
+    def evaluate_case(self, item: Mapping[str, Any]) -> Any:
+        """Measures one loaded case; raises on failure."""
+        raise NotImplementedError
+
+    def record(self, case_id: str, measured: Any) -> dict[str, Any]:
+        """Keeps what :meth:`evaluate_case` measured (in :attr:`rows`...); returns the iteration's output."""
+        raise NotImplementedError
+
+    def write(self, engine: Engine) -> None:
+        """Writes the per-case table and summary, and puts the means into ``engine.state.metrics``."""
+        raise NotImplementedError
+
+    def _iteration(self, engine: Engine, item: Any) -> dict[str, Any]:  # type: ignore[override]
+        if isinstance(item, Failure):
+            return self._failed(item)
+        case_id = str(item.get("case_id", f"case_{engine.state.iteration}"))
+        try:
+            measured = self.evaluate_case(item)
+        except Exception as error:  # one bad case must not stop the others; the reason is reported
+            return self._failed(Failure(case_id, failure_reason(error)))
+        return {"case_id": case_id, **self.record(case_id, measured)}
+
+    def _failed(self, failure: Failure) -> dict[str, Any]:
+        _logger.error("%s", failure)
+        self.failures.append(failure)
+        return {"case_id": failure.case_id, "failure": failure}
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows, self.failures = [], []
+
+    def _print_summary(self, cases: int, table: Path) -> None:
+        """The one-line summary, then each failed case."""
+        lines = [f"evaluated {cases} of {cases + len(self.failures)} cases into {table}, {len(self.failures)} failed"]
+        print("\n".join(lines + [f"  - {failure}" for failure in self.failures]), flush=True)
+
+
+class VolumeEvaluator(CaseEvaluator):
     """Synthesize each case of ``dataset`` whole and measure it under ``protocols``; write per-case rows.
 
     The bundles' ``evaluate.json`` wires it as ``validate#evaluator``::
@@ -137,15 +215,9 @@ class VolumeEvaluator(Evaluator):
     ) -> None:
         if not protocols or any(name not in PROTOCOL_NAMES for name in protocols):
             raise ValueError(f"protocols {list(protocols)}: expected a non-empty list of {list(PROTOCOL_NAMES)}")
-        if len(dataset) == 0:
-            raise ValueError("the dataset holds no case to evaluate (is the split empty?)")
-        device = torch.device(device)
-        loader = DataLoader(_CaseLoading(dataset), batch_size=None, collate_fn=_identity, num_workers=num_workers)
-        super().__init__(device=device, val_data_loader=loader, epoch_length=len(dataset), decollate=False,
-                         amp=amp and device.type == "cuda")
+        super().__init__(device, dataset, output_dir, description, val_handlers, amp, num_workers)
         self.network = network
         self.inferer = inferer
-        self.output_dir = Path(output_dir)
         self.protocols = list(protocols)
         self.protocol_options = {
             "min_foreground_fraction": min_foreground_fraction, "region": region, "percentiles": tuple(percentiles),
@@ -153,32 +225,18 @@ class VolumeEvaluator(Evaluator):
         self.mask_key = mask_key
         self.image_key = image_key
         self.target_key = target_key
-        self.description = dict(description or {})
-        self.rows: list[dict[str, Any]] = []
         self.results: dict[str, dict[str, ProtocolResult]] = {}
-        self.failures: list[Failure] = []
-        self.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        self.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-        if val_handlers:
-            self._register_handlers(val_handlers)
 
-    def _iteration(self, engine: Engine, item: Any) -> dict[str, Any]:  # type: ignore[override]
-        if isinstance(item, Failure):
-            return self._failed(item)
-        case_id = str(item.get("case_id", f"case_{engine.state.iteration}"))
-        try:
-            results = self._evaluate(item)
-        except Exception as error:  # one bad case must not stop the others; the reason is reported
-            return self._failed(Failure(case_id, failure_reason(error)))
-        self.results[case_id] = results
-        self.rows.append(case_row(case_id, results))
+    def record(self, case_id: str, measured: dict[str, ProtocolResult]) -> dict[str, Any]:
+        self.results[case_id] = measured
+        self.rows.append(case_row(case_id, measured))
         _logger.info("%s: %s", case_id, "; ".join(
             f"{name} " + " / ".join(f"{value:.3f}" for value in result.metrics.values())
-            for name, result in results.items()
+            for name, result in measured.items()
         ))
-        return {"case_id": case_id, "results": results}
+        return {"results": measured}
 
-    def _evaluate(self, item: Mapping[str, Any]) -> dict[str, ProtocolResult]:
+    def evaluate_case(self, item: Mapping[str, Any]) -> dict[str, ProtocolResult]:
         image = item[self.image_key]
         # plain tensor: MetaTensor metadata tracking costs time in every layer and is not needed for metrics
         image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
@@ -191,15 +249,11 @@ class VolumeEvaluator(Evaluator):
         mask = item[self.mask_key] if self.mask_key is not None else None
         return evaluate_volume(prediction, item[self.target_key], mask, self.protocols, **self.protocol_options)
 
-    def _failed(self, failure: Failure) -> dict[str, Any]:
-        _logger.error("%s", failure)
-        self.failures.append(failure)
-        return {"case_id": failure.case_id, "failure": failure}
-
     def _reset(self, engine: Engine) -> None:
-        self.rows, self.results, self.failures = [], {}, []
+        super()._reset(engine)
+        self.results = {}
 
-    def _write(self, engine: Engine) -> None:
+    def write(self, engine: Engine) -> None:
         protocols = {}
         for results in self.results.values():
             protocols.update({name: result.protocol for name, result in results.items()})
@@ -211,7 +265,5 @@ class VolumeEvaluator(Evaluator):
             for metric in METRIC_NAMES:
                 values = [row[f"{name}_{metric}"] for row in self.rows]
                 engine.state.metrics[f"{name}_{metric}"] = sum(values) / len(values) if values else float("nan")
-        total = len(self.rows) + len(self.failures)
-        lines = [f"evaluated {len(self.rows)} of {total} cases into {paths['cases']}, {len(self.failures)} failed"]
-        print("\n".join(lines + [f"  - {failure}" for failure in self.failures]), flush=True)
+        self._print_summary(len(self.rows), paths["cases"])
 
