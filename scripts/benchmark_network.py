@@ -6,13 +6,18 @@ Usage::
     python scripts/benchmark_network.py --device cpu  --batch 2  --size 128   # CPU-sized
     python scripts/benchmark_network.py --device cuda --batch 16 --size 256   # the paper's batch
     python scripts/benchmark_network.py --device cuda --amp bf16               # autocast
+    python scripts/benchmark_network.py --device cpu --compare_previous        # + AGI-Net with the previous CPU code
 
-Prints a markdown table (median of ``repeats`` timed steps after ``warmup`` steps) with the
-AGI-Net / ResUNet ratio, and optionally writes it to ``--out`` (appending).
+The compared steps are timed interleaved (one step of each in turn, ``repeats`` rounds after ``warmup``
+rounds), and the table reports the minimum over the rounds: on a shared machine other processes can only
+add time, and interleaving exposes both networks to the same load (the median is printed beside it).
+``--threads`` sets torch's intra-op threads. Prints a markdown table with the AGI-Net / ResUNet ratio,
+and optionally writes it to ``--out`` (appending).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -21,7 +26,7 @@ import fire
 import torch
 import torch.nn.functional as F
 
-from agi_monai.networks import CAGR, AGINet, ResUNet
+from agi_monai.networks import CAGR, AGINet, ResUNet, RoutingFunction
 from agi_monai.ops import extension_has_cuda
 
 
@@ -34,23 +39,29 @@ def machine(device: str) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    load = ", load average {:.2f} at start".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__}){load}"
+
+
+def timed_interleaved(steps: dict, device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of ``steps`` (name → fn), run in turn, ``repeats`` rounds after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def timed(step, device: str, warmup: int, repeats: int) -> float:
-    """Median seconds of ``step()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Minimum seconds of ``step()`` over ``repeats`` calls after ``warmup`` calls."""
+    return min(timed_interleaved({"step": step}, device, warmup, repeats)["step"])
 
 
 def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, amp: str | None, channels_last: bool = False):
@@ -71,6 +82,36 @@ def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, 
         scaler.update()
 
     return step
+
+
+def _previous_routing_forward(self: RoutingFunction, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoutingFunction.forward of the first version (AdaptiveAvgPool, whose NCHW gradient sends GELU's and
+    LayerNorm's backward down mixed-layout paths on CPU), kept here to time the previous code."""
+    x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    pool = F.adaptive_avg_pool2d if x.dim() == 4 else F.adaptive_avg_pool3d
+    pooled = pool(self.features(x), 1).flatten(1)
+    offsets = self.offset_head(pooled).reshape(-1, self.groups, self.spatial_dims)
+    return offsets, torch.sigmoid(self.scale_head(pooled))
+
+
+def with_previous_cpu_code(step):
+    """Runs ``step`` with the previous CPU code: per-tap group_roll kernels (AGI_MONAI_GROUP_ROLL_CPU=taps,
+    the kernels of the first version, still built in) and the previous routing pool."""
+
+    def run():
+        saved_path, saved_forward = os.environ.get("AGI_MONAI_GROUP_ROLL_CPU"), RoutingFunction.forward
+        os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = "taps"
+        RoutingFunction.forward = _previous_routing_forward
+        try:
+            step()
+        finally:
+            RoutingFunction.forward = saved_forward
+            if saved_path is None:
+                os.environ.pop("AGI_MONAI_GROUP_ROLL_CPU")
+            else:
+                os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = saved_path
+
+    return run
 
 
 def per_sample_loop(block: CAGR, x: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -141,9 +182,16 @@ def main(
     compare_fold: bool = True,
     breakdown: bool = False,
     channels_last: bool = False,
+    threads: int | None = None,
+    compare_previous: bool = False,
     out: str | None = None,
 ) -> None:
-    """Times ResUNet and AGI-Net train steps (and CAGR fold-vs-loop) and prints a markdown table."""
+    """Times ResUNet and AGI-Net train steps (and CAGR fold-vs-loop) and prints a markdown table.
+
+    ``compare_previous`` (CPU) adds AGI-Net run with the previous CPU code (see ``with_previous_cpu_code``).
+    """
+    if threads:
+        torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -151,14 +199,26 @@ def main(
             raise SystemExit("benchmark_network: the extension has no CUDA kernels; rebuild on this machine")
     lines = [
         f"#### Train step, {machine(device)}: batch {batch}, 2×{size}² → 1, "
-        f"{'AMP ' + amp if amp else 'float32'}{', channels-last' if channels_last else ''}, median of {repeats}",
+        f"{'AMP ' + amp if amp else 'float32'}{', channels-last' if channels_last else ''}, "
+        f"minimum of {repeats} interleaved steps (median in brackets)",
         "",
         "| network | step (ms) | ratio to ResUNet |",
         "|---|---|---|",
     ]
-    base = timed(train_step_fn(ResUNet(), batch, size, device, amp, channels_last), device, warmup, repeats)
-    agi = timed(train_step_fn(AGINet(), batch, size, device, amp, channels_last), device, warmup, repeats)
-    lines += [f"| ResUNet | {1e3 * base:.1f} | 1.00 |", f"| AGI-Net (n=8) | {1e3 * agi:.1f} | {agi / base:.3f} |"]
+    steps = {
+        "ResUNet": train_step_fn(ResUNet(), batch, size, device, amp, channels_last),
+        "AGI-Net (n=8)": train_step_fn(AGINet(), batch, size, device, amp, channels_last),
+    }
+    if compare_previous and device == "cpu":
+        steps["AGI-Net (n=8), previous CPU code"] = with_previous_cpu_code(
+            train_step_fn(AGINet(), batch, size, device, amp, channels_last)
+        )
+    times = timed_interleaved(steps, device, warmup, repeats)
+    base, base_median = min(times["ResUNet"]), statistics.median(times["ResUNet"])
+    for name, values in times.items():
+        fastest, median = min(values), statistics.median(values)
+        lines.append(f"| {name} | {1e3 * fastest:.1f} ({1e3 * median:.1f}) | {fastest / base:.3f} ({median / base_median:.3f}) |")
+    agi = min(times["AGI-Net (n=8)"])
     if compare_fold:
         lines += [
             "",

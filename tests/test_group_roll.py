@@ -814,6 +814,44 @@ def test_cpu_paths_propagate_non_finite_like_the_definition(monkeypatch, path, k
                                    atol=tolerance * float(want[finite].abs().max()))
 
 
+def _vm_flags(address: int) -> list[str]:
+    """VmFlags of the mapping holding ``address`` (Linux /proc/self/smaps)."""
+    flags, inside = [], False
+    with open("/proc/self/smaps", encoding="utf-8") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                flags = line.split()[1:]
+    return flags
+
+
+@requires_extension
+def test_large_outputs_match_reference_and_ask_for_huge_pages():
+    """A 9.4 MB output and weight gradient (AGI-Net's 512-channel layer): the values equal the reference, and on
+    Linux with transparent huge pages available the op advises them (MADV_HUGEPAGE: 4 KiB first-touch faults
+    dominated the forward at this size)."""
+    weight, offsets, scales = (t.float() for t in make_inputs(1, 8, 512, 512, (3, 3), "mixed", seed=41))
+    inputs = [t.clone().requires_grad_() for t in (weight, offsets, scales)]
+    out = compiled_op(*inputs)
+    ref_inputs = [t.double().requires_grad_() for t in (weight, offsets, scales)]
+    expected = group_roll_reference(*ref_inputs)
+    torch.testing.assert_close(out.detach().double(), expected.detach(), rtol=2e-6, atol=2e-5)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, ref_inputs, grad_out.double())
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform != "linux" or not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("no transparent huge pages here: the advice is a no-op")
+    for tensor in (out, grads[0]):
+        aligned = (tensor.data_ptr() + (2 << 20) - 1) // (2 << 20) * (2 << 20)
+        assert "hg" in _vm_flags(aligned), f"{tuple(tensor.shape)}: no MADV_HUGEPAGE on its memory"
+
+
 @requires_extension
 def test_cpu_path_variable_is_checked(monkeypatch):
     monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CPU", "fastest")
