@@ -1181,8 +1181,8 @@ at::Tensor group_roll_cpu(const at::Tensor& weight, const at::Tensor& offsets, c
   const at::Tensor w = weight.contiguous(), o = offsets.contiguous(), sc = scales.contiguous();
   at::Tensor out = at::empty(detail::output_sizes(weight, s.batch), weight.options());
   if (out.numel() == 0) return out;
-  advise_huge_pages(out);
   const CpuPath path = selected_cpu_path();
+  if (path != CpuPath::kTaps) advise_huge_pages(out);  // (taps: exactly the first version, for comparisons)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "group_roll_cpu", [&] {
     forward<scalar_t>(w.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(), sc.const_data_ptr<scalar_t>(),
                       out.mutable_data_ptr<scalar_t>(), s, path);
@@ -1201,8 +1201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_roll_backward_cpu(
   at::Tensor grad_o = at::zeros_like(o);
   at::Tensor grad_s = at::zeros_like(sc);
   if (grad.numel() == 0) return {grad_w, grad_o, grad_s};
-  advise_huge_pages(grad_w);
   const CpuPath path = selected_cpu_path();
+  if (path != CpuPath::kTaps) advise_huge_pages(grad_w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "group_roll_backward_cpu", [&] {
     backward<scalar_t>(
         gr.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
