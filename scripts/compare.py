@@ -4,7 +4,9 @@ case under both protocols, and swept over misalignments of one input.
 
 Scenarios (default): ``brats_t1_t2_to_flair`` ((T1, T2) -> FLAIR) and ``brats_t1_t2_flair_to_t1gd``
 ((T1, T2, FLAIR) -> T1Gd). Split (the demo's, :func:`agi_monai.bundle.experiment.shipped_datalist`): train on
-BraTS-GLI-00001-000 and aurora-example, test on TCGA-FG-6692.
+BraTS-GLI-00001-000 and aurora-example, test on TCGA-FG-6692; or ``--dataset_dir``, a datalist with ``training``,
+``validation`` and ``test`` splits (a budget run validates once, after its last iteration: the final generator
+is compared).
 
 Per scenario, in ``<output_dir>/<scenario>/``:
 
@@ -22,7 +24,8 @@ Then ``<output_dir>/results.md`` (every table) and ``<output_dir>/compare.json``
 wall times, training losses, the sweeps' unperturbed level checked against ``evaluate.json``).
 
     OMP_NUM_THREADS=1 python scripts/compare.py --iterations 300 --output_dir outputs/compare
-    python scripts/compare.py --iterations 5000 --device cuda --sweep_slice_step 1     # on a GPU, paper widths
+    # on a GPU (the paper's widths by default), on a prepared BraTS 2023 split
+    python scripts/compare.py --dataset_dir /data/BraTS2023/datalist.json --iterations 20000 --device cuda
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +68,7 @@ from agi_monai.evaluation.tables import (
     read_csv,
     summarize,
     sweep_markdown,
+    sweep_statistics,
     write_text,
 )
 
@@ -77,6 +82,15 @@ CONSISTENCY_DB = 0.01
 
 def _names(value: str | Sequence[str]) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [str(v) for v in value]
+
+
+@dataclass
+class ScenarioResult:
+    """One scenario's outcome: its ``compare.json`` entry, its quality tables (markdown) and its sweep rows."""
+
+    record: dict[str, Any]
+    quality_markdown: str
+    sweep_rows: list[dict[str, Any]]
 
 
 def machine() -> dict[str, Any]:
@@ -147,14 +161,15 @@ def _panel(
 def run_scenario(
     scenario: str, output: Path, data_dir: Path, budget: Mapping[str, Any], seed: int, protocols: Sequence[str],
     sweep: Mapping[str, Any], device: torch.device, slices_per_batch: int, progress: bool,
-) -> dict[str, Any]:
-    """Train, evaluate, sweep and draw one scenario; returns its part of ``compare.json``."""
+    dataset_dir: Path | None = None,
+) -> ScenarioResult:
+    """Train, evaluate, sweep and draw one scenario (on ``dataset_dir``'s splits, else the shipped split)."""
     started = time.perf_counter()
     info = find_bundle(scenario)
     folder = output / info.name
     folder.mkdir(parents=True, exist_ok=True)
     contrasts = [*info.inputs, info.target]
-    datalist = shipped_datalist(data_dir, contrasts, folder / "datalist.json")
+    datalist = dataset_dir or shipped_datalist(data_dir, contrasts, folder / "datalist.json")
 
     networks: dict[str, torch.nn.Module] = {}
     evaluations: dict[str, Path] = {}
@@ -187,14 +202,14 @@ def run_scenario(
             networks, items, kind, levels, info.inputs, sweep["moved_input"], seed, sweep["protocols"], device,
             slices_per_batch, sweep["slice_step"], progress=progress,
         )
-    title = f"{info.name} ({', '.join(info.inputs)}) -> {info.target}"
+    title = f"({', '.join(info.inputs)}) -> {info.target}"  # short: the plots' title is one line
     sweep_files = write_sweep(sweep_rows, folder / "robustness", ("psnr_db", "ssim_pct", "mae_x100"), title) if sweep_rows else {}
     unperturbed = None
     if sweep_rows and sweep["slice_step"] == 1 and "slice2d" in sweep["protocols"] and "slice2d" in protocols:
         unperturbed = _check_unperturbed(sweep_rows, evaluations)
 
     panel, z = _panel(items[0], info, networks, summaries, folder / "panel.png", device, slices_per_batch)
-    return {
+    record = {
         "bundle": info.name, "inputs": list(info.inputs), "target": info.target, "datalist": str(datalist),
         "test_cases": [str(item["case_id"]) for item in items], "training": training,
         "quality": {name: {p: {m: v["mean"] for m, v in entry["metrics"].items()} for p, entry in s["protocols"].items()}
@@ -205,11 +220,26 @@ def run_scenario(
                   "unperturbed_vs_evaluate_json_db": unperturbed},
         "panel": {"path": str(panel), "slice": z},
         "seconds": round(time.perf_counter() - started, 1),
-        "_quality_markdown": quality, "_sweep_rows": sweep_rows,
     }
+    return ScenarioResult(record, quality, sweep_rows)
 
 
-def _results_markdown(results: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
+def _degradation(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line: each network's change of PSNR and SSIM from the unperturbed level to the largest (the paper's claim
+    is that AGI-Net degrades more slowly)."""
+    parts = []
+    psnr, ssim = sweep_statistics(rows, "psnr_db"), sweep_statistics(rows, "ssim_pct")
+    for name, by_level in psnr.items():
+        first, last = min(by_level), max(by_level)
+        parts.append(
+            f"{name} {by_level[last]['mean'] - by_level[first]['mean']:+.2f} dB / "
+            f"{ssim[name][last]['mean'] - ssim[name][first]['mean']:+.2f} % SSIM"
+        )
+    levels = sorted({float(row["perturbation"]) for row in rows})
+    return f"Change from {levels[0]:g} to {levels[-1]:g}: " + "; ".join(parts) + "."
+
+
+def _results_markdown(results: Sequence[ScenarioResult], summary: Mapping[str, Any]) -> str:
     budget = summary["budget"]
     lines = [
         "# Equal-budget comparison: AGI-Net vs ResUNet on the shipped cases", "",
@@ -224,21 +254,25 @@ def _results_markdown(results: Sequence[Mapping[str, Any]], summary: Mapping[str
         f"{budget['discriminator_channels']}, intensity augmentation {budget['intensity_augmentation']:g}, seed "
         f"{summary['seed']}.", "",
     ]
-    for result in results:
+    for scenario in results:
+        result = scenario.record
         lines += [f"## {result['bundle']}: ({', '.join(result['inputs'])}) -> {result['target']}", ""]
         lines += [f"Test case(s): {', '.join(result['test_cases'])}. Training:", ""]
         for name, run in result["training"].items():
             losses = ", ".join(f"{k} {v:.3f}" for k, v in run["last_losses"].items())
             lines.append(f"- {name}: {run['parameters']:,} parameters, {run['iterations']} iterations in "
                          f"{run['seconds']:.0f} s; last losses {losses}")
-        lines += ["", result["_quality_markdown"]]
-        rows = result["_sweep_rows"]
+        lines += ["", scenario.quality_markdown]
+        rows = scenario.sweep_rows
         for kind in result["sweep"]["kinds"]:
             kind_rows = [r for r in rows if r["kind"] == kind and r["protocol"] == "slice2d"]
             if kind_rows:
-                lines += [f"### Misalignment sweep: {kind} (slice2d, moved input: "
+                step = int(kind_rows[0]["slice_step"])
+                subset = f", every {step}th evaluated axial slice" if step > 1 else ""
+                lines += [f"### Misalignment sweep: {kind} (slice2d{subset}, moved input: "
                           f"{', '.join(sorted({str(r['moved_input']) for r in kind_rows}))})", ""]
                 lines += [sweep_markdown(kind_rows, "psnr_db"), sweep_markdown(kind_rows, "ssim_pct")]
+                lines += [_degradation(kind_rows), ""]
         lines.append("")
     return "\n".join(lines)
 
@@ -247,6 +281,7 @@ def main(
     output_dir: str = "outputs/compare",
     scenarios: str | Sequence[str] = SCENARIOS,
     data_dir: str = str(REPO / "tests" / "data"),
+    dataset_dir: str | None = None,
     iterations: int = 300,
     batch_size: int = 8,
     crop_size: int = 128,
@@ -271,7 +306,9 @@ def main(
     Args:
         output_dir: where everything goes.
         scenarios: bundle names (comma-separated), default both.
-        data_dir: the shipped samples (``tests/data``).
+        data_dir: the shipped samples (``tests/data``), for the default split.
+        dataset_dir: instead, a datalist (or a folder holding ``datalist.json``) with ``training``, ``validation``
+            and ``test`` splits, e.g. from ``scripts/prepare_brats.py``.
         iterations: training iterations (batches), the same for both networks.
         batch_size: crops per iteration.
         crop_size: side of the random training crops; 0 for whole 240x240 slices.
@@ -310,13 +347,13 @@ def main(
     command = threads + "python " + " ".join(shlex.quote(a) for a in sys.argv)
     results = [
         run_scenario(name, output, Path(data_dir), budget, seed, _names(protocols), sweep, device, slices_per_batch,
-                     progress)
+                     progress, Path(dataset_dir).resolve() if dataset_dir else None)
         for name in _names(scenarios)
     ]
     summary = {
         "command": command,
         "machine": machine(), "device": str(device), "budget": budget, "seed": seed, "sweep": sweep,
-        "scenarios": {r["bundle"]: {k: v for k, v in r.items() if not k.startswith("_")} for r in results},
+        "scenarios": {r.record["bundle"]: r.record for r in results},
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(summary, output / "compare.json")

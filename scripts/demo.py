@@ -51,8 +51,15 @@ import fire
 import torch
 from monai.data import MetaTensor
 
-from agi_monai.bundle.experiment import budget_overrides, synthesize_volume, train_bundle
-from agi_monai.data import build_inference_dataset, discover_cases, restore_geometry_transforms, write_json
+from agi_monai.bundle.experiment import (
+    SHIPPED_TEST_CASE,
+    budget_overrides,
+    budget_widths,
+    shipped_datalist,
+    synthesize_volume,
+    train_bundle,
+)
+from agi_monai.data import build_inference_dataset, restore_geometry_transforms, write_json
 from agi_monai.evaluation import slice_protocol, synthesis_panel
 from agi_monai.networks import AGINet, ResUNet
 
@@ -60,12 +67,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_t1_t2_flair_to_t1gd"
 INPUTS, TARGET = ("T1", "T2", "FLAIR"), "T1Gd"
 SPATIAL_SIZE = (240, 240)  # the bundle's
-TRAINING_CASES = ("brats2023-gli/BraTS-GLI-00001-000", "brats2023-mets/aurora-example")
-TEST_CASE = ("tcga-lgg/TCGA-FG-6692", "TCGA-FG-6692")  # folder, case name (its files are named OtherEXampleFromTCIA_*)
 #: name -> (generator class, folder under output_dir)
 NETWORKS: dict[str, tuple[type[torch.nn.Module], str]] = {"AGI-Net": (AGINet, "agi_net"), "ResUNet": (ResUNet, "resunet")}
-CPU_CHANNELS = (16, 32, 64, 128)
-PAPER_CHANNELS = (64, 128, 256, 512)
 
 
 def main(
@@ -102,13 +105,11 @@ def main(
     """
     started = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_cuda = device.type == "cuda"
-    channels = [int(c) for c in (channels or (PAPER_CHANNELS if on_cuda else CPU_CHANNELS))]
-    discriminator_channels = int(discriminator_channels or (64 if on_cuda else 16))
+    channels, discriminator_channels = budget_widths(device, channels, discriminator_channels)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    datalist = _write_datalist(Path(data_dir), output / "datalist.json")
-    case_id = TEST_CASE[1]
+    datalist = shipped_datalist(data_dir, (*INPUTS, TARGET), output / "datalist.json")
+    case_id = SHIPPED_TEST_CASE[1]
 
     # the held-out case, preprocessed as the bundle does (MetaTensors that remember how to go back to the file grid)
     test = build_inference_dataset(datalist, INPUTS, SPATIAL_SIZE, target=TARGET, split="test")
@@ -175,31 +176,13 @@ def main(
     )
 
 
-def _write_datalist(data_dir: Path, path: Path) -> Path:
-    """Absolute paths: two training cases; the held-out case (under its TCIA name: discovery would call it after
-    its file prefix, ``OtherEXampleFromTCIA``) as test and validation list. Only the scenario's contrasts."""
-    contrasts = (*INPUTS, TARGET)
-
-    def case(folder: str, name: str | None = None) -> dict[str, str]:
-        (found,) = discover_cases(data_dir / folder, required=contrasts).cases
-        return {"case_id": name or found["case_id"], **{c: str(Path(found[c]).resolve()) for c in contrasts}}
-
-    held_out = case(*TEST_CASE)
-    return write_json(
-        {"training": [case(folder) for folder in TRAINING_CASES], "validation": [held_out], "test": [held_out]}, path
-    )
-
-
 def _panel(
     image: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, predictions: Mapping[str, torch.Tensor],
     metrics: Mapping[str, Mapping[str, float]], path: Path,
 ) -> Path:
-    """The axial slice where contrast enhancement shows most (the largest sum of the real T1Gd's excess over T1
-inside the brain, among slices whose brain mask covers >= 20 %): inputs | synthesized | real | error, per network."""
-    inside = mask[0] > 0
-    enhancement = ((target[0] - image[INPUTS.index("T1")]).clamp(min=0) * inside).sum(dim=(0, 1))
-    enhancement[inside.float().mean(dim=(0, 1)) < 0.2] = -1.0
-    z = int(enhancement.argmax())
+    """The axial slice with the largest brain cross-section (the most anatomy in one picture; these two networks
+are compared, not cherry-picked): inputs | synthesized | real | error, per network."""
+    z = int((mask[0] > 0).float().sum(dim=(0, 1)).argmax())
     return synthesis_panel(
         inputs={c: image[i, ..., z].numpy() for i, c in enumerate(INPUTS)},
         predictions={name: p[0, ..., z].numpy() for name, p in predictions.items()},
@@ -207,7 +190,7 @@ inside the brain, among slices whose brain mask covers >= 20 %): inputs | synthe
         path=path,
         target_name=TARGET,
         metrics={name: metrics[name] for name in predictions},
-        title=f"{TEST_CASE[1]}, axial slice {z} (held out)",
+        title=f"{SHIPPED_TEST_CASE[1]}, axial slice {z} (held out)",
     )
 
 

@@ -126,7 +126,7 @@ def main(
             networks, items, kind, levels, info.inputs, moved_input, seed, protocols, device, slices_per_batch,
             slice_step, progress=progress,
         )
-    title = f"{info.name}: ({', '.join(info.inputs)}) -> {info.target}"
+    title = f"({', '.join(info.inputs)}) -> {info.target}"  # short: the plots' title is one line
     written = write_sweep(rows, output_dir, metrics, title)
     print(Path(written["robustness"]).read_text(encoding="utf-8"))
     print(f"robustness sweep: {len(rows)} rows, {len(written)} files in {output_dir} in "

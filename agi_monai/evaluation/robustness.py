@@ -140,7 +140,7 @@ def misalign(
         if level == 0:  # the draws are recorded; the identity needs no resampling (and its round-off)
             moved = image.clone()
         # MONAI's Affine maps output coordinates to input coordinates: translate_params t moves the content by -t
-        displacement = tuple(-float(v) for v in shift.shift[:2])
+        displacement = tuple(0.0 - float(v) for v in shift.shift[:2])  # 0.0 - : no -0.0 at level 0
         return moved, Misalignment(kind, float(level), shift.shifted_channel, displacement)
     motion = RandRigidMisalignChanneld("image", rotation_deg=(level, level), translation_mm=(level, level), channel=channel)
     motion.set_random_state(seed)
