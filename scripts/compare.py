@@ -49,6 +49,7 @@ from agi_monai.bundle import load_split
 from agi_monai.bundle.experiment import (
     budget_overrides,
     budget_widths,
+    default_slices_per_batch,
     evaluate_bundle,
     load_generator,
     seed_overrides,
@@ -298,7 +299,7 @@ def main(
     sweep_slice_step: int = 1,
     moved_input: str | None = None,
     device: str | None = None,
-    slices_per_batch: int = 16,
+    slices_per_batch: int | None = None,
     progress: bool = True,
 ) -> None:
     """Run the comparison for each scenario and write the results.
@@ -326,11 +327,12 @@ def main(
             also checks the unperturbed level against evaluate.json.
         moved_input: the input contrast the sweep moves; default one drawn per case from the seed.
         device: ``cuda`` or ``cpu``; default CUDA when available.
-        slices_per_batch: axial slices per forward pass at synthesis.
+        slices_per_batch: axial slices per forward pass at synthesis; default 2 on a CPU, 16 with CUDA.
         progress: progress bars for the sweeps.
     """
     started = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    slices_per_batch = slices_per_batch or default_slices_per_batch(device)
     widths, discriminator_width = budget_widths(device, channels, discriminator_channels)
     budget = {
         "iterations": int(iterations), "batch_size": int(batch_size), "crop_size": int(crop_size) or None,

@@ -26,7 +26,7 @@ import fire
 import torch
 
 from agi_monai.bundle import load_split
-from agi_monai.bundle.experiment import load_generator
+from agi_monai.bundle.experiment import default_slices_per_batch, load_generator
 from agi_monai.bundle.registry import find_bundle
 from agi_monai.evaluation import volume_dataset
 from agi_monai.evaluation.robustness import PERTURBATIONS, perturbation_levels, robustness_sweep, write_sweep
@@ -77,7 +77,7 @@ def main(
     metrics: str | Sequence[str] = ("psnr_db", "ssim_pct"),
     channels: str | Sequence[int] | None = None,
     device: str | None = None,
-    slices_per_batch: int = 16,
+    slices_per_batch: int | None = None,
     slice_step: int = 1,
     progress: bool = True,
 ) -> None:
@@ -99,7 +99,7 @@ def main(
         metrics: the metrics plotted.
         channels: generator widths, for bare state dicts (run folders carry their own).
         device: ``cuda`` or ``cpu``; default CUDA when available.
-        slices_per_batch: axial slices per forward pass.
+        slices_per_batch: axial slices per forward pass; default 2 on a CPU, 16 with CUDA.
         slice_step: measure every slice_step-th of the evaluated axial slices (a cheaper sweep; slice2d only).
         progress: show a progress bar.
     """
@@ -110,6 +110,7 @@ def main(
         if kind not in PERTURBATIONS:
             raise ValueError(f"--kinds {kind}: expected some of {list(PERTURBATIONS)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    slices_per_batch = slices_per_batch or default_slices_per_batch(device)
     networks = {
         "AGI-Net": checkpoint_generator(info.root, agi_net, "AGI-Net", channels),
         "ResUNet": checkpoint_generator(info.root, resunet, "ResUNet", channels),

@@ -38,6 +38,7 @@ __all__ = [
     "budget_overrides",
     "budget_widths",
     "bundle_network",
+    "default_slices_per_batch",
     "evaluate_bundle",
     "load_generator",
     "seed_overrides",
@@ -146,6 +147,13 @@ def budget_widths(
     on_cuda = torch.device(device).type == "cuda"
     widths = [int(c) for c in (channels or (PAPER_CHANNELS if on_cuda else CPU_CHANNELS))]
     return widths, int(discriminator_channels or (64 if on_cuda else 16))
+
+
+def default_slices_per_batch(device: torch.device) -> int:
+    """Axial slices per forward pass for :func:`synthesize_volume`: 16 with CUDA; 2 on a CPU, where larger batches
+    only cost cache (measured on one thread, 240x240 slices: batch 16 took 1.2-1.8x the time of batch 2 for
+    AGI-Net and ResUNet at widths 8-64 and 16-128)."""
+    return 16 if torch.device(device).type == "cuda" else 2
 
 
 def train_bundle(bundle: str | Path, bundle_root: str | Path, overrides: Mapping[str, Any]) -> TrainingRun:

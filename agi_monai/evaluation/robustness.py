@@ -30,7 +30,7 @@ import torch
 from monai.data import MetaTensor
 from tqdm import tqdm
 
-from agi_monai.bundle.experiment import synthesize_volume
+from agi_monai.bundle.experiment import default_slices_per_batch, synthesize_volume
 from agi_monai.data.transforms import RandRigidMisalignChanneld, RandShiftChanneld
 from agi_monai.evaluation.figures import robustness_plot
 from agi_monai.evaluation.protocols import METRIC_NAMES, PROTOCOL_NAMES, evaluate_volume, evaluated_slices
@@ -173,7 +173,7 @@ def robustness_sweep(
     seed: int = 0,
     protocols: Sequence[str] = ("slice2d",),
     device: str | torch.device = "cpu",
-    slices_per_batch: int = 16,
+    slices_per_batch: int | None = None,
     slice_step: int = 1,
     min_foreground_fraction: float = 0.05,
     progress: bool = False,
@@ -195,7 +195,8 @@ def robustness_sweep(
         seed: case ``i`` uses ``seed + i`` for its direction, axis (and drawn channel), at every level.
         protocols: ``"slice2d"`` and/or ``"brasyn3d"``.
         device: where the networks run.
-        slices_per_batch: axial slices per forward pass.
+        slices_per_batch: axial slices per forward pass; default
+            :func:`agi_monai.bundle.experiment.default_slices_per_batch`.
         slice_step: synthesize and measure every ``slice_step``-th of the slices protocol ``"slice2d"``
             evaluates (those whose mask covers ``min_foreground_fraction``), after moving the whole volume: a
             ``slice_step`` times cheaper sweep (the paper's test sets also hold a subset of each volume's slices).
@@ -220,6 +221,7 @@ def robustness_sweep(
         raise ValueError(f"protocols {list(protocols)}: expected a non-empty list of {list(PROTOCOL_NAMES)}")
     if slice_step < 1 or (slice_step > 1 and "brasyn3d" in protocols):
         raise ValueError(f"slice_step {slice_step}: expected >= 1, and 1 with the 3D protocol 'brasyn3d'")
+    slices_per_batch = slices_per_batch or default_slices_per_batch(torch.device(device))
     for network in networks.values():
         network.to(device).eval()
     cases = list(cases)
