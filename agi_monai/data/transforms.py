@@ -240,7 +240,9 @@ class RandShiftChanneld(RandomizableTransform, MapTransform):
     Simulates residual misalignment of one contrast: for training augmentation (a length drawn from a
     range) and for the robustness test (a fixed level of 0, 0.5, ..., 3 px: ``magnitude_px=(level, level)``).
     The direction is uniform; the channel is shifted with bilinear interpolation (MONAI ``Affine``) and
-    zeros enter at the border.
+    zeros enter at the border. :attr:`shift`, the last draw, is ``Affine``'s ``translate_params`` (array axes):
+    the image content moves by **minus** that vector (:mod:`agi_monai.evaluation.robustness` records the true
+    displacement).
 
     Args:
         keys: keys of channel-first images (e.g. ``"image"``, the stacked inputs).
