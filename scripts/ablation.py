@@ -12,7 +12,8 @@ By default it runs on the shipped cases (train on the two BraTS 2023 cases, test
     python scripts/ablation.py --ablations all --bundle ixi_t1_t2_to_pd --dataset_dir /data/IXI/datalist.json \\
         --iterations 20000 --channels 64,128,256,512 --device cuda
 
-Writes ``<output_dir>/ablation.csv``, ``ablation.md`` and ``ablation.json``; each run in ``<output_dir>/<name>/``
+Writes ``<output_dir>/ablation.csv``, ``ablation.md``, ``ablation.json`` and ``ablation_<protocol>_psnr_db.png`` (one
+bar per ablation); each run in ``<output_dir>/<name>/``
 (its ``overrides.json``, ``models/model.pt``, ``eval/``).
 """
 
@@ -42,6 +43,7 @@ from agi_monai.bundle.registry import find_bundle
 from agi_monai.data import write_json
 from agi_monai.evaluation.ablation import ABLATIONS, Ablation, architecture, select_ablations
 from agi_monai.evaluation.protocols import METRIC_NAMES
+from agi_monai.evaluation.figures import ablation_plot
 from agi_monai.evaluation.tables import SUMMARY_JSON, cases_markdown, write_csv, write_text
 
 # scripts/ is not a package: the complexity counting and the paper's tables are reused from model_complexity.py
@@ -172,6 +174,9 @@ def main(
             "train_seconds": run.seconds, "weights": str(run.weights),
         })
     write_csv(rows, output / "ablation.csv")
+    for protocol in protocols:
+        ablation_plot(rows, output / f"ablation_{protocol}_psnr_db.png", metric=f"{protocol}_psnr_db",
+                      title=f"{info.name}: {protocol} PSNR, {iterations} iterations")
     size = "x".join(map(str, info.spatial_size))
     lines = [
         f"# Ablations: {info.name} ({', '.join(info.inputs)}) -> {info.target}", "",

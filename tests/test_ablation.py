@@ -143,6 +143,10 @@ def test_script_trains_evaluates_and_tabulates_two_ablations(tmp_path):
         assert row["slice2d_psnr_db"] == summary["protocols"]["slice2d"]["metrics"]["psnr_db"]["mean"]
     assert rows[0]["gflops"] > rows[1]["gflops"] > 0 and rows[0]["params"] > rows[1]["params"]
     assert rows[1]["paper_params_m"] == 17.04 and rows[0]["paper_params_m"] == ""  # Table 7's ResUNet; GR only: none
+    from matplotlib.image import imread
+
+    figure = imread(output / "ablation_slice2d_psnr_db.png")  # one bar per ablation
+    assert figure.ndim == 3 and figure.shape[1] > figure.shape[0]
     markdown = (output / "ablation.md").read_text()
     assert "| ablation | override | params | GFLOPs | params, paper widths (M) | paper (M / GFLOPs) |" in markdown
     assert f"| gr_only | `--network_def#attention False` | {int(rows[0]['params']):,} |" in markdown

@@ -17,6 +17,6 @@ from agi_monai.evaluation.protocols import (
     slice_protocol,
 )
 from agi_monai.evaluation.evaluator import VolumeEvaluator, volume_dataset
-from agi_monai.evaluation.figures import robustness_plot, synthesis_panel
+from agi_monai.evaluation.figures import ablation_plot, robustness_plot, synthesis_panel
 from agi_monai.evaluation.robustness import misalign, perturbation_levels, robustness_sweep, write_sweep
 from agi_monai.evaluation.ablation import ABLATIONS, select_ablations

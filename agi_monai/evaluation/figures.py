@@ -232,3 +232,49 @@ def robustness_plot(
     if title:
         ax.set_title(title)
     return _save(figure, path, dpi)
+
+
+def ablation_plot(
+    table: str | Path | Sequence[Mapping[str, Any]],
+    path: str | Path,
+    metric: str = "slice2d_psnr_db",
+    name: str = "ablation",
+    parameters: str | None = "params",
+    title: str | None = None,
+    width_inches: float = 5.0,
+    dpi: int = 100,
+) -> Path:
+    """The ablation table as a PNG: one horizontal bar per variant (``metric``, its value printed at the bar's end),
+    labelled with the variant's name and, when ``parameters`` names a column, its parameter count in millions.
+
+    Args:
+        table: ``scripts/ablation.py``'s CSV or its rows.
+        path: the PNG to write (atomically).
+        metric: the column the bars show, e.g. ``"slice2d_psnr_db"``.
+        name: the column naming the variants.
+        parameters: the column of parameter counts; None leaves them out.
+        title: the plot's title.
+        width_inches: figure width (the height grows with the number of variants).
+        dpi: resolution.
+    """
+    rows = read_csv(table) if isinstance(table, (str, Path)) else list(table)
+    if not rows or any(metric not in row or name not in row for row in rows):
+        raise ValueError(f"the ablation table needs rows with columns {name!r} and {metric!r}")
+    labels = [
+        f"{row[name]}" + (f" ({float(row[parameters]) / 1e6:.2f} M)" if parameters and row.get(parameters) else "")
+        for row in rows
+    ]
+    values = np.array([float(row[metric]) for row in rows])
+    figure = Figure(figsize=(width_inches, 0.8 + 0.35 * len(rows)), layout="constrained")
+    ax = figure.subplots()
+    positions = np.arange(len(rows))[::-1]  # first row on top, as in the table
+    ax.barh(positions, values, color="tab:blue")
+    ax.set_yticks(positions, labels)
+    for position, value in zip(positions, values):
+        ax.text(value, position, f" {value:.2f}", va="center", fontsize=8)
+    ax.set_xlabel(METRIC_LABELS.get(metric.split("_", 1)[-1], metric))
+    ax.set_xlim(min(0.0, float(values.min())), float(values.max()) * 1.15 if values.max() > 0 else 1.0)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return _save(figure, path, dpi)
