@@ -56,10 +56,16 @@ def _extension():
     sources += sorted(glob.glob(os.path.join(CSRC, "autograd", "*.cpp")))
     # -g0 after setuptools' default -g: the debug info multiplies the .so size by ~5.
     cxx_flags = ["-O3", "-g0"]  # the C++ standard comes from torch (C++20 for torch >= 2.13)
+    link_flags = ["-s"]
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is an OpenMP pragma in ATen's headers: without -fopenmp the CPU kernels run on
+        # one thread. (The process shares torch's libgomp.so.1, loaded first.)
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if not _want_cuda():
         print("agi-monai: building the C++ (CPU) kernels only", flush=True)
         return cpp_extension.CppExtension(
-            "agi_monai._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-s"]
+            "agi_monai._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # Without a GPU torch cannot detect the architecture; build for the common ones (+PTX for newer).
@@ -75,7 +81,7 @@ def _extension():
         "agi_monai._C",
         sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--threads", nvcc_threads]},
-        extra_link_args=["-s"],
+        extra_link_args=link_flags,
     )
 
 
