@@ -18,14 +18,15 @@
 //    blend weight are left out (an integer roll costs one multiply-add per entry). Positions near a
 //    slice edge then read neighbouring slices with coefficient 0, so a non-finite input there would
 //    leak NaN: the forward checks the weight first, the weight gradient the incoming gradient (during
-//    the routing-gradient pass, which reads all of it anyway), and otherwise the tap kernels run.
+//    the routing-gradient pass, which reads all of it anyway), and the tap kernels run where one is not.
 // 3. Taps (float16, bfloat16, and that fallback): per element, the 2^S taps from a table, as
 //    defined. (The previous CPU implementation; AGI_MONAI_GROUP_ROLL_CPU=taps selects it.)
 //
 // The vector kernels are compiled for AVX-512, AVX2+FMA and the baseline ISA (function target
 // attributes) and picked at run time; AGI_MONAI_GROUP_ROLL_CPU=auto|avx512|avx2|baseline|taps
 // overrides the choice (for tests and benchmarks). All paths agree to rounding (the sums are
-// associated differently) and propagate NaN/Inf from the taps they use exactly as the definition.
+// associated differently); NaN reaches exactly the entries whose taps read it, as in the definition
+// (zero-weight taps included), and so does Inf, up to sums of Infs of both signs (order-dependent).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
