@@ -147,6 +147,135 @@ AGI_HOST_DEVICE int kernel_taps(
   return t;
 }
 
+// The taps of kernel position k (flat) of sample b = bg / n, group g = bg % n.
+template <typename acc_t, typename scalar_t>
+AGI_HOST_DEVICE int position_taps(
+    const scalar_t* offsets, const RollShape& s, int64_t bg, int64_t k, bool transpose, int64_t index[kMaxTaps],
+    acc_t weight[kMaxTaps], acc_t d_weight[kMaxTaps][kMaxAxes]) {
+  AxisRoll<acc_t> rolls[kMaxAxes];
+  load_axis_rolls<acc_t>(offsets, s, bg / s.groups, bg % s.groups, rolls);
+  const int64_t x = k % s.kx, y = (k / s.kx) % s.ky, z = k / (s.kx * s.ky);
+  return kernel_taps(rolls, z, y, x, transpose, index, weight, d_weight);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Column kernels: the per-thread work of the CUDA "columns" kernels, also run by the CPU's scalar
+// "columns" path so that the CPU tests check these maths and index computations on every machine.
+//
+// A column is one (sample b, group g, entry r) with r in [0, C_in/n · K), the entries of group g in a
+// kernel row (input channels g·C_in/n … (g+1)·C_in/n − 1, K kernel positions each). Across the output
+// channels o it is out[b, o, g·C_in/n·K + r] and w[o, g·C_in/n·K + r − k + index_t] with k = r mod K:
+// its taps are the same for every o, so they are computed once and the column walks o with a stride of
+// one kernel row (C_in·K). Columns are numbered (b·n + g)·(C_in/n·K) + r; there are B·C_in·K of them.
+// ---------------------------------------------------------------------------------------------------
+
+AGI_HOST_DEVICE int64_t column_count(const RollShape& s) { return s.batch * s.in_channels * s.kernel_numel(); }
+
+// One column's place and taps, in arrays indexed only by unrolled loops (which the CUDA compiler keeps
+// in registers): `read` is relative to the column's own entry, `weight` the unscaled blend weight and
+// `d_weight` its derivative w.r.t. each axis offset.
+template <int taps, typename acc_t, typename index_t>
+struct ColumnTaps {
+  static constexpr int axes = taps == 4 ? 2 : 3;
+  index_t bg;          // b · n + g
+  index_t w_entry;     // offset of the column in weight row 0: g · C_in/n · K + r
+  index_t out_entry;   // offset of the column in output row (b, 0)
+  index_t row;         // entries per row (C_in · K): the stride from one output channel to the next
+  index_t read[taps];
+  acc_t weight[taps];
+  acc_t d_weight[taps][axes];
+};
+
+template <int taps, typename acc_t, typename scalar_t, typename index_t>
+AGI_HOST_DEVICE ColumnTaps<taps, acc_t, index_t> column_taps(const scalar_t* offsets, const RollShape& s, index_t column) {
+  ColumnTaps<taps, acc_t, index_t> c;
+  const index_t K = static_cast<index_t>(s.kernel_numel());
+  const index_t span = static_cast<index_t>(s.channels_per_group) * K;
+  const index_t r = column % span, k = r % K;
+  c.bg = column / span;
+  c.row = static_cast<index_t>(s.in_channels) * K;
+  c.w_entry = (c.bg % static_cast<index_t>(s.groups)) * span + r;
+  c.out_entry = (c.bg / static_cast<index_t>(s.groups)) * static_cast<index_t>(s.out_channels) * c.row + c.w_entry;
+  int64_t index[kMaxTaps];
+  acc_t weight[kMaxTaps];
+  acc_t d_weight[kMaxTaps][kMaxAxes];
+  position_taps<acc_t>(offsets, s, c.bg, k, /*transpose=*/false, index, weight, d_weight);
+#pragma unroll
+  for (int t = 0; t < taps; ++t) {
+    c.read[t] = static_cast<index_t>(index[t]) - k;
+    c.weight[t] = weight[t];
+#pragma unroll
+    for (int a = 0; a < c.axes; ++a) c.d_weight[t][a] = d_weight[t][a];
+  }
+  return c;
+}
+
+// out[b, o, column entry] for o in [o_begin, o_end): the scaled blend of the taps.
+template <int taps, typename acc_t, typename scalar_t, typename index_t>
+AGI_HOST_DEVICE void forward_column(
+    const scalar_t* w, const scalar_t* offsets, const scalar_t* scales, scalar_t* out, const RollShape& s,
+    index_t column, index_t o_begin, index_t o_end) {
+  const ColumnTaps<taps, acc_t, index_t> c = column_taps<taps, acc_t>(offsets, s, column);
+  const acc_t scale = static_cast<acc_t>(scales[c.bg]);
+  acc_t coef[taps];
+#pragma unroll
+  for (int t = 0; t < taps; ++t) coef[t] = scale * c.weight[t];
+  const scalar_t* w_entry = w + o_begin * c.row + c.w_entry;
+  scalar_t* out_entry = out + o_begin * c.row + c.out_entry;
+  for (index_t o = o_begin; o < o_end; ++o, w_entry += c.row, out_entry += c.row) {
+    acc_t value = acc_t(0);
+#pragma unroll
+    for (int t = 0; t < taps; ++t) value += coef[t] * static_cast<acc_t>(w_entry[c.read[t]]);
+    *out_entry = static_cast<scalar_t>(value);
+  }
+}
+
+// The column's share of its (sample, group)'s routing gradients, for o in [o_begin, o_end):
+// partial[0] = Σ_o grad · (unscaled blend), partial[1 + a] = Σ_o grad · ∂blend/∂offset_a. Summed over
+// the group's columns, they give d_scale = partial[0] and d_offset_a = scale · partial[1 + a]
+// (routing_grad_from_partials).
+template <int taps, typename acc_t, typename scalar_t, typename index_t>
+AGI_HOST_DEVICE void routing_grad_column(
+    const scalar_t* grad, const scalar_t* w, const scalar_t* offsets, const RollShape& s, index_t column,
+    index_t o_begin, index_t o_end, acc_t partial[1 + kMaxAxes]) {
+  const ColumnTaps<taps, acc_t, index_t> c = column_taps<taps, acc_t>(offsets, s, column);
+  constexpr int axes = ColumnTaps<taps, acc_t, index_t>::axes;
+  const scalar_t* w_entry = w + o_begin * c.row + c.w_entry;
+  const scalar_t* grad_entry = grad + o_begin * c.row + c.out_entry;
+  acc_t sum[1 + axes];
+#pragma unroll
+  for (int a = 0; a <= axes; ++a) sum[a] = acc_t(0);
+  for (index_t o = o_begin; o < o_end; ++o, w_entry += c.row, grad_entry += c.row) {
+    const acc_t gv = static_cast<acc_t>(*grad_entry);
+    acc_t blend = acc_t(0);
+    acc_t d_blend[axes];
+#pragma unroll
+    for (int a = 0; a < axes; ++a) d_blend[a] = acc_t(0);
+#pragma unroll
+    for (int t = 0; t < taps; ++t) {
+      const acc_t wv = static_cast<acc_t>(w_entry[c.read[t]]);
+      blend += c.weight[t] * wv;
+#pragma unroll
+      for (int a = 0; a < axes; ++a) d_blend[a] += c.d_weight[t][a] * wv;
+    }
+    sum[0] += gv * blend;
+#pragma unroll
+    for (int a = 0; a < axes; ++a) sum[1 + a] += gv * d_blend[a];
+  }
+#pragma unroll
+  for (int a = 0; a <= axes; ++a) partial[a] = sum[a];
+}
+
+// grad_scales[bg] and grad_offsets[bg, :] from the summed column partials of (sample, group) bg.
+template <typename acc_t, typename scalar_t>
+AGI_HOST_DEVICE void routing_grad_from_partials(
+    const acc_t summed[1 + kMaxAxes], const scalar_t* scales, const RollShape& s, int64_t bg, scalar_t* grad_offsets,
+    scalar_t* grad_scales) {
+  const acc_t scale = static_cast<acc_t>(scales[bg]);
+  grad_scales[bg] = static_cast<scalar_t>(summed[0]);
+  for (int64_t a = 0; a < s.spatial; ++a) grad_offsets[bg * s.spatial + a] = static_cast<scalar_t>(scale * summed[1 + a]);
+}
+
 // Scale and offset gradients of one (sample, group) from the K×K correlation
 // M[k][j] = Σ_{o, c in group} grad_out[b, o, c, k] · w[o, c, j]: the rolled value at k is
 // Σ_t weight_t · w[index_t], so d_scale = Σ_k Σ_t weight_t · M[k][index_t] and

@@ -7,6 +7,8 @@ Usage::
     python scripts/benchmark_network.py --device cuda --batch 16 --size 256   # the paper's batch
     python scripts/benchmark_network.py --device cuda --amp bf16               # autocast
     python scripts/benchmark_network.py --device cpu --compare_previous        # + AGI-Net with the previous CPU code
+    python scripts/benchmark_network.py --device cuda --compile                # both networks under torch.compile
+    AGI_MONAI_GROUP_ROLL_CUDA=columns python scripts/benchmark_network.py --device cuda   # the op's column kernels
 
 The compared steps are timed interleaved (one step of each in turn, ``repeats`` rounds after ``warmup``
 rounds), and the table reports the minimum over the rounds: on a shared machine other processes can only
@@ -64,10 +66,14 @@ def timed(step, device: str, warmup: int, repeats: int) -> float:
     return min(timed_interleaved({"step": step}, device, warmup, repeats)["step"])
 
 
-def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, amp: str | None, channels_last: bool = False):
+def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, amp: str | None, channels_last: bool = False,
+                  compile: bool = False):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     network = network.to(device, memory_format=memory_format).train()
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    # torch.compile fuses the routing function's memory-bound LayerNorm/GELU/pool chain (group_roll is a
+    # registered op with a fake kernel, so the graph does not break there). Warm-up rounds absorb compilation.
+    forward = torch.compile(network) if compile else network
     x = torch.rand(batch, 2, size, size, device=device).contiguous(memory_format=memory_format)
     target = torch.rand(batch, 1, size, size, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "", None)
@@ -76,7 +82,7 @@ def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.l1_loss(network(x), target)
+            loss = F.l1_loss(forward(x), target)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -184,11 +190,13 @@ def main(
     channels_last: bool = False,
     threads: int | None = None,
     compare_previous: bool = False,
+    compile: bool = False,
     out: str | None = None,
 ) -> None:
     """Times ResUNet and AGI-Net train steps (and CAGR fold-vs-loop) and prints a markdown table.
 
-    ``compare_previous`` (CPU) adds AGI-Net run with the previous CPU code (see ``with_previous_cpu_code``).
+    ``compare_previous`` (CPU) adds AGI-Net run with the previous CPU code (see ``with_previous_cpu_code``);
+    ``compile`` runs both networks under ``torch.compile`` (compiled during the warm-up rounds).
     """
     if threads:
         torch.set_num_threads(int(threads))
@@ -199,15 +207,17 @@ def main(
             raise SystemExit("benchmark_network: the extension has no CUDA kernels; rebuild on this machine")
     lines = [
         f"#### Train step, {machine(device)}: batch {batch}, 2×{size}² → 1, "
-        f"{'AMP ' + amp if amp else 'float32'}{', channels-last' if channels_last else ''}, "
+        f"{'AMP ' + amp if amp else 'float32'}{', channels-last' if channels_last else ''}"
+        f"{', torch.compile' if compile else ''}"
+        f"{', group_roll CUDA kernels: ' + os.environ.get('AGI_MONAI_GROUP_ROLL_CUDA', 'auto') if device == 'cuda' else ''}, "
         f"minimum of {repeats} interleaved steps (median in brackets)",
         "",
         "| network | step (ms) | ratio to ResUNet |",
         "|---|---|---|",
     ]
     steps = {
-        "ResUNet": train_step_fn(ResUNet(), batch, size, device, amp, channels_last),
-        "AGI-Net (n=8)": train_step_fn(AGINet(), batch, size, device, amp, channels_last),
+        "ResUNet": train_step_fn(ResUNet(), batch, size, device, amp, channels_last, compile),
+        "AGI-Net (n=8)": train_step_fn(AGINet(), batch, size, device, amp, channels_last, compile),
     }
     if compare_previous and device == "cpu":
         steps["AGI-Net (n=8), previous CPU code"] = with_previous_cpu_code(

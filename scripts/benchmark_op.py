@@ -4,6 +4,7 @@ of AGI-Net's CAGR layers.
 
     python scripts/benchmark_op.py --device cpu|cuda|all --out docs/benchmarks_op.json
     python scripts/benchmark_op.py --device cpu --cpu_paths taps   # also the previous (per-tap) CPU kernels
+    python scripts/benchmark_op.py --device cuda --cuda_paths columns   # also the CUDA column kernels
 
 The implementations are timed interleaved (one run of each in turn, ``repeats`` rounds after ``warmup``
 rounds; ``torch.cuda.synchronize()`` around every run on CUDA), so that load from other processes on a
@@ -85,22 +86,24 @@ def time_interleaved(calls: dict, device: str, warmup: int, repeats: int) -> dic
     return times
 
 
-class cpu_path:
-    """Selects the compiled op's CPU code path (``AGI_MONAI_GROUP_ROLL_CPU``, read at every call) for a block."""
+class code_path:
+    """Selects the compiled op's code path on ``device`` for a block (``AGI_MONAI_GROUP_ROLL_CPU`` or
+    ``AGI_MONAI_GROUP_ROLL_CUDA``, read at every call); None keeps the default."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, device: str, path: str | None) -> None:
+        self.variable = f"AGI_MONAI_GROUP_ROLL_{device.upper()}"
         self.path = path
 
     def __enter__(self) -> None:
-        self.saved = os.environ.get("AGI_MONAI_GROUP_ROLL_CPU")
+        self.saved = os.environ.get(self.variable)
         if self.path is not None:
-            os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = self.path
+            os.environ[self.variable] = self.path
 
     def __exit__(self, *exc) -> None:
         if self.saved is None:
-            os.environ.pop("AGI_MONAI_GROUP_ROLL_CPU", None)
+            os.environ.pop(self.variable, None)
         else:
-            os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = self.saved
+            os.environ[self.variable] = self.saved
 
 
 def make_inputs(weight_shape, batch, groups, device, dtype, seed=0):
@@ -112,12 +115,11 @@ def make_inputs(weight_shape, batch, groups, device, dtype, seed=0):
     return [t.to(device=device, dtype=dtype) for t in (weight, offsets, scales)]
 
 
-def bench_shape(label, weight_shape, batch, groups, device, dtype, warmup, repeats, cpu_paths=()) -> dict:
-    """Times the compiled op (and, on CPU, each of ``cpu_paths`` as "compiled[path]") and the reference."""
+def bench_shape(label, weight_shape, batch, groups, device, dtype, warmup, repeats, paths=()) -> dict:
+    """Times the compiled op (and each of the device's code ``paths`` as "compiled[path]") and the reference."""
     impls = {"compiled": (torch.ops.agi_monai.group_roll, None), "reference": (ops.group_roll_reference, None)}
-    if device == "cpu":
-        for path in cpu_paths:
-            impls[f"compiled[{path}]"] = (torch.ops.agi_monai.group_roll, path)
+    for path in paths:
+        impls[f"compiled[{path}]"] = (torch.ops.agi_monai.group_roll, path)
     weight, offsets, scales = make_inputs(weight_shape, batch, groups, device, dtype)
     leaves = [t.clone().requires_grad_() for t in (weight, offsets, scales)]
     grad_out = torch.randn((batch, *weight_shape), generator=torch.Generator().manual_seed(1)).to(device, dtype)
@@ -127,18 +129,18 @@ def bench_shape(label, weight_shape, batch, groups, device, dtype, warmup, repea
         expected = impls["reference"][0](weight, offsets, scales).double()
         for name, (fn, path) in impls.items():
             if name != "reference":
-                with cpu_path(path):
+                with code_path(device, path):
                     row[f"max_abs_diff_{name}"] = float((fn(weight, offsets, scales).double() - expected).abs().max())
     row["max_abs_diff"] = row["max_abs_diff_compiled"]
     del expected
     calls = {}
     for name, (fn, path) in impls.items():
         def forward(fn=fn, path=path):
-            with cpu_path(path), torch.no_grad():
+            with code_path(device, path), torch.no_grad():
                 return fn(weight, offsets, scales)
 
         def forward_backward(fn=fn, path=path):
-            with cpu_path(path):
+            with code_path(device, path):
                 out = fn(*leaves)
                 return torch.autograd.grad(out, leaves, grad_out)
 
@@ -178,23 +180,24 @@ def markdown(info: dict, rows: list[dict], settings: dict) -> str:
         f"{r['fwdbwd_speedup']:.1f}× |"
         for r in rows
     ]
-    variants = sorted({k[len("fwd_"):-len("_ms")] for r in rows for k in r
+    variants = sorted({(r["device"], k[len("fwd_"):-len("_ms")]) for r in rows for k in r
                        if k.startswith("fwd_compiled[") and k.endswith("]_ms")})
-    for variant in variants:
+    for device, variant in variants:
         suffix = variant[len("compiled"):]
-        lines += ["", f"CPU path {suffix[1:-1]} (AGI_MONAI_GROUP_ROLL_CPU), same runs:", "",
+        lines += ["", f"{device.upper()} path {suffix[1:-1]} (AGI_MONAI_GROUP_ROLL_{device.upper()}), same runs:", "",
                   "| shape | fwd | fwd speed-up | fwd+bwd | fwd+bwd speed-up |", "|---|---:|---:|---:|---:|"]
         lines += [
             f"| {r['name']} | {r[f'fwd_{variant}_ms']:.3f} | {r[f'fwd_speedup{suffix}']:.1f}× | "
             f"{r[f'fwdbwd_{variant}_ms']:.3f} | {r[f'fwdbwd_speedup{suffix}']:.1f}× |"
-            for r in rows if f"fwd_{variant}_ms" in r
+            for r in rows if r["device"] == device and f"fwd_{variant}_ms" in r
         ]
     return "\n".join(header + lines) + "\n"
 
 
 def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype: str = "float32",
          warmup: int | None = None, repeats: int | None = None, threads: int | None = None,
-         shapes: str | tuple | int | None = None, cpu_paths: str | tuple | None = None) -> None:
+         shapes: str | tuple | int | None = None, cpu_paths: str | tuple | None = None,
+         cuda_paths: str | tuple | None = None) -> None:
     """Times the op at AGI-Net's shapes.
 
     Args:
@@ -206,7 +209,10 @@ def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype
         threads: torch.set_num_threads for the CPU runs (default: torch's choice).
         shapes: comma-separated indices into SHAPES to run a subset (default: all).
         cpu_paths: comma-separated extra CPU code paths of the compiled op to time alongside
-            (AGI_MONAI_GROUP_ROLL_CPU: avx512, avx2, baseline, taps = the per-tap kernels of the first version).
+            (AGI_MONAI_GROUP_ROLL_CPU: avx512, avx2, baseline, taps = the per-tap kernels of the first version,
+            columns = the CUDA kernels' column code run on the CPU).
+        cuda_paths: the same for CUDA (AGI_MONAI_GROUP_ROLL_CUDA: taps = the first version, the default;
+            columns = column kernels with the fused routing-gradient reduction).
     """
     if not ops.extension_available():
         sys.exit(f"benchmark_op: the compiled extension is not available: {ops.extension_error()}")
@@ -231,17 +237,19 @@ def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype
     else:  # fire turns "0,4" into a tuple and "3" into an int
         indices = shapes if isinstance(shapes, (list, tuple)) else str(shapes).split(",")
         selected = [SHAPES[int(i)] for i in indices]
-    if cpu_paths in (None, ""):
-        extra_paths: list[str] = []
-    else:  # fire turns "a,b" into a tuple
-        extra_paths = [str(p) for p in (cpu_paths if isinstance(cpu_paths, (list, tuple)) else str(cpu_paths).split(","))]
+    def path_list(paths) -> list[str]:  # fire turns "a,b" into a tuple
+        if paths in (None, ""):
+            return []
+        return [str(p) for p in (paths if isinstance(paths, (list, tuple)) else str(paths).split(","))]
+
+    extra_paths = {"cpu": path_list(cpu_paths), "cuda": path_list(cuda_paths)}
     info = machine_info()
     rows = []
     for dev in devices:
         w = warmup if warmup is not None else (10 if dev == "cuda" else 2)
         r = repeats if repeats is not None else (50 if dev == "cuda" else 15)
         for label, weight_shape, batch, groups in selected:
-            row = bench_shape(label, weight_shape, batch, groups, dev, DTYPES[dtype], w, r, extra_paths)
+            row = bench_shape(label, weight_shape, batch, groups, dev, DTYPES[dtype], w, r, extra_paths[dev])
             row.update(warmup=w, repeats=r)
             print(f"{label} [{dev}]: fwd {row['fwd_compiled_ms']:.3f} vs {row['fwd_reference_ms']:.3f} ms "
                   f"({row['fwd_speedup']:.1f}×), fwd+bwd {row['fwdbwd_compiled_ms']:.3f} vs "

@@ -427,11 +427,12 @@ def test_train_two_iterations_then_downstream_dice_and_inference(tmp_path):
         assert rows[0][f"dice3d_{region}"] == pytest.approx(dice, abs=1e-5)
 
     # inference.json: a BraTS label map per case on the reference T2's grid, in the chosen convention
-    _run(
+    log = _run(
         "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"), "--bundle_root", str(root),
         "--dataset_dir", str(cases), "--output_dir", str(tmp_path / "labels"), "--label_convention", "brats2018",
         *_flags(TINY),
     )
+    assert f"segmented 1 of 1 cases into {tmp_path / 'labels'}, 0 failed" in log
     written = nib.load(tmp_path / "labels" / "OtherEXampleFromTCIA_seg.nii.gz")
     reference = nib.load(next(TCGA.glob("*_t2_bet.nii.gz")))
     assert written.shape == reference.shape and written.get_data_dtype() == np.uint8

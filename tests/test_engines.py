@@ -17,7 +17,6 @@ from monai.networks.nets import PatchDiscriminator
 from monai.utils import set_determinism
 from torch.utils.data import Subset
 
-from agi_monai.data import build_slice_dataset
 from agi_monai.engines import (
     AtomicCheckpointSaver,
     Pix2PixTrainer,
@@ -45,12 +44,23 @@ def one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def slices():
+def build_slices():
     """BraTS-GLI-00001-000 (T1, T2) -> FLAIR, the central 64x64 of each kept axial slice."""
+    from agi_monai.data import build_slice_dataset  # imported here: needs SimpleITK (see the fixture)
+
     dataset = build_slice_dataset(DATA / "brats2023-gli", INPUTS, TARGET, SIZE, progress=False)
     assert len(dataset) > 100 and not dataset.failures
     return dataset
+
+
+@pytest.fixture(scope="module")
+def slices():
+    # A GPU machine without SimpleITK (its wheel is too big to carry there) runs the CUDA tests on the same
+    # slices, saved as plain tensors by `scripts/gpu_checks.sh prepare`.
+    cached = os.environ.get("AGI_MONAI_TEST_SLICES")
+    if cached:
+        return torch.load(cached, weights_only=True)
+    return build_slices()
 
 
 def make_networks(seed: int = 0, g_lr: float = 1e-4) -> dict:

@@ -704,10 +704,11 @@ def test_bad_inputs_same_message(case):
 # --------------------------------------------------------------------------------------------------
 # CPU code paths (csrc/cpu/group_roll_kernel.cpp): lane permutes (float32, AVX-512, K ≤ 32),
 # displacement rows (vector extensions: float64, and float32 elsewhere), per-tap loops (the first
-# version; float16/bfloat16 and non-finite inputs). AGI_MONAI_GROUP_ROLL_CPU picks one per call.
+# version; float16/bfloat16 and non-finite inputs), and the CUDA backend's column code run on the CPU
+# (so that its maths are tested without a GPU). AGI_MONAI_GROUP_ROLL_CPU picks one per call.
 # --------------------------------------------------------------------------------------------------
 
-CPU_PATHS = ["avx512", "avx2", "baseline", "taps"]
+CPU_PATHS = ["avx512", "avx2", "baseline", "taps", "columns"]
 
 
 def _cpu_path_supported(path: str) -> bool:
@@ -855,13 +856,21 @@ def test_large_outputs_match_reference_and_ask_for_huge_pages():
 @requires_extension
 def test_cpu_path_variable_is_checked(monkeypatch):
     monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CPU", "fastest")
-    with pytest.raises(RuntimeError, match="AGI_MONAI_GROUP_ROLL_CPU must be one of auto, avx512, avx2, baseline, taps; got 'fastest'"):
+    with pytest.raises(RuntimeError, match="AGI_MONAI_GROUP_ROLL_CPU must be one of auto, avx512, avx2, baseline, taps, columns; got 'fastest'"):
         compiled_op(*make_inputs(1, 1, 1, 1, (3, 3)))
 
 
 # --------------------------------------------------------------------------------------------------
-# CUDA (skipped without a GPU and the CUDA kernels).
+# CUDA (skipped without a GPU and the CUDA kernels). Each numerical test runs both CUDA
+# implementations (AGI_MONAI_GROUP_ROLL_CUDA: taps, the first version, and columns).
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["taps", "columns"])
+def cuda_path(request, monkeypatch):
+    monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CUDA", request.param)
+    return request.param
+
 
 CUDA_SHAPES = [
     (1, 1, 1, 1, (1, 1)),
@@ -872,6 +881,8 @@ CUDA_SHAPES = [
     (2, 2, 8, 4, (3, 3, 3)),
     (4, 8, 16, 2, (7, 5, 3)),
     (128, 16, 16, 2, (3, 3, 3)),  # B·n = 2048
+    (1, 1, 1, 3001, (1, 1)),  # one column: the columns kernels split the output channels into ~1024 blocks
+    (2, 4, 8, 1000, (3, 3)),  # columns: uneven last block of output channels
 ]
 
 
@@ -879,7 +890,7 @@ CUDA_SHAPES = [
 @pytest.mark.parametrize("kind", ["mixed", "large"])
 @pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: _grouping_id(s[:4]) + "-" + _kernel_id(s[4]))
 @requires_cuda
-def test_cuda_matches_cpu(shape, kind, dtype):
+def test_cuda_matches_cpu(cuda_path, shape, kind, dtype):
     batch, groups, c_in, c_out, kernel = shape
     inputs = [t.to(dtype) for t in make_inputs(batch, groups, c_in, c_out, kernel, kind, seed=batch + groups)]
     grad_out = torch.randn((batch, c_out, c_in, *kernel), dtype=dtype, generator=torch.Generator().manual_seed(4))
@@ -899,14 +910,14 @@ def test_cuda_matches_cpu(shape, kind, dtype):
 
 
 @requires_cuda
-def test_cuda_reference_matches_compiled():
+def test_cuda_reference_matches_compiled(cuda_path):
     inputs = [t.cuda() for t in make_inputs(8, 4, 8, 4, (3, 3), "mixed")]
     tight(compiled_op(*inputs).cpu(), group_roll_reference(*inputs).cpu())
 
 
 @pytest.mark.parametrize("case", list(GRADCHECK_CASES))
 @requires_cuda
-def test_cuda_gradcheck(case):
+def test_cuda_gradcheck(cuda_path, case):
     inputs = gradcheck_inputs(**GRADCHECK_CASES[case], device="cuda")
     assert torch.autograd.gradcheck(compiled_op, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -914,18 +925,18 @@ def test_cuda_gradcheck(case):
 @pytest.mark.parametrize("shape", LOW_PRECISION_SHAPES, ids=lambda s: f"{len(s[4])}d-" + _kernel_id(s[4]))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @requires_cuda
-def test_cuda_low_precision(dtype, shape):
+def test_cuda_low_precision(cuda_path, dtype, shape):
     _check_low_precision(compiled_op, dtype, shape, device="cuda")
 
 
 @requires_cuda
-def test_cuda_opcheck():
+def test_cuda_opcheck(cuda_path):
     inputs = [t.cuda().requires_grad_() for t in make_inputs(2, 2, 4, 3, (3, 3), "mixed")]
     torch.library.opcheck(torch.ops.agi_monai.group_roll.default, tuple(inputs))
 
 
 @requires_cuda
-def test_cuda_very_many_groups():
+def test_cuda_very_many_groups(cuda_path):
     """B·n above 65535 (the CUDA grid's y limit): forward and backward still equal the CPU kernels."""
     batch, groups = 4400, 16  # B·n = 70400
     inputs = make_inputs(batch, groups, groups, 1, (1, 2), "mixed", seed=7)
@@ -940,7 +951,7 @@ def test_cuda_very_many_groups():
 
 @requires_cuda
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_cuda_non_finite_offsets_give_nan_not_a_crash(bad):
+def test_cuda_non_finite_offsets_give_nan_not_a_crash(cuda_path, bad):
     """On CUDA the finiteness check is skipped (it would synchronise): the bad group's kernels are NaN."""
     weight, offsets, scales = (t.cuda() for t in make_inputs(2, 2, 4, 3, (3, 3)))
     offsets[1, 0, 0] = bad
@@ -956,3 +967,21 @@ def test_cuda_device_mismatch():
         compiled_op(weight.cuda(), offsets, scales.cuda())
     with pytest.raises(ValueError, match="must be on one device"):
         group_roll_reference(weight.cuda(), offsets, scales.cuda())
+
+
+@requires_cuda
+def test_cuda_columns_backward_is_deterministic(monkeypatch):
+    """The columns backward reduces in a fixed order (no atomics): two calls give the same bits."""
+    monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CUDA", "columns")
+    weight, offsets, scales = (t.float().cuda().requires_grad_() for t in make_inputs(16, 8, 64, 64, (3, 3), "mixed"))
+    grad_out = torch.randn((16, 64, 64, 3, 3), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    runs = [torch.autograd.grad(compiled_op(weight, offsets, scales), (weight, offsets, scales), grad_out) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@requires_cuda
+def test_cuda_path_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CUDA", "fastest")
+    with pytest.raises(RuntimeError, match="AGI_MONAI_GROUP_ROLL_CUDA must be one of auto, taps, columns; got 'fastest'"):
+        compiled_op(*(t.cuda() for t in make_inputs(1, 1, 1, 1, (3, 3))))

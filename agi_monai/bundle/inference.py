@@ -26,6 +26,9 @@ __all__ = ["FolderSynthesis", "SynthesisSummary"]
 
 _logger = logging.getLogger(__name__)
 
+# What the progress bar and the summary say: (while running, done).
+_TASK_WORDS = {"synthesis": ("synthesizing", "synthesized"), "segmentation": ("segmenting", "segmented")}
+
 
 @dataclass
 class SynthesisSummary:
@@ -34,10 +37,11 @@ class SynthesisSummary:
     output_dir: Path
     written: list[Path] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    task: str = "synthesis"
 
     def __str__(self) -> str:
         line = (
-            f"synthesized {len(self.written)} of {len(self.written) + len(self.failures)} cases into "
+            f"{_TASK_WORDS[self.task][1]} {len(self.written)} of {len(self.written) + len(self.failures)} cases into "
             f"{self.output_dir}, {len(self.failures)} failed"
         )
         return "\n".join([line, *(f"  - {failure}" for failure in self.failures)])
@@ -64,6 +68,8 @@ class FolderSynthesis:
         skipped: cases already left out (e.g. by discovery), reported with the rest.
         amp: autocast (CUDA only).
         progress: show a progress bar over cases.
+        task: "synthesis" or "segmentation" (the segmentation bundle's label maps): the words of the progress
+            bar and the summary.
     """
 
     def __init__(
@@ -78,7 +84,10 @@ class FolderSynthesis:
         skipped: Sequence[Failure] = (),
         amp: bool = False,
         progress: bool = True,
+        task: str = "synthesis",
     ) -> None:
+        if task not in _TASK_WORDS:
+            raise ValueError(f"FolderSynthesis: task must be one of {sorted(_TASK_WORDS)}, got {task!r}")
         self.dataset = dataset
         self.network = network
         self.inferer = inferer
@@ -89,15 +98,16 @@ class FolderSynthesis:
         self.skipped = list(skipped)
         self.amp = amp and self.device.type == "cuda"
         self.progress = progress
+        self.task = task
 
     def output_path(self, case_id: str) -> Path:
         return self.output_dir / f"{case_id}_{self.target}.nii.gz"
 
     def __call__(self) -> SynthesisSummary:
-        summary = SynthesisSummary(self.output_dir, failures=list(self.skipped))
+        summary = SynthesisSummary(self.output_dir, failures=list(self.skipped), task=self.task)
         self.network.eval()
         cases = self.dataset.data
-        for index in tqdm(range(len(cases)), desc=f"synthesizing {self.target}", unit="case", disable=not self.progress):
+        for index in tqdm(range(len(cases)), desc=f"{_TASK_WORDS[self.task][0]} {self.target}", unit="case", disable=not self.progress):
             case_id = str(cases[index].get("case_id", index))
             try:
                 self._synthesize(index)

@@ -4,7 +4,8 @@
 // (b, o) is the roll of weight row o for sample b, and every entry j of a row reads entries of its own
 // K-entry slice only: j + d with |d| < K, at the 2^S taps of its kernel position (group_roll_math.h).
 // The taps depend on (sample, group, kernel position) only, so each kernel below builds, once per
-// sample, a per-position description of the taps and then streams over the rows. Three kernels:
+// sample, a per-position description of the taps and then streams over the rows. Three kernels (and
+// a fourth for tests):
 //
 // 1. Lane permutes (float32, AVX-512, K ≤ 32). A register of 16 output entries is a fixed blend of
 //    permutations of one 32-entry source window: out = Σ_t coef_t · permute(window, index_t), one
@@ -21,9 +22,11 @@
 //    the routing-gradient pass, which reads all of it anyway), and the tap kernels run where one is not.
 // 3. Taps (float16, bfloat16, and that fallback): per element, the 2^S taps from a table, as
 //    defined. (The previous CPU implementation; AGI_MONAI_GROUP_ROLL_CPU=taps selects it.)
+// 4. Columns (AGI_MONAI_GROUP_ROLL_CPU=columns only): the CUDA backend's per-thread column code
+//    (group_roll_math.h), run here so that CI, which has no GPU, tests those maths.
 //
 // The vector kernels are compiled for AVX-512, AVX2+FMA and the baseline ISA (function target
-// attributes) and picked at run time; AGI_MONAI_GROUP_ROLL_CPU=auto|avx512|avx2|baseline|taps
+// attributes) and picked at run time; AGI_MONAI_GROUP_ROLL_CPU=auto|avx512|avx2|baseline|taps|columns
 // overrides the choice (for tests and benchmarks). All paths agree to rounding (the sums are
 // associated differently); NaN reaches exactly the entries whose taps read it, as in the definition
 // (zero-weight taps included), and so does Inf, up to sums of Infs of both signs (order-dependent).
@@ -79,10 +82,12 @@ using detail::RollShape;
 // Which CPU code path runs.
 // ---------------------------------------------------------------------------------------------------
 
-enum class CpuPath { kTaps = 0, kBaseline = 1, kAvx2 = 2, kAvx512 = 3 };
+// Ordered by what a CPU must support; columns and taps are scalar code that every CPU runs.
+enum class CpuPath { kColumns = -1, kTaps = 0, kBaseline = 1, kAvx2 = 2, kAvx512 = 3 };
 
 const char* path_name(CpuPath path) {
   switch (path) {
+    case CpuPath::kColumns: return "columns";
     case CpuPath::kTaps: return "taps";
     case CpuPath::kBaseline: return "baseline";
     case CpuPath::kAvx2: return "avx2";
@@ -116,7 +121,7 @@ CpuPath selected_cpu_path() {
   const char* env = std::getenv("AGI_MONAI_GROUP_ROLL_CPU");
   const CpuPath best = best_cpu_path();
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0) return best;
-  for (CpuPath path : {CpuPath::kTaps, CpuPath::kBaseline, CpuPath::kAvx2, CpuPath::kAvx512}) {
+  for (CpuPath path : {CpuPath::kColumns, CpuPath::kTaps, CpuPath::kBaseline, CpuPath::kAvx2, CpuPath::kAvx512}) {
     if (std::strcmp(env, path_name(path)) == 0) {
       TORCH_CHECK(
           static_cast<int>(path) <= static_cast<int>(best), "group_roll: AGI_MONAI_GROUP_ROLL_CPU=", env,
@@ -125,7 +130,7 @@ CpuPath selected_cpu_path() {
     }
   }
   TORCH_CHECK(
-      false, "group_roll: AGI_MONAI_GROUP_ROLL_CPU must be one of auto, avx512, avx2, baseline, taps; got '", env,
+      false, "group_roll: AGI_MONAI_GROUP_ROLL_CPU must be one of auto, avx512, avx2, baseline, taps, columns; got '", env,
       "'");
   return best;
 }
@@ -969,15 +974,12 @@ TapTable<acc_t> tap_table(const scalar_t* offsets, const scalar_t* scales, const
   table.index.resize(entries);
   table.weight.resize(entries);
   for (int64_t bg = 0; bg < s.batch * s.groups; ++bg) {
-    AxisRoll<acc_t> rolls[kMaxAxes];
-    detail::load_axis_rolls<acc_t>(offsets, s, bg / s.groups, bg % s.groups, rolls);
     const acc_t scale = static_cast<acc_t>(scales[bg]);
     for (int64_t k = 0; k < K; ++k) {
       int64_t index[kMaxTaps];
       acc_t weight[kMaxTaps];
       acc_t d_weight[kMaxTaps][kMaxAxes];
-      const int64_t x = k % s.kx, y = (k / s.kx) % s.ky, z = k / (s.kx * s.ky);
-      detail::kernel_taps(rolls, z, y, x, transpose, index, weight, d_weight);
+      detail::position_taps<acc_t>(offsets, s, bg, k, transpose, index, weight, d_weight);
       const int64_t base = (bg * K + k) * table.taps;
       for (int t = 0; t < table.taps; ++t) {
         table.index[base + t] = static_cast<int32_t>(index[t]);
@@ -1084,6 +1086,42 @@ void grad_routing_correlation(
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Column kernels (any dtype), AGI_MONAI_GROUP_ROLL_CPU=columns: the CUDA backend's per-thread code
+// (group_roll_math.h) run by CPU threads, so that every machine tests its maths. The weight gradient
+// is the tap kernel's, as on CUDA.
+// ---------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, int taps>
+void forward_columns(const scalar_t* w, const scalar_t* offsets, const scalar_t* scales, scalar_t* out, const RollShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, detail::column_count(s), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t column = begin; column < end; ++column)
+      detail::forward_column<taps, acc_t>(w, offsets, scales, out, s, column, int64_t(0), s.out_channels);
+  });
+}
+
+// Per (sample, group): its columns' partials summed in column order (as the CUDA kernel's lanes do,
+// in another association).
+template <typename scalar_t, int taps>
+void grad_routing_columns(
+    const scalar_t* grad, const scalar_t* w, const scalar_t* offsets, const scalar_t* scales, scalar_t* grad_offsets,
+    scalar_t* grad_scales, const RollShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t span = s.channels_per_group * s.kernel_numel();
+  at::parallel_for(0, s.batch * s.groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      acc_t summed[1 + kMaxAxes] = {};
+      for (int64_t r = 0; r < span; ++r) {
+        acc_t partial[1 + kMaxAxes] = {};
+        detail::routing_grad_column<taps, acc_t>(grad, w, offsets, s, bg * span + r, int64_t(0), s.out_channels, partial);
+        for (int a = 0; a <= s.spatial; ++a) summed[a] += partial[a];
+      }
+      detail::routing_grad_from_partials<acc_t>(summed, scales, s, bg, grad_offsets, grad_scales);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Entry points.
 // ---------------------------------------------------------------------------------------------------
 
@@ -1095,6 +1133,10 @@ constexpr bool has_vector_kernels() {
 template <typename scalar_t>
 void forward(const scalar_t* w, const scalar_t* offsets, const scalar_t* scales, scalar_t* out, const RollShape& s,
              CpuPath path) {
+  if (path == CpuPath::kColumns) {
+    (s.spatial == 2 ? forward_columns<scalar_t, 4> : forward_columns<scalar_t, 8>)(w, offsets, scales, out, s);
+    return;
+  }
 #if AGI_X86_DISPATCH
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (path == CpuPath::kAvx512 && lane_kernels_apply(s)) {
@@ -1120,6 +1162,12 @@ template <typename scalar_t>
 void backward(const scalar_t* grad, const scalar_t* w, const scalar_t* offsets, const scalar_t* scales,
               scalar_t* grad_w, scalar_t* grad_offsets, scalar_t* grad_scales, const RollShape& s, CpuPath path) {
   const auto grad_weight_by_taps = s.spatial == 2 ? grad_weight_taps<scalar_t, 4> : grad_weight_taps<scalar_t, 8>;
+  if (path == CpuPath::kColumns) {
+    grad_weight_by_taps(grad, offsets, scales, grad_w, s);
+    (s.spatial == 2 ? grad_routing_columns<scalar_t, 4> : grad_routing_columns<scalar_t, 8>)(
+        grad, w, offsets, scales, grad_offsets, grad_scales, s);
+    return;
+  }
 #if AGI_X86_DISPATCH
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (path == CpuPath::kAvx512 && lane_kernels_apply(s)) {

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The checks that need a GPU (issue #3's GPU figures), in one command for a lent GPU machine that has
+# PyTorch with CUDA but no network and none of our other dependencies:
+#
+#   bash scripts/gpu_checks.sh prepare              # here, where pip and ./.venv work: fills .whl/ and .gpu/
+#   bash scripts/gpu_checks.sh run RESULTS [STEPS]  # on the GPU machine, with .whl/ and .gpu/ beside the code
+#
+# prepare downloads the pure-Python wheels the CUDA tests import (for the GPU image's Python, 3.12 by
+# default: AGI_MONAI_GPU_PYTHON) and saves the real-image slices test_engines.py trains on (building them
+# needs SimpleITK, whose ~50 MB wheel is too big to carry). run installs the wheels into a scratch
+# folder (never into the machine's Python), builds the extension in place for the GPU's architecture and
+# runs STEPS (default: build tests op network), writing logs and tables under RESULTS:
+#   tests    pytest: tests/test_group_roll.py (all, CUDA vs CPU for both CUDA implementations) and the
+#            CUDA tests of tests/test_engines.py (AMP training on real slices)
+#   op       scripts/benchmark_op.py --device cuda, default kernels and AGI_MONAI_GROUP_ROLL_CUDA=columns
+#   network  scripts/benchmark_network.py --device cuda, batch 16, 256²: float32 and AMP bf16, each with
+#            the taps and the columns kernels, then float32 under torch.compile
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GPU_PYTHON="${AGI_MONAI_GPU_PYTHON:-3.12}"
+
+prepare() {
+  local py=.venv/bin/python
+  [ -x "$py" ] || { echo "gpu_checks: run scripts/setup_env.sh first (prepare uses ./.venv)" >&2; exit 2; }
+  mkdir -p .whl .gpu
+  "$py" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version "$GPU_PYTHON" --implementation cp --platform manylinux2014_x86_64 -d .whl \
+    monai==1.6.1 pytorch-ignite==0.5.5 fire==0.7.1 termcolor
+  "$py" - <<'EOF'
+import sys
+import torch
+sys.path.insert(0, "tests")
+from test_engines import build_slices
+items = [{key: item[key].as_tensor() for key in ("image", "target")} for item in build_slices()]
+torch.save(items, ".gpu/test_engines_slices.pt")
+print(f"gpu_checks: saved {len(items)} slices to .gpu/test_engines_slices.pt")
+EOF
+  du -sh .whl .gpu
+}
+
+run() {
+  local results="${1:?usage: gpu_checks.sh run RESULTS [STEPS...]}"
+  shift
+  local steps="${*:-build tests op network}"
+  mkdir -p "$results"
+  local py="${PYTHON:-python3}"
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/agi_monai_site .whl/*.whl
+    export PYTHONPATH="/tmp/agi_monai_site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  [ -f .gpu/test_engines_slices.pt ] && export AGI_MONAI_TEST_SLICES="$PWD/.gpu/test_engines_slices.pt"
+  export PYTHONUNBUFFERED=1
+  for step in $steps; do
+    echo "=== gpu_checks: $step ($(date -u +%H:%M:%S))"
+    case "$step" in
+      build)
+        # The system compiler: some images' default gcc links libstdc++ statically into the extension,
+        # which turns every TORCH_CHECK error into a segfault (docs/benchmarks.md, "Machines").
+        local arch
+        arch="$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+        CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared" TORCH_CUDA_ARCH_LIST="$arch" \
+          AGI_MONAI_WITH_CUDA=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" MAX_JOBS="$(nproc)" \
+          "$py" setup.py -q build_ext --inplace 2>&1 | tee "$results/build.log" | tail -3
+        "$py" -c "from agi_monai import ops; assert ops.extension_has_cuda(), ops.extension_error(); print('extension with CUDA kernels')"
+        ;;
+      tests)
+        "$py" -m pytest -q -p no:cacheprovider tests/test_group_roll.py 2>&1 | tee "$results/tests_group_roll.log" | tail -3
+        "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_engines.py 2>&1 | tee "$results/tests_engines_cuda.log" | tail -3
+        ;;
+      op)
+        "$py" scripts/benchmark_op.py --device cuda --cuda_paths columns --out "$results/benchmark_op_cuda.json" \
+          2>&1 | tee "$results/benchmark_op_cuda.log" | tail -25
+        ;;
+      network)
+        local out="$results/benchmark_network_cuda.md"
+        for amp in "" bf16; do
+          for path in taps columns; do
+            echo "--- AGI_MONAI_GROUP_ROLL_CUDA=$path ${amp:+--amp $amp}"
+            AGI_MONAI_GROUP_ROLL_CUDA=$path "$py" scripts/benchmark_network.py --device cuda --batch 16 --size 256 \
+              --repeats 20 ${amp:+--amp $amp} --compare_fold False --breakdown "$([ "$path$amp" = taps ] && echo True || echo False)" \
+              --out "$out" 2>&1 | grep -v Warning | tail -12
+          done
+        done
+        echo "--- torch.compile, float32"
+        "$py" scripts/benchmark_network.py --device cuda --batch 16 --size 256 --warmup 3 --repeats 20 --compile \
+          --compare_fold False --out "$out" 2>&1 | grep -v Warning | tail -8
+        ;;
+      *) echo "gpu_checks: unknown step '$step' (build, tests, op, network)" >&2; exit 2 ;;
+    esac
+  done
+  echo "gpu_checks: done, results in $results"
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) shift; run "$@" ;;
+  *) echo "usage: bash scripts/gpu_checks.sh prepare | run RESULTS [build] [tests] [op] [network]" >&2; exit 2 ;;
+esac
