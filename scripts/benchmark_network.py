@@ -6,7 +6,7 @@ Usage::
     python scripts/benchmark_network.py --device cpu  --batch 2  --size 128   # CPU-sized
     python scripts/benchmark_network.py --device cuda --batch 16 --size 256   # the paper's batch
     python scripts/benchmark_network.py --device cuda --amp bf16               # autocast
-    python scripts/benchmark_network.py --device cpu --compare_previous        # + AGI-Net with the previous CPU code
+    python scripts/benchmark_network.py --device cpu --compare_previous        # + AGI-Net with the previous code
     python scripts/benchmark_network.py --device cuda --compile                # both networks under torch.compile
     AGI_MONAI_GROUP_ROLL_CUDA=columns python scripts/benchmark_network.py --device cuda   # the op's column kernels
 
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from agi_monai.networks import CAGR, AGINet, ResUNet, RoutingFunction
+from agi_monai.networks.blocks import ChannelLayerNorm
 from agi_monai.ops import extension_has_cuda
 
 
@@ -100,18 +101,27 @@ def _previous_routing_forward(self: RoutingFunction, x: torch.Tensor) -> tuple[t
     return offsets, torch.sigmoid(self.scale_head(pooled))
 
 
-def with_previous_cpu_code(step):
-    """Runs ``step`` with the previous CPU code: per-tap group_roll kernels (AGI_MONAI_GROUP_ROLL_CPU=taps,
-    the kernels of the first version, still built in) and the previous routing pool."""
+def _previous_channel_layer_norm_forward(self: ChannelLayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """ChannelLayerNorm.forward of the first version: under CUDA autocast, LayerNorm (and the GELU after it) in float32."""
+    return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def with_previous_code(step):
+    """Runs ``step`` with the previous code: the first version's group_roll kernels (AGI_MONAI_GROUP_ROLL_CPU=taps,
+    still built in; on CUDA they are still the default), its routing pool and its ChannelLayerNorm (float32
+    under CUDA autocast; the same as now on CPU)."""
 
     def run():
         saved_path, saved_forward = os.environ.get("AGI_MONAI_GROUP_ROLL_CPU"), RoutingFunction.forward
+        saved_norm = ChannelLayerNorm.forward
         os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = "taps"
         RoutingFunction.forward = _previous_routing_forward
+        ChannelLayerNorm.forward = _previous_channel_layer_norm_forward
         try:
             step()
         finally:
             RoutingFunction.forward = saved_forward
+            ChannelLayerNorm.forward = saved_norm
             if saved_path is None:
                 os.environ.pop("AGI_MONAI_GROUP_ROLL_CPU")
             else:
@@ -195,7 +205,7 @@ def main(
 ) -> None:
     """Times ResUNet and AGI-Net train steps (and CAGR fold-vs-loop) and prints a markdown table.
 
-    ``compare_previous`` (CPU) adds AGI-Net run with the previous CPU code (see ``with_previous_cpu_code``);
+    ``compare_previous`` adds AGI-Net run with the previous code (see ``with_previous_code``);
     ``compile`` runs both networks under ``torch.compile`` (compiled during the warm-up rounds).
     """
     if threads:
@@ -219,8 +229,8 @@ def main(
         "ResUNet": train_step_fn(ResUNet(), batch, size, device, amp, channels_last, compile),
         "AGI-Net (n=8)": train_step_fn(AGINet(), batch, size, device, amp, channels_last, compile),
     }
-    if compare_previous and device == "cpu":
-        steps["AGI-Net (n=8), previous CPU code"] = with_previous_cpu_code(
+    if compare_previous:
+        steps["AGI-Net (n=8), previous code"] = with_previous_code(
             train_step_fn(AGINet(), batch, size, device, amp, channels_last)
         )
     times = timed_interleaved(steps, device, warmup, repeats)

@@ -11,10 +11,11 @@
 # folder (never into the machine's Python), builds the extension in place for the GPU's architecture and
 # runs STEPS (default: build tests op network), writing logs and tables under RESULTS:
 #   tests    pytest: tests/test_group_roll.py (all, CUDA vs CPU for both CUDA implementations) and the
-#            CUDA tests of tests/test_engines.py (AMP training on real slices)
+#            CUDA tests of tests/test_engines.py (AMP training on real slices) and tests/test_networks.py
 #   op       scripts/benchmark_op.py --device cuda, default kernels and AGI_MONAI_GROUP_ROLL_CUDA=columns
 #   network  scripts/benchmark_network.py --device cuda, batch 16, 256²: float32 and AMP bf16, each with
-#            the taps and the columns kernels, then float32 under torch.compile
+#            the taps and the columns kernels (with taps also the previous code, --compare_previous), then
+#            float32 under torch.compile
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_PYTHON="${AGI_MONAI_GPU_PYTHON:-3.12}"
@@ -67,7 +68,8 @@ run() {
         ;;
       tests)
         "$py" -m pytest -q -p no:cacheprovider tests/test_group_roll.py 2>&1 | tee "$results/tests_group_roll.log" | tail -3
-        "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_engines.py 2>&1 | tee "$results/tests_engines_cuda.log" | tail -3
+        "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_engines.py tests/test_networks.py 2>&1 \
+          | tee "$results/tests_engines_networks_cuda.log" | tail -3
         ;;
       op)
         "$py" scripts/benchmark_op.py --device cuda --cuda_paths columns --out "$results/benchmark_op_cuda.json" \
@@ -80,6 +82,7 @@ run() {
             echo "--- AGI_MONAI_GROUP_ROLL_CUDA=$path ${amp:+--amp $amp}"
             AGI_MONAI_GROUP_ROLL_CUDA=$path "$py" scripts/benchmark_network.py --device cuda --batch 16 --size 256 \
               --repeats 20 ${amp:+--amp $amp} --compare_fold False --breakdown "$([ "$path$amp" = taps ] && echo True || echo False)" \
+              --compare_previous "$([ "$path" = taps ] && echo True || echo False)" \
               --out "$out" 2>&1 | grep -v Warning | tail -12
           done
         done

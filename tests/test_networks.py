@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from agi_monai.networks import CAGR, STAGES, AGINet, CrossGroupAttention, ResUNet, RoutingFunction
+from agi_monai.networks.blocks import ChannelLayerNorm
 from agi_monai.networks.blocks import channel_shuffle
 from agi_monai.ops import group_roll_reference
 
@@ -119,6 +120,35 @@ def test_routing_function_pools_features_and_keeps_gradients_channels_last(spati
     layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
     assert len(seen) == 1 and seen[0].is_contiguous(memory_format=layout), seen[0].stride()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+_CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_channel_layer_norm_keeps_low_precision_under_autocast(dtype, device):
+    """Under autocast a bfloat16/float16 input is normalised in its own precision (CUDA autocast alone would run
+    layer_norm in float32, CPU autocast keeps the precision); values agree with a float64 LayerNorm over the
+    channels to the dtype's rounding, and the float32 parameters get float32 gradients. Without autocast the
+    module is plain nn.LayerNorm."""
+    torch.manual_seed(3)
+    norm = ChannelLayerNorm(16).to(device)
+    with torch.no_grad():
+        norm.norm.weight.normal_()
+        norm.norm.bias.normal_()
+    x = torch.randn(2, 16, 5, 7).to(device, dtype)
+    expected = F.layer_norm(x.double().movedim(1, -1), (16,), norm.norm.weight.double(), norm.norm.bias.double(),
+                            norm.norm.eps).movedim(-1, 1)
+    with torch.autocast(device, dtype=dtype):
+        y = norm(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), expected, rtol=0.02, atol=0.05)
+    y.float().square().sum().backward()
+    assert norm.norm.weight.grad.dtype == torch.float32 and norm.norm.weight.grad.abs().sum() > 0
+    plain = norm(x.float())
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(plain.double(), expected, rtol=0.02, atol=0.05)
 
 
 def test_ablation_flags_build_the_ablated_blocks():

@@ -124,7 +124,9 @@ class Pix2PixTrainer(Trainer):
         device = torch.device(device)
         amp_on_device = amp and device.type == "cuda"
         if amp and not amp_on_device:
-            warnings.warn(f"Pix2PixTrainer: amp=True ignored on {device.type}; mixed precision is used on CUDA only")
+            warnings.warn(
+                f"Pix2PixTrainer: amp=True ignored on {device.type}; mixed precision is used on CUDA only", stacklevel=2
+            )
         # train_handlers are attached at the end of this __init__, not by Workflow's, so that a handler's
         # attach() can already read the networks, optimizers and scalers
         super().__init__(

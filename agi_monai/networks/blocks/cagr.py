@@ -42,14 +42,33 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel axis of a (B, C, *spatial) tensor (as in the routing function)."""
+    """LayerNorm over the channel axis of a (B, C, *spatial) tensor (as in the routing function).
+
+    Under autocast a float16/bfloat16 input is normalised in its own precision (the kernels accumulate in
+    float): CUDA autocast would run ``layer_norm`` in float32, so the routing function's LayerNorm and GELU
+    would read and write float32 copies of full-resolution features, with a cast before the next
+    convolution, twice per CAGR. CPU autocast already keeps the input's precision.
+    """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+        if torch.jit.is_scripting():  # (TorchScript knows no per-device autocast query)
+            return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(1, -1)
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                norm = self.norm
+                y = F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+        else:
+            y = self.norm(x)
+        return y.movedim(-1, 1)
 
 
 class CrossGroupAttention(nn.Module):
