@@ -291,6 +291,26 @@ def test_amp_is_ignored_on_cpu(slices):
     assert math.isfinite(trainer.state.output["g_loss"])
 
 
+@pytest.mark.slow
+def test_compiled_generator_trains_like_the_eager_one(slices):
+    """compile=True runs the generator through torch.compile: from the same start and batches, the losses
+    follow the eager run's (to float rounding), and the checkpointed module is the plain generator."""
+    runs = {}
+    for compiled in (False, True):
+        networks = make_networks(seed=5)
+        losses = []
+        trainer = make_trainer(loader_of(slices, [40, 41, 60, 61]), networks, compile=compiled)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["l1_loss"]))
+        trainer.run()
+        runs[compiled] = (losses, parameters_of(networks["generator"]), trainer)
+    (eager_losses, eager_weights, _), (losses, weights, trainer) = runs[False], runs[True]
+    assert trainer.generator_forward is not trainer.generator and trainer.generator is not None
+    assert list(weights) == list(eager_weights)  # no "_orig_mod." prefixes in what is checkpointed
+    assert losses == pytest.approx(eager_losses, rel=1e-3), (losses, eager_losses)
+    for name, value in weights.items():
+        torch.testing.assert_close(value, eager_weights[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_amp_on_cuda(slices):

@@ -89,6 +89,9 @@ class Pix2PixTrainer(Trainer):
         event_to_attr: maps events to state attributes (see ``monai.engines.Workflow``).
         to_kwargs: further arguments of ``Tensor.to`` for the batch (e.g. ``memory_format``).
         amp_kwargs: arguments of ``torch.autocast`` (e.g. ``dtype=torch.bfloat16``, which needs no gradient scaling).
+        compile: run the generator's forward through ``torch.compile`` (as MONAI's ``SupervisedTrainer`` offers);
+            ``generator`` itself stays the module that is checkpointed. The first iterations pay the compilation.
+        compile_kwargs: arguments of ``torch.compile`` (e.g. ``{"mode": "max-autotune"}``).
     """
 
     def __init__(
@@ -120,6 +123,8 @@ class Pix2PixTrainer(Trainer):
         event_to_attr: dict | None = None,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
+        compile: bool = False,
+        compile_kwargs: dict | None = None,
     ) -> None:
         device = torch.device(device)
         amp_on_device = amp and device.type == "cuda"
@@ -150,6 +155,8 @@ class Pix2PixTrainer(Trainer):
             amp_kwargs=amp_kwargs,
         )
         self.generator = generator
+        # what the iteration calls; the same parameters (torch.compile wraps the module, it does not copy it)
+        self.generator_forward: Callable = torch.compile(generator, **(compile_kwargs or {})) if compile else generator
         self.discriminator = discriminator
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
@@ -189,7 +196,7 @@ class Pix2PixTrainer(Trainer):
         discriminator.train()
 
         with engine._autocast():
-            fake = generator(image)
+            fake = engine.generator_forward(image)
         engine.state.output = {Keys.IMAGE: image, Pix2PixKeys.TARGET: target, Keys.PRED: fake.detach().float()}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
