@@ -777,6 +777,15 @@ def test_cpu_paths_match_reference(monkeypatch, path, shape, dtype):
                                        msg=lambda m: f"{path} {kind} {label}\n{m}")
 
 
+@pytest.mark.parametrize("shape", LOW_PRECISION_SHAPES, ids=lambda s: f"{len(s[4])}d-" + _kernel_id(s[4]))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@requires_extension
+def test_low_precision_cpu_columns(monkeypatch, dtype, shape):
+    """The column code in float16/bfloat16 (float accumulation), as the CUDA column kernels run it."""
+    monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CPU", "columns")
+    _check_low_precision(compiled_op, dtype, shape)
+
+
 @pytest.mark.parametrize("where", ["weight", "grad"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("kernel", [(3, 3), (5, 5), (3, 3, 3), (7, 7)], ids=_kernel_id)
