@@ -53,8 +53,29 @@ run() {
   fi
   [ -f .gpu/test_engines_slices.pt ] && export AGI_MONAI_TEST_SLICES="$PWD/.gpu/test_engines_slices.pt"
   export PYTHONUNBUFFERED=1
+  local failed=""
   for step in $steps; do
     echo "=== gpu_checks: $step ($(date -u +%H:%M:%S))"
+    # A failing step is reported and the next one still runs (a failed build stops everything: nothing else
+    # could run), so that one GPU session yields every figure it can.
+    # (not `if ! run_step`: that context would switch off set -e inside the step)
+    set +e
+    run_step "$step" "$results" "$py"
+    local status=$?
+    set -e
+    if [ "$status" -ne 0 ]; then
+      [ "$step" = build ] && { echo "gpu_checks: build failed, see $results/build.log" >&2; exit 1; }
+      failed="$failed $step"
+    fi
+  done
+  echo "gpu_checks: done, results in $results${failed:+; FAILED:$failed}"
+  [ -z "$failed" ]
+}
+
+run_step() {
+  local step="$1" results="$2" py="$3"
+  (
+    set -euo pipefail
     case "$step" in
       build)
         # The system compiler: some images' default gcc links libstdc++ statically into the extension,
@@ -92,8 +113,7 @@ run() {
         ;;
       *) echo "gpu_checks: unknown step '$step' (build, tests, op, network)" >&2; exit 2 ;;
     esac
-  done
-  echo "gpu_checks: done, results in $results"
+  )
 }
 
 case "${1:-}" in
