@@ -1,9 +1,11 @@
 """Slice datasets: from each shipped folder (registered or native) to 2D training items with the right
 channel order and shapes, cached so that later builds and epochs are fast, skipping bad cases."""
 
+import json
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -16,6 +18,7 @@ from agi_monai.data import (
     build_inference_dataset,
     build_slice_dataset,
     build_volume_dataset,
+    choose_reference,
     discover_cases,
     metatensor_to_sitk,
     preprocessing_transforms,
@@ -82,6 +85,44 @@ def test_cached_volumes_are_reused_and_an_epoch_takes_seconds(brats_slices, brat
 FAST_REGISTRATION = {"registration_options": {"sampling_fraction": 0.05}}
 
 
+def _expected_plane(volume: np.ndarray, affine: np.ndarray, z: int, size: tuple[int, int]) -> np.ndarray:
+    """Axial plane ``z`` of a volume on a file's grid as the chain should give it, computed here with nibabel
+    and numpy: RAS orientation, then centred zero padding (or cropping) of the plane to ``size``."""
+    plane = nib.as_closest_canonical(nib.Nifti1Image(volume, affine)).get_fdata(dtype=np.float32)[..., z]
+    out = np.zeros(size, np.float32)
+    source, destination = [], []
+    for n, m in zip(plane.shape, size):
+        start = abs(m - n) // 2
+        source.append(slice(0, n) if m >= n else slice(start, start + m))
+        destination.append(slice(start, start + n) if m >= n else slice(0, m))
+    out[tuple(destination)] = plane[tuple(source)]
+    return out
+
+
+def _normalized_file(path: str) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.load(path)
+    raw = image.get_fdata(dtype=np.float32)
+    return np.clip(raw / np.percentile(raw, 99.5), 0, 1), image.affine
+
+
+def _ixi_t1_on_t2_grid_by_ground_truth() -> tuple[np.ndarray, np.ndarray]:
+    """The normalised ixi-sim T1 resampled onto the T2 grid with the simulation's ground-truth pose (not with
+    the registration under test), as an array on the T2 file's grid."""
+    folder = DATA / "ixi-sim"
+    truth = np.array(
+        json.loads((folder / "ground_truth_transforms.json").read_text(encoding="utf-8"))["subjects"][
+            "IXI901-SIM-0001"
+        ]["itk_lps_T1_from_T2"]
+    )
+    reference = sitk.ReadImage(str(folder / "IXI901-SIM-0001-T2.nii.gz"), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(folder / "IXI901-SIM-0001-T1.nii.gz"), sitk.sitkFloat32)
+    upper = float(np.percentile(sitk.GetArrayViewFromImage(moving), 99.5))
+    moving = sitk.Clamp(moving / upper, sitk.sitkFloat32, 0.0, 1.0)
+    pose = sitk.AffineTransform(truth[:3, :3].flatten().tolist(), truth[:3, 3].tolist())
+    resampled = sitk.Resample(moving, reference, pose, sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(resampled).transpose(2, 1, 0), nib.load(folder / "IXI901-SIM-0001-T2.nii.gz").affine
+
+
 @pytest.mark.parametrize(
     "folder, inputs, target, size, labels, slices",
     [
@@ -103,6 +144,19 @@ def test_one_call_turns_each_shipped_folder_into_slices(folder, inputs, target, 
     assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
     if labels:
         assert item["seg"].shape == (1, *size) and set(item["seg"].unique().tolist()) <= {0.0, 1.0, 2.0, 4.0}
+    # the channels are the right files in scenario order: each contrast already on the reference grid is its
+    # own file normalised, reoriented and padded (exactly); a contrast on another grid was registered
+    (case,) = discover_cases(DATA / folder, required=[*inputs, target]).cases
+    reference_affine = nib.load(case[choose_reference(inputs)]).affine
+    z = item["slice_index"]
+    planes = dict(zip([*inputs, target], [*item["image"], item["target"][0]]))
+    exact = [name for name in planes if np.allclose(nib.load(case[name]).affine, reference_affine, atol=1e-4)]
+    assert choose_reference(inputs) in exact
+    for name in exact:
+        np.testing.assert_allclose(planes[name].numpy(), _expected_plane(*_normalized_file(case[name]), z, size))
+    if folder == "ixi-sim":  # against the simulation's ground-truth pose: 0.002 off, the header alone 0.03 to 0.06
+        expected = _expected_plane(*_ixi_t1_on_t2_grid_by_ground_truth(), z, size)
+        assert np.abs(planes["T1"].numpy() - expected).mean() < 0.01
 
 
 def test_one_call_from_dicom_to_slices_and_restorable_inference_items(tmp_path):
@@ -123,9 +177,12 @@ def test_one_call_from_dicom_to_slices_and_restorable_inference_items(tmp_path):
     t2 = sitk.ReadImage(str(native / "t2.nii.gz"))
     read_back = metatensor_to_sitk(restored)  # the T2 grid again (as DICOM stores it: slices in row x column order)
     assert read_back.GetSize() == t2.GetSize()
-    np.testing.assert_allclose(
-        sitk.DICOMOrient(read_back, "LPS").GetOrigin(), sitk.DICOMOrient(t2, "LPS").GetOrigin(), atol=1e-3
-    )
+    read_back, t2 = sitk.DICOMOrient(read_back, "LPS"), sitk.DICOMOrient(t2, "LPS")
+    for getter in ("GetOrigin", "GetSpacing", "GetDirection"):
+        np.testing.assert_allclose(getattr(read_back, getter)(), getattr(t2, getter)(), atol=1e-3)
+    # nothing was cropped (224 x 256 padded to 256 x 256): the T2 channel comes back voxel for voxel
+    raw = sitk.GetArrayFromImage(t2).astype(np.float32)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(read_back), np.clip(raw / np.percentile(raw, 99.5), 0, 1))
 
 
 def test_bad_case_is_skipped_and_reported(brats_cases, tmp_path):
