@@ -94,6 +94,19 @@ def test_normalized_mutual_information_bounds():
     assert normalized_mutual_information(values, np.random.default_rng(1).random((16, 16, 16))) < 1.1
 
 
+def test_normalized_mutual_information_by_hand():
+    # two bins; A = 0 0 0 1, B = 0 0 1 1: p(A) = (3/4, 1/4), p(B) = (1/2, 1/2), joint (0,0) 1/2, (0,1) 1/4,
+    # (1,1) 1/4. In bits H(A) = 2 - 3/4 log2 3, H(B) = 1, H(A, B) = 3/2: NMI = (3 - 3/4 log2 3) / (3/2)
+    first, second = np.array([0.0, 0.0, 0.0, 1.0]), np.array([0.0, 0.0, 1.0, 1.0])
+    expected = (3 - 0.75 * np.log2(3)) / 1.5  # 1.2075
+    assert normalized_mutual_information(first, second, bins=2) == pytest.approx(expected, rel=1e-12)
+    # the mask drops the third voxel: A = 0 0 1, B = 0 0 1, identical: 2; without the mask it would be 1.2075
+    mask = np.array([True, True, False, True])
+    assert normalized_mutual_information(first, second, mask, bins=2) == pytest.approx(2.0, rel=1e-12)
+    # independent halves: every joint cell 1/4, H(A) = H(B) = 1 bit, H(A, B) = 2 bits: NMI = 1
+    assert normalized_mutual_information(np.array([0.0, 0, 1, 1]), np.array([0.0, 1, 0, 1]), bins=2) == pytest.approx(1.0)
+
+
 @pytest.fixture(scope="module")
 def ixi_pair() -> tuple[sitk.Image, sitk.Image]:
     folder = DATA / "ixi-sim"
