@@ -97,4 +97,6 @@ def test_bad_file_error_names_the_file_and_the_problem(tmp_path, case):
 
 def test_trailing_singleton_time_axis_is_still_3d(tmp_path):
     volume = np.random.default_rng(0).random((8, 8, 8, 1)).astype(np.float32)
-    assert load_volume(_save(tmp_path / "t.nii.gz", volume)).shape == (1, 8, 8, 8)
+    loaded = load_volume(_save(tmp_path / "t.nii.gz", volume))
+    assert loaded.shape == (1, 8, 8, 8)
+    np.testing.assert_array_equal(loaded[0].numpy(), volume[..., 0])  # the same voxels, not just the shape
