@@ -24,9 +24,12 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
+from monai.inferers import SliceInferer
 
 from agi_monai.cli import main
 from agi_monai.data import write_dicom_series
+from agi_monai.evaluation import evaluate_volume, volume_dataset
+from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, SUMMARY_MD, read_csv
 from agi_monai.networks import AGINet
 from agi_monai.ops import extension_available
 
@@ -370,12 +373,37 @@ def test_evaluate_runs_the_bundles_evaluation(flair_bundle, tmp_path):
     case = tmp_path / "cases" / GLI.name
     for name in ("t1n", "t2w", "t2f"):
         crop(GLI / f"BraTS-GLI-00001-000-{name}.nii.gz", case / f"BraTS-GLI-00001-000-{name}.nii.gz")
+    # weights from another seed than the bundle's set_determinism(seed=0): a freshly initialised generator
+    # would then give other numbers than the checkpoint's
+    bundle = tmp_path / "bundles" / flair_bundle.name
+    shutil.copytree(flair_bundle, bundle)
+    torch.manual_seed(1)
+    torch.save(AGINet(in_channels=2, channels=WIDTHS).state_dict(), bundle / "models" / "model.pt")
     result = run_cli(
-        "evaluate", flair_bundle, tmp_path / "cases", "--output_dir", tmp_path / "eval", "--num_workers", "0", *FAST[:4]
+        "evaluate", bundle, tmp_path / "cases", "--output_dir", tmp_path / "eval", "--num_workers", "0", *FAST[:4]
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     written = sorted(p.name for p in (tmp_path / "eval").rglob("*") if p.is_file())
-    assert written, "evaluate wrote nothing"
+    assert written == sorted([CASES_CSV, SUMMARY_JSON, SUMMARY_MD])
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith(f"agi-monai evaluate: brats_t1_t2_to_flair on {tmp_path / 'cases'}: wrote ")
     assert all(name in last for name in written)
+
+    # the numbers are those of the bundle's own weights on this case, computed here with the library's protocol
+    # functions (tested against hand-computed values in test_evaluation.py): a wrong checkpoint, target or
+    # contrast order gives other numbers
+    (row,) = read_csv(tmp_path / "eval" / CASES_CSV)
+    assert row["case_id"] == GLI.name
+    files = {"T1": "t1n", "T2": "t2w", "FLAIR": "t2f"}
+    item = volume_dataset(
+        [{"case_id": GLI.name, **{c: str(case / f"BraTS-GLI-00001-000-{s}.nii.gz") for c, s in files.items()}}],
+        ["T1", "T2"], "FLAIR", (64, 64),  # FAST's --spatial_size
+    )[0]
+    network = AGINet(in_channels=2, channels=WIDTHS).eval()
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        prediction = SliceInferer(roi_size=(64, 64), spatial_dim=2, sw_batch_size=8)(item["image"].as_tensor()[None], network)
+    expected = evaluate_volume(prediction[0].clamp(0, 1), item["target"], item["mask"], ["slice2d", "brasyn3d"])
+    for protocol, metrics in expected.items():
+        for metric, value in metrics.metrics.items():
+            assert row[f"{protocol}_{metric}"] == pytest.approx(value, rel=1e-4, abs=1e-4), (protocol, metric)
