@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
@@ -23,6 +25,8 @@ from agi_monai.bundle.experiment import (
     seed_overrides,
     shipped_datalist,
 )
+from agi_monai.data import discover_cases
+from agi_monai.evaluation import brain_mask, slice_protocol
 from agi_monai.evaluation.tables import read_csv
 from agi_monai.networks import AGINet, ResUNet
 
@@ -114,7 +118,21 @@ def test_compare_trains_both_networks_at_one_budget_and_reports(tmp_path):
         assert scenario["quality"][name]["slice2d"]["psnr_db"] == pytest.approx(per_case[0]["slice2d_psnr_db"])
     assert set(scenario["quality"]) == {"AGI-Net", "ResUNet", "T1 as FLAIR", "T2 as FLAIR"}
     quality = (output / "brats_t1_t2_to_flair" / "quality.md").read_text()
-    assert "| T1 as FLAIR | 14.82 ± 0.00 (14.82) |" in quality  # the input-as-FLAIR baseline (as the demo's README)
+    # the input-as-FLAIR baselines, computed here from the held-out case's files: each contrast / its 99.5th
+    # percentile, clipped; the brain mask of the inputs; the paper's slice protocol (hand-checked in
+    # test_evaluation.py). The case's contrasts share one grid, so no registration or resampling is involved.
+    (held_out,) = discover_cases(DATA / SHIPPED_TEST_CASE[0], required=["T1", "T2", "FLAIR"]).cases
+    volumes = {}
+    for contrast in ("T1", "T2", "FLAIR"):
+        raw = nib.load(held_out[contrast]).get_fdata(dtype=np.float32)
+        volumes[contrast] = torch.from_numpy(np.clip(raw / np.percentile(raw, 99.5), 0, 1))
+    mask = brain_mask(torch.stack([volumes["T1"], volumes["T2"]]))
+    for contrast in ("T1", "T2"):
+        expected = slice_protocol(volumes[contrast], volumes["FLAIR"], mask)
+        measured = scenario["quality"][f"{contrast} as FLAIR"]["slice2d"]
+        for metric, value in expected.metrics.items():
+            assert measured[metric] == pytest.approx(value, abs=1e-3), (contrast, metric)
+        assert f"| {contrast} as FLAIR | {expected.psnr_db:.2f} ± 0.00 ({expected.psnr_db:.2f}) |" in quality
 
     # the sweep: both networks at 0 and 0.5 px; its unperturbed level is evaluate.json's synthesis
     assert scenario["sweep"]["levels"] == [0.0, 0.5] and scenario["sweep"]["unperturbed_vs_evaluate_json_db"] < 0.01
