@@ -260,17 +260,54 @@ def real_slices() -> dict[str, np.ndarray]:
     return planes
 
 
-def test_synthesis_panel_layout_and_atomic_write(real_slices, tmp_path):
+def _recording_figures(monkeypatch) -> list[Figure]:
+    """The figures saved from now on, kept so that a test can read what was drawn in each panel."""
+    saved, original = [], Figure.savefig
+
+    def recording_savefig(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    return saved
+
+
+def test_synthesis_panel_layout_and_atomic_write(real_slices, tmp_path, monkeypatch):
     target = real_slices["FLAIR"]
     predictions = {"AGI-Net": np.clip(target + 0.05, 0, 1), "ResUNet": np.clip(0.8 * target, 0, 1)}
+    saved = _recording_figures(monkeypatch)
     path = synthesis_panel(
         {"T1": real_slices["T1"], "T2": real_slices["T2"]}, predictions, target, tmp_path / "panel.png", "FLAIR",
         metrics={"AGI-Net": {"psnr_db": 25.0, "ssim_pct": 90.0, "mae_x100": 2.0}}, title="BraTS-GLI-00001-000, slice 80",
     )
+    monkeypatch.undo()
     assert path == tmp_path / "panel.png" and [p.name for p in tmp_path.iterdir()] == ["panel.png"]
     height, width, _ = matplotlib.image.imread(path).shape
     # 2 inputs + synthesized, real, error, 2 ROI columns = 7 panels of 2 in at 100 dpi; 2 rows + title
     assert width == 7 * 200 and 2 * 200 <= height <= 2 * 200 + 60
+
+    # what each panel shows (RAS slices are drawn transposed, anterior up): row = network, columns T1 | T2 |
+    # synthesized | real | |synthesized - real| | the ROI of each; one grey scale 0 .. the real slice's 99.5th
+    # percentile, the error maps 0 .. the 99.5th percentile of both rows' errors
+    (figure,) = saved
+    panels = np.array(figure.axes[:14], dtype=object).reshape(2, 7)
+    errors = {name: np.abs(plane - target) for name, plane in predictions.items()}
+    roi = largest_error_box(list(errors.values()), 240 // 4)  # the automatic ROI: a quarter of the side
+    grey, error_top = np.percentile(target, 99.5), np.percentile(np.stack(list(errors.values())), 99.5)
+    for row, (name, plane) in enumerate(predictions.items()):
+        expected = [
+            (plane, grey), (target, grey), (errors[name], error_top), (plane[roi], grey), (target[roi], grey)
+        ]
+        if row == 0:
+            expected = [(real_slices[c], np.percentile(real_slices[c], 99.5)) for c in ("T1", "T2")] + expected
+        else:
+            assert not panels[row, 0].images and not panels[row, 1].axison  # the inputs are shown once
+        for ax, (values, top) in zip(panels[row, 7 - len(expected):], expected):
+            (image,) = ax.images
+            np.testing.assert_allclose(np.asarray(image.get_array()), values.T, atol=1e-6)
+            assert image.get_clim() == pytest.approx((0.0, top), rel=1e-5)
+        assert panels[row, 2].get_ylabel().splitlines()[0] == name
+    assert panels[0, 2].get_ylabel().splitlines()[1:] == ["PSNR 25.00 dB", "SSIM 90.00 %", "MAE 2.00"]
 
     def failing_savefig(self, file, **kwargs):  # a crash half-way through writing
         Path(file).write_bytes(b"\x89PNG partial")
@@ -295,15 +332,25 @@ def test_largest_error_box_finds_the_error():
     assert largest_error_box([error, error], 16) == (slice(30, 46), slice(5, 21))
 
 
-def test_robustness_plot_from_rows(tmp_path):
+def test_robustness_plot_from_rows(tmp_path, monkeypatch):
     rows = [
         {"network": network, "perturbation": level, "psnr_db": 30 - slope * level + 0.1 * case}
         for network, slope in (("AGI-Net", 0.5), ("ResUNet", 1.0)) for level in (0, 0.5, 1, 1.5, 2, 2.5, 3)
         for case in range(2)
     ]
+    saved = _recording_figures(monkeypatch)
     path = robustness_plot(rows, tmp_path / "robustness.png", "psnr_db", title="translation")
+    monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["robustness.png"]
     assert matplotlib.image.imread(path).shape[:2] == (350, 500)
+    # one line per network through the mean over the two cases at each level: 30 - slope * level + 0.05
+    ((ax,),) = [figure.axes for figure in saved]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == ["AGI-Net", "ResUNet"]
+    levels = [0, 0.5, 1, 1.5, 2, 2.5, 3]
+    for network, slope in (("AGI-Net", 0.5), ("ResUNet", 1.0)):
+        np.testing.assert_allclose(lines[network].get_xdata(), levels)
+        np.testing.assert_allclose(lines[network].get_ydata(), [30 - slope * level + 0.05 for level in levels])
     with pytest.raises(ValueError, match="no column 'ssim_pct'"):
         robustness_plot(rows, tmp_path / "other.png", "ssim_pct")
 
