@@ -13,9 +13,10 @@ import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from agi_monai.data import write_json
-from agi_monai.evaluation import protocol_record
+from agi_monai.evaluation import brain_mask, protocol_record, slice_protocol, synthesis_panel
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, summarize, write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +114,7 @@ def test_robustness_names_a_missing_column(tmp_path):
         REPORT.robustness(str(sweep), str(tmp_path), group="model")
 
 
-def test_panel_from_nifti_volumes(tmp_path):
+def test_panel_from_nifti_volumes(tmp_path, monkeypatch):
     """A 64x64x16 block of the shipped case (FLAIR the target, T1 and T2 the inputs); predictions: the FLAIR
     normalised and shifted by +0.1 (clipped), and scaled by 0.8."""
     affine = nib.load(CASE / "BraTS-GLI-00001-000-t2f.nii.gz").affine
@@ -127,11 +128,38 @@ def test_panel_from_nifti_volumes(tmp_path):
     normalised = np.clip(flair / np.percentile(flair, 99.5), 0, 1)
     for name, values in (("shifted", np.clip(normalised + 0.1, 0, 1)), ("dark", 0.8 * normalised)):
         nib.save(nib.Nifti1Image(values.astype(np.float32), affine), tmp_path / f"{name}.nii.gz")
+    drawn = []
+
+    def recording_panel(**arguments):
+        drawn.append(arguments)
+        return synthesis_panel(**arguments)
+
+    monkeypatch.setattr(REPORT, "synthesis_panel", recording_panel)
     path = REPORT.panel(
         str(files["FLAIR"]), f"shifted={tmp_path / 'shifted.nii.gz'},dark={tmp_path / 'dark.nii.gz'}",
         str(tmp_path / "panel.png"), inputs=f"T1={files['T1']},T2={files['T2']}", target_name="FLAIR", slice_index=8,
     )
     height, width, _ = matplotlib.image.imread(path).shape
     assert width == (2 + 5) * 200 and 400 <= height <= 460
+
+    # what was drawn, from the files read here with nibabel in RAS (the block's header is LPS): slice 8 of the
+    # normalised inputs and target, of the predictions as written; each row's label the whole-volume 2D protocol
+    # (hand-checked in test_evaluation.py) with the inputs' brain mask
+    def ras(path: Path, normalise: bool) -> np.ndarray:
+        volume = np.ascontiguousarray(nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32))
+        return np.clip(volume / np.percentile(volume, 99.5), 0, 1) if normalise else volume
+
+    volumes = {name: ras(files[name], True) for name in ("T1", "T2", "FLAIR")}
+    predicted = {name: ras(tmp_path / f"{name}.nii.gz", False) for name in ("shifted", "dark")}
+    (arguments,) = drawn
+    for name in ("T1", "T2"):
+        np.testing.assert_allclose(arguments["inputs"][name], volumes[name][..., 8], atol=1e-6)
+    np.testing.assert_allclose(arguments["target"], volumes["FLAIR"][..., 8], atol=1e-6)
+    mask = brain_mask(torch.from_numpy(np.stack([volumes["T1"], volumes["T2"]])))
+    assert list(arguments["predictions"]) == ["shifted", "dark"]
+    for name, volume in predicted.items():
+        np.testing.assert_allclose(arguments["predictions"][name], volume[..., 8], atol=1e-6)
+        expected = slice_protocol(torch.from_numpy(volume), torch.from_numpy(volumes["FLAIR"]), mask).metrics
+        assert arguments["metrics"][name] == pytest.approx(expected, abs=1e-4)
     with pytest.raises(ValueError, match=r"expected NAME=PATH"):
         REPORT.panel(str(files["FLAIR"]), str(tmp_path / "dark.nii.gz"), str(tmp_path / "x.png"))
