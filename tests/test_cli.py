@@ -113,17 +113,53 @@ def assert_on_input_grid(output: Path, reference: Path) -> None:
     assert values.dtype == np.float32 and values.min() >= 0.0 and values.max() <= 1.0 and values.std() > 0.0
 
 
+def with_other_weights(bundle: Path, folder: Path, seed: int = 1) -> Path:
+    """A copy of ``bundle`` (same name) whose generator is initialised from ``seed``: not the bundles'
+    set_determinism(seed=0), so that a run ignoring the checkpoint gives other numbers."""
+    copy = folder / bundle.name
+    shutil.copytree(bundle, copy)
+    torch.manual_seed(seed)
+    torch.save(AGINet(in_channels=2, channels=WIDTHS).state_dict(), copy / "models" / "model.pt")
+    return copy
+
+
+def expected_flair(case: Path, bundle: Path, size: int = 64) -> np.ndarray:
+    """The (T1, T2) -> FLAIR synthesis of a case whose contrasts share one grid, computed here with nibabel and
+    the checkpoint: each contrast / its 99.5th percentile, clipped, in RAS; the central size x size region of
+    each axial slice through the generator, clamped to [0, 1]; zero outside (where the pad/crop cut it away);
+    in RAS, to compare with ``nib.as_closest_canonical`` of the written file."""
+    planes = []
+    for pattern in ("*t1*.nii.gz", "*t2*.nii.gz"):
+        raw = np.asarray(nib.as_closest_canonical(nib.load(next(case.glob(pattern)))).get_fdata(dtype=np.float32))
+        planes.append(np.clip(raw / np.percentile(raw, 99.5), 0, 1))
+    image = np.stack(planes)
+    start = [(n - size) // 2 for n in image.shape[1:3]]
+    region = (slice(start[0], start[0] + size), slice(start[1], start[1] + size))
+    network = AGINet(in_channels=2, channels=WIDTHS).eval()
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    with torch.no_grad():  # the axial slices as one batch
+        synthesized = network(torch.from_numpy(np.ascontiguousarray(image[(slice(None), *region)])).permute(3, 0, 1, 2))
+    expected = np.zeros(image.shape[1:], np.float32)
+    expected[region] = synthesized[:, 0].clamp(0, 1).permute(1, 2, 0).numpy()
+    return expected
+
+
 # ------------------------------------------------------------------------------------------------ synthesize
 
 
 def test_synthesize_folder_writes_each_case_on_its_input_grid(flair_bundle, cases, tmp_path):
     before = digest(cases)
+    flair_bundle = with_other_weights(flair_bundle, tmp_path / "bundles")
     result = run_cli("synthesize", cases, "--bundle", flair_bundle, "--output_dir", tmp_path / "out", *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = sorted((tmp_path / "out").iterdir())
     assert [p.name for p in outputs] == ["BraTS-GLI-00001-000_FLAIR.nii.gz", "aurora-example_FLAIR.nii.gz"]
     for output in outputs:
         assert_on_input_grid(output, reference_of(output, cases))
+        # voxel for voxel the checkpoint's synthesis (an LPS and a RAS header: compared in RAS)
+        written = np.asarray(nib.as_closest_canonical(nib.load(output)).dataobj)
+        case = reference_of(output, cases).parent
+        np.testing.assert_allclose(written, expected_flair(case, flair_bundle), atol=1e-5)
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(
         rf"agi-monai synthesize: 2 of 2 cases written \(FLAIR, NIfTI\) to {re.escape(str(tmp_path / 'out'))} "
@@ -373,12 +409,7 @@ def test_evaluate_runs_the_bundles_evaluation(flair_bundle, tmp_path):
     case = tmp_path / "cases" / GLI.name
     for name in ("t1n", "t2w", "t2f"):
         crop(GLI / f"BraTS-GLI-00001-000-{name}.nii.gz", case / f"BraTS-GLI-00001-000-{name}.nii.gz")
-    # weights from another seed than the bundle's set_determinism(seed=0): a freshly initialised generator
-    # would then give other numbers than the checkpoint's
-    bundle = tmp_path / "bundles" / flair_bundle.name
-    shutil.copytree(flair_bundle, bundle)
-    torch.manual_seed(1)
-    torch.save(AGINet(in_channels=2, channels=WIDTHS).state_dict(), bundle / "models" / "model.pt")
+    bundle = with_other_weights(flair_bundle, tmp_path / "bundles")
     result = run_cli(
         "evaluate", bundle, tmp_path / "cases", "--output_dir", tmp_path / "eval", "--num_workers", "0", *FAST[:4]
     )
