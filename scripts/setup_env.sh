@@ -51,7 +51,11 @@ if [ "${AGI_MONAI_DEPLOY:-1}" = 1 ]; then
     echo "[setup] installing the MONAI Deploy App SDK into the side environment $VENV/deploy"
     if "$PY" -m venv "$VENV/deploy" \
        && echo "import site; site.addsitedir('$(realpath "$site_dir")')" > "$deploy_site/aa_agi_monai_main_venv.pth" \
-       && "$VENV/deploy/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r scripts/deploy_requirements.txt; then
+       && "$VENV/deploy/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r scripts/deploy_requirements.txt \
+       && "$VENV/deploy/bin/python" -c 'import holoscan'; then
+      # (That first start ran the holoscan wheel's one-time install hook, a .pth file that imports pip: left
+      # for later, it would run inside the first process that loads the SDK, where importing pip switches off
+      # setuptools' distutils shim, so that torch.compile's C++ tooling then fails in that process.)
       touch "$deploy_site/monai/deploy/__init__.py"
     else
       echo "[setup] WARNING: the MONAI Deploy side environment could not be installed; its tests will skip"
