@@ -233,7 +233,7 @@ AGI_HOST_DEVICE void forward_column(
 // The column's share of its (sample, group)'s routing gradients, for o in [o_begin, o_end):
 // partial[0] = Σ_o grad · (unscaled blend), partial[1 + a] = Σ_o grad · ∂blend/∂offset_a. Summed over
 // the group's columns, they give d_scale = partial[0] and d_offset_a = scale · partial[1 + a]
-// (routing_grad_from_partials).
+// (store_routing_grads).
 template <int taps, typename acc_t, typename scalar_t, typename index_t>
 AGI_HOST_DEVICE void routing_grad_column(
     const scalar_t* grad, const scalar_t* w, const scalar_t* offsets, const RollShape& s, index_t column,
@@ -266,14 +266,15 @@ AGI_HOST_DEVICE void routing_grad_column(
   for (int a = 0; a <= axes; ++a) partial[a] = sum[a];
 }
 
-// grad_scales[bg] and grad_offsets[bg, :] from the summed column partials of (sample, group) bg.
+// Stores the routing gradients of (sample, group) bg (every kernel's last step): grad_scales[bg] = d_scale,
+// grad_offsets[bg, a] = scale · d_offset[a] (the blend's derivative w.r.t. the offset, times the group's scale).
 template <typename acc_t, typename scalar_t>
-AGI_HOST_DEVICE void routing_grad_from_partials(
-    const acc_t summed[1 + kMaxAxes], const scalar_t* scales, const RollShape& s, int64_t bg, scalar_t* grad_offsets,
+AGI_HOST_DEVICE void store_routing_grads(
+    acc_t d_scale, const acc_t* d_offset, const scalar_t* scales, const RollShape& s, int64_t bg, scalar_t* grad_offsets,
     scalar_t* grad_scales) {
   const acc_t scale = static_cast<acc_t>(scales[bg]);
-  grad_scales[bg] = static_cast<scalar_t>(summed[0]);
-  for (int64_t a = 0; a < s.spatial; ++a) grad_offsets[bg * s.spatial + a] = static_cast<scalar_t>(scale * summed[1 + a]);
+  grad_scales[bg] = static_cast<scalar_t>(d_scale);
+  for (int64_t a = 0; a < s.spatial; ++a) grad_offsets[bg * s.spatial + a] = static_cast<scalar_t>(scale * d_offset[a]);
 }
 
 // Scale and offset gradients of one (sample, group) from the K×K correlation

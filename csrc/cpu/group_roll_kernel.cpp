@@ -584,8 +584,7 @@ struct DisplacementGradRoutingJob {
       T d_scale = T(0);
       T d_offset[kMaxAxes] = {T(0), T(0), T(0)};
       strips<lanes<RegisterBytes, T>()>(b, g, 0, gt, d_scale, d_offset, bad);
-      grad_scales[bg] = d_scale;
-      for (int64_t a = 0; a < s.spatial; ++a) grad_offsets[bg * s.spatial + a] = scales[bg] * d_offset[a];
+      detail::store_routing_grads<T>(d_scale, d_offset, scales, s, bg, grad_offsets, grad_scales);
     }
     if (bad) grad_nonfinite->store(true, std::memory_order_relaxed);
   }
@@ -942,8 +941,7 @@ void lane_backward(
         for (int a = 0; a < kMaxAxes; ++a) d_offset[a] += st.d_weight[e * kMaxAxes + a] * m;
       }
       const int64_t bg = b * s.groups + g;
-      grad_scales[bg] = d_scale;
-      for (int64_t a = 0; a < s.spatial; ++a) grad_offsets[bg * s.spatial + a] = scales[bg] * d_offset[a];
+      detail::store_routing_grads<float>(d_scale, d_offset, scales, s, bg, grad_offsets, grad_scales);
     }
   }
   const int64_t blocks = (s.out_channels + kLaneRowsPerBlock - 1) / kLaneRowsPerBlock;
@@ -1078,9 +1076,7 @@ void grad_routing_correlation(
       acc_t d_scale;
       acc_t d_offset[kMaxAxes];
       detail::routing_grad_from_correlation<acc_t>(correlation.data(), rolls, s, &d_scale, d_offset);
-      const acc_t scale = static_cast<acc_t>(scales[bg]);
-      grad_scales[bg] = static_cast<scalar_t>(d_scale);
-      for (int64_t a = 0; a < s.spatial; ++a) grad_offsets[bg * s.spatial + a] = static_cast<scalar_t>(scale * d_offset[a]);
+      detail::store_routing_grads<acc_t>(d_scale, d_offset, scales, s, bg, grad_offsets, grad_scales);
     }
   });
 }
@@ -1116,7 +1112,7 @@ void grad_routing_columns(
         detail::routing_grad_column<taps, acc_t>(grad, w, offsets, s, bg * span + r, int64_t(0), s.out_channels, partial);
         for (int a = 0; a <= s.spatial; ++a) summed[a] += partial[a];
       }
-      detail::routing_grad_from_partials<acc_t>(summed, scales, s, bg, grad_offsets, grad_scales);
+      detail::store_routing_grads<acc_t>(summed[0], summed + 1, scales, s, bg, grad_offsets, grad_scales);
     }
   });
 }

@@ -136,9 +136,7 @@ __global__ void group_roll_grad_routing_kernel(
     acc_t d_scale;
     acc_t d_offset[kMaxAxes];
     detail::routing_grad_from_correlation<acc_t>(correlation + bg * K * K, rolls, s, &d_scale, d_offset);
-    const acc_t scale = static_cast<acc_t>(scales[bg]);
-    grad_scales[bg] = static_cast<scalar_t>(d_scale);
-    for (int64_t a = 0; a < s.spatial; ++a) grad_offsets[bg * s.spatial + a] = static_cast<scalar_t>(scale * d_offset[a]);
+    detail::store_routing_grads<acc_t>(d_scale, d_offset, scales, s, bg, grad_offsets, grad_scales);
   }
 }
 
@@ -222,7 +220,7 @@ __global__ void group_roll_grad_routing_reduce_kernel(
     for (int a = 0; a < values; ++a) {
       for (int mask = kWarp / 2; mask > 0; mask /= 2) sum[a] += __shfl_xor_sync(0xffffffffu, sum[a], mask);
     }
-    if (lane == 0) detail::routing_grad_from_partials<acc_t>(sum, scales, s, bg, grad_offsets, grad_scales);
+    if (lane == 0) detail::store_routing_grads<acc_t>(sum[0], sum + 1, scales, s, bg, grad_offsets, grad_scales);
   }
 }
 
