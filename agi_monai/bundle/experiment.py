@@ -17,15 +17,16 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
-from monai.data import MetaTensor
 from monai.inferers import SliceInferer
+from monai.utils import convert_to_tensor
 
 from agi_monai.data import discover_cases, write_json
 
@@ -40,6 +41,7 @@ __all__ = [
     "bundle_network",
     "default_slices_per_batch",
     "evaluate_bundle",
+    "infer_case",
     "load_generator",
     "seed_overrides",
     "shipped_datalist",
@@ -195,22 +197,40 @@ def train_bundle(bundle: str | Path, bundle_root: str | Path, overrides: Mapping
     )
 
 
-@torch.no_grad()
+def infer_case(
+    network: torch.nn.Module,
+    inferer: Callable[[torch.Tensor, torch.nn.Module], Any],
+    image: torch.Tensor,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+) -> torch.Tensor:
+    """``network`` in eval mode, without gradients, on one case's (C, spatial...) ``image``, through ``inferer``
+    (e.g. a MONAI ``SliceInferer``) called with a batch of one on ``device``: the (C', spatial...) output as a
+    plain float32 tensor on the CPU.
+
+    A ``MetaTensor`` input loses its metadata first: tracking it costs time in every layer and nothing here needs
+    it. ``amp`` autocasts (mixed precision) on ``device``'s type.
+    """
+    network.eval()
+    plain = convert_to_tensor(image, track_meta=False)
+    autocast = torch.autocast(torch.device(device).type) if amp else nullcontext()
+    with torch.inference_mode(), autocast:
+        output = inferer(plain[None].to(device), network)
+    return convert_to_tensor(output, track_meta=False)[0].float().cpu()
+
+
 def synthesize_volume(
     network: torch.nn.Module,
     volume: torch.Tensor,
     device: str | torch.device = "cpu",
     slices_per_batch: int = 16,
+    amp: bool = False,
 ) -> torch.Tensor:
     """Axial slice-by-slice synthesis of a preprocessed (C, H, W, D) volume, as the bundles' ``inference.json``
-    (MONAI ``SliceInferer``, no overlap): the (1, H, W, D) prediction clipped to [0, 1], float32 on the CPU."""
-    network.eval()
-    plain = volume.as_tensor() if isinstance(volume, MetaTensor) else torch.as_tensor(volume)
-    inferer = SliceInferer(roi_size=plain.shape[1:3], sw_batch_size=slices_per_batch, spatial_dim=2, overlap=0.0)
-    prediction = inferer(plain[None].to(device), network)
-    if isinstance(prediction, MetaTensor):
-        prediction = prediction.as_tensor()
-    return prediction[0].clamp(0.0, 1.0).float().cpu()
+    (MONAI ``SliceInferer``, no overlap; :func:`infer_case`): the (1, H, W, D) prediction clipped to [0, 1],
+    float32 on the CPU. ``amp`` autocasts the network (mixed precision)."""
+    inferer = SliceInferer(roi_size=volume.shape[1:3], sw_batch_size=slices_per_batch, spatial_dim=2, overlap=0.0)
+    return infer_case(network, inferer, volume, device, amp).clamp(0.0, 1.0)
 
 
 def shipped_datalist(data_dir: str | Path, contrasts: Sequence[str], path: str | Path) -> Path:

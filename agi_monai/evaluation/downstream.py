@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.data import Dataset, MetaTensor
-from monai.inferers import Inferer, SliceInferer
+from monai.inferers import Inferer
 from monai.metrics import DiceMetric
 from monai.transforms import (
     Activations,
@@ -66,6 +65,7 @@ from monai.transforms import (
     MapTransform,
 )
 
+from agi_monai.bundle.experiment import infer_case, synthesize_volume
 from agi_monai.bundle.registry import read_bundle
 from agi_monai.data import (
     DataError,
@@ -391,14 +391,7 @@ class SliceSynthesizer:
         if image.ndim != 4 or image.shape[0] != len(self.inputs):
             expected = f"({len(self.inputs)}, H, W, D): {', '.join(self.inputs)}"
             raise ValueError(f"inputs of shape {tuple(image.shape)}; expected {expected}")
-        inferer = SliceInferer(
-            roi_size=tuple(image.shape[1:3]), spatial_dim=2, sw_batch_size=self.slices_per_batch, progress=False
-        )
-        self.network.eval()
-        autocast = torch.autocast("cuda") if self.amp else nullcontext()
-        with torch.inference_mode(), autocast:
-            prediction = inferer(image[None].to(self.device), self.network)
-        return torch.as_tensor(prediction)[0].float().cpu().clamp(0.0, 1.0)
+        return synthesize_volume(self.network, image, self.device, self.slices_per_batch, self.amp)
 
 
 def load_synthesizer(
@@ -633,11 +626,7 @@ class DownstreamEvaluator(CaseEvaluator):
         return self.synthesizer(image[indices])
 
     def _segment(self, image: torch.Tensor) -> torch.Tensor:
-        self.network.eval()
-        autocast = torch.autocast(self.state.device.type) if self.amp else nullcontext()
-        with torch.inference_mode(), autocast:
-            logits = self.inferer(image[None].to(self.state.device), self.network)
-        return self.post(torch.as_tensor(logits)[0].float().cpu())
+        return self.post(infer_case(self.network, self.inferer, image, self.state.device, self.amp))
 
     def write(self, engine: Engine) -> None:
         paths = write_downstream(self.rows, self.output_dir, self.conditions, self.failures, self.description)

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from monai.data import Dataset, MetaTensor
+from monai.data import Dataset
 from monai.engines import Evaluator
 from monai.inferers import Inferer
 from torch.utils.data import DataLoader
 
+from agi_monai.bundle.experiment import infer_case
 from agi_monai.data import Failure, build_volume_dataset, failure_reason, preprocessing_transforms
 from agi_monai.evaluation.protocols import (
     METRIC_NAMES,
@@ -237,15 +237,9 @@ class VolumeEvaluator(CaseEvaluator):
         return {"results": measured}
 
     def evaluate_case(self, item: Mapping[str, Any]) -> dict[str, ProtocolResult]:
-        image = item[self.image_key]
-        # plain tensor: MetaTensor metadata tracking costs time in every layer and is not needed for metrics
-        image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-        self.network.eval()
-        autocast = torch.autocast(self.state.device.type) if self.amp else nullcontext()
-        with torch.inference_mode(), autocast:
-            prediction = self.inferer(image[None].to(self.state.device), self.network)
+        prediction = infer_case(self.network, self.inferer, item[self.image_key], self.state.device, self.amp)
         # clipped as inference.json writes it: the generator has no output activation
-        prediction = torch.as_tensor(prediction)[0].float().cpu().clamp(0.0, 1.0)
+        prediction = prediction.clamp(0.0, 1.0)
         mask = item[self.mask_key] if self.mask_key is not None else None
         return evaluate_volume(prediction, item[self.target_key], mask, self.protocols, **self.protocol_options)
 
