@@ -43,7 +43,7 @@ from typing import Any
 
 import fire
 import torch
-from monai.data import MetaTensor
+from monai.utils import convert_to_tensor
 
 from agi_monai.bundle import load_split
 from agi_monai.bundle.experiment import (
@@ -141,7 +141,7 @@ def _panel(
 ) -> tuple[Path, int]:
     """The axial slice where the brain mask is largest: inputs | synthesized | real | error, one row per network,
     labelled with the network's whole-case slice2d metrics."""
-    image = item["image"].as_tensor() if isinstance(item["image"], MetaTensor) else torch.as_tensor(item["image"])
+    image = convert_to_tensor(item["image"], track_meta=False)
     z = int(torch.as_tensor(item["mask"])[0].float().sum(dim=(0, 1)).argmax())
     plane = image[..., z : z + 1]
     predictions = {name: synthesize_volume(net, plane, device, slices_per_batch)[0, ..., 0] for name, net in networks.items()}

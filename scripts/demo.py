@@ -50,6 +50,7 @@ from typing import Any
 import fire
 import torch
 from monai.data import MetaTensor
+from monai.utils import convert_to_tensor
 
 from agi_monai.bundle.experiment import (
     SHIPPED_TEST_CASE,
@@ -114,7 +115,8 @@ def main(
     # the held-out case, preprocessed as the bundle does (MetaTensors that remember how to go back to the file grid)
     test = build_inference_dataset(datalist, INPUTS, SPATIAL_SIZE, target=TARGET, split="test")
     item = test[0]
-    image, target, mask = (_plain(item[key]) for key in ("image", "target", "mask"))
+    # plain tensors: MONAI's metadata tracking costs time in every layer of the network
+    image, target, mask = (convert_to_tensor(item[key], track_meta=False) for key in ("image", "target", "mask"))
 
     predictions: dict[str, torch.Tensor] = {}
     training: dict[str, dict[str, Any]] = {}
@@ -222,10 +224,6 @@ def _device_name(device: torch.device) -> str:
     threads = torch.get_num_threads()
     return f"cpu ({threads} thread{'s' * (threads > 1)})"
 
-
-def _plain(tensor: Any) -> torch.Tensor:
-    """A ``torch.Tensor`` without MONAI's metadata (cheaper in the network)."""
-    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else torch.as_tensor(tensor)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from monai.transforms import (
     MapLabelValue,
     MapTransform,
 )
+from monai.utils import convert_to_tensor
 
 from agi_monai.bundle.experiment import infer_case, synthesize_volume
 from agi_monai.bundle.registry import read_bundle
@@ -600,15 +601,15 @@ class DownstreamEvaluator(CaseEvaluator):
 
     def evaluate_case(self, item: Mapping[str, Any]) -> list[dict[str, Any]]:
         """One row per condition (``condition``, the :data:`METRICS`, slices per region, the imputed value)."""
-        image = _plain(item["image"]).float()
-        label = _plain(item["label"])
+        image = convert_to_tensor(item["image"], track_meta=False).float()
+        label = convert_to_tensor(item["label"], track_meta=False)
         channel = self.inputs.index(self.missing_contrast) if self.missing_contrast else -1
         synthesized = None
         if "synthesized" in self.conditions:
             synthesized = self._synthesized(item, image)
         rows = []
         for condition in self.conditions:
-            mask = _plain(item["mask"]) if "mask" in item else None
+            mask = convert_to_tensor(item["mask"], track_meta=False) if "mask" in item else None
             conditioned, value = condition_image(image, condition, channel, mask, synthesized, self.mean_value)
             prediction = self._segment(conditioned)
             rows.append({"condition": condition, **region_dice(prediction, label), "imputed_value": value})
@@ -621,7 +622,7 @@ class DownstreamEvaluator(CaseEvaluator):
                     "condition 'synthesized' needs a synthesizer (a synthesis bundle's generator) or synthesized "
                     "files (synthesized_dir); neither was given"
                 )
-            return _plain(item[SYNTHESIZED_KEY]).float()
+            return convert_to_tensor(item[SYNTHESIZED_KEY], track_meta=False).float()
         indices = [self.inputs.index(c) for c in self.synthesizer.inputs]  # type: ignore[attr-defined]
         return self.synthesizer(image[indices])
 
@@ -636,9 +637,6 @@ class DownstreamEvaluator(CaseEvaluator):
                 engine.state.metrics[f"{condition}_{metric}"] = stats["mean"]
         self._print_summary(len({row["case_id"] for row in self.rows}), paths["cases"])
 
-
-def _plain(volume: Any) -> torch.Tensor:
-    return volume.as_tensor() if isinstance(volume, MetaTensor) else torch.as_tensor(volume)
 
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.utils import convert_to_tensor
 from tqdm import tqdm
 
 from agi_monai.bundle.experiment import default_slices_per_batch, synthesize_volume
@@ -159,9 +159,6 @@ def misalign(
     return moved, record
 
 
-def _plain(tensor: Any) -> torch.Tensor:
-    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else torch.as_tensor(tensor)
-
 
 def robustness_sweep(
     networks: Mapping[str, torch.nn.Module],
@@ -236,14 +233,14 @@ def robustness_sweep(
             raise ValueError(f"moved_input {moved_input!r} is not one of the inputs {names}")
         channel = names.index(moved_input) if moved_input is not None else None
         case_id = str(case.get("case_id", index))
-        target, mask = _plain(case["target"]), _plain(case["mask"])
+        target, mask = (convert_to_tensor(case[key], track_meta=False) for key in ("target", "mask"))
         chosen = slice(None)
         if slice_step > 1:
             chosen = evaluated_slices(mask, min_foreground_fraction)[::slice_step]
             target, mask = target[..., chosen], mask[..., chosen]
         for level in levels:
             moved, record = misalign(image, kind, level, channel, seed + index)
-            moved = _plain(moved)[..., chosen]
+            moved = convert_to_tensor(moved, track_meta=False)[..., chosen]
             for name, network in networks.items():
                 prediction = synthesize_volume(network, moved, device, slices_per_batch)
                 results = evaluate_volume(
