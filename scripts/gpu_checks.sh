@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_checks.sh prepare              # here, where pip and ./.venv work: fills .whl/ and .gpu/
 #   bash scripts/gpu_checks.sh run RESULTS [STEPS]  # on the GPU machine, with .whl/ and .gpu/ beside the code
+#   bash scripts/gpu_checks.sh resources [ARCH]     # here, no GPU needed: registers, stack and spills per kernel
 #
 # prepare downloads the pure-Python wheels the CUDA tests import (for the GPU image's Python, 3.12 by
 # default: AGI_MONAI_GPU_PYTHON) and saves the real-image slices test_engines.py trains on (building them
@@ -116,8 +117,47 @@ run_step() {
   )
 }
 
+# What ptxas allocates per CUDA kernel (float32 and bfloat16 with 32-bit indices: the instantiations AGI-Net
+# runs), for ARCH (default 9.0, the H100): registers bound the occupancy, spills would put the column
+# kernels' per-thread taps in local memory. Needs nvcc and ./.venv's torch, no GPU (about a minute).
+resources() {
+  local arch="${1:-9.0}" py=.venv/bin/python tmp
+  [ -x "$py" ] || { echo "gpu_checks: run scripts/setup_env.sh first (resources uses ./.venv)" >&2; exit 2; }
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' RETURN
+  local includes
+  includes="$("$py" -c 'import sysconfig, torch.utils.cpp_extension as c
+print(" ".join("-I" + p for p in c.include_paths(device_type="cuda") + [sysconfig.get_paths()["include"]]))' 2>/dev/null)"
+  # shellcheck disable=SC2086  # includes is a list of flags
+  nvcc -c csrc/cuda/group_roll_kernel.cu -o "$tmp/kernel.o" $includes -Icsrc -O3 -std=c++20 \
+    -gencode "arch=compute_${arch/./},code=sm_${arch/./}" -Xptxas -v --expt-relaxed-constexpr \
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+    -D__CUDA_NO_HALF2_OPERATORS__ >"$tmp/ptxas.log" 2>&1 || { cat "$tmp/ptxas.log" >&2; exit 1; }
+  "$py" - "$tmp/ptxas.log" "$arch" <<'EOF'
+import re
+import subprocess
+import sys
+
+log, arch = open(sys.argv[1]).read().splitlines(), sys.argv[2]
+print(f"sm_{arch.replace('.', '')}: kernel | registers | stack frame (bytes) | spill stores / loads (bytes)")
+name = frame = None
+for line in log:
+    if m := re.search(r"Compiling entry function '(\S+)'", line):
+        name = subprocess.run(["c++filt", m.group(1)], capture_output=True, text=True).stdout.strip()
+    elif m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line):
+        frame = m.groups()
+    elif (m := re.search(r"Used (\d+) registers", line)) and name:
+        kernel = re.search(r"(\w+_kernel(<[^(]*>)?)\(", name).group(1)
+        if not re.search(r"double|Half|long", kernel):
+            print(f"{kernel} | {m.group(1)} | {frame[0]} | {frame[1]} / {frame[2]}")
+        name = None
+EOF
+}
+
 case "${1:-}" in
   prepare) prepare ;;
+  resources) shift; resources "$@" ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash scripts/gpu_checks.sh prepare | run RESULTS [build] [tests] [op] [network]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_checks.sh prepare | run RESULTS [build] [tests] [op] [network] | resources [ARCH]" >&2
+     exit 2 ;;
 esac
