@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import fire
-import torch
 
 from agi_monai.bundle.experiment import (
     budget_overrides,
@@ -35,6 +34,7 @@ from agi_monai.bundle.experiment import (
     bundle_network,
     evaluate_bundle,
     load_generator,
+    resolve_device,
     seed_overrides,
     shipped_datalist,
     train_bundle,
@@ -143,7 +143,7 @@ def main(
     chosen = select_ablations(ablations)
     info = find_bundle(bundle)
     protocols = [p.strip() for p in protocols.split(",")] if isinstance(protocols, str) else [str(p) for p in protocols]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     widths, discriminator_width = budget_widths(device, channels, discriminator_channels)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

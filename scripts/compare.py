@@ -52,6 +52,7 @@ from agi_monai.bundle.experiment import (
     default_slices_per_batch,
     evaluate_bundle,
     load_generator,
+    resolve_device,
     seed_overrides,
     shipped_datalist,
     synthesize_volume,
@@ -331,7 +332,7 @@ def main(
         progress: progress bars for the sweeps.
     """
     started = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     slices_per_batch = slices_per_batch or default_slices_per_batch(device)
     widths, discriminator_width = budget_widths(device, channels, discriminator_channels)
     budget = {

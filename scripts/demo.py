@@ -56,6 +56,7 @@ from agi_monai.bundle.experiment import (
     SHIPPED_TEST_CASE,
     budget_overrides,
     budget_widths,
+    resolve_device,
     shipped_datalist,
     synthesize_volume,
     train_bundle,
@@ -105,7 +106,7 @@ def main(
         progress: show progress bars.
     """
     started = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     channels, discriminator_channels = budget_widths(device, channels, discriminator_channels)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ __all__ = [
     "evaluate_bundle",
     "infer_case",
     "load_generator",
+    "resolve_device",
     "seed_overrides",
     "shipped_datalist",
     "synthesize_volume",
@@ -139,6 +140,11 @@ def budget_overrides(
         overrides["train#dataset#transform"] = {"_target_": "Compose", "transforms": augmentation}
     overrides.update(extra)
     return overrides
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a ``torch.device``; when None, CUDA where available, else the CPU (the scripts' default)."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def budget_widths(
