@@ -64,9 +64,10 @@ def _configs(name: str, config: str) -> list[str]:
 
 
 def _bundle(name: str, command: str, configs: list[str], *args: str, timeout: int = 600) -> str:
-    """``python -m monai.bundle <command>`` from the repository root; returns stdout+stderr, fails with it."""
+    """``python -m monai.bundle <command>`` (e.g. ``run``, ``run training``) from the repository root; returns
+    stdout+stderr, fails with it."""
     config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", command, "--config_file", config_file, *args]
+    cmd = [sys.executable, "-m", "monai.bundle", *command.split(), "--config_file", config_file, *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
@@ -294,8 +295,8 @@ def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(unt
     (cases / "bad" / "BraTS-GLI-99999-000-t1n.nii.gz").write_bytes(truncated)
     output = tmp_path / "out"
     name = "brats_t1_t2_flair_to_t1gd"
-    log = _bundle(
-        name, "run", _configs(name, "inference.json"), "--bundle_root", str(untrained_bundle),
+    log = _bundle(  # `run evaluating`: the model zoo's run ID for inference, an alias of `run`
+        name, "run evaluating", _configs(name, "inference.json"), "--bundle_root", str(untrained_bundle),
         "--dataset_dir", str(cases), "--output_dir", str(output), *TINY,
     )
     assert "synthesized 1 of 2 cases" in log and "1 failed" in log
@@ -374,7 +375,8 @@ def _train_args(root: Path, dataset: Path, *extra: str) -> list[str]:
 )
 def test_two_iterations_train_resume_and_evaluate(name, dataset, resume, tmp_path):
     pytest.importorskip("agi_monai.engines")
-    log = _bundle(name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset))
+    # `run training` / `run evaluating`: the model zoo's run IDs, aliases of `run` (the resume below uses `run`)
+    log = _bundle(name, "run training", _configs(name, "train.json"), *_train_args(tmp_path, dataset))
     assert "val_psnr" in log
     models = tmp_path / "models"
     best = torch.load(models / "model.pt", weights_only=True)  # the generator's state only
@@ -387,7 +389,7 @@ def test_two_iterations_train_resume_and_evaluate(name, dataset, resume, tmp_pat
     if resume:  # a second epoch continues at iteration 2 and ends at 4 (resume is the same for every bundle)
         _resume(name, dataset, tmp_path, first)
 
-    log = _bundle(name, "run", _configs(name, "evaluate.json"), *_train_args(tmp_path, dataset))
+    log = _bundle(name, "run evaluating", _configs(name, "evaluate.json"), *_train_args(tmp_path, dataset))
     # evaluate.json: one row per test case (the folder's one case), both protocols, a summary stating each protocol
     scenario = SCENARIOS[name]
     (case,) = load_split(dataset, "test", [*scenario.inputs, scenario.target])
@@ -447,7 +449,8 @@ def test_multi_gpu_train_with_two_gloo_cpu_processes(tmp_path):
     name = "ixi_t1_t2_to_pd"
     configs = _configs(name, "multi_gpu_train.json")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training",
         "--config_file", "[" + ",".join(f"'{c}'" for c in configs) + "]", *_train_args(tmp_path, DATA / "ixi-sim"),
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
