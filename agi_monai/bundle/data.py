@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agi_monai.data import discover_cases
+from agi_monai.data import DataError, discover_cases
 
 __all__ = ["DATALIST_NAME", "load_split"]
 
@@ -18,7 +18,9 @@ _logger = logging.getLogger(__name__)
 DATALIST_NAME = "datalist.json"
 
 
-def load_split(source: str | Path, split: str, contrasts: Sequence[str]) -> list[dict[str, Any]]:
+def load_split(
+    source: str | Path, split: str, contrasts: Sequence[str], allow_empty: bool = True
+) -> list[dict[str, Any]]:
     """The cases of one split having every contrast in ``contrasts``.
 
     ``source`` is a JSON datalist, a folder holding ``datalist.json`` (read as the datalist), or a plain folder
@@ -30,6 +32,12 @@ def load_split(source: str | Path, split: str, contrasts: Sequence[str]) -> list
         source: JSON datalist or folder (``dataset_dir`` in the configs).
         split: ``"training"``, ``"validation"`` or ``"test"``.
         contrasts: contrasts each case needs (the inputs, plus the target for training and evaluation).
+        allow_empty: return an empty list when no case qualifies; False (``train.json``: training and validation
+            need a case) raises instead, naming ``source`` and listing the skipped cases.
+
+    Raises:
+        DataError: ``source`` does not exist or is not a datalist with ``split``; or, with ``allow_empty=False``,
+            no case of the split has every contrast.
     """
     source = Path(source)
     if source.is_dir() and (source / DATALIST_NAME).is_file():
@@ -42,4 +50,10 @@ def load_split(source: str | Path, split: str, contrasts: Sequence[str]) -> list
         )
     else:
         discovery = discover_cases(source, required=contrasts, split=split)
+    if not discovery.cases and not allow_empty:
+        skipped = "".join(f"; skipped {failure}" for failure in discovery.failures)
+        raise DataError(
+            source, f"no case of the {split!r} split has {', '.join(contrasts)}{skipped}",
+            f"at least one case with each of {', '.join(contrasts)}",
+        )
     return discovery.cases  # discovery has logged each skipped case

@@ -63,7 +63,8 @@ def slice_dataset(
 ) -> SliceDataset:
     """2D axial training/validation items from datalist items (``train#dataset`` of the bundles, whose
     ``data`` MONAI Label replaces): :func:`agi_monai.data.preprocessing_transforms`, cached per volume, then
-    :class:`SliceDataset`. Cases whose preprocessing fails are skipped and listed in the result's ``failures``.
+    :class:`SliceDataset`. Cases whose preprocessing fails are skipped and listed in the result's ``failures``;
+    when no slice is left, a :class:`DataError` lists them.
 
     The volumes are cached in a subfolder of ``cache_dir`` named after the scenario and size (e.g.
     ``T1_T2_to_PD_256x256``): MONAI's ``PersistentDataset`` keys its cache by the items only, so one folder
@@ -86,7 +87,7 @@ def slice_dataset(
     preprocessing = preprocessing_transforms(inputs, target, spatial_size, **preprocessing_options)
     if cache_dir is not None:
         cache_dir = Path(cache_dir) / f"{'_'.join(inputs)}_to_{target}_{'x'.join(str(s) for s in spatial_size)}"
-    return SliceDataset(
+    dataset = SliceDataset(
         build_volume_dataset(data, preprocessing, cache_dir),
         keys=["image", "target", "mask", *labels],
         min_foreground_fraction=min_foreground_fraction,
@@ -94,6 +95,14 @@ def slice_dataset(
         num_workers=num_workers,
         progress=progress,
     )
+    if not len(dataset):  # else the bundle's DataLoader fails on "num_samples=0", naming nothing
+        cases = ", ".join(str(item.get("case_id", index)) for index, item in enumerate(data))
+        skipped = "".join(f"; skipped {failure}" for failure in dataset.failures)
+        raise DataError(
+            f"datalist [{cases}]", f"no usable slice{skipped}",
+            f"at least one readable case with slices of at least {min_foreground_fraction:.0%} foreground",
+        )
+    return dataset
 
 
 def build_slice_dataset(

@@ -408,6 +408,8 @@ def preprocessing_transforms(
         registration_options: keyword arguments for :func:`agi_monai.data.register_rigid`.
     """
     inputs = list(inputs)
+    if target is not None and target in inputs:
+        raise ValueError(f"target {target!r} is one of the inputs {inputs} (expected a contrast other than the inputs)")
     reference = reference or choose_reference(inputs)
     if reference not in inputs:
         raise ValueError(

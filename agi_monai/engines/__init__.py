@@ -17,9 +17,10 @@ cannot name its own trainer, so the saver and loader are attached in ``initializ
 train.json`` is the recipe (``checkpoint_saver``, ``checkpoint_loader``, ``best_model_saver``,
 ``resume_path`` = :func:`find_resume_checkpoint` of ``--resume_ckpt`` ``""`` | ``latest`` | a file).
 
-(``CheckpointLoader`` reads with ``weights_only=True``.) Ignite restarts the data iterator when it resumes
-inside an epoch, so checkpoints taken at epoch ends (``epoch_level=True``, the default) resume exactly; with
-a fixed ``set_determinism`` seed and an unshuffled loader the resumed run equals an uninterrupted one.
+(``CheckpointLoader`` reads with ``weights_only=True``; the bundles use :class:`ReportingCheckpointLoader`, which
+names the file and what does not match when a checkpoint cannot be restored.) Ignite restarts the data iterator
+when it resumes inside an epoch, so checkpoints taken at epoch ends (``epoch_level=True``, the default) resume
+exactly; with a fixed ``set_determinism`` seed and an unshuffled loader the resumed run equals an uninterrupted one.
 :class:`AtomicCheckpointSaver` (MONAI's saver writes non-atomically) serves both checkpoints.
 
 Validation: :func:`synthesis_evaluator`, or the ``SupervisedEvaluator`` recipe in its docstring (PSNR with
@@ -28,7 +29,7 @@ Validation: :func:`synthesis_evaluator`, or the ``SupervisedEvaluator`` recipe i
 keys are ``pred`` and ``label``).
 """
 
-from agi_monai.engines.checkpoint import AtomicCheckpointSaver, find_resume_checkpoint
+from agi_monai.engines.checkpoint import AtomicCheckpointSaver, ReportingCheckpointLoader, find_resume_checkpoint
 from agi_monai.engines.evaluation import (
     StructuralSimilarityIndex,
     clip_prediction,
@@ -42,6 +43,7 @@ __all__ = [
     "AtomicCheckpointSaver",
     "Pix2PixKeys",
     "Pix2PixTrainer",
+    "ReportingCheckpointLoader",
     "StructuralSimilarityIndex",
     "SynthesisPrepareBatch",
     "clip_prediction",

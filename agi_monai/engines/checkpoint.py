@@ -1,4 +1,5 @@
-"""MONAI's CheckpointSaver with atomic writes: a checkpoint file is either the old one or the new one."""
+"""MONAI's CheckpointSaver with atomic writes (a checkpoint file is either the old one or the new one), and its
+CheckpointLoader with failures that name the file and say what does not match."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
 
-__all__ = ["AtomicCheckpointSaver", "find_resume_checkpoint"]
+from agi_monai.data.errors import DataError
+
+__all__ = ["AtomicCheckpointSaver", "ReportingCheckpointLoader", "find_resume_checkpoint"]
 
 _logger = logging.getLogger(__name__)
 
@@ -88,6 +92,84 @@ class AtomicCheckpointSaver(CheckpointSaver):
         return self._key_metric_checkpoint
 
 
+class ReportingCheckpointLoader(CheckpointLoader):
+    """``monai.handlers.CheckpointLoader`` (same arguments) whose failures say which file, what is wrong and what
+    was expected: a missing file, one ``torch.load`` cannot read (truncated, not a checkpoint), one that lacks an
+    entry of ``load_dict`` (e.g. ``models/model.pt``, the generator alone, given to resume training), or a state
+    dict of another network (another class, widths or number of inputs: the differing tensors are named with both
+    shapes). MONAI's loader raises torch's own errors, which name no file, or a ``KeyError`` listing every key.
+
+    Args:
+        load_path, load_dict, kwargs: as for ``monai.handlers.CheckpointLoader``.
+        expected: what the file should be, for the messages; default: a checkpoint of ``load_dict``'s entries
+            saved by a run with the same ``network_def``.
+    """
+
+    def __init__(self, load_path: str, load_dict: dict, expected: str | None = None, **kwargs: Any) -> None:
+        super().__init__(load_path, load_dict, **kwargs)
+        self.expected = expected or (
+            f"a checkpoint of {', '.join(load_dict)} saved by a run with the same network_def and inputs"
+        )
+
+    def __call__(self, engine: Engine) -> None:
+        path = Path(self.load_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: does not exist (expected {self.expected})")
+        try:
+            super().__call__(engine)
+        except Exception as error:
+            raise DataError(path, self._problem(path, error), self.expected) from error
+
+    def _problem(self, path: Path, error: Exception) -> str:
+        """What is wrong with ``path``, found by reading it again (only after a failed load)."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as read_error:
+            return f"cannot be read as a checkpoint ({_first_line(read_error)})"
+        if not isinstance(checkpoint, Mapping):
+            return f"holds a {type(checkpoint).__name__}, not a dict of state dicts"
+        names = list(self.load_dict)
+        if len(names) == 1 and names[0] not in checkpoint:  # MONAI reads such a file as that one object's state
+            checkpoint = {names[0]: checkpoint}
+        absent = [name for name in names if name not in checkpoint]
+        if absent:
+            held = list(checkpoint)
+            if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+                found = f"one network's state dict ({len(held)} tensors, e.g. {held[0] if held else 'none'})"
+            else:
+                found = ", ".join(map(str, held)) or "nothing"
+            return f"holds {found}, not {', '.join(absent)}"
+        for name, target in self.load_dict.items():
+            if isinstance(target, torch.nn.Module) and isinstance(checkpoint[name], Mapping):
+                mismatch = _state_dict_mismatch(checkpoint[name], target.state_dict())
+                if mismatch:
+                    return f"its {name!r} does not fit {type(target).__name__} of this config: {mismatch}"
+        return f"cannot be restored ({_first_line(error)})"
+
+
+def _state_dict_mismatch(saved: Mapping[str, Any], wanted: Mapping[str, torch.Tensor]) -> str:
+    """The tensors of ``saved`` of other shapes than ``wanted``'s, and those only one of them has; "" if none."""
+    shapes = [
+        f"{key} {tuple(saved[key].shape)} in the file, {tuple(tensor.shape)} here"
+        for key, tensor in wanted.items()
+        if key in saved and isinstance(saved[key], torch.Tensor) and saved[key].shape != tensor.shape
+    ]
+    missing = [key for key in wanted if key not in saved]
+    unexpected = [key for key in saved if key not in wanted]
+    parts = [
+        f"{len(found)} {what} (e.g. {found[0]})"
+        for found, what in ((shapes, "tensor(s) of another shape"), (missing, "missing"), (unexpected, "unexpected"))
+        if found
+    ]
+    return ", ".join(parts)
+
+
+def _first_line(error: BaseException) -> str:
+    """``<type>: <first sentence>`` of ``error`` (torch's read errors go on with advice for a paragraph)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0].split('. ')[0] if lines else ''}"
+
+
 def _adopt_earlier_files(checkpoint: Checkpoint, folder: Path) -> None:
     """Registers the files of ``checkpoint``'s name pattern already in ``folder`` as saved with priority -inf."""
     pattern = _interval_file_pattern(checkpoint)
@@ -111,14 +193,23 @@ def find_resume_checkpoint(resume_ckpt: str | Path, ckpt_dir: str | Path, file_p
     """The checkpoint a training config resumes from (``""``: none).
 
     Args:
-        resume_ckpt: ``""`` to start afresh; a checkpoint file (an error when it is missing); or ``"latest"``,
+        resume_ckpt: ``""`` to start afresh (with a warning when ``ckpt_dir`` holds an earlier run's training
+            checkpoint, which this run's supersede); a checkpoint file (an error when it is missing); or ``"latest"``,
             the training checkpoint of ``ckpt_dir`` with the highest epoch (``<file_prefix>_checkpoint_epoch=<n>.pt``,
             :class:`AtomicCheckpointSaver`'s names), or ``""`` with a log line when there is none yet, so that
             ``--resume_ckpt latest`` both starts and continues a run.
         ckpt_dir: the bundle's ``models`` folder.
         file_prefix: the training checkpoints' prefix.
     """
+    found = re.compile(rf"{re.escape(file_prefix)}_checkpoint_epoch=([0-9]+)\.pt")
+    candidates = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("*.pt") if (m := found.fullmatch(p.name))]
     if not resume_ckpt:
+        if candidates:
+            _logger.warning(
+                "starting afresh although %s holds %s of an earlier run: this run's first checkpoint supersedes it "
+                "(--resume_ckpt latest continues that run; another --bundle_root keeps it)",
+                ckpt_dir, max(candidates)[1].name,
+            )
         return ""
     if str(resume_ckpt) != LATEST:
         if not Path(resume_ckpt).is_file():
@@ -127,8 +218,6 @@ def find_resume_checkpoint(resume_ckpt: str | Path, ckpt_dir: str | Path, file_p
                 f"({file_prefix}_checkpoint_epoch=<n>.pt), 'latest', or '' to start afresh"
             )
         return str(resume_ckpt)
-    found = re.compile(rf"{re.escape(file_prefix)}_checkpoint_epoch=([0-9]+)\.pt")
-    candidates = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("*.pt") if (m := found.fullmatch(p.name))]
     if not candidates:
         _logger.info("resume_ckpt=latest: no training checkpoint in %s yet, starting afresh", ckpt_dir)
         return ""

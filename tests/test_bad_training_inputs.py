@@ -1,0 +1,353 @@
+"""Bad input to the bundles' training and evaluation (``train.json``, ``evaluate.json``): each gets a message naming
+the file (or folder), what is wrong and what was expected; a bad case among good ones is reported and training goes
+on; a failed start writes nothing, leaves an existing checkpoint byte-identical (and loadable), and inputs are never
+modified. The inference side is ``tests/test_bad_inputs.py``.
+
+The runs are the bundles' own configs at a tiny budget (:func:`agi_monai.bundle.experiment.budget_overrides`:
+widths 8-32, 64x64 slices, 2 iterations), in-process through :func:`~agi_monai.bundle.experiment.train_bundle` and
+:func:`~agi_monai.bundle.experiment.evaluate_bundle` (MONAI's ``ConfigWorkflow``, what ``python -m monai.bundle run``
+runs). MONAI wraps an error raised while building or running a config item in a ``RuntimeError``; the user sees
+ours in the traceback's chain, and the tests look it up there. One shared training run (a datalist of a good case
+and three bad ones) is both the "bad case among good ones" test and the source of the checkpoints the resume and
+evaluation tests get wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from agi_monai.bundle.experiment import budget_overrides, evaluate_bundle, train_bundle
+from agi_monai.data import DataError
+from agi_monai.engines import find_resume_checkpoint
+from agi_monai.networks import AGINet
+
+ROOT = Path(__file__).resolve().parent.parent
+IXI = ROOT / "bundles" / "ixi_t1_t2_to_pd"  # (T1, T2) -> PD
+BRATS_3_TO_1 = ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd"  # (T1, T2, FLAIR) -> T1Gd: 3 input channels
+IXI_SIM = ROOT / "tests" / "data" / "ixi-sim"
+GLI = ROOT / "tests" / "data" / "brats2023-gli"
+WIDTHS = [8, 16, 16, 32]
+CHECKPOINT = "training_checkpoint_epoch=1.pt"
+CONTRASTS = ("T1", "T2", "PD")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One OpenMP thread, as the other bundle tests: on a busy 2-core machine more make tiny steps slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def overrides(dataset: str | Path, cache: Path, **extra) -> dict:
+    """``train.json`` (and ``evaluate.json``) overrides of a 2-iteration CPU run on 64x64 slices; ``cache`` is
+    shared by the tests, so that each volume is preprocessed once."""
+    settings = {"channels": WIDTHS, "discriminator_channels": 8, "spatial_size": [64, 64], "cache_dir": str(cache)}
+    return budget_overrides(dataset, iterations=2, batch_size=2, crop_size=None, device="cpu", **{**settings, **extra})
+
+
+def cause(error: BaseException, kind: type[BaseException] = DataError) -> BaseException:
+    """The first ``kind`` in ``error``'s chain (MONAI re-raises config errors as ``RuntimeError`` from them)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    raise AssertionError(f"no {kind.__name__} behind {type(error).__name__}: {error}")
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def copy_case(folder: Path, case: str, contrasts=CONTRASTS) -> dict[str, str]:
+    """The shipped simulated IXI subject's files as case ``case`` of ``folder``; returns contrast -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for contrast in contrasts:
+        paths[contrast] = str(folder / f"{case}-{contrast}.nii.gz")
+        shutil.copyfile(IXI_SIM / f"IXI901-SIM-0001-{contrast}.nii.gz", paths[contrast])
+    return paths
+
+
+class Records(logging.Handler):
+    """What ``agi_monai`` logs during a run (the bundle's logging.conf replaces the root logger's handlers)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> dict[str, dict[str, str]]:
+    """A good case and three bad ones: a truncated T2, a PD with NaN voxels, a datalist entry whose T2 is missing."""
+    folder = tmp_path_factory.mktemp("cases")
+    good = copy_case(folder, "IXI901-GOOD")
+    truncated = copy_case(folder, "IXI902-TRUNCATED")
+    whole = Path(truncated["T2"]).read_bytes()
+    Path(truncated["T2"]).write_bytes(whole[: len(whole) // 2])
+    with_nan = copy_case(folder, "IXI903-NAN")
+    pd = nib.load(with_nan["PD"])
+    voxels = np.asarray(pd.dataobj, dtype=np.float32)
+    voxels[60:62, 60:62, 36] = np.nan
+    nib.save(nib.Nifti1Image(voxels, pd.affine), with_nan["PD"])
+    missing = dict(good, T2=str(folder / "IXI904-GONE-T2.nii.gz"))
+    return {"good": good, "truncated": truncated, "nan": with_nan, "missing": missing}
+
+
+def write_datalist(path: Path, **splits: list[dict[str, str]]) -> Path:
+    path.write_text(json.dumps({split: [{"case_id": f"{split}-{i}", **case} for i, case in enumerate(items)]
+                                for split, items in splits.items()}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(cases, cache, tmp_path_factory) -> dict:
+    """One training run, ``--resume_ckpt latest`` in an empty bundle root, over a datalist whose training split has
+    the good case and the three bad ones."""
+    inputs = tmp_path_factory.mktemp("inputs")
+    datalist = write_datalist(
+        inputs / "datalist.json",
+        training=[cases["good"], cases["truncated"], cases["nan"], cases["missing"]], validation=[cases["good"]],
+    )
+    folder = Path(cases["good"]["T1"]).parent
+    before = {**tree_digest(folder), "datalist": hashlib.sha256(datalist.read_bytes()).hexdigest()}
+    root = tmp_path_factory.mktemp("trained")
+    records = Records()
+    logging.getLogger("agi_monai").addHandler(records)
+    try:
+        run = train_bundle(IXI, root, overrides(datalist, cache, resume_ckpt="latest"))
+    finally:
+        logging.getLogger("agi_monai").removeHandler(records)
+    after = {**tree_digest(folder), "datalist": hashlib.sha256(datalist.read_bytes()).hexdigest()}
+    return {"root": root, "run": run, "log": "\n".join(records.lines), "before": before, "after": after}
+
+
+def failed_training(bundle: Path, root: Path, settings: dict) -> BaseException:
+    """The error of a training run that must not start; checks it wrote no checkpoint."""
+    models = root / "models"
+    existing = tree_digest(models) if models.is_dir() else {}
+    with pytest.raises(Exception) as raised:
+        train_bundle(bundle, root, settings)
+    assert (tree_digest(models) if models.is_dir() else {}) == existing  # nothing written, nothing replaced
+    return raised.value
+
+
+# ------------------------------------------------------------------------------------------------ dataset_dir
+
+
+def test_dataset_dir_that_does_not_exist(cache, tmp_path):
+    error = cause(failed_training(IXI, tmp_path, overrides(tmp_path / "no-such-folder", cache)))
+    assert str(error) == (
+        f"{tmp_path / 'no-such-folder'}: does not exist (expected a folder of NIfTI/DICOM files or a JSON datalist)"
+    )
+
+
+def test_empty_dataset_dir(cache, tmp_path):
+    (tmp_path / "empty").mkdir()
+    error = cause(failed_training(IXI, tmp_path / "run", overrides(tmp_path / "empty", cache)))
+    assert str(error) == (
+        f"{tmp_path / 'empty'}: no case of the 'training' split has T1, T2, PD "
+        "(expected at least one case with each of T1, T2, PD)"
+    )
+
+
+def test_no_case_has_the_target_contrast(cache, tmp_path):
+    copy_case(tmp_path / "cases", "IXI901-SIM-0001", contrasts=("T1", "T2"))
+    error = cause(failed_training(IXI, tmp_path / "run", overrides(tmp_path / "cases", cache)))
+    assert str(error) == (
+        f"{tmp_path / 'cases'}: no case of the 'training' split has T1, T2, PD; skipped IXI901-SIM-0001: missing PD "
+        "(found T1, T2) (expected at least one case with each of T1, T2, PD)"
+    )
+
+
+def test_datalist_without_a_validation_split(cases, cache, tmp_path):
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]])
+    error = cause(failed_training(IXI, tmp_path / "run", overrides(datalist, cache)))
+    assert str(error) == f"{datalist}: has no 'validation' list (keys: training) (expected a 'validation' key)"
+
+
+def test_datalist_with_an_empty_validation_split(cases, cache, tmp_path):
+    # before: training ran, validated nothing, and ended without models/model.pt and without a word
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[])
+    error = cause(failed_training(IXI, tmp_path / "run", overrides(datalist, cache)))
+    assert str(error) == (
+        f"{datalist}: no case of the 'validation' split has T1, T2, PD (expected at least one case with each of T1, "
+        "T2, PD)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ bad cases
+
+
+def test_bad_cases_among_good_ones_are_named_and_training_goes_on(trained, cases):
+    log = trained["log"]
+    assert f"{cases['truncated']['T2']}: is truncated or its compressed data is corrupt" in log
+    assert "(expected a complete file)" in log
+    assert f"{cases['nan']['PD']}: contains 4 NaN/Inf voxels (expected finite intensities)" in log
+    assert f"{cases['missing']['T2']}: file not found (expected an existing NIfTI file)" in log
+    assert "3 volumes skipped" in log and "slices from 1 volumes" in log
+    # the good case trained the generator: two iterations, then the best model and the training checkpoint
+    assert trained["run"].iterations == 2
+    models = trained["root"] / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["model.pt", CHECKPOINT]
+    AGINet(in_channels=2, channels=WIDTHS).load_state_dict(torch.load(models / "model.pt", weights_only=True))
+    # and no input was touched, the bad ones included
+    assert trained["after"] == trained["before"]
+
+
+def test_every_training_case_unreadable(cases, cache, tmp_path):
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["truncated"], cases["nan"]],
+                              validation=[cases["good"]])
+    error = str(cause(failed_training(IXI, tmp_path / "run", overrides(datalist, cache))))
+    # before: "num_samples should be a positive integer value, but got num_samples=0" from the DataLoader
+    assert error.startswith("datalist [training-0, training-1]: no usable slice; skipped training-0: ")
+    assert f"skipped training-1: {cases['nan']['PD']}: contains 4 NaN/Inf voxels" in error
+    assert error.endswith("(expected at least one readable case with slices of at least 5% foreground)")
+
+
+def test_unknown_target_contrast(cases, cache, tmp_path):
+    error = cause(failed_training(IXI, tmp_path / "run", overrides(IXI_SIM, cache, target="T3")))
+    assert str(error) == (
+        "T3: is not a known contrast name (expected one of T1, T2, PD, FLAIR, T1Gd, seg or an alias such as t1ce, "
+        "t2f, fla)"
+    )
+
+
+def test_target_that_is_also_an_input(cache, tmp_path):
+    # before: every case skipped with an empty reason, then the DataLoader's num_samples=0
+    error = cause(failed_training(IXI, tmp_path / "run", overrides(IXI_SIM, cache, target="T1")), ValueError)
+    assert "target 'T1' is one of the inputs ['T1', 'T2'] (expected a contrast other than the inputs)" in str(error)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_resume_latest_without_a_checkpoint_starts_afresh(trained):
+    assert f"resume_ckpt=latest: no training checkpoint in {trained['root'] / 'models'} yet, starting afresh" in (
+        trained["log"]
+    )
+
+
+def test_starting_afresh_over_an_earlier_run_warns(trained, caplog):
+    models = trained["root"] / "models"
+    with caplog.at_level(logging.WARNING, logger="agi_monai"):
+        assert find_resume_checkpoint("", models) == ""
+    assert f"starting afresh although {models} holds {CHECKPOINT} of an earlier run" in caplog.text
+    assert "--resume_ckpt latest continues that run" in caplog.text
+
+
+def test_resume_from_a_missing_file(cache, tmp_path):
+    missing = tmp_path / "models" / "gone.pt"
+    error = cause(failed_training(IXI, tmp_path, overrides(IXI_SIM, cache, resume_ckpt=str(missing))), FileNotFoundError)
+    assert str(error) == (
+        f"resume_ckpt: {missing} does not exist; expected a training checkpoint "
+        "(training_checkpoint_epoch=<n>.pt), 'latest', or '' to start afresh"
+    )
+
+
+def copy_run(trained: dict, root: Path) -> Path:
+    """A copy of the shared run's ``models/`` in ``root``: what a user resumes from; returns the checkpoint."""
+    shutil.copytree(trained["root"] / "models", root / "models")
+    return root / "models" / CHECKPOINT
+
+
+EXPECTED_TRAINING_CHECKPOINT = (
+    "(expected a training checkpoint, training_checkpoint_epoch=<n>.pt of a run with the same network_def, "
+    "discriminator_def and inputs)"
+)
+
+
+def test_resume_from_a_truncated_checkpoint(trained, cache, tmp_path):
+    checkpoint = copy_run(trained, tmp_path)
+    whole = checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[: len(whole) // 2])
+    error = cause(failed_training(IXI, tmp_path, overrides(IXI_SIM, cache, resume_ckpt="latest")))
+    assert str(error) == (
+        f"{checkpoint}: cannot be read as a checkpoint (RuntimeError: PytorchStreamReader failed reading zip archive: "
+        f"failed finding central directory) {EXPECTED_TRAINING_CHECKPOINT}"
+    )
+
+
+def test_resume_from_the_generator_weights(trained, cache, tmp_path):
+    copy_run(trained, tmp_path)
+    weights = tmp_path / "models" / "model.pt"
+    error = cause(failed_training(IXI, tmp_path, overrides(IXI_SIM, cache, resume_ckpt=str(weights))))
+    assert str(error).startswith(f"{weights}: holds one network's state dict (")
+    assert str(error).endswith(
+        "not generator, discriminator, g_optimizer, d_optimizer, g_scaler, d_scaler, trainer, best_model_ranking "
+        + EXPECTED_TRAINING_CHECKPOINT
+    )
+
+
+@pytest.mark.parametrize(
+    "bundle, dataset, change, mismatch",
+    [
+        (IXI, IXI_SIM, {"network": "agi_monai.networks.ResUNet"},
+         "its 'generator' does not fit ResUNet of this config: 10 missing (e.g. down1.0.conv1.weight), 130 unexpected "
+         "(e.g. down1.0.conv1.attention.fuse.weight)"),
+        (IXI, IXI_SIM, {"channels": [8, 16, 16, 16]},
+         "its 'generator' does not fit AGINet of this config: 26 tensor(s) of another shape (e.g. down3.2.weight "
+         "(32, 16, 2, 2) in the file, (16, 16, 2, 2) here)"),
+        (IXI, IXI_SIM, {"discriminator_channels": 4},
+         "its 'discriminator' does not fit PatchDiscriminator of this config: "),
+        (BRATS_3_TO_1, GLI, {},  # another scenario: three input channels
+         "its 'generator' does not fit AGINet of this config: 1 tensor(s) of another shape (e.g. head.weight "
+         "(8, 2, 3, 3) in the file, (8, 3, 3, 3) here)"),
+    ],
+    ids=["resunet", "widths", "discriminator", "other-scenario"],
+)
+def test_resume_from_a_checkpoint_of_another_network(trained, cache, tmp_path, bundle, dataset, change, mismatch):
+    checkpoint = copy_run(trained, tmp_path)
+    before = tree_digest(tmp_path / "models")
+    error = str(cause(failed_training(bundle, tmp_path, overrides(dataset, cache, resume_ckpt="latest", **change))))
+    assert error.startswith(f"{checkpoint}: {mismatch}") and error.endswith(EXPECTED_TRAINING_CHECKPOINT)
+    # the checkpoint the user pointed at is untouched, and still restores the run it came from
+    assert tree_digest(tmp_path / "models") == before
+    state = torch.load(checkpoint, weights_only=True)
+    AGINet(in_channels=2, channels=WIDTHS).load_state_dict(state["generator"])
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+EXPECTED_WEIGHTS = "(expected the generator weights that train.json writes, from a run with the same network_def and inputs)"
+
+
+def test_evaluate_without_weights(cache, tmp_path):
+    with pytest.raises(Exception) as raised:
+        evaluate_bundle(IXI, tmp_path, overrides(IXI_SIM, cache))
+    error = cause(raised.value, FileNotFoundError)
+    assert str(error) == f"{tmp_path / 'models' / 'model.pt'}: does not exist {EXPECTED_WEIGHTS}"
+    assert not (tmp_path / "eval").exists()  # no partial metrics
+
+
+def test_evaluate_with_the_weights_of_another_scenario(trained, cache, tmp_path):
+    copy_run(trained, tmp_path)
+    weights = tmp_path / "models" / "model.pt"
+    before = weights.read_bytes()
+    with pytest.raises(Exception) as raised:
+        evaluate_bundle(BRATS_3_TO_1, tmp_path, overrides(GLI, cache))
+    assert str(cause(raised.value)) == (
+        f"{weights}: its 'model' does not fit AGINet of this config: 1 tensor(s) of another shape (e.g. head.weight "
+        f"(8, 2, 3, 3) in the file, (8, 3, 3, 3) here) {EXPECTED_WEIGHTS}"
+    )
+    assert weights.read_bytes() == before and not list((tmp_path / "eval").glob("metrics_*"))
