@@ -26,7 +26,7 @@ import fire
 import torch
 
 from agi_monai.bundle import load_split
-from agi_monai.bundle.experiment import default_slices_per_batch, load_generator
+from agi_monai.bundle.experiment import default_slices_per_batch, load_generator, resolve_device
 from agi_monai.bundle.registry import find_bundle
 from agi_monai.evaluation import volume_dataset
 from agi_monai.evaluation.robustness import PERTURBATIONS, perturbation_levels, robustness_sweep, write_sweep
@@ -109,7 +109,7 @@ def main(
     for kind in kinds:
         if kind not in PERTURBATIONS:
             raise ValueError(f"--kinds {kind}: expected some of {list(PERTURBATIONS)}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     slices_per_batch = slices_per_batch or default_slices_per_batch(device)
     networks = {
         "AGI-Net": checkpoint_generator(info.root, agi_net, "AGI-Net", channels),

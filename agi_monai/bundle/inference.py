@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from monai.data import Dataset, MetaTensor
 from monai.inferers import Inferer
 from tqdm import tqdm
 
+from agi_monai.bundle.experiment import infer_case
 from agi_monai.data import Failure, failure_reason
 
 __all__ = ["FolderSynthesis", "SynthesisSummary"]
@@ -105,7 +105,6 @@ class FolderSynthesis:
 
     def __call__(self) -> SynthesisSummary:
         summary = SynthesisSummary(self.output_dir, failures=list(self.skipped), task=self.task)
-        self.network.eval()
         cases = self.dataset.data
         for index in tqdm(range(len(cases)), desc=f"{_TASK_WORDS[self.task][0]} {self.target}", unit="case", disable=not self.progress):
             case_id = str(cases[index].get("case_id", index))
@@ -122,10 +121,5 @@ class FolderSynthesis:
 
     def _synthesize(self, index: int) -> None:
         item = self.dataset[index]
-        image = item["image"]
-        image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-        autocast = torch.autocast("cuda") if self.amp else nullcontext()
-        with torch.inference_mode(), autocast:
-            prediction = self.inferer(image[None].to(self.device), self.network)
-        item["pred"] = MetaTensor(torch.as_tensor(prediction)[0].float().cpu())
+        item["pred"] = MetaTensor(infer_case(self.network, self.inferer, item["image"], self.device, self.amp))
         self.postprocessing(item)

@@ -28,6 +28,7 @@ from monai.data import MetaTensor, load_net_with_metadata
 from monai.transforms import Compose
 
 import agi_monai  # noqa: F401  (registers torch.ops.agi_monai.group_roll before a default export is loaded)
+from agi_monai.bundle.experiment import infer_case
 from agi_monai.bundle.registry import BundleError
 from agi_monai.data import (
     AtomicNibabelWriter,
@@ -95,11 +96,7 @@ class BundleSynthesizer:
                 finds it).
         """
         item = self.preprocessing(dict(case))
-        image = item["image"]
-        image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-        with torch.inference_mode():
-            prediction = self.inferer(image[None].to(self.device), self.network)
-        item["pred"] = MetaTensor(torch.as_tensor(prediction)[0].float().cpu())
+        item["pred"] = MetaTensor(infer_case(self.network, self.inferer, item["image"], self.device))
         return self.postprocessing(item)["pred"]
 
     def _from_folder(self, folder: Path, overrides: dict[str, Any]) -> tuple[ConfigParser, torch.nn.Module, str]:
