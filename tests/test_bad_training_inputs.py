@@ -238,6 +238,17 @@ def test_target_that_is_also_an_input(cache, tmp_path):
     assert "target 'T1' is one of the inputs ['T1', 'T2'] (expected a contrast other than the inputs)" in str(error)
 
 
+def test_inputs_override_without_the_network_inputs(cache, tmp_path):
+    # a 2-input bundle told to read three contrasts; before: torch's "weight of size [8, 2, 3, 3], expected
+    # input[2, 3, 64, 64] to have 2 channels", naming no setting
+    settings = overrides(GLI, cache, inputs=["T1", "T2", "FLAIR"], target="T1Gd")
+    error = cause(failed_training(IXI, tmp_path / "run", settings), ValueError)
+    assert str(error) == (
+        "AGINet: the batch has 3 input channel(s), one per contrast of 'inputs', but its first convolution takes 2 "
+        "(expected network_def#in_channels = the number of inputs, and discriminator_def#in_channels one more)"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ resume
 
 
@@ -351,3 +362,15 @@ def test_evaluate_with_the_weights_of_another_scenario(trained, cache, tmp_path)
         f"(8, 2, 3, 3) in the file, (8, 3, 3, 3) here) {EXPECTED_WEIGHTS}"
     )
     assert weights.read_bytes() == before and not list((tmp_path / "eval").glob("metrics_*"))
+
+
+def test_evaluate_with_an_empty_test_split(trained, cases, cache, tmp_path):
+    # before: "the dataset holds no case to evaluate (is the split empty?)", naming no file
+    copy_run(trained, tmp_path)
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[cases["good"]], test=[])
+    with pytest.raises(Exception) as raised:
+        evaluate_bundle(IXI, tmp_path, overrides(datalist, cache))
+    assert str(cause(raised.value)) == (
+        f"{datalist}: no case of the 'test' split has T1, T2, PD (expected at least one case with each of T1, T2, PD)"
+    )
+    assert not (tmp_path / "eval").exists()

@@ -196,7 +196,11 @@ class Pix2PixTrainer(Trainer):
         discriminator.train()
 
         with engine._autocast():
-            fake = engine.generator_forward(image)
+            try:
+                fake = engine.generator_forward(image)
+            except RuntimeError as error:
+                _raise_if_channels_differ(generator, image, error)
+                raise
         engine.state.output = {Keys.IMAGE: image, Pix2PixKeys.TARGET: target, Keys.PRED: fake.detach().float()}
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
@@ -242,6 +246,19 @@ class Pix2PixTrainer(Trainer):
         )
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output  # type: ignore[no-any-return]
+
+
+def _raise_if_channels_differ(network: nn.Module, image: torch.Tensor, error: RuntimeError) -> None:
+    """A ``ValueError`` saying what to override when ``network`` failed because the batch has another number of
+    channels than its first convolution takes (``--inputs`` overridden without ``network_def#in_channels``); torch's
+    own message names only tensor shapes."""
+    first = next((m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if first is not None and image.shape[1] != first.in_channels:
+        raise ValueError(
+            f"{type(network).__name__}: the batch has {image.shape[1]} input channel(s), one per contrast of 'inputs', "
+            f"but its first convolution takes {first.in_channels} (expected network_def#in_channels = the number of "
+            "inputs, and discriminator_def#in_channels one more)"
+        ) from error
 
 
 def training_checkpoint_dict(trainer: Pix2PixTrainer, best_model_saver: Any | None = None) -> dict[str, Any]:
