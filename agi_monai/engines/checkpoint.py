@@ -97,7 +97,7 @@ class ReportingCheckpointLoader(CheckpointLoader):
     was expected: a missing file, one ``torch.load`` cannot read (truncated, not a checkpoint), one that lacks an
     entry of ``load_dict`` (e.g. ``models/model.pt``, the generator alone, given to resume training), or a state
     dict of another network (another class, widths or number of inputs: the differing tensors are named with both
-    shapes). MONAI's loader raises torch's own errors, which name no file, or a ``KeyError`` listing every key.
+    shapes). MONAI's loader raises torch's own errors, which name no file, or one listing every key of the file.
 
     Args:
         load_path, load_dict, kwargs: as for ``monai.handlers.CheckpointLoader``.
@@ -115,9 +115,15 @@ class ReportingCheckpointLoader(CheckpointLoader):
         path = Path(self.load_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: does not exist (expected {self.expected})")
+        max_epochs = engine.state.max_epochs
         try:
             super().__call__(engine)
         except Exception as error:
+            if max_epochs is not None and engine.state.epoch > max_epochs:  # restored, but past this run's end
+                raise DataError(
+                    path, f"was saved at epoch {engine.state.epoch}, after this run's last epoch ({max_epochs})",
+                    f"--epochs greater than {engine.state.epoch}, to train on from it",
+                ) from error
             raise DataError(path, self._problem(path, error), self.expected) from error
 
     def _problem(self, path: Path, error: Exception) -> str:
