@@ -2,6 +2,8 @@
 channel order and shapes, cached so that later builds and epochs are fast, skipping bad cases."""
 
 import json
+import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from monai.data import Dataset
 
 from agi_monai.data import (
     LoadVolumed,
@@ -23,6 +26,7 @@ from agi_monai.data import (
     metatensor_to_sitk,
     preprocessing_transforms,
     restore_geometry_transforms,
+    slice_dataset,
     write_dicom_series,
 )
 
@@ -80,6 +84,95 @@ def test_cached_volumes_are_reused_and_an_epoch_takes_seconds(brats_slices, brat
     epoch = [again[i] for i in range(len(again))]
     assert time.perf_counter() - start < 20.0  # measured: about 1 s to rebuild, under 1 s per epoch
     torch.testing.assert_close(epoch[7]["image"], dataset[7]["image"])
+
+
+def _assert_same_items(a: SliceDataset, b: SliceDataset, indices) -> None:
+    for index in indices:
+        x, y = a[index], b[index]
+        assert (x["case_id"], x["slice_index"]) == (y["case_id"], y["slice_index"])
+        for key in ("image", "target", "mask"):
+            assert x[key].dtype == y[key].dtype == torch.float32
+            assert torch.equal(x[key], y[key]), (index, key)
+
+
+def _exploding_volumes(cases: list[dict]) -> Dataset:
+    def explode(item):
+        raise AssertionError(f"{item['case_id']}: the slices should come from the slice files")
+
+    return Dataset(cases, transform=explode)
+
+
+def test_slices_stored_on_disk_equal_those_in_memory_and_a_rebuild_reads_no_volume(brats_slices, brats_cases, tmp_path):
+    in_memory, _, cache = brats_slices
+    preprocessing = preprocessing_transforms(["T2", "FLAIR", "T1Gd"], "T1", spatial_size=(240, 240))
+    storage = tmp_path / "slices"
+    stored = SliceDataset(build_volume_dataset(brats_cases, preprocessing, cache), storage_dir=storage, progress=False)
+    assert len(stored) == len(in_memory) and stored.case_ids == in_memory.case_ids
+    files = sorted(storage.glob("*.npy"))
+    assert len(files) == len(brats_cases) and all(f.with_suffix(".json").is_file() for f in files)
+    assert sum(np.load(f, mmap_mode="r").shape[0] for f in files) == len(in_memory)
+    _assert_same_items(in_memory, stored, range(0, len(in_memory), 37))
+
+    # a resumed run builds the dataset again: every volume's slices come from its file, no volume is loaded
+    again = SliceDataset(_exploding_volumes(brats_cases), storage_dir=storage, progress=False)
+    assert again.case_ids == in_memory.case_ids and again.failures == []
+    _assert_same_items(in_memory, again, [0, len(in_memory) // 2, len(in_memory) - 1])
+
+    # pickled for a spawned DataLoader worker: the memory maps are reopened there, not copied into the pickle
+    assert len(pickle.dumps(again)) < 100_000
+    loader = torch.utils.data.DataLoader(again, batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    batch = next(iter(loader))
+    assert torch.equal(batch["image"], torch.stack([in_memory[i]["image"] for i in range(4)]))
+
+
+def test_float16_slice_files_are_half_the_size_and_read_back_as_float32(brats_cases, tmp_path):
+    preprocessing = preprocessing_transforms(["T2", "FLAIR"], "T1", spatial_size=(240, 240))
+    volumes = build_volume_dataset(brats_cases[2:], preprocessing, tmp_path / "volumes")
+    full = SliceDataset(volumes, storage_dir=tmp_path / "float32", progress=False)
+    half = SliceDataset(volumes, storage_dir=tmp_path / "float16", storage_dtype=torch.float16, progress=False)
+    (full_file,), (half_file,) = (tmp_path / "float32").glob("*.npy"), (tmp_path / "float16").glob("*.npy")
+    assert np.load(half_file, mmap_mode="r").dtype == np.float16
+    assert abs(half_file.stat().st_size / full_file.stat().st_size - 0.5) < 0.01
+    item, rounded = full[10], half[10]
+    assert rounded["image"].dtype == torch.float32
+    torch.testing.assert_close(rounded["image"], item["image"], rtol=0, atol=2.0**-11)  # [0, 1] in float16
+    with pytest.raises(ValueError, match="bfloat16 cannot be stored in a file"):
+        SliceDataset(volumes, storage_dir=tmp_path / "bf16", storage_dtype=torch.bfloat16, progress=False)
+
+
+def test_a_failed_volume_is_not_stored_and_the_next_build_tries_it_again(brats_cases, tmp_path):
+    missing = tmp_path / "later-t2w.nii.gz"
+    late = dict(brats_cases[2], case_id="late", T2=str(missing))
+    preprocessing = preprocessing_transforms(["T2", "FLAIR"], "T1", spatial_size=(240, 240))
+    storage, cases = tmp_path / "slices", [late, brats_cases[0]]
+    first = SliceDataset(build_volume_dataset(cases, preprocessing), storage_dir=storage, progress=False)
+    assert first.case_ids == ["BraTS-GLI-00001-000"] and [f.case_id for f in first.failures] == ["late"]
+    assert len(list(storage.glob("*.npy"))) == 1
+    shutil.copy(brats_cases[2]["T2"], missing)  # the user puts the missing file in place
+    second = SliceDataset(build_volume_dataset(cases, preprocessing), storage_dir=storage, progress=False)
+    assert second.case_ids == ["late", "BraTS-GLI-00001-000"] and second.failures == []
+    assert len(list(storage.glob("*.npy"))) == 2
+
+
+def test_slice_dataset_keeps_only_slice_files_in_a_folder_per_preprocessing(brats_cases, tmp_path, monkeypatch):
+    cases = brats_cases[2:]
+    first = slice_dataset(cases, ["T2", "FLAIR"], "T1", (240, 240), cache_dir=tmp_path, progress=False)
+    scenario = tmp_path / "T2_FLAIR_to_T1_240x240"
+    assert len(list((scenario / "slices").glob("*.npy"))) == 1
+    assert not list(tmp_path.rglob("*.pt"))  # no volume cache: at the paper's scale it outweighs the slices
+    # other preprocessing options: other slices, in a folder of their own
+    other = slice_dataset(
+        cases, ["T2", "FLAIR"], "T1", (240, 240), cache_dir=tmp_path, progress=False, reference="FLAIR"
+    )
+    (folder,) = [p for p in scenario.iterdir() if p.name.startswith("slices-")]
+    assert len(list(folder.glob("*.npy"))) == 1 and len(other) == len(first)
+
+    def no_loading(self, data):
+        raise AssertionError("the slices should come from the slice files")
+
+    monkeypatch.setattr(LoadVolumed, "__call__", no_loading)
+    again = slice_dataset(cases, ["T2", "FLAIR"], "T1", (240, 240), cache_dir=tmp_path, progress=False)
+    _assert_same_items(first, again, range(0, len(first), 20))
 
 
 FAST_REGISTRATION = {"registration_options": {"sampling_fraction": 0.05}}

@@ -2,25 +2,31 @@
 
 Volumes come from :func:`agi_monai.data.preprocessing_transforms`; with a ``cache_dir`` they are computed
 once (loading, registration, normalization) and kept on disk by MONAI's ``PersistentDataset``. The slice
-dataset then holds the axial slices with enough foreground in memory, so an epoch is only indexing.
+dataset then holds the axial slices with enough foreground, in memory or (with a ``cache_dir``) in
+memory-mapped files (``storage_dir``), so an epoch is only indexing and a restart reads no volume again.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from agi_monai.data.discovery import discover_cases
 from agi_monai.data.errors import DataError, Failure, format_failures
+from agi_monai.data.files import atomic_output, write_json
 from agi_monai.data.transforms import preprocessing_transforms
 
 __all__ = ["build_volume_dataset", "SliceDataset", "slice_dataset", "build_slice_dataset", "build_inference_dataset"]
@@ -57,6 +63,7 @@ def slice_dataset(
     cache_dir: str | Path | None = None,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     min_foreground_fraction: float = 0.05,
+    storage_dtype: torch.dtype = torch.float32,
     num_workers: int = 0,
     progress: bool = True,
     **preprocessing_options: Any,
@@ -66,18 +73,22 @@ def slice_dataset(
     :class:`SliceDataset`. Cases whose preprocessing fails are skipped and listed in the result's ``failures``;
     when no slice is left, a :class:`DataError` lists them.
 
-    The volumes are cached in a subfolder of ``cache_dir`` named after the scenario and size (e.g.
-    ``T1_T2_to_PD_256x256``): MONAI's ``PersistentDataset`` keys its cache by the items only, so one folder
-    must never serve two preprocessing configurations.
+    With ``cache_dir``, the kept slices go to memory-mapped files (:class:`SliceDataset` ``storage_dir``; the
+    paper's training sets do not fit in memory) in a subfolder named after the scenario and size, e.g.
+    ``T1_T2_to_PD_256x256/slices`` (``slices-<hash>`` when ``preprocessing_options`` are given: the files are
+    keyed by the items, so one folder must never serve two preprocessing configurations). Each volume is
+    preprocessed once, by the first build; later builds (a resumed run, the next network of a comparison) read
+    its slices from its file. The volumes themselves are not kept: at the paper's scale they would take more
+    disk than the slices (89 GB for 500 BraTS 3-to-1 cases in float32).
 
     Args:
         data: datalist items, each with the ``inputs`` and ``target`` contrasts (:func:`discover_cases`).
         inputs: input contrasts in scenario order.
         target: the contrast to synthesize.
         spatial_size: in-plane size, (256, 256) for IXI, (240, 240) for BraTS.
-        cache_dir: where preprocessed volumes are kept; None to keep nothing on disk.
+        cache_dir: where the slices are kept; None to keep nothing on disk (the slices are then held in memory).
         transform: random 2D transforms applied on access (e.g. :class:`agi_monai.data.RandShiftChanneld`).
-        min_foreground_fraction: see :class:`SliceDataset`.
+        min_foreground_fraction, storage_dtype: see :class:`SliceDataset`.
         num_workers: processes preprocessing volumes while building.
         progress: show a progress bar.
         preprocessing_options: further arguments of :func:`agi_monai.data.preprocessing_transforms`
@@ -85,13 +96,18 @@ def slice_dataset(
     """
     labels = list(preprocessing_options.get("labels", ()))
     preprocessing = preprocessing_transforms(inputs, target, spatial_size, **preprocessing_options)
+    storage_dir = None
     if cache_dir is not None:
-        cache_dir = Path(cache_dir) / f"{'_'.join(inputs)}_to_{target}_{'x'.join(str(s) for s in spatial_size)}"
+        scenario = f"{'_'.join(inputs)}_to_{target}_{'x'.join(str(s) for s in spatial_size)}"
+        options = f"-{pickle_hashing(preprocessing_options).decode()[:16]}" if preprocessing_options else ""
+        storage_dir = Path(cache_dir) / scenario / f"slices{options}"
     dataset = SliceDataset(
-        build_volume_dataset(data, preprocessing, cache_dir),
+        build_volume_dataset(data, preprocessing),
         keys=["image", "target", "mask", *labels],
         min_foreground_fraction=min_foreground_fraction,
         transform=transform,
+        storage_dtype=storage_dtype,
+        storage_dir=storage_dir,
         num_workers=num_workers,
         progress=progress,
     )
@@ -148,24 +164,47 @@ def build_inference_dataset(
     return build_volume_dataset(cases, preprocessing_transforms(inputs, target, spatial_size, **preprocessing_options))
 
 
+@dataclass
+class _SlicedVolume:
+    """The kept slices of one volume: in memory (``stack``) or in a ``.npy`` file mapped on first access."""
+
+    case_id: str
+    slice_indices: list[int]
+    stack: torch.Tensor | None = None  # (kept slices, channels of all keys, H, W)
+    path: Path | None = None
+
+
 class SliceDataset(torch.utils.data.Dataset):
-    """Axial 2D slices of preprocessed volumes, kept in memory; slices without enough foreground dropped.
+    """Axial 2D slices of preprocessed volumes; slices without enough foreground dropped.
 
     Items: ``"image"`` (C, H, W) the inputs in scenario order, ``"target"`` (1, H, W), ``"mask"``
     (1, H, W), any other ``keys``, plus ``"case_id"`` and ``"slice_index"`` (the slice's index in the
     preprocessed volume). ``transform`` (e.g. :class:`agi_monai.data.RandShiftChanneld`) is applied to each
     item on access.
 
-    A case whose preprocessing raises a :class:`DataError` is skipped and listed in :attr:`failures`.
+    The kept slices are held in memory, or with ``storage_dir`` in one memory-mapped ``.npy`` file per volume
+    (written atomically, named by a hash of the volume's datalist item and of ``keys``, the foreground
+    threshold and ``storage_dtype``, as MONAI's ``PersistentDataset`` names its files). The paper's training sets
+    need that: 500 BraTS cases keep about 120 slices each, 5 channels of 240² for a 3-to-1 scenario (inputs,
+    target, mask), about 69 GB in float32 (35 GB in float16); on disk the operating system's page cache holds
+    what fits, and the data-loading processes share it. A dataset built again with the same ``storage_dir``
+    (a resumed training run) reads the slices of every stored volume without loading the volume. Like
+    ``PersistentDataset``'s, the files are keyed by the items (file paths), not by the files' contents: use
+    a fresh folder when the images change.
+
+    A case whose preprocessing raises a :class:`DataError` is skipped and listed in :attr:`failures` (and
+    tried again by the next build).
 
     Args:
-        volumes: preprocessed volumes, e.g. :func:`build_volume_dataset`.
+        volumes: preprocessed volumes, e.g. :func:`build_volume_dataset`; with ``storage_dir``, a MONAI
+            ``Dataset`` (its ``data`` items name the stored files).
         keys: the keys to slice, each (C, H, W, D).
         mask_key: key of the foreground mask deciding which slices to keep.
         min_foreground_fraction: keep slices whose foreground covers at least this share of the slice.
         transform: applied to each 2D item.
-        storage_dtype: dtype the slices are held in (``torch.float16`` halves the memory: about
-            18 GB instead of 37 GB for the paper's BraTS 3-to-1 training set); items are float32.
+        storage_dtype: dtype the slices are held in (``torch.float16`` halves the memory or disk); items are
+            float32.
+        storage_dir: where the slices are kept as memory-mapped files; None to hold them in memory.
         num_workers: processes that preprocess volumes while the dataset is built.
         progress: show a progress bar while building.
     """
@@ -178,18 +217,26 @@ class SliceDataset(torch.utils.data.Dataset):
         min_foreground_fraction: float = 0.05,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         storage_dtype: torch.dtype = torch.float32,
+        storage_dir: str | Path | None = None,
         num_workers: int = 0,
         progress: bool = True,
     ) -> None:
         self.keys = list(keys)
         self.transform = transform
         self.failures: list[Failure] = []
-        self._stacks: list[torch.Tensor] = []  # per volume: (kept slices, channels of all keys, H, W)
-        self._slice_indices: list[list[int]] = []
-        self._case_ids: list[str] = []
+        self.storage_dir = None if storage_dir is None else Path(storage_dir)
         self._channels: list[int] = []
-        loader = DataLoader(_ReportingDataset(volumes), batch_size=None, num_workers=num_workers, collate_fn=_identity)
-        for item in tqdm(loader, desc="slicing volumes", unit="volume", disable=not progress):
+        self._mapped: dict[int, np.ndarray] = {}  # this process's memory maps, by volume
+        files = self._storage_files(volumes, mask_key, min_foreground_fraction, storage_dtype)
+        built: dict[int, _SlicedVolume] = {}
+        for index, path in enumerate(files):
+            if path is not None and path.with_suffix(".json").is_file():
+                built[index] = self._stored(path)
+        pending = [index for index in range(len(volumes)) if index not in built]
+        loader = DataLoader(
+            _ReportingDataset(volumes, pending), batch_size=None, num_workers=num_workers, collate_fn=_identity
+        )
+        for index, item in zip(pending, tqdm(loader, desc="slicing volumes", unit="volume", disable=not progress)):
             if isinstance(item, Failure):
                 self.failures.append(item)
                 continue
@@ -198,35 +245,83 @@ class SliceDataset(torch.utils.data.Dataset):
             if not self._channels:
                 self._channels = [int(item[key].shape[0]) for key in self.keys]
             stack = torch.cat([torch.as_tensor(item[key]).float() for key in self.keys], dim=0)
-            self._stacks.append(stack[..., kept].permute(3, 0, 1, 2).to(storage_dtype).contiguous())
-            self._slice_indices.append(kept.tolist())
-            self._case_ids.append(str(item.get("case_id", len(self._case_ids))))
-        self._ends = list(torch.cumsum(torch.tensor([len(s) for s in self._slice_indices] or [0]), 0).tolist())
-        summary = f"{len(self)} slices from {len(self._stacks)} volumes, {len(self.failures)} volumes skipped"
+            stack = stack[..., kept].permute(3, 0, 1, 2).to(storage_dtype).contiguous()
+            volume = _SlicedVolume(str(item.get("case_id", index)), kept.tolist(), stack=stack)
+            built[index] = volume if files[index] is None else self._store(volume, files[index])
+        self._volumes = [built[index] for index in sorted(built)]
+        self._ends = list(torch.cumsum(torch.tensor([len(v.slice_indices) for v in self._volumes] or [0]), 0).tolist())
+        stored = len(self._volumes) - (len(pending) - len(self.failures))
+        summary = (
+            f"{len(self)} slices from {len(self._volumes)} volumes"
+            f"{f' ({stored} read from {self.storage_dir})' if stored else ''}, {len(self.failures)} volumes skipped"
+        )
         if self.failures:
             _logger.warning("%s\n%s", summary, format_failures(self.failures, "volumes"))
         else:
             _logger.info(summary)
 
+    def _storage_files(
+        self, volumes: Any, mask_key: str, min_foreground_fraction: float, storage_dtype: torch.dtype
+    ) -> list[Path | None]:
+        """Each volume's slice file (None: held in memory)."""
+        if self.storage_dir is None:
+            return [None] * len(volumes)
+        items = getattr(volumes, "data", None)
+        if items is None:
+            raise ValueError(
+                f"SliceDataset: storage_dir={self.storage_dir} needs a MONAI Dataset of datalist items to name its "
+                f"files (build_volume_dataset); got {type(volumes).__name__}"
+            )
+        if storage_dtype not in (torch.float32, torch.float16):
+            raise ValueError(
+                f"SliceDataset: storage_dtype {storage_dtype} cannot be stored in a file (expected float32 or float16)"
+            )
+        settings = {"keys": self.keys, "mask_key": mask_key, "min_foreground_fraction": min_foreground_fraction,
+                    "storage_dtype": str(storage_dtype)}
+        return [self.storage_dir / f"{pickle_hashing({'item': item, **settings}).decode()}.npy" for item in items]
+
+    def _store(self, volume: _SlicedVolume, path: Path) -> _SlicedVolume:
+        """Writes a volume's slices (the ``.npy``, then the ``.json`` that marks it complete) and forgets the tensor."""
+        with atomic_output(path) as temporary:
+            np.save(temporary, volume.stack.numpy())
+        write_json({"case_id": volume.case_id, "slice_indices": volume.slice_indices, "channels": self._channels},
+                   path.with_suffix(".json"))
+        return _SlicedVolume(volume.case_id, volume.slice_indices, path=path)
+
+    def _stored(self, path: Path) -> _SlicedVolume:
+        record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        self._channels = self._channels or list(record["channels"])
+        return _SlicedVolume(str(record["case_id"]), list(record["slice_indices"]), path=path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # memory maps are reopened by each process (spawned DataLoader workers), never pickled as arrays
+        return {**self.__dict__, "_mapped": {}}
+
     @property
     def case_ids(self) -> list[str]:
         """The case of each held volume, in order."""
-        return list(self._case_ids)
+        return [volume.case_id for volume in self._volumes]
 
     def __len__(self) -> int:
-        return self._ends[-1] if self._stacks else 0
+        return self._ends[-1] if self._volumes else 0
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"slice {index} out of range for {len(self)} slices")
-        volume = bisect.bisect_right(self._ends, index)
-        position = index - (self._ends[volume - 1] if volume else 0)
-        planes = torch.split(self._stacks[volume][position].float(), self._channels, dim=0)
-        item: dict[str, Any] = dict(zip(self.keys, planes))
-        item["case_id"] = self._case_ids[volume]
-        item["slice_index"] = self._slice_indices[volume][position]
+        number = bisect.bisect_right(self._ends, index)
+        position = index - (self._ends[number - 1] if number else 0)
+        volume = self._volumes[number]
+        if volume.stack is not None:
+            planes = volume.stack[position].float()
+        else:
+            if number not in self._mapped:
+                self._mapped[number] = np.load(volume.path, mmap_mode="r")
+            planes = torch.from_numpy(np.array(self._mapped[number][position], dtype=np.float32))
+        item: dict[str, Any] = dict(zip(self.keys, torch.split(planes, self._channels, dim=0)))
+        item["case_id"] = volume.case_id
+        item["slice_index"] = volume.slice_indices[position]
         return self.transform(item) if self.transform is not None else item
 
 
@@ -234,13 +329,15 @@ class _ReportingDataset(torch.utils.data.Dataset):
     """Returns a :class:`Failure` instead of raising when a case's preprocessing hits a :class:`DataError`
     (MONAI's ``Compose`` wraps it in a ``RuntimeError``), so one bad case does not stop the others."""
 
-    def __init__(self, volumes: Dataset | Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, volumes: Dataset | Sequence[Mapping[str, Any]], indices: Sequence[int] | None = None) -> None:
         self.volumes = volumes
+        self.indices = list(range(len(volumes))) if indices is None else list(indices)
 
     def __len__(self) -> int:
-        return len(self.volumes)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, position: int) -> Any:
+        index = self.indices[position]
         try:
             return self.volumes[index]
         except Exception as error:
