@@ -27,7 +27,7 @@ from monai.bundle.properties import InferProperties, TrainProperties
 from monai.utils.enums import BundleProperty, BundlePropertyConfig
 from monai.utils import optional_import
 
-from agi_monai.bundle import FolderSynthesis, load_split, loss_terms, slice_names
+from agi_monai.bundle import FolderSynthesis, TrainingSummary, load_split, loss_terms, slice_names
 from agi_monai.data import Failure
 from agi_monai.networks import AGINet
 
@@ -379,6 +379,8 @@ def test_two_iterations_train_resume_and_evaluate(name, dataset, resume, tmp_pat
     log = _bundle(name, "run training", _configs(name, "train.json"), *_train_args(tmp_path, dataset))
     assert "val_psnr" in log
     models = tmp_path / "models"
+    summary = re.search(r"training done: iterations 1-2 of 2 \(epoch 1 of 1\) in .*; best val_psnr (\S+): (\S+);", log)
+    assert summary and summary.group(2) == str(models / "model.pt"), log[-3000:]
     best = torch.load(models / "model.pt", weights_only=True)  # the generator's state only
     AGINet(in_channels=2, channels=[8, 16, 16, 32]).load_state_dict(best)
     (first,) = models.glob("training_checkpoint_*.pt")
@@ -418,6 +420,7 @@ def _resume(name: str, dataset: Path, tmp_path: Path, first: Path) -> None:
     )
     assert f"Restored all variables from {first}" in log
     assert "Epoch: 2/2, Iter: 1/2" in log and "Epoch: 1/2" not in log
+    assert "training done: iterations 3-4 of 4 (epoch 2 of 2)" in log
     # the earlier run's checkpoint is superseded (n_saved=1), not left beside the new one
     assert sorted(p.name for p in models.glob("training_checkpoint_*.pt")) == ["training_checkpoint_epoch=2.pt"]
     resumed = torch.load(models / "training_checkpoint_epoch=2.pt", weights_only=True)
@@ -441,6 +444,50 @@ def test_resume_checkpoint_resolution(tmp_path):
     assert find_resume_checkpoint(tmp_path / "model.pt", tmp_path) == str(tmp_path / "model.pt")
     with pytest.raises(FileNotFoundError, match=r"resume_ckpt: .*missing\.pt does not exist; expected a training"):
         find_resume_checkpoint(tmp_path / "missing.pt", tmp_path)
+
+
+def test_training_summary_line_for_a_run_a_resumed_run_and_a_finished_one(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from ignite.engine import Engine, Events
+
+    # the best-model saver as TrainingSummary reads it: MONAI's save_dir, the ranking's scores and its fixed file name
+    ranking = SimpleNamespace(
+        state_dict=lambda: {"_saved": [(21.5, "model_key_metric=21.5.pt"), (23.25, "model_key_metric=23.25.pt")]},
+        save_handler=SimpleNamespace(filename="model.pt"),
+    )
+    saver = SimpleNamespace(save_dir=str(tmp_path), key_metric_ranking=ranking)
+    (tmp_path / "training_checkpoint_epoch=2.pt").write_bytes(b"")
+    trainer = Engine(lambda engine, batch: None)
+    TrainingSummary(tmp_path, saver).attach(trainer)
+    trainer.run(range(3), max_epochs=2)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"training done: iterations 1-6 of 6 \(epochs 1-2 of 2\) in 0:00:\d\d\.\d; best val_psnr 23\.2500: "
+        rf"{re.escape(str(tmp_path / 'model.pt'))}; --resume_ckpt latest continues from "
+        rf"{re.escape(str(tmp_path / 'training_checkpoint_epoch=2.pt'))}",
+        line,
+    ), line
+
+    def resumed(iteration: int, epoch: int) -> Engine:
+        """A trainer whose state a checkpoint restores when it starts (as the bundles' CheckpointLoader does)."""
+        engine = Engine(lambda engine, batch: None)
+        TrainingSummary(tmp_path, saver).attach(engine)
+        engine.add_event_handler(Events.STARTED, lambda e: e.state.__dict__.update(iteration=iteration, epoch=epoch))
+        return engine
+
+    resumed(6, 2).run(range(3), max_epochs=3)
+    assert "training done: iterations 7-9 of 9 (epoch 3 of 3) in " in capsys.readouterr().out
+    resumed(9, 3).run(range(3), max_epochs=3)
+    assert "training done: nothing to train, all 3 epochs were done" in capsys.readouterr().out
+
+    empty = SimpleNamespace(save_dir=str(tmp_path), key_metric_ranking=SimpleNamespace(state_dict=lambda: {"_saved": []}))
+    untrained = Engine(lambda engine, batch: None)
+    TrainingSummary(tmp_path / "none", empty).attach(untrained)
+    untrained.run(range(2), max_epochs=1)
+    assert capsys.readouterr().out.strip().endswith(
+        "(epoch 1 of 1) in 0:00:00.0; no validation yet, so no best generator"
+    )
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 """
 
 from agi_monai.bundle.data import load_split
-from agi_monai.bundle.handlers import loss_terms, slice_names
+from agi_monai.bundle.handlers import TrainingSummary, loss_terms, slice_names
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
 
-__all__ = ["FolderSynthesis", "SynthesisSummary", "load_split", "loss_terms", "slice_names"]
+__all__ = ["FolderSynthesis", "SynthesisSummary", "TrainingSummary", "load_split", "loss_terms", "slice_names"]

@@ -1,13 +1,19 @@
-"""Adapters between engine outputs/batches and MONAI handlers (``output_transform``, ``batch_transform``)."""
+"""Adapters between engine outputs/batches and MONAI handlers (``output_transform``, ``batch_transform``), and
+the line a training run ends with."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from ignite.engine import Engine, Events
 from monai.utils import ImageMetaKey
 
-__all__ = ["loss_terms", "slice_names"]
+from agi_monai.engines import find_resume_checkpoint
+
+__all__ = ["TrainingSummary", "loss_terms", "slice_names"]
 
 
 def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -26,3 +32,67 @@ def slice_names(batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[
     else:
         items = list(batch)
     return [{ImageMetaKey.FILENAME_OR_OBJ: f"{item['case_id']}#{int(item['slice_index'])}"} for item in items]
+
+
+class TrainingSummary:
+    """Prints the one line a training run ends with: the iterations and epochs this run trained and its time,
+    the best validation score so far and the file holding that generator, and the checkpoint a later run
+    resumes from. (Ignite's last line, "Engine run finished. Time taken", says none of it.)
+
+    A train handler (``train#handlers``): attached to the trainer, it counts from the first epoch this run
+    starts, after a resume has restored the trainer's state.
+
+    Args:
+        ckpt_dir: the bundle's checkpoint folder (``training_checkpoint_epoch=<n>.pt``).
+        best_model_saver: the validation's :class:`agi_monai.engines.AtomicCheckpointSaver` of the best generator;
+            its ranking is part of the training checkpoint, so the best score includes the runs this one resumed.
+        metric_name: the validation's key metric, for the line.
+    """
+
+    def __init__(
+        self, ckpt_dir: str | Path, best_model_saver: Any | None = None, metric_name: str = "val_psnr"
+    ) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.best_model_saver = best_model_saver
+        self.metric_name = metric_name
+        self._first: tuple[int, int, float] | None = None  # iteration, epoch and time when this run began
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _epoch_started(self, engine: Engine) -> None:
+        if self._first is None:  # (Ignite has counted the new epoch already, not yet its first iteration)
+            self._first = (engine.state.iteration + 1, engine.state.epoch, time.perf_counter())
+
+    def __call__(self, engine: Engine) -> None:
+        state = engine.state
+        iteration, epoch, started = self._first or (state.iteration + 1, state.epoch + 1, time.perf_counter())
+        self._first = None
+        minutes, seconds = divmod(time.perf_counter() - started, 60)
+        if state.iteration < iteration:
+            done = f"all {state.max_epochs} epochs were done (a larger --epochs trains on)"
+            parts = [f"training done: nothing to train, {done}"]
+        else:
+            parts = [
+                f"training done: {_span('iteration', iteration, state.iteration)} of "
+                f"{state.max_epochs * state.epoch_length} ({_span('epoch', epoch, state.epoch)} of {state.max_epochs}) "
+                f"in {int(minutes) // 60}:{int(minutes) % 60:02d}:{seconds:04.1f}"
+            ]
+        ranking = getattr(self.best_model_saver, "key_metric_ranking", None)
+        saved = ranking.state_dict()["_saved"] if ranking is not None else []
+        if saved:
+            score, name = max(saved, key=lambda entry: entry[0])
+            name = getattr(ranking.save_handler, "filename", None) or name  # MONAI saves the best under a fixed name
+            parts.append(f"best {self.metric_name} {score:.4f}: {Path(self.best_model_saver.save_dir) / name}")
+        elif self.best_model_saver is not None:
+            parts.append("no validation yet, so no best generator")
+        latest = find_resume_checkpoint("latest", self.ckpt_dir)
+        if latest:
+            parts.append(f"--resume_ckpt latest continues from {latest}")
+        print("; ".join(parts), flush=True)
+
+
+def _span(unit: str, first: int, last: int) -> str:
+    """``iteration 3`` or ``iterations 3-6``."""
+    return f"{unit} {first}" if first == last else f"{unit}s {first}-{last}"
