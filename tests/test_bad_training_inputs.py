@@ -254,12 +254,28 @@ def test_resume_latest_without_a_checkpoint_starts_afresh(trained):
     )
 
 
-def test_starting_afresh_over_an_earlier_run_warns(trained, caplog):
-    models = trained["root"] / "models"
-    with caplog.at_level(logging.WARNING, logger="agi_monai"):
-        assert find_resume_checkpoint("", models) == ""
-    assert f"starting afresh although {models} holds {CHECKPOINT} of an earlier run" in caplog.text
-    assert "--resume_ckpt latest continues that run" in caplog.text
+def test_starting_afresh_over_an_earlier_run_keeps_that_run_aside(trained, cases, cache, tmp_path):
+    copy_run(trained, tmp_path)
+    models = tmp_path / "models"
+    earlier = tree_digest(models)
+    assert set(earlier) == {CHECKPOINT, "model.pt"}
+    # a start that fails (here: no such dataset) moves nothing
+    failed_training(IXI, tmp_path, overrides(tmp_path / "no-such-folder", cache))
+    # a fresh run (no --resume_ckpt: a user who forgot it) trains anew; the earlier run's files are kept, unchanged
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[cases["good"]])
+    records = Records()
+    logging.getLogger("agi_monai").addHandler(records)
+    try:
+        train_bundle(IXI, tmp_path, overrides(datalist, cache))
+    finally:
+        logging.getLogger("agi_monai").removeHandler(records)
+    (kept,) = models.glob("earlier_run_*")
+    assert tree_digest(kept) == earlier
+    moved = f"starting afresh: moved the earlier run's {CHECKPOINT}, model.pt to {kept} (--resume_ckpt latest would"
+    assert any(line.startswith(moved) for line in records.lines), records.lines
+    assert not any("superseded" in line or "resuming" in line for line in records.lines), records.lines
+    assert {CHECKPOINT, "model.pt"} <= set(p.name for p in models.iterdir())  # the new run's own
+    assert find_resume_checkpoint("latest", models) == str(models / CHECKPOINT)  # not the one set aside
 
 
 def test_resume_from_a_missing_file(cache, tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from monai.utils import ImageMetaKey
 
-from agi_monai.engines import find_resume_checkpoint
+from agi_monai.engines import latest_training_checkpoint
 
 __all__ = ["TrainingSummary", "loss_terms", "slice_names"]
 
@@ -87,8 +87,8 @@ class TrainingSummary:
             parts.append(f"best {self.metric_name} {score:.4f}: {Path(self.best_model_saver.save_dir) / name}")
         elif self.best_model_saver is not None:
             parts.append("no validation yet, so no best generator")
-        latest = find_resume_checkpoint("latest", self.ckpt_dir)
-        if latest:
+        latest = latest_training_checkpoint(self.ckpt_dir)
+        if latest is not None:
             parts.append(f"--resume_ckpt latest continues from {latest}")
         print("; ".join(parts), flush=True)
 

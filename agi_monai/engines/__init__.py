@@ -15,7 +15,8 @@ Resume: save and load the same dict, :func:`training_checkpoint_dict` (generator
 optimizers, both AMP scalers, the trainer's Ignite state, and the best generator's score). A train handler
 cannot name its own trainer, so the saver and loader are attached in ``initialize``; ``bundles/_template/configs/
 train.json`` is the recipe (``checkpoint_saver``, ``checkpoint_loader``, ``best_model_saver``,
-``resume_path`` = :func:`find_resume_checkpoint` of ``--resume_ckpt`` ``""`` | ``latest`` | a file).
+``resume_path`` = :func:`find_resume_checkpoint` of ``--resume_ckpt`` ``""`` | ``latest`` | a file; a run that starts
+afresh first moves an earlier run's files aside, :func:`set_aside_earlier_run`).
 
 (``CheckpointLoader`` reads with ``weights_only=True``; the bundles use :class:`ReportingCheckpointLoader`, which
 names the file and what does not match when a checkpoint cannot be restored.) Ignite restarts the data iterator
@@ -29,7 +30,13 @@ Validation: :func:`synthesis_evaluator`, or the ``SupervisedEvaluator`` recipe i
 keys are ``pred`` and ``label``).
 """
 
-from agi_monai.engines.checkpoint import AtomicCheckpointSaver, ReportingCheckpointLoader, find_resume_checkpoint
+from agi_monai.engines.checkpoint import (
+    AtomicCheckpointSaver,
+    ReportingCheckpointLoader,
+    find_resume_checkpoint,
+    latest_training_checkpoint,
+    set_aside_earlier_run,
+)
 from agi_monai.engines.evaluation import (
     StructuralSimilarityIndex,
     clip_prediction,
@@ -48,6 +55,8 @@ __all__ = [
     "SynthesisPrepareBatch",
     "clip_prediction",
     "find_resume_checkpoint",
+    "latest_training_checkpoint",
+    "set_aside_earlier_run",
     "synthesis_evaluator",
     "synthesis_metrics",
     "training_checkpoint_dict",

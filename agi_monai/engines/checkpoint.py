@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,13 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from agi_monai.data.errors import DataError
 
-__all__ = ["AtomicCheckpointSaver", "ReportingCheckpointLoader", "find_resume_checkpoint"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "ReportingCheckpointLoader",
+    "find_resume_checkpoint",
+    "latest_training_checkpoint",
+    "set_aside_earlier_run",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -199,23 +207,15 @@ def find_resume_checkpoint(resume_ckpt: str | Path, ckpt_dir: str | Path, file_p
     """The checkpoint a training config resumes from (``""``: none).
 
     Args:
-        resume_ckpt: ``""`` to start afresh (with a warning when ``ckpt_dir`` holds an earlier run's training
-            checkpoint, which this run's supersede); a checkpoint file (an error when it is missing); or ``"latest"``,
+        resume_ckpt: ``""`` to start afresh (:func:`set_aside_earlier_run` keeps an earlier run's files); a
+            checkpoint file (an error when it is missing); or ``"latest"``,
             the training checkpoint of ``ckpt_dir`` with the highest epoch (``<file_prefix>_checkpoint_epoch=<n>.pt``,
             :class:`AtomicCheckpointSaver`'s names), or ``""`` with a log line when there is none yet, so that
             ``--resume_ckpt latest`` both starts and continues a run.
         ckpt_dir: the bundle's ``models`` folder.
         file_prefix: the training checkpoints' prefix.
     """
-    found = re.compile(rf"{re.escape(file_prefix)}_checkpoint_epoch=([0-9]+)\.pt")
-    candidates = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("*.pt") if (m := found.fullmatch(p.name))]
     if not resume_ckpt:
-        if candidates:
-            _logger.warning(
-                "starting afresh although %s holds %s of an earlier run: this run's first checkpoint supersedes it "
-                "(--resume_ckpt latest continues that run; another --bundle_root keeps it)",
-                ckpt_dir, max(candidates)[1].name,
-            )
         return ""
     if str(resume_ckpt) != LATEST:
         if not Path(resume_ckpt).is_file():
@@ -224,9 +224,56 @@ def find_resume_checkpoint(resume_ckpt: str | Path, ckpt_dir: str | Path, file_p
                 f"({file_prefix}_checkpoint_epoch=<n>.pt), 'latest', or '' to start afresh"
             )
         return str(resume_ckpt)
-    if not candidates:
+    path = latest_training_checkpoint(ckpt_dir, file_prefix)
+    if path is None:
         _logger.info("resume_ckpt=latest: no training checkpoint in %s yet, starting afresh", ckpt_dir)
         return ""
-    epoch, path = max(candidates)
-    _logger.info("resume_ckpt=latest: resuming from %s (epoch %d)", path, epoch)
+    _logger.info("resume_ckpt=latest: resuming from %s", path)
     return str(path)
+
+
+def _training_checkpoints(ckpt_dir: str | Path, file_prefix: str = "training") -> list[tuple[int, Path]]:
+    """(epoch, file) of each ``<file_prefix>_checkpoint_epoch=<n>.pt`` in ``ckpt_dir``."""
+    found = re.compile(rf"{re.escape(file_prefix)}_checkpoint_epoch=([0-9]+)\.pt")
+    return [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("*.pt") if (m := found.fullmatch(p.name))]
+
+
+def latest_training_checkpoint(ckpt_dir: str | Path, file_prefix: str = "training") -> Path | None:
+    """The training checkpoint of ``ckpt_dir`` with the highest epoch (what ``--resume_ckpt latest`` resumes)."""
+    candidates = _training_checkpoints(ckpt_dir, file_prefix)
+    return max(candidates)[1] if candidates else None
+
+
+def set_aside_earlier_run(
+    ckpt_dir: str | Path, trainer: Engine | None = None, file_prefix: str = "training", best_name: str = "model.pt"
+) -> Path | None:
+    """Before a run that starts afresh: moves an earlier run's training checkpoints and best generator (or weights
+    put there by hand) from ``ckpt_dir`` into ``ckpt_dir/earlier_run_<date>-<time>/`` and says so, because the new
+    run's first saves would otherwise replace them (a forgotten ``--resume_ckpt latest`` after days of training).
+    Returns that folder, or None when there was nothing to keep.
+
+    Args:
+        ckpt_dir: the bundle's ``models`` folder.
+        trainer: the run's trainer, only so that a bundle config builds it (datasets, networks) before anything is
+            moved: a run that cannot start leaves ``ckpt_dir`` as it was.
+        file_prefix: the training checkpoints' prefix.
+        best_name: the best generator's file.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    earlier = [p for _, p in sorted(_training_checkpoints(ckpt_dir, file_prefix))]
+    earlier += [p for p in [ckpt_dir / best_name] if p.is_file()]
+    if not earlier:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, number = ckpt_dir / f"earlier_run_{stamp}", 1
+    while folder.exists():  # two fresh starts within a second
+        number += 1
+        folder = ckpt_dir / f"earlier_run_{stamp}-{number}"
+    folder.mkdir()
+    for path in earlier:
+        os.replace(path, folder / path.name)  # same file system: a rename, nothing copied
+    _logger.warning(
+        "starting afresh: moved the earlier run's %s to %s (--resume_ckpt latest would have continued it)",
+        ", ".join(p.name for p in earlier), folder,
+    )
+    return folder
