@@ -105,6 +105,14 @@ def test_two_series_for_one_contrast_need_a_mapping(native_study, tmp_path):
     lookalike = type(duplicate)(**{**duplicate.__dict__, "series_uid": "9.9", "description": "COR T2"})
     with pytest.raises(DataError, match="several series match one contrast .*T2: 'AX T2 FSE'.*'COR T2'"):
         match_series_to_contrasts([*series, lookalike])
+    # a mapping naming T2 alone settles it; the other contrasts are still found by their descriptions
+    settled = match_series_to_contrasts([*series, lookalike], mapping={"T2": "COR T2"})
+    assert {contrast: s.description for contrast, s in settled.items()} == {
+        "T2": "COR T2", "FLAIR": "AX T2 FLAIR", "T1": "AX T1 SE", "T1Gd": "AX T1 SE +C"
+    }
+    # a series the mapping selects is not matched again by the rules
+    moved = match_series_to_contrasts(series, mapping={"T1": "AX T1 SE +C"})
+    assert moved["T1"].description == "AX T1 SE +C" and "T1Gd" not in moved
 
 
 def test_dicom_folder_discovered_as_a_case_and_converted(native_study, tmp_path):

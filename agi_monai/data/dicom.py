@@ -112,37 +112,39 @@ def match_series_to_contrasts(
     Args:
         series: the series of one study.
         mapping: explicit contrast -> selector, a selector being a SeriesInstanceUID, a SeriesNumber or a
-            SeriesDescription (case-insensitive); when given, the rules are not used.
+            SeriesDescription (case-insensitive); the contrasts it does not name are matched by the rules among
+            the series it does not select (so ``{"T2": "AX T2 FSE"}`` settles two T2 series and nothing else).
         rules: ordered (contrast or None, regex) rules on "SeriesDescription ProtocolName"; a T1 series
             whose ContrastBolusAgent tag is set counts as T1Gd.
 
     Raises:
         DataError: a selector matches no series, or several series match one contrast (give a mapping).
     """
-    if mapping:
-        matched = {}
-        for name, selector in mapping.items():
-            contrast = canonical_contrast(name)
-            hits = [
-                s
-                for s in series
-                if selector in (s.series_uid, s.series_number) or selector.lower() == s.description.lower()
-            ]
-            if len(hits) != 1:
-                labels = ", ".join(s.label for s in series)
-                raise DataError(
-                    f"{contrast} = {selector!r}", f"matches {len(hits)} series among: {labels}", "exactly one"
-                )
-            matched[contrast] = hits[0]
-        return matched
+    matched: dict[str, DicomSeries] = {}
+    for name, selector in (mapping or {}).items():
+        contrast = canonical_contrast(name)
+        hits = [
+            s
+            for s in series
+            if selector in (s.series_uid, s.series_number) or selector.lower() == s.description.lower()
+        ]
+        if len(hits) != 1:
+            labels = ", ".join(s.label for s in series)
+            raise DataError(
+                f"{contrast} = {selector!r}", f"matches {len(hits)} series among: {labels}", "exactly one"
+            )
+        matched[contrast] = hits[0]
+    selected = {item.series_uid for item in matched.values()}
 
     candidates: dict[str, list[DicomSeries]] = {}
     for item in series:
+        if item.series_uid in selected:
+            continue
         text = f"{item.description} {item.protocol}".lower()
         contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
         if contrast == "T1" and item.contrast_agent.strip():
             contrast = "T1Gd"
-        if contrast is not None:
+        if contrast is not None and contrast not in matched:
             candidates.setdefault(contrast, []).append(item)
     ambiguous = {contrast: items for contrast, items in candidates.items() if len(items) > 1}
     if ambiguous:
@@ -152,7 +154,7 @@ def match_series_to_contrasts(
             f"several series match one contrast ({details})",
             "an explicit mapping",
         )
-    return {contrast: items[0] for contrast, items in candidates.items()}
+    return {**{contrast: items[0] for contrast, items in candidates.items()}, **matched}
 
 
 def convert_dicom_to_nifti(case: Mapping[str, object], output_dir: str | Path) -> dict[str, object]:
