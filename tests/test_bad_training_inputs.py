@@ -257,8 +257,9 @@ def test_resume_latest_without_a_checkpoint_starts_afresh(trained):
 def test_starting_afresh_over_an_earlier_run_keeps_that_run_aside(trained, cases, cache, tmp_path):
     copy_run(trained, tmp_path)
     models = tmp_path / "models"
+    (models / "model.ts").write_bytes(b"an export of the earlier model.pt")
     earlier = tree_digest(models)
-    assert set(earlier) == {CHECKPOINT, "model.pt"}
+    assert set(earlier) == {CHECKPOINT, "model.pt", "model.ts"}
     # a start that fails (here: no such dataset) moves nothing
     failed_training(IXI, tmp_path, overrides(tmp_path / "no-such-folder", cache))
     # a fresh run (no --resume_ckpt: a user who forgot it) trains anew; the earlier run's files are kept, unchanged
@@ -271,10 +272,10 @@ def test_starting_afresh_over_an_earlier_run_keeps_that_run_aside(trained, cases
         logging.getLogger("agi_monai").removeHandler(records)
     (kept,) = models.glob("earlier_run_*")
     assert tree_digest(kept) == earlier
-    moved = f"starting afresh: moved the earlier run's {CHECKPOINT}, model.pt to {kept} (--resume_ckpt latest would"
+    moved = f"starting afresh: moved the earlier run's {CHECKPOINT}, model.pt, model.ts to {kept} (--resume_ckpt latest"
     assert any(line.startswith(moved) for line in records.lines), records.lines
     assert not any("superseded" in line or "resuming" in line for line in records.lines), records.lines
-    assert {CHECKPOINT, "model.pt"} <= set(p.name for p in models.iterdir())  # the new run's own
+    assert {p.name for p in models.iterdir() if p.is_file()} == {CHECKPOINT, "model.pt"}  # the new run's own
     assert find_resume_checkpoint("latest", models) == str(models / CHECKPOINT)  # not the one set aside
 
 

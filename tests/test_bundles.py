@@ -310,6 +310,23 @@ def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(unt
     assert values.dtype == np.float32 and values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.0
 
 
+def test_inference_with_weights_of_other_widths_names_the_file(untrained_bundle, tmp_path):
+    name = "brats_t1_t2_flair_to_t1gd"  # untrained_bundle's model.pt has widths (8, 16, 16, 32); no TINY override here
+    weights = untrained_bundle / "models" / "model.pt"
+    before = weights.read_bytes()
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", _configs(name, "inference.json")[0],
+           "--bundle_root", str(untrained_bundle), "--dataset_dir", str(DATA / "brats2023-gli"),
+           "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode != 0
+    assert (
+        f"{weights}: its 'model' does not fit AGINet of this config: 136 tensor(s) of another shape (e.g. head.weight "
+        "(8, 3, 3, 3) in the file, (64, 3, 3, 3) here) (expected the weights this bundle's train.json writes "
+        "(models/model.pt), of a run with the same network_def)"
+    ) in result.stderr, result.stderr[-3000:]
+    assert weights.read_bytes() == before and not (tmp_path / "out").exists()
+
+
 def test_export_torchscript_loads_in_a_fresh_process(untrained_bundle):
     name = "brats_t1_t2_flair_to_t1gd"
     folder = BUNDLES / name / "configs"

@@ -106,7 +106,8 @@ class FolderSynthesis:
     def __call__(self) -> SynthesisSummary:
         summary = SynthesisSummary(self.output_dir, failures=list(self.skipped), task=self.task)
         cases = self.dataset.data
-        for index in tqdm(range(len(cases)), desc=f"{_TASK_WORDS[self.task][0]} {self.target}", unit="case", disable=not self.progress):
+        label = _TASK_WORDS[self.task][0] + (f" {self.target}" if self.task == "synthesis" else "")
+        for index in tqdm(range(len(cases)), desc=label, unit="case", disable=not self.progress):
             case_id = str(cases[index].get("case_id", index))
             try:
                 self._synthesize(index)

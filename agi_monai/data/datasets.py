@@ -236,7 +236,8 @@ class SliceDataset(torch.utils.data.Dataset):
         loader = DataLoader(
             _ReportingDataset(volumes, pending), batch_size=None, num_workers=num_workers, collate_fn=_identity
         )
-        for index, item in zip(pending, tqdm(loader, desc="slicing volumes", unit="volume", disable=not progress)):
+        # (tqdm first: zip then asks it once more, and the bar counts the last volume)
+        for item, index in zip(tqdm(loader, desc="slicing volumes", unit="volume", disable=not progress), pending):
             if isinstance(item, Failure):
                 self.failures.append(item)
                 continue

@@ -35,6 +35,7 @@ from agi_monai.engines.checkpoint import (
     ReportingCheckpointLoader,
     find_resume_checkpoint,
     latest_training_checkpoint,
+    load_weights,
     set_aside_earlier_run,
 )
 from agi_monai.engines.evaluation import (
@@ -56,6 +57,7 @@ __all__ = [
     "clip_prediction",
     "find_resume_checkpoint",
     "latest_training_checkpoint",
+    "load_weights",
     "set_aside_earlier_run",
     "synthesis_evaluator",
     "synthesis_metrics",

@@ -8,7 +8,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "ReportingCheckpointLoader",
     "find_resume_checkpoint",
     "latest_training_checkpoint",
+    "load_weights",
     "set_aside_earlier_run",
 ]
 
@@ -132,33 +133,54 @@ class ReportingCheckpointLoader(CheckpointLoader):
                     path, f"was saved at epoch {engine.state.epoch}, after this run's last epoch ({max_epochs})",
                     f"--epochs greater than {engine.state.epoch}, to train on from it",
                 ) from error
-            raise DataError(path, self._problem(path, error), self.expected) from error
+            raise DataError(path, _checkpoint_problem(path, self.load_dict, error), self.expected) from error
 
-    def _problem(self, path: Path, error: Exception) -> str:
-        """What is wrong with ``path``, found by reading it again (only after a failed load)."""
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as read_error:
-            return f"cannot be read as a checkpoint ({_first_line(read_error)})"
-        if not isinstance(checkpoint, Mapping):
-            return f"holds a {type(checkpoint).__name__}, not a dict of state dicts"
-        names = list(self.load_dict)
-        if len(names) == 1 and names[0] not in checkpoint:  # MONAI reads such a file as that one object's state
-            checkpoint = {names[0]: checkpoint}
-        absent = [name for name in names if name not in checkpoint]
-        if absent:
-            held = list(checkpoint)
-            if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-                found = f"one network's state dict ({len(held)} tensors, e.g. {held[0] if held else 'none'})"
-            else:
-                found = ", ".join(map(str, held)) or "nothing"
-            return f"holds {found}, not {', '.join(absent)}"
-        for name, target in self.load_dict.items():
-            if isinstance(target, torch.nn.Module) and isinstance(checkpoint[name], Mapping):
-                mismatch = _state_dict_mismatch(checkpoint[name], target.state_dict())
-                if mismatch:
-                    return f"its {name!r} does not fit {type(target).__name__} of this config: {mismatch}"
-        return f"cannot be restored ({_first_line(error)})"
+
+def load_weights(
+    network: torch.nn.Module,
+    path: str | Path,
+    map_location: str | torch.device | None = None,
+    expected: str = "the weights this bundle's train.json writes (models/model.pt), of a run with the same network_def",
+) -> torch.nn.Module:
+    """``network`` with the state dict of ``path`` loaded (``torch.load(weights_only=True)``), e.g. ``inference.json``'s
+    ``models/model.pt``; a missing file, one that cannot be read, or the weights of another network (class, widths,
+    number of inputs: the differing tensors named with both shapes) raise an error naming the file and ``expected``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: does not exist (expected {expected})")
+    try:
+        network.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+    except Exception as error:
+        raise DataError(path, _checkpoint_problem(path, {"model": network}, error), expected) from error
+    return network
+
+
+def _checkpoint_problem(path: Path, load_dict: Mapping[str, Any], error: Exception) -> str:
+    """What is wrong with ``path`` for ``load_dict``, found by reading it again (only after a failed load)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as read_error:
+        return f"cannot be read as a checkpoint ({_first_line(read_error)})"
+    if not isinstance(checkpoint, Mapping):
+        return f"holds a {type(checkpoint).__name__}, not a dict of state dicts"
+    names = list(load_dict)
+    if len(names) == 1 and names[0] not in checkpoint:  # MONAI reads such a file as that one object's state
+        checkpoint = {names[0]: checkpoint}
+    absent = [name for name in names if name not in checkpoint]
+    if absent:
+        held = list(checkpoint)
+        if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+            found = f"one network's state dict ({len(held)} tensors, e.g. {held[0] if held else 'none'})"
+        else:
+            found = ", ".join(map(str, held)) or "nothing"
+        return f"holds {found}, not {', '.join(absent)}"
+    for name, target in load_dict.items():
+        if isinstance(target, torch.nn.Module) and isinstance(checkpoint[name], Mapping):
+            mismatch = _state_dict_mismatch(checkpoint[name], target.state_dict())
+            if mismatch:
+                return f"its {name!r} does not fit {type(target).__name__} of this config: {mismatch}"
+    return f"cannot be restored ({_first_line(error)})"
 
 
 def _state_dict_mismatch(saved: Mapping[str, Any], wanted: Mapping[str, torch.Tensor]) -> str:
@@ -245,23 +267,27 @@ def latest_training_checkpoint(ckpt_dir: str | Path, file_prefix: str = "trainin
 
 
 def set_aside_earlier_run(
-    ckpt_dir: str | Path, trainer: Engine | None = None, file_prefix: str = "training", best_name: str = "model.pt"
+    ckpt_dir: str | Path,
+    trainer: Engine | None = None,
+    file_prefix: str = "training",
+    model_names: Sequence[str] = ("model.pt", "model.ts"),
 ) -> Path | None:
-    """Before a run that starts afresh: moves an earlier run's training checkpoints and best generator (or weights
-    put there by hand) from ``ckpt_dir`` into ``ckpt_dir/earlier_run_<date>-<time>/`` and says so, because the new
-    run's first saves would otherwise replace them (a forgotten ``--resume_ckpt latest`` after days of training).
-    Returns that folder, or None when there was nothing to keep.
+    """Before a run that starts afresh: moves an earlier run's training checkpoints, best generator (or weights
+    put there by hand) and its TorchScript export from ``ckpt_dir`` into ``ckpt_dir/earlier_run_<date>-<time>/`` and
+    says so, because the new run's first saves would otherwise replace them (a forgotten ``--resume_ckpt latest``
+    after days of training) and leave an export of other weights beside them. Returns that folder, or None when
+    there was nothing to keep.
 
     Args:
         ckpt_dir: the bundle's ``models`` folder.
         trainer: the run's trainer, only so that a bundle config builds it (datasets, networks) before anything is
             moved: a run that cannot start leaves ``ckpt_dir`` as it was.
         file_prefix: the training checkpoints' prefix.
-        best_name: the best generator's file.
+        model_names: the best generator's file and its exports.
     """
     ckpt_dir = Path(ckpt_dir)
     earlier = [p for _, p in sorted(_training_checkpoints(ckpt_dir, file_prefix))]
-    earlier += [p for p in [ckpt_dir / best_name] if p.is_file()]
+    earlier += [ckpt_dir / name for name in model_names if (ckpt_dir / name).is_file()]
     if not earlier:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
