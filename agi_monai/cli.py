@@ -343,6 +343,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result if isinstance(result, int) else EXIT_OK
 
 
+def run_script(component: Any, name: str) -> None:
+    """``fire.Fire(component)`` for the repository's scripts, with the CLI's error handling: a bad argument or bad
+    input (:class:`UsageError`, :class:`agi_monai.data.DataError`, ``BundleError``) is one line on stderr,
+    ``<name>: error: <message>``, and exit status 2, not a traceback."""
+    from agi_monai.bundle.registry import BundleError
+    from agi_monai.data import DataError
+
+    try:
+        fire.Fire(component, name=name)
+    except (UsageError, DataError, BundleError) as error:
+        print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+
+
 # ------------------------------------------------------------------------------------------------- helpers
 
 

@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
-
 from agi_monai.bundle.experiment import (
     budget_overrides,
     budget_widths,
@@ -40,6 +38,7 @@ from agi_monai.bundle.experiment import (
     train_bundle,
 )
 from agi_monai.bundle.registry import find_bundle
+from agi_monai.cli import run_script
 from agi_monai.data import write_json
 from agi_monai.evaluation.ablation import ABLATIONS, Ablation, architecture, select_ablations
 from agi_monai.evaluation.protocols import METRIC_NAMES
@@ -205,4 +204,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_script(main, "ablation.py")

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fire
 import torch
 from monai.utils import convert_to_tensor
 
@@ -59,6 +58,7 @@ from agi_monai.bundle.experiment import (
     train_bundle,
 )
 from agi_monai.bundle.registry import BundleInfo, find_bundle
+from agi_monai.cli import run_script
 from agi_monai.data import write_json
 from agi_monai.evaluation import evaluate_volume, synthesis_panel, volume_dataset
 from agi_monai.evaluation.robustness import perturbation_levels, robustness_sweep, write_sweep
@@ -367,4 +367,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_script(main, "compare.py")

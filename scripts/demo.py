@@ -47,7 +47,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import torch
 from monai.data import MetaTensor
 from monai.utils import convert_to_tensor
@@ -61,6 +60,7 @@ from agi_monai.bundle.experiment import (
     synthesize_volume,
     train_bundle,
 )
+from agi_monai.cli import run_script
 from agi_monai.data import build_inference_dataset, restore_geometry_transforms, write_json
 from agi_monai.evaluation import slice_protocol, synthesis_panel
 from agi_monai.networks import AGINet, ResUNet
@@ -228,4 +228,4 @@ def _device_name(device: torch.device) -> str:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_script(main, "demo.py")

@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import monai.bundle
 
 from agi_monai.bundle.registry import read_bundle
+from agi_monai.cli import run_script
 from agi_monai.evaluation.downstream import (
     CONDITIONS,
     DOWNSTREAM_JSON,
@@ -120,4 +120,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_script(main, "downstream_dice.py")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sys
 
-import fire
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from agi_monai.cli import run_script
 from agi_monai.networks import STAGES, AGINet, ResUNet
 
 # (label, network kwargs, paper params (M), paper GFLOPs) — Table 7 and Table 9 of arXiv 2411.14684.
@@ -79,4 +79,4 @@ def main(out: str | None = None, tolerance: float = 0.05) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_script(main, "model_complexity.py")

@@ -9,8 +9,7 @@ with a bad volume, are reported and left out; the time points of one patient sta
 
 from __future__ import annotations
 
-import fire
-
+from agi_monai.cli import run_script
 from agi_monai.data import preparation_summary, prepare_datalist
 
 BRATS_CONTRASTS = ("T1", "T2", "FLAIR", "T1Gd")
@@ -32,4 +31,4 @@ def main(root: str, output: str, sizes: tuple[float, ...] = PAPER_SIZES, seed: i
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_script(main, "prepare_brats.py")

@@ -9,8 +9,7 @@ by name). Subjects without all three contrasts, or with a bad volume, are report
 
 from __future__ import annotations
 
-import fire
-
+from agi_monai.cli import run_script
 from agi_monai.data import preparation_summary, prepare_datalist
 
 IXI_CONTRASTS = ("T1", "T2", "PD")
@@ -32,4 +31,4 @@ def main(root: str, output: str, sizes: tuple[float, ...] = PAPER_SIZES, seed: i
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_script(main, "prepare_ixi.py")

@@ -21,11 +21,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import torch
 from monai.transforms import Orientation
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 
+from agi_monai.cli import run_script
 from agi_monai.data import load_volume
 from agi_monai.evaluation import brain_mask, slice_protocol, synthesis_panel
 from agi_monai.evaluation.figures import robustness_plot
@@ -202,4 +202,4 @@ def _normalised(path: str) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    fire.Fire({"compare": compare, "cases": cases, "robustness": robustness, "panel": panel})
+    run_script({"compare": compare, "cases": cases, "robustness": robustness, "panel": panel}, "report.py")

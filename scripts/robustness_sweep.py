@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import fire
 import torch
 
 from agi_monai.bundle import load_split
 from agi_monai.bundle.experiment import default_slices_per_batch, load_generator, resolve_device
 from agi_monai.bundle.registry import find_bundle
+from agi_monai.cli import run_script
 from agi_monai.evaluation import volume_dataset
 from agi_monai.evaluation.robustness import PERTURBATIONS, perturbation_levels, robustness_sweep, write_sweep
 
@@ -135,4 +135,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_script(main, "robustness_sweep.py")

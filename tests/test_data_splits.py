@@ -116,6 +116,18 @@ def test_prepare_ixi_on_an_official_layout(tmp_path):
         "3",
     )
     assert json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))["test"] == content["test"]
+    # the paper's sizes need 577 subjects: one line and exit status 2, no traceback, no file
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "prepare_ixi.py"), "--root", str(root), "--output", str(tmp_path / "x")],
+        capture_output=True, encoding="utf-8", cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "prepare_ixi.py: error: split: asks for 577 patients [500, 37, 40] but only 10 have every contrast "
+        "(expected at least 577)"
+    )
+    assert not (tmp_path / "x").exists()
 
 
 def test_prepare_brats_keeps_time_points_together(tmp_path):

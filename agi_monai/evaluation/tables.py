@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from agi_monai.data import Failure, atomic_output, write_json
+from agi_monai.data import DataError, Failure, atomic_output, write_json
 from agi_monai.evaluation.protocols import METRIC_NAMES, Protocol, ProtocolResult
 
 __all__ = [
@@ -147,10 +147,11 @@ def comparison_markdown(summaries: Mapping[str, Mapping[str, Any]], protocol: st
     for name in names:
         entries = {run: s["protocols"][name] for run, s in summaries.items() if name in s["protocols"]}
         if not entries:
-            raise ValueError(f"no summary holds protocol {name!r}; they hold {sorted({p for s in summaries.values() for p in s['protocols']})}")
+            held = sorted({p for s in summaries.values() for p in s["protocols"]})
+            raise DataError(f"runs {list(summaries)}", f"no summary holds protocol {name!r}", f"one of {held}")
         records = {json.dumps(entry["protocol"], sort_keys=True) for entry in entries.values()}
         if len(records) > 1:
-            raise ValueError(f"the runs {list(entries)} used different {name!r} settings; expected one protocol per table")
+            raise DataError(f"runs {list(entries)}", f"used different {name!r} settings", "one protocol per table")
         record = next(iter(entries.values()))["protocol"]
         lines += [f"### {record['title']} (`{name}`): data range {record['data_range']:g}, mask: {record['mask']}", ""]
         header = ["run", *(METRIC_LABELS[m] for m in METRIC_NAMES), "cases"]
