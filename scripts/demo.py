@@ -226,6 +226,5 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({threads} thread{'s' * (threads > 1)})"
 
 
-
 if __name__ == "__main__":
     run_script(main, "demo.py")

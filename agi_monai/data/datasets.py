@@ -232,6 +232,7 @@ class SliceDataset(torch.utils.data.Dataset):
         for index, path in enumerate(files):
             if path is not None and path.with_suffix(".json").is_file():
                 built[index] = self._stored(path)
+        stored = len(built)
         pending = [index for index in range(len(volumes)) if index not in built]
         loader = DataLoader(
             _ReportingDataset(volumes, pending), batch_size=None, num_workers=num_workers, collate_fn=_identity
@@ -251,7 +252,6 @@ class SliceDataset(torch.utils.data.Dataset):
             built[index] = volume if files[index] is None else self._store(volume, files[index])
         self._volumes = [built[index] for index in sorted(built)]
         self._ends = list(torch.cumsum(torch.tensor([len(v.slice_indices) for v in self._volumes] or [0]), 0).tolist())
-        stored = len(self._volumes) - (len(pending) - len(self.failures))
         summary = (
             f"{len(self)} slices from {len(self._volumes)} volumes"
             f"{f' ({stored} read from {self.storage_dir})' if stored else ''}, {len(self.failures)} volumes skipped"
@@ -330,9 +330,9 @@ class _ReportingDataset(torch.utils.data.Dataset):
     """Returns a :class:`Failure` instead of raising when a case's preprocessing hits a :class:`DataError`
     (MONAI's ``Compose`` wraps it in a ``RuntimeError``), so one bad case does not stop the others."""
 
-    def __init__(self, volumes: Dataset | Sequence[Mapping[str, Any]], indices: Sequence[int] | None = None) -> None:
+    def __init__(self, volumes: Dataset | Sequence[Mapping[str, Any]], indices: Sequence[int]) -> None:
         self.volumes = volumes
-        self.indices = list(range(len(volumes))) if indices is None else list(indices)
+        self.indices = list(indices)  # the volumes to load (those without a slice file)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -638,7 +638,6 @@ class DownstreamEvaluator(CaseEvaluator):
         self._print_summary(len({row["case_id"] for row in self.rows}), paths["cases"])
 
 
-
 # ------------------------------------------------------------------------------------------------ outputs
 
 

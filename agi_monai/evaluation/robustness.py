@@ -159,7 +159,6 @@ def misalign(
     return moved, record
 
 
-
 def robustness_sweep(
     networks: Mapping[str, torch.nn.Module],
     cases: Iterable[Mapping[str, Any]],
