@@ -125,7 +125,7 @@ def synthesize(
             device=_device_expression(device), **({"slices_per_batch": batch_size} if batch_size else {}),
             **({} if progress else {"evaluator#progress": False}),
         )
-        _initialize(workflow, chosen)
+        _initialize(workflow, chosen, overrides)
         discovery = workflow.parser.get_parsed_content("discovery")  # the instance the evaluator will read
         cases = {case["case_id"]: case for case in discovery.cases}
         _skip_cases_with_outputs(discovery, output, chosen.target, dicom, overwrite)
@@ -226,7 +226,7 @@ def evaluate(
     workflow = _workflow(chosen, ["train.json", "evaluate.json"], overrides, workflow_type=None, **settings)
     output = Path(workflow.parser.get_parsed_content("output_dir"))
     before = _snapshot(output)
-    _initialize(workflow, chosen)
+    _initialize(workflow, chosen, overrides)
     results = workflow.run()
     workflow.finalize()
     changed = sorted(p for p, stamp in _snapshot(output).items() if before.get(p) != stamp)
@@ -502,37 +502,37 @@ def _require_weights(weights: Path, bundle: Any) -> None:
         )
 
 
-def _initialize(workflow: Any, bundle: Any) -> None:
-    """The workflow's ``initialize`` (which loads the weights), a failure reported as the weights' fault."""
+def _initialize(workflow: Any, bundle: Any, overrides: Mapping[str, Any]) -> None:
+    """The workflow's ``initialize``, which loads the weights (``inference.json``:
+    :func:`agi_monai.engines.load_weights`): weights it refuses are reported with what this command needs, the
+    bundle and its ``--network_def#...`` flags."""
+    from agi_monai.data import DataError
+    from agi_monai.engines import expected_bundle_weights
+
     try:
         workflow.initialize()
-    except Exception as error:  # MONAI wraps the expression's error; report the innermost one
-        cause = error
-        while cause.__cause__ is not None:
+    except Exception as error:  # MONAI wraps the expression's error: find load_weights' DataError in the chain
+        cause: Optional[BaseException] = error
+        while cause is not None and not isinstance(cause, DataError):
             cause = cause.__cause__
-        weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
-        detail = " ".join(str(cause).split()) or type(cause).__name__  # e.g. every size mismatch, on one line
-        detail = detail if len(detail) <= 400 else detail[:400] + " ..."
-        if not _readable_state_dict(weights):  # torch says only e.g. "OSError: [Errno 22] Invalid argument" then
+        if cause is None:  # e.g. an override the network cannot be built with
             raise UsageError(
-                f"{weights}: cannot be read as a PyTorch file ({type(cause).__name__}: {detail}): truncated or corrupt; "
-                f"expected a state_dict saved by bundle {bundle.name}'s training"
-            ) from None
-        raise UsageError(
-            f"{weights}: cannot be loaded into bundle {bundle.name}'s network ({type(cause).__name__}: {detail}); "
-            f"expected a state_dict saved by this bundle's training"
-        ) from None
+                f"bundle {bundle.name}: its configs cannot be initialised with these options ({_innermost(error)})"
+            ) from error
+        weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
+        if Path(cause.source) != weights:  # not about the weights: as it is, without MONAI's wrapping
+            raise DataError(cause.source, cause.problem, cause.expected) from error
+        expected = expected_bundle_weights(bundle.name, "--network_def#... flags", overrides)
+        raise UsageError(str(DataError(cause.source, cause.problem, expected))) from None
 
 
-def _readable_state_dict(weights: Path) -> bool:
-    """Whether ``weights`` loads as a (weights-only) PyTorch file at all, whatever network it fits."""
-    import torch
-
-    try:
-        torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises OSError, RuntimeError, UnpicklingError... for a damaged file
-        return False
-    return True
+def _innermost(error: BaseException) -> str:
+    """``<type>: <message>`` of the innermost cause of ``error`` (MONAI wraps a config expression's error), on one
+    line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text if len(text) <= 400 else text[:400] + ' ...'}"
 
 
 def _skip_cases_with_outputs(discovery: Any, output: Path, target: str, dicom: bool, overwrite: bool) -> None:

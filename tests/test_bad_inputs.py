@@ -185,6 +185,9 @@ def bundles(tmp_path_factory) -> Path:
     (corrupt / "models" / "model.pt").write_bytes(whole[: len(whole) // 3])  # an interrupted copy
     other = make_bundle(folder, "other-scenario", 2, "brats_t1_t2_to_flair")
     shutil.copy(folder / "brats_t1_t2_flair_to_t1gd" / "models" / "model.pt", other / "models" / "model.pt")  # 3 inputs
+    checkpoint = make_bundle(folder, "checkpoint", 2, "brats_t1_t2_to_flair")  # a training checkpoint put as model.pt
+    weights = torch.load(checkpoint / "models" / "model.pt", weights_only=True)
+    torch.save({"generator": weights, "trainer": {"epoch": 1}}, checkpoint / "models" / "model.pt")
     return folder
 
 
@@ -310,11 +313,17 @@ def test_bundle_whose_inputs_the_case_lacks(bundles, cases, tmp_path):
 @pytest.mark.parametrize(
     "bundle, message",
     [
-        ("corrupt", "{weights}: cannot be read as a PyTorch file (OSError: [Errno 22] Invalid argument): truncated or "
-                    "corrupt; expected a state_dict saved by bundle corrupt's training"),
-        ("other-scenario", "{weights}: cannot be loaded into bundle other-scenario's network (RuntimeError: Error(s) in "
-                           "loading state_dict for AGINet: size mismatch for head.weight: copying a param with shape "
-                           "torch.Size([8, 3, 3, 3]) from checkpoint, the shape in current model is torch.Size([8, 2, 3, 3])"),
+        ("corrupt", "{weights}: cannot be read by torch.load: truncated, or not a PyTorch file (OSError: [Errno 22] "
+                    "Invalid argument) (expected the weights bundle corrupt's train.json writes (models/model.pt) in a "
+                    "run with the network_def overrides given here (--network_def#... flags: "
+                    "network_def#channels=[8, 8, 8, 8]))"),
+        ("other-scenario", "{weights}: does not fit AGINet of this config: 1 tensor(s) of another shape (e.g. "
+                           "head.weight (8, 3, 3, 3) in the file, (8, 2, 3, 3) here) (expected the weights bundle "
+                           "other-scenario's train.json writes (models/model.pt) in a run with the network_def "
+                           "overrides given here (--network_def#... flags: network_def#channels=[8, 8, 8, 8]))"),
+        ("checkpoint", "{weights}: holds a checkpoint of generator, trainer, not one network's state dict (expected "
+                       "the weights bundle checkpoint's train.json writes (models/model.pt) in a run with the "
+                       "network_def overrides given here (--network_def#... flags: network_def#channels=[8, 8, 8, 8]))"),
     ],
 )
 def test_weights_that_do_not_load_are_named(bundles, cases, tmp_path, bundle, message):
@@ -326,6 +335,17 @@ def test_weights_that_do_not_load_are_named(bundles, cases, tmp_path, bundle, me
     assert f"agi-monai synthesize: error: {message.format(weights=weights)}" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
     assert weights.read_bytes() == before
+
+
+def test_network_override_the_bundle_cannot_build_is_named(bundles, cases, tmp_path, capsys):
+    # before: reported as the weights' fault ("cannot be loaded into bundle ...'s network")
+    status = main(["synthesize", str(cases / "good-a"), "--bundle", str(bundles / "brats_t1_t2_to_flair"),
+                   "--output_dir", str(tmp_path / "out"), "--network_def#channels", "[8]"])
+    error = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in error
+    assert ("agi-monai synthesize: error: bundle brats_t1_t2_to_flair: its configs cannot be initialised with these "
+            "options (ValueError: ResUNet: channels must give 4 widths, got (8,))") in error
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -306,8 +306,8 @@ def test_resume_from_a_truncated_checkpoint(trained, cache, tmp_path):
     checkpoint.write_bytes(whole[: len(whole) // 2])
     error = cause(failed_training(IXI, tmp_path, overrides(IXI_SIM, cache, resume_ckpt="latest")))
     assert str(error) == (
-        f"{checkpoint}: cannot be read as a checkpoint (RuntimeError: PytorchStreamReader failed reading zip archive: "
-        f"failed finding central directory) {EXPECTED_TRAINING_CHECKPOINT}"
+        f"{checkpoint}: cannot be read by torch.load: truncated, or not a PyTorch file (RuntimeError: "
+        f"PytorchStreamReader failed reading zip archive: failed finding central directory) {EXPECTED_TRAINING_CHECKPOINT}"
     )
 
 
@@ -384,7 +384,7 @@ def test_evaluate_with_the_weights_of_another_scenario(trained, cache, tmp_path)
     with pytest.raises(Exception) as raised:
         evaluate_bundle(BRATS_3_TO_1, tmp_path, overrides(GLI, cache))
     assert str(cause(raised.value)) == (
-        f"{weights}: its 'model' does not fit AGINet of this config: 1 tensor(s) of another shape (e.g. head.weight "
+        f"{weights}: does not fit AGINet of this config: 1 tensor(s) of another shape (e.g. head.weight "
         f"(8, 2, 3, 3) in the file, (8, 3, 3, 3) here) {EXPECTED_WEIGHTS}"
     )
     assert weights.read_bytes() == before and not list((tmp_path / "eval").glob("metrics_*"))

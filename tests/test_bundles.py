@@ -320,7 +320,7 @@ def test_inference_with_weights_of_other_widths_names_the_file(untrained_bundle,
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode != 0
     assert (
-        f"{weights}: its 'model' does not fit AGINet of this config: 136 tensor(s) of another shape (e.g. head.weight "
+        f"{weights}: does not fit AGINet of this config: 136 tensor(s) of another shape (e.g. head.weight "
         "(8, 3, 3, 3) in the file, (64, 3, 3, 3) here) (expected the weights this bundle's train.json writes "
         "(models/model.pt), of a run with the same network_def)"
     ) in result.stderr, result.stderr[-3000:]

@@ -25,7 +25,7 @@ from agi_monai.bundle.experiment import (
     seed_overrides,
     shipped_datalist,
 )
-from agi_monai.data import discover_cases
+from agi_monai.data import DataError, discover_cases
 from agi_monai.evaluation import brain_mask, slice_protocol
 from agi_monai.evaluation.tables import read_csv
 from agi_monai.networks import AGINet, ResUNet
@@ -75,10 +75,16 @@ def test_a_runs_overrides_rebuild_its_generator(tmp_path):
     assert not loaded.training
     x = torch.rand(1, 2, 32, 32)
     assert torch.equal(loaded(x), trained.eval()(x))
-    with pytest.raises(ValueError, match=rf"{tmp_path / 'model.pt'}: does not fit AGINet of bundle brats_t1_t2_to_flair"):
+    with pytest.raises(DataError) as wrong_class:
         load_generator(BUNDLE, tmp_path / "model.pt", {"network_def#channels": [8, 16, 32, 64]})
-    with pytest.raises(ValueError, match="no such weights file"):
-        load_generator(BUNDLE, tmp_path / "missing.pt")
+    assert str(wrong_class.value) == (
+        f"{tmp_path / 'model.pt'}: does not fit AGINet of this config: 130 missing (e.g. "
+        "down1.0.conv1.attention.fuse.weight), 10 unexpected (e.g. down1.0.conv1.weight) (expected the weights bundle "
+        "brats_t1_t2_to_flair's train.json writes (models/model.pt) in a run with the network_def overrides given "
+        "here (overrides: network_def#channels=[8, 16, 32, 64]))"
+    )
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'missing.pt'}: does not exist \(expected the weights "):
+        load_generator(BUNDLE, tmp_path / "missing.pt", tmp_path / "overrides.json")
     with pytest.raises(ValueError, match="no such overrides file"):
         load_generator(BUNDLE, tmp_path / "model.pt", tmp_path / "missing.json")
 

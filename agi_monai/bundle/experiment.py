@@ -29,6 +29,7 @@ from monai.inferers import SliceInferer
 from monai.utils import convert_to_tensor
 
 from agi_monai.data import discover_cases, write_json
+from agi_monai.engines.checkpoint import expected_bundle_weights, load_weights
 
 __all__ = [
     "CPU_CHANNELS",
@@ -312,24 +313,18 @@ def load_generator(
     bundle: str | Path, weights: str | Path, overrides: str | Path | Mapping[str, Any] | None = None
 ) -> torch.nn.Module:
     """The bundle's generator (:func:`bundle_network` with ``overrides``: a mapping or a run's ``overrides.json``)
-    with the state dict ``weights`` (a run's ``models/model.pt``) loaded, on the CPU, in eval mode.
+    with the state dict ``weights`` (a run's ``models/model.pt``) loaded by :func:`agi_monai.engines.load_weights`,
+    on the CPU, in eval mode.
 
     Raises:
-        ValueError: ``weights`` is missing or does not fit the network these overrides describe (names the file).
+        agi_monai.data.DataError: ``weights`` is missing (also a ``FileNotFoundError``), unreadable, or does not fit
+            the network these overrides describe (the file and the differing tensors named).
+        ValueError: the ``overrides`` file is missing.
     """
-    weights = Path(weights)
-    if not weights.is_file():
-        raise ValueError(f"{weights}: no such weights file (expected a generator state_dict, models/model.pt)")
-    network = bundle_network(bundle, _read_overrides(overrides))
-    try:
-        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())
-        raise ValueError(
-            f"{weights}: does not fit {type(network).__name__} of bundle {Path(bundle).name} with these overrides "
-            f"({detail[:300]}); expected the weights of a run with the same network_def overrides"
-        ) from None
-    return network.eval()
+    bundle, settings = Path(bundle), _read_overrides(overrides)
+    network = bundle_network(bundle, settings)
+    setting = str(overrides) if isinstance(overrides, (str, Path)) else "overrides"
+    return load_weights(network, weights, "cpu", expected_bundle_weights(bundle.name, setting, settings)).eval()
 
 
 def evaluate_bundle(

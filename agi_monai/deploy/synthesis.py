@@ -40,7 +40,7 @@ from agi_monai.data import (
     restore_geometry_transforms,
 )
 from agi_monai.data.dicom import write_derived_series
-from agi_monai.engines import clip_prediction
+from agi_monai.engines import clip_prediction, expected_bundle_weights, load_weights
 
 __all__ = ["BundleSynthesizer", "SynthesisOutputs", "write_synthesis_outputs"]
 
@@ -61,7 +61,9 @@ class BundleSynthesizer:
 
     Raises:
         BundleError: ``model`` is neither; the file is not a TorchScript export with an ``inference.json``; the
-            weights do not load into the bundle's network. The message names the file and what was expected.
+            weights do not load into the bundle's network (:func:`agi_monai.engines.load_weights`' message, the
+            expected weights named with the ``--override`` they need). The message names the file and what was
+            expected.
     """
 
     def __init__(
@@ -108,14 +110,11 @@ class BundleSynthesizer:
         parser.update({"bundle_root": str(folder), "device": f"$torch.device({str(self.device)!r})", **overrides})
         weights, scripted = folder / "models" / "model.pt", folder / "models" / "model.ts"
         if weights.is_file():
-            network = parser.get_parsed_content("network_def")
+            expected = expected_bundle_weights(folder.name, "--override", overrides)
             try:
-                network.load_state_dict(torch.load(weights, map_location=self.device, weights_only=True))
-            except Exception as error:  # a wrong scenario's weights, a truncated file: name the file
-                raise BundleError(
-                    f"{weights}: cannot be loaded into bundle {folder.name}'s network ({type(error).__name__}: "
-                    f"{_one_line(error)}); expected a state_dict saved by this bundle's training"
-                ) from None
+                network = load_weights(parser.get_parsed_content("network_def"), weights, self.device, expected)
+            except DataError as error:  # a wrong scenario's or widths' weights, a truncated file: a model it cannot use
+                raise BundleError(str(error)) from error
             return parser, network.to(self.device), folder.name
         if scripted.is_file():
             return self._from_torchscript(scripted, overrides, parser)

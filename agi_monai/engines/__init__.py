@@ -19,9 +19,11 @@ train.json`` is the recipe (``checkpoint_saver``, ``checkpoint_loader``, ``best_
 afresh first moves an earlier run's files aside, :func:`set_aside_earlier_run`).
 
 (``CheckpointLoader`` reads with ``weights_only=True``; the bundles use :class:`ReportingCheckpointLoader`, which
-names the file and what does not match when a checkpoint cannot be restored.) Ignite restarts the data iterator
-when it resumes inside an epoch, so checkpoints taken at epoch ends (``epoch_level=True``, the default) resume
-exactly; with a fixed ``set_determinism`` seed and an unshuffled loader the resumed run equals an uninterrupted one.
+names the file and what does not match when a checkpoint cannot be restored; a network's weights alone, e.g.
+``inference.json``'s ``models/model.pt``, are read by :func:`load_weights`, with the same messages.) Ignite restarts
+the data iterator when it resumes inside an epoch, so checkpoints taken at epoch ends (``epoch_level=True``, the
+default) resume exactly; with a fixed ``set_determinism`` seed and an unshuffled loader the resumed run equals an
+uninterrupted one.
 :class:`AtomicCheckpointSaver` (MONAI's saver writes non-atomically) serves both checkpoints.
 
 Validation: :func:`synthesis_evaluator`, or the ``SupervisedEvaluator`` recipe in its docstring (PSNR with
@@ -32,7 +34,9 @@ keys are ``pred`` and ``label``).
 
 from agi_monai.engines.checkpoint import (
     AtomicCheckpointSaver,
+    MissingFileError,
     ReportingCheckpointLoader,
+    expected_bundle_weights,
     find_resume_checkpoint,
     latest_training_checkpoint,
     load_weights,
@@ -49,12 +53,14 @@ from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "MissingFileError",
     "Pix2PixKeys",
     "Pix2PixTrainer",
     "ReportingCheckpointLoader",
     "StructuralSimilarityIndex",
     "SynthesisPrepareBatch",
     "clip_prediction",
+    "expected_bundle_weights",
     "find_resume_checkpoint",
     "latest_training_checkpoint",
     "load_weights",

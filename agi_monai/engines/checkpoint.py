@@ -1,8 +1,10 @@
-"""MONAI's CheckpointSaver with atomic writes (a checkpoint file is either the old one or the new one), and its
-CheckpointLoader with failures that name the file and say what does not match."""
+"""MONAI's CheckpointSaver with atomic writes (a checkpoint file is either the old one or the new one), its
+CheckpointLoader with failures that name the file and say what does not match, and :func:`load_weights`, the one
+reader of a network's weights file (the same failures)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,7 +23,9 @@ from agi_monai.data.errors import DataError
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "MissingFileError",
     "ReportingCheckpointLoader",
+    "expected_bundle_weights",
     "find_resume_checkpoint",
     "latest_training_checkpoint",
     "load_weights",
@@ -101,17 +105,36 @@ class AtomicCheckpointSaver(CheckpointSaver):
         return self._key_metric_checkpoint
 
 
+class MissingFileError(DataError, FileNotFoundError):
+    """A file that should be there is not: a :class:`agi_monai.data.DataError` (the file, what is wrong, what was
+    expected; the scripts and the CLI report it as one line) that is also a ``FileNotFoundError``, what callers of
+    ``torch.load`` and :class:`ReportingCheckpointLoader` catch for a missing file."""
+
+
+def _require_file(path: Path, expected: str) -> None:
+    """Raises :class:`MissingFileError` (or :class:`DataError` for a folder) unless ``path`` is a file."""
+    if path.is_dir():
+        raise DataError(path, "is a folder, not a file", expected)
+    if not path.is_file():
+        raise MissingFileError(path, "does not exist", expected)
+
+
 class ReportingCheckpointLoader(CheckpointLoader):
     """``monai.handlers.CheckpointLoader`` (same arguments) whose failures say which file, what is wrong and what
     was expected: a missing file, one ``torch.load`` cannot read (truncated, not a checkpoint), one that lacks an
     entry of ``load_dict`` (e.g. ``models/model.pt``, the generator alone, given to resume training), or a state
     dict of another network (another class, widths or number of inputs: the differing tensors are named with both
-    shapes). MONAI's loader raises torch's own errors, which name no file, or one listing every key of the file.
+    shapes, as :func:`load_weights` names them). MONAI's loader raises torch's own errors, which name no file, or
+    one listing every key of the file.
 
     Args:
         load_path, load_dict, kwargs: as for ``monai.handlers.CheckpointLoader``.
         expected: what the file should be, for the messages; default: a checkpoint of ``load_dict``'s entries
             saved by a run with the same ``network_def``.
+
+    Raises:
+        MissingFileError: ``load_path`` does not exist (a ``FileNotFoundError``).
+        DataError: it cannot be read or restored into ``load_dict``.
     """
 
     def __init__(self, load_path: str, load_dict: dict, expected: str | None = None, **kwargs: Any) -> None:
@@ -122,8 +145,7 @@ class ReportingCheckpointLoader(CheckpointLoader):
 
     def __call__(self, engine: Engine) -> None:
         path = Path(self.load_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: does not exist (expected {self.expected})")
+        _require_file(path, self.expected)
         max_epochs = engine.state.max_epochs
         try:
             super().__call__(engine)
@@ -136,55 +158,76 @@ class ReportingCheckpointLoader(CheckpointLoader):
             raise DataError(path, _checkpoint_problem(path, self.load_dict, error), self.expected) from error
 
 
+#: :func:`load_weights`'s default ``expected``: what a bundle's ``inference.json`` loads.
+_BUNDLE_WEIGHTS = "the weights this bundle's train.json writes (models/model.pt), of a run with the same network_def"
+
+
 def load_weights(
     network: torch.nn.Module,
     path: str | Path,
     map_location: str | torch.device | None = None,
-    expected: str = "the weights this bundle's train.json writes (models/model.pt), of a run with the same network_def",
+    expected: str = _BUNDLE_WEIGHTS,
 ) -> torch.nn.Module:
-    """``network`` with the state dict of ``path`` loaded (``torch.load(weights_only=True)``), e.g. ``inference.json``'s
-    ``models/model.pt``; a missing file, one that cannot be read, or the weights of another network (class, widths,
-    number of inputs: the differing tensors named with both shapes) raise an error naming the file and ``expected``.
+    """``network`` with the state dict of ``path`` loaded (``torch.load(weights_only=True)``, strict), e.g.
+    ``inference.json``'s ``models/model.pt``. The one place this package reads a network's weights from a file: the
+    bundles' configs, :func:`agi_monai.bundle.experiment.load_generator`, the CLI, the Deploy synthesizer and
+    :func:`agi_monai.evaluation.downstream.load_synthesizer` all come here.
+
+    Args:
+        network: the network to fill (built by the caller, e.g. a bundle config's ``network_def``).
+        path: the state dict file.
+        map_location: as for ``torch.load``.
+        expected: what ``path`` should be, for the messages: which bundle or setting writes compatible weights.
+
+    Raises:
+        MissingFileError: ``path`` does not exist (a ``FileNotFoundError`` and a :class:`DataError`).
+        DataError: ``path`` is a folder, cannot be read by ``torch.load`` (truncated, not a PyTorch file), holds
+            something other than one network's state dict (e.g. a training checkpoint), or the state dict of another
+            network (class, widths, number of inputs: missing and unexpected tensors, and those of another shape with
+            both shapes, are counted and one of each named). Every message names ``path`` and ends with ``expected``;
+            ``network`` is not modified by a file that does not fit it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: does not exist (expected {expected})")
+    _require_file(path, expected)
     try:
-        network.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
-    except Exception as error:
-        raise DataError(path, _checkpoint_problem(path, {"model": network}, error), expected) from error
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises OSError, RuntimeError, UnpicklingError... for a damaged file
+        raise DataError(path, _unreadable(error), expected) from error
+    problem = _not_a_state_dict(state) or _network_mismatch(state, network)
+    if problem:  # found before load_state_dict, which would copy the fitting tensors before raising
+        raise DataError(path, problem, expected)
+    try:
+        network.load_state_dict(state)
+    except Exception as error:  # what the checks above cannot see, e.g. a module's own load hook refusing a value
+        problem = f"cannot be loaded into {type(network).__name__} ({_first_line(error)})"
+        raise DataError(path, problem, expected) from error
     return network
 
 
-def _checkpoint_problem(path: Path, load_dict: Mapping[str, Any], error: Exception) -> str:
-    """What is wrong with ``path`` for ``load_dict``, found by reading it again (only after a failed load)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as read_error:
-        return f"cannot be read as a checkpoint ({_first_line(read_error)})"
-    if not isinstance(checkpoint, Mapping):
-        return f"holds a {type(checkpoint).__name__}, not a dict of state dicts"
-    names = list(load_dict)
-    if len(names) == 1 and names[0] not in checkpoint:  # MONAI reads such a file as that one object's state
-        checkpoint = {names[0]: checkpoint}
-    absent = [name for name in names if name not in checkpoint]
-    if absent:
-        held = list(checkpoint)
-        if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-            found = f"one network's state dict ({len(held)} tensors, e.g. {held[0] if held else 'none'})"
-        else:
-            found = ", ".join(map(str, held)) or "nothing"
-        return f"holds {found}, not {', '.join(absent)}"
-    for name, target in load_dict.items():
-        if isinstance(target, torch.nn.Module) and isinstance(checkpoint[name], Mapping):
-            mismatch = _state_dict_mismatch(checkpoint[name], target.state_dict())
-            if mismatch:
-                return f"its {name!r} does not fit {type(target).__name__} of this config: {mismatch}"
-    return f"cannot be restored ({_first_line(error)})"
+def expected_bundle_weights(bundle: str, setting: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """:func:`load_weights`' ``expected`` for a bundle's network: the weights its ``train.json`` writes, from a run
+    with the ``network*`` overrides of ``overrides``, which the caller takes by ``setting`` (e.g. ``"--override"``),
+    so that the message says what to change when weights of other widths are refused."""
+    given = [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items() if key.startswith("network")]
+    return (
+        f"the weights bundle {bundle}'s train.json writes (models/model.pt) in a run with the network_def overrides "
+        f"given here ({setting}: {', '.join(given) or 'none'})"
+    )
 
 
-def _state_dict_mismatch(saved: Mapping[str, Any], wanted: Mapping[str, torch.Tensor]) -> str:
-    """The tensors of ``saved`` of other shapes than ``wanted``'s, and those only one of them has; "" if none."""
+def _not_a_state_dict(state: Any) -> str:
+    """Why ``state`` (a file's content) is not one network's state dict; "" when it is."""
+    if not isinstance(state, Mapping):
+        return f"holds a {type(state).__name__}, not a state dict"
+    if any(isinstance(value, Mapping) for value in state.values()):  # e.g. a training checkpoint (networks, optimizers)
+        return f"holds a checkpoint of {', '.join(map(str, state))}, not one network's state dict"
+    return ""
+
+
+def _network_mismatch(saved: Mapping[str, Any], network: torch.nn.Module) -> str:
+    """How the state dict ``saved`` does not fit ``network``: the tensors of other shapes and those only one of them
+    has; "" when it fits."""
+    wanted = network.state_dict()
     shapes = [
         f"{key} {tuple(saved[key].shape)} in the file, {tuple(tensor.shape)} here"
         for key, tensor in wanted.items()
@@ -197,7 +240,47 @@ def _state_dict_mismatch(saved: Mapping[str, Any], wanted: Mapping[str, torch.Te
         for found, what in ((shapes, "tensor(s) of another shape"), (missing, "missing"), (unexpected, "unexpected"))
         if found
     ]
-    return ", ".join(parts)
+    return f"does not fit {type(network).__name__} of this config: {', '.join(parts)}" if parts else ""
+
+
+def _checkpoint_problem(path: Path, load_dict: Mapping[str, Any], error: Exception) -> str:
+    """What is wrong with ``path`` for ``load_dict``, found by reading it again (only after a failed load)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as read_error:
+        return _unreadable(read_error)
+    if not isinstance(checkpoint, Mapping):
+        return f"holds a {type(checkpoint).__name__}, not a dict of state dicts"
+    names = list(load_dict)
+    one_object = len(names) == 1 and names[0] not in checkpoint
+    if one_object:  # MONAI reads such a file as that one object's state
+        checkpoint = {names[0]: checkpoint}
+    absent = [name for name in names if name not in checkpoint]
+    if absent:
+        held = list(checkpoint)
+        if all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+            found = f"one network's state dict ({len(held)} tensors, e.g. {held[0] if held else 'none'})"
+        else:
+            found = ", ".join(map(str, held)) or "nothing"
+        return f"holds {found}, not {', '.join(absent)}"
+    for name, target in load_dict.items():
+        if isinstance(target, torch.nn.Module) and isinstance(checkpoint[name], Mapping):
+            mismatch = _network_mismatch(checkpoint[name], target)
+            if mismatch:
+                return mismatch if one_object else f"its {name!r} {mismatch}"
+    return f"cannot be restored ({_first_line(error)})"
+
+
+def _unreadable(error: BaseException) -> str:
+    """The problem of a file ``torch.load(weights_only=True)`` failed on with ``error``."""
+    # torch's weights-only refusal is a paragraph of advice with the reason after this marker
+    reason = str(error).partition("WeightsUnpickler error:")[2].strip()
+    if reason:
+        return (
+            "cannot be read by torch.load(weights_only=True): it holds more than tensors, e.g. a whole network saved "
+            f"instead of its state_dict() ({reason.splitlines()[0].split('. ')[0]})"
+        )
+    return f"cannot be read by torch.load: truncated, or not a PyTorch file ({_first_line(error)})"
 
 
 def _first_line(error: BaseException) -> str:

@@ -81,6 +81,7 @@ from agi_monai.data import (
     same_grid,
     write_json,
 )
+from agi_monai.engines.checkpoint import expected_bundle_weights, load_weights
 from agi_monai.evaluation.evaluator import CaseEvaluator
 from agi_monai.evaluation.tables import statistics, write_csv, write_text
 
@@ -414,20 +415,20 @@ def load_synthesizer(
         amp: autocast on CUDA.
 
     Raises:
-        FileNotFoundError: no checkpoint (no weights are shipped: train the bundle, or pass ``checkpoint``).
+        agi_monai.engines.MissingFileError: no checkpoint (a ``FileNotFoundError``; no weights are shipped: train the
+            bundle, or pass ``checkpoint``).
+        agi_monai.data.DataError: the checkpoint cannot be read or does not fit the bundle's network with
+            ``overrides`` (:func:`agi_monai.engines.load_weights`: the file and the differing tensors named).
     """
     info = read_bundle(bundle)
     checkpoint = Path(checkpoint) if checkpoint else info.weights
-    if not checkpoint.is_file():
-        raise FileNotFoundError(
-            f"{checkpoint}: no generator weights for {info.name} (expected a state dict written by training the "
-            f"bundle, models/model.pt; none are shipped) - train it, or pass the synthesis checkpoint"
-        )
     parser = ConfigParser()
     parser.read_config(str(info.config_dir / "inference.json"))
     parser.update(dict(overrides or {}))
-    network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    expected = expected_bundle_weights(info.name, "--synthesis_overrides", overrides) + (
+        "; none are shipped: train the bundle, or pass --synthesis_checkpoint"
+    )
+    network = load_weights(parser.get_parsed_content("network_def"), checkpoint, "cpu", expected)
     _logger.info("synthesis: %s (%s -> %s) with %s", info.name, ", ".join(info.inputs), info.target, checkpoint)
     return SliceSynthesizer(
         network.to(device), info.inputs, info.target, int(parser.get("slices_per_batch", 16)), device, amp
