@@ -17,7 +17,8 @@ from agi_monai.bundle.experiment import load_generator
 from agi_monai.bundle.registry import BundleError
 from agi_monai.data import DataError
 from agi_monai.deploy.synthesis import BundleSynthesizer
-from agi_monai.engines import MissingFileError, ReportingCheckpointLoader, expected_bundle_weights, load_weights
+from agi_monai.data import MissingFileError
+from agi_monai.engines import ReportingCheckpointLoader, expected_bundle_weights, load_weights
 from agi_monai.evaluation.downstream import load_synthesizer
 from agi_monai.networks import AGINet
 

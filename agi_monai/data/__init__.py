@@ -38,7 +38,7 @@ from agi_monai.data.dicom import (
     write_dicom_series,
 )
 from agi_monai.data.discovery import Discovery, discover_cases
-from agi_monai.data.errors import DataError, Failure, failure_reason, format_failures
+from agi_monai.data.errors import DataError, Failure, MissingFileError, failure_reason, format_failures
 from agi_monai.data.files import AtomicNibabelWriter, atomic_output, write_json
 from agi_monai.data.foreground import foreground_mask
 from agi_monai.data.registration import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataError", "Failure", "failure_reason", "format_failures"]
+__all__ = ["DataError", "Failure", "MissingFileError", "failure_reason", "format_failures"]
 
 
 class DataError(ValueError):
@@ -28,6 +28,12 @@ class DataError(ValueError):
 
     def __reduce__(self):  # keeps the exception picklable across DataLoader workers
         return type(self), (self.source, self.problem, self.expected)
+
+
+class MissingFileError(DataError, FileNotFoundError):
+    """A file that should be there is not: a :class:`agi_monai.data.DataError` (the file, what is wrong, what was
+    expected; the scripts and the CLI report it as one line) that is also a ``FileNotFoundError``, what callers of
+    ``torch.load`` and :class:`ReportingCheckpointLoader` catch for a missing file."""
 
 
 @dataclass(frozen=True)

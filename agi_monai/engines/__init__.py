@@ -34,7 +34,6 @@ keys are ``pred`` and ``label``).
 
 from agi_monai.engines.checkpoint import (
     AtomicCheckpointSaver,
-    MissingFileError,
     ReportingCheckpointLoader,
     expected_bundle_weights,
     find_resume_checkpoint,
@@ -53,7 +52,6 @@ from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = [
     "AtomicCheckpointSaver",
-    "MissingFileError",
     "Pix2PixKeys",
     "Pix2PixTrainer",
     "ReportingCheckpointLoader",

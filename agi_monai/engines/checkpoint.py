@@ -19,11 +19,10 @@ from ignite.engine import Engine
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from agi_monai.data.errors import DataError
+from agi_monai.data.errors import DataError, MissingFileError
 
 __all__ = [
     "AtomicCheckpointSaver",
-    "MissingFileError",
     "ReportingCheckpointLoader",
     "expected_bundle_weights",
     "find_resume_checkpoint",
@@ -103,12 +102,6 @@ class AtomicCheckpointSaver(CheckpointSaver):
         ``load_state_dict``): :func:`agi_monai.engines.training_checkpoint_dict` saves it, so that a resumed run
         replaces ``models/model.pt`` only with a better generator."""
         return self._key_metric_checkpoint
-
-
-class MissingFileError(DataError, FileNotFoundError):
-    """A file that should be there is not: a :class:`agi_monai.data.DataError` (the file, what is wrong, what was
-    expected; the scripts and the CLI report it as one line) that is also a ``FileNotFoundError``, what callers of
-    ``torch.load`` and :class:`ReportingCheckpointLoader` catch for a missing file."""
 
 
 def _require_file(path: Path, expected: str) -> None:

@@ -415,7 +415,7 @@ def load_synthesizer(
         amp: autocast on CUDA.
 
     Raises:
-        agi_monai.engines.MissingFileError: no checkpoint (a ``FileNotFoundError``; no weights are shipped: train the
+        agi_monai.data.MissingFileError: no checkpoint (a ``FileNotFoundError``; no weights are shipped: train the
             bundle, or pass ``checkpoint``).
         agi_monai.data.DataError: the checkpoint cannot be read or does not fit the bundle's network with
             ``overrides`` (:func:`agi_monai.engines.load_weights`: the file and the differing tensors named).
