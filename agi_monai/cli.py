@@ -275,6 +275,7 @@ def export(bundle: str, filepath: Optional[str] = None, portable: bool = False, 
         raise UsageError(f"--filepath {filepath}: expected a file name ending in .ts")
     if target.exists() and not overwrite:
         raise UsageError(f"--filepath {target}: already exists (pass --overwrite to replace it)")
+    _check_weights(parser, weights, chosen, overrides)
     if portable:
         overrides = {**overrides, "network_def#portable": True}
     with atomic_output(target) as temporary, warnings.catch_warnings():
@@ -516,14 +517,34 @@ def _initialize(workflow: Any, bundle: Any, overrides: Mapping[str, Any]) -> Non
         while cause is not None and not isinstance(cause, DataError):
             cause = cause.__cause__
         if cause is None:  # e.g. an override the network cannot be built with
-            raise UsageError(
-                f"bundle {bundle.name}: its configs cannot be initialised with these options ({_innermost(error)})"
-            ) from error
+            raise _not_initialisable(bundle, error) from error
         weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
         if Path(cause.source) != weights:  # not about the weights: as it is, without MONAI's wrapping
             raise DataError(cause.source, cause.problem, cause.expected) from error
         expected = expected_bundle_weights(bundle.name, "--network_def#... flags", overrides)
         raise UsageError(str(DataError(cause.source, cause.problem, expected))) from None
+
+
+def _not_initialisable(bundle: Any, error: BaseException) -> UsageError:
+    return UsageError(f"bundle {bundle.name}: its configs cannot be initialised with these options ({_innermost(error)})")
+
+
+def _check_weights(parser: Any, weights: Path, bundle: Any, overrides: Mapping[str, Any]) -> None:
+    """Loads ``weights`` into the bundle's ``network_def`` (with ``overrides``) as ``inference.json`` would, so that
+    weights that do not fit are reported like :func:`_initialize` reports them. (``export`` hands the file to MONAI's
+    ``ckpt_export``, whose own failure is torch's traceback listing every tensor.)"""
+    from agi_monai.data import DataError
+    from agi_monai.engines import expected_bundle_weights, load_weights
+
+    parser.update(dict(overrides))  # (the caller's parser: export's ckpt_export reads the config file again)
+    try:
+        network = parser.get_parsed_content("network_def")
+    except Exception as error:  # e.g. an override the network cannot be built with
+        raise _not_initialisable(bundle, error) from error
+    try:
+        load_weights(network, weights, "cpu", expected_bundle_weights(bundle.name, "--network_def#... flags", overrides))
+    except DataError as error:
+        raise UsageError(str(error)) from None
 
 
 def _innermost(error: BaseException) -> str:

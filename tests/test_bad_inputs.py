@@ -337,6 +337,19 @@ def test_weights_that_do_not_load_are_named(bundles, cases, tmp_path, bundle, me
     assert weights.read_bytes() == before
 
 
+def test_export_names_weights_that_do_not_fit(bundles, tmp_path, capsys):
+    # before: MONAI's ckpt_export raised torch's traceback listing every tensor, exit 1
+    weights = bundles / "other-scenario" / "models" / "model.pt"
+    status = main(["export", str(bundles / "other-scenario"), "--filepath", str(tmp_path / "x.ts"),
+                   "--network_def#channels", WIDTHS])
+    error = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in error
+    assert (f"agi-monai export: error: {weights}: does not fit AGINet of this config: 1 tensor(s) of another shape "
+            "(e.g. head.weight (8, 3, 3, 3) in the file, (8, 2, 3, 3) here) (expected the weights bundle "
+            "other-scenario's train.json writes (models/model.pt)") in error
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_network_override_the_bundle_cannot_build_is_named(bundles, cases, tmp_path, capsys):
     # before: reported as the weights' fault ("cannot be loaded into bundle ...'s network")
     status = main(["synthesize", str(cases / "good-a"), "--bundle", str(bundles / "brats_t1_t2_to_flair"),
