@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import shutil
+import socket
 from pathlib import Path
 
 import nibabel as nib
@@ -25,8 +26,11 @@ import numpy as np
 import pytest
 import torch
 
+from torch.utils.data import DataLoader, DistributedSampler
+
+from agi_monai.bundle.data import check_batches, check_splits
 from agi_monai.bundle.experiment import budget_overrides, evaluate_bundle, train_bundle
-from agi_monai.data import DataError
+from agi_monai.data import DataError, discover_cases, write_json
 from agi_monai.engines import find_resume_checkpoint
 from agi_monai.networks import AGINet
 
@@ -35,6 +39,9 @@ IXI = ROOT / "bundles" / "ixi_t1_t2_to_pd"  # (T1, T2) -> PD
 BRATS_3_TO_1 = ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd"  # (T1, T2, FLAIR) -> T1Gd: 3 input channels
 IXI_SIM = ROOT / "tests" / "data" / "ixi-sim"
 GLI = ROOT / "tests" / "data" / "brats2023-gli"
+TCGA = ROOT / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692"  # BraTS space, with a tumour label (mav)
+SEGMENTATION = ROOT / "bundles" / "brats_segmentation"
+SEGMENTATION_CONTRASTS = ["T1Gd", "T1", "T2", "FLAIR", "seg"]
 WIDTHS = [8, 16, 16, 32]
 CHECKPOINT = "training_checkpoint_epoch=1.pt"
 CONTRASTS = ("T1", "T2", "PD")
@@ -175,20 +182,137 @@ def test_no_case_has_the_target_contrast(cache, tmp_path):
     )
 
 
-def test_datalist_without_a_validation_split(cases, cache, tmp_path):
+# A datalist's problems are reported before any slice is built (train.json's first initialize step reads every
+# split): each of these runs has a fresh cache, which must stay empty. Before, the training split's slices were
+# built first (minutes at the paper's scale), and only then was the validation split read.
+
+
+def test_datalist_without_a_validation_split(cases, tmp_path):
     datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]])
-    error = cause(failed_training(IXI, tmp_path / "run", overrides(datalist, cache)))
+    error = cause(failed_training(IXI, tmp_path / "run", overrides(datalist, tmp_path / "cache")))
     assert str(error) == f"{datalist}: has no 'validation' list (keys: training) (expected a 'validation' key)"
+    assert not (tmp_path / "cache").exists()  # before: the training case's slice file was written first
 
 
-def test_datalist_with_an_empty_validation_split(cases, cache, tmp_path):
-    # before: training ran, validated nothing, and ended without models/model.pt and without a word
+def test_datalist_with_an_empty_validation_split(cases, tmp_path):
+    # before the allow_empty check: training ran, validated nothing, and ended without models/model.pt and without
+    # a word; then the error came after the training slices were built
     datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[])
-    error = cause(failed_training(IXI, tmp_path / "run", overrides(datalist, cache)))
+    error = cause(failed_training(IXI, tmp_path / "run", overrides(datalist, tmp_path / "cache")))
     assert str(error) == (
         f"{datalist}: no case of the 'validation' split has T1, T2, PD (expected at least one case with each of T1, "
         "T2, PD)"
     )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_validation_split_whose_files_are_missing(cases, tmp_path):
+    # before: the training slices were built, then the validation case failed in preprocessing ("no usable slice")
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[cases["missing"]])
+    error = cause(failed_training(IXI, tmp_path / "run", overrides(datalist, tmp_path / "cache")))
+    assert str(error) == (
+        f"{datalist}: no case of the 'validation' split has T1, T2, PD; skipped validation-0: "
+        f"{cases['missing']['T2']}: file not found (expected an existing NIfTI file) (expected at least one case with each of T1, T2, PD)"
+    )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_multi_gpu_train_reports_the_datalist_before_building_slices(cases, tmp_path, monkeypatch):
+    # multi_gpu_train.json replaces train.json's initialize: the same checks, after the process group is set up
+    # (here one gloo process, in this process)
+    from monai.bundle import ConfigWorkflow
+    from torch import distributed
+
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]])
+    settings = write_json(overrides(datalist, tmp_path / "cache"), tmp_path / "overrides.json")
+    configs = [str(IXI / "configs" / name) for name in ("train.json", "multi_gpu_train.json")] + [str(settings)]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    workflow = ConfigWorkflow(config_file=configs, workflow_type="train", bundle_root=str(tmp_path / "run"))
+    try:
+        with pytest.raises(Exception) as raised:
+            workflow.initialize()
+    finally:
+        distributed.is_initialized() and distributed.destroy_process_group()
+    assert str(cause(raised.value)) == (
+        f"{datalist}: has no 'validation' list (keys: training) (expected a 'validation' key)"
+    )
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "models").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_segmentation_bundle_reports_a_missing_validation_file_before_training(tmp_path):
+    # brats_segmentation/train.json (hand-written, MONAI Datasets read lazily). Before: its splits could be empty,
+    # and the missing file was read, and training stopped, at the first validation, after a whole epoch
+    (case,) = discover_cases(TCGA, required=SEGMENTATION_CONTRASTS).cases
+    missing = dict(case, T2=str(tmp_path / "TCGA-GONE-t2.nii.gz"))
+    datalist = write_datalist(tmp_path / "datalist.json", training=[case], validation=[missing])
+    settings = {"dataset_dir": str(datalist), "num_workers": 0, "device": "$torch.device('cpu')"}
+    error = cause(failed_training(SEGMENTATION, tmp_path / "run", settings))
+    assert str(error) == (
+        f"{datalist}: no case of the 'validation' split has T1Gd, T1, T2, FLAIR, seg; skipped {case['case_id']}: "
+        f"{missing['T2']}: file not found (expected an existing NIfTI file) (expected at least one case with each of "
+        "T1Gd, T1, T2, FLAIR, seg)"
+    )
+    empty = write_datalist(tmp_path / "empty.json", training=[case], validation=[])
+    error = cause(failed_training(SEGMENTATION, tmp_path / "run", {**settings, "dataset_dir": str(empty)}))
+    assert str(error).startswith(f"{empty}: no case of the 'validation' split has T1Gd, T1, T2, FLAIR, seg (expected")
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+
+def test_fewer_usable_slices_than_one_batch(cases, cache, trained, tmp_path):
+    # the shared run's training item (same case ID and files), so that its slice file is read, not built again;
+    # the shipped subject keeps all 72 of its axial slices at 64x64 (its slice file's record says so too)
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[cases["good"]])
+    (record,) = [json.loads(p.read_text()) for p in cache.glob("T1_T2_to_PD_64x64/slices/*.json")
+                 if json.loads(p.read_text())["case_id"] == "training-0"]
+    assert len(record["slice_indices"]) == 72
+    # before: the epoch had no iteration; the untrained generator was validated and saved as models/model.pt, and
+    # the run ended "training done: nothing to train, all 1 epochs were done (a larger --epochs trains on)"
+    error = cause(failed_training(IXI, tmp_path / "run", {**overrides(datalist, cache), "batch_size": 73}))
+    assert str(error) == (
+        "the 'training' split: 72 usable slices from 1 volume make no batch of batch_size 73 with drop_last, so an "
+        "epoch would have no iteration (expected at least 73 slices: a smaller --batch_size, more training cases, or "
+        "a --train#dataset#min_foreground_fraction below the default 0.05, to keep more slices per volume)"
+    )
+    assert not (tmp_path / "run" / "models").exists()
+
+
+def test_check_splits_of_lists_given_directly():
+    # MONAI Label overrides train#dataset#data and validate#dataset#data with lists load_split never saw
+    check_splits(training=[{"case_id": "a"}], validation=[{"case_id": "b"}])
+    with pytest.raises(DataError) as raised:
+        check_splits(training=[{"case_id": "a"}], validation=[])
+    assert str(raised.value) == "the 'validation' split: holds no case (expected at least one case)"
+
+
+def test_check_batches_counts_what_each_process_gets():
+    slices = list(range(72))
+    check_batches(DataLoader(slices, batch_size=72, drop_last=True), "training")  # one batch: enough
+    check_batches(DataLoader(slices, batch_size=100), "validation")  # no drop_last: one smaller batch
+    with pytest.raises(DataError, match=r"^the 'training' split: 72 usable slices make no batch of batch_size 73 "):
+        check_batches(DataLoader(slices, batch_size=73, drop_last=True), "training")
+    # DDP: 72 slices over 2 processes are 36 each (torch's DistributedSampler, as the bundle's MONAI one)
+    sampler = DistributedSampler(slices, num_replicas=2, rank=1)
+    with pytest.raises(DataError) as raised:
+        check_batches(DataLoader(slices, batch_size=40, sampler=sampler, drop_last=True), "training")
+    assert "72 usable slices, 36 of them for this process of 2 make no batch of batch_size 40 with drop_last" in (
+        str(raised.value)
+    )
+    assert "(expected at least 40 slices per process: " in str(raised.value)
+    # a validation process without an item (3 slices, 4 processes, no padding) would leave the others waiting
+    sampler = DistributedSampler(list(range(3)), num_replicas=4, rank=3, drop_last=True)
+    with pytest.raises(DataError, match=r"3 usable slices, 0 of them for this process of 4 make no batch of "
+                                        r"batch_size 16, so .* --validate#dataset#min_foreground_fraction"):
+        check_batches(DataLoader(list(range(3)), batch_size=16, sampler=sampler), "validation")
 
 
 # ------------------------------------------------------------------------------------------------ bad cases
@@ -199,8 +323,9 @@ def test_bad_cases_among_good_ones_are_named_and_training_goes_on(trained, cases
     assert f"{cases['truncated']['T2']}: is truncated or its compressed data is corrupt" in log
     assert "(expected a complete file)" in log
     assert f"{cases['nan']['PD']}: contains 4 NaN/Inf voxels (expected finite intensities)" in log
-    assert f"{cases['missing']['T2']}: file not found (expected an existing NIfTI file)" in log
-    assert "3 volumes skipped" in log and "slices from 1 volumes" in log
+    # the case whose T2 is missing is skipped as the datalist is read, before any slice is built
+    missing = f"skipped training-3: {cases['missing']['T2']}: file not found (expected an existing NIfTI file)"
+    assert log.index(missing) < log.index("slices from 1 volumes, 2 volumes skipped")
     # the good case trained the generator: two iterations, then the best model and the training checkpoint
     assert trained["run"].iterations == 2
     models = trained["root"] / "models"

@@ -1,16 +1,20 @@
 """Datalist splits as the bundle configs need them (``train#datalist``; ``train#dataset#data``, the id MONAI
-Label overrides, is a list of datalist items fed to :func:`agi_monai.data.slice_dataset`)."""
+Label overrides, is a list of datalist items fed to :func:`agi_monai.data.slice_dataset`), and the checks
+``train.json``'s ``initialize`` runs before any work: every split read and checked before any slice is built
+(:func:`check_splits`), and a training set that makes at least one batch (:func:`check_batches`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agi_monai.data import DataError, discover_cases
+from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["DATALIST_NAME", "load_split"]
+from agi_monai.data import DataError, Failure, canonical_contrast, discover_cases
+
+__all__ = ["DATALIST_NAME", "check_batches", "check_splits", "load_split"]
 
 _logger = logging.getLogger(__name__)
 
@@ -19,14 +23,18 @@ DATALIST_NAME = "datalist.json"
 
 
 def load_split(
-    source: str | Path, split: str, contrasts: Sequence[str], allow_empty: bool = True
+    source: str | Path,
+    split: str,
+    contrasts: Sequence[str],
+    allow_empty: bool = True,
+    require_files: bool = False,
 ) -> list[dict[str, Any]]:
     """The cases of one split having every contrast in ``contrasts``.
 
     ``source`` is a JSON datalist, a folder holding ``datalist.json`` (read as the datalist), or a plain folder
     of cases: then there is no split, and every split is the whole folder (a warning says so; use
     ``scripts/prepare_*.py`` to write a datalist with held-out cases). Skipped cases are logged by name
-    (by :func:`agi_monai.data.discover_cases`).
+    (by :func:`agi_monai.data.discover_cases`, and here for ``require_files``).
 
     Args:
         source: JSON datalist or folder (``dataset_dir`` in the configs).
@@ -34,10 +42,14 @@ def load_split(
         contrasts: contrasts each case needs (the inputs, plus the target for training and evaluation).
         allow_empty: return an empty list when no case qualifies; False (``train.json``: training and validation
             need a case) raises instead, naming ``source`` and listing the skipped cases.
+        require_files: also skip the cases whose files of ``contrasts`` do not exist (``train.json``: a missing
+            file is then reported when the datalist is read, not minutes later while the slices are built). Only
+            existence is checked: reading every volume would cost as much as preprocessing it, so an unreadable
+            file is still reported (and its case skipped) by the preprocessing.
 
     Raises:
         DataError: ``source`` does not exist or is not a datalist with ``split``; or, with ``allow_empty=False``,
-            no case of the split has every contrast.
+            no case of the split has every contrast (and, with ``require_files``, its files).
     """
     source = Path(source)
     if source.is_dir() and (source / DATALIST_NAME).is_file():
@@ -50,10 +62,98 @@ def load_split(
         )
     else:
         discovery = discover_cases(source, required=contrasts, split=split)
-    if not discovery.cases and not allow_empty:
-        skipped = "".join(f"; skipped {failure}" for failure in discovery.failures)
+    cases, failures = discovery.cases, list(discovery.failures)  # discovery has logged its skipped cases
+    if require_files:
+        cases = []
+        for case in discovery.cases:
+            missing = _missing_file(case, contrasts)
+            if missing is None:
+                cases.append(case)
+            else:
+                failures.append(Failure(case["case_id"], str(missing)))
+                _logger.warning("skipped %s", failures[-1])
+    if not cases and not allow_empty:
+        skipped = "".join(f"; skipped {failure}" for failure in failures)
         raise DataError(
             source, f"no case of the {split!r} split has {', '.join(contrasts)}{skipped}",
             f"at least one case with each of {', '.join(contrasts)}",
         )
-    return discovery.cases  # discovery has logged each skipped case
+    return cases
+
+
+def _missing_file(case: Mapping[str, Any], contrasts: Sequence[str]) -> DataError | None:
+    """The first file of ``contrasts`` that ``case`` lists but that does not exist, as the error to report."""
+    for contrast in map(canonical_contrast, contrasts):
+        source = case[contrast]
+        if isinstance(source, (str, Path)):  # a NIfTI file, or a DICOM series folder
+            if not Path(source).exists():
+                nifti = str(source).lower().endswith((".nii", ".nii.gz"))
+                return DataError(source, "file not found", "an existing NIfTI file" if nifti else
+                                 "an existing NIfTI file or DICOM series folder")
+        else:  # the files of a DICOM series
+            gone = [name for name in source if not Path(name).exists()]
+            if gone:
+                return DataError(gone[0], f"file not found ({len(gone)} of the {len(source)} files of the "
+                                 f"{contrast} DICOM series are missing)", "every file of the series")
+    return None
+
+
+def check_splits(**splits: Sequence[Mapping[str, Any]]) -> None:
+    """Logs how many cases each split holds; raises when one holds none.
+
+    ``train.json``'s first ``initialize`` step, given ``@train#dataset#data`` and ``@validate#dataset#data``:
+    resolving them there reads (and checks, :func:`load_split`) every split before any dataset is built. Without
+    it MONAI resolves ``train#trainer`` depth-first, so the training slices (minutes at the paper's scale) were built
+    before the validation split was even read. It raises itself for a list given directly (MONAI Label overrides
+    ``train#dataset#data`` and ``validate#dataset#data``), where :func:`load_split` never ran.
+
+    Args:
+        splits: split name (``training``, ``validation``) -> its datalist items.
+
+    Raises:
+        DataError: a split holds no case.
+    """
+    for name, items in splits.items():
+        if not len(items):
+            raise DataError(f"the {name!r} split", "holds no case", "at least one case")
+    _logger.info("datalist: %s", ", ".join(f"{len(items)} {name} cases" for name, items in splits.items()))
+
+
+def check_batches(dataloader: DataLoader, split: str) -> None:
+    """Raises when an epoch of ``dataloader`` has no batch (``train.json``'s ``initialize``, after the dataset is
+    built, before training).
+
+    With ``drop_last`` (the training loader) and fewer usable slices than ``batch_size`` per process, an epoch has
+    no batch: the run "trains" its epochs without one iteration, validates the untrained generator and saves it as
+    the best model, and its summary says "nothing to train" as if the epochs were done. Raising, rather than
+    dropping ``drop_last`` for so small a set, keeps the configured batch size (the recipe's, and the PatchGAN's
+    batch-norm statistics): a training set smaller than one batch is a mistake to fix (a wrong datalist, a
+    ``--batch_size`` meant for another set), not a run to go on with. Under DDP a process without a validation
+    batch would leave the others waiting in the metric's all-reduce, so ``multi_gpu_train.json`` checks validation
+    too.
+
+    Args:
+        dataloader: the split's loader (``@train#dataloader``), its dataset built.
+        split: the split's name, for the message.
+
+    Raises:
+        DataError: naming the split, its usable slices (per process under DDP), the batch size and what to change.
+    """
+    if len(dataloader):
+        return
+    dataset, sampler, batch_size = dataloader.dataset, dataloader.sampler, dataloader.batch_size
+    slices = f"{len(dataset)} usable slices"
+    if hasattr(dataset, "case_ids"):  # an agi_monai.data.SliceDataset
+        slices += f" from {len(dataset.case_ids)} volume{'s' if len(dataset.case_ids) != 1 else ''}"
+    per_process = ""
+    if isinstance(sampler, DistributedSampler):
+        slices += f", {len(sampler)} of them for this process of {sampler.num_replicas}"
+        per_process = " per process"
+    config_id = {"training": "train", "validation": "validate"}.get(split, split)
+    raise DataError(
+        f"the {split!r} split",
+        f"{slices} make no batch of batch_size {batch_size}{' with drop_last' if dataloader.drop_last else ''}, "
+        "so an epoch would have no iteration",
+        f"at least {batch_size} slices{per_process}: a smaller --batch_size, more {split} cases, or a "
+        f"--{config_id}#dataset#min_foreground_fraction below the default 0.05, to keep more slices per volume",
+    )
