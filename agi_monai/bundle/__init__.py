@@ -4,8 +4,17 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 (``tests/test_bundles.py``); the configs only wire it.
 """
 
-from agi_monai.bundle.data import load_split
+from agi_monai.bundle.data import check_batches, check_splits, load_split
 from agi_monai.bundle.handlers import TrainingSummary, loss_terms, slice_names
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
 
-__all__ = ["FolderSynthesis", "SynthesisSummary", "TrainingSummary", "load_split", "loss_terms", "slice_names"]
+__all__ = [
+    "FolderSynthesis",
+    "SynthesisSummary",
+    "TrainingSummary",
+    "check_batches",
+    "check_splits",
+    "load_split",
+    "loss_terms",
+    "slice_names",
+]
