@@ -14,7 +14,8 @@ By default it runs on the shipped cases (train on the two BraTS 2023 cases, test
 
 Writes ``<output_dir>/ablation.csv``, ``ablation.md``, ``ablation.json`` and ``ablation_<protocol>_psnr_db.png`` (one
 bar per ablation); each run in ``<output_dir>/<name>/``
-(its ``overrides.json``, ``models/model.pt``, ``eval/``).
+(its ``overrides.json``, ``models/model.pt``, ``eval/``); a rerun into the same folder replaces the files the earlier
+run wrote there (``script_outputs.json``), and only those.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from agi_monai.bundle.experiment import (
     train_bundle,
 )
 from agi_monai.bundle.registry import find_bundle
+from agi_monai.bundle.run_folder import replacing_earlier_run
 from agi_monai.cli import run_script
 from agi_monai.data import write_json
 from agi_monai.evaluation.ablation import ABLATIONS, Ablation, architecture, select_ablations
@@ -158,8 +160,9 @@ def main(
             **seed_overrides(info.root, seed), **ablation.overrides,
         )
         print(f"{ablation.name}: {ablation.description}; override {ablation.override_text()}", flush=True)
-        run = train_bundle(info.root, output / ablation.name, overrides)
-        evaluation = evaluate_bundle(info.root, run.bundle_root, {"protocols": protocols})
+        with replacing_earlier_run(output / ablation.name, "ablation.py"):
+            run = train_bundle(info.root, output / ablation.name, overrides)
+            evaluation = evaluate_bundle(info.root, run.bundle_root, {"protocols": protocols})
         summary = json.loads((evaluation / SUMMARY_JSON).read_text(encoding="utf-8"))
         network = load_generator(info.root, run.weights, run.overrides_file)
         params, gflops = complexity(network, in_channels, info.spatial_size[0])

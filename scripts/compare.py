@@ -13,7 +13,8 @@ Per scenario, in ``<output_dir>/<scenario>/``:
 1. **Train** AGI-Net and ResUNet with ``bundles/<scenario>/configs/train.json`` (pix2pix) merged with the same
    budget overrides (:func:`~agi_monai.bundle.experiment.budget_overrides`: iterations, batch, crops, lr, widths,
    intensity augmentation; the seed of the bundle's ``set_determinism``); only ``network_def#_target_`` differs.
-   Each run lives in ``agi_net/`` / ``resunet/`` (``overrides.json``, ``models/model.pt``, logs).
+   Each run lives in ``agi_net/`` / ``resunet/`` (``overrides.json``, ``models/model.pt``, logs); a rerun into the
+   same folder replaces the files the earlier run wrote there (``script_outputs.json``), and only those.
 2. **Evaluate** each with the bundle's ``evaluate.json`` (``<network>/eval/metrics_*``: protocols ``slice2d`` and
    ``brasyn3d``), beside the input contrasts used as the guess (no network); ``quality.md``.
 3. **Sweep** one input's misalignment (translation 0-3 px in-plane; rigid 0-3 degrees and mm) for both networks
@@ -58,6 +59,7 @@ from agi_monai.bundle.experiment import (
     train_bundle,
 )
 from agi_monai.bundle.registry import BundleInfo, find_bundle
+from agi_monai.bundle.run_folder import replacing_earlier_run
 from agi_monai.cli import run_script
 from agi_monai.data import write_json
 from agi_monai.evaluation import evaluate_volume, synthesis_panel, volume_dataset
@@ -183,9 +185,10 @@ def run_scenario(
             **budget, **seed_overrides(info.root, seed),
         )
         print(f"{info.name}: training {name} ({budget['iterations']} iterations)", flush=True)
-        run = train_bundle(info.root, folder / run_folder, overrides)
-        print(f"{info.name}: evaluating {name} with evaluate.json", flush=True)
-        evaluations[name] = evaluate_bundle(info.root, run.bundle_root, {"protocols": list(protocols)})
+        with replacing_earlier_run(folder / run_folder, "compare.py"):
+            run = train_bundle(info.root, folder / run_folder, overrides)
+            print(f"{info.name}: evaluating {name} with evaluate.json", flush=True)
+            evaluations[name] = evaluate_bundle(info.root, run.bundle_root, {"protocols": list(protocols)})
         summaries[name] = json.loads((evaluations[name] / SUMMARY_JSON).read_text(encoding="utf-8"))
         networks[name] = load_generator(info.root, run.weights, run.overrides_file)
         training[name] = {**run.as_dict(), "parameters": sum(p.numel() for p in networks[name].parameters())}

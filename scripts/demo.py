@@ -34,7 +34,9 @@ Everything runs from ``tests/data/`` (no download):
    (inputs | synthesized | real | error map, one row per network, with a zoomed region), and prints a table
    and a one-line summary.
 
-Inputs are only read; every output is written atomically.
+Inputs are only read; every output is written atomically. A rerun into the same ``output_dir`` replaces the
+demo's own earlier runs (:func:`agi_monai.bundle.run_folder.replacing_earlier_run`: only the files they wrote, as
+recorded in ``<network>/script_outputs.json``) instead of leaving them in ``models/earlier_run_<time>/``.
 
     bash scripts/demo.sh                                   # sets up ./.venv, then runs this with the defaults
     python scripts/demo.py --iterations 600 --output_dir outputs/demo_long
@@ -60,6 +62,7 @@ from agi_monai.bundle.experiment import (
     synthesize_volume,
     train_bundle,
 )
+from agi_monai.bundle.run_folder import replacing_earlier_run
 from agi_monai.cli import run_script
 from agi_monai.data import build_inference_dataset, restore_geometry_transforms, write_json
 from agi_monai.evaluation import slice_protocol, synthesis_panel
@@ -134,7 +137,8 @@ def main(
                 intensity_augmentation, device, network=f"agi_monai.networks.{network_class.__name__}",
             )
             _say(progress, f"{name}: training with the bundle's train.json, {iterations} iterations")
-            run = train_bundle(BUNDLE, output / folder, overrides)
+            with replacing_earlier_run(output / folder, "demo.py"):
+                run = train_bundle(BUNDLE, output / folder, overrides)
             weights, training[name] = run.weights, {**run.as_dict(), "trained_here": True}
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         training[name]["parameters"] = sum(p.numel() for p in network.parameters())

@@ -19,6 +19,7 @@ from agi_monai.bundle.experiment import bundle_network
 from agi_monai.evaluation.ablation import ABLATIONS, architecture, select_ablations
 from agi_monai.evaluation.tables import read_csv
 from agi_monai.networks import CAGR, STAGES, AGINet, ResUNet
+from test_demo import assert_rerun_replaced_its_runs, files_of
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_t1_t2_to_flair"  # 2 inputs, as the paper's complexity tables
@@ -113,13 +114,13 @@ def test_flops_column_counts_the_added_cagr_by_hand():
 def test_script_trains_evaluates_and_tabulates_two_ablations(tmp_path):
     output = tmp_path / "ablation"
     channels = [8, 16, 32, 64]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "ablation.py"), "--ablations", "gr_only,stages_none",
-         "--iterations", "2", "--batch_size", "2", "--crop_size", "64", "--channels", ",".join(map(str, channels)),
-         "--discriminator_channels", "8", "--protocols", "slice2d", "--device", "cpu", "--output_dir", str(output)],
-        capture_output=True, encoding="utf-8", cwd=REPO, timeout=900,
-        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
-    )
+    command = [
+        sys.executable, str(REPO / "scripts" / "ablation.py"), "--ablations", "gr_only,stages_none",
+        "--iterations", "2", "--batch_size", "2", "--crop_size", "64", "--channels", ",".join(map(str, channels)),
+        "--discriminator_channels", "8", "--protocols", "slice2d", "--device", "cpu", "--output_dir", str(output),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=REPO, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"ablation: 2 runs in {output}" in result.stdout
     rows = read_csv(output / "ablation.csv")
@@ -150,3 +151,10 @@ def test_script_trains_evaluates_and_tabulates_two_ablations(tmp_path):
     markdown = (output / "ablation.md").read_text()
     assert "| ablation | override | params | GFLOPs | params, paper widths (M) | paper (M / GFLOPs) |" in markdown
     assert f"| gr_only | `--network_def#attention False` | {int(rows[0]['params']):,} |" in markdown
+
+    # a rerun into the same folder replaces both runs there (no models/earlier_run_*), says so, keeps a person's files
+    first = files_of(output, ["gr_only", "stages_none"])
+    rerun = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=REPO, timeout=900, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_rerun_replaced_its_runs(output, ["gr_only", "stages_none"], "ablation.py", rerun, first)
+    assert [r["ablation"] for r in read_csv(output / "ablation.csv")] == ["gr_only", "stages_none"]

@@ -25,10 +25,12 @@ from agi_monai.bundle.experiment import (
     seed_overrides,
     shipped_datalist,
 )
+from agi_monai.bundle.run_folder import RECORD_NAME, replacing_earlier_run
 from agi_monai.data import DataError, discover_cases
 from agi_monai.evaluation import brain_mask, slice_protocol
 from agi_monai.evaluation.tables import read_csv
 from agi_monai.networks import AGINet, ResUNet
+from test_demo import assert_rerun_replaced_its_runs, files_of
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -89,18 +91,87 @@ def test_a_runs_overrides_rebuild_its_generator(tmp_path):
         load_generator(BUNDLE, tmp_path / "model.pt", tmp_path / "missing.json")
 
 
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_removes_exactly_the_files_the_scripts_earlier_run_wrote(tmp_path):
+    """The run-folder record of scripts/demo.py, compare.py and ablation.py: a rerun replaces the script's own
+    earlier run; a person's files, files moved aside by the bundle, the slice cache and files changed since stay."""
+    folder, lines = tmp_path / "agi_net", []
+    _write(folder / "notes.txt", "a person's notes")  # a folder someone pointed the script at
+    _write(folder / "models" / "model.pt", "weights trained by hand")
+    with replacing_earlier_run(folder, "demo.py", say=lines.append):
+        # what the bundle does in a fresh run: moves the earlier weights aside (a rename), then writes its own
+        (folder / "models" / "earlier_run_1").mkdir()
+        os.replace(folder / "models" / "model.pt", folder / "models" / "earlier_run_1" / "model.pt")
+        for name in ("models/model.pt", "models/training_checkpoint_epoch=1.pt", "logs/events.1", "eval/cache/a.npy"):
+            _write(folder / name, f"first run: {name}")
+    assert lines == [
+        f"demo.py: {folder} holds 2 file(s) it did not write (models/model.pt, notes.txt): none removed (a fresh "
+        "bundle run moves an earlier model.pt and checkpoints to models/earlier_run_<time>/)"
+    ]
+    record = json.loads((folder / RECORD_NAME).read_text())
+    assert record["script"] == "demo.py"
+    assert [f["path"] for f in record["files"]] == [
+        "logs/events.1", "models/model.pt", "models/training_checkpoint_epoch=1.pt"]
+    assert record["files"][1]["size"] == len("first run: models/model.pt")
+
+    _write(folder / "models" / "training_checkpoint_epoch=1.pt", "edited since")  # other size: not the run's any more
+    with pytest.raises(RuntimeError, match="interrupted"), replacing_earlier_run(folder, "demo.py", say=lines.append):
+        _write(folder / "models" / "model.pt", "second run, interrupted")
+        raise RuntimeError("interrupted")
+    assert lines[1] == (
+        f"demo.py: replacing its earlier run in {folder}: removed the 2 file(s) it wrote (models/model.pt, "
+        "logs/events.1); kept 3 other file(s) (models/earlier_run_1/model.pt, models/training_checkpoint_epoch=1.pt, "
+        "notes.txt)"
+    )
+    # the cache stays for the next run; the emptied logs/ folder goes; the interrupted run is recorded too
+    assert _files(folder).keys() - {RECORD_NAME} == {
+        "notes.txt", "models/earlier_run_1/model.pt", "models/training_checkpoint_epoch=1.pt", "eval/cache/a.npy",
+        "models/model.pt"}
+    assert not (folder / "logs").exists()
+    assert _files(folder)["models/earlier_run_1/model.pt"] == "weights trained by hand"
+    assert [f["path"] for f in json.loads((folder / RECORD_NAME).read_text())["files"]] == ["models/model.pt"]
+
+    # another script's record is none of this script's business; a record edited to point outside reaches nothing
+    outside = _write(tmp_path / "outside.txt", "elsewhere")
+    before = _files(folder)
+    with replacing_earlier_run(folder, "compare.py", say=lines.append):
+        pass
+    assert _files(folder).keys() == before.keys() and lines[2].startswith(f"compare.py: {folder} holds 4 file(s)")
+    stat = outside.stat()
+    _write(folder / RECORD_NAME, json.dumps({"script": "demo.py", "files": [
+        {"path": "../outside.txt", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}]}))
+    with replacing_earlier_run(folder, "demo.py", say=lines.append):
+        pass
+    assert outside.read_text() == "elsewhere" and _files(folder).keys() - {RECORD_NAME} == before.keys() - {RECORD_NAME}
+    _write(folder / RECORD_NAME, "{not json")
+    with pytest.raises(DataError, match=rf"{folder / RECORD_NAME}: cannot be read \(JSONDecodeError: .*\(expected "
+                                        r"the record demo.py writes"):
+        with replacing_earlier_run(folder, "demo.py", say=lines.append):
+            pass
+    assert _files(folder).keys() == before.keys()
+
 @pytest.mark.slow
 def test_compare_trains_both_networks_at_one_budget_and_reports(tmp_path):
     output = tmp_path / "compare"
     channels = [8, 16, 32, 64]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "compare.py"), "--scenarios", "brats_t1_t2_to_flair",
-         "--iterations", "2", "--batch_size", "2", "--crop_size", "64", "--channels", ",".join(map(str, channels)),
-         "--discriminator_channels", "8", "--protocols", "slice2d", "--sweep_kinds", "translation",
-         "--sweep_maximum", "0.5", "--device", "cpu", "--progress", "False", "--output_dir", str(output)],
-        capture_output=True, encoding="utf-8", cwd=REPO, timeout=900,
-        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
-    )
+    command = [
+        sys.executable, str(REPO / "scripts" / "compare.py"), "--scenarios", "brats_t1_t2_to_flair",
+        "--iterations", "2", "--batch_size", "2", "--crop_size", "64", "--channels", ",".join(map(str, channels)),
+        "--discriminator_channels", "8", "--protocols", "slice2d", "--sweep_kinds", "translation",
+        "--sweep_maximum", "0.5", "--device", "cpu", "--progress", "False", "--output_dir", str(output),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=REPO, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "compare.json").read_text())
     scenario = summary["scenarios"]["brats_t1_t2_to_flair"]
@@ -153,3 +224,11 @@ def test_compare_trains_both_networks_at_one_budget_and_reports(tmp_path):
     assert summary["command"] in results and "### Misalignment sweep: translation" in results
     assert "| network | 0 | 0.5 |" in results
     assert all(math.isfinite(r["psnr_db"]) for r in rows)
+
+    # a rerun into the same folder replaces both runs there (no models/earlier_run_*), says so, keeps a person's files
+    runs = ["brats_t1_t2_to_flair/agi_net", "brats_t1_t2_to_flair/resunet"]
+    first = files_of(output, runs)
+    rerun = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=REPO, timeout=900, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_rerun_replaced_its_runs(output, runs, "compare.py", rerun, first)
+    assert json.loads((output / "compare.json").read_text())["scenarios"].keys() == {"brats_t1_t2_to_flair"}

@@ -24,6 +24,56 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+def _run_demo(output: Path, *arguments: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output), "--progress", "False",
+         *arguments],
+        capture_output=True, encoding="utf-8", cwd=REPO, timeout=600,
+        # one thread: the tiny network's many small operations run 2x slower on 2 threads when the cores are shared
+        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+             "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def assert_rerun_replaced_its_runs(
+    output: Path, runs: list[str], script: str, rerun: subprocess.CompletedProcess, first: dict[str, set[str]]
+) -> None:
+    """After a second run of ``script`` into ``output``: each run folder holds its latest run only (the files its
+    record lists: no ``models/earlier_run_*``, no second set of TensorBoard logs), each said so in one line, and a
+    person's ``notes.txt`` placed in the first run folder and in ``output`` before the rerun is still there.
+    ``first``: each run folder's files after the first run (:func:`files_of`)."""
+    from agi_monai.bundle.run_folder import RECORD_NAME
+
+    for index, run in enumerate(runs):
+        folder = output / run
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "cache" not in p.parts}
+        recorded = {f["path"] for f in json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))["files"]}
+        notes = {"notes.txt"} if index == 0 else set()
+        assert files == recorded | notes | {RECORD_NAME}, files ^ (recorded | notes)
+        assert "models/model.pt" in recorded and not list(folder.glob("models/earlier_run_*"))
+        # the same files as the first run: names differ only in the TensorBoard logs' time stamps and process id
+        assert sorted(f.split(".out.tfevents.")[0] for f in files - notes) == sorted(
+            f.split(".out.tfevents.")[0] for f in first[run])
+        replacing = f"{script}: replacing its earlier run in {folder}:"
+        said = [line for line in rerun.stdout.splitlines() if line.startswith(replacing)]
+        assert len(said) == 1 and "models/model.pt" in said[0], said
+        assert said[0].endswith("; kept 1 other file(s) (notes.txt)") == (index == 0), said
+        assert "earlier_run" not in rerun.stdout + rerun.stderr  # the bundle had nothing left to set aside
+    for notes_file in (output / "notes.txt", output / runs[0] / "notes.txt"):
+        assert notes_file.read_text() == "a person's notes"
+
+
+def files_of(output: Path, runs: list[str]) -> dict[str, set[str]]:
+    """Each run folder's files (not the slice cache), after the first run; and a person's notes beside them."""
+    first = {run: {p.relative_to(output / run).as_posix() for p in (output / run).rglob("*")
+                   if p.is_file() and "cache" not in p.parts} for run in runs}
+    for notes_file in (output / "notes.txt", output / runs[0] / "notes.txt"):
+        notes_file.write_text("a person's notes")
+    return first
+
+
 @pytest.mark.slow
 def test_demo_trains_both_networks_with_the_bundle_and_writes_synthesis_metrics_and_panel(tmp_path):
     from matplotlib.image import imread
@@ -35,14 +85,7 @@ def test_demo_trains_both_networks_with_the_bundle_and_writes_synthesis_metrics_
     inputs_before, bundle_before = _snapshot(DATA), _snapshot(bundle)
     channels = [8, 16, 32, 64]
     tiny = ["--iterations", "3", "--channels", ",".join(map(str, channels)), "--batch_size", "2", "--crop_size", "64"]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output), "--progress", "False", *tiny],
-        capture_output=True, encoding="utf-8", cwd=REPO, timeout=600,
-        # one thread: the tiny network's many small operations run 2x slower on 2 threads when the cores are shared
-        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-             "PYTHONIOENCODING": "utf-8"},
-    )
-    assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
+    result = _run_demo(output, *tiny)
     summary = result.stdout.strip().splitlines()[-1]
     assert summary.startswith(f"demo: T1Gd for TCGA-FG-6692 -> {output}; AGI-Net "), summary
     assert " | ResUNet " in summary and "3 iterations each on cpu (" in summary
@@ -81,3 +124,9 @@ def test_demo_trains_both_networks_with_the_bundle_and_writes_synthesis_metrics_
     assert not leftovers, leftovers
     assert _snapshot(DATA) == inputs_before  # the shipped inputs are only read
     assert _snapshot(bundle) == bundle_before  # the run happens in output_dir, not in the bundle
+
+    # a rerun into the same folder replaces the demo's own runs there, says so, and keeps a person's files
+    first = files_of(output, ["agi_net", "resunet"])
+    rerun = _run_demo(output, *tiny)
+    assert_rerun_replaced_its_runs(output, ["agi_net", "resunet"], "demo.py", rerun, first)
+    assert rerun.stdout.strip().splitlines()[-1].startswith(f"demo: T1Gd for TCGA-FG-6692 -> {output}; AGI-Net ")
