@@ -268,6 +268,46 @@ def test_folder_synthesis_reports_any_error_and_goes_on(tmp_path):
     assert str(summary).splitlines()[0] == f"synthesized 1 of 3 cases into {tmp_path}, 2 failed"
 
 
+def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_says_so(tmp_path, capsys):
+    from monai.data import Dataset
+    from monai.inferers import SimpleInferer
+
+    class FirstChannel(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :1]
+
+    def write(item):  # the file the bundle's SaveImaged writes, under the name FolderSynthesis expects
+        (tmp_path / f"{item['case_id']}_PD.nii.gz").write_bytes(b"synthesized now")
+
+    def run(cases, **kwargs):
+        summary = FolderSynthesis(Dataset(cases), FirstChannel(), SimpleInferer(), write, tmp_path, "PD", **kwargs)()
+        printed = capsys.readouterr()
+        return summary, printed.out.splitlines(), printed.err
+
+    cases = [{"case_id": c, "image": torch.rand(2, 8, 8, 4)} for c in ("a", "b", "c")]
+    (tmp_path / "b_PD.nii.gz").write_bytes(b"an earlier result")
+    summary, out, bar = run(cases, overwrite=False)
+    assert summary.written == [tmp_path / "a_PD.nii.gz", tmp_path / "c_PD.nii.gz"]
+    assert summary.present == [tmp_path / "b_PD.nii.gz"] and summary.failures == []
+    assert (tmp_path / "b_PD.nii.gz").read_bytes() == b"an earlier result"
+    assert out == [f"synthesized 2 of 3 cases into {tmp_path}, 1 already present (skipped), 0 failed"]
+    assert "3/3 [" in bar and bar.rstrip().endswith("1 already present (skipped), 0 failed]"), bar
+
+    # a rerun over the same folder: every output is there, nothing is read or written, and the bar and line say so
+    summary, out, bar = run(cases, overwrite=False)
+    assert summary.written == [] and len(summary.present) == 3
+    assert out == [f"synthesized 0 of 3 cases into {tmp_path}, 3 already present (skipped), 0 failed"]
+    assert "3/3 [" in bar and bar.rstrip().endswith("3 already present (skipped), 0 failed]") and "0case" not in bar
+    assert (tmp_path / "b_PD.nii.gz").read_bytes() == b"an earlier result"
+    summary, out, _ = run(cases[1:2], progress=False)  # the default, as MONAI's SaveImage: replaced
+    assert summary.written == [tmp_path / "b_PD.nii.gz"] and (tmp_path / "b_PD.nii.gz").read_bytes() == b"synthesized now"
+    assert out == [f"synthesized 1 of 1 cases into {tmp_path}, 0 failed"]
+
+    # every case left out before the run (the CLI's existing outputs, discovery's bad cases): no bar over nothing
+    summary, out, bar = run([], skipped=[Failure("d", "missing T2")])
+    assert bar == "" and out == [f"synthesized 0 of 1 cases into {tmp_path}, 1 failed", "  - d: missing T2"]
+
+
 # ------------------------------------------------------------------------------- inference and export
 
 

@@ -32,18 +32,27 @@ _TASK_WORDS = {"synthesis": ("synthesizing", "synthesized"), "segmentation": ("s
 
 @dataclass
 class SynthesisSummary:
-    """What a :class:`FolderSynthesis` run wrote and skipped."""
+    """What a :class:`FolderSynthesis` run wrote, found already written (kept) and could not do."""
 
     output_dir: Path
     written: list[Path] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     task: str = "synthesis"
+    present: list[Path] = field(default_factory=list)
+
+    @property
+    def cases(self) -> int:
+        """Every case the run was given: written, already present, failed (or left out before it)."""
+        return len(self.written) + len(self.present) + len(self.failures)
+
+    def counts(self) -> str:
+        """``"2 already present (skipped), 1 failed"``: the cases not written, for the progress bar."""
+        present = f"{len(self.present)} already present (skipped), " if self.present else ""
+        return f"{present}{len(self.failures)} failed"
 
     def __str__(self) -> str:
-        line = (
-            f"{_TASK_WORDS[self.task][1]} {len(self.written)} of {len(self.written) + len(self.failures)} cases into "
-            f"{self.output_dir}, {len(self.failures)} failed"
-        )
+        done = _TASK_WORDS[self.task][1]
+        line = f"{done} {len(self.written)} of {self.cases} cases into {self.output_dir}, {self.counts()}"
         return "\n".join([line, *(f"  - {failure}" for failure in self.failures)])
 
 
@@ -55,7 +64,10 @@ class FolderSynthesis:
     (e.g. ``SliceInferer(spatial_dim=2)``) on ``"image"`` -> ``"pred"`` (1, H, W, D), then
     ``postprocessing`` (clip, :func:`agi_monai.data.restore_geometry_transforms` writing
     ``<case_id>_<target>.nii.gz`` atomically). A case that fails anywhere is logged with its reason and
-    listed in the summary; the rest continue. Nothing is written for a failed case.
+    listed in the summary; the rest continue. Nothing is written for a failed case. With ``overwrite=False`` a case
+    whose output exists is not read: it is counted as already present (a rerun over a folder does the rest only).
+    The progress bar counts the cases of ``dataset`` and shows the failed and present ones; the summary, printed at
+    the end, every case (``skipped`` ones among the failed).
 
     Args:
         dataset: volume dataset whose ``data`` items carry ``"case_id"`` (:func:`agi_monai.data.build_volume_dataset`).
@@ -67,6 +79,7 @@ class FolderSynthesis:
         device: where the network runs.
         skipped: cases already left out (e.g. by discovery), reported with the rest.
         amp: autocast (CUDA only).
+        overwrite: replace an existing output (MONAI's ``SaveImage`` default); False keeps it and skips the case.
         progress: show a progress bar over cases.
         task: "synthesis" or "segmentation" (the segmentation bundle's label maps): the words of the progress
             bar and the summary.
@@ -85,6 +98,7 @@ class FolderSynthesis:
         amp: bool = False,
         progress: bool = True,
         task: str = "synthesis",
+        overwrite: bool = True,
     ) -> None:
         if task not in _TASK_WORDS:
             raise ValueError(f"FolderSynthesis: task must be one of {sorted(_TASK_WORDS)}, got {task!r}")
@@ -99,6 +113,7 @@ class FolderSynthesis:
         self.amp = amp and self.device.type == "cuda"
         self.progress = progress
         self.task = task
+        self.overwrite = overwrite
 
     def output_path(self, case_id: str) -> Path:
         return self.output_dir / f"{case_id}_{self.target}.nii.gz"
@@ -107,18 +122,30 @@ class FolderSynthesis:
         summary = SynthesisSummary(self.output_dir, failures=list(self.skipped), task=self.task)
         cases = self.dataset.data
         label = _TASK_WORDS[self.task][0] + (f" {self.target}" if self.task == "synthesis" else "")
-        for index in tqdm(range(len(cases)), desc=label, unit="case", disable=not self.progress):
-            case_id = str(cases[index].get("case_id", index))
-            try:
-                self._synthesize(index)
-            except Exception as error:  # one bad case must not stop the others; the reason is reported
-                failure = Failure(case_id, failure_reason(error))
-                _logger.error("%s", failure)
-                summary.failures.append(failure)
-                continue
-            summary.written.append(self.output_path(case_id))
+        # no bar over nothing (tqdm shows "0case"): when every case was left out before, the summary says why
+        with tqdm(total=len(cases), desc=label, unit="case", disable=not self.progress or not cases) as bar:
+            for index in range(len(cases)):
+                self._run_case(index, summary)
+                bar.set_postfix_str(summary.counts(), refresh=False)
+                bar.update()
         print(summary, flush=True)
         return summary
+
+    def _run_case(self, index: int, summary: SynthesisSummary) -> None:
+        """One case into ``summary``: written, already present, or failed with its reason."""
+        case_id = str(self.dataset.data[index].get("case_id", index))
+        output = self.output_path(case_id)
+        if not self.overwrite and output.exists():
+            summary.present.append(output)
+            return
+        try:
+            self._synthesize(index)
+        except Exception as error:  # one bad case must not stop the others; the reason is reported
+            failure = Failure(case_id, failure_reason(error))
+            _logger.error("%s", failure)
+            summary.failures.append(failure)
+            return
+        summary.written.append(output)
 
     def _synthesize(self, index: int) -> None:
         item = self.dataset[index]
