@@ -61,8 +61,9 @@ def synthesize(
     Writes <case>_<target>.nii.gz on the grid of the case's reference input (T2, else PD, FLAIR, T1, T1Gd) and,
     with --dicom, <case>_<target>_dicom/: a new MR series derived from the reference series (DICOM input) or a
     new study with synthetic patient tags (NIfTI input). A bad case is reported and the others go on; the exit
-    status is 1 when any case failed. Other --<config id>=<value> flags override the bundle's inference.json
-    (e.g. --network_def#channels=[8,8,8,8]). Examples:
+    status is 1 when any case failed. Outputs already present are kept (see --overwrite). Other
+    --<config id>=<value> flags override the bundle's inference.json (e.g. --network_def#channels=[8,8,8,8]).
+    Examples:
 
         agi-monai synthesize /scans --output_dir out --bundle brats_t1_t2_to_flair
         agi-monai synthesize --t1 a-t1.nii.gz --t2 a-t2.nii.gz --target FLAIR --output_dir out --dicom
@@ -83,7 +84,9 @@ def synthesize(
         case_id: the case's name for files given with --t1/...; default: from the file names.
         device: torch device, e.g. cpu, cuda, cuda:1. Default: cuda:0 if available, else cpu.
         batch_size: axial slices per forward pass (the bundle's slices_per_batch, 16).
-        overwrite: replace existing outputs; without it a case whose output exists fails, naming the file.
+        overwrite: replace existing outputs; without it a case whose outputs exist is skipped (counted as already
+            present: a rerun over a folder does the rest), and one with only part of them (--dicom) fails, naming
+            the file.
         dicom: also write a DICOM series per case.
         progress: show progress bars.
         overrides: --<config id>=<value> overrides of the bundle's inference.json.
@@ -123,23 +126,25 @@ def synthesize(
         workflow = _workflow(
             chosen, ["inference.json"], overrides, dataset_dir=str(source), output_dir=str(output),
             device=_device_expression(device), **({"slices_per_batch": batch_size} if batch_size else {}),
-            **({} if progress else {"evaluator#progress": False}),
+            **({} if progress else {"evaluator#progress": False}), **{"evaluator#overwrite": overwrite},
         )
         _initialize(workflow, chosen, overrides)
         discovery = workflow.parser.get_parsed_content("discovery")  # the instance the evaluator will read
         cases = {case["case_id"]: case for case in discovery.cases}
-        _skip_cases_with_outputs(discovery, output, chosen.target, dicom, overwrite)
+        if not overwrite:
+            _refuse_partial_outputs(discovery, output, chosen.target, dicom)
         summary = _run(workflow)
         if dicom:
             _write_dicom_outputs(summary, cases, chosen, overwrite, progress)
         workflow.finalize()
 
-    total = len(summary.written) + len(summary.failures)
+    total = summary.cases
     failed = ", ".join(f.case_id for f in summary.failures)
+    present = f"{len(summary.present)} already present (skipped; --overwrite replaces them), " if summary.present else ""
     line = (
         f"{_PROGRAM} synthesize: {len(summary.written)} of {total} cases written ({chosen.target}, "
         f"{'NIfTI + DICOM' if dicom else 'NIfTI'}) to {output} by {chosen.name} in {time.perf_counter() - started:.1f} s; "
-        f"{len(summary.failures)} failed" + (f": {failed}" if failed else "")
+        f"{present}{len(summary.failures)} failed" + (f": {failed}" if failed else "")
     )
     print(line, flush=True)
     return EXIT_FAILED if summary.failures or total == 0 else EXIT_OK
@@ -556,19 +561,19 @@ def _innermost(error: BaseException) -> str:
     return f"{type(error).__name__}: {text if len(text) <= 400 else text[:400] + ' ...'}"
 
 
-def _skip_cases_with_outputs(discovery: Any, output: Path, target: str, dicom: bool, overwrite: bool) -> None:
-    """Without ``overwrite``, a case whose output exists becomes a failure naming the file (nothing is replaced)."""
+def _refuse_partial_outputs(discovery: Any, output: Path, target: str, dicom: bool) -> None:
+    """With ``--dicom`` and without ``--overwrite``, a case that has one of its two outputs (the NIfTI or the DICOM
+    folder) but not the other becomes a failure naming the existing one: completing it would replace it. (A case
+    with all its outputs is skipped by the bundle's ``FolderSynthesis(overwrite=False)`` and counted as present.)"""
     from agi_monai.data import Failure
 
-    if overwrite:
+    if not dicom:
         return
     kept = []
     for case in discovery.cases:
-        paths = [_nifti_output(output, case["case_id"], target)]
-        if dicom:
-            paths.append(_dicom_output(output, case["case_id"], target))
+        paths = [_nifti_output(output, case["case_id"], target), _dicom_output(output, case["case_id"], target)]
         existing = [str(p) for p in paths if p.exists()]
-        if existing:
+        if 0 < len(existing) < len(paths):
             discovery.failures.append(
                 Failure(case["case_id"], f"output already exists: {', '.join(existing)} (pass --overwrite to replace it)")
             )

@@ -191,9 +191,14 @@ def test_existing_output_needs_overwrite(flair_bundle, cases, tmp_path):
     existing = output / "aurora-example_FLAIR.nii.gz"
     existing.write_bytes(b"an earlier result")
     args = ["synthesize", cases / AURORA.name, "--bundle", flair_bundle, "--output_dir", output, *FAST]
-    refused = run_cli(*args)
-    assert refused.returncode == 1, refused.stderr[-3000:]
-    assert f"aurora-example: output already exists: {existing} (pass --overwrite to replace it)" in refused.stdout
+    kept = run_cli(*args)
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert re.search(r"0 of 1 cases written \(FLAIR, NIfTI\) .* 1 already present \(skipped; --overwrite replaces "
+                     r"them\), 0 failed$", kept.stdout.strip().splitlines()[-1]), kept.stdout[-2000:]
+    assert existing.read_bytes() == b"an earlier result" and sorted(output.iterdir()) == [existing]
+    partial = run_cli(*args, "--dicom")  # the NIfTI without its DICOM series: completing it would replace the NIfTI
+    assert partial.returncode == 1, partial.stderr[-3000:]
+    assert f"aurora-example: output already exists: {existing} (pass --overwrite to replace it)" in partial.stdout
     assert existing.read_bytes() == b"an earlier result" and sorted(output.iterdir()) == [existing]
     replaced = run_cli(*args, "--overwrite", "--dicom")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
