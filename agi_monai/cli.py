@@ -513,7 +513,6 @@ def _initialize(workflow: Any, bundle: Any, overrides: Mapping[str, Any]) -> Non
     :func:`agi_monai.engines.load_weights`): weights it refuses are reported with what this command needs, the
     bundle and its ``--network_def#...`` flags."""
     from agi_monai.data import DataError
-    from agi_monai.engines import expected_bundle_weights
 
     try:
         workflow.initialize()
@@ -526,8 +525,17 @@ def _initialize(workflow: Any, bundle: Any, overrides: Mapping[str, Any]) -> Non
         weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
         if Path(cause.source) != weights:  # not about the weights: as it is, without MONAI's wrapping
             raise DataError(cause.source, cause.problem, cause.expected) from error
-        expected = expected_bundle_weights(bundle.name, "--network_def#... flags", overrides)
-        raise UsageError(str(DataError(cause.source, cause.problem, expected))) from None
+        raise _weights_refused(cause, bundle, overrides) from None
+
+
+def _weights_refused(error: Any, bundle: Any, overrides: Mapping[str, Any]) -> UsageError:
+    """:func:`agi_monai.engines.load_weights`' ``DataError`` for the bundle's ``model.pt``, its ``expected`` saying
+    what this command needs: the bundle's weights from a run with the ``--network_def#...`` flags given."""
+    from agi_monai.data import DataError
+    from agi_monai.engines import expected_bundle_weights
+
+    expected = expected_bundle_weights(bundle.name, "--network_def#... flags", overrides)
+    return UsageError(str(DataError(error.source, error.problem, expected)))
 
 
 def _not_initialisable(bundle: Any, error: BaseException) -> UsageError:
@@ -539,7 +547,7 @@ def _check_weights(parser: Any, weights: Path, bundle: Any, overrides: Mapping[s
     weights that do not fit are reported like :func:`_initialize` reports them. (``export`` hands the file to MONAI's
     ``ckpt_export``, whose own failure is torch's traceback listing every tensor.)"""
     from agi_monai.data import DataError
-    from agi_monai.engines import expected_bundle_weights, load_weights
+    from agi_monai.engines import load_weights
 
     parser.update(dict(overrides))  # (the caller's parser: export's ckpt_export reads the config file again)
     try:
@@ -547,9 +555,9 @@ def _check_weights(parser: Any, weights: Path, bundle: Any, overrides: Mapping[s
     except Exception as error:  # e.g. an override the network cannot be built with
         raise _not_initialisable(bundle, error) from error
     try:
-        load_weights(network, weights, "cpu", expected_bundle_weights(bundle.name, "--network_def#... flags", overrides))
+        load_weights(network, weights, "cpu")
     except DataError as error:
-        raise UsageError(str(error)) from None
+        raise _weights_refused(error, bundle, overrides) from None
 
 
 def _innermost(error: BaseException) -> str:
