@@ -281,9 +281,22 @@ def test_fewer_usable_slices_than_one_batch(cases, cache, trained, tmp_path):
     assert str(error) == (
         "the 'training' split: 72 usable slices from 1 volume make no batch of batch_size 73 with drop_last, so an "
         "epoch would have no iteration (expected at least 73 slices: a smaller --batch_size, more training cases, or "
-        "a --train#dataset#min_foreground_fraction below the default 0.05, to keep more slices per volume)"
+        "a --train#dataset#min_foreground_fraction below 0.05 (the value used), to keep more slices per volume)"
     )
     assert not (tmp_path / "run" / "models").exists()
+
+
+def test_fewer_usable_slices_than_one_batch_names_the_overridden_threshold(cases, cache, tmp_path):
+    # before: the message advised a threshold "below the default 0.05" whatever the run had used
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[cases["good"]])
+    settings = {**overrides(datalist, cache), "batch_size": 73, "train#dataset#min_foreground_fraction": 0.2}
+    error = cause(failed_training(IXI, tmp_path / "run", settings))
+    assert str(error).endswith(
+        "a --train#dataset#min_foreground_fraction below 0.2 (the value used), to keep more slices per volume)"
+    )
+    # a dataset that is not a SliceDataset has no threshold to name
+    with pytest.raises(DataError, match=r"or a lower --train#dataset#min_foreground_fraction, to keep more slices"):
+        check_batches(DataLoader(list(range(72)), batch_size=73, drop_last=True), "training")
 
 
 def test_check_splits_of_lists_given_directly():

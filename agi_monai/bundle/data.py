@@ -150,10 +150,13 @@ def check_batches(dataloader: DataLoader, split: str) -> None:
         slices += f", {len(sampler)} of them for this process of {sampler.num_replicas}"
         per_process = " per process"
     config_id = {"training": "train", "validation": "validate"}.get(split, split)
+    option = f"--{config_id}#dataset#min_foreground_fraction"
+    fraction = getattr(dataset, "min_foreground_fraction", None)  # a SliceDataset's: the override, or the default
+    lower = f"a {option} below {fraction:g} (the value used)" if fraction is not None else f"a lower {option}"
     raise DataError(
         f"the {split!r} split",
         f"{slices} make no batch of batch_size {batch_size}{' with drop_last' if dataloader.drop_last else ''}, "
         "so an epoch would have no iteration",
-        f"at least {batch_size} slices{per_process}: a smaller --batch_size, more {split} cases, or a "
-        f"--{config_id}#dataset#min_foreground_fraction below the default 0.05, to keep more slices per volume",
+        f"at least {batch_size} slices{per_process}: a smaller --batch_size, more {split} cases, or "
+        f"{lower}, to keep more slices per volume",
     )

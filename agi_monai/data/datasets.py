@@ -222,6 +222,7 @@ class SliceDataset(torch.utils.data.Dataset):
         progress: bool = True,
     ) -> None:
         self.keys = list(keys)
+        self.min_foreground_fraction = min_foreground_fraction  # named by check_batches' advice
         self.transform = transform
         self.failures: list[Failure] = []
         self.storage_dir = None if storage_dir is None else Path(storage_dir)
