@@ -28,9 +28,9 @@ import torch
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from agi_monai.bundle.data import check_batches, check_splits
+from agi_monai.bundle.data import check_batches, check_splits, load_split
 from agi_monai.bundle.experiment import budget_overrides, evaluate_bundle, train_bundle
-from agi_monai.data import DataError, discover_cases, write_json
+from agi_monai.data import DataError, MissingFileError, discover_cases, load_volume, write_json
 from agi_monai.engines import find_resume_checkpoint
 from agi_monai.networks import AGINet
 
@@ -215,6 +215,24 @@ def test_validation_split_whose_files_are_missing(cases, tmp_path):
         f"{cases['missing']['T2']}: file not found (expected an existing NIfTI file) (expected at least one case with each of T1, T2, PD)"
     )
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("gone.nii.gz", "an existing NIfTI file"),
+    ("gone-series", "an existing NIfTI file or DICOM series folder"),  # a folder, for all the name says
+])
+def test_a_missing_file_reads_the_same_as_the_datalist_is_read_and_as_its_volume_is_loaded(tmp_path, name, expected):
+    # one function (missing_file_error) words both: load_split's check (require_files, before any slice is built)
+    # and load_volume's, where a file removed since the datalist was read shows
+    missing = tmp_path / name
+    case = {"T1": str(IXI_SIM / "IXI901-SIM-0001-T1.nii.gz"), "T2": str(missing), "PD": str(missing)}
+    datalist = write_datalist(tmp_path / "datalist.json", training=[case])
+    with pytest.raises(DataError) as raised:
+        load_split(datalist, "training", CONTRASTS, allow_empty=False, require_files=True)
+    assert f"skipped training-0: {missing}: file not found (expected {expected}) (expected" in str(raised.value)
+    with pytest.raises(MissingFileError) as raised:  # also a FileNotFoundError
+        load_volume(str(missing))
+    assert str(raised.value) == f"{missing}: file not found (expected {expected})"
 
 
 def test_multi_gpu_train_reports_the_datalist_before_building_slices(cases, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from typing import Any
 from torch.utils.data import DataLoader, DistributedSampler
 
 from agi_monai.data import DataError, Failure, canonical_contrast, discover_cases
+from agi_monai.data.volumes import missing_file_error
 
 __all__ = ["DATALIST_NAME", "check_batches", "check_splits", "load_split"]
 
@@ -86,10 +87,9 @@ def _missing_file(case: Mapping[str, Any], contrasts: Sequence[str]) -> DataErro
     for contrast in map(canonical_contrast, contrasts):
         source = case[contrast]
         if isinstance(source, (str, Path)):  # a NIfTI file, or a DICOM series folder
-            if not Path(source).exists():
-                nifti = str(source).lower().endswith((".nii", ".nii.gz"))
-                return DataError(source, "file not found", "an existing NIfTI file" if nifti else
-                                 "an existing NIfTI file or DICOM series folder")
+            missing = missing_file_error(source)
+            if missing is not None:
+                return missing
         else:  # the files of a DICOM series
             gone = [name for name in source if not Path(name).exists()]
             if gone:

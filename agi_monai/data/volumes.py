@@ -16,9 +16,11 @@ import torch
 from monai.data import MetaTensor, NibabelReader
 from monai.transforms import EnsureChannelFirst, LoadImage
 
-from agi_monai.data.errors import DataError
+from agi_monai.data.errors import DataError, MissingFileError
 
-__all__ = ["VolumeSource", "load_volume", "check_volume", "sitk_to_metatensor", "metatensor_to_sitk"]
+__all__ = [
+    "VolumeSource", "load_volume", "check_volume", "missing_file_error", "sitk_to_metatensor", "metatensor_to_sitk"
+]
 
 VolumeSource = str | Path | Sequence[str]
 """A NIfTI file, a folder holding one DICOM series, or the files of one DICOM series."""
@@ -41,8 +43,9 @@ def load_volume(source: VolumeSource) -> MetaTensor:
             files of one DICOM series.
 
     Raises:
-        DataError: naming the file, when it is missing, unreadable, truncated, not NIfTI despite its name,
-            not 3D, contains NaN/Inf, or is constant (see :func:`check_volume`).
+        DataError: naming the file, when it is missing (a :class:`MissingFileError`, see
+            :func:`missing_file_error`), unreadable, truncated, not NIfTI despite its name, not 3D, contains NaN/Inf,
+            or is constant (see :func:`check_volume`).
     """
     if isinstance(source, (str, Path)) and not Path(source).is_dir():
         volume = _load_nifti(Path(source))
@@ -70,9 +73,23 @@ def check_volume(volume: torch.Tensor | np.ndarray, source: str) -> None:
         raise DataError(source, f"is constant (every voxel is {low:g})", "an image with some contrast")
 
 
+def missing_file_error(source: str | Path) -> MissingFileError | None:
+    """The error for a volume path that is neither a file nor a folder (None when it is one): the one wording of a
+    missing NIfTI file or DICOM series folder, for :func:`load_volume` and for ``train.json``'s datalist check, which
+    names it before any volume is preprocessed."""
+    if Path(source).is_file() or Path(source).is_dir():
+        return None
+    # a path without a NIfTI extension may have been meant as a DICOM series folder
+    nifti = str(source).lower().endswith((".nii", ".nii.gz"))
+    return MissingFileError(
+        source, "file not found", "an existing NIfTI file" if nifti else "an existing NIfTI file or DICOM series folder"
+    )
+
+
 def _load_nifti(path: Path) -> MetaTensor:
-    if not path.is_file():
-        raise DataError(path, "file not found", "an existing NIfTI file")
+    missing = missing_file_error(path)
+    if missing is not None:
+        raise missing
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         raise DataError(path, "has no NIfTI extension", ".nii or .nii.gz, or a DICOM series folder")
     with open(path, "rb") as file:
