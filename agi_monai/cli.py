@@ -303,7 +303,8 @@ def list_bundles_table() -> int:
     found = list_bundles()
     rows = [("bundle", "inputs", "target", "slice", "weights")] + [
         (
-            b.name, ", ".join(b.inputs), b.target, "x".join(map(str, b.spatial_size)),
+            b.name, ", ".join(b.inputs), b.target,
+            "x".join(map(str, b.spatial_size)) + (" (3D patches)" if b.spatial_dims == 3 else ""),
             "yes" if b.has_weights else "no (models/model.pt missing)",
         )
         for b in found

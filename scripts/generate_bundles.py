@@ -6,6 +6,12 @@
 Template files hold ``{{token}}`` placeholders. In JSON, a string that is exactly one token becomes the
 token's JSON value (a list, a number...); elsewhere tokens are replaced by text. Generated bundles are never
 edited by hand: ``tests/test_bundles.py`` fails when a committed bundle differs from what this writes.
+
+A 3D scenario (``spatial_dims=3``) is the 2D bundle changed by the overlays in ``bundles/_template/3d/``, so
+that the two cannot drift apart: a JSON overlay sets config ids (``"validate#inferer": {...}``, as MONAI's
+override files do; a new top-level id goes after the overlay's previous id) and removes the ids listed under
+``"_remove_"``; the ``README.md`` overlay replaces the model card's sections of the same heading (the text before
+the first heading replaces the card's opening paragraph).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ TEMPLATE_FILES = (
     "docs/README.md",
 )
 TOKEN = re.compile(r"\{\{(\w+)\}\}")
+OVERLAYS_3D = TEMPLATE / "3d"
+REMOVE = "_remove_"
 
 # Reference grid per scenario = agi_monai.data.choose_reference(inputs): T2, then PD, FLAIR, T1, T1Gd.
 REFERENCE_ORDER = ("T2", "PD", "FLAIR", "T1", "T1Gd")
@@ -84,6 +92,7 @@ class Scenario:
     target: str
     spatial_size: int
     paper: str = "not reported in the paper's tables"
+    spatial_dims: int = 2
 
 
 SCENARIOS = (
@@ -107,6 +116,12 @@ SCENARIOS = (
         "not in the paper's synthesis tables (the paper uses this scenario for its downstream segmentation test: "
         "Dice with synthesized vs real vs zero-imputed T1Gd)",
     ),
+    Scenario(
+        "brats_t1_t2_flair_to_t1gd_3d", "BraTS", ("T1", "T2", "FLAIR"), "T1Gd", 240,
+        "in Table 10 (3D AGI-Net with a 3D pix2pix, against mmGAN, pGAN, MedSynth and pix2pix in 3D); the numbers "
+        "are in the table's image, not in the text we have, so none is quoted here",
+        spatial_dims=3,
+    ),
 )
 
 
@@ -119,7 +134,7 @@ def tokens(scenario: Scenario) -> dict[str, Any]:
         **family,
         "name": scenario.name,
         "family": scenario.family,
-        "title": f"{scenario.family} ({', '.join(inputs)}) -> {scenario.target}",
+        "title": f"{scenario.family} ({', '.join(inputs)}) -> {scenario.target}{' in 3D' if scenario.spatial_dims == 3 else ''}",
         "inputs": inputs,
         "inputs_text": ", ".join(inputs),
         "target": scenario.target,
@@ -131,6 +146,7 @@ def tokens(scenario: Scenario) -> dict[str, Any]:
         "channel_def": {str(i): c for i, c in enumerate(inputs)},
         "channel_text": ", ".join(f"{i}: {c}" for i, c in enumerate(inputs)),
         "paper_results": scenario.paper,
+        "spatial_dims": scenario.spatial_dims,
     }
 
 
@@ -149,15 +165,76 @@ def _fill_json(node: Any, values: dict[str, Any]) -> Any:
     return node
 
 
+def _set_id(config: dict[str, Any], config_id: str, value: Any, after: str | None) -> None:
+    """Sets ``a#b#c`` in the nested ``config`` (or the key ``"a#b#c"`` of an override file); a new top-level id is
+    placed right after ``after``."""
+    if config_id in config:
+        config[config_id] = value
+        return
+    *parents, last = config_id.split("#")
+    node = config
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if node is config and last not in config and after in config:
+        items = list(config.items())
+        position = [key for key, _ in items].index(after) + 1
+        config.clear()
+        config.update(items[:position] + [(last, value)] + items[position:])
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _overlay_json(config: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    previous = None
+    for config_id, value in overlay.items():
+        if config_id == REMOVE:
+            continue
+        _set_id(config, config_id, value, previous)
+        previous = config_id.split("#")[0]
+    for config_id in overlay.get(REMOVE, []):
+        *parents, last = config_id.split("#")
+        node = config
+        for part in parents:
+            node = node[part]
+        del node[last]
+    return config
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Markdown text by ``## `` section (key: the heading line; "" for the text before the first one)."""
+    parts = re.split(r"^(?=## )", text, flags=re.M)
+    return {(part.splitlines()[0] if part.startswith("## ") else ""): part for part in parts}
+
+
+def _overlay_text(text: str, overlay: str) -> str:
+    sections, replacements = _sections(text), _sections(overlay)
+    unknown = set(replacements) - set(sections)
+    if unknown:
+        raise ValueError(f"{OVERLAYS_3D}: sections {sorted(unknown)} are not in the template's README.md")
+    title = next(iter(sections.values())).splitlines()[0]  # the card's title stays the template's
+    if "" in replacements:
+        replacements[""] = f"{title}\n\n{replacements['']}"
+    return "".join(replacements.get(heading, part) for heading, part in sections.items())
+
+
 def render(scenario: Scenario) -> dict[str, str]:
     """Relative path -> content of every file of the scenario's bundle."""
     values = tokens(scenario)
     files = {}
     for relative in TEMPLATE_FILES:
         text = (TEMPLATE / relative).read_text(encoding="utf-8")
+        overlay = OVERLAYS_3D / Path(relative).name
+        overlay_text = overlay.read_text(encoding="utf-8") if scenario.spatial_dims == 3 and overlay.is_file() else None
         if relative.endswith(".json"):
-            files[relative] = json.dumps(_fill_json(json.loads(text), values), indent=4, ensure_ascii=False) + "\n"
+            config = json.loads(text)
+            if overlay_text is not None:
+                config = _overlay_json(config, json.loads(overlay_text))
+            files[relative] = json.dumps(_fill_json(config, values), indent=4, ensure_ascii=False) + "\n"
         else:
+            if overlay_text is not None:
+                text = _overlay_text(text, overlay_text)
             files[relative] = _fill_text(text, values)
     return files
 

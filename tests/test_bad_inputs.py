@@ -386,10 +386,12 @@ def test_automatic_bundle_choice_stays_within_the_dataset(files, message, tmp_pa
 
 
 def test_automatic_choice_picks_the_datasets_own_missing_contrast(monkeypatch):
-    from agi_monai.bundle.registry import choose_bundle
+    from agi_monai.bundle.registry import choose_bundle, find_bundle
 
     monkeypatch.delenv("AGI_MONAI_BUNDLES", raising=False)
-    assert choose_bundle(["T1", "T2", "FLAIR"]).name == "brats_t1_t2_flair_to_t1gd"  # not ixi_t1_t2_to_pd
+    # not ixi_t1_t2_to_pd, nor the 3D bundle of the same scenario (chosen by name only)
+    assert find_bundle("brats_t1_t2_flair_to_t1gd_3d").spatial_dims == 3
+    assert choose_bundle(["T1", "T2", "FLAIR"]).name == "brats_t1_t2_flair_to_t1gd"
     assert choose_bundle(["T2", "PD"]).name == "ixi_t2_pd_to_t1"
     assert choose_bundle(["T1", "T2", "PD"], target="FLAIR").name == "brats_t1_t2_to_flair"  # a named target is obeyed
 

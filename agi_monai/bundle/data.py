@@ -12,7 +12,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from agi_monai.data import DataError, Failure, canonical_contrast, discover_cases
+from agi_monai.data import DataError, Failure, PatchDataset, canonical_contrast, discover_cases
 from agi_monai.data.volumes import missing_file_error
 
 __all__ = ["DATALIST_NAME", "check_batches", "check_splits", "load_split"]
@@ -142,21 +142,26 @@ def check_batches(dataloader: DataLoader, split: str) -> None:
     if len(dataloader):
         return
     dataset, sampler, batch_size = dataloader.dataset, dataloader.sampler, dataloader.batch_size
-    slices = f"{len(dataset)} usable slices"
-    if hasattr(dataset, "case_ids"):  # an agi_monai.data.SliceDataset
-        slices += f" from {len(dataset.case_ids)} volume{'s' if len(dataset.case_ids) != 1 else ''}"
+    patches = isinstance(dataset, PatchDataset)  # the 3D bundle's: samples_per_volume patches of each volume
+    unit = "patches" if patches else "slices"
+    items = f"{len(dataset)} usable {unit}"
+    if hasattr(dataset, "case_ids"):  # an agi_monai.data.SliceDataset or PatchDataset
+        items += f" from {len(dataset.case_ids)} volume{'s' if len(dataset.case_ids) != 1 else ''}"
     per_process = ""
     if isinstance(sampler, DistributedSampler):
-        slices += f", {len(sampler)} of them for this process of {sampler.num_replicas}"
+        items += f", {len(sampler)} of them for this process of {sampler.num_replicas}"
         per_process = " per process"
-    config_id = {"training": "train", "validation": "validate"}.get(split, split)
-    option = f"--{config_id}#dataset#min_foreground_fraction"
-    fraction = getattr(dataset, "min_foreground_fraction", None)  # a SliceDataset's: the override, or the default
-    lower = f"a {option} below {fraction:g} (the value used)" if fraction is not None else f"a lower {option}"
+    if patches:
+        more = "a larger --samples_per_volume, to draw more patches per volume"
+    else:
+        config_id = {"training": "train", "validation": "validate"}.get(split, split)
+        option = f"--{config_id}#dataset#min_foreground_fraction"
+        fraction = getattr(dataset, "min_foreground_fraction", None)  # a SliceDataset's: the override, or the default
+        lower = f"a {option} below {fraction:g} (the value used)" if fraction is not None else f"a lower {option}"
+        more = f"{lower}, to keep more slices per volume"
     raise DataError(
         f"the {split!r} split",
-        f"{slices} make no batch of batch_size {batch_size}{' with drop_last' if dataloader.drop_last else ''}, "
+        f"{items} make no batch of batch_size {batch_size}{' with drop_last' if dataloader.drop_last else ''}, "
         "so an epoch would have no iteration",
-        f"at least {batch_size} slices{per_process}: a smaller --batch_size, more {split} cases, or "
-        f"{lower}, to keep more slices per volume",
+        f"at least {batch_size} {unit}{per_process}: a smaller --batch_size, more {split} cases, or {more}",
     )

@@ -36,6 +36,7 @@ class BundleInfo:
         inputs: input contrasts in channel order.
         target: the synthesized contrast.
         spatial_size: the in-plane size slices are padded/cropped to.
+        spatial_dims: 2 (slice by slice) or 3 (3D patches, sliding window).
     """
 
     name: str
@@ -43,6 +44,7 @@ class BundleInfo:
     inputs: tuple[str, ...]
     target: str
     spatial_size: tuple[int, ...]
+    spatial_dims: int = 2
 
     @property
     def config_dir(self) -> Path:
@@ -86,12 +88,13 @@ def read_bundle(root: str | Path) -> BundleInfo:
         inputs = tuple(canonical_contrast(name) for name in config["inputs"])
         target = canonical_contrast(config["target"])
         spatial_size = tuple(int(size) for size in config["spatial_size"])
+        spatial_dims = int(config.get("network_def", {}).get("spatial_dims", 2))
     except (KeyError, TypeError, ValueError) as error:
         raise BundleError(
             f"{config_file}: cannot read the scenario ({type(error).__name__}: {error}); expected 'inputs' (a list "
             f"of contrasts), 'target' and 'spatial_size' entries"
         ) from error
-    return BundleInfo(root.name, root.resolve(), inputs, target, spatial_size)
+    return BundleInfo(root.name, root.resolve(), inputs, target, spatial_size, spatial_dims)
 
 
 def list_bundles(root: str | Path | None = None) -> list[BundleInfo]:
@@ -132,7 +135,8 @@ def choose_bundle(present: Iterable[str], target: str | None = None, bundles: Se
 
     Candidates read only contrasts that are present. With ``target`` given, those synthesizing it; else those
     whose target is missing. Among the candidates for one target, the one using the most inputs wins (e.g.
-    (T1, T2, T1Gd) -> FLAIR over (T1, T2) -> FLAIR when T1Gd is there).
+    (T1, T2, T1Gd) -> FLAIR over (T1, T2) -> FLAIR when T1Gd is there), and a 2D bundle wins over the 3D one of
+    the same scenario (the paper's setting, and far lighter; the 3D one is chosen by name).
 
     Args:
         present: the contrasts every case has (canonical names or aliases).
@@ -175,6 +179,9 @@ def choose_bundle(present: Iterable[str], target: str | None = None, bundles: Se
         raise BundleError(f"the contrasts present ({found}) allow several targets: choose one with {options}")
     most = max(len(b.inputs) for b in candidates)
     best = [b for b in candidates if len(b.inputs) == most]
+    planar = [b for b in best if b.spatial_dims == 2]
+    if len(best) > 1 and len(planar) == 1:
+        return planar[0]
     if len(best) > 1:
         raise BundleError(
             f"several bundles synthesize {targets[0]} from the contrasts present ({found}): "

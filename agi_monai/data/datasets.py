@@ -304,6 +304,21 @@ class SliceDataset(torch.utils.data.Dataset):
         """The case of each held volume, in order."""
         return [volume.case_id for volume in self._volumes]
 
+    @property
+    def channels(self) -> dict[str, int]:
+        """The channels of each key, in the order of :meth:`volume_slices`' second axis."""
+        return dict(zip(self.keys, self._channels))
+
+    def volume_slices(self, number: int) -> torch.Tensor | np.ndarray:
+        """The kept slices of held volume ``number``, (slices, channels of all keys, H, W) in the storage dtype:
+        the tensor held in memory, or the file's memory map (opened once per process; index it to read)."""
+        volume = self._volumes[number]
+        if volume.stack is not None:
+            return volume.stack
+        if number not in self._mapped:
+            self._mapped[number] = np.load(volume.path, mmap_mode="r")
+        return self._mapped[number]
+
     def __len__(self) -> int:
         return self._ends[-1] if self._volumes else 0
 
@@ -315,12 +330,7 @@ class SliceDataset(torch.utils.data.Dataset):
         number = bisect.bisect_right(self._ends, index)
         position = index - (self._ends[number - 1] if number else 0)
         volume = self._volumes[number]
-        if volume.stack is not None:
-            planes = volume.stack[position].float()
-        else:
-            if number not in self._mapped:
-                self._mapped[number] = np.load(volume.path, mmap_mode="r")
-            planes = torch.from_numpy(np.array(self._mapped[number][position], dtype=np.float32))
+        planes = as_float_tensor(self.volume_slices(number)[position])
         item: dict[str, Any] = dict(zip(self.keys, torch.split(planes, self._channels, dim=0)))
         item["case_id"] = volume.case_id
         item["slice_index"] = volume.slice_indices[position]
@@ -355,3 +365,10 @@ class _ReportingDataset(torch.utils.data.Dataset):
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def as_float_tensor(planes: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A float32 copy of held slices (a tensor of any storage dtype) or of a memory map's region (read here)."""
+    if isinstance(planes, torch.Tensor):
+        return planes.float()
+    return torch.from_numpy(np.array(planes, dtype=np.float32))
