@@ -288,12 +288,13 @@ def test_user_errors_print_no_traceback_from_the_console_script(tmp_path):
 # --------------------------------------------------------------------------------------- bundles, help
 
 
-def test_bundles_lists_the_ten_scenarios():
+def test_bundles_lists_the_ten_scenarios_and_the_3d_one():
     result = run_cli("bundles")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    names = [  # the paper's ten scenarios; other bundles (the downstream segmentation one) are not listed
-        "brats_t1_flair_t1gd_to_t2", "brats_t1_flair_to_t2", "brats_t1_t2_flair_to_t1gd", "brats_t1_t2_t1gd_to_flair",
+    names = [  # the paper's ten scenarios and its 3D one; other bundles (the downstream segmentation one) are not listed
+        "brats_t1_flair_t1gd_to_t2", "brats_t1_flair_to_t2", "brats_t1_t2_flair_to_t1gd",
+        "brats_t1_t2_flair_to_t1gd_3d", "brats_t1_t2_t1gd_to_flair",
         "brats_t1_t2_to_flair", "brats_t2_flair_t1gd_to_t1", "brats_t2_flair_to_t1", "ixi_t1_pd_to_t2",
         "ixi_t1_t2_to_pd", "ixi_t2_pd_to_t1",
     ]
@@ -301,8 +302,10 @@ def test_bundles_lists_the_ten_scenarios():
     assert lines[0].split() == ["bundle", "inputs", "target", "slice", "weights"]
     row = next(line for line in lines if line.startswith("brats_t1_t2_flair_to_t1gd "))
     assert re.match(r"brats_t1_t2_flair_to_t1gd\s+T1, T2, FLAIR\s+T1Gd\s+240x240\s+(yes|no)", row), row
+    row = next(line for line in lines if line.startswith("brats_t1_t2_flair_to_t1gd_3d "))
+    assert re.match(r"brats_t1_t2_flair_to_t1gd_3d\s+T1, T2, FLAIR\s+T1Gd\s+240x240 \(3D patches\)\s+(yes|no)", row), row
     with_weights = sum((ROOT / "bundles" / n / "models" / "model.pt").is_file() for n in names)
-    assert lines[-1] == f"10 bundles in {ROOT / 'bundles'}, {with_weights} with weights (models/model.pt)"
+    assert lines[-1] == f"11 bundles in {ROOT / 'bundles'}, {with_weights} with weights (models/model.pt)"
 
 
 def test_bundles_table_shows_weights(bundles, capsys, monkeypatch):
