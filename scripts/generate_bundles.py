@@ -165,25 +165,16 @@ def _fill_json(node: Any, values: dict[str, Any]) -> Any:
     return node
 
 
-def _set_id(config: dict[str, Any], config_id: str, value: Any, after: str | None) -> None:
-    """Sets ``a#b#c`` in the nested ``config`` (or the key ``"a#b#c"`` of an override file); a new top-level id is
-    placed right after ``after``."""
+def _parent(config: dict[str, Any], config_id: str) -> tuple[Any, Any]:
+    """The node holding config id ``a#b#c`` and its key there: ``config`` and the id itself when ``config`` has that
+    key (an override file's flat ``"a#b#c"``), else the nested node ``config[a][b]`` and ``c``."""
     if config_id in config:
-        config[config_id] = value
-        return
+        return config, config_id
     *parents, last = config_id.split("#")
     node = config
     for part in parents:
         node = node[int(part)] if isinstance(node, list) else node[part]
-    if node is config and last not in config and after in config:
-        items = list(config.items())
-        position = [key for key, _ in items].index(after) + 1
-        config.clear()
-        config.update(items[:position] + [(last, value)] + items[position:])
-    elif isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+    return node, int(last) if isinstance(node, list) else last
 
 
 def _overlay_json(config: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -191,14 +182,18 @@ def _overlay_json(config: dict[str, Any], overlay: dict[str, Any]) -> dict[str, 
     for config_id, value in overlay.items():
         if config_id == REMOVE:
             continue
-        _set_id(config, config_id, value, previous)
+        node, key = _parent(config, config_id)
+        if node is config and key not in config and previous in config:  # a new top-level id, after `previous`
+            items = list(config.items())
+            position = [name for name, _ in items].index(previous) + 1
+            config.clear()
+            config.update(items[:position] + [(key, value)] + items[position:])
+        else:
+            node[key] = value
         previous = config_id.split("#")[0]
     for config_id in overlay.get(REMOVE, []):
-        *parents, last = config_id.split("#")
-        node = config
-        for part in parents:
-            node = node[part]
-        del node[last]
+        node, key = _parent(config, config_id)
+        del node[key]
     return config
 
 
