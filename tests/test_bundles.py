@@ -583,21 +583,47 @@ def test_training_summary_line_for_a_run_a_resumed_run_and_a_finished_one(tmp_pa
 
 
 @pytest.mark.slow
-def test_multi_gpu_train_with_two_gloo_cpu_processes(tmp_path):
-    pytest.importorskip("agi_monai.engines")
-    name = "ixi_t1_t2_to_pd"
+def _two_process_training(name: str, *args: str) -> str:
+    """``multi_gpu_train.json`` over ``train.json`` under torchrun with 2 gloo CPU processes; returns the log."""
     configs = _configs(name, "multi_gpu_train.json")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "training",
-        "--config_file", "[" + ",".join(f"'{c}'" for c in configs) + "]", *_train_args(tmp_path, DATA / "ixi-sim"),
+        "-m", "monai.bundle", "run", "training", "--config_file", "[" + ",".join(f"'{c}'" for c in configs) + "]", *args,
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     assert log.count("Pix2PixTrainer - INFO - Engine run finished") == 2  # both ranks trained
+    return log
+
+
+def test_multi_gpu_train_with_two_gloo_cpu_processes(tmp_path):
+    pytest.importorskip("agi_monai.engines")
+    _two_process_training("ixi_t1_t2_to_pd", *_train_args(tmp_path, DATA / "ixi-sim"))
     AGINet(in_channels=2, channels=[8, 16, 16, 32]).load_state_dict(  # saved once, without DDP's "module."
         torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     )
     state = torch.load(tmp_path / "models" / "training_checkpoint_epoch=1.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 and not any(k.startswith("module.") for k in state["generator"])
+
+
+@pytest.mark.slow
+def test_3d_multi_gpu_train_with_two_gloo_cpu_processes(tmp_path):
+    # two real BraTS cases, so that each process validates one whole volume (the DistributedSampler splits volumes)
+    gli = DATA / "brats2023-gli" / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-"
+    mets = DATA / "brats2023-mets" / "aurora-example"
+    cases = [
+        {"case_id": "gli", "T1": f"{gli}t1n.nii.gz", "T2": f"{gli}t2w.nii.gz", "FLAIR": f"{gli}t2f.nii.gz",
+         "T1Gd": f"{gli}t1c.nii.gz"},
+        {"case_id": "mets", **{c: str(mets / f"{f}.nii.gz") for c, f in
+                               (("T1", "t1"), ("T2", "t2"), ("FLAIR", "flair"), ("T1Gd", "t1c"))}},
+    ]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": cases, "validation": cases}))
+    log = _two_process_training(
+        "brats_t1_t2_flair_to_t1gd_3d", *_train_args(tmp_path, datalist), "--patch_size", "[32,32,32]",
+        "--samples_per_volume", "2",
+    )
+    assert "training done: iterations 1-2 of 2 (epoch 1 of 1)" in log
+    generator = torch.load(tmp_path / "models" / "model.pt", weights_only=True)  # saved once, without "module."
+    AGINet(3, in_channels=3, channels=[8, 16, 16, 32]).load_state_dict(generator)
