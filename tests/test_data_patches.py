@@ -102,7 +102,7 @@ def test_bad_settings_are_refused_with_what_was_expected(cases, stored):
 
 
 def test_check_batches_counts_patches_and_advises_more_per_volume(stored):
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, DistributedSampler
 
     from agi_monai.bundle import check_batches
     from agi_monai.data import DataError
@@ -115,4 +115,14 @@ def test_check_batches_counts_patches_and_advises_more_per_volume(stored):
         "the 'training' split: 3 usable patches from 1 volume make no batch of batch_size 4 with drop_last, so an "
         "epoch would have no iteration (expected at least 4 patches: a smaller --batch_size, more training cases, or "
         "a larger --samples_per_volume, to draw more patches per volume)"
+    )
+    # validation by whole volumes under DDP: a process without a volume (1 case, 2 processes)
+    whole = PatchDataset(stored, patch_size=None)
+    sampler = DistributedSampler(whole, num_replicas=2, rank=1, drop_last=True)
+    with pytest.raises(DataError) as raised:
+        check_batches(DataLoader(whole, batch_size=1, sampler=sampler), "validation")
+    assert str(raised.value) == (
+        "the 'validation' split: 1 usable volumes, 0 of them for this process of 2 make no batch of batch_size 1, so "
+        "an epoch would have no iteration (expected at least 1 volumes per process: more validation cases or fewer "
+        "processes)"
     )

@@ -142,26 +142,32 @@ def check_batches(dataloader: DataLoader, split: str) -> None:
     if len(dataloader):
         return
     dataset, sampler, batch_size = dataloader.dataset, dataloader.sampler, dataloader.batch_size
-    patches = isinstance(dataset, PatchDataset)  # the 3D bundle's: samples_per_volume patches of each volume
-    unit = "patches" if patches else "slices"
+    patches = isinstance(dataset, PatchDataset)  # the 3D bundle's: patches (training) or whole volumes (validation)
+    whole_volumes = patches and dataset.patch_size is None
+    unit = "volumes" if whole_volumes else "patches" if patches else "slices"
     items = f"{len(dataset)} usable {unit}"
-    if hasattr(dataset, "case_ids"):  # an agi_monai.data.SliceDataset or PatchDataset
+    if hasattr(dataset, "case_ids") and not whole_volumes:  # an agi_monai.data.SliceDataset or PatchDataset
         items += f" from {len(dataset.case_ids)} volume{'s' if len(dataset.case_ids) != 1 else ''}"
     per_process = ""
     if isinstance(sampler, DistributedSampler):
         items += f", {len(sampler)} of them for this process of {sampler.num_replicas}"
         per_process = " per process"
-    if patches:
-        more = "a larger --samples_per_volume, to draw more patches per volume"
+    if whole_volumes:  # one volume a batch: only more cases (or fewer processes) help
+        remedies = f"more {split} cases or fewer processes"
+    elif patches:
+        remedies = (
+            f"a smaller --batch_size, more {split} cases, or a larger --samples_per_volume, to draw more patches per "
+            "volume"
+        )
     else:
         config_id = {"training": "train", "validation": "validate"}.get(split, split)
         option = f"--{config_id}#dataset#min_foreground_fraction"
         fraction = getattr(dataset, "min_foreground_fraction", None)  # a SliceDataset's: the override, or the default
         lower = f"a {option} below {fraction:g} (the value used)" if fraction is not None else f"a lower {option}"
-        more = f"{lower}, to keep more slices per volume"
+        remedies = f"a smaller --batch_size, more {split} cases, or {lower}, to keep more slices per volume"
     raise DataError(
         f"the {split!r} split",
         f"{items} make no batch of batch_size {batch_size}{' with drop_last' if dataloader.drop_last else ''}, "
         "so an epoch would have no iteration",
-        f"at least {batch_size} {unit}{per_process}: a smaller --batch_size, more {split} cases, or {more}",
+        f"at least {batch_size} {unit}{per_process}: {remedies}",
     )
