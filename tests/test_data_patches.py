@@ -3,8 +3,10 @@ is checked against the volume that ``preprocessing_transforms`` makes directly (
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.utils import set_determinism
@@ -95,8 +97,6 @@ def test_bad_settings_are_refused_with_what_was_expected(cases, stored):
         PatchDataset(stored, patch_size=(32, 32))
     with pytest.raises(ValueError, match=r"samples_per_volume 0 \(expected at least 1\)"):
         PatchDataset(stored, samples_per_volume=0)
-    with pytest.raises(ValueError, match=r"no 'brain' among the keys \['image', 'target', 'mask'\]"):
-        PatchDataset(stored, mask_key="brain")
     with pytest.raises(IndexError, match="item 4 out of range for 4 items"):
         PatchDataset(stored)[4]
 
@@ -126,3 +126,24 @@ def test_check_batches_counts_patches_and_advises_more_per_volume(stored):
         "an epoch would have no iteration (expected at least 1 volumes per process: more validation cases or fewer "
         "processes)"
     )
+
+
+def test_foreground_box_is_found_as_the_volume_is_built_and_kept_in_its_record(cases, stored, volume, caplog):
+    mask = volume["mask"][0].numpy() > 0
+    expected = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        expected.append((int(present[0]), int(present[-1])))
+    assert stored.foreground_box(0) == expected
+    (record_file,) = stored.storage_dir.glob("*.json")
+    assert json.loads(record_file.read_text())["foreground_box"] == [list(pair) for pair in expected]
+
+    # a record written before the box was kept: the volume is built again, in place, and its record completed
+    record = json.loads(record_file.read_text())
+    del record["foreground_box"]
+    record_file.write_text(json.dumps(record))
+    volumes = build_volume_dataset(cases, preprocessing_transforms(INPUTS, TARGET, SIZE))
+    with caplog.at_level("INFO", logger="agi_monai.data.datasets"):
+        again = SliceDataset(volumes, min_foreground_fraction=0.0, storage_dir=stored.storage_dir, progress=False)
+    assert "read from" not in caplog.text and again.foreground_box(0) == expected
+    assert json.loads(record_file.read_text())["foreground_box"] == [list(pair) for pair in expected]

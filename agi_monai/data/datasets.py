@@ -170,6 +170,7 @@ class _SlicedVolume:
 
     case_id: str
     slice_indices: list[int]
+    foreground_box: list[tuple[int, int]]  # (first, last) index of the mask's foreground along H, W, D
     stack: torch.Tensor | None = None  # (kept slices, channels of all keys, H, W)
     path: Path | None = None
 
@@ -231,8 +232,9 @@ class SliceDataset(torch.utils.data.Dataset):
         files = self._storage_files(volumes, mask_key, min_foreground_fraction, storage_dtype)
         built: dict[int, _SlicedVolume] = {}
         for index, path in enumerate(files):
-            if path is not None and path.with_suffix(".json").is_file():
-                built[index] = self._stored(path)
+            record = None if path is None else self._stored(path)
+            if record is not None:
+                built[index] = record
         stored = len(built)
         pending = [index for index in range(len(volumes)) if index not in built]
         loader = DataLoader(
@@ -249,7 +251,8 @@ class SliceDataset(torch.utils.data.Dataset):
                 self._channels = [int(item[key].shape[0]) for key in self.keys]
             stack = torch.cat([torch.as_tensor(item[key]).float() for key in self.keys], dim=0)
             stack = stack[..., kept].permute(3, 0, 1, 2).to(storage_dtype).contiguous()
-            volume = _SlicedVolume(str(item.get("case_id", index)), kept.tolist(), stack=stack)
+            box = _foreground_box(torch.as_tensor(item[mask_key])[0] > 0)
+            volume = _SlicedVolume(str(item.get("case_id", index)), kept.tolist(), box, stack=stack)
             built[index] = volume if files[index] is None else self._store(volume, files[index])
         self._volumes = [built[index] for index in sorted(built)]
         self._ends = list(torch.cumsum(torch.tensor([len(v.slice_indices) for v in self._volumes] or [0]), 0).tolist())
@@ -286,14 +289,22 @@ class SliceDataset(torch.utils.data.Dataset):
         """Writes a volume's slices (the ``.npy``, then the ``.json`` that marks it complete) and forgets the tensor."""
         with atomic_output(path) as temporary:
             np.save(temporary, volume.stack.numpy())
-        write_json({"case_id": volume.case_id, "slice_indices": volume.slice_indices, "channels": self._channels},
-                   path.with_suffix(".json"))
-        return _SlicedVolume(volume.case_id, volume.slice_indices, path=path)
+        write_json({"case_id": volume.case_id, "slice_indices": volume.slice_indices, "channels": self._channels,
+                    "foreground_box": volume.foreground_box}, path.with_suffix(".json"))
+        return _SlicedVolume(volume.case_id, volume.slice_indices, volume.foreground_box, path=path)
 
-    def _stored(self, path: Path) -> _SlicedVolume:
-        record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    def _stored(self, path: Path) -> _SlicedVolume | None:
+        """The volume a complete record describes; None when there is none, or it is of an earlier version (without
+        ``foreground_box``): the volume is then built again, in place."""
+        record_file = path.with_suffix(".json")
+        if not record_file.is_file():
+            return None
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        if "foreground_box" not in record:
+            return None
         self._channels = self._channels or list(record["channels"])
-        return _SlicedVolume(str(record["case_id"]), list(record["slice_indices"]), path=path)
+        box = [(int(low), int(high)) for low, high in record["foreground_box"]]
+        return _SlicedVolume(str(record["case_id"]), list(record["slice_indices"]), box, path=path)
 
     def __getstate__(self) -> dict[str, Any]:
         # memory maps are reopened by each process (spawned DataLoader workers), never pickled as arrays
@@ -303,6 +314,12 @@ class SliceDataset(torch.utils.data.Dataset):
     def case_ids(self) -> list[str]:
         """The case of each held volume, in order."""
         return [volume.case_id for volume in self._volumes]
+
+    def foreground_box(self, number: int) -> list[tuple[int, int]]:
+        """(first, last) index of held volume ``number``'s foreground (its ``mask_key``) along H, W and D of the
+        preprocessed volume; the whole extent when it has none. Found as the volume is built, so reading it costs
+        no I/O (:class:`agi_monai.data.PatchDataset` places patches in it)."""
+        return self._volumes[number].foreground_box
 
     @property
     def channels(self) -> dict[str, int]:
@@ -365,6 +382,15 @@ class _ReportingDataset(torch.utils.data.Dataset):
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def _foreground_box(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """(first, last) index of ``mask``'s true voxels along each axis; the whole extent along an axis without any."""
+    box = []
+    for axis in range(mask.dim()):
+        present = torch.nonzero(mask.any(dim=tuple(a for a in range(mask.dim()) if a != axis))).flatten()
+        box.append((int(present[0]), int(present[-1])) if len(present) else (0, mask.shape[axis] - 1))
+    return box
 
 
 def as_float_tensor(planes: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -26,17 +26,17 @@ class PatchDataset(torch.utils.data.Dataset):
     """Random 3D patches, or whole volumes, of the volumes a :class:`SliceDataset` holds whole.
 
     Items: each key of ``slices`` (``"image"`` (C, h, w, d), ``"target"`` (1, h, w, d), ``"mask"``...),
-    ``"case_id"`` and ``"patch_origin"`` (the patch's first voxel (h, w, d) in the volume). With ``patch_size``, item ``i`` is a random patch of volume ``i // samples_per_volume``
-    whose centre lies in the bounding box of the volume's foreground ``mask_key`` (so patches hold brain, not
-    the air around it); an axis shorter than the patch is zero-padded at its end. Positions come from torch's
-    random generator: ``monai.utils.set_determinism`` makes them repeatable, and each DataLoader worker draws
+    ``"case_id"`` and ``"patch_origin"`` (the patch's first voxel (h, w, d) in the volume). With ``patch_size``,
+    item ``i`` is a random patch of volume ``i // samples_per_volume`` whose centre lies in the bounding box of the
+    volume's foreground (:meth:`SliceDataset.foreground_box`, the brain mask's: patches hold brain, not the air
+    around it); an axis shorter than the patch is zero-padded at its end. Positions come from torch's random
+    generator: ``monai.utils.set_determinism`` makes them repeatable, and each DataLoader worker draws
     its own. Without ``patch_size``, item ``i`` is volume ``i`` whole (for a sliding-window validation).
 
     Args:
         slices: a :class:`SliceDataset` built with ``min_foreground_fraction=0`` (every slice kept).
         patch_size: (h, w, d) of a patch; None for whole volumes.
         samples_per_volume: patches per volume in an epoch (the dataset's length is volumes x this).
-        mask_key: the foreground mask the patch centres are drawn in.
     """
 
     def __init__(
@@ -44,7 +44,6 @@ class PatchDataset(torch.utils.data.Dataset):
         slices: SliceDataset,
         patch_size: Sequence[int] | None = (96, 96, 96),
         samples_per_volume: int = 4,
-        mask_key: str = "mask",
     ) -> None:
         if slices.min_foreground_fraction > 0:
             raise ValueError(
@@ -55,13 +54,9 @@ class PatchDataset(torch.utils.data.Dataset):
             raise ValueError(f"PatchDataset: patch_size {list(patch_size)} (expected three positive sizes (h, w, d))")
         if samples_per_volume < 1:
             raise ValueError(f"PatchDataset: samples_per_volume {samples_per_volume} (expected at least 1)")
-        if patch_size is not None and mask_key not in slices.channels:
-            raise ValueError(f"PatchDataset: no {mask_key!r} among the keys {list(slices.channels)} to place patches in")
         self.slices = slices
         self.patch_size = None if patch_size is None else tuple(int(s) for s in patch_size)
         self.samples_per_volume = 1 if patch_size is None else int(samples_per_volume)
-        self.mask_key = mask_key
-        self._boxes: dict[int, tuple[tuple[int, int], ...]] = {}  # foreground box (H, W, D) of each volume read
 
     @property
     def case_ids(self) -> list[str]:
@@ -82,19 +77,18 @@ class PatchDataset(torch.utils.data.Dataset):
         if self.patch_size is None:
             volume, origin = as_float_tensor(stored[:]), (0, 0, 0)
         else:
-            volume, origin = self._patch(number, stored)
+            volume, origin = self._patch(self.slices.foreground_box(number), stored)
         volume = volume.permute(1, 2, 3, 0)  # (channels, H, W, D), the volumes' layout
         item: dict[str, Any] = dict(zip(self.slices.channels, torch.split(volume, list(self.slices.channels.values()))))
         item["case_id"] = self.slices.case_ids[number]
         item["patch_origin"] = torch.tensor(origin)
         return item
 
-    def _patch(self, number: int, stored: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def _patch(
+        self, box: Sequence[tuple[int, int]], stored: torch.Tensor | np.ndarray
+    ) -> tuple[torch.Tensor, tuple[int, ...]]:
         depth, _, height, width = stored.shape
         sizes = (height, width, depth)
-        box = self._boxes.get(number)
-        if box is None:
-            box = self._boxes[number] = self._foreground_box(stored)
         starts = []
         for (low, high), size, patch in zip(box, sizes, self.patch_size):
             centre = int(torch.randint(low, high + 1, ()).item())
@@ -105,21 +99,6 @@ class PatchDataset(torch.utils.data.Dataset):
         if any(short):  # (W, H, D) from the last axis, as F.pad takes them; the channel axis is not padded
             region = torch.nn.functional.pad(region, (0, short[0], 0, short[1], 0, 0, 0, short[2]))
         return region, (h0, w0, d0)
-
-    def _foreground_box(self, stored: torch.Tensor | np.ndarray) -> tuple[tuple[int, int], ...]:
-        """(low, high) of the mask's foreground along H, W, D; the whole volume when it has none."""
-        offset = 0
-        for key, channels in self.slices.channels.items():
-            if key == self.mask_key:
-                break
-            offset += channels
-        mask = as_float_tensor(stored[:, offset]) > 0  # (D, H, W)
-        box = []
-        for axis in (1, 2, 0):
-            present = torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
-            size = mask.shape[axis]
-            box.append((int(present[0]), int(present[-1])) if len(present) else (0, size - 1))
-        return tuple(box)
 
 
 def patch_dataset(
