@@ -146,7 +146,6 @@ def tokens(scenario: Scenario) -> dict[str, Any]:
         "channel_def": {str(i): c for i, c in enumerate(inputs)},
         "channel_text": ", ".join(f"{i}: {c}" for i, c in enumerate(inputs)),
         "paper_results": scenario.paper,
-        "spatial_dims": scenario.spatial_dims,
     }
 
 
