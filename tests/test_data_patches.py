@@ -122,8 +122,8 @@ def test_check_batches_counts_patches_and_advises_more_per_volume(stored):
     with pytest.raises(DataError) as raised:
         check_batches(DataLoader(whole, batch_size=1, sampler=sampler), "validation")
     assert str(raised.value) == (
-        "the 'validation' split: 1 usable volumes, 0 of them for this process of 2 make no batch of batch_size 1, so "
-        "an epoch would have no iteration (expected at least 1 volumes per process: more validation cases or fewer "
+        "the 'validation' split: 1 usable volume, 0 of them for this process of 2 makes no batch of batch_size 1, so "
+        "an epoch would have no iteration (expected at least 1 volume per process: more validation cases or fewer "
         "processes)"
     )
 

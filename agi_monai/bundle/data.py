@@ -144,8 +144,8 @@ def check_batches(dataloader: DataLoader, split: str) -> None:
     dataset, sampler, batch_size = dataloader.dataset, dataloader.sampler, dataloader.batch_size
     patches = isinstance(dataset, PatchDataset)  # the 3D bundle's: patches (training) or whole volumes (validation)
     whole_volumes = patches and dataset.patch_size is None
-    unit = "volumes" if whole_volumes else "patches" if patches else "slices"
-    items = f"{len(dataset)} usable {unit}"
+    singular, plural = ("volume", "volumes") if whole_volumes else ("patch", "patches") if patches else ("slice", "slices")
+    items = f"{len(dataset)} usable {singular if len(dataset) == 1 else plural}"
     if hasattr(dataset, "case_ids") and not whole_volumes:  # an agi_monai.data.SliceDataset or PatchDataset
         items += f" from {len(dataset.case_ids)} volume{'s' if len(dataset.case_ids) != 1 else ''}"
     per_process = ""
@@ -167,7 +167,7 @@ def check_batches(dataloader: DataLoader, split: str) -> None:
         remedies = f"a smaller --batch_size, more {split} cases, or {lower}, to keep more slices per volume"
     raise DataError(
         f"the {split!r} split",
-        f"{items} make no batch of batch_size {batch_size}{' with drop_last' if dataloader.drop_last else ''}, "
-        "so an epoch would have no iteration",
-        f"at least {batch_size} {unit}{per_process}: {remedies}",
+        f"{items} make{'s' if len(dataset) == 1 else ''} no batch of batch_size {batch_size}"
+        f"{' with drop_last' if dataloader.drop_last else ''}, so an epoch would have no iteration",
+        f"at least {batch_size} {singular if batch_size == 1 else plural}{per_process}: {remedies}",
     )

@@ -240,8 +240,10 @@ class SliceDataset(torch.utils.data.Dataset):
         loader = DataLoader(
             _ReportingDataset(volumes, pending), batch_size=None, num_workers=num_workers, collate_fn=_identity
         )
-        # (tqdm first: zip then asks it once more, and the bar counts the last volume)
-        for item, index in zip(tqdm(loader, desc="slicing volumes", unit="volume", disable=not progress), pending):
+        # (tqdm first: zip then asks it once more, and the bar counts the last volume); no bar when every volume is
+        # stored already
+        bar = tqdm(loader, desc="preprocessing volumes", unit="volume", disable=not progress or not pending)
+        for item, index in zip(bar, pending):
             if isinstance(item, Failure):
                 self.failures.append(item)
                 continue
