@@ -37,6 +37,25 @@ def _run_demo(output: Path, *arguments: str) -> subprocess.CompletedProcess:
     return result
 
 
+def assert_runs_recorded(output: Path, runs: list[str], script: str) -> dict[str, set[str]]:
+    """After a run of ``script`` into ``output``: each run folder holds the record of ``script``'s
+    ``replacing_earlier_run``, listing every file the run wrote there (``models/model.pt`` among them; not the slice
+    cache), which is what a rerun removes (the rule: test_compare.py's
+    ``test_a_rerun_removes_exactly_the_files_the_scripts_earlier_run_wrote``; a rerun end to end: the demo's test).
+    Returns each run folder's recorded files."""
+    from agi_monai.bundle.run_folder import RECORD_NAME
+
+    recorded = {}
+    for run in runs:
+        folder = output / run
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "cache" not in p.parts}
+        record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
+        recorded[run] = {f["path"] for f in record["files"]}
+        assert record["script"] == script and "models/model.pt" in recorded[run], record
+        assert files == recorded[run] | {RECORD_NAME}, files ^ (recorded[run] | {RECORD_NAME})
+    return recorded
+
+
 def assert_rerun_replaced_its_runs(
     output: Path, runs: list[str], script: str, rerun: subprocess.CompletedProcess, first: dict[str, set[str]]
 ) -> None:
@@ -125,7 +144,9 @@ def test_demo_trains_both_networks_with_the_bundle_and_writes_synthesis_metrics_
     assert _snapshot(DATA) == inputs_before  # the shipped inputs are only read
     assert _snapshot(bundle) == bundle_before  # the run happens in output_dir, not in the bundle
 
-    # a rerun into the same folder replaces the demo's own runs there, says so, and keeps a person's files
+    # a rerun into the same folder replaces the demo's own runs there, says so, and keeps a person's files (the
+    # rerun is checked end to end here only: compare.py and ablation.py use the same run-folder record)
+    assert_runs_recorded(output, ["agi_net", "resunet"], "demo.py")
     first = files_of(output, ["agi_net", "resunet"])
     rerun = _run_demo(output, *tiny)
     assert_rerun_replaced_its_runs(output, ["agi_net", "resunet"], "demo.py", rerun, first)

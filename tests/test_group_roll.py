@@ -777,6 +777,34 @@ def test_cpu_paths_match_reference(monkeypatch, path, shape, dtype):
                                        msg=lambda m: f"{path} {kind} {label}\n{m}")
 
 
+@pytest.mark.parametrize("kernel", [(3, 3), (7, 7), (3, 3, 3)], ids=_kernel_id)
+@pytest.mark.parametrize("path", cpu_path_params())
+def test_cpu_paths_split_across_threads_like_on_one(monkeypatch, path, kernel):
+    """Each CPU path with its work split over 4 threads (at::parallel_for) gives what 1 thread gives, to float64
+    rounding, and the reference's values: the test command runs every other test on one thread (scripts/test.sh)."""
+    monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CPU", path)
+    weight, offsets, scales = make_inputs(6, 4, 16, 24, kernel, "mixed", seed=41)
+    grad_out = torch.randn((6, 24, 16, *kernel), dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    ref_inputs = [t.clone().requires_grad_() for t in (weight, offsets, scales)]
+    expected = group_roll_reference(*ref_inputs)
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            assert torch.get_num_threads() == count
+            inputs = [t.clone().requires_grad_() for t in (weight, offsets, scales)]
+            out = compiled_op(*inputs)
+            results[count] = [out.detach(), *torch.autograd.grad(out, inputs, grad_out)]
+    finally:
+        torch.set_num_threads(threads)
+    wanted = [expected.detach(), *torch.autograd.grad(expected, ref_inputs, grad_out)]
+    for label, one, several, want in zip(["forward", "grad weight", "grad offsets", "grad scales"], results[1],
+                                         results[4], wanted):
+        torch.testing.assert_close(several, one, rtol=1e-12, atol=1e-12, msg=lambda m: f"{path} {label}: 4 vs 1\n{m}")
+        tight(several, want, f"{path} {label}: 4 threads vs reference")
+
+
 @pytest.mark.parametrize("shape", LOW_PRECISION_SHAPES, ids=lambda s: f"{len(s[4])}d-" + _kernel_id(s[4]))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @requires_extension
