@@ -19,8 +19,9 @@ if [ "$#" -gt 0 ] || [ "$(nproc)" -lt 2 ]; then
     exec "${pytest[@]}" "$@"
 fi
 
+# (clean-clone CI, 2026-11-23, with test_deploy.py here: these 18.5 min, the others 16.6 min, side by side)
 LONG=(tests/test_compare.py tests/test_demo.py tests/test_ablation.py tests/test_downstream.py tests/test_engines.py
-      tests/test_robustness.py tests/test_kill_resume.py tests/test_deploy.py)
+      tests/test_robustness.py tests/test_kill_resume.py)
 rest=()
 for file in tests/test_*.py; do
     [[ " ${LONG[*]} " == *" $file "* ]] || rest+=("$file")
@@ -29,7 +30,8 @@ done
 export OMP_NUM_THREADS=1
 work=$(mktemp -d)
 long_pid=
-trap '[ -n "$long_pid" ] && kill "$long_pid" 2>/dev/null; rm -rf "$work"' EXIT
+# interrupted: stop the background pytest and the scripts it runs, not only itself
+trap '[ -n "$long_pid" ] && { pkill -TERM -P "$long_pid"; kill "$long_pid"; } 2>/dev/null; rm -rf "$work"' EXIT
 started=$SECONDS
 echo "test.sh: ${#LONG[@]} end-to-end files in the background (their report at the end), the other ${#rest[@]} files here"
 "${pytest[@]}" --basetemp "$work/long" -p no:cacheprovider "${LONG[@]}" > "$work/long.log" 2>&1 &
