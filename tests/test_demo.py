@@ -37,23 +37,30 @@ def _run_demo(output: Path, *arguments: str) -> subprocess.CompletedProcess:
     return result
 
 
-def assert_runs_recorded(output: Path, runs: list[str], script: str) -> dict[str, set[str]]:
+def _run_files(folder: Path) -> set[str]:
+    """A run folder's files (not the slice cache), relative to it."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "cache" not in p.parts}
+
+
+def _record(folder: Path) -> tuple[str, set[str]]:
+    """The script and the files named by a run folder's ``replacing_earlier_run`` record."""
+    from agi_monai.bundle.run_folder import RECORD_NAME
+
+    record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
+    return record["script"], {f["path"] for f in record["files"]}
+
+
+def assert_runs_recorded(output: Path, runs: list[str], script: str) -> None:
     """After a run of ``script`` into ``output``: each run folder holds the record of ``script``'s
     ``replacing_earlier_run``, listing every file the run wrote there (``models/model.pt`` among them; not the slice
     cache), which is what a rerun removes (the rule: test_compare.py's
-    ``test_a_rerun_removes_exactly_the_files_the_scripts_earlier_run_wrote``; a rerun end to end: the demo's test).
-    Returns each run folder's recorded files."""
+    ``test_a_rerun_removes_exactly_the_files_the_scripts_earlier_run_wrote``; a rerun end to end: the demo's test)."""
     from agi_monai.bundle.run_folder import RECORD_NAME
 
-    recorded = {}
     for run in runs:
-        folder = output / run
-        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "cache" not in p.parts}
-        record = json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))
-        recorded[run] = {f["path"] for f in record["files"]}
-        assert record["script"] == script and "models/model.pt" in recorded[run], record
-        assert files == recorded[run] | {RECORD_NAME}, files ^ (recorded[run] | {RECORD_NAME})
-    return recorded
+        files, (recorder, recorded) = _run_files(output / run), _record(output / run)
+        assert recorder == script and "models/model.pt" in recorded, (recorder, recorded)
+        assert files == recorded | {RECORD_NAME}, files ^ (recorded | {RECORD_NAME})
 
 
 def assert_rerun_replaced_its_runs(
@@ -67,8 +74,7 @@ def assert_rerun_replaced_its_runs(
 
     for index, run in enumerate(runs):
         folder = output / run
-        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "cache" not in p.parts}
-        recorded = {f["path"] for f in json.loads((folder / RECORD_NAME).read_text(encoding="utf-8"))["files"]}
+        files, (_, recorded) = _run_files(folder), _record(folder)
         notes = {"notes.txt"} if index == 0 else set()
         assert files == recorded | notes | {RECORD_NAME}, files ^ (recorded | notes)
         assert "models/model.pt" in recorded and not list(folder.glob("models/earlier_run_*"))
@@ -86,8 +92,7 @@ def assert_rerun_replaced_its_runs(
 
 def files_of(output: Path, runs: list[str]) -> dict[str, set[str]]:
     """Each run folder's files (not the slice cache), after the first run; and a person's notes beside them."""
-    first = {run: {p.relative_to(output / run).as_posix() for p in (output / run).rglob("*")
-                   if p.is_file() and "cache" not in p.parts} for run in runs}
+    first = {run: _run_files(output / run) for run in runs}
     for notes_file in (output / "notes.txt", output / runs[0] / "notes.txt"):
         notes_file.write_text("a person's notes")
     return first

@@ -145,7 +145,11 @@ def check_batches(dataloader: DataLoader, split: str) -> None:
     patches = isinstance(dataset, PatchDataset)  # the 3D bundle's: patches (training) or whole volumes (validation)
     whole_volumes = patches and dataset.patch_size is None
     singular, plural = ("volume", "volumes") if whole_volumes else ("patch", "patches") if patches else ("slice", "slices")
-    items = f"{len(dataset)} usable {singular if len(dataset) == 1 else plural}"
+
+    def unit(count: int) -> str:
+        return singular if count == 1 else plural
+
+    items = f"{len(dataset)} usable {unit(len(dataset))}"
     if hasattr(dataset, "case_ids") and not whole_volumes:  # an agi_monai.data.SliceDataset or PatchDataset
         items += f" from {len(dataset.case_ids)} volume{'s' if len(dataset.case_ids) != 1 else ''}"
     per_process = ""
@@ -169,5 +173,5 @@ def check_batches(dataloader: DataLoader, split: str) -> None:
         f"the {split!r} split",
         f"{items} make{'s' if len(dataset) == 1 else ''} no batch of batch_size {batch_size}"
         f"{' with drop_last' if dataloader.drop_last else ''}, so an epoch would have no iteration",
-        f"at least {batch_size} {singular if batch_size == 1 else plural}{per_process}: {remedies}",
+        f"at least {batch_size} {unit(batch_size)}{per_process}: {remedies}",
     )
