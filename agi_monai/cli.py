@@ -525,7 +525,7 @@ def _initialize(workflow: Any, bundle: Any, overrides: Mapping[str, Any]) -> Non
             raise _not_initialisable(bundle, error) from error
         weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
         if Path(cause.source) != weights:  # not about the weights: as it is, without MONAI's wrapping
-            raise DataError(cause.source, cause.problem, cause.expected) from error
+            raise DataError(cause.source, cause.problem, cause.expected, cause.details) from error
         raise _weights_refused(cause, bundle, overrides) from None
 
 
@@ -536,7 +536,7 @@ def _weights_refused(error: Any, bundle: Any, overrides: Mapping[str, Any]) -> U
     from agi_monai.engines import expected_bundle_weights
 
     expected = expected_bundle_weights(bundle.name, "--network_def#... flags", overrides)
-    return UsageError(str(DataError(error.source, error.problem, expected)))
+    return UsageError(str(DataError(error.source, error.problem, expected, error.details)))
 
 
 def _not_initialisable(bundle: Any, error: BaseException) -> UsageError:

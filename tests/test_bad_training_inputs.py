@@ -177,8 +177,8 @@ def test_no_case_has_the_target_contrast(cache, tmp_path):
     copy_case(tmp_path / "cases", "IXI901-SIM-0001", contrasts=("T1", "T2"))
     error = cause(failed_training(IXI, tmp_path / "run", overrides(tmp_path / "cases", cache)))
     assert str(error) == (
-        f"{tmp_path / 'cases'}: no case of the 'training' split has T1, T2, PD; skipped IXI901-SIM-0001: missing PD "
-        "(found T1, T2) (expected at least one case with each of T1, T2, PD)"
+        f"{tmp_path / 'cases'}: no case of the 'training' split has T1, T2, PD (expected at least one case with each "
+        "of T1, T2, PD); skipped IXI901-SIM-0001: missing PD (found T1, T2)"
     )
 
 
@@ -211,8 +211,8 @@ def test_validation_split_whose_files_are_missing(cases, tmp_path):
     datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[cases["missing"]])
     error = cause(failed_training(IXI, tmp_path / "run", overrides(datalist, tmp_path / "cache")))
     assert str(error) == (
-        f"{datalist}: no case of the 'validation' split has T1, T2, PD; skipped validation-0: "
-        f"{cases['missing']['T2']}: file not found (expected an existing NIfTI file) (expected at least one case with each of T1, T2, PD)"
+        f"{datalist}: no case of the 'validation' split has T1, T2, PD (expected at least one case with each of T1, "
+        f"T2, PD); skipped validation-0: {cases['missing']['T2']}: file not found (expected an existing NIfTI file)"
     )
     assert not (tmp_path / "cache").exists()
 
@@ -229,7 +229,7 @@ def test_a_missing_file_reads_the_same_as_the_datalist_is_read_and_as_its_volume
     datalist = write_datalist(tmp_path / "datalist.json", training=[case])
     with pytest.raises(DataError) as raised:
         load_split(datalist, "training", CONTRASTS, allow_empty=False, require_files=True)
-    assert f"skipped training-0: {missing}: file not found (expected {expected}) (expected" in str(raised.value)
+    assert str(raised.value).endswith(f"; skipped training-0: {missing}: file not found (expected {expected})")
     with pytest.raises(MissingFileError) as raised:  # also a FileNotFoundError
         load_volume(str(missing))
     assert str(raised.value) == f"{missing}: file not found (expected {expected})"
@@ -274,9 +274,9 @@ def test_segmentation_bundle_reports_a_missing_validation_file_before_training(t
     settings = {"dataset_dir": str(datalist), "num_workers": 0, "device": "$torch.device('cpu')"}
     error = cause(failed_training(SEGMENTATION, tmp_path / "run", settings))
     assert str(error) == (
-        f"{datalist}: no case of the 'validation' split has T1Gd, T1, T2, FLAIR, seg; skipped {case['case_id']}: "
-        f"{missing['T2']}: file not found (expected an existing NIfTI file) (expected at least one case with each of "
-        "T1Gd, T1, T2, FLAIR, seg)"
+        f"{datalist}: no case of the 'validation' split has T1Gd, T1, T2, FLAIR, seg (expected at least one case "
+        f"with each of T1Gd, T1, T2, FLAIR, seg); skipped {case['case_id']}: {missing['T2']}: file not found "
+        "(expected an existing NIfTI file)"
     )
     empty = write_datalist(tmp_path / "empty.json", training=[case], validation=[])
     error = cause(failed_training(SEGMENTATION, tmp_path / "run", {**settings, "dataset_dir": str(empty)}))
@@ -371,9 +371,12 @@ def test_every_training_case_unreadable(cases, cache, tmp_path):
                               validation=[cases["good"]])
     error = str(cause(failed_training(IXI, tmp_path / "run", overrides(datalist, cache))))
     # before: "num_samples should be a positive integer value, but got num_samples=0" from the DataLoader
-    assert error.startswith("datalist [training-0, training-1]: no usable slice; skipped training-0: ")
-    assert f"skipped training-1: {cases['nan']['PD']}: contains 4 NaN/Inf voxels" in error
-    assert error.endswith("(expected at least one readable case with slices of at least 5% foreground)")
+    assert error.startswith(
+        "datalist [training-0, training-1]: no usable slice (expected at least one readable case with slices of at "
+        "least 5% foreground); skipped training-0: "
+    )
+    assert error.endswith(f"; skipped training-1: {cases['nan']['PD']}: contains 4 NaN/Inf voxels (expected finite "
+                          "intensities)")
 
 
 def test_unknown_target_contrast(cases, cache, tmp_path):

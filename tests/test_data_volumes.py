@@ -100,3 +100,21 @@ def test_trailing_singleton_time_axis_is_still_3d(tmp_path):
     loaded = load_volume(_save(tmp_path / "t.nii.gz", volume))
     assert loaded.shape == (1, 8, 8, 8)
     np.testing.assert_array_equal(loaded[0].numpy(), volume[..., 0])  # the same voxels, not just the shape
+
+
+def test_a_data_error_survives_a_dataloader_worker_with_every_part():
+    # a worker process pickles the error it raised; the main process must report the same file, problem,
+    # expectation and skipped cases, and each "(expected …)" must follow its own problem
+    import pickle
+
+    from agi_monai.data import MissingFileError
+
+    error = DataError("datalist.json", "no case of the 'training' split has T1", "at least one case with T1",
+                      "skipped case-0: a.nii.gz: file not found (expected an existing NIfTI file)")
+    assert str(error) == ("datalist.json: no case of the 'training' split has T1 (expected at least one case with "
+                          "T1); skipped case-0: a.nii.gz: file not found (expected an existing NIfTI file)")
+    for original in (error, MissingFileError("a.nii.gz", "file not found", "an existing NIfTI file")):
+        copy = pickle.loads(pickle.dumps(original))
+        assert type(copy) is type(original) and str(copy) == str(original)
+        assert (copy.source, copy.problem, copy.expected, copy.details) == (
+            original.source, original.problem, original.expected, original.details)

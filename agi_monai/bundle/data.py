@@ -74,10 +74,10 @@ def load_split(
                 failures.append(Failure(case["case_id"], str(missing)))
                 _logger.warning("skipped %s", failures[-1])
     if not cases and not allow_empty:
-        skipped = "".join(f"; skipped {failure}" for failure in failures)
         raise DataError(
-            source, f"no case of the {split!r} split has {', '.join(contrasts)}{skipped}",
+            source, f"no case of the {split!r} split has {', '.join(contrasts)}",
             f"at least one case with each of {', '.join(contrasts)}",
+            "; ".join(f"skipped {failure}" for failure in failures),
         )
     return cases
 

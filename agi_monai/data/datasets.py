@@ -113,10 +113,10 @@ def slice_dataset(
     )
     if not len(dataset):  # else the bundle's DataLoader fails on "num_samples=0", naming nothing
         cases = ", ".join(str(item.get("case_id", index)) for index, item in enumerate(data))
-        skipped = "".join(f"; skipped {failure}" for failure in dataset.failures)
         raise DataError(
-            f"datalist [{cases}]", f"no usable slice{skipped}",
+            f"datalist [{cases}]", "no usable slice",
             f"at least one readable case with slices of at least {min_foreground_fraction:.0%} foreground",
+            "; ".join(f"skipped {failure}" for failure in dataset.failures),
         )
     return dataset
 

@@ -15,19 +15,26 @@ class DataError(ValueError):
         source: the file, folder or case the problem was found in.
         problem: what is wrong, e.g. ``"contains 12 NaN/Inf voxels"``.
         expected: what was expected instead, e.g. ``"finite intensities"``; optional.
+        details: what follows the expected clause, e.g. the cases skipped on the way, each with its own error
+            (and its own "(expected …)"); optional. After it, so that each clause stays next to its problem.
     """
 
-    def __init__(self, source: str | Path, problem: str, expected: str | None = None) -> None:
+    def __init__(
+        self, source: str | Path, problem: str, expected: str | None = None, details: str | None = None
+    ) -> None:
         self.source = str(source)
         self.problem = problem
         self.expected = expected
+        self.details = details
         message = f"{self.source}: {problem}"
         if expected:
             message += f" (expected {expected})"
+        if details:
+            message += f"; {details}"
         super().__init__(message)
 
     def __reduce__(self):  # keeps the exception picklable across DataLoader workers
-        return type(self), (self.source, self.problem, self.expected)
+        return type(self), (self.source, self.problem, self.expected, self.details)
 
 
 class MissingFileError(DataError, FileNotFoundError):
