@@ -7,7 +7,8 @@ Every command that runs a network goes through the bundle's own configs with MON
 ``--<config id>=<value>`` flags are passed to the config as overrides (e.g. ``--network_def#channels=[8,8,8,8]``).
 
 Exit status: 0 when every case was written, 1 when any case failed (the others are still written and the
-failed ones are named), 2 for a bad argument (the message names it; no traceback).
+failed ones are named), 2 for a bad argument (the message names it; no traceback), 130 after Ctrl-C and 143 after
+SIGTERM (the outputs written until then are complete; temporary files are removed).
 """
 
 # no "from __future__ import annotations", and Optional[str] rather than "str | None" in the commands: Fire's
@@ -26,7 +27,7 @@ import fire
 
 __all__ = ["UsageError", "main", "synthesize", "convert_dicom", "evaluate", "export", "list_bundles_table"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 130: the shell's status for Ctrl-C
 _PROGRAM = "agi-monai"
 _FILE_FLAGS = {"t1": "T1", "t2": "T2", "pd": "PD", "flair": "FLAIR", "t1gd": "T1Gd"}
 
@@ -85,8 +86,8 @@ def synthesize(
         device: torch device, e.g. cpu, cuda, cuda:1. Default: cuda:0 if available, else cpu.
         batch_size: axial slices per forward pass (the bundle's slices_per_batch, 16).
         overwrite: replace existing outputs; without it a case whose outputs exist is skipped (counted as already
-            present: a rerun over a folder does the rest), and one with only part of them (--dicom) fails, naming
-            the file.
+            present: a rerun over a folder does the rest; with --dicom, a NIfTI without its DICOM series, from a run
+            stopped between the two, gets its series), and one with a DICOM series but no NIfTI fails, naming it.
         dicom: also write a DICOM series per case.
         progress: show progress bars.
         overrides: --<config id>=<value> overrides of the bundle's inference.json.
@@ -102,11 +103,9 @@ def synthesize(
         raise UsageError(f"--batch_size: got {batch_size!r}, expected a positive number of slices")
     if output_dir is None:
         raise UsageError("--output_dir is required: the folder the synthesized images are written to")
-    output = Path(str(output_dir)).resolve()
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"--output_dir {output_dir}: is a file, expected a folder")
+    output = Path(str(output_dir)).resolve()  # checked (writable, not inside the input) by inference.json's initialize
     with tempfile.TemporaryDirectory(prefix="agi-monai-") as scratch:
-        source = _input_source(input_dir, files, case_id, output, Path(scratch))
+        source = _input_source(input_dir, files, case_id, Path(scratch))
         try:
             if bundle is not None:
                 chosen = find_bundle(bundle)
@@ -126,10 +125,16 @@ def synthesize(
         workflow = _workflow(
             chosen, ["inference.json"], overrides, dataset_dir=str(source), output_dir=str(output),
             device=_device_expression(device), **({"slices_per_batch": batch_size} if batch_size else {}),
-            **({} if progress else {"evaluator#progress": False}), **{"evaluator#overwrite": overwrite},
+            **({} if progress else {"evaluator#progress": False}),
+            # the DICOM outputs come after the bundle's run, and this command sets the exit status
+            **{"evaluator#overwrite": overwrite, "evaluator#exit_on_failure": False},
         )
         _initialize(workflow, chosen, overrides)
-        discovery = workflow.parser.get_parsed_content("discovery")  # the instance the evaluator will read
+        try:
+            discovery = workflow.parser.get_parsed_content("discovery")  # the instance the evaluator will read
+        except Exception as error:  # e.g. a datalist that is not JSON: its DataError, without MONAI's wrapping
+            raise _data_error_in(error) or error from error
+        _require_cases(discovery, source)
         cases = {case["case_id"]: case for case in discovery.cases}
         if not overwrite:
             _refuse_partial_outputs(discovery, output, chosen.target, dicom)
@@ -332,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     from agi_monai.bundle.registry import BundleError
-    from agi_monai.data import DataError
+    from agi_monai.data import DataError, stopping_cleanly_on_sigterm
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0].replace("_", "-") in COMMANDS:
@@ -341,12 +346,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     fire_args = _fire_help(args)
     # Fire writes help to stderr; asked-for help belongs on stdout (so that it pages and greps)
     help_to_stdout = contextlib.redirect_stderr(sys.stdout) if fire_args[-2:] == ["--", "--help"] else contextlib.nullcontext()
+    name = " ".join([_PROGRAM, *([command] if command else [])])
     try:
-        with help_to_stdout:
+        with help_to_stdout, stopping_cleanly_on_sigterm():
             result = fire.Fire(COMMANDS, command=fire_args, name=_PROGRAM, serialize=lambda _: None)
     except (UsageError, DataError, BundleError) as error:
-        print(f"{' '.join([_PROGRAM, *([command] if command else [])])}: error: {error}", file=sys.stderr, flush=True)
+        print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C: the temporary files are gone (atomic_output), every output left is complete
+        print(f"{name}: interrupted; the outputs written so far are complete (a rerun without --overwrite does the "
+              "rest)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return result if isinstance(result, int) else EXIT_OK
 
 
@@ -409,9 +419,7 @@ def _existing_path(value: Any, flag: str, expected: str) -> Path:
     return path
 
 
-def _input_source(
-    input_dir: Any, files: Mapping[str, Any], case_id: str | None, output: Path, scratch: Path
-) -> Path:
+def _input_source(input_dir: Any, files: Mapping[str, Any], case_id: str | None, scratch: Path) -> Path:
     """The folder or datalist to discover cases in: ``input_dir``, or a datalist of the files given one by one."""
     from agi_monai.data import write_json
 
@@ -421,13 +429,7 @@ def _input_source(
     if input_dir is None and not files:
         raise UsageError("no input: give an input folder (agi-monai synthesize INPUT_DIR ...) or files (--t1 ... --t2 ...)")
     if input_dir is not None:
-        source = _existing_path(input_dir, "input_dir", "a folder of NIfTI/DICOM cases or a JSON datalist")
-        if output == source or source in output.parents:
-            raise UsageError(
-                f"--output_dir {output}: is the input folder or inside it ({source}); outputs there would be read "
-                f"as inputs by a later run; expected another folder"
-            )
-        return source
+        return _existing_path(input_dir, "input_dir", "a folder of NIfTI/DICOM cases or a JSON datalist")
     item: dict[str, str] = {"case_id": str(case_id)} if case_id is not None else {}
     for contrast, value in files.items():
         item[contrast] = str(_existing_path(value, f"--{contrast.lower()}", "a NIfTI file or a DICOM series folder"))
@@ -439,9 +441,20 @@ def _contrasts_present(discovery: Any, source: Path) -> list[str]:
     from agi_monai.data import CONTRASTS
 
     if not discovery.cases:
-        raise UsageError(f"input {source}: no cases found ({discovery.summary()}); expected NIfTI files named like "
-                         f"<case>-t1.nii.gz or DICOM series")
+        raise _no_cases(discovery, source)
     return [c for c in CONTRASTS if all(c in case for case in discovery.cases)]
+
+
+def _require_cases(discovery: Any, source: Path) -> None:
+    """An input without a single case, not even a bad one, is a usage error (a wrong folder), not a batch whose
+    cases all failed (those are reported by the run, each with its reason)."""
+    if not discovery.cases and not discovery.failures:
+        raise _no_cases(discovery, source)
+
+
+def _no_cases(discovery: Any, source: Path) -> UsageError:
+    expected = "a datalist listing cases" if source.is_file() else "NIfTI files named like <case>-t1.nii.gz or DICOM series"
+    return UsageError(f"input {source}: no cases found ({discovery.summary()}); expected {expected}")
 
 
 def _find_bundle(name: Any) -> Any:
@@ -513,20 +526,27 @@ def _initialize(workflow: Any, bundle: Any, overrides: Mapping[str, Any]) -> Non
     """The workflow's ``initialize``, which loads the weights (``inference.json``:
     :func:`agi_monai.engines.load_weights`): weights it refuses are reported with what this command needs, the
     bundle and its ``--network_def#...`` flags."""
-    from agi_monai.data import DataError
-
     try:
         workflow.initialize()
     except Exception as error:  # MONAI wraps the expression's error: find load_weights' DataError in the chain
-        cause: Optional[BaseException] = error
-        while cause is not None and not isinstance(cause, DataError):
-            cause = cause.__cause__
+        cause = _data_error_in(error)
         if cause is None:  # e.g. an override the network cannot be built with
             raise _not_initialisable(bundle, error) from error
         weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
-        if Path(cause.source) != weights:  # not about the weights: as it is, without MONAI's wrapping
-            raise DataError(cause.source, cause.problem, cause.expected, cause.details) from error
+        if Path(cause.source) != weights:  # not about the weights (e.g. the output folder): as it is
+            raise cause from error
         raise _weights_refused(cause, bundle, overrides) from None
+
+
+def _data_error_in(error: BaseException) -> Any:
+    """The :class:`agi_monai.data.DataError` in ``error``'s chain of causes (MONAI wraps a config expression's
+    error in a ``RuntimeError``), as a fresh one to raise without MONAI's wrapping; None when there is none."""
+    from agi_monai.data import DataError
+
+    cause: Optional[BaseException] = error
+    while cause is not None and not isinstance(cause, DataError):
+        cause = cause.__cause__
+    return None if cause is None else DataError(cause.source, cause.problem, cause.expected, cause.details)
 
 
 def _weights_refused(error: Any, bundle: Any, overrides: Mapping[str, Any]) -> UsageError:
@@ -571,21 +591,22 @@ def _innermost(error: BaseException) -> str:
 
 
 def _refuse_partial_outputs(discovery: Any, output: Path, target: str, dicom: bool) -> None:
-    """With ``--dicom`` and without ``--overwrite``, a case that has one of its two outputs (the NIfTI or the DICOM
-    folder) but not the other becomes a failure naming the existing one: completing it would replace it. (A case
-    with all its outputs is skipped by the bundle's ``FolderSynthesis(overwrite=False)`` and counted as present.)"""
+    """With ``--dicom`` and without ``--overwrite``, a case whose DICOM folder exists without its NIfTI becomes a
+    failure naming it: completing the case would replace that folder. (A case with its NIfTI but not its DICOM
+    folder, a run stopped between the two, is counted as present by the bundle's ``FolderSynthesis(overwrite=False)``
+    and gets its DICOM from that NIfTI: :func:`_write_dicom_outputs`.)"""
     from agi_monai.data import Failure
 
     if not dicom:
         return
     kept = []
     for case in discovery.cases:
-        paths = [_nifti_output(output, case["case_id"], target), _dicom_output(output, case["case_id"], target)]
-        existing = [str(p) for p in paths if p.exists()]
-        if 0 < len(existing) < len(paths):
-            discovery.failures.append(
-                Failure(case["case_id"], f"output already exists: {', '.join(existing)} (pass --overwrite to replace it)")
-            )
+        nifti, series = _nifti_output(output, case["case_id"], target), _dicom_output(output, case["case_id"], target)
+        if series.exists() and not nifti.exists():
+            discovery.failures.append(Failure(
+                case["case_id"], f"output already exists: {series} (without its NIfTI {nifti.name}; pass --overwrite "
+                                 "to replace it)",
+            ))
         else:
             kept.append(case)
     discovery.cases[:] = kept
@@ -610,17 +631,21 @@ def _run(workflow: Any) -> Any:
 
 
 def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, overwrite: bool, progress: bool) -> None:
-    """A DICOM series beside each written NIfTI; a case whose series fails moves to the summary's failures."""
+    """A DICOM series beside each NIfTI this run wrote, and beside each NIfTI an earlier run wrote without its series
+    (stopped between the two): such a case moves from the summary's present to its written. A case whose series
+    fails moves to the summary's failures, with its reason printed; the NIfTI goes too when this run wrote it."""
     import SimpleITK as sitk
     from tqdm import tqdm
 
     from agi_monai import __version__
-    from agi_monai.data import DataError, Failure, choose_reference
+    from agi_monai.data import DataError, Failure, choose_reference, failure_reason
     from agi_monai.data.dicom import write_derived_series
 
     reference_contrast = choose_reference(bundle.inputs)
-    for nifti in tqdm(list(summary.written), desc="writing DICOM", unit="case", disable=not progress):
-        case_id = nifti.name[: -len(f"_{bundle.target}.nii.gz")]
+    earlier = [p for p in summary.present if not _dicom_output(p.parent, _case_of(p, bundle), bundle.target).exists()]
+    failures = []
+    for nifti in tqdm(list(summary.written) + earlier, desc="writing DICOM", unit="case", disable=not progress):
+        case_id = _case_of(nifti, bundle)
         reference = cases[case_id][reference_contrast]
         is_dicom = _is_dicom_value(reference)
         try:
@@ -636,10 +661,27 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
                 case_id=case_id,
                 overwrite=overwrite,
             )
-        except (DataError, OSError) as error:  # the case fails as a whole: its NIfTI goes too
-            nifti.unlink(missing_ok=True)
-            summary.written.remove(nifti)
-            summary.failures.append(Failure(case_id, f"DICOM output: {error}"))
+        except (DataError, OSError, RuntimeError) as error:  # RuntimeError: SimpleITK's, e.g. an unreadable NIfTI
+            if nifti in earlier:  # an earlier run's complete NIfTI: kept
+                summary.present.remove(nifti)
+                failures.append(Failure(case_id, f"DICOM output: {failure_reason(error)} (the NIfTI {nifti.name} of "
+                                                 "an earlier run is kept)"))
+            else:  # the case fails as a whole: its NIfTI goes too
+                nifti.unlink(missing_ok=True)
+                summary.written.remove(nifti)
+                failures.append(Failure(case_id, f"DICOM output: {failure_reason(error)}"))
+        else:
+            if nifti in earlier:
+                summary.present.remove(nifti)
+                summary.written.append(nifti)
+    for failure in failures:
+        print(f"  - {failure}", flush=True)
+    summary.failures.extend(failures)
+
+
+def _case_of(nifti: Path, bundle: Any) -> str:
+    """The case ID of an output ``<case>_<target>.nii.gz``."""
+    return nifti.name[: -len(f"_{bundle.target}.nii.gz")]
 
 
 def _is_dicom_value(value: Any) -> bool:

@@ -63,14 +63,14 @@ def _configs(name: str, config: str) -> list[str]:
     return [*base, str(folder / config)]
 
 
-def _bundle(name: str, command: str, configs: list[str], *args: str, timeout: int = 600) -> str:
+def _bundle(name: str, command: str, configs: list[str], *args: str, timeout: int = 600, status: int = 0) -> str:
     """``python -m monai.bundle <command>`` (e.g. ``run``, ``run training``) from the repository root; returns
-    stdout+stderr, fails with it."""
+    stdout+stderr, fails with it when the exit status is not ``status``."""
     config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", *command.split(), "--config_file", config_file, *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{output[-6000:]}"
+    assert result.returncode == status, f"{' '.join(cmd)} exited with {result.returncode}:\n{output[-6000:]}"
     return output
 
 
@@ -269,6 +269,16 @@ def test_folder_synthesis_reports_any_error_and_goes_on(tmp_path):
     assert written == [(1, 8, 8, 4)] and summary.written == [tmp_path / "a_PD.nii.gz"]
     assert [str(f) for f in summary.failures] == ["c: missing T2", "b: RuntimeError: out of memory"]
     assert str(summary).splitlines()[0] == f"synthesized 1 of 3 cases into {tmp_path}, 2 failed"
+    # inference.json's exit_on_failure: every case is still run and written, then exit status 1 (a scheduler's
+    # signal); none when every case was written
+    written.clear()
+    with pytest.raises(SystemExit) as stopped:
+        FolderSynthesis(Dataset(cases), Network(), SimpleInferer(), lambda item: written.append(item["pred"].shape),
+                        tmp_path, "PD", progress=False, exit_on_failure=True)()
+    assert stopped.value.code == 1 and written == [(1, 8, 8, 4)]
+    summary = FolderSynthesis(Dataset(cases[:1]), Network(), SimpleInferer(), lambda item: None, tmp_path, "PD",
+                              progress=False, exit_on_failure=True)()
+    assert summary.written == [tmp_path / "a_PD.nii.gz"] and summary.failures == []
 
 
 def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_says_so(tmp_path, capsys):
@@ -340,9 +350,9 @@ def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(unt
     name = "brats_t1_t2_flair_to_t1gd"
     log = _bundle(  # `run evaluating`: the model zoo's run ID for inference, an alias of `run`
         name, "run evaluating", _configs(name, "inference.json"), "--bundle_root", str(untrained_bundle),
-        "--dataset_dir", str(cases), "--output_dir", str(output), *TINY,
+        "--dataset_dir", str(cases), "--output_dir", str(output), *TINY, status=1,  # 1: a case failed
     )
-    assert "synthesized 1 of 2 cases" in log and "1 failed" in log
+    assert "synthesized 1 of 2 cases" in log and "1 failed" in log and "Traceback" not in log
     assert "BraTS-GLI-99999-000: " in log and "t1n.nii.gz" in log
     assert sorted(p.name for p in output.iterdir()) == ["BraTS-GLI-00001-000_T1Gd.nii.gz"]  # no partial file
     written = nib.load(output / "BraTS-GLI-00001-000_T1Gd.nii.gz")

@@ -196,9 +196,12 @@ def test_existing_output_needs_overwrite(flair_bundle, cases, tmp_path):
     assert re.search(r"0 of 1 cases written \(FLAIR, NIfTI\) .* 1 already present \(skipped; --overwrite replaces "
                      r"them\), 0 failed$", kept.stdout.strip().splitlines()[-1]), kept.stdout[-2000:]
     assert existing.read_bytes() == b"an earlier result" and sorted(output.iterdir()) == [existing]
-    partial = run_cli(*args, "--dicom")  # the NIfTI without its DICOM series: completing it would replace the NIfTI
-    assert partial.returncode == 1, partial.stderr[-3000:]
-    assert f"aurora-example: output already exists: {existing} (pass --overwrite to replace it)" in partial.stdout
+    # a NIfTI without its DICOM series (a --dicom run stopped between the two) gets its series from that NIfTI;
+    # this one cannot be read, so the case fails, naming why, and the earlier NIfTI is kept
+    unreadable = run_cli(*args, "--dicom")
+    assert unreadable.returncode == 1, unreadable.stderr[-3000:]
+    assert re.search(r"^  - aurora-example: DICOM output: RuntimeError: .*\(the NIfTI aurora-example_FLAIR.nii.gz of an "
+                     r"earlier run is kept\)$", unreadable.stdout, re.MULTILINE), unreadable.stdout[-3000:]
     assert existing.read_bytes() == b"an earlier result" and sorted(output.iterdir()) == [existing]
     replaced = run_cli(*args, "--overwrite", "--dicom")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
@@ -215,6 +218,20 @@ def test_existing_output_needs_overwrite(flair_bundle, cases, tmp_path):
         np.testing.assert_allclose(getattr(from_dicom, getter)(), getattr(from_nifti, getter)(), atol=1e-4)
     values = sitk.GetArrayFromImage(from_nifti)
     np.testing.assert_allclose(sitk.GetArrayFromImage(from_dicom), values, atol=(values.max() - values.min()) / 65535)
+    # a rerun completes a case stopped between its NIfTI and its series, and leaves the NIfTI as it is
+    nifti_bytes, series_files = existing.read_bytes(), sorted(p.name for p in series.iterdir())
+    shutil.rmtree(series)
+    completed = run_cli(*args, "--dicom")
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert re.search(r"1 of 1 cases written \(FLAIR, NIfTI \+ DICOM\) .*; 0 failed$", completed.stdout.strip().splitlines()[-1])
+    assert existing.read_bytes() == nifti_bytes and sorted(p.name for p in series.iterdir()) == series_files
+    # the other half, a series without its NIfTI, is refused: synthesizing the NIfTI again would replace the series
+    existing.unlink()
+    refused = run_cli(*args, "--dicom")
+    assert refused.returncode == 1
+    assert (f"  - aurora-example: output already exists: {series} (without its NIfTI {existing.name}; pass "
+            "--overwrite to replace it)") in refused.stdout.splitlines(), refused.stdout[-3000:]
+    assert sorted(output.iterdir()) == [series]
 
 
 def test_files_given_one_by_one_and_the_bundle_chosen_by_target(bundles, cases, tmp_path):
@@ -270,10 +287,39 @@ def test_bad_arguments_are_named(flair_bundle, cases, tmp_path, capsys, args, me
     assert not (tmp_path / "o").exists()
 
 
-def test_output_inside_the_input_folder_is_refused(flair_bundle, cases, capsys):
-    status = main(["synthesize", str(cases), "--bundle", str(flair_bundle), "--output_dir", str(cases / "out")])
-    assert status == 2 and "is the input folder or inside it" in capsys.readouterr().err
-    assert not (cases / "out").exists()
+@pytest.mark.parametrize("problem", ["inside the input", "parent is a file", "datalist not JSON", "empty folder"])
+def test_bad_input_or_output_folders_are_one_line_before_any_case(flair_bundle, cases, tmp_path, problem):
+    # checked by inference.json's initialize (the output folder) and before the run (the input), so that a batch
+    # fails at once, not after computing every case (before: a read-only output folder or a file in its path
+    # failed each case with "RuntimeError: applying transform <Compose object at 0x…>"), and with the --bundle
+    # flag as without it (before: a traceback for a broken datalist, and "0 of 0 cases written" for no case)
+    source, output = cases, tmp_path / "out"
+    if problem == "inside the input":
+        output = cases / "out"
+        message = f"{output}: is the input folder or inside it ({cases}) (expected another folder: outputs there "
+        message += "would be read as inputs by a later run)"
+    elif problem == "parent is a file":
+        (tmp_path / "file").write_text("")
+        output = tmp_path / "file" / "out"
+        message = f"{output}: cannot be written (Not a directory) (expected a folder this user can create and write "
+        message += "files in)"
+    elif problem == "datalist not JSON":
+        source = tmp_path / "datalist.json"
+        source.write_text('{"training": ')
+        message = f"{source}: cannot be read as JSON (Expecting value: line 1 column 14 (char 13)) (expected a JSON "
+        message += "datalist)"
+    else:
+        source = tmp_path / "empty"
+        source.mkdir()
+        message = f"input {source}: no cases found (0 cases found, 0 skipped); expected NIfTI files named like "
+        message += "<case>-t1.nii.gz or DICOM series"
+    before = digest(cases)
+    result = run_cli("synthesize", source, "--bundle", flair_bundle, "--output_dir", output, *FAST)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"agi-monai synthesize: error: {message}", result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not output.exists() or list(output.iterdir()) == []  # no case was run
+    assert digest(cases) == before
 
 
 def test_user_errors_print_no_traceback_from_the_console_script(tmp_path):

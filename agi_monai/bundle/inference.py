@@ -20,7 +20,7 @@ from monai.inferers import Inferer
 from tqdm import tqdm
 
 from agi_monai.bundle.experiment import infer_case
-from agi_monai.data import Failure, failure_reason
+from agi_monai.data import Failure, failure_reason, stopping_cleanly_on_sigterm
 
 __all__ = ["FolderSynthesis", "SynthesisSummary"]
 
@@ -83,6 +83,9 @@ class FolderSynthesis:
         progress: show a progress bar over cases.
         task: "synthesis" or "segmentation" (the segmentation bundle's label maps): the words of the progress
             bar and the summary.
+        exit_on_failure: after the summary, exit the process with status 1 when a case failed or there was no case
+            (``inference.json`` sets it, so that ``python -m monai.bundle run`` tells a scheduler or a pipeline;
+            ``agi-monai synthesize``, which goes on to write DICOM, turns it off and sets its own exit status).
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class FolderSynthesis:
         progress: bool = True,
         task: str = "synthesis",
         overwrite: bool = True,
+        exit_on_failure: bool = False,
     ) -> None:
         if task not in _TASK_WORDS:
             raise ValueError(f"FolderSynthesis: task must be one of {sorted(_TASK_WORDS)}, got {task!r}")
@@ -114,6 +118,7 @@ class FolderSynthesis:
         self.progress = progress
         self.task = task
         self.overwrite = overwrite
+        self.exit_on_failure = exit_on_failure
 
     def output_path(self, case_id: str) -> Path:
         return self.output_dir / f"{case_id}_{self.target}.nii.gz"
@@ -123,12 +128,17 @@ class FolderSynthesis:
         cases = self.dataset.data
         label = _TASK_WORDS[self.task][0] + (f" {self.target}" if self.task == "synthesis" else "")
         # no bar over nothing (tqdm shows "0case"): when every case was left out before, the summary says why
-        with tqdm(total=len(cases), desc=label, unit="case", disable=not self.progress or not cases) as bar:
+        with stopping_cleanly_on_sigterm(), tqdm(
+            total=len(cases), desc=label, unit="case", disable=not self.progress or not cases
+        ) as bar:
             for index in range(len(cases)):
                 self._run_case(index, summary)
                 bar.set_postfix_str(summary.counts(), refresh=False)
                 bar.update()
         print(summary, flush=True)
+        if self.exit_on_failure and (summary.failures or not summary.cases):
+            # SystemExit passes MONAI's config evaluation (it catches Exception) and ends the run without a traceback
+            raise SystemExit(1)
         return summary
 
     def _run_case(self, index: int, summary: SynthesisSummary) -> None:

@@ -39,7 +39,13 @@ from agi_monai.data.dicom import (
 )
 from agi_monai.data.discovery import Discovery, discover_cases
 from agi_monai.data.errors import DataError, Failure, MissingFileError, failure_reason, format_failures
-from agi_monai.data.files import AtomicNibabelWriter, atomic_output, write_json
+from agi_monai.data.files import (
+    AtomicNibabelWriter,
+    atomic_output,
+    check_output_folder,
+    stopping_cleanly_on_sigterm,
+    write_json,
+)
 from agi_monai.data.foreground import foreground_mask
 from agi_monai.data.patches import PatchDataset, patch_dataset
 from agi_monai.data.registration import (

@@ -64,10 +64,14 @@ def format_failures(failures: list[Failure], what: str = "cases") -> str:
 
 def failure_reason(error: BaseException) -> str:
     """What to report for a failed case: the :class:`DataError` behind ``error`` when there is one (MONAI's
-    ``Compose`` wraps it in a ``RuntimeError``), else the error's type and message."""
-    cause: BaseException | None = error
-    while cause is not None:
+    ``Compose`` wraps it in a ``RuntimeError``), else the type and message of the innermost cause: the
+    ``OSError`` naming the file and the system's reason (read-only file system, no space left), not MONAI's
+    "applying transform <Compose object at 0x…>"; on one line (SimpleITK's messages span several), as the
+    summaries list one case a line."""
+    cause: BaseException = error
+    while True:
         if isinstance(cause, DataError):
             return str(cause)
+        if cause.__cause__ is None:
+            return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
         cause = cause.__cause__
-    return f"{type(error).__name__}: {error}"

@@ -1,9 +1,14 @@
-"""Writing outputs atomically: a temporary file beside the target, renamed onto it when complete."""
+"""Writing outputs atomically (a temporary file beside the target, renamed onto it when complete), into a folder
+checked before any work is done."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +16,9 @@ from typing import Any
 
 from monai.data import NibabelWriter
 
-__all__ = ["atomic_output", "write_json", "AtomicNibabelWriter"]
+from agi_monai.data.errors import DataError
+
+__all__ = ["atomic_output", "check_output_folder", "stopping_cleanly_on_sigterm", "write_json", "AtomicNibabelWriter"]
 
 
 @contextmanager
@@ -29,6 +36,62 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def check_output_folder(folder: str | Path, source: str | Path | None = None) -> Path:
+    """Creates ``folder`` and writes (and removes) a file in it, so that a batch run fails before its first case, not
+    after computing every case (a read-only file system, a file in the path, no permission). Also refuses ``folder``
+    when it is the input folder ``source`` or inside it: a later run would read its outputs as inputs.
+
+    Args:
+        folder: the output folder (``output_dir``); created with its parents.
+        source: the input, when it is a folder (a datalist file's folder is not read as cases, so it is allowed).
+
+    Returns:
+        ``folder``, resolved.
+
+    Raises:
+        DataError: naming ``folder``, what is wrong (the system's reason) and what was expected.
+    """
+    folder = Path(folder).resolve()
+    if source is not None and Path(source).is_dir():
+        source = Path(source).resolve()
+        if folder == source or source in folder.parents:
+            raise DataError(folder, f"is the input folder or inside it ({source})",
+                            "another folder: outputs there would be read as inputs by a later run")
+    if folder.exists() and not folder.is_dir():
+        raise DataError(folder, "is a file", "a folder for the outputs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-write-check-"):
+            pass
+    except OSError as error:
+        raise DataError(folder, f"cannot be written ({error.strerror or error})",
+                        "a folder this user can create and write files in") from error
+    return folder
+
+
+@contextmanager
+def stopping_cleanly_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM (what ``timeout``, Slurm, ``docker stop`` and ``kill`` send) raises ``SystemExit``
+    with status 143 instead of ending the process at once: the ``finally`` of :func:`atomic_output` then removes its
+    temporary file, as it does for Ctrl-C. (Python's default for SIGTERM runs no cleanup, so an interrupted batch
+    left ``.tmp-<pid>-<name>`` files.) Outside the main thread, where signal handlers cannot be set, it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        print(f"terminated by signal {signum}: stopping; the outputs written so far are complete", file=sys.stderr,
+              flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_json(data: Any, path: str | Path) -> Path:

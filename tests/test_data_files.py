@@ -1,0 +1,89 @@
+"""Outputs of batch runs: the output folder is checked before any case; SIGTERM, like Ctrl-C, leaves no temporary
+file; a failed case's reason is the error that says what happened, on one line."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from agi_monai.data import DataError, atomic_output, check_output_folder, failure_reason, stopping_cleanly_on_sigterm
+
+
+def test_sigterm_inside_an_atomic_write_removes_the_temporary_file_and_exits_143(tmp_path):
+    target = tmp_path / "case_FLAIR.nii.gz"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, stopping_cleanly_on_sigterm():
+        with atomic_output(target) as temporary:
+            temporary.write_bytes(b"half a volume")
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next bytecode
+            temporary.write_bytes(b"never reached")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # neither the temporary file nor a partial output
+    assert signal.getsignal(signal.SIGTERM) is before  # restored after the block
+
+
+def test_failure_reason_is_the_innermost_error_on_one_line(tmp_path):
+    # MONAI's Compose wraps a transform's error in "applying transform <Compose object at 0x…>"
+    try:
+        try:
+            (tmp_path / "no-such-folder" / "out.nii.gz").write_bytes(b"")
+        except OSError as error:
+            raise RuntimeError("applying transform <monai.transforms.compose.Compose object at 0x7f>") from error
+    except RuntimeError as wrapped:
+        assert failure_reason(wrapped) == (
+            f"FileNotFoundError: [Errno 2] No such file or directory: '{tmp_path / 'no-such-folder' / 'out.nii.gz'}'"
+        )
+    assert failure_reason(RuntimeError("Exception thrown in SimpleITK\nsitk::ERROR: Unable to read")) == (
+        "RuntimeError: Exception thrown in SimpleITK sitk::ERROR: Unable to read"
+    )
+    data_error = DataError("a.nii.gz", "contains 3 NaN/Inf voxels", "finite intensities")
+    try:
+        raise RuntimeError("applying transform") from data_error
+    except RuntimeError as wrapped:
+        assert failure_reason(wrapped) == "a.nii.gz: contains 3 NaN/Inf voxels (expected finite intensities)"
+
+
+def test_output_folder_is_created_and_written_to_before_any_case(tmp_path):
+    assert check_output_folder(tmp_path / "a" / "b") == (tmp_path / "a" / "b").resolve()
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the write check leaves nothing
+    (tmp_path / "cases").mkdir()
+    datalist = tmp_path / "cases" / "datalist.json"
+    datalist.write_text("[]")
+    # beside a datalist is allowed: only the files it lists are read
+    assert check_output_folder(tmp_path / "cases" / "out", datalist) == (tmp_path / "cases" / "out").resolve()
+
+
+@pytest.mark.parametrize("problem", ["inside the input", "the input itself", "is a file", "parent is a file"])
+def test_output_folder_that_cannot_serve_is_named_with_why(tmp_path, problem):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (tmp_path / "file").write_text("")
+    folder, expected = {
+        "inside the input": (cases / "out", f"is the input folder or inside it ({cases}) (expected another folder: "
+                                            "outputs there would be read as inputs by a later run)"),
+        "the input itself": (cases, f"is the input folder or inside it ({cases}) (expected another folder: outputs "
+                                    "there would be read as inputs by a later run)"),
+        "is a file": (tmp_path / "file", "is a file (expected a folder for the outputs)"),
+        "parent is a file": (tmp_path / "file" / "out", "cannot be written (Not a directory) (expected a folder this "
+                                                        "user can create and write files in)"),
+    }[problem]
+    with pytest.raises(DataError) as raised:
+        check_output_folder(folder, cases)
+    assert str(raised.value) == f"{folder}: {expected}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cases", "file"] and list(cases.iterdir()) == []
+
+
+def test_read_only_output_folder_is_refused(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root (or on a file system that ignores modes): chmod 555 does not stop writes")
+        with pytest.raises(DataError) as raised:
+            check_output_folder(folder)
+        assert str(raised.value) == (f"{folder}: cannot be written (Permission denied) (expected a folder this user "
+                                     "can create and write files in)")
+    finally:
+        folder.chmod(0o755)
