@@ -421,8 +421,13 @@ def test_starting_afresh_over_an_earlier_run_keeps_that_run_aside(trained, cases
     assert set(earlier) == {CHECKPOINT, "model.pt", "model.ts"}
     # a start that fails (here: no such dataset) moves nothing
     failed_training(IXI, tmp_path, overrides(tmp_path / "no-such-folder", cache))
-    # a fresh run (no --resume_ckpt: a user who forgot it) trains anew; the earlier run's files are kept, unchanged
+    # nor does one that fails at its first iteration, after the trainer was built (here: a discriminator that does
+    # not take the inputs and the target); before, the earlier run had been moved aside at the trainer's building,
+    # so that a --resume_ckpt latest after fixing the setting started afresh
     datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[cases["good"]])
+    failed_training(IXI, tmp_path, overrides(datalist, cache, **{"discriminator_def#in_channels": 5}))
+    assert not list(models.glob("earlier_run_*"))
+    # a fresh run (no --resume_ckpt: a user who forgot it) trains anew; the earlier run's files are kept, unchanged
     records = Records()
     logging.getLogger("agi_monai").addHandler(records)
     try:
@@ -436,6 +441,46 @@ def test_starting_afresh_over_an_earlier_run_keeps_that_run_aside(trained, cases
     assert not any("superseded" in line or "resuming" in line for line in records.lines), records.lines
     assert {p.name for p in models.iterdir() if p.is_file()} == {CHECKPOINT, "model.pt"}  # the new run's own
     assert find_resume_checkpoint("latest", models) == str(models / CHECKPOINT)  # not the one set aside
+
+
+def test_resume_with_another_val_interval_is_refused_before_any_slice_is_built(trained, tmp_path):
+    # the epoch length is part of the checkpoint's trainer state: before, Ignite kept the saved one, so that the run
+    # logged "val_interval: 3" and trained, validated and saved every 2 iterations
+    checkpoint = copy_run(trained, tmp_path)
+    fresh_cache = tmp_path / "cache"
+    error = cause(failed_training(IXI, tmp_path, overrides(IXI_SIM, fresh_cache, resume_ckpt="latest", val_interval=3)))
+    assert str(error) == (
+        f"{checkpoint}: was saved by a run with epochs of 2 iterations (--val_interval 2), this run's have 3 "
+        "(expected --val_interval 2 to resume it: its epochs, checkpoints and validations follow from it)"
+    )
+    assert not fresh_cache.exists()  # reported before the preprocessing
+
+
+def test_resume_by_the_name_the_summary_prints(trained, tmp_path, monkeypatch):
+    copy_run(trained, tmp_path)
+    models = tmp_path / "models"
+    monkeypatch.chdir(tmp_path.parent)  # not the models folder: the name is looked up there
+    assert find_resume_checkpoint(CHECKPOINT, models) == str(models / CHECKPOINT)
+    with pytest.raises(FileNotFoundError) as raised:
+        find_resume_checkpoint("training_checkpoint_epoch=7.pt", models)
+    assert str(raised.value).startswith(
+        f"resume_ckpt: {tmp_path.parent / 'training_checkpoint_epoch=7.pt'} does not exist (nor "
+        f"{models / 'training_checkpoint_epoch=7.pt'}); expected a training checkpoint"
+    )
+
+
+@pytest.mark.parametrize("spatial_size", [[100, 100], [64], [64, 64, 64], 64, [64.0, 64], [-64, 64]])
+def test_spatial_size_the_network_cannot_take_is_refused_before_any_slice_is_built(tmp_path, spatial_size):
+    # before: [100, 100] failed at the first iteration (after the preprocessing), [64] inside a MONAI transform
+    # ("Sequence must have length 3, got 2"), 64 with "Value after * must be an iterable, not int"
+    fresh_cache = tmp_path / "cache"
+    error = cause(failed_training(IXI, tmp_path, overrides(IXI_SIM, fresh_cache, spatial_size=spatial_size)),
+                  ValueError)
+    assert str(error) == (
+        f"--spatial_size {spatial_size!r}: expected two positive in-plane sizes (h, w), multiples of 8: the network "
+        "halves them three times (e.g. [240, 240])"
+    )
+    assert not fresh_cache.exists()
 
 
 def test_resume_from_a_missing_file(cache, tmp_path):

@@ -4,7 +4,7 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 (``tests/test_bundles.py``); the configs only wire it.
 """
 
-from agi_monai.bundle.data import check_batches, check_splits, load_split
+from agi_monai.bundle.data import check_batches, check_spatial_size, check_splits, load_split
 from agi_monai.bundle.handlers import TrainingSummary, loss_terms, slice_names
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
 
@@ -13,6 +13,7 @@ __all__ = [
     "SynthesisSummary",
     "TrainingSummary",
     "check_batches",
+    "check_spatial_size",
     "check_splits",
     "load_split",
     "loss_terms",

@@ -1,7 +1,8 @@
 """Datalist splits as the bundle configs need them (``train#datalist``; ``train#dataset#data``, the id MONAI
 Label overrides, is a list of datalist items fed to :func:`agi_monai.data.slice_dataset`), and the checks
 ``train.json``'s ``initialize`` runs before any work: every split read and checked before any slice is built
-(:func:`check_splits`), and a training set that makes at least one batch (:func:`check_batches`)."""
+(:func:`check_splits`), slice sizes the network takes (:func:`check_spatial_size`), and a training set that makes at
+least one batch (:func:`check_batches`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from agi_monai.data import DataError, Failure, PatchDataset, canonical_contrast, discover_cases
 from agi_monai.data.volumes import missing_file_error
 
-__all__ = ["DATALIST_NAME", "check_batches", "check_splits", "load_split"]
+__all__ = ["DATALIST_NAME", "check_batches", "check_spatial_size", "check_splits", "load_split"]
 
 _logger = logging.getLogger(__name__)
 
@@ -117,6 +118,25 @@ def check_splits(**splits: Sequence[Mapping[str, Any]]) -> None:
         if not len(items):
             raise DataError(f"the {name!r} split", "holds no case", "at least one case")
     _logger.info("datalist: %s", ", ".join(f"{len(items)} {name} cases" for name, items in splits.items()))
+
+
+def check_spatial_size(spatial_size: Any, spatial_dims: int) -> None:
+    """Raises unless ``spatial_size`` (``--spatial_size``, the in-plane pad/crop of every slice) is two positive sizes,
+    multiples of :attr:`agi_monai.networks.ResUNet.SIZE_MULTIPLE` for a 2D network (which takes the slices whole; the
+    3D bundle's network takes ``--patch_size`` patches, checked by :class:`agi_monai.data.PatchDataset`). The first
+    ``initialize`` step of ``train.json`` and ``inference.json``: before, a size the network cannot take failed at the
+    first iteration, after the preprocessing, and a malformed one inside a MONAI transform ("Sequence must have length
+    3, got 2")."""
+    from agi_monai.networks import ResUNet
+
+    multiple = ResUNet.SIZE_MULTIPLE if spatial_dims == 2 else 1
+    sizes = list(spatial_size) if isinstance(spatial_size, Sequence) and not isinstance(spatial_size, str) else []
+    if len(sizes) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 and n % multiple == 0
+                                  for n in sizes):
+        network = f", multiples of {multiple}: the network halves them three times" if multiple > 1 else ""
+        raise ValueError(
+            f"--spatial_size {spatial_size!r}: expected two positive in-plane sizes (h, w){network} (e.g. [240, 240])"
+        )
 
 
 def check_batches(dataloader: DataLoader, split: str) -> None:

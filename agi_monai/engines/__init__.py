@@ -35,6 +35,7 @@ keys are ``pred`` and ``label``).
 from agi_monai.engines.checkpoint import (
     AtomicCheckpointSaver,
     ReportingCheckpointLoader,
+    check_resume_checkpoint,
     expected_bundle_weights,
     find_resume_checkpoint,
     latest_training_checkpoint,
@@ -57,6 +58,7 @@ __all__ = [
     "ReportingCheckpointLoader",
     "StructuralSimilarityIndex",
     "SynthesisPrepareBatch",
+    "check_resume_checkpoint",
     "clip_prediction",
     "expected_bundle_weights",
     "find_resume_checkpoint",

@@ -10,12 +10,12 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
@@ -24,6 +24,7 @@ from agi_monai.data.errors import DataError, MissingFileError
 __all__ = [
     "AtomicCheckpointSaver",
     "ReportingCheckpointLoader",
+    "check_resume_checkpoint",
     "expected_bundle_weights",
     "find_resume_checkpoint",
     "latest_training_checkpoint",
@@ -77,9 +78,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
     is deleted only after that. Use it for the best model (``models/model.pt``) and the full training checkpoint
     (:func:`agi_monai.engines.training_checkpoint_dict`).
 
-    Interval checkpoints already in ``save_dir`` when the saver is attached (an earlier or interrupted run's
-    ``<file_prefix>_checkpoint_epoch=<n>.pt``) count as saved, with the lowest priority: a resumed run's first
-    saves supersede them within ``n_saved``, where Ignite alone would keep them for ever.
+    Interval checkpoints in ``save_dir`` when the run completes its first iteration (an earlier or interrupted run's
+    ``<file_prefix>_checkpoint_epoch=<n>.pt``, unless :func:`set_aside_earlier_run` moved them then) count as saved,
+    with the lowest priority: a resumed run's first saves supersede them within ``n_saved``, where Ignite alone would
+    keep them for ever.
     """
 
     def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
@@ -93,8 +95,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
-        if self._interval_checkpoint is not None:
-            _adopt_earlier_files(self._interval_checkpoint, Path(self.save_dir))
+        if self._interval_checkpoint is not None:  # at the first iteration: after an earlier run was set aside
+            interval_checkpoint = self._interval_checkpoint
+            _on_first_iteration(engine, lambda: _adopt_earlier_files(interval_checkpoint, Path(self.save_dir)))
 
     @property
     def key_metric_ranking(self) -> Checkpoint | None:
@@ -144,11 +147,54 @@ class ReportingCheckpointLoader(CheckpointLoader):
             super().__call__(engine)
         except Exception as error:
             if max_epochs is not None and engine.state.epoch > max_epochs:  # restored, but past this run's end
-                raise DataError(
-                    path, f"was saved at epoch {engine.state.epoch}, after this run's last epoch ({max_epochs})",
-                    f"--epochs greater than {engine.state.epoch}, to train on from it",
-                ) from error
+                raise _past_last_epoch(path, engine.state.epoch, max_epochs) from error
             raise DataError(path, _checkpoint_problem(path, self.load_dict, error), self.expected) from error
+
+
+def _past_last_epoch(path: Path, epoch: int, max_epochs: int) -> DataError:
+    return DataError(path, f"was saved at epoch {epoch}, after this run's last epoch ({max_epochs})",
+                     f"--epochs greater than {epoch}, to train on from it")
+
+
+def check_resume_checkpoint(resume_path: str | Path, epochs: int, epoch_length: int, expected: str) -> None:
+    """``train.json``'s first ``initialize`` step: what can be checked of the checkpoint a run resumes from before
+    any dataset is built (the trainer, and so the networks to load it into, come after the preprocessing: hours at
+    the paper's scale). It must be readable, and this run's ``--val_interval`` (the epoch length) must be the one it
+    was saved with: Ignite restores the saved epoch length and would silently keep it, so that the run's epochs,
+    checkpoints and validations followed the old value while its log showed the new one. Its epoch must not be past
+    this run's last. Whether its networks fit the config is checked when it is loaded
+    (:class:`ReportingCheckpointLoader`, which also names what a file other than a training checkpoint holds).
+
+    Args:
+        resume_path: the checkpoint (``@resume_path``: :func:`find_resume_checkpoint`'s); ``""`` for none.
+        epochs: this run's ``--epochs``.
+        epoch_length: this run's iterations per epoch (``--val_interval``).
+        expected: what the file should be, for the messages (the loader's ``expected``).
+
+    Raises:
+        DataError: naming the file, what does not fit and the setting that would.
+    """
+    if not resume_path:
+        return
+    path = Path(resume_path)
+    _require_file(path, expected)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DataError(path, _unreadable(error), expected) from error
+    state = checkpoint.get("trainer") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping) or not state.get("epoch_length"):
+        return  # not a training checkpoint: the loader says what it holds
+    saved_length = int(state["epoch_length"])
+    if saved_length != epoch_length:
+        raise DataError(
+            path, f"was saved by a run with epochs of {saved_length} iterations (--val_interval {saved_length}), "
+                  f"this run's have {epoch_length}",
+            f"--val_interval {saved_length} to resume it: its epochs, checkpoints and validations follow from it",
+        )
+    epoch = int(state["epoch"]) if "epoch" in state else int(state.get("iteration", 0)) // saved_length
+    if epoch > epochs:
+        raise _past_last_epoch(path, epoch, epochs)
 
 
 #: :func:`load_weights`'s default ``expected``: what a bundle's ``inference.json`` loads.
@@ -282,6 +328,21 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0].split('. ')[0] if lines else ''}"
 
 
+def _on_first_iteration(engine: Engine, action: Callable[[], Any]) -> None:
+    """Runs ``action`` when ``engine`` completes its first iteration of this run (a resumed run starts at the saved
+    one, so a fixed ``Events.ITERATION_COMPLETED(once=1)`` would not do); handlers of one event run in the order they
+    were added."""
+    done = False
+
+    def first(_: Engine) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    engine.add_event_handler(Events.ITERATION_COMPLETED, first)
+
+
 def _adopt_earlier_files(checkpoint: Checkpoint, folder: Path) -> None:
     """Registers the files of ``checkpoint``'s name pattern already in ``folder`` as saved with priority -inf."""
     pattern = _interval_file_pattern(checkpoint)
@@ -306,7 +367,8 @@ def find_resume_checkpoint(resume_ckpt: str | Path, ckpt_dir: str | Path, file_p
 
     Args:
         resume_ckpt: ``""`` to start afresh (:func:`set_aside_earlier_run` keeps an earlier run's files); a
-            checkpoint file (an error when it is missing); or ``"latest"``,
+            checkpoint file (an error when it is missing; a relative name not found from the working folder is
+            looked up in ``ckpt_dir``); or ``"latest"``,
             the training checkpoint of ``ckpt_dir`` with the highest epoch (``<file_prefix>_checkpoint_epoch=<n>.pt``,
             :class:`AtomicCheckpointSaver`'s names), or ``""`` with a log line when there is none yet, so that
             ``--resume_ckpt latest`` both starts and continues a run.
@@ -316,12 +378,16 @@ def find_resume_checkpoint(resume_ckpt: str | Path, ckpt_dir: str | Path, file_p
     if not resume_ckpt:
         return ""
     if str(resume_ckpt) != LATEST:
-        if not Path(resume_ckpt).is_file():
+        path = Path(resume_ckpt)
+        if not path.is_file() and not path.is_absolute() and (Path(ckpt_dir) / path).is_file():
+            path = Path(ckpt_dir) / path  # a name from the models folder, as the run's summary line prints it
+        if not path.is_file():
+            nor = "" if path.is_absolute() else f" (nor {Path(ckpt_dir) / path})"
             raise FileNotFoundError(
-                f"resume_ckpt: {resume_ckpt} does not exist; expected a training checkpoint "
+                f"resume_ckpt: {path.absolute()} does not exist{nor}; expected a training checkpoint "
                 f"({file_prefix}_checkpoint_epoch=<n>.pt), 'latest', or '' to start afresh"
             )
-        return str(resume_ckpt)
+        return str(path)
     path = latest_training_checkpoint(ckpt_dir, file_prefix)
     if path is None:
         _logger.info("resume_ckpt=latest: no training checkpoint in %s yet, starting afresh", ckpt_dir)
@@ -356,11 +422,16 @@ def set_aside_earlier_run(
 
     Args:
         ckpt_dir: the bundle's ``models`` folder.
-        trainer: the run's trainer, only so that a bundle config builds it (datasets, networks) before anything is
-            moved: a run that cannot start leaves ``ckpt_dir`` as it was.
+        trainer: the run's trainer: the files are then moved when it completes its first iteration, the first point
+            at which the run is known to train, and before its first save. A run that cannot start (a bad setting
+            found at the first iteration, like one found while the datasets are built) leaves ``ckpt_dir`` as it
+            was, so that ``--resume_ckpt latest`` still finds the earlier run. Without it, now.
         file_prefix: the training checkpoints' prefix.
         model_names: the best generator's file and its exports.
     """
+    if trainer is not None:
+        _on_first_iteration(trainer, lambda: set_aside_earlier_run(ckpt_dir, None, file_prefix, model_names))
+        return None
     ckpt_dir = Path(ckpt_dir)
     earlier = [p for _, p in sorted(_training_checkpoints(ckpt_dir, file_prefix))]
     earlier += [ckpt_dir / name for name in model_names if (ckpt_dir / name).is_file()]

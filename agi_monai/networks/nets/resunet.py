@@ -83,8 +83,11 @@ class ResUNet(nn.Module):
         self.up3 = nn.Sequential(up_conv(c1, c0, 2, stride=2, bias=False), *res_blocks("up3", c0))
         self.tail = conv(c0, out_channels, 3, padding=1, bias=False)
 
+    #: Spatial sizes must be multiples of this (three 2× downsamplings); ``forward`` checks it.
+    SIZE_MULTIPLE = 8
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for size in x.shape[2:]:
+        for size in x.shape[2:]:  # 8: SIZE_MULTIPLE, written out (TorchScript reads no class attribute or global)
             if size % 8 != 0:
                 raise ValueError(f"ResUNet: spatial sizes must be divisible by 8, got input shape {list(x.shape)}")
         x1 = self.head(x)
