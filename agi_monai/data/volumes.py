@@ -143,13 +143,14 @@ def _load_dicom_series(source: str | Path | Sequence[str]) -> MetaTensor:
 def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) -> None:
     """One patient in every slice, and no slice missing: GDCM leaves out a file it cannot parse (e.g. a truncated
     one) without a word, and ITK then stacks the remaining slices as if they were evenly spaced."""
-    origins, patients = [], set()
+    origins, patients, descriptions = [], set(), set()
     for name in files:  # headers only; SimpleITK reads classic and enhanced (per-frame) MR positions alike
         header = sitk.ImageFileReader()
         header.SetFileName(str(name))
         header.ReadImageInformation()
         origins.append(header.GetOrigin())
         patients.add(header.GetMetaData("0010|0020").strip() if header.HasMetaDataKey("0010|0020") else "")
+        descriptions.add(header.GetMetaData("0008|103e").strip() if header.HasMetaDataKey("0008|103e") else "")
     if len(patients) > 1:
         raise DataError(label, f"mixes slices of several patients (PatientID {', '.join(sorted(patients))})", "one series of one patient")
     if len(origins) < 3:
@@ -157,11 +158,16 @@ def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) ->
     normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
     gaps = np.abs(np.diff(np.asarray(origins) @ normal))
     typical = float(np.median(gaps))
-    if typical > 0 and gaps.max() > 1.5 * typical:
+    widest = int(np.argmax(gaps))
+    if typical > 0 and gaps[widest] > 1.5 * typical:
+        # the files on either side of the gap, in the series' order (GDCM's, by position), and the series'
+        # description: a folder often holds several series, and the unreadable file is one GDCM left out
+        series = f"its series '{descriptions.pop()}'" if len(descriptions) == 1 and "" not in descriptions else "it"
         raise DataError(
             label,
-            f"has a gap of {gaps.max():.3g} mm between two of its {len(origins)} readable slices where the others are "
-            f"{typical:.3g} mm apart (a slice is missing or could not be read)",
+            f"has a gap of {gaps[widest]:.3g} mm between {Path(files[widest]).name} and {Path(files[widest + 1]).name}, "
+            f"two of the {len(origins)} readable slices of {series}, where the others are {typical:.3g} mm apart (a "
+            "slice between them is missing or could not be read)",
             "a complete series",
         )
 
