@@ -592,6 +592,37 @@ def test_training_summary_line_for_a_run_a_resumed_run_and_a_finished_one(tmp_pa
     )
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
+def test_interrupted_training_ends_with_where_it_stood_and_what_resumes(tmp_path, capsys, stop):
+    import os
+    import signal
+
+    from ignite.engine import Engine
+
+    from agi_monai.bundle import run_training
+
+    def step(engine, batch):  # interrupted in epoch 2, after epoch 1's checkpoint was written
+        if engine.state.iteration == 5:
+            if stop == "SIGTERM":  # what Slurm and `timeout` send: the handler run_training installs stops the run
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise KeyboardInterrupt
+
+    (tmp_path / "training_checkpoint_epoch=1.pt").write_bytes(b"")
+    trainer = Engine(step)
+    trainer.set_data(range(3))
+    trainer.state.max_epochs, trainer.state.epoch_length = 3, 3
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        run_training(trainer, tmp_path)
+    assert stopped.value.code == (143 if stop == "SIGTERM" else 130)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"training interrupted at iteration 5 of 9 (epoch 2 of 3); --resume_ckpt latest continues from "
+        f"{tmp_path / 'training_checkpoint_epoch=1.pt'} (the iterations after it are lost)"
+    )
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.slow
 def _two_process_training(name: str, *args: str) -> str:
     """``multi_gpu_train.json`` over ``train.json`` under torchrun with 2 gloo CPU processes; returns the log."""

@@ -5,7 +5,7 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 """
 
 from agi_monai.bundle.data import check_batches, check_spatial_size, check_splits, load_split
-from agi_monai.bundle.handlers import TrainingSummary, loss_terms, slice_names
+from agi_monai.bundle.handlers import TrainingSummary, loss_terms, run_training, slice_names
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "check_splits",
     "load_split",
     "loss_terms",
+    "run_training",
     "slice_names",
 ]

@@ -1,5 +1,5 @@
 """Adapters between engine outputs/batches and MONAI handlers (``output_transform``, ``batch_transform``), and
-the line a training run ends with."""
+the line a training run ends with, finished or interrupted."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 from ignite.engine import Engine, Events
 from monai.utils import ImageMetaKey
 
+from agi_monai.data import stopping_cleanly_on_sigterm
 from agi_monai.engines import latest_training_checkpoint
 
-__all__ = ["TrainingSummary", "loss_terms", "slice_names"]
+__all__ = ["TrainingSummary", "loss_terms", "run_training", "slice_names"]
 
 
 def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -91,6 +92,33 @@ class TrainingSummary:
         if latest is not None:
             parts.append(f"--resume_ckpt latest continues from {latest}")
         print("; ".join(parts), flush=True)
+
+
+def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:
+    """``trainer.run()`` (``train.json``'s ``run``), stopped cleanly by Ctrl-C or SIGTERM (what Slurm, ``timeout`` and
+    ``docker stop`` send; :func:`agi_monai.data.stopping_cleanly_on_sigterm`): the checkpoint being written, if any,
+    is not left half-written, and the run ends with one line saying where it stood and what ``--resume_ckpt latest``
+    continues from (the iterations since that checkpoint are lost), then exits with status 130 (Ctrl-C) or 143
+    (SIGTERM). Before, Ctrl-C ended in two tracebacks and no word on what was kept, and SIGTERM in nothing at all.
+
+    Args:
+        trainer: the bundle's trainer (``@train#trainer``), its handlers attached.
+        ckpt_dir: the bundle's checkpoint folder (``training_checkpoint_epoch=<n>.pt``).
+    """
+    try:
+        with stopping_cleanly_on_sigterm():
+            trainer.run()
+    except (KeyboardInterrupt, SystemExit) as stop:
+        state = trainer.state
+        latest = latest_training_checkpoint(ckpt_dir)
+        resume = (
+            f"--resume_ckpt latest continues from {latest} (the iterations after it are lost)" if latest is not None
+            else "no training checkpoint yet: a rerun starts afresh"
+        )
+        total = f" of {state.max_epochs * state.epoch_length}" if state.max_epochs and state.epoch_length else ""
+        print(f"training interrupted at iteration {state.iteration}{total} (epoch {state.epoch} of {state.max_epochs}); "
+              f"{resume}", flush=True)
+        raise SystemExit(130 if isinstance(stop, KeyboardInterrupt) else stop.code) from None
 
 
 def _span(unit: str, first: int, last: int) -> str:
