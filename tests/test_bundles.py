@@ -592,6 +592,24 @@ def test_training_summary_line_for_a_run_a_resumed_run_and_a_finished_one(tmp_pa
     )
 
 
+def test_loss_lines_every_log_interval_and_at_each_epochs_first_iteration():
+    from ignite.engine import Engine, Events
+
+    from agi_monai.bundle import log_iterations
+
+    # train.json's StatsHandler(iteration_log=...) uses it as this event filter
+    trainer, logged = Engine(lambda engine, batch: None), []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(event_filter=log_iterations(4)),
+        lambda engine: logged.append((engine.state.epoch, (engine.state.iteration - 1) % engine.state.epoch_length + 1)),
+    )
+    trainer.run(range(5), max_epochs=2)  # iterations 1-10, epochs of 5
+    # 1 and 6 start an epoch; 4 and 8 are multiples of the interval (epoch 1 iteration 4, epoch 2 iteration 3)
+    assert logged == [(1, 1), (1, 4), (2, 1), (2, 3)]
+    with pytest.raises(ValueError, match="--log_interval 0: expected a positive number of iterations"):
+        log_iterations(0)
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", "Ctrl-C"])
 def test_interrupted_training_ends_with_where_it_stood_and_what_resumes(tmp_path, capsys, stop):
     import os

@@ -5,7 +5,7 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 """
 
 from agi_monai.bundle.data import check_batches, check_spatial_size, check_splits, load_split
-from agi_monai.bundle.handlers import TrainingSummary, loss_terms, run_training, slice_names
+from agi_monai.bundle.handlers import TrainingSummary, log_iterations, loss_terms, run_training, slice_names
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "check_spatial_size",
     "check_splits",
     "load_split",
+    "log_iterations",
     "loss_terms",
     "run_training",
     "slice_names",

@@ -4,7 +4,7 @@ the line a training run ends with, finished or interrupted."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from monai.utils import ImageMetaKey
 from agi_monai.data import stopping_cleanly_on_sigterm
 from agi_monai.engines import latest_training_checkpoint
 
-__all__ = ["TrainingSummary", "loss_terms", "run_training", "slice_names"]
+__all__ = ["TrainingSummary", "log_iterations", "loss_terms", "run_training", "slice_names"]
 
 
 def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -23,6 +23,23 @@ def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[
     they would otherwise warn about every image tensor in the output."""
     first = output if isinstance(output, Mapping) else output[0]
     return {key: float(value) for key, value in first.items() if key.endswith("_loss")}
+
+
+def log_iterations(interval: int) -> Callable[[Engine, int], bool]:
+    """``StatsHandler(iteration_log=...)``'s event filter: the losses of every ``interval``-th iteration and of each
+    epoch's first (where a resumed run shows where it starts). One line per iteration would be 120 000 lines for
+    the recipe, written through the progress bar; the losses of every iteration are in TensorBoard.
+
+    Args:
+        interval: iterations between two loss lines (``--log_interval``); 1 logs every iteration.
+    """
+    if interval < 1:
+        raise ValueError(f"--log_interval {interval}: expected a positive number of iterations")
+
+    def logged(engine: Engine, iteration: int) -> bool:
+        return iteration % interval == 0 or (iteration - 1) % engine.state.epoch_length == 0
+
+    return logged
 
 
 def slice_names(batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
