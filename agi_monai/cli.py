@@ -111,6 +111,10 @@ def synthesize(
                 chosen = find_bundle(bundle)
                 if target is not None and _canonical(target, "--target") != chosen.target:
                     raise UsageError(f"--target {target}: bundle {chosen.name} synthesizes {chosen.target}, not {target}")
+                missing = [contrast for contrast in chosen.inputs if files and contrast not in files]
+                if missing:  # one case given file by file: a missing file is an argument, not a failed case
+                    flags = " ".join(f"--{contrast.lower()}" for contrast in missing)
+                    raise UsageError(f"{flags}: required, bundle {chosen.name} reads {', '.join(chosen.inputs)}")
             else:
                 present = _contrasts_present(discover_cases(source), source)
                 chosen = choose_bundle(present, target)
@@ -442,7 +446,14 @@ def _contrasts_present(discovery: Any, source: Path) -> list[str]:
 
     if not discovery.cases:
         raise _no_cases(discovery, source)
-    return [c for c in CONTRASTS if all(c in case for case in discovery.cases)]
+    present = [c for c in CONTRASTS if all(c in case for case in discovery.cases)]
+    partly = [c for c in CONTRASTS if c not in present and any(c in case for case in discovery.cases)]
+    if partly:  # the bundle is chosen from what every case has: say which cases hold the others back
+        lacking = [f"{case['case_id']} lacks {', '.join(c for c in partly if c not in case)}" for case in discovery.cases
+                   if any(c not in case for c in partly)]
+        print(f"{_PROGRAM} synthesize: {', '.join(partly)} not in every case ({'; '.join(lacking[:5])}"
+              f"{'; ...' if len(lacking) > 5 else ''})", flush=True)
+    return present
 
 
 def _require_cases(discovery: Any, source: Path) -> None:

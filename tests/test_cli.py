@@ -287,6 +287,28 @@ def test_bad_arguments_are_named(flair_bundle, cases, tmp_path, capsys, args, me
     assert not (tmp_path / "o").exists()
 
 
+def test_a_missing_file_of_one_case_is_an_argument_error(flair_bundle, cases, tmp_path, capsys):
+    # before: run as a batch of one failed case ("missing T2 (found T1)", exit 1)
+    t1 = cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz"
+    status = main(["synthesize", "--t1", str(t1), "--bundle", str(flair_bundle), "--output_dir", str(tmp_path / "o")])
+    error = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in error
+    assert error.strip() == "agi-monai synthesize: error: --t2: required, bundle brats_t1_t2_to_flair reads T1, T2"
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_cases_that_narrow_the_bundle_choice_are_named(cases, tmp_path, capsys):
+    # the bundle is chosen from the contrasts every case has: one case without its T2 leaves T1 alone
+    folder = tmp_path / "cases"
+    shutil.copytree(cases / AURORA.name, folder / AURORA.name)
+    (folder / "lonely").mkdir()
+    shutil.copy(cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz", folder / "lonely" / "lonely-t1n.nii.gz")
+    status = main(["synthesize", str(folder), "--output_dir", str(tmp_path / "o")])
+    printed = capsys.readouterr()
+    assert status == 2 and "the contrasts present (T1)" in printed.err
+    assert "agi-monai synthesize: T2 not in every case (lonely lacks T2)" in printed.out
+
+
 @pytest.mark.parametrize("problem", ["inside the input", "parent is a file", "datalist not JSON", "empty folder"])
 def test_bad_input_or_output_folders_are_one_line_before_any_case(flair_bundle, cases, tmp_path, problem):
     # checked by inference.json's initialize (the output folder) and before the run (the input), so that a batch

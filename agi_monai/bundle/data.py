@@ -58,10 +58,11 @@ def load_split(
         source = source / DATALIST_NAME
     if source.is_dir():
         discovery = discover_cases(source, required=contrasts)
-        _logger.warning(
-            "%s has no %s: its %d cases serve as the %r split (and as every other split)",
-            source, DATALIST_NAME, len(discovery.cases), split,
-        )
+        if discovery.cases:  # (none: the error below says so)
+            _logger.warning(
+                "%s has no %s: its %d cases serve as the %r split (and as every other split)",
+                source, DATALIST_NAME, len(discovery.cases), split,
+            )
     else:
         discovery = discover_cases(source, required=contrasts, split=split)
     cases, failures = discovery.cases, list(discovery.failures)  # discovery has logged its skipped cases
