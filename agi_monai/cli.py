@@ -137,7 +137,10 @@ def synthesize(
         try:
             discovery = workflow.parser.get_parsed_content("discovery")  # the instance the evaluator will read
         except Exception as error:  # e.g. a datalist that is not JSON: its DataError, without MONAI's wrapping
-            raise _data_error_in(error) or error from error
+            cause = _data_error_in(error)
+            if cause is None:
+                raise
+            raise cause from error
         _require_cases(discovery, source)
         cases = {case["case_id"]: case for case in discovery.cases}
         if not overwrite:
