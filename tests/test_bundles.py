@@ -448,6 +448,7 @@ def test_two_iterations_train_resume_and_evaluate(name, dataset, resume, tmp_pat
     # `run training` / `run evaluating`: the model zoo's run IDs, aliases of `run` (the resume below uses `run`)
     log = _bundle(name, "run training", _configs(name, "train.json"), *_train_args(tmp_path, dataset))
     assert "val_psnr" in log
+    assert re.search(r"validation: \[\d+/\d+\]", log), log[-3000:]  # the validator's own progress bar
     models = tmp_path / "models"
     summary = re.search(r"training done: iterations 1-2 of 2 \(epoch 1 of 1\) in .*; best val_psnr (\S+): (\S+);", log)
     assert summary and summary.group(2) == str(models / "model.pt"), log[-3000:]
@@ -462,6 +463,7 @@ def test_two_iterations_train_resume_and_evaluate(name, dataset, resume, tmp_pat
         _resume(name, dataset, tmp_path, first)
 
     log = _bundle(name, "run evaluating", _configs(name, "evaluate.json"), *_train_args(tmp_path, dataset))
+    assert "evaluating: [1/1]" in log, log[-3000:]  # one case: a bar over cases
     # evaluate.json: one row per test case (the folder's one case), both protocols, a summary stating each protocol
     scenario = SCENARIOS[name]
     (case,) = load_split(dataset, "test", [*scenario.inputs, scenario.target])
@@ -517,6 +519,7 @@ def test_3d_bundle_trains_on_patches_evaluates_and_synthesizes_on_the_input_grid
     assert np.load(stored, mmap_mode="r").shape == (155, 5, 64, 64)  # slices, (3 inputs, target, mask), H, W
 
     log = _bundle(name, "run evaluating", _configs(name, "evaluate.json"), *args)
+    assert "evaluating: [1/1]" in log, log[-3000:]
     summary = json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())
     assert summary["cases"] == 1 and summary["failed"] == []
     assert np.isfinite(summary["protocols"]["brasyn3d"]["metrics"]["ssim_pct"]["mean"])

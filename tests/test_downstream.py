@@ -386,6 +386,7 @@ def test_train_two_iterations_then_downstream_dice_and_inference(tmp_path):
         "--label_convention", "brats2018", *_flags(TINY),
     )
     assert "Epoch: 2/2, Iter: 1/1" in log and "val_mean_dice_et" in log
+    assert "validation: [1/1]" in log and "training done: iterations 1-2 of 2 (epochs 1-2 of 2)" in log
     assert (root / "models" / "model.pt").is_file() and (root / "models" / "training_checkpoint_epoch=2.pt").is_file()
 
     torch.manual_seed(0)  # an untrained tiny generator stands in for a trained (T1, T2, FLAIR) -> T1Gd bundle

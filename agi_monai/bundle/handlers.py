@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.utils import ImageMetaKey
 
 from agi_monai.data import stopping_cleanly_on_sigterm
 from agi_monai.engines import latest_training_checkpoint
 
-__all__ = ["TrainingSummary", "log_iterations", "loss_terms", "run_training", "slice_names"]
+__all__ = ["EvaluatorProgressBar", "TrainingSummary", "log_iterations", "loss_terms", "run_training", "slice_names"]
 
 
 def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -50,6 +51,24 @@ def slice_names(batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[
     else:
         items = list(batch)
     return [{ImageMetaKey.FILENAME_OR_OBJ: f"{item['case_id']}#{int(item['slice_index'])}"} for item in items]
+
+
+class EvaluatorProgressBar(ProgressBar):
+    """Ignite's ``ProgressBar`` for an evaluator, labelled ``desc [done/total]``. MONAI attaches handlers with
+    ``attach(engine)`` only, and ignite's bar then closes per epoch and labels itself with the engine's epoch
+    count, which for a validator is the trainer's current epoch ("validation [7/7]" at epoch 7 of 100):
+    this one closes at the end of the run and carries no epoch.
+
+    Args:
+        desc: what the bar counts, e.g. ``"validation"`` (batches) or ``"evaluating"`` (cases).
+    """
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc=desc)
+
+    def attach(self, engine: Engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        kwargs.setdefault("closing_event_name", Events.COMPLETED)
+        super().attach(engine, *args, **kwargs)
 
 
 class TrainingSummary:
