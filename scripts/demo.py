@@ -64,7 +64,7 @@ from agi_monai.bundle.experiment import (
 )
 from agi_monai.bundle.run_folder import replacing_earlier_run
 from agi_monai.cli import run_script
-from agi_monai.data import build_inference_dataset, restore_geometry_transforms, write_json
+from agi_monai.data import build_inference_dataset, restore_geometry_transforms, synthetic_description, write_json
 from agi_monai.evaluation import slice_protocol, synthesis_panel
 from agi_monai.networks import AGINet, ResUNet
 
@@ -145,7 +145,10 @@ def main(
         _say(progress, f"{name}: synthesizing {TARGET} for {case_id} ({image.shape[-1]} axial slices)")
         predictions[name] = synthesize_volume(network.to(device), image, device, slices_per_batch)
         item["pred"] = MetaTensor(predictions[name])
-        restore_geometry_transforms(test.transform, "pred", output, output_postfix=f"{TARGET}_{folder}")(item)
+        restore_geometry_transforms(
+            test.transform, "pred", output, output_postfix=f"{TARGET}_{folder}",
+            description=synthetic_description(TARGET, INPUTS, f"the agi-monai demo ({name})"),
+        )(item)
 
     written = {name: output / f"{case_id}_{TARGET}_{folder}.nii.gz" for name, (_, folder) in NETWORKS.items()}
     missing = [str(path) for path in written.values() if not path.is_file()]

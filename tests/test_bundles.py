@@ -361,6 +361,7 @@ def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(unt
     np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
     values = np.asarray(written.dataobj)
     assert values.dtype == np.float32 and values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.0
+    assert written.header["descrip"].item() == b"SYNTHETIC T1Gd from T1,T2,FLAIR by brats_t1_t2_flair_to_t1gd"
 
 
 def test_inference_with_weights_of_other_widths_names_the_file(untrained_bundle, tmp_path):

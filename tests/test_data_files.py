@@ -87,3 +87,30 @@ def test_read_only_output_folder_is_refused(tmp_path):
                                      "can create and write files in)")
     finally:
         folder.chmod(0o755)
+
+
+def test_nifti_writer_marks_its_file_with_the_description_and_keeps_geometry(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+
+    from agi_monai.data import AtomicNibabelWriter, synthetic_description
+
+    affine = np.diag([0.9, 1.1, 3.0, 1.0])
+    affine[:3, 3] = (-90.0, 120.0, -60.0)
+    image = MetaTensor(torch.rand(1, 6, 5, 4), affine=torch.as_tensor(affine))
+    description = synthetic_description("T1Gd", ["T1", "T2", "FLAIR"], "brats_t1_t2_flair_to_t1gd")
+    writer = AtomicNibabelWriter(description=description, output_dtype=np.float32)
+    writer.set_data_array(image, channel_dim=0)
+    writer.set_metadata(image.meta, resample=False)
+    writer.write(tmp_path / "case_T1Gd.nii.gz")
+    written = nib.load(tmp_path / "case_T1Gd.nii.gz")
+    assert written.header["descrip"].item() == b"SYNTHETIC T1Gd from T1,T2,FLAIR by brats_t1_t2_flair_to_t1gd"
+    np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(written.dataobj), image[0].numpy(), atol=1e-7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_T1Gd.nii.gz"]
+
+    assert len(synthetic_description("T1Gd", ["T1", "T2", "FLAIR"], "x" * 100)) == 80  # cut to the header's field
+    with pytest.raises(ValueError, match="expected at most 80 bytes"):
+        AtomicNibabelWriter(description="x" * 81)

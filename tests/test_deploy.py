@@ -102,6 +102,9 @@ def test_app_synthesizes_float_nifti_and_a_derived_dicom_series(exported, inputs
     for case in ("TCGA-FG-6692", "aurora-example"):
         deployed, bundled = nib.load(output / f"{case}_FLAIR.nii.gz"), nib.load(reference_run / f"{case}_FLAIR.nii.gz")
         assert deployed.get_data_dtype() == np.float32  # not the stock operator's uint8
+        # marked synthetic in the header, as the bundle's own inference marks it
+        marked = b"SYNTHETIC FLAIR from T1,T2 by brats_t1_t2_to_flair"
+        assert deployed.header["descrip"].item() == bundled.header["descrip"].item() == marked
         np.testing.assert_allclose(deployed.affine, bundled.affine, atol=1e-5)
         values = np.asarray(deployed.dataobj)
         np.testing.assert_allclose(values, np.asarray(bundled.dataobj), atol=1e-4)  # TorchScript vs eager, ITK threads

@@ -67,5 +67,6 @@ from agi_monai.data.transforms import (
     ScaleIntensityToPercentiled,
     preprocessing_transforms,
     restore_geometry_transforms,
+    synthetic_description,
 )
 from agi_monai.data.volumes import check_volume, load_volume, metatensor_to_sitk, sitk_to_metatensor

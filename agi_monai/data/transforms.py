@@ -58,6 +58,7 @@ __all__ = [
     "RandRigidMisalignChanneld",
     "preprocessing_transforms",
     "restore_geometry_transforms",
+    "synthetic_description",
 ]
 
 REGISTRATION_KEY = "registration"
@@ -439,6 +440,7 @@ def restore_geometry_transforms(
     output_dir: str | Path | None = None,
     output_postfix: str = "synth",
     orig_key: str = "image",
+    description: str = "",
 ) -> Compose:
     """Postprocessing that puts predictions made on preprocessed items back on the reference contrast's
     original grid (``Invertd`` of the orientation and pad/crop), and writes them as NIfTI when
@@ -450,21 +452,35 @@ def restore_geometry_transforms(
         output_dir: where to write (atomically); None to only restore the geometry.
         output_postfix: appended to the output file names.
         orig_key: the preprocessed key whose history is inverted.
+        description: the written files' NIfTI header description (:class:`AtomicNibabelWriter`), e.g.
+            :func:`synthetic_description`'s.
     """
     steps: list[Any] = [
         Invertd(keys, transform=preprocessing, orig_keys=orig_key, nearest_interp=False, to_tensor=True)
     ]
     if output_dir is not None:
         steps.append(NameAfterCased(keys))
-        steps.append(
-            SaveImaged(
-                keys,
-                output_dir=str(output_dir),
-                output_postfix=output_postfix,
-                separate_folder=False,
-                resample=False,
-                print_log=False,
-                writer=AtomicNibabelWriter,
-            )
+        save = SaveImaged(
+            keys,
+            output_dir=str(output_dir),
+            output_postfix=output_postfix,
+            separate_folder=False,
+            resample=False,
+            print_log=False,
+            writer=AtomicNibabelWriter,
         )
+        save.set_options(init_kwargs={"description": description})
+        steps.append(save)
     return Compose(steps)
+
+
+def synthetic_description(target: str, inputs: Sequence[str], source: str) -> str:
+    """The NIfTI header description of a synthesized volume, e.g. "SYNTHETIC T1Gd from T1,T2,FLAIR by
+    brats_t1_t2_flair_to_t1gd", cut to the header's 80 characters.
+
+    Args:
+        target: the synthesized contrast.
+        inputs: the contrasts it was made from.
+        source: what made it (the bundle's name).
+    """
+    return f"SYNTHETIC {target} from {','.join(inputs)} by {source}"[:80]

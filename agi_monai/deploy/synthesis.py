@@ -38,6 +38,7 @@ from agi_monai.data import (
     choose_reference,
     metatensor_to_sitk,
     restore_geometry_transforms,
+    synthetic_description,
 )
 from agi_monai.data.dicom import write_derived_series
 from agi_monai.engines import clip_prediction, expected_bundle_weights, load_weights
@@ -181,7 +182,9 @@ def write_synthesis_outputs(
     existing = [str(p) for p in (nifti, *([series] if dicom else [])) if p.exists()]
     if existing and not overwrite:
         raise DataError(", ".join(existing), "output already exists", "a new output, or --overwrite to replace it")
-    writer = AtomicNibabelWriter(output_dtype=np.float32)
+    writer = AtomicNibabelWriter(
+        output_dtype=np.float32, description=synthetic_description(synthesizer.target, synthesizer.inputs, synthesizer.name)
+    )
     writer.set_data_array(prediction, channel_dim=0)
     writer.set_metadata(prediction.meta, resample=False)
     writer.write(nifti)
