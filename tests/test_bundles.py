@@ -364,6 +364,26 @@ def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(unt
     assert written.header["descrip"].item() == b"SYNTHETIC T1Gd from T1,T2,FLAIR by brats_t1_t2_flair_to_t1gd"
 
 
+def test_inference_keeps_slices_larger_than_spatial_size_whole(untrained_bundle, tmp_path):
+    """inference.json pads and never crops: with --spatial_size [64,64] the 240x240 BraTS slices are synthesized
+    whole (a crop left everything outside the central 64x64 as zeros), the same as at the bundle's own 240x240."""
+    name, dataset = "brats_t1_t2_flair_to_t1gd", DATA / "brats2023-gli"
+    written = {}
+    for size in ("[64,64]", "[240,240]"):
+        output = tmp_path / size.strip("[]").replace(",", "x")
+        _bundle(
+            name, "run", _configs(name, "inference.json"), "--bundle_root", str(untrained_bundle), "--dataset_dir",
+            str(dataset), "--output_dir", str(output), "--spatial_size", size, *TINY,
+        )
+        written[size] = nib.load(output / "BraTS-GLI-00001-000_T1Gd.nii.gz")
+    small, full = (np.asarray(image.dataobj) for image in written.values())
+    assert small.shape == full.shape == (240, 240, 155)
+    outside = np.ones(small.shape[:2], bool)
+    outside[88:152, 88:152] = False  # the central 64x64 a crop kept
+    assert np.count_nonzero(small[outside]) > 0.1 * small[outside].size
+    np.testing.assert_allclose(small, full, atol=1e-5)
+
+
 def test_inference_with_weights_of_other_widths_names_the_file(untrained_bundle, tmp_path):
     name = "brats_t1_t2_flair_to_t1gd"  # untrained_bundle's model.pt has widths (8, 16, 16, 32); no TINY override here
     weights = untrained_bundle / "models" / "model.pt"

@@ -108,6 +108,7 @@ def test_nifti_writer_marks_its_file_with_the_description_and_keeps_geometry(tmp
     written = nib.load(tmp_path / "case_T1Gd.nii.gz")
     assert written.header["descrip"].item() == b"SYNTHETIC T1Gd from T1,T2,FLAIR by brats_t1_t2_flair_to_t1gd"
     np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+    assert written.header.get_xyzt_units() == ("mm", "sec")
     np.testing.assert_allclose(np.asarray(written.dataobj), image[0].numpy(), atol=1e-7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case_T1Gd.nii.gz"]
 

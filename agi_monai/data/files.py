@@ -103,10 +103,10 @@ def write_json(data: Any, path: str | Path) -> Path:
 
 
 class AtomicNibabelWriter(NibabelWriter):
-    """MONAI's NIfTI writer (for ``SaveImage(d)``, ``writer=AtomicNibabelWriter``) writing atomically, with an
-    optional ``description`` put into the header's ``descrip`` field: what marks a synthesized volume as
-    synthetic wherever the file goes (``fslhd``, ``nib-ls``, ITK-SNAP's info show it), as the DICOM series'
-    SeriesDescription and DerivationDescription do.
+    """MONAI's NIfTI writer (for ``SaveImage(d)``, ``writer=AtomicNibabelWriter``) writing atomically, with the
+    spatial units in mm (as the inputs'; MONAI leaves them "unknown") and an optional ``description`` in the
+    header's ``descrip`` field: what marks a synthesized volume as synthetic wherever the file goes (``fslhd``,
+    ``nib-ls``, ITK-SNAP's info show it), as the DICOM series' SeriesDescription and DerivationDescription do.
 
     Args:
         description: header text, at most 80 characters (NIfTI-1's ``descrip``); "" leaves nibabel's default.
@@ -122,6 +122,7 @@ class AtomicNibabelWriter(NibabelWriter):
     def create_backend_obj(self, data_array: Any, affine: Any = None, dtype: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         # an instance method where MONAI has a classmethod: the description is this writer's
         image = super().create_backend_obj(data_array, affine=affine, dtype=dtype, **kwargs)
+        image.header.set_xyzt_units("mm", "sec")  # MONAI's affines are in mm; nibabel's default says "unknown"
         if self.description:
             image.header["descrip"] = self.description.encode("utf-8")
         return image

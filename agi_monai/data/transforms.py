@@ -9,8 +9,10 @@ The chain (:func:`preprocessing_transforms`), in order:
    registration when the grids differ.
 4. ``ConcatItemsd`` - inputs stacked as channels in scenario order (``"image"``); the target as ``"target"``.
 5. :class:`AddForegroundMaskd` - the foreground of the inputs (``"mask"``).
-6. ``Orientationd`` (RAS: axial slices along the last axis) and ``ResizeWithPadOrCropd`` to the in-plane
-   size. These two are the only spatial changes after step 3, and ``Invertd`` undoes them
+6. ``Orientationd`` (RAS: axial slices along the last axis), then to the in-plane size: ``ResizeWithPadOrCropd``
+   for training and evaluation (the paper's fixed slice size), or, for inference (``crop=False``), ``SpatialPadd``
+   to at least that size and ``DivisiblePadd`` to a multiple of 8, so that no part of a larger slice is lost.
+   These are the only spatial changes after step 3, and ``Invertd`` undoes them
    (:func:`restore_geometry_transforms`), putting a prediction back on the reference contrast's grid.
 """
 
@@ -31,6 +33,7 @@ from monai.transforms import (
     Compose,
     ConcatItemsd,
     DeleteItemsd,
+    DivisiblePadd,
     Invertd,
     MapTransform,
     Orientationd,
@@ -38,6 +41,7 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
     SaveImaged,
     ScaleIntensityRange,
+    SpatialPadd,
 )
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 
@@ -387,6 +391,8 @@ def preprocessing_transforms(
     upper_percentile: float = 99.5,
     mask_threshold: float = 0.05,
     registration_options: Mapping[str, Any] | None = None,
+    crop: bool = True,
+    size_multiple: int = 8,
 ) -> Compose:
     """The deterministic chain from a case (contrast -> file) to network-ready volumes, shared by training
     and inference.
@@ -394,7 +400,8 @@ def preprocessing_transforms(
     The output item holds ``"image"`` (inputs as channels in the order of ``inputs``, (C, H, W, D),
     values in [0, 1]), ``"target"`` (1, H, W, D) when ``target`` is given, ``"mask"`` (1, H, W, D, 0/1),
     each label key (1, H, W, D), and ``"registration"`` (see :class:`AlignToReferenced`). H, W is
-    ``spatial_size``; D the number of axial slices of the reference grid in RAS orientation.
+    ``spatial_size`` (with ``crop=False``: at least that, a multiple of ``size_multiple``); D the number of
+    axial slices of the reference grid in RAS orientation.
 
     Args:
         inputs: input contrasts in scenario order, e.g. ``("T1", "T2")``.
@@ -407,6 +414,11 @@ def preprocessing_transforms(
         upper_percentile: intensity percentile mapped to 1 (the paper: 99.5).
         mask_threshold: see :func:`agi_monai.data.foreground_mask`.
         registration_options: keyword arguments for :func:`agi_monai.data.register_rigid`.
+        crop: True (training, evaluation): pad or crop each slice to ``spatial_size``, centred. False
+            (inference): pad only, to at least ``spatial_size`` and to a multiple of ``size_multiple``: a slice
+            larger than ``spatial_size`` (a 256-row native scan for a 240x240 bundle, a 0.5 mm grid) is kept
+            whole, where a crop would leave its border rows as zeros in the synthesized volume.
+        size_multiple: ``crop=False``: what each in-plane size is padded to a multiple of (the networks' 8).
     """
     inputs = list(inputs)
     if target is not None and target in inputs:
@@ -429,7 +441,12 @@ def preprocessing_transforms(
             DeleteItemsd(images),
             AddForegroundMaskd("image", "mask", mask_threshold),
             Orientationd(outputs, axcodes="RAS", labels=None),
-            ResizeWithPadOrCropd(outputs, spatial_size=(*spatial_size, -1)),
+            *(
+                [ResizeWithPadOrCropd(outputs, spatial_size=(*spatial_size, -1))] if crop else [
+                    SpatialPadd(outputs, spatial_size=(*spatial_size, -1)),
+                    DivisiblePadd(outputs, k=(size_multiple, size_multiple, 1)),
+                ]
+            ),
         ]
     )
 
