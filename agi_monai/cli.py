@@ -369,15 +369,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_script(component: Any, name: str) -> None:
     """``fire.Fire(component)`` for the repository's scripts, with the CLI's error handling: a bad argument or bad
-    input (:class:`UsageError`, :class:`agi_monai.data.DataError`, ``BundleError``) is one line on stderr,
-    ``<name>: error: <message>``, and exit status 2, not a traceback."""
+    input is one line on stderr, ``<name>: error: <message>``, and exit status 2, not a traceback. That is a
+    :class:`UsageError`, :class:`agi_monai.data.DataError` or ``BundleError``, and a ``ValueError``, the scripts'
+    and MONAI's own way of refusing an argument, also when MONAI's config parser wraps it ("Failed to instantiate
+    component ..."): the innermost error is the one that says what was wrong. Other errors keep their traceback.
+    Fire prints a command's return value; the scripts' commands print their own results, so it is not printed again.
+    """
     from agi_monai.bundle.registry import BundleError
     from agi_monai.data import DataError
 
     try:
-        fire.Fire(component, name=name)
+        fire.Fire(component, name=name, serialize=lambda result: None)
     except (UsageError, DataError, BundleError) as error:
         print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
+    except Exception as error:
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if not isinstance(cause, (ValueError, UsageError, DataError, BundleError)):
+            raise
+        print(f"{name}: error: {' '.join(str(cause).split())}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
 
 

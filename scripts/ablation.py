@@ -29,6 +29,7 @@ from typing import Any
 
 from agi_monai.bundle.experiment import (
     budget_overrides,
+    check_budget,
     budget_widths,
     bundle_network,
     evaluate_bundle,
@@ -141,6 +142,7 @@ def main(
         print(ablation_overview())
         return
     started = time.perf_counter()
+    check_budget(iterations, batch_size, crop_size or None, learning_rate)
     chosen = select_ablations(ablations)
     info = find_bundle(bundle)
     protocols = [p.strip() for p in protocols.split(",")] if isinstance(protocols, str) else [str(p) for p in protocols]

@@ -48,6 +48,7 @@ from monai.utils import convert_to_tensor
 from agi_monai.bundle import load_split
 from agi_monai.bundle.experiment import (
     budget_overrides,
+    check_budget,
     budget_widths,
     default_slices_per_batch,
     evaluate_bundle,
@@ -335,6 +336,7 @@ def main(
         progress: progress bars for the sweeps.
     """
     started = time.perf_counter()
+    check_budget(iterations, batch_size, int(crop_size) or None, learning_rate)
     device = resolve_device(device)
     slices_per_batch = slices_per_batch or default_slices_per_batch(device)
     widths, discriminator_width = budget_widths(device, channels, discriminator_channels)

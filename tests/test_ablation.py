@@ -111,6 +111,27 @@ def test_flops_column_counts_the_added_cagr_by_hand():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, arguments, message",
+    [
+        ("ablation.py", ["--iterations", "-5"], "iterations -5, batch size 8: expected positive numbers"),
+        ("compare.py", ["--crop_size", "100"], "crop size 100: expected a positive multiple of 8"),
+        ("ablation.py", ["--ablations", "nonsense"], "nonsense"),
+    ],
+)
+def test_scripts_refuse_a_bad_budget_in_one_line_before_any_work(tmp_path, script, arguments, message):
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *arguments, "--output_dir", str(output)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    # (MONAI's import may print its own notices about optional decoders first)
+    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith(f"{script}: error: ")
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+    assert not output.exists()
+
+
 def test_script_trains_evaluates_and_tabulates_two_ablations(tmp_path):
     output = tmp_path / "ablation"
     channels = [8, 16, 32, 64]

@@ -125,23 +125,23 @@ def with_other_weights(bundle: Path, folder: Path, seed: int = 1) -> Path:
 
 def expected_flair(case: Path, bundle: Path, size: int = 64) -> np.ndarray:
     """The (T1, T2) -> FLAIR synthesis of a case whose contrasts share one grid, computed here with nibabel and
-    the checkpoint: each contrast / its 99.5th percentile, clipped, in RAS; the central size x size region of
-    each axial slice through the generator, clamped to [0, 1]; zero outside (where the pad/crop cut it away);
-    in RAS, to compare with ``nib.as_closest_canonical`` of the written file."""
+    the checkpoint: each contrast / its 99.5th percentile, clipped, in RAS; each whole axial slice, zero-padded
+    (centred) to at least size x size and to a multiple of 8, through the generator, clamped to [0, 1], the
+    padding cut off again; in RAS, to compare with ``nib.as_closest_canonical`` of the written file."""
     planes = []
     for pattern in ("*t1*.nii.gz", "*t2*.nii.gz"):
         raw = np.asarray(nib.as_closest_canonical(nib.load(next(case.glob(pattern)))).get_fdata(dtype=np.float32))
         planes.append(np.clip(raw / np.percentile(raw, 99.5), 0, 1))
     image = np.stack(planes)
-    start = [(n - size) // 2 for n in image.shape[1:3]]
-    region = (slice(start[0], start[0] + size), slice(start[1], start[1] + size))
+    padded_size = [-(-max(n, size) // 8) * 8 for n in image.shape[1:3]]
+    before = [(p - n) // 2 for p, n in zip(padded_size, image.shape[1:3])]
+    padded = np.pad(image, [(0, 0), *((b, p - n - b) for b, p, n in zip(before, padded_size, image.shape[1:3])), (0, 0)])
     network = AGINet(in_channels=2, channels=WIDTHS).eval()
     network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
     with torch.no_grad():  # the axial slices as one batch
-        synthesized = network(torch.from_numpy(np.ascontiguousarray(image[(slice(None), *region)])).permute(3, 0, 1, 2))
-    expected = np.zeros(image.shape[1:], np.float32)
-    expected[region] = synthesized[:, 0].clamp(0, 1).permute(1, 2, 0).numpy()
-    return expected
+        synthesized = network(torch.from_numpy(np.ascontiguousarray(padded)).permute(3, 0, 1, 2))
+    synthesized = synthesized[:, 0].clamp(0, 1).permute(1, 2, 0).numpy()
+    return synthesized[before[0] : before[0] + image.shape[1], before[1] : before[1] + image.shape[2]]
 
 
 # ------------------------------------------------------------------------------------------------ synthesize

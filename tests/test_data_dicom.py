@@ -18,6 +18,7 @@ from agi_monai.data import (
     metatensor_to_sitk,
     write_dicom_series,
 )
+from agi_monai.data.dicom import write_derived_series
 
 DATA = Path(__file__).parent / "data"
 NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
@@ -113,6 +114,35 @@ def test_two_series_for_one_contrast_need_a_mapping(native_study, tmp_path):
     # a series the mapping selects is not matched again by the rules
     moved = match_series_to_contrasts(series, mapping={"T1": "AX T1 SE +C"})
     assert moved["T1"].description == "AX T1 SE +C" and "T1Gd" not in moved
+
+
+def test_a_series_synthesized_into_the_study_is_not_taken_for_an_acquired_contrast(native_study, tmp_path, caplog):
+    """An earlier run writes "SYNTHETIC FLAIR ..." into the patient's study (same study, same folder, as PACS
+    returns it): a later run must find the real FLAIR, not the synthetic one (nor fail on two FLAIRs)."""
+    import logging
+    import shutil
+
+    study = tmp_path / "TCGA-FG-6692"
+    shutil.copytree(native_study, study)
+    t2 = [s for s in find_dicom_series(study) if s.description == "AX T2 FSE"][0]
+    write_derived_series(
+        sitk.ReadImage(str(NATIVE / "t2.nii.gz")), tmp_path / "derived", "SYNTHETIC FLAIR brats_t1_t2_to_flair",
+        "Synthetic FLAIR made by AGI-Net bundle brats_t1_t2_to_flair", reference=t2.files[0],
+    )
+    for file in (tmp_path / "derived").iterdir():
+        shutil.copy(file, study / f"synthetic_{file.name}")
+    series = find_dicom_series(study)
+    (synthetic,) = [s for s in series if s.synthetic]
+    assert synthetic.description == "SYNTHETIC FLAIR brats_t1_t2_to_flair" and synthetic.study_uid == t2.study_uid
+    with caplog.at_level(logging.INFO, logger="agi_monai.data.dicom"):
+        matched = match_series_to_contrasts(series)
+    assert matched["FLAIR"].description == "AX T2 FLAIR"
+    assert "'SYNTHETIC FLAIR brats_t1_t2_to_flair' (series 1002" in caplog.text and "not used as an input" in caplog.text
+    # without the real FLAIR, a scenario that reads FLAIR finds none rather than the synthetic one
+    without_flair = [s for s in series if s.description != "AX T2 FLAIR"]
+    assert "FLAIR" not in match_series_to_contrasts(without_flair)
+    # chosen on purpose by a mapping, it is used
+    assert match_series_to_contrasts(series, mapping={"FLAIR": synthetic.series_uid})["FLAIR"].synthetic
 
 
 def test_dicom_folder_discovered_as_a_case_and_converted(native_study, tmp_path):

@@ -431,7 +431,7 @@ def _run_python(code: str, cwd: Path, *args: str, timeout: int = 180) -> subproc
 # file that is not a shared library, as for an extension built against another torch.
 _FALLBACK_SCRIPT = """
 import importlib.util, sys, warnings
-MODE, DATA = sys.argv[1], sys.argv[2]
+MODE, DATA, FIRST = sys.argv[1], sys.argv[2], sys.argv[3]
 
 class HideExtension:
     def __init__(self, finder):
@@ -446,6 +446,9 @@ class HideExtension:
     def invalidate_caches(self):
         if hasattr(self.finder, "invalidate_caches"):
             self.finder.invalidate_caches()
+    def find_distributions(self, *args, **kwargs):  # importlib.metadata (package versions) asks the finders too
+        find = getattr(self.finder, "find_distributions", None)
+        return iter(()) if find is None else find(*args, **kwargs)
 
 sys.meta_path[:] = [HideExtension(f) for f in sys.meta_path]
 assert importlib.util.find_spec("agi_monai") is not None
@@ -455,9 +458,13 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")  # so that "exactly one" tests the op's own once-only logic
     import agi_monai
     from agi_monai import ops
+    from agi_monai.networks import AGINet
     data = torch.load(DATA + "/io.pt")
+    if FIRST == "network":  # a network built without the extension announces the fallback it takes
+        AGINet(in_channels=2, channels=[8, 16, 16, 32])(torch.rand(1, 2, 16, 16))
     first = ops.group_roll(*data["inputs"])
     second = ops.group_roll(*data["inputs"])
+    AGINet(in_channels=2, channels=[8, 16, 16, 32])(torch.rand(1, 2, 16, 16))
 runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
 assert len(runtime) == 1, [str(w.message) for w in runtime]
 message = str(runtime[0].message)
@@ -471,13 +478,14 @@ print("FALLBACK-OK", message)
 """
 
 
+@pytest.mark.parametrize("first", ["op", "network"])
 @pytest.mark.parametrize("mode,reason", [("missing", "not built"), ("broken", "failed to load")])
-def test_fallback_is_announced_once(tmp_path, mode, reason):
+def test_fallback_is_announced_once(tmp_path, mode, reason, first):
     weight, offsets, scales = make_inputs(3, 2, 4, 2, (3, 3), "mixed", seed=11)
     torch.save({"inputs": (weight, offsets, scales), "expected": naive_group_roll(weight, offsets, scales)},
                tmp_path / "io.pt")
     (tmp_path / "_C.so").write_bytes(b"this is not a shared library\n")
-    result = _run_python(_FALLBACK_SCRIPT, tmp_path, mode, str(tmp_path))
+    result = _run_python(_FALLBACK_SCRIPT, tmp_path, mode, str(tmp_path), first)
     assert "FALLBACK-OK" in result.stdout
     assert reason in result.stdout, result.stdout
 

@@ -59,6 +59,21 @@ def test_compare_puts_runs_side_by_side(tmp_path):
     assert "| eval | 25.00 ± 1.00 (25.00) |" in REPORT.compare(str(agi))
 
 
+def test_compare_refuses_two_runs_of_one_name_in_one_line_and_prints_each_table_once(tmp_path):
+    agi = _evaluation(tmp_path / "agi" / "eval", [24.0, 26.0], [90.0, 92.0], [2.0, 2.5])
+    res = _evaluation(tmp_path / "res" / "eval", [23.0, 23.0, 26.0], [89.0, 89.0, 89.0], [3.0, 3.0, 3.0])
+    script = [sys.executable, str(ROOT / "scripts" / "report.py"), "compare"]
+    for runs in ([str(agi), str(res)], [f"AGI={agi}", f"AGI={res}"]):  # bare paths: both are called "eval"
+        result = subprocess.run([*script, *runs], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1:] == [
+            f"report.py: error: {res} and {agi} are both named '{runs[0].partition('=')[0] if '=' in runs[0] else 'eval'}'; "
+            "expected one name per run: give NAME=PATH"
+        ], result.stderr[-2000:]
+    result = subprocess.run([*script, f"AGI-Net={agi}", f"ResUNet={res}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.count("| AGI-Net | 25.00") == 1, result.stdout
+
+
 def test_compare_refuses_runs_under_different_protocol_settings(tmp_path):
     five = _evaluation(tmp_path / "a", [24.0], [90.0], [2.0])
     whole = _evaluation(tmp_path / "b", [30.0], [95.0], [1.0], region="slice")

@@ -39,6 +39,7 @@ __all__ = [
     "TrainingRun",
     "budget_overrides",
     "budget_widths",
+    "check_budget",
     "bundle_network",
     "default_slices_per_batch",
     "evaluate_bundle",
@@ -83,6 +84,22 @@ class TrainingRun:
         }
 
 
+def check_budget(iterations: int, batch_size: int, crop_size: int | None, learning_rate: float | None) -> None:
+    """Refuses a budget no run can have, before any data is prepared (scripts call it first; :func:`budget_overrides`
+    calls it too). Arguments as :func:`budget_overrides`'s.
+
+    Raises:
+        ValueError: naming the value and what is expected.
+    """
+    if int(iterations) < 1 or int(batch_size) < 1:
+        raise ValueError(f"iterations {iterations}, batch size {batch_size}: expected positive numbers")
+    if crop_size is not None and (int(crop_size) < 8 or int(crop_size) % 8):
+        raise ValueError(f"crop size {crop_size}: expected a positive multiple of 8 (the networks halve it three "
+                         "times), or none for whole slices")
+    if learning_rate is not None and not float(learning_rate) > 0:
+        raise ValueError(f"learning rate {learning_rate}: expected a positive number")
+
+
 def budget_overrides(
     dataset_dir: str | Path,
     iterations: int,
@@ -112,7 +129,11 @@ def budget_overrides(
         device: e.g. ``"cpu"``; None keeps the bundle's choice (CUDA when available).
         network: generator class (``network_def#_target_``), e.g. ``"agi_monai.networks.ResUNet"``.
         extra: further overrides, by config id (``"network_def#groups": 4``...).
+
+    Raises:
+        ValueError: a budget no run can have (checked here, before any slice is built or network trained).
     """
+    check_budget(iterations, batch_size, crop_size, learning_rate)
     overrides: dict[str, Any] = {
         "dataset_dir": str(dataset_dir),
         "epochs": 1,

@@ -11,6 +11,7 @@ SeriesDescription/ProtocolName (:data:`DICOM_CONTRAST_RULES`) or by an explicit 
 from __future__ import annotations
 
 import locale
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,10 @@ from agi_monai.data.contrasts import canonical_contrast
 from agi_monai.data.errors import DataError
 from agi_monai.data.files import atomic_output
 from agi_monai.data.volumes import load_volume, metatensor_to_sitk
+
+_logger = logging.getLogger(__name__)
+#: The Manufacturer tag of the series :func:`write_derived_series` writes: how a later run knows them.
+SYNTHETIC_MANUFACTURER = "agi-monai"
 
 __all__ = [
     "DICOM_CONTRAST_RULES",
@@ -70,6 +75,12 @@ class DicomSeries:
     patient_id: str
     study_uid: str
     contrast_agent: str
+    manufacturer: str = ""
+
+    @property
+    def synthetic(self) -> bool:
+        """Written by :func:`write_derived_series` (a synthesized contrast, not an acquired one)."""
+        return self.manufacturer == SYNTHETIC_MANUFACTURER
 
     @property
     def label(self) -> str:
@@ -97,6 +108,7 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
                     patient_id=str(header.get("PatientID", "")) or Path(folder).name,
                     study_uid=str(header.get("StudyInstanceUID", "")),
                     contrast_agent=str(header.get("ContrastBolusAgent", "")),
+                    manufacturer=str(header.get("Manufacturer", "")),
                 )
             )
     return sorted(found, key=lambda series: (str(Path(series.files[0]).parent), _number(series.series_number)))
@@ -115,7 +127,9 @@ def match_series_to_contrasts(
             SeriesDescription (case-insensitive); the contrasts it does not name are matched by the rules among
             the series it does not select (so ``{"T2": "AX T2 FSE"}`` settles two T2 series and nothing else).
         rules: ordered (contrast or None, regex) rules on "SeriesDescription ProtocolName"; a T1 series
-            whose ContrastBolusAgent tag is set counts as T1Gd.
+            whose ContrastBolusAgent tag is set counts as T1Gd. Series synthesized by agi-monai (written into
+            the study by an earlier run, e.g. "SYNTHETIC FLAIR ...") are never matched by the rules: a later
+            run would otherwise take them for acquired contrasts. A mapping can still select one.
 
     Raises:
         DataError: a selector matches no series, or several series match one contrast (give a mapping).
@@ -139,6 +153,9 @@ def match_series_to_contrasts(
     candidates: dict[str, list[DicomSeries]] = {}
     for item in series:
         if item.series_uid in selected:
+            continue
+        if item.synthetic:
+            _logger.info("%s: synthesized by %s, not used as an input", item.label, SYNTHETIC_MANUFACTURER)
             continue
         text = f"{item.description} {item.protocol}".lower()
         contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
@@ -422,7 +439,7 @@ def _series_header(
     header.DerivationDescription = derivation_description[:1024]
     header.SeriesDate = header.ContentDate = header.InstanceCreationDate = now.strftime("%Y%m%d")
     header.SeriesTime = header.ContentTime = header.InstanceCreationTime = now.strftime("%H%M%S")
-    header.Manufacturer = "agi-monai"
+    header.Manufacturer = SYNTHETIC_MANUFACTURER
     header.BurnedInAnnotation = "NO"
     # MR Image module attributes that describe an acquisition; a synthesized image has none (RM: research mode)
     header.ScanningSequence, header.SequenceVariant, header.ScanOptions = "RM", "NONE", ""

@@ -70,13 +70,21 @@ def extension_has_cuda() -> bool:
 _WARNED: set[str] = set()
 
 
-def _warn_fallback_once(device_type: str, reason: str) -> None:
-    if device_type not in _WARNED:
-        _WARNED.add(device_type)
+def warn_fallback_once(devices: str, reason: str, stacklevel: int = 3) -> None:
+    """The one warning (per ``devices``) that the pure-PyTorch roll stands in for the compiled op: from
+    :func:`group_roll`, and from the networks' CAGR blocks, which pick it when they are built.
+
+    Args:
+        devices: where the fallback applies: a device type, or "all devices" when the extension is absent.
+        reason: why (:func:`extension_error`, or the missing kernels).
+        stacklevel: passed to ``warnings.warn``, so that it points at the caller's caller.
+    """
+    if devices not in _WARNED:
+        _WARNED.add(devices)
         warnings.warn(
-            f"agi_monai: using the pure-PyTorch group_roll on {device_type} (slower): {reason}",
+            f"agi_monai: using the pure-PyTorch group_roll on {devices} (slower): {reason}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
@@ -96,5 +104,8 @@ def group_roll(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor
     device_type = weight.device.type
     if _LOADED and (device_type == "cpu" or (device_type == "cuda" and extension_has_cuda())):
         return torch.ops.agi_monai.group_roll(weight, offsets, scales)
-    _warn_fallback_once(device_type, _LOAD_ERROR or f"the extension has no {device_type} kernels")
+    if _LOADED:
+        warn_fallback_once(device_type, f"the extension has no {device_type} kernels")
+    else:
+        warn_fallback_once("all devices", str(_LOAD_ERROR))
     return group_roll_reference(weight, offsets, scales)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from agi_monai.ops import extension_available, group_roll, group_roll_reference
+from agi_monai.ops import extension_available, extension_error, group_roll, group_roll_reference
+from agi_monai.ops.group_roll import warn_fallback_once
 
 __all__ = [
     "CAGR",
@@ -226,6 +227,10 @@ class CAGR(nn.Module):
             in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=self.padding, bias=bias
         )
         self.routing = RoutingFunction(spatial_dims, in_channels, groups, routing_convs) if rolling else None
+        if not portable and not extension_available():
+            # announced here, where the choice is made: PortableGroupRoll itself never warns (it is also the
+            # deliberate choice of an extension-free TorchScript export)
+            warn_fallback_once("all devices", str(extension_error()))
         self.roll: nn.Module = PortableGroupRoll() if portable or not extension_available() else GroupRoll()
 
     def rolled_conv(self, x: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
