@@ -53,11 +53,10 @@ AGI_HOST_DEVICE AxisRoll<acc_t> make_axis_roll(acc_t offset, int64_t size, bool 
   }
   const acc_t whole = floor_of(offset);
   r.frac = offset - whole;
-  // Reduce the shift in floating point first so that very large offsets cannot overflow int64.
-  const acc_t k = static_cast<acc_t>(size);
-  acc_t reduced = whole - k * floor_of(whole / k);
-  int64_t s = static_cast<int64_t>(reduced);
-  // Guard the rounding edge cases of the floating-point modulo.
+  // Reduce the shift in floating point first so that very large offsets cannot overflow int64. fmod is
+  // exact (IEEE 754; C and CUDA alike); whole - k * floor(whole / k) rounded the quotient and the product,
+  // and gave wrong shifts for |offset| beyond 2^24 in float32.
+  int64_t s = static_cast<int64_t>(fmod(whole, static_cast<acc_t>(size)));  // in (-size, size)
   s = ((s % size) + size) % size;
   r.shift = s;
   return r;

@@ -148,6 +148,85 @@ def test_model_that_is_not_an_export_is_named(inputs, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_where_the_model_is_found_and_what_it_is_called(exported, tmp_path):
+    """A MAP's models folder (model.ts, or <name>/model.ts) is found; the bundle's name comes from the export's own
+    inference.json, wherever the file lies; a bundle folder's model.ts from another scenario and a TorchScript file
+    that is not an export are named with what is wrong."""
+    import shutil
+
+    from agi_monai.bundle.registry import BundleError
+    from agi_monai.deploy.synthesis import BundleSynthesizer
+
+    for layout in ("model.ts", "flair/model.ts"):  # HOLOSCAN_MODEL_PATH=/opt/holoscan/models holds one of these
+        models = tmp_path / layout.replace("/", "_") / "models"
+        (models / layout).parent.mkdir(parents=True)
+        shutil.copy(exported / "models" / "model.ts", models / layout)
+        synthesizer = BundleSynthesizer(models, device="cpu")
+        assert synthesizer.model_path == models / layout and synthesizer.name == "brats_t1_t2_to_flair"
+        assert (synthesizer.inputs, synthesizer.target) == (["T1", "T2"], "FLAIR")
+    shutil.copy(exported / "models" / "model.ts", models / "model.ts")
+    with pytest.raises(BundleError, match="holds 2 models .*expected one: give its file"):
+        BundleSynthesizer(models, device="cpu")
+    with pytest.raises(BundleError, match="no model.ts in it or in a folder in it"):
+        BundleSynthesizer(_empty(tmp_path), device="cpu")
+
+    # another scenario's bundle folder holding this export as its models/model.ts
+    other = tmp_path / "brats_t2_flair_to_t1"
+    shutil.copytree(ROOT / "bundles" / other.name, other, ignore=shutil.ignore_patterns("models", "eval"))
+    (other / "models").mkdir()
+    shutil.copy(exported / "models" / "model.ts", other / "models" / "model.ts")
+    with pytest.raises(BundleError, match=r"was exported from a bundle for inputs \['T1', 'T2'\] -> FLAIR "
+                                          r"\(brats_t1_t2_to_flair\); expected this bundle's \['T2', 'FLAIR'\] -> T1"):
+        BundleSynthesizer(other, device="cpu")
+
+    plain = tmp_path / "plain.ts"  # TorchScript, but not written by agi-monai export
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(2, 1, 3)), str(plain))
+    with pytest.raises(BundleError, match=f"{plain}: holds no inference.json; expected a file written by"):
+        BundleSynthesizer(plain, device="cpu")
+
+
+def _empty(root: Path) -> Path:
+    (root / "empty").mkdir()
+    return root / "empty"
+
+
+def test_inputs_and_outputs_that_cannot_serve_are_refused_before_any_case(exported, inputs, tmp_path, capsys):
+    single = inputs / "nifti" / "aurora-example" / "t1.nii.gz"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    for arguments, message in [
+        (["-i", str(single)], f"{single}: is a single file (expected a DICOM study, a folder of NIfTI cases or a JSON "
+                              "datalist (-i): put a case's contrasts in a folder of their own)"),
+        (["-i", str(tmp_path / "empty")], f"{tmp_path / 'empty'}: holds no file"),
+        (["-i", str(inputs), "-o", str(tmp_path / "a_file")], f"{tmp_path / 'a_file'}"),
+        (["-i", str(inputs), "--dicom-mapping", '{"T9": "AX T2 FSE"}'], "T9: is not a known contrast name"),
+    ]:
+        arguments = [*arguments, "-m", str(exported / "models" / "model.ts")] + ([] if "-o" in arguments else ["-o", str(tmp_path / "out")])
+        assert main(arguments) == 2, arguments
+        error = capsys.readouterr().err
+        assert error.startswith("python -m agi_monai.deploy: error: ") and message in error, error
+        assert len(error.strip().splitlines()) == 1, error
+    assert not (tmp_path / "out").exists() and (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_a_rerun_refuses_existing_outputs_without_synthesizing_again(exported, inputs, tmp_path, capsys, monkeypatch):
+    from agi_monai.deploy.synthesis import BundleSynthesizer
+
+    output = tmp_path / "out"
+    output.mkdir()
+    existing = output / "aurora-example_FLAIR.nii.gz"
+    existing.write_bytes(b"an earlier result")
+
+    def synthesized(self, case):
+        raise AssertionError(f"{case['case_id']} was synthesized although its output exists")
+
+    monkeypatch.setattr(BundleSynthesizer, "__call__", synthesized)
+    assert main(["-i", str(inputs / "nifti"), "-o", str(output), "-m", str(exported / "models" / "model.ts"), "--no-dicom"]) == 1
+    printed = capsys.readouterr().out
+    assert f"aurora-example: {existing}: output already exists (expected a new output, or --overwrite" in printed
+    assert "was synthesized" not in printed and existing.read_bytes() == b"an earlier result"
+
+
 def test_output_inside_the_input_is_refused(exported, inputs, capsys):
     assert main(["-i", str(inputs), "-o", str(inputs / "out"), "-m", str(exported)]) == 2
     assert "is the input folder or inside it" in capsys.readouterr().err

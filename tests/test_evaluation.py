@@ -205,6 +205,27 @@ def _cases_with_a_bad_one(root: Path) -> Path:
     return root
 
 
+def test_brasyn3d_measures_the_real_intensities_where_slice2d_measures_the_clipped_ones(tmp_path):
+    """volume_dataset keeps the target unclipped: BraSyn's percentiles are the real T1Gd's inside the brain. A
+    "synthesis" that is the T1Gd flattened at its whole-volume 99.5th percentile (what a clipped ground truth
+    is) is perfect on the paper's [0, 1] slices, and not under BraSyn, which sees the flattened enhancement."""
+    inputs, target = ["T1", "T2", "FLAIR"], "T1Gd"
+    (case,) = load_split(DATA / "brats2023-gli", "test", [*inputs, target])
+    item = volume_dataset([case], inputs, target, (240, 240))[0]
+    unclipped = item["target"].as_tensor()
+    upper = item["target"].meta["intensity_percentile_value"]
+    assert unclipped.max() > 1.5  # the brightest voxels, far above the volume's 99.5th percentile
+    flattened = unclipped.clamp(0.0, 1.0)
+    results = evaluate_volume(flattened, item["target"], item["mask"], ["slice2d", "brasyn3d"])
+    assert math.isinf(results["slice2d"].psnr_db) and results["slice2d"].ssim_pct == pytest.approx(100.0)
+    assert results["brasyn3d"].psnr_db < 40.0 and results["brasyn3d"].ssim_pct < 99.9
+    # brasyn3d is BraSyn's normalisation of the file's own intensities (here in RAS, as the chain orients it)
+    raw = np.asarray(nib.as_closest_canonical(nib.load(next(CASE.glob("*-t1c.nii.gz")))).dataobj, np.float32)
+    np.testing.assert_allclose(unclipped[0].numpy() * upper, raw, rtol=1e-5, atol=1e-3)
+    direct = brasyn_protocol(flattened * upper, torch.from_numpy(raw), item["mask"])
+    assert results["brasyn3d"].metrics == pytest.approx(direct.metrics, rel=1e-4)
+
+
 def test_volume_evaluator_on_the_shipped_case_reports_the_bad_one(tmp_path):
     inputs, target, size = ["T1", "T2"], "FLAIR", (64, 64)  # the brain's centre: fast
     cases = load_split(_cases_with_a_bad_one(tmp_path / "cases"), "test", [*inputs, target])

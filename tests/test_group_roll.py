@@ -785,6 +785,28 @@ def test_cpu_paths_match_reference(monkeypatch, path, shape, dtype):
                                        msg=lambda m: f"{path} {kind} {label}\n{m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("path", cpu_path_params())
+def test_cpu_paths_roll_by_huge_offsets_like_integer_arithmetic(monkeypatch, path, dtype):
+    """Offsets far beyond the kernel (float32 integers from 2^24 to 2^31, float64 ones up to 2^62): the roll is
+    the offset's value mod k, as Python's integers compute it (a float modulo rounded there before)."""
+    monkeypatch.setenv("AGI_MONAI_GROUP_ROLL_CPU", path)
+    generator = torch.Generator().manual_seed(5)
+    top = 31 if dtype == torch.float32 else 62
+    magnitudes = torch.pow(2.0, torch.empty(4, 2, 2, dtype=torch.float64).uniform_(24, top, generator=generator))
+    signs = torch.where(torch.rand(4, 2, 2, generator=generator) < 0.5, -1.0, 1.0).double()
+    offsets = torch.round(signs * magnitudes).to(dtype)  # integers the dtype holds exactly
+    weight = torch.randn(3, 4, 5, 3, generator=generator, dtype=torch.float64).to(dtype)
+    scales = torch.ones(4, 2, dtype=dtype)
+    out = compiled_op(weight, offsets, scales)
+    for b in range(4):
+        for i in range(2):
+            shifts = [int(offsets[b, i, 0].item()) % 3, int(offsets[b, i, 1].item()) % 5]  # x: size 3, y: size 5
+            expected = torch.roll(weight[:, 2 * i : 2 * i + 2], shifts=shifts, dims=[-1, -2])
+            torch.testing.assert_close(out[b, :, 2 * i : 2 * i + 2], expected, rtol=0, atol=0,
+                                       msg=lambda m: f"{path} offsets {offsets[b, i].tolist()}\n{m}")
+
+
 @pytest.mark.parametrize("kernel", [(3, 3), (7, 7), (3, 3, 3)], ids=_kernel_id)
 @pytest.mark.parametrize("path", cpu_path_params())
 def test_cpu_paths_split_across_threads_like_on_one(monkeypatch, path, kernel):

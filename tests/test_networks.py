@@ -177,10 +177,24 @@ def test_parameter_counts_match_table_7(groups, paper):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="groups=3 must divide in_channels=16"):
+    with pytest.raises(ValueError, match="groups=3 must be positive and divide in_channels=16"):
         CAGR(2, 16, 16, groups=3)
+    with pytest.raises(ValueError, match="groups=0 must be positive"):
+        CAGR(2, 16, 16, groups=0)
+    with pytest.raises(ValueError, match=r"CAGR: expected input of shape \(B, 8, H, W\), got \[2, 6, 4, 4\]"):
+        CAGR(2, 8, 8)(torch.zeros(2, 6, 4, 4))
     with pytest.raises(ValueError, match="unknown cagr_stages"):
         AGINet(cagr_stages=("down1", "middle"))
+    with pytest.raises(ValueError, match=r"cagr_stages='body': expected a sequence of stage names, e.g. \['body'\]"):
+        AGINet(cagr_stages="body")
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3, got 4"):
+        ResUNet(spatial_dims=4)
+    with pytest.raises(ValueError, match="num_res_blocks=-1 not negative"):
+        ResUNet(num_res_blocks=-1)
+    with pytest.raises(ValueError, match="in_channels=0 and out_channels=1 must be positive"):
+        AGINet(in_channels=0)
+    with pytest.raises(ValueError, match=r"4 positive widths, got \(8, 0, 16, 32\)"):
+        ResUNet(channels=(8, 0, 16, 32))
     with pytest.raises(ValueError, match="divisible by 8"):
         ResUNet(channels=SMALL)(torch.zeros(1, 2, 30, 32))
     assert STAGES == ("down1", "down2", "down3", "body", "up1", "up2", "up3")

@@ -92,6 +92,8 @@ class LoadVolumed(MapTransform):
 
 class ScaleIntensityToPercentiled(MapTransform):
     """Per volume, map [0, p] to [0, 1] and clip, p being the volume's ``upper_percentile`` (the paper: 99.5).
+    With ``clip=False`` the values above p stay above 1 (an evaluation's ground truth: see
+    :func:`agi_monai.evaluation.volume_dataset`).
 
     MONAI's ``ScaleIntensityRangePercentiles`` takes the lower bound from a percentile too (the volume's
     minimum at 0); the paper fixes it at intensity 0, which differs for data with negative values.
@@ -100,12 +102,16 @@ class ScaleIntensityToPercentiled(MapTransform):
     Args:
         keys: the contrast keys to normalize.
         upper_percentile: percentile of the whole volume mapped to 1.
+        clip: clip to [0, 1] (the paper's normalisation).
         allow_missing_keys: skip keys absent from the item.
     """
 
-    def __init__(self, keys: KeysCollection, upper_percentile: float = 99.5, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, upper_percentile: float = 99.5, clip: bool = True, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.upper_percentile = upper_percentile
+        self.clip = clip
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         item = dict(data)
@@ -118,7 +124,7 @@ class ScaleIntensityToPercentiled(MapTransform):
                     f"has its {self.upper_percentile:g}th intensity percentile at {upper:g}",
                     "a positive upper percentile (an MR magnitude image)",
                 )
-            item[key] = ScaleIntensityRange(a_min=0.0, a_max=upper, b_min=0.0, b_max=1.0, clip=True)(volume)
+            item[key] = ScaleIntensityRange(a_min=0.0, a_max=upper, b_min=0.0, b_max=1.0, clip=self.clip)(volume)
             if isinstance(item[key], MetaTensor):
                 item[key].meta["intensity_percentile_value"] = upper
         return item
@@ -393,6 +399,7 @@ def preprocessing_transforms(
     registration_options: Mapping[str, Any] | None = None,
     crop: bool = True,
     size_multiple: int = 8,
+    clip_target: bool = True,
 ) -> Compose:
     """The deterministic chain from a case (contrast -> file) to network-ready volumes, shared by training
     and inference.
@@ -419,6 +426,8 @@ def preprocessing_transforms(
             larger than ``spatial_size`` (a 256-row native scan for a 240x240 bundle, a 0.5 mm grid) is kept
             whole, where a crop would leave its border rows as zeros in the synthesized volume.
         size_multiple: ``crop=False``: what each in-plane size is padded to a multiple of (the networks' 8).
+        clip_target: clip the target to [0, 1] like the inputs (training). False keeps its values above its
+            99.5th percentile (above 1): what BraSyn's evaluation normalises by its own percentiles.
     """
     inputs = list(inputs)
     if target is not None and target in inputs:
@@ -435,7 +444,8 @@ def preprocessing_transforms(
     return Compose(
         [
             LoadVolumed(images + labels),
-            ScaleIntensityToPercentiled(images, upper_percentile),
+            ScaleIntensityToPercentiled(inputs, upper_percentile),
+            *([ScaleIntensityToPercentiled([target], upper_percentile, clip=clip_target)] if target else []),
             AlignToReferenced(images + labels, reference, registration, labels, registration_options),
             *stacking,
             DeleteItemsd(images),

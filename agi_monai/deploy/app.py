@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agi_monai.bundle.registry import BundleError
-from agi_monai.data import DataError
+from agi_monai.data import DataError, canonical_contrast, check_output_folder
 from agi_monai.deploy.operators import CaseDiscoveryOperator, SynthesisOperator, SyntheticImageWriterOperator
 from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs
 
@@ -73,7 +73,10 @@ class SynthesisApp(Application):
             self, CountCondition(self, 1), name="cases", input_path=self.app_context.input_path,
             inputs=self.synthesizer.inputs, dicom_mapping=self.dicom_mapping,
         )
-        synthesis = SynthesisOperator(self, name="synthesis", synthesizer=self.synthesizer)
+        synthesis = SynthesisOperator(
+            self, name="synthesis", synthesizer=self.synthesizer, output_dir=self.app_context.output_path,
+            dicom=self.dicom, overwrite=self.overwrite,
+        )
         self.writer = SyntheticImageWriterOperator(
             self, name="writer", output_dir=self.app_context.output_path, synthesizer=self.synthesizer,
             dicom=self.dicom, overwrite=self.overwrite,
@@ -90,11 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = AppContext({k: str(v) for k, v in vars(args).items() if k in ("input", "output", "model", "workdir") and v})
     try:
         source, output = Path(context.input_path).resolve(), Path(context.output_path).resolve()
-        if not source.exists():
-            raise DataError(source, "does not exist", "a DICOM study, a folder of NIfTI cases or a JSON datalist (-i)")
-        if output == source or source in output.parents:
+        _check_input(source)
+        if output == source or source in output.parents:  # before the model loads; check_output_folder repeats it
             raise DataError(output, f"is the input folder or inside it ({source})", "another output folder (-o)")
+        for contrast in args.dicom_mapping or {}:
+            canonical_contrast(contrast)  # raises DataError naming the contrasts it knows
         synthesizer = BundleSynthesizer(context.model_path, device=args.device, overrides=_overrides(args.override))
+        # created and written to now, not after every case has been synthesized
+        check_output_folder(output, source if source.is_dir() else None)
     except (BundleError, DataError) as error:
         print(f"{_PROGRAM}: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -112,6 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     return EXIT_FAILED if outputs.failures or not cases else EXIT_OK
+
+
+def _check_input(source: Path) -> None:
+    """Refuses an input that cannot hold a case: missing, a file other than a JSON datalist, an empty folder."""
+    expected = "a DICOM study, a folder of NIfTI cases or a JSON datalist (-i)"
+    if not source.exists():
+        raise DataError(source, "does not exist", expected)
+    if source.is_file() and source.suffix.lower() != ".json":
+        raise DataError(source, "is a single file", f"{expected}: put a case's contrasts in a folder of their own")
+    if source.is_dir() and not any(path.is_file() for path in source.rglob("*")):
+        raise DataError(source, "holds no file", expected)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from monai.data import MetaTensor
 
 from agi_monai.data import DataError, Discovery, Failure, discover_cases, failure_reason
 from agi_monai.deploy.sdk import import_deploy_sdk
-from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs, write_synthesis_outputs
+from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs, refuse_existing_outputs, write_synthesis_outputs
 
 import_deploy_sdk()
 from monai.deploy.core import Fragment, Operator, OperatorSpec  # noqa: E402  (after the SDK is on the path)
@@ -89,10 +89,26 @@ class SynthesisOperator(Operator):
     Args:
         fragment: the application.
         synthesizer: the loaded bundle.
+        output_dir: where the writer puts the outputs; a case whose outputs exist there fails at once, without being
+            synthesized (unless ``overwrite``). None: no check.
+        dicom: the writer also writes DICOM series (their folders count as outputs).
+        overwrite: the writer replaces existing outputs.
     """
 
-    def __init__(self, fragment: Fragment, *args: Any, synthesizer: BundleSynthesizer, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        synthesizer: BundleSynthesizer,
+        output_dir: str | Path | None = None,
+        dicom: bool = True,
+        overwrite: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.synthesizer = synthesizer
+        self.output_dir = output_dir
+        self.dicom = dicom
+        self.overwrite = overwrite
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -104,6 +120,8 @@ class SynthesisOperator(Operator):
         results = SynthesisResults(failures=list(discovery.failures))
         for case in discovery.cases:
             try:
+                if self.output_dir is not None and not self.overwrite:
+                    refuse_existing_outputs(str(case["case_id"]), self.synthesizer.target, self.output_dir, self.dicom)
                 results.predictions.append((case, self.synthesizer(case)))
             except Exception as error:  # one bad case must not stop the others; the reason is reported
                 results.failures.append(Failure(str(case["case_id"]), failure_reason(error)))

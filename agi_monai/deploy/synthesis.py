@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monai.data import MetaTensor, load_net_with_metadata
+from monai.data import MetaTensor
 from monai.transforms import Compose
 
 import agi_monai  # noqa: F401  (registers torch.ops.agi_monai.group_roll before a default export is loaded)
@@ -43,7 +43,7 @@ from agi_monai.data import (
 from agi_monai.data.dicom import write_derived_series
 from agi_monai.engines import clip_prediction, expected_bundle_weights, load_weights
 
-__all__ = ["BundleSynthesizer", "SynthesisOutputs", "write_synthesis_outputs"]
+__all__ = ["BundleSynthesizer", "SynthesisOutputs", "refuse_existing_outputs", "synthesis_output_paths", "write_synthesis_outputs"]
 
 #: The config stored in a TorchScript file by ``agi-monai export`` (MONAI ``ckpt_export``'s extra file name).
 INFERENCE_CONFIG = "inference.json"
@@ -55,7 +55,9 @@ class BundleSynthesizer:
 
     Args:
         model: a TorchScript file written by ``agi-monai export`` (its ``inference.json`` is read from the file),
-            or a bundle folder (``configs/inference.json`` with ``models/model.pt``, else ``models/model.ts``).
+            a bundle folder (``configs/inference.json`` with ``models/model.pt``, else ``models/model.ts``), or a
+            folder holding one such file as ``model.ts`` or ``<name>/model.ts`` (a MONAI Application Package's
+            models folder, ``HOLOSCAN_MODEL_PATH``).
         device: torch device; default ``cuda:0`` when available, else ``cpu``.
         overrides: config id -> value overrides of ``inference.json`` (e.g. ``{"network_def#channels": [8, 16, 16, 32]}``
             for a bundle folder whose weights are narrower than the paper's; ``{"slices_per_batch": 4}``).
@@ -72,6 +74,8 @@ class BundleSynthesizer:
     ) -> None:
         self.model_path = Path(model).resolve()
         self.device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        if self.model_path.is_dir() and not (self.model_path / "configs" / INFERENCE_CONFIG).is_file():
+            self.model_path = _the_model_in(self.model_path)
         if self.model_path.is_dir():
             self.parser, self.network, self.name = self._from_folder(self.model_path, dict(overrides or {}))
         elif self.model_path.is_file():
@@ -104,8 +108,6 @@ class BundleSynthesizer:
 
     def _from_folder(self, folder: Path, overrides: dict[str, Any]) -> tuple[ConfigParser, torch.nn.Module, str]:
         config = folder / "configs" / INFERENCE_CONFIG
-        if not config.is_file():
-            raise BundleError(f"{folder}: not a bundle folder (no configs/{INFERENCE_CONFIG}); expected a bundle or a .ts file")
         parser = ConfigParser()
         parser.read_config(str(config))
         parser.update({"bundle_root": str(folder), "device": f"$torch.device({str(self.device)!r})", **overrides})
@@ -124,21 +126,51 @@ class BundleSynthesizer:
     def _from_torchscript(
         self, path: Path, overrides: dict[str, Any], parser: ConfigParser | None = None
     ) -> tuple[ConfigParser, torch.nn.Module, str]:
+        # torch.jit.load itself, not MONAI's load_net_with_metadata: that one fails with a JSONDecodeError on a
+        # TorchScript file without metadata, which then read as "cannot be loaded"
+        extra = {INFERENCE_CONFIG: ""}
         try:
-            network, _, extra = load_net_with_metadata(str(path), map_location=self.device, more_extra_files=(INFERENCE_CONFIG,))
+            network = torch.jit.load(str(path), map_location=self.device, _extra_files=extra)
         except Exception as error:  # torch.jit.load raises RuntimeError/ValueError for a file that is not TorchScript
             raise BundleError(
                 f"{path}: cannot be loaded as TorchScript ({type(error).__name__}: {_one_line(error)}); expected a "
                 f"file written by 'agi-monai export'"
             ) from None
+        embedded = json.loads(extra[INFERENCE_CONFIG]) if extra[INFERENCE_CONFIG] else None
         if parser is None:
-            if not extra.get(INFERENCE_CONFIG):
+            if embedded is None:
                 raise BundleError(f"{path}: holds no {INFERENCE_CONFIG}; expected a file written by 'agi-monai export'")
-            parser = ConfigParser(json.loads(extra[INFERENCE_CONFIG]))
+            parser = ConfigParser(embedded)
             parser.update({"bundle_root": str(path.parent), "device": f"$torch.device({str(self.device)!r})", **overrides})
-        # agi-monai export writes <bundle>/models/model.ts: the bundle is named after the folder above models/
-        name = path.parent.parent.name if path.parent.name == "models" else path.stem
-        return parser, network, name
+        elif embedded is not None:  # a bundle folder's models/model.ts: it must be this bundle's network
+            made_for = {key: embedded.get(key) for key in ("inputs", "target")}
+            expected = {key: parser.get(key) for key in ("inputs", "target")}
+            if made_for != expected:
+                raise BundleError(
+                    f"{path}: was exported from a bundle for inputs {made_for['inputs']} -> {made_for['target']} "
+                    f"({embedded.get('bundle_name', 'unnamed')}); expected this bundle's {expected['inputs']} -> "
+                    f"{expected['target']} ({path.parent.parent.name})"
+                )
+        # the bundle's name as its inference.json states it; exports from before it did are named after the folder
+        # above models/ (where agi-monai export writes model.ts), else after the file
+        name = (embedded or {}).get("bundle_name") or (
+            path.parent.parent.name if path.parent.name == "models" else path.stem
+        )
+        return parser, network, str(name)
+
+
+def _the_model_in(folder: Path) -> Path:
+    """The one ``model.ts`` of a folder that is not a bundle: ``folder/model.ts`` or ``folder/<name>/model.ts``
+    (a MONAI Application Package's ``HOLOSCAN_MODEL_PATH``)."""
+    found = sorted({*folder.glob("model.ts"), *folder.glob("*/model.ts")})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise BundleError(
+            f"{folder}: not a bundle folder (no configs/{INFERENCE_CONFIG}) and no model.ts in it or in a folder in "
+            "it; expected a bundle, a .ts file or a models folder holding one"
+        )
+    raise BundleError(f"{folder}: holds {len(found)} models ({', '.join(map(str, found))}); expected one: give its file")
 
 
 def _one_line(error: BaseException, limit: int = 400) -> str:
@@ -152,6 +184,25 @@ class SynthesisOutputs:
 
     written: list[Path] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+
+
+def synthesis_output_paths(case_id: str, target: str, output_dir: str | Path) -> tuple[Path, Path]:
+    """A case's outputs: ``<case>_<target>.nii.gz`` and the DICOM series folder ``<case>_<target>_dicom``."""
+    output_dir = Path(output_dir)
+    return output_dir / f"{case_id}_{target}.nii.gz", output_dir / f"{case_id}_{target}_dicom"
+
+
+def refuse_existing_outputs(case_id: str, target: str, output_dir: str | Path, dicom: bool) -> None:
+    """Raises when an output of the case exists: checked before a case is synthesized (nothing computed for a
+    result that would not be written) and again before it is written.
+
+    Raises:
+        DataError: naming the existing outputs.
+    """
+    nifti, series = synthesis_output_paths(case_id, target, output_dir)
+    existing = [str(p) for p in (nifti, *([series] if dicom else [])) if p.exists()]
+    if existing:
+        raise DataError(", ".join(existing), "output already exists", "a new output, or --overwrite to replace it")
 
 
 def write_synthesis_outputs(
@@ -176,12 +227,9 @@ def write_synthesis_outputs(
         DataError: an output exists and ``overwrite`` is False (nothing is replaced), or the series cannot be written.
     """
     case_id = str(case["case_id"])
-    output_dir = Path(output_dir)
-    nifti = output_dir / f"{case_id}_{synthesizer.target}.nii.gz"
-    series = output_dir / f"{case_id}_{synthesizer.target}_dicom"
-    existing = [str(p) for p in (nifti, *([series] if dicom else [])) if p.exists()]
-    if existing and not overwrite:
-        raise DataError(", ".join(existing), "output already exists", "a new output, or --overwrite to replace it")
+    nifti, series = synthesis_output_paths(case_id, synthesizer.target, output_dir)
+    if not overwrite:
+        refuse_existing_outputs(case_id, synthesizer.target, output_dir, dicom)
     writer = AtomicNibabelWriter(
         output_dtype=np.float32, description=synthetic_description(synthesizer.target, synthesizer.inputs, synthesizer.name)
     )

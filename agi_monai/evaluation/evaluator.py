@@ -53,8 +53,15 @@ def volume_dataset(
     """Preprocessed whole volumes (``"image"``, ``"target"``, ``"mask"``, ``"case_id"``) of datalist items, for
     :class:`VolumeEvaluator`: the bundles' chain (:func:`agi_monai.data.preprocessing_transforms`) without a
     cache, each case read once. Named ``data`` like :func:`agi_monai.data.slice_dataset`, so that
-    ``validate#dataset#data`` stays the id a caller replaces."""
-    return build_volume_dataset(data, preprocessing_transforms(inputs, target, spatial_size, **preprocessing_options))
+    ``validate#dataset#data`` stays the id a caller replaces.
+
+    The target is divided by its 99.5th percentile like the inputs but not clipped (``clip_target=False``):
+    :func:`~agi_monai.evaluation.evaluate_volume` clips it for ``slice2d`` (the paper's [0, 1] images) and
+    gives it whole to ``brasyn3d``, whose percentiles inside the brain must come from the real intensities (on
+    BraTS the volume's 99.5th percentile is about the brain's 97th, so clipping at it flattened the top 3 % of
+    the brain, the enhancing tumour of a T1Gd among them, before BraSyn's normalisation)."""
+    options = {"clip_target": False, **preprocessing_options}
+    return build_volume_dataset(data, preprocessing_transforms(inputs, target, spatial_size, **options))
 
 
 class _CaseLoading(torch.utils.data.Dataset):

@@ -454,7 +454,9 @@ def evaluate_volume(
     win_size: int = SSIM_WINDOW,
 ) -> dict[str, ProtocolResult]:
     """Each of ``protocols`` (``"slice2d"``, ``"brasyn3d"``) on one case; arguments as for
-    :func:`slice_protocol` and :func:`brasyn_protocol`."""
+    :func:`slice_protocol` and :func:`brasyn_protocol`. ``target`` may exceed 1 (the real volume divided by its
+    99.5th percentile, unclipped, as :func:`~agi_monai.evaluation.volume_dataset` gives it): ``slice2d`` measures it clipped to
+    [0, 1], as the paper's images are; ``brasyn3d`` normalises it by its own percentiles inside the mask."""
     unknown = [name for name in protocols if name not in PROTOCOL_NAMES]
     if unknown or not protocols:
         raise ValueError(f"protocols {list(protocols)}: expected a non-empty list of {list(PROTOCOL_NAMES)}")
@@ -462,7 +464,8 @@ def evaluate_volume(
     for name in protocols:
         if name == "slice2d":
             results[name] = slice_protocol(
-                prediction, target, mask, min_foreground_fraction, region, win_size=win_size
+                prediction, torch.as_tensor(target).clamp(0.0, 1.0), mask, min_foreground_fraction, region,
+                win_size=win_size,
             )
         else:
             results[name] = brasyn_protocol(prediction, target, mask, percentiles, win_size)

@@ -215,9 +215,10 @@ class CAGR(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"CAGR: spatial_dims must be 2 or 3, got {spatial_dims}")
-        if in_channels % groups != 0:
-            raise ValueError(f"CAGR: groups={groups} must divide in_channels={in_channels}")
+        if groups < 1 or in_channels < 1 or in_channels % groups != 0:
+            raise ValueError(f"CAGR: groups={groups} must be positive and divide in_channels={in_channels}")
         self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
         self.stride = stride
         self.padding = kernel_size // 2
         # Parts left out by the ablation flags are None (TorchScript then compiles their branch away).
@@ -250,6 +251,11 @@ class CAGR(nn.Module):
         return y.reshape([batch, -1] + list(y.shape[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"CAGR: expected input of shape (B, {self.in_channels}, {'D, ' if self.spatial_dims == 3 else ''}H, W), "
+                f"got {list(x.shape)}"
+            )
         if self.attention is not None:
             x = self.attention(x)
         if self.routing is None:

@@ -53,8 +53,17 @@ class ResUNet(nn.Module):
         portable: bool = False,
     ) -> None:
         super().__init__()
-        if len(channels) != 4:
-            raise ValueError(f"ResUNet: channels must give 4 widths, got {tuple(channels)}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"ResUNet: spatial_dims must be 2 or 3, got {spatial_dims}")
+        if len(channels) != 4 or min(channels) < 1:
+            raise ValueError(f"ResUNet: channels must give 4 positive widths, got {tuple(channels)}")
+        if in_channels < 1 or out_channels < 1 or num_res_blocks < 0:
+            raise ValueError(
+                f"ResUNet: in_channels={in_channels} and out_channels={out_channels} must be positive and "
+                f"num_res_blocks={num_res_blocks} not negative"
+            )
+        if isinstance(cagr_stages, str):  # "body" would otherwise read as the stages 'b', 'o', 'd', 'y'
+            raise ValueError(f"ResUNet: cagr_stages={cagr_stages!r}: expected a sequence of stage names, e.g. [{cagr_stages!r}]")
         unknown = sorted(set(cagr_stages) - set(STAGES))
         if unknown:
             raise ValueError(f"ResUNet: unknown cagr_stages {unknown}; expected a subset of {STAGES}")
