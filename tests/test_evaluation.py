@@ -205,6 +205,12 @@ def _cases_with_a_bad_one(root: Path) -> Path:
     return root
 
 
+def test_slice_protocol_refuses_a_target_off_the_data_range():
+    target = torch.rand(32, 32, 4)
+    with pytest.raises(ValueError, match=r"target values span \[\S+, 4000\]; expected \[0, 1\] \(each volume divided by its 99.5th"):
+        slice_protocol(target, target * 4000 / target.max())
+
+
 def test_brasyn3d_measures_the_real_intensities_where_slice2d_measures_the_clipped_ones(tmp_path):
     """volume_dataset keeps the target unclipped: BraSyn's percentiles are the real T1Gd's inside the brain. A
     "synthesis" that is the T1Gd flattened at its whole-volume 99.5th percentile (what a clipped ground truth

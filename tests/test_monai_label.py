@@ -87,6 +87,22 @@ def test_stacked_input_chain_equals_the_per_contrast_path(bundle, case):
     assert restored.std() > 0 and 0.0 <= restored.min() and restored.max() <= 1.0
 
 
+def test_stacked_input_of_another_layout_is_named_with_the_layout_expected(bundle, case, tmp_path):
+    from agi_monai.data import failure_reason
+
+    pre_transforms = _parser(bundle).get_parsed_content("pre_transforms")
+    t1 = nib.load(case["T1"])
+    three = np.stack([np.asarray(t1.dataobj)] * 3, axis=-1).astype(np.float32)
+    nib.save(nib.Nifti1Image(three, t1.affine), tmp_path / "three.nii.gz")
+    for file, shape in [(case["T1"], f"{t1.shape}"), (tmp_path / "three.nii.gz", f"{three.shape}")]:
+        with pytest.raises(Exception) as raised:
+            pre_transforms({"image": str(file)})
+        assert failure_reason(raised.value) == (
+            f"{file}: has shape {shape} (expected a 4D image (X, Y, Z, 2): the contrasts T1, T2 of one "
+            "case on one grid, stacked along the last axis in this order)"
+        )
+
+
 @pytest.mark.skipif(not LABEL_PYTHON.is_file(), reason=f"MONAI Label not installed: no {LABEL_PYTHON} (docs/deploy.md)")
 def test_monai_label_bundle_infer_task_writes_the_same_float_volume(bundle, case, tmp_path):
     script = (

@@ -60,6 +60,7 @@ from agi_monai.data.splits import SPLIT_NAMES, preparation_summary, prepare_data
 from agi_monai.data.transforms import (
     AddForegroundMaskd,
     AlignToReferenced,
+    CheckStackedContrastsd,
     LoadVolumed,
     NameAfterCased,
     RandRigidMisalignChanneld,

@@ -56,6 +56,7 @@ __all__ = [
     "LoadVolumed",
     "ScaleIntensityToPercentiled",
     "AlignToReferenced",
+    "CheckStackedContrastsd",
     "AddForegroundMaskd",
     "NameAfterCased",
     "RandShiftChanneld",
@@ -87,6 +88,35 @@ class LoadVolumed(MapTransform):
         item = dict(data)
         for key in self.key_iterator(item):
             item[key] = load_volume(item[key])
+        return item
+
+
+class CheckStackedContrastsd(MapTransform):
+    """Refuses a loaded image that is not the contrasts stacked along its last axis (MONAI Label's one-file input,
+    the bundles' ``pre_transforms``): MONAI's ``SplitDimd`` would otherwise fail on a plain 3D volume with
+    "count of splits must match output_postfixes, 2 != 155", naming neither the file nor the layout.
+
+    Args:
+        keys: the stacked image's key (``"image"``), as ``LoadImaged`` gives it (channel last).
+        contrasts: the contrasts expected along the last axis, in order.
+        allow_missing_keys: skip keys absent from the item.
+    """
+
+    def __init__(self, keys: KeysCollection, contrasts: Sequence[str], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.contrasts = list(contrasts)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        item = dict(data)
+        for key in self.key_iterator(item):
+            shape = tuple(item[key].shape)
+            if len(shape) != 4 or shape[-1] != len(self.contrasts):
+                raise DataError(
+                    _source(item[key], key),
+                    f"has shape {shape}",
+                    f"a 4D image (X, Y, Z, {len(self.contrasts)}): the contrasts {', '.join(self.contrasts)} of one "
+                    "case on one grid, stacked along the last axis in this order",
+                )
         return item
 
 

@@ -320,11 +320,18 @@ def slice_protocol(
         clip: clip the prediction to [0, ``data_range``] first.
 
     Raises:
-        ValueError: shapes differ, values are not finite, or no slice qualifies.
+        ValueError: shapes differ, values are not finite, the target is not on the [0, ``data_range``] scale, or no
+            slice qualifies.
     """
     if region not in ("mask", "slice"):
         raise ValueError(f"region={region!r}; expected 'mask' or 'slice'")
     guess, truth, inside = _volumes(prediction, target, mask)
+    low, high = float(truth.min()), float(truth.max())
+    if low < -1e-6 * data_range or high > (1.0 + 1e-6) * data_range:  # a raw volume would give PSNR -60 dB, no error
+        raise ValueError(
+            f"target values span [{low:g}, {high:g}]; expected [0, {data_range:g}] (each volume divided by its 99.5th "
+            "percentile and clipped, as the bundles' preprocessing does)"
+        )
     _check_window(guess.shape[:2], win_size)
     if clip:
         guess = guess.clamp(0.0, data_range)
