@@ -384,9 +384,7 @@ def run_script(component: Any, name: str) -> None:
         print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
     except Exception as error:
-        cause = error
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
+        cause = _innermost_cause(error)
         if not isinstance(cause, (ValueError, UsageError, DataError, BundleError)):
             raise
         print(f"{name}: error: {' '.join(str(cause).split())}", file=sys.stderr, flush=True)
@@ -607,11 +605,16 @@ def _check_weights(parser: Any, weights: Path, bundle: Any, overrides: Mapping[s
         raise _weights_refused(error, bundle, overrides) from None
 
 
-def _innermost(error: BaseException) -> str:
-    """``<type>: <message>`` of the innermost cause of ``error`` (MONAI wraps a config expression's error), on one
-    line."""
+def _innermost_cause(error: BaseException) -> BaseException:
+    """The end of ``error``'s ``__cause__`` chain (MONAI wraps a config expression's error)."""
     while error.__cause__ is not None:
         error = error.__cause__
+    return error
+
+
+def _innermost(error: BaseException) -> str:
+    """``<type>: <message>`` of the innermost cause of ``error``, on one line."""
+    error = _innermost_cause(error)
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text if len(text) <= 400 else text[:400] + ' ...'}"
 

@@ -45,7 +45,7 @@ REMOVE = "_remove_"
 # Reference grid per scenario = agi_monai.data.choose_reference(inputs): T2, then PD, FLAIR, T1, T1Gd.
 REFERENCE_ORDER = ("T2", "PD", "FLAIR", "T1", "T1Gd")
 
-FAMILIES: dict[str, dict[str, str]] = {
+FAMILIES: dict[str, dict[str, Any]] = {
     "IXI": {
         "dataset_dir": "/workspace/data/IXI",
         "prepare_script": "prepare_ixi.py",
@@ -61,6 +61,8 @@ FAMILIES: dict[str, dict[str, str]] = {
             "(https://creativecommons.org/licenses/by-sa/3.0/); download it from the IXI site."
         ),
         "dataset_reference": "IXI dataset, https://brain-development.org/ixi-dataset/",
+        # in-plane spacing (mm) of the reference grid the networks are trained on: IXI's T2/PD, 256x256
+        "training_spacing": [0.9375, 0.9375],
     },
     "BraTS": {
         "dataset_dir": "/workspace/data/BraTS2023",
@@ -80,6 +82,7 @@ FAMILIES: dict[str, dict[str, str]] = {
             "Baid U. et al., The RSNA-ASNR-MICCAI BraTS 2021 Benchmark on Brain Tumor Segmentation and "
             "Radiogenomic Classification, arXiv:2107.02314; Menze B. et al., IEEE TMI 34(10) 2015"
         ),
+        "training_spacing": [1.0, 1.0],
     },
 }
 

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 from monai.bundle.properties import InferProperties, TrainProperties
@@ -382,6 +383,28 @@ def test_inference_keeps_slices_larger_than_spatial_size_whole(untrained_bundle,
     outside[88:152, 88:152] = False  # the central 64x64 a crop kept
     assert np.count_nonzero(small[outside]) > 0.1 * small[outside].size
     np.testing.assert_allclose(small, full, atol=1e-5)
+
+
+def test_inference_warns_about_a_case_on_another_spacing_than_the_training_data(untrained_bundle, tmp_path):
+    from agi_monai.data import spacing_mismatch
+
+    case = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
+    fine = tmp_path / "cases" / "fine"  # the same voxels on a 0.5 mm grid: a finer scan than the 1 mm training data
+    fine.mkdir(parents=True)
+    for file in case.glob("*-t[12]*.nii.gz"):
+        image = nib.load(file).slicer[:, :, 70:78]
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), np.diag([0.5, 0.5, 1.0, 1.0]) @ image.affine), fine / file.name)
+    name = "brats_t1_t2_flair_to_t1gd"
+    log = _bundle(
+        name, "run", _configs(name, "inference.json"), "--bundle_root", str(untrained_bundle), "--dataset_dir",
+        str(tmp_path / "cases"), "--output_dir", str(tmp_path / "out"), *TINY,
+    )
+    assert ("BraTS-GLI-00001-000: in-plane spacing 0.5 x 0.5 mm, the bundle's training data 1 x 1 mm: the network "
+            "sees the anatomy at another scale") in log
+    assert (tmp_path / "out" / "BraTS-GLI-00001-000_T1Gd.nii.gz").is_file()  # synthesized all the same
+    image = MetaTensor(torch.zeros(1, 8, 8, 2), affine=torch.diag(torch.tensor([0.8, 1.2, 3.0, 1.0])))
+    assert spacing_mismatch(image, [1.0, 1.0]) is None and spacing_mismatch(image, None) is None  # within 25 %
+    assert "0.8 x 1.2 mm" in spacing_mismatch(image, [0.5, 0.5])
 
 
 def test_inference_with_weights_of_other_widths_names_the_file(untrained_bundle, tmp_path):

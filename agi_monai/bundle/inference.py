@@ -20,7 +20,7 @@ from monai.inferers import Inferer
 from tqdm import tqdm
 
 from agi_monai.bundle.experiment import infer_case
-from agi_monai.data import Failure, failure_reason, stopping_cleanly_on_sigterm
+from agi_monai.data import Failure, failure_reason, spacing_mismatch, stopping_cleanly_on_sigterm
 
 __all__ = ["FolderSynthesis", "SynthesisSummary"]
 
@@ -86,6 +86,8 @@ class FolderSynthesis:
         exit_on_failure: after the summary, exit the process with status 1 when a case failed or there was no case
             (``inference.json`` sets it, so that ``python -m monai.bundle run`` tells a scheduler or a pipeline;
             ``agi-monai synthesize``, which goes on to write DICOM, turns it off and sets its own exit status).
+        training_spacing: the in-plane spacing (mm) of the bundle's training data; a case whose reference grid is
+            more than 25 % off gets a warning (:func:`agi_monai.data.spacing_mismatch`), and is synthesized.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class FolderSynthesis:
         task: str = "synthesis",
         overwrite: bool = True,
         exit_on_failure: bool = False,
+        training_spacing: Sequence[float] | None = None,
     ) -> None:
         if task not in _TASK_WORDS:
             raise ValueError(f"FolderSynthesis: task must be one of {sorted(_TASK_WORDS)}, got {task!r}")
@@ -119,6 +122,7 @@ class FolderSynthesis:
         self.task = task
         self.overwrite = overwrite
         self.exit_on_failure = exit_on_failure
+        self.training_spacing = training_spacing
 
     def output_path(self, case_id: str) -> Path:
         return self.output_dir / f"{case_id}_{self.target}.nii.gz"
@@ -159,5 +163,8 @@ class FolderSynthesis:
 
     def _synthesize(self, index: int) -> None:
         item = self.dataset[index]
+        mismatch = spacing_mismatch(item["image"], self.training_spacing)
+        if mismatch:
+            _logger.warning("%s: %s", item.get("case_id", index), mismatch)
         item["pred"] = MetaTensor(infer_case(self.network, self.inferer, item["image"], self.device, self.amp))
         self.postprocessing(item)

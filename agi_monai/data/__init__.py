@@ -68,6 +68,7 @@ from agi_monai.data.transforms import (
     ScaleIntensityToPercentiled,
     preprocessing_transforms,
     restore_geometry_transforms,
+    spacing_mismatch,
     synthetic_description,
 )
 from agi_monai.data.volumes import check_volume, load_volume, metatensor_to_sitk, sitk_to_metatensor

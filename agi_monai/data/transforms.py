@@ -63,6 +63,7 @@ __all__ = [
     "RandRigidMisalignChanneld",
     "preprocessing_transforms",
     "restore_geometry_transforms",
+    "spacing_mismatch",
     "synthetic_description",
 ]
 
@@ -529,6 +530,29 @@ def restore_geometry_transforms(
         save.set_options(init_kwargs={"description": description})
         steps.append(save)
     return Compose(steps)
+
+
+def spacing_mismatch(image: Any, training_spacing: Sequence[float] | None, tolerance: float = 0.25) -> str | None:
+    """What to warn about when a preprocessed image's in-plane spacing is not the training data's: the networks
+    work on the acquired grid (no resampling, as in the paper), so a 0.5 mm scan shows them anatomy at twice the
+    scale they learned. None when within ``tolerance`` (relative) on both axes, or without a training spacing.
+
+    Args:
+        image: the preprocessed ``"image"`` (C, H, W, D), a ``MetaTensor`` in RAS.
+        training_spacing: the bundle's ``training_spacing`` (mm, H then W), or None.
+        tolerance: the relative difference tolerated.
+    """
+    if training_spacing is None or not isinstance(image, MetaTensor):
+        return None
+    spacing = _spacing(image)[:2]
+    expected = np.asarray(training_spacing, dtype=np.float64)[:2]
+    if np.all(np.abs(spacing - expected) <= tolerance * expected):
+        return None
+    return (
+        f"in-plane spacing {spacing[0]:.3g} x {spacing[1]:.3g} mm, the bundle's training data {expected[0]:.3g} x "
+        f"{expected[1]:.3g} mm: the network sees the anatomy at another scale than it learned (expect a poorer "
+        "synthesis; resample the inputs to the training spacing first)"
+    )
 
 
 def synthetic_description(target: str, inputs: Sequence[str], source: str) -> str:

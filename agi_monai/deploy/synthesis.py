@@ -16,6 +16,7 @@ map, destructive for a synthesized MR image in [0, 1]), the prediction stays flo
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from agi_monai.data import (
     choose_reference,
     metatensor_to_sitk,
     restore_geometry_transforms,
+    spacing_mismatch,
     synthetic_description,
 )
 from agi_monai.data.dicom import write_derived_series
@@ -47,6 +49,7 @@ __all__ = ["BundleSynthesizer", "SynthesisOutputs", "refuse_existing_outputs", "
 
 #: The config stored in a TorchScript file by ``agi-monai export`` (MONAI ``ckpt_export``'s extra file name).
 INFERENCE_CONFIG = "inference.json"
+_logger = logging.getLogger(__name__)
 
 
 class BundleSynthesizer:
@@ -103,6 +106,9 @@ class BundleSynthesizer:
                 finds it).
         """
         item = self.preprocessing(dict(case))
+        mismatch = spacing_mismatch(item["image"], self.parser.get("training_spacing"))
+        if mismatch:
+            _logger.warning("%s: %s", case.get("case_id", "case"), mismatch)
         item["pred"] = MetaTensor(infer_case(self.network, self.inferer, item["image"], self.device))
         return self.postprocessing(item)["pred"]
 
