@@ -366,7 +366,7 @@ def test_network_override_the_bundle_cannot_build_is_named(bundles, cases, tmp_p
     error = capsys.readouterr().err
     assert status == 2 and "Traceback" not in error
     assert ("agi-monai synthesize: error: bundle brats_t1_t2_to_flair: its configs cannot be initialised with these "
-            "options (ValueError: ResUNet: channels must give 4 widths, got (8,))") in error
+            "options (ValueError: ResUNet: channels must give 4 positive widths, got (8,))") in error
     assert not (tmp_path / "out").exists()
 
 
