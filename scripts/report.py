@@ -85,17 +85,17 @@ def compare(*runs: str, output: str | None = None, protocol: str | None = None) 
     """
     if not runs:
         raise ValueError("no run given; expected NAME=PATH arguments")
-    named: dict[str, dict[str, Any]] = {}
     paths: dict[str, str] = {}
     for run in runs:
         name, separator, path = str(run).partition("=")
         if not separator:  # a bare path: named after its evaluation folder
             path = name
             name = (Path(path).parent if Path(path).is_file() else Path(path)).resolve().name
-        if name in named:  # (every bundle's evaluation folder is called "eval")
+        if name in paths:  # (every bundle's evaluation folder is called "eval")
             raise ValueError(f"{path} and {paths[name]} are both named {name!r}; expected one name per run: "
                              "give NAME=PATH")
-        named[name], paths[name] = _summary(path), path
+        paths[name] = path
+    named = {name: _summary(path) for name, path in paths.items()}
     return _emit(comparison_markdown(named, protocol), output)
 
 

@@ -228,11 +228,16 @@ class CAGR(nn.Module):
             in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=self.padding, bias=bias
         )
         self.routing = RoutingFunction(spatial_dims, in_channels, groups, routing_convs) if rolling else None
-        if not portable and not extension_available():
+        self.roll: nn.Module
+        if portable:
+            self.roll = PortableGroupRoll()
+        elif extension_available():
+            self.roll = GroupRoll()
+        else:
             # announced here, where the choice is made: PortableGroupRoll itself never warns (it is also the
             # deliberate choice of an extension-free TorchScript export)
             warn_fallback_once("all devices", str(extension_error()))
-        self.roll: nn.Module = PortableGroupRoll() if portable or not extension_available() else GroupRoll()
+            self.roll = PortableGroupRoll()
 
     def rolled_conv(self, x: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Convolves each sample of x with its own rolled, scaled kernel."""
