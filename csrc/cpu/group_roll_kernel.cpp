@@ -4,7 +4,7 @@
 // (b, o) is the roll of weight row o for sample b, and every entry j of a row reads entries of its own
 // K-entry slice only: j + d with |d| < K, at the 2^S taps of its kernel position (group_roll_math.h).
 // The taps depend on (sample, group, kernel position) only, so each kernel below builds, once per
-// sample, a per-position description of the taps and then streams over the rows. Three kernels (and
+// sample, a per-position description of the taps and then streams over the rows or blocks of rows. Three kernels (and
 // a fourth for tests):
 //
 // 1. Lane permutes (float32, AVX-512, K ≤ 32). A register of 16 output entries is a fixed blend of
@@ -13,15 +13,14 @@
 //    registers tile the row densely and the window is [j − 8, j + 24); 9 < K ≤ 32 (3D 3×3×3, 2D 5×5):
 //    one or two registers per slice, the window is the slice itself. The per-register (index, coef)
 //    patterns are built once per sample ("lane plan"). Only the taps' own entries are ever blended.
-// 2. Displacements (float64, float32 with K > 32 or without AVX-512; any ISA through vector
-//    extensions). Per sample, one coefficient row per distinct displacement d (0 where a position
-//    does not use it): out[j] = Σ_d coef_d[j] · w[j + d], contiguous multiply-adds. Taps with a zero
-//    blend weight are left out (an integer roll costs one multiply-add per entry). Positions near a
-//    slice edge then read neighbouring slices with coefficient 0, so a non-finite input there would
-//    leak NaN: the forward checks the weight first, the weight gradient the incoming gradient (during
-//    the routing-gradient pass, which reads all of it anyway), and the tap kernels run where one is not.
-// 3. Taps (float16, bfloat16, and that fallback): per element, the 2^S taps from a table, as
-//    defined. (The previous CPU implementation; AGI_MONAI_GROUP_ROLL_CPU=taps selects it.)
+// 2. Tiles (float64; float32 with K > 32 or without AVX-512; any K; any ISA through vector extensions).
+//    A register holds one kernel entry of L consecutive output channels, so all its lanes share the
+//    taps: a rolled entry is Σ_t coef_t · tile[index_t], scalar coefficients and a register picked by
+//    index, no permutes. Rows are transposed into tiles (the weight once per block of output
+//    channels, for all samples) and the results transposed back (8×8 register transposes for float32
+//    on AVX2). Each lane reads its own taps' entries only.
+// 3. Taps (float16, bfloat16): per element, the 2^S taps from a table, as defined. (The first CPU
+//    implementation; AGI_MONAI_GROUP_ROLL_CPU=taps selects it for any dtype.)
 // 4. Columns (AGI_MONAI_GROUP_ROLL_CPU=columns only): the CUDA backend's per-thread column code
 //    (group_roll_math.h), run here so that CI, which has no GPU, tests those maths.
 //
@@ -37,9 +36,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -223,6 +222,13 @@ void run_baseline(const Job& job, int64_t begin, int64_t end) {
   job.template run<16>(begin, end);
 }
 
+// Lanes of one register of T in the jobs that parallel_run runs on `path`.
+template <typename T>
+int64_t lanes_on(CpuPath path) {
+  const int64_t register_bytes = path == CpuPath::kAvx512 ? 64 : path == CpuPath::kAvx2 ? 32 : 16;
+  return std::max<int64_t>(1, register_bytes / static_cast<int64_t>(sizeof(T)));
+}
+
 template <typename Job>
 void parallel_run(const Job& job, CpuPath path, int64_t size, int64_t grain) {
   void (*body)(const Job&, int64_t, int64_t) = run_baseline<Job>;
@@ -235,7 +241,7 @@ void parallel_run(const Job& job, CpuPath path, int64_t size, int64_t grain) {
 
 #if AGI_VECTOR_EXTENSIONS
 // ---------------------------------------------------------------------------------------------------
-// Displacement kernels (vector extensions).
+// Registers (vector extensions).
 // ---------------------------------------------------------------------------------------------------
 
 // Registers as GCC/Clang vector extensions: `Pack<T, Lanes>` is one register of Lanes values (the
@@ -270,325 +276,6 @@ template <int RegisterBytes, typename T>
 constexpr int lanes() {
   return RegisterBytes / static_cast<int>(sizeof(T)) > 0 ? RegisterBytes / static_cast<int>(sizeof(T)) : 1;
 }
-
-// The roll of every row of one sample: out[j] = Σ_i coef[i · row + j] · in[j + disp[i]].
-template <typename T>
-struct DisplacementTable {
-  std::vector<int32_t> disp;  // the displacements with a non-zero coefficient somewhere, ascending
-  std::vector<T> coef;        // disp.size() rows of `row` coefficients
-  int32_t dmin = 0, dmax = 0;
-  std::vector<int32_t> slot;  // scratch: displacement + K - 1 -> index into disp, or -1
-  SampleTaps<T> taps;         // scratch
-};
-
-// Forward (transpose = false): coefficient of w[j + d] in out[j], the scaled blend weight of the tap
-// that reads it. Transpose: coefficient of grad[j + d] in grad_w[j] (the tap that writes j + d from j).
-template <typename T>
-void build_displacement_table(
-    const T* offsets, const T* scales, const RollShape& s, int64_t b, bool transpose, DisplacementTable<T>& table) {
-  const int64_t K = s.kernel_numel();
-  const int64_t row = s.in_channels * K;
-  const int64_t group_len = s.channels_per_group * K;
-  sample_taps<T>(offsets, s, b, transpose, table.taps);
-  const int taps = table.taps.taps;
-  table.slot.assign(2 * K - 1, -1);
-  table.disp.clear();
-  for (int pass = 0; pass < 2; ++pass) {  // 0: which displacements occur; 1: their coefficients
-    for (int64_t g = 0; g < s.groups; ++g) {
-      const T scale = scales[b * s.groups + g];
-      for (int64_t e = g * K * taps; e < (g + 1) * K * taps; ++e) {
-        const T c = scale * table.taps.weight[e];
-        if (c == T(0)) continue;  // zero blend weight (integer offset) or zero scale: no term
-        const int64_t k = (e / taps) % K;
-        const int64_t d = table.taps.index[e] - k;
-        if (pass == 0) {
-          table.slot[d + K - 1] = 0;
-        } else {
-          T* dst = table.coef.data() + table.slot[d + K - 1] * row + g * group_len + k;
-          for (int64_t c_in = 0; c_in < s.channels_per_group; ++c_in) dst[c_in * K] += c;
-        }
-      }
-    }
-    if (pass == 0) {
-      for (int64_t d = -(K - 1); d <= K - 1; ++d) {
-        if (table.slot[d + K - 1] < 0) continue;
-        table.slot[d + K - 1] = static_cast<int32_t>(table.disp.size());
-        table.disp.push_back(static_cast<int32_t>(d));
-      }
-      table.coef.assign(table.disp.size() * row, T(0));
-      table.dmin = table.disp.empty() ? 0 : table.disp.front();
-      table.dmax = table.disp.empty() ? 0 : table.disp.back();
-    }
-  }
-}
-
-// acc[r] (+)= Σ_i coef[i · row + j + ...] · in[base + j + disp[i] + ...] for Regs registers of Lanes
-// values. Reads of `in` outside [0, numel) are skipped: their coefficients are 0 (they lie outside
-// the row's slices), and only the first and last rows of the tensor have such positions.
-template <int Regs, int Lanes, typename T>
-AGI_ALWAYS_INLINE void displacement_strip(
-    const DisplacementTable<T>& table, int64_t row, const T* in, int64_t numel, int64_t base, int64_t j,
-    Pack<T, Lanes>* acc) {
-  const int count = static_cast<int>(table.disp.size());
-  const int32_t* disp = table.disp.data();
-  const T* coef = table.coef.data() + j;
-  const int64_t start = base + j;
-  if (start + table.dmin >= 0 && start + Regs * Lanes + table.dmax <= numel) {
-    for (int i = 0; i < count; ++i) {
-      const T* c = coef + i * row;
-      const T* x = in + start + disp[i];
-      for (int r = 0; r < Regs; ++r) acc[r] += load_pack<Lanes>(c + r * Lanes) * load_pack<Lanes>(x + r * Lanes);
-    }
-  } else {
-    T sums[Regs * Lanes];
-    std::memcpy(sums, acc, sizeof(sums));
-    for (int i = 0; i < count; ++i) {
-      for (int l = 0; l < Regs * Lanes; ++l) {
-        const int64_t at = start + l + disp[i];
-        if (at >= 0 && at < numel) sums[l] += coef[i * row + l] * in[at];
-      }
-    }
-    std::memcpy(acc, sums, sizeof(sums));
-  }
-}
-
-// out[j] = (out[j] if Accumulate) + Σ_i coef_i[j] · in[base + j + d_i] over a whole row: strips of 4
-// registers (independent multiply-add chains), then one register, then halving widths for the rest.
-template <int Lanes, bool Accumulate, typename T>
-AGI_ALWAYS_INLINE void displacement_row(
-    const DisplacementTable<T>& table, int64_t row, const T* in, int64_t numel, int64_t base, T* out,
-    int64_t j = 0) {
-  constexpr int kRegs = Lanes > 1 ? 4 : 1;
-  for (; j + kRegs * Lanes <= row; j += kRegs * Lanes) {
-    Pack<T, Lanes> acc[kRegs];
-    for (int r = 0; r < kRegs; ++r) acc[r] = Accumulate ? load_pack<Lanes>(out + j + r * Lanes) : Pack<T, Lanes>{};
-    displacement_strip<kRegs, Lanes>(table, row, in, numel, base, j, acc);
-    for (int r = 0; r < kRegs; ++r) store_pack<Lanes>(out + j + r * Lanes, acc[r]);
-  }
-  for (; j + Lanes <= row; j += Lanes) {
-    Pack<T, Lanes> acc[1] = {Accumulate ? load_pack<Lanes>(out + j) : Pack<T, Lanes>{}};
-    displacement_strip<1, Lanes>(table, row, in, numel, base, j, acc);
-    store_pack<Lanes>(out + j, acc[0]);
-  }
-  if constexpr (Lanes > 1) {
-    if (j < row) displacement_row<Lanes / 2, Accumulate>(table, row, in, numel, base, out, j);
-  }
-}
-
-// Sets *nonfinite if any of data[begin, end) is NaN or Inf (x · 0 is 0 for finite x, NaN otherwise).
-template <typename T>
-struct FiniteCheckJob {
-  const T* data;
-  std::atomic<bool>* nonfinite;
-
-  template <int RegisterBytes>
-  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
-    constexpr int L = lanes<RegisterBytes, T>();
-    Pack<T, L> probe[4] = {};
-    int64_t i = begin;
-    for (; i + 4 * L <= end; i += 4 * L) {
-      for (int r = 0; r < 4; ++r) probe[r] += load_pack<L>(data + i + r * L) * T(0);
-    }
-    T sums[4 * L];
-    std::memcpy(sums, probe, sizeof(sums));
-    for (; i < end; ++i) sums[0] += data[i] * T(0);
-    bool bad = false;
-    for (int l = 0; l < 4 * L; ++l) bad |= !(sums[l] == T(0));
-    if (bad) nonfinite->store(true, std::memory_order_relaxed);
-  }
-};
-
-template <typename T>
-bool all_finite(const T* data, int64_t numel, CpuPath path) {
-  std::atomic<bool> nonfinite{false};
-  parallel_run(FiniteCheckJob<T>{data, &nonfinite}, path, numel, 1 << 16);
-  return !nonfinite.load();
-}
-
-// out[b, o] = roll of w[o] for sample b: one task per (sample, output channel) row; each task builds
-// the table of the sample it is on (so it is in cache, and no table is built twice by one task).
-template <typename T>
-struct DisplacementForwardJob {
-  const T* w;
-  const T* offsets;
-  const T* scales;
-  T* out;
-  RollShape s;
-
-  template <int RegisterBytes>
-  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
-    const int64_t row = s.in_channels * s.kernel_numel();
-    const int64_t numel = s.out_channels * row;
-    DisplacementTable<T> table;
-    int64_t table_sample = -1;
-    for (int64_t bo = begin; bo < end; ++bo) {
-      const int64_t b = bo / s.out_channels, o = bo % s.out_channels;
-      if (b != table_sample) {
-        build_displacement_table<T>(offsets, scales, s, b, /*transpose=*/false, table);
-        table_sample = b;
-      }
-      displacement_row<lanes<RegisterBytes, T>(), false>(table, row, w, numel, o * row, out + bo * row);
-    }
-  }
-};
-
-// grad_w[o] = Σ_b transposed roll of grad[b, o]: tasks are blocks of output channels; within a block
-// the samples are the outer loop so that a sample's table is read from cache for every row of the
-// block, and the block's rows of grad_w (the accumulators) stay in cache across the samples.
-template <typename T>
-struct DisplacementGradWeightJob {
-  const T* grad;
-  T* grad_w;
-  const std::vector<DisplacementTable<T>>* tables;  // one per sample, transposed
-  RollShape s;
-  int64_t rows_per_block;
-
-  template <int RegisterBytes>
-  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
-    constexpr int L = lanes<RegisterBytes, T>();
-    const int64_t row = s.in_channels * s.kernel_numel();
-    const int64_t numel = s.batch * s.out_channels * row;
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t o_begin = block * rows_per_block;
-      const int64_t o_end = std::min(o_begin + rows_per_block, s.out_channels);
-      for (int64_t b = 0; b < s.batch; ++b) {
-        const DisplacementTable<T>& table = (*tables)[b];
-        for (int64_t o = o_begin; o < o_end; ++o) {
-          const int64_t base = (b * s.out_channels + o) * row;
-          if (b == 0) {
-            displacement_row<L, false>(table, row, grad, numel, base, grad_w + o * row);
-          } else {
-            displacement_row<L, true>(table, row, grad, numel, base, grad_w + o * row);
-          }
-        }
-      }
-    }
-  }
-};
-
-// Scale and offset gradients of one (sample, group): with G_d[j] = Σ_o grad[b, o, j] · w[o, j + d]
-// over the group's positions j, d_scale = Σ_j Σ_taps weight · G_{d_tap}[j] and d_offset[a] =
-// scale · Σ_j Σ_taps ∂weight/∂o_a · G_{d_tap}[j]. The group's positions are walked in strips of one
-// register; per strip the G_d of the (at most 4^S) displacements of the group are accumulated over the
-// output channels, then combined with the taps. Only the (d, j) pairs of taps are read back, so values
-// read from neighbouring slices never matter. Also reports whether grad was finite (it reads all of it).
-constexpr int kMaxGroupDisplacements = 64;  // ≤ 4 distinct displacements per axis (2 shifts × wrap)
-
-template <typename T>
-struct DisplacementGradRoutingJob {
-  const T* grad;
-  const T* w;
-  const T* offsets;
-  const T* scales;
-  T* grad_offsets;
-  T* grad_scales;
-  RollShape s;
-  std::atomic<bool>* grad_nonfinite;
-
-  struct GroupTaps {
-    std::vector<int32_t> disp;  // distinct displacements of group g's taps, ascending
-    std::vector<int32_t> slot;  // [k][t]: index into disp
-    SampleTaps<T> taps;         // of the sample
-  };
-
-  void group_taps(int64_t g, GroupTaps& gt) const {
-    const int64_t K = s.kernel_numel();
-    const int taps = gt.taps.taps;
-    gt.disp.clear();
-    gt.slot.resize(K * taps);
-    for (int64_t e = 0; e < K * taps; ++e) gt.disp.push_back(gt.taps.index[g * K * taps + e] - static_cast<int32_t>(e / taps));
-    std::sort(gt.disp.begin(), gt.disp.end());
-    gt.disp.erase(std::unique(gt.disp.begin(), gt.disp.end()), gt.disp.end());
-    TORCH_INTERNAL_ASSERT(static_cast<int>(gt.disp.size()) <= kMaxGroupDisplacements);
-    for (int64_t e = 0; e < K * taps; ++e) {
-      const int32_t d = gt.taps.index[g * K * taps + e] - static_cast<int32_t>(e / taps);
-      gt.slot[e] = static_cast<int32_t>(std::lower_bound(gt.disp.begin(), gt.disp.end(), d) - gt.disp.begin());
-    }
-  }
-
-  // Adds the strip [q, q + Lanes) of group g's positions to the sums (one register per displacement).
-  template <int Lanes>
-  AGI_ALWAYS_INLINE void strip(
-      int64_t b, int64_t g, int64_t q, const GroupTaps& gt, T& d_scale, T d_offset[kMaxAxes],
-      Pack<T, Lanes>& probe) const {
-    const int64_t K = s.kernel_numel();
-    const int64_t row = s.in_channels * K;
-    const int64_t w_numel = s.out_channels * row;
-    const int64_t col = g * s.channels_per_group * K + q;
-    const int count = static_cast<int>(gt.disp.size());
-    const int32_t* disp = gt.disp.data();
-    const int32_t dmin = gt.disp.front(), dmax = gt.disp.back();
-    Pack<T, Lanes> G[kMaxGroupDisplacements];
-    for (int i = 0; i < count; ++i) G[i] = Pack<T, Lanes>{};
-    for (int64_t o = 0; o < s.out_channels; ++o) {
-      const Pack<T, Lanes> gv = load_pack<Lanes>(grad + (b * s.out_channels + o) * row + col);
-      probe += gv * T(0);
-      const int64_t start = o * row + col;
-      if (start + dmin >= 0 && start + Lanes + dmax <= w_numel) {
-        for (int i = 0; i < count; ++i) G[i] += gv * load_pack<Lanes>(w + start + disp[i]);
-      } else {
-        T gs[Lanes];
-        std::memcpy(gs, &gv, sizeof(gs));
-        for (int i = 0; i < count; ++i) {
-          T sums[Lanes];
-          std::memcpy(sums, &G[i], sizeof(sums));
-          for (int l = 0; l < Lanes; ++l) {
-            const int64_t at = start + l + disp[i];
-            if (at >= 0 && at < w_numel) sums[l] += gs[l] * w[at];
-          }
-          std::memcpy(&G[i], sums, sizeof(sums));
-        }
-      }
-    }
-    T sums[kMaxGroupDisplacements][Lanes];
-    std::memcpy(sums, G, count * sizeof(G[0]));
-    const int taps = gt.taps.taps;
-    for (int l = 0; l < Lanes; ++l) {
-      const int64_t k = (q + l) % K;
-      for (int t = 0; t < taps; ++t) {
-        const int64_t e = g * K * taps + k * taps + t;
-        const T m = sums[gt.slot[k * taps + t]][l];
-        d_scale += gt.taps.weight[e] * m;
-        for (int a = 0; a < kMaxAxes; ++a) d_offset[a] += gt.taps.d_weight[e * kMaxAxes + a] * m;
-      }
-    }
-  }
-
-  // All of group g's positions from q on: strips of one register, then halving widths.
-  template <int Lanes>
-  AGI_ALWAYS_INLINE void strips(
-      int64_t b, int64_t g, int64_t q, const GroupTaps& gt, T& d_scale, T d_offset[kMaxAxes], bool& bad) const {
-    const int64_t group_len = s.channels_per_group * s.kernel_numel();
-    Pack<T, Lanes> probe{};
-    for (; q + Lanes <= group_len; q += Lanes) strip<Lanes>(b, g, q, gt, d_scale, d_offset, probe);
-    T probes[Lanes];
-    std::memcpy(probes, &probe, sizeof(probes));
-    for (int l = 0; l < Lanes; ++l) bad |= !(probes[l] == T(0));
-    if constexpr (Lanes > 1) {
-      if (q < group_len) strips<Lanes / 2>(b, g, q, gt, d_scale, d_offset, bad);
-    }
-  }
-
-  template <int RegisterBytes>
-  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
-    GroupTaps gt;
-    int64_t taps_sample = -1;
-    bool bad = false;
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / s.groups, g = bg % s.groups;
-      if (b != taps_sample) {
-        sample_taps<T>(offsets, s, b, /*transpose=*/false, gt.taps);
-        taps_sample = b;
-      }
-      group_taps(g, gt);
-      T d_scale = T(0);
-      T d_offset[kMaxAxes] = {T(0), T(0), T(0)};
-      strips<lanes<RegisterBytes, T>()>(b, g, 0, gt, d_scale, d_offset, bad);
-      detail::store_routing_grads<T>(d_scale, d_offset, scales, s, bg, grad_offsets, grad_scales);
-    }
-    if (bad) grad_nonfinite->store(true, std::memory_order_relaxed);
-  }
-};
 #endif  // AGI_VECTOR_EXTENSIONS
 
 #if AGI_X86_DISPATCH
@@ -1081,6 +768,254 @@ void grad_routing_correlation(
   });
 }
 
+#if AGI_VECTOR_EXTENSIONS
+// ---------------------------------------------------------------------------------------------------
+// Tile kernels (float32 / float64, any K; vector extensions, compiled per instruction set).
+// ---------------------------------------------------------------------------------------------------
+//
+// A register holds one kernel entry of L consecutive output channels: lane l of tile[c · K + k] is
+// data[o + l, c, k]. All lanes of a tile register share the input channel, hence the group and the
+// taps, so a rolled entry is Σ_t coef_t · tile[c · K + index_t]: scalar coefficients and a register
+// picked by index, no permutes, and each lane reads its own taps' entries only (NaN and Inf propagate
+// exactly as defined). The price is transposing L rows into a tile and results back out; the forward
+// transposes each block of weight rows once for all the samples it serves.
+
+// Scratch registers: n packs, zero-initialised, on a 64-byte boundary. (Not std::vector<Pack>: inside
+// templates GCC reports alignof(Pack) as 16 while its code assumes the pack's full width, so neither
+// the allocator nor alignof can be trusted.)
+template <typename V>
+class PackBuffer {
+ public:
+  explicit PackBuffer(int64_t n) : raw_(n * sizeof(V) + 64, 0) {
+    void* at = raw_.data();
+    size_t space = raw_.size();
+    data_ = static_cast<V*>(std::align(64, n * sizeof(V), at, space));
+  }
+  V* data() { return data_; }
+  V& operator[](int64_t i) { return data_[i]; }
+  const V& operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  std::vector<unsigned char> raw_;
+  V* data_;
+};
+
+// tile[i][l] = data[l · row + i] for the `count` (≤ L) rows at data; lanes from count on are 0.
+template <int L, typename T>
+AGI_ALWAYS_INLINE void load_tile(const T* data, int64_t row, int64_t count, Pack<T, L>* tile) {
+  T* lanes_of = reinterpret_cast<T*>(tile);
+  if (count == L) {
+    for (int64_t i = 0; i < row; ++i) {
+      for (int l = 0; l < L; ++l) lanes_of[i * L + l] = data[l * row + i];
+    }
+    return;
+  }
+  for (int64_t i = 0; i < row; ++i) {
+    for (int l = 0; l < L; ++l) lanes_of[i * L + l] = l < count ? data[l * row + i] : T(0);
+  }
+}
+
+// rows[l] = (columns[0][l], …, columns[7][l]): an 8×8 transpose of float registers in 24 shuffles
+// (unpack pairs, then quads, then 128-bit halves), each of which GCC emits as one instruction.
+AGI_ALWAYS_INLINE void transpose8x8(const Pack<float, 8>* columns, Pack<float, 8>* rows) {
+  using Mask = Pack<int32_t, 8>;
+  Pack<float, 8> pairs[8], quads[8];
+  for (int i = 0; i < 8; i += 2) {
+    pairs[i] = __builtin_shuffle(columns[i], columns[i + 1], Mask{0, 8, 1, 9, 4, 12, 5, 13});
+    pairs[i + 1] = __builtin_shuffle(columns[i], columns[i + 1], Mask{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int h = 0; h < 2; ++h) {
+      quads[i + 2 * h] = __builtin_shuffle(pairs[i + h], pairs[i + h + 2], Mask{0, 1, 8, 9, 4, 5, 12, 13});
+      quads[i + 2 * h + 1] = __builtin_shuffle(pairs[i + h], pairs[i + h + 2], Mask{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  }
+  for (int l = 0; l < 4; ++l) {
+    rows[l] = __builtin_shuffle(quads[l], quads[l + 4], Mask{0, 1, 2, 3, 8, 9, 10, 11});
+    rows[l + 4] = __builtin_shuffle(quads[l], quads[l + 4], Mask{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
+// data[l · row + i] = columns[i][l] for i < n and the first `count` lanes. Eight float lanes (AVX2):
+// eight columns at a time through registers (element-wise, this store was 70 % of the forward).
+template <int L, typename T>
+AGI_ALWAYS_INLINE void store_tile(const Pack<T, L>* columns, int64_t n, T* data, int64_t row, int64_t count) {
+  int64_t i = 0;
+  if constexpr (L == 8 && std::is_same_v<T, float>) {
+    for (; i + 8 <= n; i += 8) {
+      Pack<float, 8> rows[8];
+      transpose8x8(columns + i, rows);
+      for (int64_t l = 0; l < count; ++l) store_pack<8>(data + l * row + i, rows[l]);
+    }
+  }
+  const T* lanes_of = reinterpret_cast<const T*>(columns);
+  for (int64_t l = 0; l < count; ++l) {
+    for (int64_t j = i; j < n; ++j) data[l * row + j] = lanes_of[j * L + l];
+  }
+}
+
+// Input channels rolled before their results are stored (transposed), together: 32 · K entries, a
+// multiple of 8, so that the stores run through whole 8×8 transposes across the slices' boundaries.
+constexpr int64_t kTileChannels = 32;
+
+// out[b, o + l] for tasks (block of L output channels, chunk of samples): the block's weight tile is
+// loaded once per task (consecutive tasks of one thread share it), then rolled per sample and channel.
+template <typename T, int Taps>
+struct TileForwardJob {
+  const T* w;
+  T* out;
+  RollShape s;
+  const TapTable<T>* taps;  // forward taps of every sample
+  int64_t samples_per_task;
+
+  template <int RegisterBytes>
+  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    constexpr int L = lanes<RegisterBytes, T>();
+    using V = Pack<T, L>;
+    const int64_t K = s.kernel_numel();
+    const int64_t row = s.in_channels * K;
+    const int64_t chunks = (s.batch + samples_per_task - 1) / samples_per_task;
+    PackBuffer<V> tile(row), rolled(kTileChannels * K);
+    int64_t tile_block = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task / chunks;
+      const int64_t o = block * L;
+      const int64_t count = std::min<int64_t>(L, s.out_channels - o);
+      if (block != tile_block) {
+        load_tile<L>(w + o * row, row, count, tile.data());
+        tile_block = block;
+      }
+      const int64_t b_begin = (task % chunks) * samples_per_task;
+      const int64_t b_end = std::min(b_begin + samples_per_task, s.batch);
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        for (int64_t c_begin = 0; c_begin < s.in_channels; c_begin += kTileChannels) {
+          const int64_t c_end = std::min(c_begin + kTileChannels, s.in_channels);
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            const int64_t first = (b * s.groups + c / s.channels_per_group) * K * Taps;
+            const int32_t* index = taps->index.data() + first;
+            const T* coef = taps->weight.data() + first;
+            const V* src = tile.data() + c * K;
+            V* dst = rolled.data() + (c - c_begin) * K;
+            for (int64_t k = 0; k < K; ++k) {
+              V acc = coef[k * Taps] * src[index[k * Taps]];
+              for (int t = 1; t < Taps; ++t) acc += coef[k * Taps + t] * src[index[k * Taps + t]];
+              dst[k] = acc;
+            }
+          }
+          store_tile<L>(rolled.data(), (c_end - c_begin) * K, out + (b * s.out_channels + o) * row + c_begin * K, row,
+                        count);
+        }
+      }
+    }
+  }
+};
+
+// Weight gradient and routing correlations of blocks of L output channels, one pass over grad: per
+// sample, the block's grad rows are transposed into a tile, then
+//   grad_w tile[c·K + j] += Σ_t coef'_t · grad tile[c·K + index'_t]      (transposed taps), and
+//   M[b, g, k, t] = Σ over the block's rows and the group's channels of grad[c·K + k] · w[c·K + index_t],
+// the block's share of the routing correlations (the caller sums the blocks in order and combines them
+// with the taps' weights: d_scale = Σ weight · M, d_offset = scale · Σ ∂weight/∂offset · M).
+template <typename T, int Taps>
+struct TileBackwardJob {
+  const T* grad;
+  const T* w;
+  T* grad_w;
+  RollShape s;
+  const TapTable<T>* taps;        // forward taps (their index: the source the routing gradient reads)
+  const TapTable<T>* transposed;  // transposed taps
+  T* correlations;                // [block][((b · n + g) · K + k) · Taps + t]
+
+  template <int RegisterBytes>
+  AGI_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    constexpr int L = lanes<RegisterBytes, T>();
+    using V = Pack<T, L>;
+    const int64_t K = s.kernel_numel();
+    const int64_t row = s.in_channels * K;
+    const int64_t entries = s.batch * s.groups * K * Taps;
+    PackBuffer<V> w_tile(row), grad_tile(row), grad_w_tile(row);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t o = block * L;
+      const int64_t count = std::min<int64_t>(L, s.out_channels - o);
+      load_tile<L>(w + o * row, row, count, w_tile.data());
+      std::fill(grad_w_tile.data(), grad_w_tile.data() + row, V{});
+      T* M = correlations + block * entries;
+      for (int64_t b = 0; b < s.batch; ++b) {
+        load_tile<L>(grad + (b * s.out_channels + o) * row, row, count, grad_tile.data());
+        for (int64_t g = 0; g < s.groups; ++g) {
+          const int64_t first = (b * s.groups + g) * K * Taps;
+          const int64_t c_begin = g * s.channels_per_group, c_end = c_begin + s.channels_per_group;
+          const int32_t* index = taps->index.data() + first;
+          for (int64_t k = 0; k < K; ++k) {
+            for (int t = 0; t < Taps; ++t) {
+              V m{};
+              for (int64_t c = c_begin; c < c_end; ++c) m += grad_tile[c * K + k] * w_tile[c * K + index[k * Taps + t]];
+              T sum = T(0);
+              for (int l = 0; l < L; ++l) sum += m[l];
+              M[first + k * Taps + t] = sum;
+            }
+          }
+          const int32_t* t_index = transposed->index.data() + first;
+          const T* t_coef = transposed->weight.data() + first;
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            const V* src = grad_tile.data() + c * K;
+            V* acc = grad_w_tile.data() + c * K;
+            for (int64_t j = 0; j < K; ++j) {
+              for (int t = 0; t < Taps; ++t) acc[j] += t_coef[j * Taps + t] * src[t_index[j * Taps + t]];
+            }
+          }
+        }
+      }
+      store_tile<L>(grad_w_tile.data(), row, grad_w + o * row, row, count);
+    }
+  }
+};
+
+template <typename T, int Taps>
+void tile_forward(const T* w, const T* offsets, const T* scales, T* out, const RollShape& s, CpuPath path) {
+  const TapTable<T> taps = tap_table<T>(offsets, scales, s, /*transpose=*/false);
+  const int64_t L = lanes_on<T>(path);
+  const int64_t blocks = (s.out_channels + L - 1) / L;
+  // Enough tasks for every thread; each transposes its block's weights once.
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  const int64_t chunks = std::min<int64_t>(s.batch, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
+  const int64_t samples_per_task = (s.batch + chunks - 1) / chunks;
+  const int64_t tasks = blocks * ((s.batch + samples_per_task - 1) / samples_per_task);
+  parallel_run(TileForwardJob<T, Taps>{w, out, s, &taps, samples_per_task}, path, tasks, 1);
+}
+
+template <typename T, int Taps>
+void tile_backward(
+    const T* grad, const T* w, const T* offsets, const T* scales, T* grad_w, T* grad_offsets, T* grad_scales,
+    const RollShape& s, CpuPath path) {
+  const int64_t K = s.kernel_numel();
+  const TapTable<T> taps = tap_table<T>(offsets, scales, s, /*transpose=*/false);
+  const TapTable<T> transposed = tap_table<T>(offsets, scales, s, /*transpose=*/true);
+  const int64_t L = lanes_on<T>(path);
+  const int64_t blocks = (s.out_channels + L - 1) / L;
+  const int64_t entries = s.batch * s.groups * K * Taps;
+  std::vector<T> correlations(blocks * entries);
+  parallel_run(TileBackwardJob<T, Taps>{grad, w, grad_w, s, &taps, &transposed, correlations.data()}, path, blocks, 1);
+  at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
+    SampleTaps<T> st;
+    for (int64_t b = begin; b < end; ++b) {
+      sample_taps<T>(offsets, s, b, /*transpose=*/false, st);
+      for (int64_t g = 0; g < s.groups; ++g) {
+        T d_scale = T(0);
+        T d_offset[kMaxAxes] = {T(0), T(0), T(0)};
+        for (int64_t e = g * K * Taps; e < (g + 1) * K * Taps; ++e) {
+          T m = T(0);
+          for (int64_t block = 0; block < blocks; ++block) m += correlations[block * entries + b * s.groups * K * Taps + e];
+          d_scale += st.weight[e] * m;
+          for (int a = 0; a < kMaxAxes; ++a) d_offset[a] += st.d_weight[e * kMaxAxes + a] * m;
+        }
+        detail::store_routing_grads<T>(d_scale, d_offset, scales, s, b * s.groups + g, grad_offsets, grad_scales);
+      }
+    }
+  });
+}
+#endif  // AGI_VECTOR_EXTENSIONS
+
 // ---------------------------------------------------------------------------------------------------
 // Column kernels (any dtype), AGI_MONAI_GROUP_ROLL_CPU=columns: the CUDA backend's per-thread code
 // (group_roll_math.h) run by CPU threads, so that every machine tests its maths. The weight gradient
@@ -1143,10 +1078,8 @@ void forward(const scalar_t* w, const scalar_t* offsets, const scalar_t* scales,
 #endif
 #if AGI_VECTOR_EXTENSIONS
   if constexpr (has_vector_kernels<scalar_t>()) {
-    if (path != CpuPath::kTaps && all_finite(w, s.weight_numel(), path)) {
-      const int64_t row = s.in_channels * s.kernel_numel();
-      parallel_run(DisplacementForwardJob<scalar_t>{w, offsets, scales, out, s}, path, s.batch * s.out_channels,
-                   (1 << 14) / row);
+    if (path != CpuPath::kTaps) {
+      (s.spatial == 2 ? tile_forward<scalar_t, 4> : tile_forward<scalar_t, 8>)(w, offsets, scales, out, s, path);
       return;
     }
   }
@@ -1176,26 +1109,8 @@ void backward(const scalar_t* grad, const scalar_t* w, const scalar_t* offsets, 
 #if AGI_VECTOR_EXTENSIONS
   if constexpr (has_vector_kernels<scalar_t>()) {
     if (path != CpuPath::kTaps) {
-      std::atomic<bool> grad_nonfinite{false};
-      parallel_run(
-          DisplacementGradRoutingJob<scalar_t>{grad, w, offsets, scales, grad_offsets, grad_scales, s, &grad_nonfinite},
-          path, s.batch * s.groups, 1);
-      if (grad_nonfinite.load()) {
-        grad_weight_by_taps(grad, offsets, scales, grad_w, s);
-        return;
-      }
-      std::vector<DisplacementTable<scalar_t>> tables(s.batch);
-      at::parallel_for(0, s.batch, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b)
-          build_displacement_table<scalar_t>(offsets, scales, s, b, /*transpose=*/true, tables[b]);
-      });
-      // Blocks of output channels whose grad_w rows (accumulated over the samples) fit in L2.
-      const int64_t row_bytes = s.in_channels * s.kernel_numel() * static_cast<int64_t>(sizeof(scalar_t));
-      const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
-      const int64_t rows_per_block = std::max<int64_t>(
-          1, std::min<int64_t>((s.out_channels + 2 * threads - 1) / (2 * threads), (256 << 10) / row_bytes));
-      const int64_t blocks = (s.out_channels + rows_per_block - 1) / rows_per_block;
-      parallel_run(DisplacementGradWeightJob<scalar_t>{grad, grad_w, &tables, s, rows_per_block}, path, blocks, 1);
+      (s.spatial == 2 ? tile_backward<scalar_t, 4> : tile_backward<scalar_t, 8>)(grad, w, offsets, scales, grad_w,
+                                                                                grad_offsets, grad_scales, s, path);
       return;
     }
   }
