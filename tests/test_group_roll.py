@@ -710,9 +710,9 @@ def test_bad_inputs_same_message(case):
 
 
 # --------------------------------------------------------------------------------------------------
-# CPU code paths (csrc/cpu/group_roll_kernel.cpp): lane permutes (float32, AVX-512, K ≤ 32),
-# displacement rows (vector extensions: float64, and float32 elsewhere), per-tap loops (the first
-# version; float16/bfloat16 and non-finite inputs), and the CUDA backend's column code run on the CPU
+# CPU code paths (csrc/cpu/group_roll_kernel.cpp): lane permutes (float32, AVX-512, K ≤ 32), tiles of
+# output channels (vector extensions: float64, and float32 elsewhere; AVX2's 8×8 register transposes),
+# per-tap loops (the first version; float16/bfloat16), and the CUDA backend's column code run on the CPU
 # (so that its maths are tested without a GPU). AGI_MONAI_GROUP_ROLL_CPU picks one per call.
 # --------------------------------------------------------------------------------------------------
 
@@ -747,16 +747,20 @@ def cpu_path_params():
 
 # (B, n, C_in, C_out, kernel): every kernel variant and its edges.
 CPU_PATH_SHAPES = [
-    (3, 2, 4, 3, (3, 3)),  # lanes dense (K ≤ 9); row of 36: a partial last register; windows past both tensor ends
-    (2, 8, 64, 5, (3, 3)),  # lanes dense; registers straddle groups (8 channels × 9 = 72 entries per group)
+    (3, 2, 4, 3, (3, 3)),  # lanes dense (K ≤ 9); row of 36: a partial last register; windows past both tensor ends;
+    # tiles: 3 of 8 lanes used, rows of 36 = 4 register transposes and 4 single entries
+    (2, 8, 64, 5, (3, 3)),  # lanes dense; registers straddle groups (8 channels × 9 = 72 entries per group); tiles:
+    # 64 input channels = two chunks of 32
     (2, 4, 16, 3, (2, 2)),  # lanes dense, K = 4
     (3, 1, 3, 2, (1, 1)),  # K = 1: all taps read the one entry
     (2, 2, 4, 3, (3, 5)),  # lanes per slice, K = 15 (one register)
     (2, 4, 8, 2, (5, 5)),  # lanes per slice, K = 25 (two registers, the second partial)
     (2, 2, 4, 3, (3, 3, 3)),  # 3D lanes per slice, K = 27
     (1, 2, 2, 2, (2, 4, 4)),  # 3D, K = 32: exactly two registers
-    (2, 2, 4, 2, (7, 7)),  # K = 49: displacement rows on every path but taps
-    (2, 2, 2, 2, (3, 3, 4)),  # 3D, K = 36: displacement rows
+    (2, 2, 4, 2, (7, 7)),  # K = 49: tiles on every path but taps and columns
+    (2, 2, 2, 2, (3, 3, 4)),  # 3D, K = 36: tiles
+    (3, 4, 36, 17, (3, 3)),  # tiles: 17 output channels = two full 8-lane blocks and one of 1; 36 input channels
+    # = a chunk of 32 and one of 4
 ]
 
 

@@ -815,24 +815,31 @@ AGI_ALWAYS_INLINE void load_tile(const T* data, int64_t row, int64_t count, Pack
   }
 }
 
+// Lanes (i0 … i7) of the 16 lanes of a then b (two-source shuffle with constant indices).
+#if defined(__clang__)
+#define AGI_SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define AGI_SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shuffle(a, b, Pack<int32_t, 8>{i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
 // rows[l] = (columns[0][l], …, columns[7][l]): an 8×8 transpose of float registers in 24 shuffles
-// (unpack pairs, then quads, then 128-bit halves), each of which GCC emits as one instruction.
+// (unpack pairs, then quads, then 128-bit halves), each of which the compiler emits as one instruction.
 AGI_ALWAYS_INLINE void transpose8x8(const Pack<float, 8>* columns, Pack<float, 8>* rows) {
-  using Mask = Pack<int32_t, 8>;
   Pack<float, 8> pairs[8], quads[8];
   for (int i = 0; i < 8; i += 2) {
-    pairs[i] = __builtin_shuffle(columns[i], columns[i + 1], Mask{0, 8, 1, 9, 4, 12, 5, 13});
-    pairs[i + 1] = __builtin_shuffle(columns[i], columns[i + 1], Mask{2, 10, 3, 11, 6, 14, 7, 15});
+    pairs[i] = AGI_SHUFFLE8(columns[i], columns[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    pairs[i + 1] = AGI_SHUFFLE8(columns[i], columns[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
   for (int i = 0; i < 8; i += 4) {
     for (int h = 0; h < 2; ++h) {
-      quads[i + 2 * h] = __builtin_shuffle(pairs[i + h], pairs[i + h + 2], Mask{0, 1, 8, 9, 4, 5, 12, 13});
-      quads[i + 2 * h + 1] = __builtin_shuffle(pairs[i + h], pairs[i + h + 2], Mask{2, 3, 10, 11, 6, 7, 14, 15});
+      quads[i + 2 * h] = AGI_SHUFFLE8(pairs[i + h], pairs[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      quads[i + 2 * h + 1] = AGI_SHUFFLE8(pairs[i + h], pairs[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
     }
   }
   for (int l = 0; l < 4; ++l) {
-    rows[l] = __builtin_shuffle(quads[l], quads[l + 4], Mask{0, 1, 2, 3, 8, 9, 10, 11});
-    rows[l + 4] = __builtin_shuffle(quads[l], quads[l + 4], Mask{4, 5, 6, 7, 12, 13, 14, 15});
+    rows[l] = AGI_SHUFFLE8(quads[l], quads[l + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    rows[l + 4] = AGI_SHUFFLE8(quads[l], quads[l + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
