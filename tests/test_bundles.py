@@ -28,7 +28,7 @@ from monai.bundle.properties import InferProperties, TrainProperties
 from monai.utils.enums import BundleProperty, BundlePropertyConfig
 from monai.utils import optional_import
 
-from agi_monai.bundle import FolderSynthesis, TrainingSummary, load_split, loss_terms, slice_names
+from agi_monai.bundle import FolderSynthesis, TrainingSummary, check_command_line, load_split, loss_terms, slice_names
 from agi_monai.data import Failure
 from agi_monai.networks import AGINet
 
@@ -208,6 +208,56 @@ def test_verify_net_in_out(name):
     verify_net_in_out(
         net_id="network_def", meta_file=str(folder / "metadata.json"), config_file=str(folder / "inference.json"),
         device="cpu", n=2,
+    )
+
+
+# --------------------------------------------------------------------------------------- command line
+
+MONAI_BUNDLE_MAIN = str(Path(importlib.util.find_spec("monai.bundle.__main__").origin))
+
+
+def test_misspelled_override_is_refused_before_any_work(tmp_path):
+    """``--epoch 1`` for ``--epochs``: MONAI adds a key nothing reads, and the run trained its 60 epochs. Now the
+    first initialize step names it, with the setting it resembles, before the dataset is even listed."""
+    name = "ixi_t1_t2_to_pd"
+    output = _bundle(name, "run", _configs(name, "train.json"), "--bundle_root", str(tmp_path), "--dataset_dir",
+                     str(DATA), "--epoch", "1", *TINY, status=1)
+    configs = BUNDLES / name / "configs" / "train.json"
+    assert (f"ValueError: command line: --epoch is not a setting of {configs} (did you mean "
+            "--epochs?). MONAI would add it as a new key that nothing reads.") in output, output[-3000:]
+    assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
+
+
+def test_command_line_check_accepts_what_monai_and_the_configs_define(tmp_path):
+    name = "brats_t1_t2_to_flair"
+    train, evaluate = _configs(name, "evaluate.json")
+    both = f"['{train}','{evaluate}']"
+    accepted = [
+        ["run", "training", "--config_file", train, "--epochs", "1", "--network_def#channels", "[8,16,16,32]"],
+        ["run", "--run_id=evaluating", f"--config_file={both}", "--validate#datalist#split", "test", "--protocols",
+         "['slice2d']"],  # a key only evaluate.json has, '=' forms
+        ["run", "--config_file", train, "--tracking", "mlflow", "--experiment_name", "x", "--amp"],  # a bare flag
+        ["verify_metadata", "--meta_file", "m.json", "--filepath", "schema.json"],  # no config file: nothing to check
+    ]
+    for arguments in accepted:
+        check_command_line([MONAI_BUNDLE_MAIN, *arguments])
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"config_file": train, "my_root": "/data"}))
+    check_command_line([MONAI_BUNDLE_MAIN, "run", "--args_file", str(args_file), "--my_root", "/other"])
+    # Not `python -m monai.bundle` (a workflow run from Python, e.g. by MONAI Label): not checked.
+    check_command_line(["/usr/bin/pytest", "--epoch", "1", "--config_file", train])
+
+
+def test_command_line_check_names_every_unknown_override():
+    name = "brats_t1_t2_to_flair"
+    train = _configs(name, "train.json")[0]
+    with pytest.raises(ValueError) as raised:
+        check_command_line([MONAI_BUNDLE_MAIN, "run", "--config_file", train, "--val_intervall", "5", "--foo#bar", "3",
+                            "--experiment_name", "x"])  # a tracking setting without --tracking
+    assert str(raised.value) == (
+        f"command line: --val_intervall is not a setting of {train} (did you mean --val_interval?); --foo#bar is not "
+        f"a setting of {train} (the bundle's docs/README.md lists its settings); --experiment_name is not a setting of "
+        f"{train} (the bundle's docs/README.md lists its settings). MONAI would add it as a new key that nothing reads."
     )
 
 

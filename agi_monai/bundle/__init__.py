@@ -4,6 +4,7 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 (``tests/test_bundles.py``); the configs only wire it.
 """
 
+from agi_monai.bundle.command_line import check_command_line
 from agi_monai.bundle.data import check_batches, check_spatial_size, check_splits, load_split
 from agi_monai.bundle.handlers import EvaluatorProgressBar, TrainingSummary, log_iterations, loss_terms, run_training, slice_names
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
@@ -14,6 +15,7 @@ __all__ = [
     "SynthesisSummary",
     "TrainingSummary",
     "check_batches",
+    "check_command_line",
     "check_spatial_size",
     "check_splits",
     "load_split",

@@ -1,0 +1,114 @@
+"""Refuses command-line overrides that name no setting of the bundle.
+
+``python -m monai.bundle run --config_file .../train.json --epoch 1`` (for ``--epochs``) makes MONAI add a new
+top-level key ``epoch`` that nothing reads: the run trains its 60 epochs, silently. MONAI accepts any override by
+design (an override may add a key that another one references), and its ``ConfigWorkflow`` checks only that
+required properties exist, so the bundles' first ``initialize`` step calls :func:`check_command_line`, which reads
+the command line back and names the unknown override before any work (with the setting it most resembles).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["check_command_line"]
+
+# MONAI's experiment-tracking settings: overrides that ``--tracking`` reads although no config holds them
+# (``monai.bundle.scripts.run``'s docstring lists them).
+TRACKING_SETTINGS = ("output_dir", "tracking_uri", "experiment_name", "run_name", "save_execute_config")
+
+
+def _run_arguments() -> set[str]:
+    """The arguments of ``monai.bundle.scripts.run`` itself (``config_file``, ``run_id``, …), not overrides."""
+    from monai.bundle.scripts import run
+
+    return {name for name, p in inspect.signature(run).parameters.items() if p.kind is not p.VAR_KEYWORD}
+
+
+def _options(arguments: Sequence[str]) -> dict[str, str | None]:
+    """``--name value``, ``--name=value`` and ``--name`` (no value) as Fire reads them; positional words skipped."""
+    options: dict[str, str | None] = {}
+    i = 0
+    while i < len(arguments):
+        word = arguments[i]
+        i += 1
+        if not word.startswith("--") or word == "--":
+            continue
+        name, has_value, value = word[2:].partition("=")
+        if not has_value:
+            value = None
+            if i < len(arguments) and not arguments[i].startswith("--"):
+                value = arguments[i]
+                i += 1
+        options[name] = value
+    return options
+
+
+def _file_list(value: str | None) -> list[str]:
+    """``a.json`` or ``['a.json','b.json']`` (how the README passes several configs) as a list of paths."""
+    if not value:
+        return []
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            parsed = [part.strip(" '\"") for part in text.strip("[]").split(",")]
+        return [str(part) for part in parsed]
+    return [text]
+
+
+def _is_bundle_command(program: str) -> bool:
+    """Whether this process is ``python -m monai.bundle`` (its argv[0] is that package's ``__main__.py``)."""
+    path = Path(program)
+    return path.name == "__main__.py" and path.parent.name == "bundle" and path.parent.parent.name == "monai"
+
+
+def check_command_line(argv: Sequence[str] | None = None) -> None:
+    """Raises ``ValueError`` naming each ``--override`` of ``argv`` (default ``sys.argv``) that is neither an
+    argument of ``monai.bundle run``, nor a top-level key of the config files it runs (``--config_file``, and the
+    ``args_file``'s keys), nor, with ``--tracking``, one of MONAI's tracking settings. ``a#b`` overrides are checked
+    by their first part (a wrong nested name fails where it is used). Does nothing when the process is not
+    ``python -m monai.bundle`` (a workflow run from Python: MONAI Label, MONAI Deploy, tests) or names no config file.
+
+    Args:
+        argv: the command line, ``sys.argv`` by default.
+    """
+    from monai.bundle import ConfigParser
+
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not _is_bundle_command(argv[0]):
+        return
+    options = _options(argv[1:])
+    known = _run_arguments()
+    args_file = options.get("args_file")
+    if args_file:
+        defaults = ConfigParser.load_config_file(args_file)
+        known |= set(defaults)
+        options.setdefault("config_file", defaults.get("config_file"))
+    config_files = _file_list(options.get("config_file"))
+    if not config_files:
+        return
+    settings: list[str] = []
+    for path in config_files:
+        settings += [key for key in ConfigParser.load_config_file(path) if key not in settings]
+    known |= set(settings)
+    if options.get("tracking"):
+        known |= set(TRACKING_SETTINGS)
+    problems = []
+    for name in options:
+        key = name.split("#", 1)[0]
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, settings, n=1, cutoff=0.6)
+        hint = f"did you mean --{close[0]}?" if close else "the bundle's docs/README.md lists its settings"
+        problems.append(f"--{name} is not a setting of {' + '.join(config_files)} ({hint})")
+    if problems:
+        raise ValueError(
+            "command line: " + "; ".join(problems) + ". MONAI would add it as a new key that nothing reads."
+        )
