@@ -237,6 +237,7 @@ def test_command_line_check_accepts_what_monai_and_the_configs_define(tmp_path):
         ["run", "--run_id=evaluating", f"--config_file={both}", "--validate#datalist#split", "test", "--protocols",
          "['slice2d']"],  # a key only evaluate.json has, '=' forms
         ["run", "--config_file", train, "--tracking", "mlflow", "--experiment_name", "x", "--amp"],  # a bare flag
+        ["run", "--config_file", train, "--workflow_name", "ConfigWorkflow", "--workflow_type", "train"],  # MONAI's
         ["verify_metadata", "--meta_file", "m.json", "--filepath", "schema.json"],  # no config file: nothing to check
     ]
     for arguments in accepted:

@@ -24,10 +24,18 @@ TRACKING_SETTINGS = ("output_dir", "tracking_uri", "experiment_name", "run_name"
 
 
 def _run_arguments() -> set[str]:
-    """The arguments of ``monai.bundle.scripts.run`` itself (``config_file``, ``run_id``, …), not overrides."""
-    from monai.bundle.scripts import run
+    """What ``monai.bundle run`` takes for itself rather than as overrides: the arguments of ``run``
+    (``config_file``, ``run_id``, …), of ``create_workflow`` (``workflow_name``) and of ``ConfigWorkflow``
+    (``workflow_type``, ``properties_path``), through which it passes the rest."""
+    from monai.bundle import ConfigWorkflow
+    from monai.bundle.scripts import create_workflow, run
 
-    return {name for name, p in inspect.signature(run).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    return {
+        name
+        for function in (run, create_workflow, ConfigWorkflow.__init__)
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind is not p.VAR_KEYWORD and name != "self"
+    }
 
 
 def _options(arguments: Sequence[str]) -> dict[str, str | None]:
