@@ -19,7 +19,7 @@ if [ "$#" -gt 0 ] || [ "$(nproc)" -lt 2 ]; then
     exec "${pytest[@]}" "$@"
 fi
 
-# (clean-clone CI, 2026-11-24, commit 752f966: these 14.6 min, the others 18.8 min, side by side)
+# (clean-clone CI, 2026-11-24, commit f93d7ea: these 15.8 min, the others 20.2 min, side by side)
 LONG=(tests/test_compare.py tests/test_demo.py tests/test_ablation.py tests/test_downstream.py tests/test_engines.py
       tests/test_robustness.py tests/test_kill_resume.py)
 rest=()
