@@ -238,6 +238,7 @@ def test_command_line_check_accepts_what_monai_and_the_configs_define(tmp_path):
          "['slice2d']"],  # a key only evaluate.json has, '=' forms
         ["run", "--config_file", train, "--tracking", "mlflow", "--experiment_name", "x", "--amp"],  # a bare flag
         ["run", "--config_file", train, "--workflow_name", "ConfigWorkflow", "--workflow_type", "train"],  # MONAI's
+        ["run", "--config-file", train, "-bundle-root", "b", "--val_interval", "-1", "--", "--trace"],  # Fire's forms
         ["verify_metadata", "--meta_file", "m.json", "--filepath", "schema.json"],  # no config file: nothing to check
     ]
     for arguments in accepted:
@@ -253,7 +254,7 @@ def test_command_line_check_names_every_unknown_override():
     name = "brats_t1_t2_to_flair"
     train = _configs(name, "train.json")[0]
     with pytest.raises(ValueError) as raised:
-        check_command_line([MONAI_BUNDLE_MAIN, "run", "--config_file", train, "--val_intervall", "5", "--foo#bar", "3",
+        check_command_line([MONAI_BUNDLE_MAIN, "run", "--config_file", train, "--val-intervall", "5", "--foo#bar", "3",
                             "--experiment_name", "x"])  # a tracking setting without --tracking
     assert str(raised.value) == (
         f"command line: --val_intervall is not a setting of {train} (did you mean --val_interval?); --foo#bar is not "

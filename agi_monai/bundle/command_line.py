@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -38,22 +39,31 @@ def _run_arguments() -> set[str]:
     }
 
 
+def _is_flag(word: str) -> bool:
+    """Whether Fire reads ``word`` as a flag: ``--name`` or ``-name``, not a value like ``-1``."""
+    return word.startswith("--") or re.match(r"^-[a-zA-Z]", word) is not None
+
+
 def _options(arguments: Sequence[str]) -> dict[str, str | None]:
-    """``--name value``, ``--name=value`` and ``--name`` (no value) as Fire reads them; positional words skipped."""
+    """The flags of a Fire command line as Fire reads them: ``--name value``, ``--name=value``, ``--name`` (no
+    value), one or two dashes, ``-`` in a name read as ``_``; positional words skipped; nothing after a lone
+    ``--`` (Fire's own flags)."""
     options: dict[str, str | None] = {}
     i = 0
     while i < len(arguments):
         word = arguments[i]
         i += 1
-        if not word.startswith("--") or word == "--":
+        if word == "--":
+            break
+        if not _is_flag(word):
             continue
-        name, has_value, value = word[2:].partition("=")
+        key, has_value, value = word.lstrip("-").partition("=")
         if not has_value:
             value = None
-            if i < len(arguments) and not arguments[i].startswith("--"):
+            if i < len(arguments) and not _is_flag(arguments[i]) and arguments[i] != "--":
                 value = arguments[i]
                 i += 1
-        options[name] = value
+        options[key.replace("-", "_")] = value
     return options
 
 
