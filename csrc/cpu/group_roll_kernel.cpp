@@ -201,6 +201,27 @@ void sample_taps(const T* offsets, const RollShape& s, int64_t b, bool transpose
   }
 }
 
+// The routing gradients of sample b from its tap correlations M[e], e = (g · K + k) · taps + t, held as `parts`
+// partial sums `part_stride` apart (added in order, so the result does not depend on the thread count):
+// d_scale = Σ weight · M, d_offset = scale · Σ ∂weight/∂offset · M over each group's entries.
+template <typename T>
+void store_routing_grads_of_sample(
+    const T* partials, int64_t parts, int64_t part_stride, const SampleTaps<T>& st, const T* scales,
+    const RollShape& s, int64_t b, T* grad_offsets, T* grad_scales) {
+  const int64_t span = s.kernel_numel() * st.taps;
+  for (int64_t g = 0; g < s.groups; ++g) {
+    T d_scale = T(0);
+    T d_offset[kMaxAxes] = {T(0), T(0), T(0)};
+    for (int64_t e = g * span; e < (g + 1) * span; ++e) {
+      T m = T(0);
+      for (int64_t part = 0; part < parts; ++part) m += partials[part * part_stride + e];
+      d_scale += st.weight[e] * m;
+      for (int a = 0; a < kMaxAxes; ++a) d_offset[a] += st.d_weight[e * kMaxAxes + a] * m;
+    }
+    detail::store_routing_grads<T>(d_scale, d_offset, scales, s, b * s.groups + g, grad_offsets, grad_scales);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Dispatch of the vectorised jobs.
 // ---------------------------------------------------------------------------------------------------
@@ -616,20 +637,8 @@ void lane_backward(
                                   begin, end);
   });
   for (int64_t b = 0; b < s.batch; ++b) {
-    const SampleTaps<float>& st = plans[b].sample;
-    for (int64_t g = 0; g < s.groups; ++g) {
-      float d_scale = 0.0f;
-      float d_offset[kMaxAxes] = {0.0f, 0.0f, 0.0f};
-      for (int64_t e = g * K * Taps; e < (g + 1) * K * Taps; ++e) {
-        float m = 0.0f;
-        for (int64_t task = b * tasks_per_sample; task < (b + 1) * tasks_per_sample; ++task)
-          m += correlations[task * entries + e];
-        d_scale += st.weight[e] * m;
-        for (int a = 0; a < kMaxAxes; ++a) d_offset[a] += st.d_weight[e * kMaxAxes + a] * m;
-      }
-      const int64_t bg = b * s.groups + g;
-      detail::store_routing_grads<float>(d_scale, d_offset, scales, s, bg, grad_offsets, grad_scales);
-    }
+    store_routing_grads_of_sample<float>(correlations.data() + b * tasks_per_sample * entries, tasks_per_sample,
+                                         entries, plans[b].sample, scales, s, b, grad_offsets, grad_scales);
   }
   const int64_t blocks = (s.out_channels + kLaneRowsPerBlock - 1) / kLaneRowsPerBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -1007,17 +1016,8 @@ void tile_backward(
     SampleTaps<T> st;
     for (int64_t b = begin; b < end; ++b) {
       sample_taps<T>(offsets, s, b, /*transpose=*/false, st);
-      for (int64_t g = 0; g < s.groups; ++g) {
-        T d_scale = T(0);
-        T d_offset[kMaxAxes] = {T(0), T(0), T(0)};
-        for (int64_t e = g * K * Taps; e < (g + 1) * K * Taps; ++e) {
-          T m = T(0);
-          for (int64_t block = 0; block < blocks; ++block) m += correlations[block * entries + b * s.groups * K * Taps + e];
-          d_scale += st.weight[e] * m;
-          for (int a = 0; a < kMaxAxes; ++a) d_offset[a] += st.d_weight[e * kMaxAxes + a] * m;
-        }
-        detail::store_routing_grads<T>(d_scale, d_offset, scales, s, b * s.groups + g, grad_offsets, grad_scales);
-      }
+      store_routing_grads_of_sample<T>(correlations.data() + b * s.groups * K * Taps, blocks, entries, st, scales, s, b,
+                                       grad_offsets, grad_scales);
     }
   });
 }
