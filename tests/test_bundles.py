@@ -223,9 +223,31 @@ def test_misspelled_override_is_refused_before_any_work(tmp_path):
     output = _bundle(name, "run", _configs(name, "train.json"), "--bundle_root", str(tmp_path), "--dataset_dir",
                      str(DATA), "--epoch", "1", *TINY, status=1)
     configs = BUNDLES / name / "configs" / "train.json"
-    assert (f"ValueError: command line: --epoch is not a setting of {configs} (did you mean "
-            "--epochs?). MONAI would add it as a new key that nothing reads.") in output, output[-3000:]
+    message = (f"ValueError: command line: --epoch is not a setting of {configs} (did you mean --epochs?). MONAI would "
+               "add it as a new key that nothing reads.")
+    # MONAI's traceback ends with "Failed to evaluate ConfigExpression"; ours names the cause after it
+    assert output.rstrip().splitlines()[-1] == f"monai.bundle run failed: {message}", output[-3000:]
     assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
+
+
+def test_a_failed_run_ends_with_its_cause(capsys):
+    from agi_monai.bundle.command_line import _report_cause_last
+    from agi_monai.data import DataError
+
+    printed = []
+    hook = _report_cause_last(lambda *exc_info: printed.append(exc_info[0]))
+    try:
+        try:
+            raise DataError("/data/case-t1.nii.gz", "is empty", "a NIfTI image")
+        except DataError as error:
+            raise RuntimeError("Failed to instantiate component 'agi_monai.bundle.load_split'") from error
+    except RuntimeError as error:
+        hook(type(error), error, error.__traceback__)
+    assert printed == [RuntimeError]  # the traceback first, as before
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "monai.bundle run failed: /data/case-t1.nii.gz: is empty (expected a NIfTI image)")
+    hook(KeyboardInterrupt, KeyboardInterrupt(), None)  # Ctrl-C: the traceback only
+    assert printed == [RuntimeError, KeyboardInterrupt] and capsys.readouterr().err == ""
 
 
 def test_command_line_check_accepts_what_monai_and_the_configs_define(tmp_path):
@@ -248,6 +270,7 @@ def test_command_line_check_accepts_what_monai_and_the_configs_define(tmp_path):
     check_command_line([MONAI_BUNDLE_MAIN, "run", "--args_file", str(args_file), "--my_root", "/other"])
     # Not `python -m monai.bundle` (a workflow run from Python, e.g. by MONAI Label): not checked.
     check_command_line(["/usr/bin/pytest", "--epoch", "1", "--config_file", train])
+    assert sys.excepthook is sys.__excepthook__  # set only in `python -m monai.bundle` itself
 
 
 def test_command_line_check_names_every_unknown_override():

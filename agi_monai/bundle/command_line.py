@@ -5,6 +5,10 @@ top-level key ``epoch`` that nothing reads: the run trains its 60 epochs, silent
 design (an override may add a key that another one references), and its ``ConfigWorkflow`` checks only that
 required properties exist, so the bundles' first ``initialize`` step calls :func:`check_command_line`, which reads
 the command line back and names the unknown override before any work (with the setting it most resembles).
+
+It also makes a failed run end with one line naming the cause: MONAI reports an exception raised in a config
+expression as ``RuntimeError: Failed to evaluate ConfigExpression: '$...'``, last, below the traceback that holds
+our message (which file, what is wrong, what was expected) somewhere in its middle.
 """
 
 from __future__ import annotations
@@ -87,6 +91,22 @@ def _is_bundle_command(program: str) -> bool:
     return path.name == "__main__.py" and path.parent.name == "bundle" and path.parent.parent.name == "monai"
 
 
+def _report_cause_last(previous_hook):
+    """An ``excepthook`` that prints the traceback as ``previous_hook`` does, then one line with the failure's cause
+    (:func:`agi_monai.data.failure_reason`: our error's message, else the innermost exception), what a reader of the
+    end of a long log needs. Ctrl-C is left as it is."""
+
+    def hook(kind, value, traceback):
+        previous_hook(kind, value, traceback)
+        if isinstance(value, Exception):
+            from agi_monai.data.errors import failure_reason
+
+            print(f"\nmonai.bundle run failed: {failure_reason(value)}", file=sys.stderr, flush=True)
+
+    hook.reports_cause_last = True
+    return hook
+
+
 def check_command_line(argv: Sequence[str] | None = None) -> None:
     """Raises ``ValueError`` naming each ``--override`` of ``argv`` (default ``sys.argv``) that is neither an
     argument of ``monai.bundle run``, nor a top-level key of the config files it runs (``--config_file``, and the
@@ -94,11 +114,16 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     by their first part (a wrong nested name fails where it is used). Does nothing when the process is not
     ``python -m monai.bundle`` (a workflow run from Python: MONAI Label, MONAI Deploy, tests) or names no config file.
 
+    In ``python -m monai.bundle``, it also sets ``sys.excepthook`` so that a failure, this check's included, ends
+    with one line naming its cause (see the module's docstring).
+
     Args:
         argv: the command line, ``sys.argv`` by default.
     """
     from monai.bundle import ConfigParser
 
+    if sys.argv and _is_bundle_command(sys.argv[0]) and not getattr(sys.excepthook, "reports_cause_last", False):
+        sys.excepthook = _report_cause_last(sys.excepthook)
     argv = list(sys.argv if argv is None else argv)
     if not argv or not _is_bundle_command(argv[0]):
         return
