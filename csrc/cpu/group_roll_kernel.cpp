@@ -226,28 +226,32 @@ void store_routing_grads_of_sample(
 // Dispatch of the vectorised jobs.
 // ---------------------------------------------------------------------------------------------------
 
+// Bytes of one vector register on `path` (the baseline: SSE2, or whatever 16-byte vectors the ISA has).
+constexpr int register_bytes(CpuPath path) {
+  return path == CpuPath::kAvx512 ? 64 : path == CpuPath::kAvx2 ? 32 : 16;
+}
+
 // A job's `run<RegisterBytes>(begin, end)` is compiled once per instruction set: these wrappers carry
 // the target attribute and the job's always-inline body is compiled inside them.
 #if AGI_X86_DISPATCH
 template <typename Job>
 AGI_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t end) {
-  job.template run<64>(begin, end);
+  job.template run<register_bytes(CpuPath::kAvx512)>(begin, end);
 }
 template <typename Job>
 AGI_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) {
-  job.template run<32>(begin, end);
+  job.template run<register_bytes(CpuPath::kAvx2)>(begin, end);
 }
 #endif
 template <typename Job>
 void run_baseline(const Job& job, int64_t begin, int64_t end) {
-  job.template run<16>(begin, end);
+  job.template run<register_bytes(CpuPath::kBaseline)>(begin, end);
 }
 
 // Lanes of one register of T in the jobs that parallel_run runs on `path`.
 template <typename T>
 int64_t lanes_on(CpuPath path) {
-  const int64_t register_bytes = path == CpuPath::kAvx512 ? 64 : path == CpuPath::kAvx2 ? 32 : 16;
-  return std::max<int64_t>(1, register_bytes / static_cast<int64_t>(sizeof(T)));
+  return std::max<int64_t>(1, register_bytes(path) / static_cast<int64_t>(sizeof(T)));
 }
 
 template <typename Job>
@@ -882,6 +886,7 @@ struct TileForwardJob {
   T* out;
   RollShape s;
   const TapTable<T>* taps;  // forward taps of every sample
+  int64_t chunks;            // tasks per block: task = block · chunks + chunk of samples_per_task samples
   int64_t samples_per_task;
 
   template <int RegisterBytes>
@@ -890,7 +895,6 @@ struct TileForwardJob {
     using V = Pack<T, L>;
     const int64_t K = s.kernel_numel();
     const int64_t row = s.in_channels * K;
-    const int64_t chunks = (s.batch + samples_per_task - 1) / samples_per_task;
     PackBuffer<V> tile(row), rolled(kTileChannels * K);
     int64_t tile_block = -1;
     for (int64_t task = begin; task < end; ++task) {
@@ -994,10 +998,10 @@ void tile_forward(const T* w, const T* offsets, const T* scales, T* out, const R
   const int64_t blocks = (s.out_channels + L - 1) / L;
   // Enough tasks for every thread; each transposes its block's weights once.
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
-  const int64_t chunks = std::min<int64_t>(s.batch, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
-  const int64_t samples_per_task = (s.batch + chunks - 1) / chunks;
-  const int64_t tasks = blocks * ((s.batch + samples_per_task - 1) / samples_per_task);
-  parallel_run(TileForwardJob<T, Taps>{w, out, s, &taps, samples_per_task}, path, tasks, 1);
+  const int64_t wanted = std::min<int64_t>(s.batch, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
+  const int64_t samples_per_task = (s.batch + wanted - 1) / wanted;
+  const int64_t chunks = (s.batch + samples_per_task - 1) / samples_per_task;  // ≤ wanted: no empty chunk
+  parallel_run(TileForwardJob<T, Taps>{w, out, s, &taps, chunks, samples_per_task}, path, blocks * chunks, 1);
 }
 
 template <typename T, int Taps>
