@@ -1,13 +1,19 @@
 """Outputs of batch runs: the output folder is checked before any case; SIGTERM, like Ctrl-C, leaves no temporary
-file; a failed case's reason is the error that says what happened, on one line."""
+file, and the one ``kill -9`` leaves is removed by the next run; a failed case's reason is the error that says what
+happened, on one line."""
 
+import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agi_monai.data import DataError, atomic_output, check_output_folder, failure_reason, stopping_cleanly_on_sigterm
+from agi_monai.data.files import remove_stale_temporaries, temporary_path
 
 
 def test_sigterm_inside_an_atomic_write_removes_the_temporary_file_and_exits_143(tmp_path):
@@ -21,6 +27,49 @@ def test_sigterm_inside_an_atomic_write_removes_the_temporary_file_and_exits_143
     assert stopped.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []  # neither the temporary file nor a partial output
     assert signal.getsignal(signal.SIGTERM) is before  # restored after the block
+
+
+def test_the_temporary_file_of_a_killed_run_is_removed_by_the_next_run(tmp_path, caplog):
+    # a real `kill -9` in the middle of an atomic write: nothing can clean up, so the next run's folder check does
+    target = tmp_path / "case_FLAIR.nii.gz"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom agi_monai.data import atomic_output\n"
+         f"with atomic_output({str(target)!r}) as temporary:\n"
+         "    temporary.write_bytes(b'half a volume'); print(temporary, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    left = Path(writer.stdout.readline().strip())
+    writer.kill()
+    writer.wait()
+    assert left.read_bytes() == b"half a volume" and left.name == f".tmp-{socket.gethostname()}-{writer.pid}-{target.name}"
+    with caplog.at_level(logging.WARNING, logger="agi_monai.data.files"):
+        check_output_folder(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert f"removed 1 temporary output(s) that a killed earlier run left in {tmp_path}: {left.name}" in caplog.text
+
+
+def test_only_temporaries_of_this_hosts_ended_processes_are_removed(tmp_path):
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    dead_file = tmp_path / f".tmp-{host}-{ended.pid}-a_T1.nii.gz"
+    dead_folder = tmp_path / f".tmp-{host}-{ended.pid}-a_T1_dicom"  # a DICOM series being written
+    kept = [
+        temporary_path(tmp_path / "b_T1.nii.gz"),  # this process: still writing
+        tmp_path / f".tmp-{host}-{os.getppid()}-c_T1.nii.gz",  # a running process
+        tmp_path / f".tmp-another-host-{ended.pid}-d_T1.nii.gz",  # a shared folder: another machine's process
+        tmp_path / f".tmp-{host}-{ended.pid}-",  # no output name: not ours
+        tmp_path / "e_T1.nii.gz",  # an output
+    ]
+    dead_file.write_bytes(b"x")
+    (dead_folder / "1.dcm").parent.mkdir()
+    (dead_folder / "1.dcm").write_bytes(b"x")
+    (tmp_path / "outputs").mkdir()
+    nested = tmp_path / "outputs" / dead_file.name  # not below the folder itself
+    for path in (*kept, nested):
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == sorted([dead_file, dead_folder])
+    assert sorted(tmp_path.rglob("*")) == sorted([*kept, tmp_path / "outputs", nested])
 
 
 def test_failure_reason_is_the_innermost_error_on_one_line(tmp_path):

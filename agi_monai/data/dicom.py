@@ -31,7 +31,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from agi_monai.data.contrasts import canonical_contrast
 from agi_monai.data.errors import DataError
-from agi_monai.data.files import atomic_output
+from agi_monai.data.files import atomic_output, temporary_path
 from agi_monai.data.volumes import load_volume, metatensor_to_sitk
 
 _logger = logging.getLogger(__name__)
@@ -500,7 +500,7 @@ def _atomic_folder(folder: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``folder``, renamed onto it when the block succeeds (an existing
     ``folder`` is replaced only then, when ``overwrite``), removed when it fails."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = folder.with_name(f".tmp-{os.getpid()}-{folder.name}")
+    temporary = temporary_path(folder)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:

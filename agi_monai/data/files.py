@@ -4,8 +4,12 @@ checked before any work is done."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -18,7 +22,59 @@ from monai.data import NibabelWriter
 
 from agi_monai.data.errors import DataError
 
-__all__ = ["atomic_output", "check_output_folder", "stopping_cleanly_on_sigterm", "write_json", "AtomicNibabelWriter"]
+__all__ = [
+    "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
+    "write_json", "AtomicNibabelWriter",
+]
+
+_logger = logging.getLogger(__name__)
+
+
+def _host_prefix() -> str:
+    """``.tmp-<host>-``, the start of every temporary output's name (then ``<pid>-<name>``): the host as well as the
+    process, so that a folder shared by several machines (NFS) is never cleaned of another machine's files
+    (:func:`remove_stale_temporaries`)."""
+    return f".tmp-{socket.gethostname()}-"
+
+
+def temporary_path(path: str | Path) -> Path:
+    """Where an output ``path`` (a file or a folder) is written before it is renamed onto its name: beside it, as
+    ``.tmp-<host>-<pid>-<name>``, so that the rename stays within one file system."""
+    path = Path(path)
+    return path.with_name(f"{_host_prefix()}{os.getpid()}-{path.name}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Removes the temporary outputs in ``folder`` (not below it) that a process of this host left when it was
+    killed where it could not clean up (``kill -9``, the out-of-memory killer, a power cut): those of
+    :func:`temporary_path` whose process no longer exists. Another host's files, and those of a running process (or
+    of one whose number a running process now has), are left alone. Returns what was removed (and logs it).
+    """
+    pattern = re.compile(re.escape(_host_prefix()) + r"(\d+)-.")
+    removed = []
+    for entry in sorted(Path(folder).iterdir()):
+        match = pattern.match(entry.name)
+        if match is None or _process_exists(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        _logger.warning("removed %d temporary output(s) that a killed earlier run left in %s: %s", len(removed), folder,
+                        ", ".join(p.name for p in removed))
+    return removed
 
 
 @contextmanager
@@ -30,7 +86,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    temporary = temporary_path(path)
     try:
         yield temporary
         os.replace(temporary, path)
@@ -41,7 +97,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 def check_output_folder(folder: str | Path, source: str | Path | None = None) -> Path:
     """Creates ``folder`` and writes (and removes) a file in it, so that a batch run fails before its first case, not
     after computing every case (a read-only file system, a file in the path, no permission). Also refuses ``folder``
-    when it is the input folder ``source`` or inside it: a later run would read its outputs as inputs.
+    when it is the input folder ``source`` or inside it: a later run would read its outputs as inputs. Then removes
+    the temporary outputs a killed earlier run left there (:func:`remove_stale_temporaries`).
 
     Args:
         folder: the output folder (``output_dir``); created with its parents.
@@ -68,6 +125,7 @@ def check_output_folder(folder: str | Path, source: str | Path | None = None) ->
     except OSError as error:
         raise DataError(folder, f"cannot be written ({error.strerror or error})",
                         "a folder this user can create and write files in") from error
+    remove_stale_temporaries(folder)
     return folder
 
 
@@ -76,7 +134,7 @@ def stopping_cleanly_on_sigterm() -> Iterator[None]:
     """Within the block, SIGTERM (what ``timeout``, Slurm, ``docker stop`` and ``kill`` send) raises ``SystemExit``
     with status 143 instead of ending the process at once: the ``finally`` of :func:`atomic_output` then removes its
     temporary file, as it does for Ctrl-C. (Python's default for SIGTERM runs no cleanup, so an interrupted batch
-    left ``.tmp-<pid>-<name>`` files.) Outside the main thread, where signal handlers cannot be set, it does nothing.
+    left ``.tmp-<host>-<pid>-<name>`` files.) Outside the main thread, where signal handlers cannot be set, it does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
