@@ -60,8 +60,15 @@
 #if AGI_VECTOR_EXTENSIONS && defined(__x86_64__)
 #define AGI_X86_DISPATCH 1
 #include <immintrin.h>
+// 512-bit vectors wanted where the compiler vectorises by itself: GCC says so in the target string; Clang
+// ignores the whole target attribute when it meets that option, and takes min_vector_width instead.
+#if defined(__clang__)
+#define AGI_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), min_vector_width(512)))
+#else
 #define AGI_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+#endif
 #define AGI_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define AGI_X86_DISPATCH 0
