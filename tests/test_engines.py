@@ -420,7 +420,7 @@ def _ddp_worker(rank: int, world_size: int, tmp_dir: str) -> None:
             {name: networks[name].module.state_dict() for name in ("generator", "discriminator")},
             f"{tmp_dir}/rank{rank}.pt",
         )
-        dist.barrier()  # as multi_gpu_train.json's finalize: the ranks leave the process group together
+        dist.barrier()  # as multi_gpu_train.json's finalize (see the bundles' docs/README.md)
     finally:
         dist.destroy_process_group()
 
