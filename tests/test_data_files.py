@@ -41,7 +41,8 @@ def test_the_temporary_file_of_a_killed_run_is_removed_by_the_next_run(tmp_path,
     left = Path(writer.stdout.readline().strip())
     writer.kill()
     writer.wait()
-    assert left.read_bytes() == b"half a volume" and left.name == f".tmp-{socket.gethostname()}-{writer.pid}-{target.name}"
+    assert left.read_bytes() == b"half a volume"
+    assert left.name == f".tmp-{socket.gethostname()}-{writer.pid}-{target.name}"
     with caplog.at_level(logging.WARNING, logger="agi_monai.data.files"):
         check_output_folder(tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -134,7 +134,8 @@ def stopping_cleanly_on_sigterm() -> Iterator[None]:
     """Within the block, SIGTERM (what ``timeout``, Slurm, ``docker stop`` and ``kill`` send) raises ``SystemExit``
     with status 143 instead of ending the process at once: the ``finally`` of :func:`atomic_output` then removes its
     temporary file, as it does for Ctrl-C. (Python's default for SIGTERM runs no cleanup, so an interrupted batch
-    left ``.tmp-<host>-<pid>-<name>`` files.) Outside the main thread, where signal handlers cannot be set, it does nothing.
+    left ``.tmp-<host>-<pid>-<name>`` files.) Outside the main thread, where signal handlers cannot be set, it does
+    nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
