@@ -251,6 +251,7 @@ def test_a_failed_run_ends_with_its_cause(capsys):
 
 
 def test_command_line_check_accepts_what_monai_and_the_configs_define(tmp_path):
+    hook_before = sys.excepthook
     name = "brats_t1_t2_to_flair"
     train, evaluate = _configs(name, "evaluate.json")
     both = f"['{train}','{evaluate}']"
@@ -270,7 +271,7 @@ def test_command_line_check_accepts_what_monai_and_the_configs_define(tmp_path):
     check_command_line([MONAI_BUNDLE_MAIN, "run", "--args_file", str(args_file), "--my_root", "/other"])
     # Not `python -m monai.bundle` (a workflow run from Python, e.g. by MONAI Label): not checked.
     check_command_line(["/usr/bin/pytest", "--epoch", "1", "--config_file", train])
-    assert sys.excepthook is sys.__excepthook__  # set only in `python -m monai.bundle` itself
+    assert sys.excepthook is hook_before  # set only in `python -m monai.bundle` itself, not in this process
 
 
 def test_command_line_check_names_every_unknown_override():
