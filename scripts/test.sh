@@ -19,8 +19,8 @@ if [ "$#" -gt 0 ] || [ "$(nproc)" -lt 2 ]; then
     exec "${pytest[@]}" "$@"
 fi
 
-# (clean-clone CI, 2026-11-24, commit 8586ca0, before test_data_datasets.py moved here: these 15.1 min, the others
-# 19.0 min, side by side; test_data_datasets.py took a tenth of the others' time, measured with --junitxml)
+# (clean-clone CI, 2026-11-24, commit 781710d: these 15.6 min, the others 16.6 min, side by side; before
+# test_data_datasets.py, a tenth of the others' time by --junitxml, moved here: 15.1 and 19.0 min at commit 8586ca0)
 LONG=(tests/test_compare.py tests/test_demo.py tests/test_ablation.py tests/test_downstream.py tests/test_engines.py
       tests/test_robustness.py tests/test_kill_resume.py tests/test_data_datasets.py)
 rest=()
