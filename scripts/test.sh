@@ -3,8 +3,8 @@
 #
 # With two or more cores the suite runs as two pytest processes side by side: the end-to-end files that train and
 # evaluate bundles through the scripts, plus test_data_datasets.py to even the halves' times (LONG below), in one,
-# every other file in the other. Each process, and each subprocess the tests start, uses one thread: on shared cores two OpenMP teams wait
-# on each other (tests/test_engines.py measured iterations 10-50x slower). pytest-xdist would do the splitting, but
+# every other file in the other. Each process, and each subprocess the tests start, uses one thread: on shared cores
+# two OpenMP teams wait on each other (tests/test_engines.py measured iterations 10-50x slower). pytest-xdist would do the splitting, but
 # it is not among the project's dependencies, and two processes are all the CI machine's two cores can use.
 # The background half's report is printed when both are done; the exit status fails if either half fails.
 #

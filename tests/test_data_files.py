@@ -33,7 +33,7 @@ def test_the_temporary_file_of_a_killed_run_is_removed_by_the_next_run(tmp_path,
     # a real `kill -9` in the middle of an atomic write: nothing can clean up, so the next run's folder check does
     target = tmp_path / "case_FLAIR.nii.gz"
     writer = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom agi_monai.data import atomic_output\n"
+        [sys.executable, "-c", "import time\nfrom agi_monai.data import atomic_output\n"
          f"with atomic_output({str(target)!r}) as temporary:\n"
          "    temporary.write_bytes(b'half a volume'); print(temporary, flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True,

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from agi_monai.data.errors import failure_reason
+
 __all__ = ["check_command_line"]
 
 # MONAI's experiment-tracking settings: overrides that ``--tracking`` reads although no config holds them
@@ -99,8 +101,6 @@ def _report_cause_last(previous_hook):
     def hook(kind, value, traceback):
         previous_hook(kind, value, traceback)
         if isinstance(value, Exception):
-            from agi_monai.data.errors import failure_reason
-
             print(f"\nmonai.bundle run failed: {failure_reason(value)}", file=sys.stderr, flush=True)
 
     hook.reports_cause_last = True
