@@ -28,7 +28,9 @@ from monai.bundle.properties import InferProperties, TrainProperties
 from monai.utils.enums import BundleProperty, BundlePropertyConfig
 from monai.utils import optional_import
 
-from agi_monai.bundle import FolderSynthesis, TrainingSummary, check_command_line, load_split, loss_terms, slice_names
+from agi_monai.bundle import (
+    FolderSynthesis, TrainingSummary, check_command_line, load_split, loss_terms, report_failures, slice_names,
+)
 from agi_monai.data import Failure
 from agi_monai.networks import AGINet
 
@@ -234,6 +236,9 @@ def test_a_failed_run_ends_with_its_cause(capsys):
     from agi_monai.bundle.command_line import _report_cause_last
     from agi_monai.data import DataError
 
+    hook_before = sys.excepthook
+    report_failures()
+    assert sys.excepthook is hook_before  # set only in `python -m monai.bundle` itself (the --epoch test), not here
     printed = []
     hook = _report_cause_last(lambda *exc_info: printed.append(exc_info[0]))
     try:
@@ -251,7 +256,6 @@ def test_a_failed_run_ends_with_its_cause(capsys):
 
 
 def test_command_line_check_accepts_what_monai_and_the_configs_define(tmp_path):
-    hook_before = sys.excepthook
     name = "brats_t1_t2_to_flair"
     train, evaluate = _configs(name, "evaluate.json")
     both = f"['{train}','{evaluate}']"
@@ -271,7 +275,6 @@ def test_command_line_check_accepts_what_monai_and_the_configs_define(tmp_path):
     check_command_line([MONAI_BUNDLE_MAIN, "run", "--args_file", str(args_file), "--my_root", "/other"])
     # Not `python -m monai.bundle` (a workflow run from Python, e.g. by MONAI Label): not checked.
     check_command_line(["/usr/bin/pytest", "--epoch", "1", "--config_file", train])
-    assert sys.excepthook is hook_before  # set only in `python -m monai.bundle` itself, not in this process
 
 
 def test_command_line_check_names_every_unknown_override():

@@ -52,12 +52,12 @@ def test_shipped_datalist_trains_on_the_brats_cases_and_tests_on_tcga(tmp_path):
 
 def test_seed_override_replaces_the_bundles_determinism_seed(tmp_path):
     overrides = seed_overrides(BUNDLE, 7)
-    assert overrides == {"initialize#1": "$monai.utils.set_determinism(seed=7)"}  # after the command-line check
+    assert overrides == {"initialize#2": "$monai.utils.set_determinism(seed=7)"}  # after the command-line steps
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
     parser.update(overrides)
     entries = json.loads((BUNDLE / "configs" / "train.json").read_text())["initialize"]
-    assert parser["initialize"] == [entries[0], "$monai.utils.set_determinism(seed=7)", *entries[2:]]  # only the seed
+    assert parser["initialize"] == [*entries[:2], "$monai.utils.set_determinism(seed=7)", *entries[3:]]  # only the seed
     fake = tmp_path / "bundle"
     (fake / "configs").mkdir(parents=True)
     (fake / "configs" / "train.json").write_text(json.dumps({"initialize": ["$print(1)"]}))
@@ -183,7 +183,7 @@ def test_compare_trains_both_networks_at_one_budget_and_reports(tmp_path):
     runs = {name: json.loads(Path(run["overrides"]).read_text()) for name, run in scenario["training"].items()}
     differing = {k for k in runs["AGI-Net"].keys() | runs["ResUNet"].keys() if runs["AGI-Net"].get(k) != runs["ResUNet"].get(k)}
     assert differing == {"network_def#_target_"}
-    assert runs["AGI-Net"]["initialize#1"] == "$monai.utils.set_determinism(seed=0)"
+    assert runs["AGI-Net"]["initialize#2"] == "$monai.utils.set_determinism(seed=0)"
     for name, network_class in (("AGI-Net", AGINet), ("ResUNet", ResUNet)):
         run = scenario["training"][name]
         assert run["iterations"] == 2

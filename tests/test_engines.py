@@ -2,8 +2,11 @@
 a learning signal, resume that reproduces an uninterrupted run, atomic checkpoints, and validation metrics
 equal to MONAI's metric functions."""
 
+import logging
 import math
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from agi_monai.engines import (
     synthesis_evaluator,
     training_checkpoint_dict,
 )
+from agi_monai.data.files import temporary_path
 from agi_monai.networks import AGINet
 
 DATA = Path(__file__).parent / "data"
@@ -242,6 +246,37 @@ def test_best_model_with_a_fixed_name_is_replaced_in_place(tmp_path, monkeypatch
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["model.pt"]
     assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].eq(2).all()
+
+
+def test_the_temporary_checkpoint_of_a_killed_run_is_removed_by_the_next_run(tmp_path, caplog):
+    # a real `kill -9` in the middle of a checkpoint save (the out-of-memory killer, say): the previous checkpoint
+    # stays whole, and the next run's saver removes the half-written temporary, which Ignite's random tmp* name
+    # would have left in models/ for good
+    previous = {"model": {"weight": torch.ones(2)}}
+    torch.save(previous, tmp_path / "checkpoint.pt")
+    saving = subprocess.Popen(
+        [sys.executable, "-c", "import time, torch\nfrom ignite.engine import Engine\n"
+         "from agi_monai.engines import AtomicCheckpointSaver\n"
+         "def stalled_save(obj, f, *args, **kwargs):\n"
+         "    open(f, 'wb').write(b'half a checkpoint'); print(f, flush=True); time.sleep(600)\n"
+         "engine = Engine(lambda engine, batch: None)\n"
+         f"AtomicCheckpointSaver({str(tmp_path)!r}, {{'model': torch.nn.Linear(2, 1)}}, save_final=True,"
+         " final_filename='checkpoint.pt').attach(engine)\n"
+         "torch.save = stalled_save\n"
+         "engine.run([0], max_epochs=1)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    left = Path(saving.stdout.readline().strip())
+    saving.kill()
+    saving.wait()
+    assert left.parent == tmp_path and left.name == temporary_path(tmp_path / "checkpoint.pt").name.replace(
+        f"-{os.getpid()}-", f"-{saving.pid}-")
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", left.name])
+    with caplog.at_level(logging.WARNING, logger="agi_monai.data.files"):
+        AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 1)}, save_final=True,
+                              final_filename="checkpoint.pt")
+    assert os.listdir(tmp_path) == ["checkpoint.pt"] and left.name in caplog.text
+    assert torch.equal(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]["weight"], torch.ones(2))
 
 
 def test_validation_metrics_match_monai_metric_functions(slices):

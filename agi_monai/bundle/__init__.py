@@ -4,7 +4,7 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 (``tests/test_bundles.py``); the configs only wire it.
 """
 
-from agi_monai.bundle.command_line import check_command_line
+from agi_monai.bundle.command_line import check_command_line, report_failures
 from agi_monai.bundle.data import check_batches, check_spatial_size, check_splits, load_split
 from agi_monai.bundle.handlers import EvaluatorProgressBar, TrainingSummary, log_iterations, loss_terms, run_training, slice_names
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
@@ -21,6 +21,7 @@ __all__ = [
     "load_split",
     "log_iterations",
     "loss_terms",
+    "report_failures",
     "run_training",
     "slice_names",
 ]

@@ -1,14 +1,16 @@
-"""Refuses command-line overrides that name no setting of the bundle.
+"""What the bundles' ``initialize`` steps do for a ``python -m monai.bundle`` command line: name a failure's cause
+last (:func:`report_failures`), and refuse overrides that name no setting of the bundle (:func:`check_command_line`).
 
 ``python -m monai.bundle run --config_file .../train.json --epoch 1`` (for ``--epochs``) makes MONAI add a new
 top-level key ``epoch`` that nothing reads: the run trains its 60 epochs, silently. MONAI accepts any override by
 design (an override may add a key that another one references), and its ``ConfigWorkflow`` checks only that
-required properties exist, so the bundles' first ``initialize`` step calls :func:`check_command_line`, which reads
-the command line back and names the unknown override before any work (with the setting it most resembles).
+required properties exist, so an ``initialize`` step calls :func:`check_command_line`, which reads the command line
+back and names the unknown override before any work (with the setting it most resembles).
 
-It also makes a failed run end with one line naming the cause: MONAI reports an exception raised in a config
-expression as ``RuntimeError: Failed to evaluate ConfigExpression: '$...'``, last, below the traceback that holds
-our message (which file, what is wrong, what was expected) somewhere in its middle.
+MONAI reports an exception raised in a config expression as ``RuntimeError: Failed to evaluate ConfigExpression:
+'$...'``, last, below the traceback that holds our message (which file, what is wrong, what was expected) somewhere in
+its middle; the first ``initialize`` step, :func:`report_failures`, makes a failed run end with one line naming the
+cause.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Sequence
 
 from agi_monai.data.errors import failure_reason
 
-__all__ = ["check_command_line"]
+__all__ = ["check_command_line", "report_failures"]
 
 # MONAI's experiment-tracking settings: overrides that ``--tracking`` reads although no config holds them
 # (``monai.bundle.scripts.run``'s docstring lists them).
@@ -107,6 +109,16 @@ def _report_cause_last(previous_hook):
     return hook
 
 
+def report_failures() -> None:
+    """In ``python -m monai.bundle``, sets ``sys.excepthook`` so that a failed run ends with one line naming its cause,
+    ``monai.bundle run failed: <file>: <what is wrong> (expected …)``, below MONAI's traceback. Does nothing in any
+    other process (a workflow run from Python: MONAI Label, MONAI Deploy, tests), whose failures are its caller's to
+    report, or when the hook is already set. The bundles' first ``initialize`` step, so that every later failure,
+    :func:`check_command_line`'s included, is reported this way."""
+    if sys.argv and _is_bundle_command(sys.argv[0]) and not getattr(sys.excepthook, "reports_cause_last", False):
+        sys.excepthook = _report_cause_last(sys.excepthook)
+
+
 def check_command_line(argv: Sequence[str] | None = None) -> None:
     """Raises ``ValueError`` naming each ``--override`` of ``argv`` (default ``sys.argv``) that is neither an
     argument of ``monai.bundle run``, nor a top-level key of the config files it runs (``--config_file``, and the
@@ -114,16 +126,11 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     by their first part (a wrong nested name fails where it is used). Does nothing when the process is not
     ``python -m monai.bundle`` (a workflow run from Python: MONAI Label, MONAI Deploy, tests) or names no config file.
 
-    In ``python -m monai.bundle``, it also sets ``sys.excepthook`` so that a failure, this check's included, ends
-    with one line naming its cause (see the module's docstring).
-
     Args:
         argv: the command line, ``sys.argv`` by default.
     """
     from monai.bundle import ConfigParser
 
-    if sys.argv and _is_bundle_command(sys.argv[0]) and not getattr(sys.excepthook, "reports_cause_last", False):
-        sys.excepthook = _report_cause_last(sys.excepthook)
     argv = list(sys.argv if argv is None else argv)
     if not argv or not _is_bundle_command(argv[0]):
         return

@@ -291,7 +291,7 @@ def shipped_datalist(data_dir: str | Path, contrasts: Sequence[str], path: str |
 
 def seed_overrides(bundle: str | Path, seed: int) -> dict[str, str]:
     """The override of ``train.json``'s ``initialize`` entry ``$monai.utils.set_determinism(seed=...)`` that seeds
-    a run with ``seed`` (weight initialisation, data order, augmentation), e.g. ``{"initialize#1": ...}``.
+    a run with ``seed`` (weight initialisation, data order, augmentation), e.g. ``{"initialize#2": ...}``.
 
     Raises:
         ValueError: ``train.json`` has no such entry, or several.

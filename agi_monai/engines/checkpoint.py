@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from agi_monai.data.errors import DataError, MissingFileError
+from agi_monai.data.files import atomic_output, remove_stale_temporaries
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -39,10 +41,13 @@ LATEST = "latest"
 
 
 class _AtomicDiskSaver(DiskSaver):
-    """Ignite's ``DiskSaver`` in atomic mode (written to a temporary file in the same folder, then
-    ``os.replace``-d onto the name, then made group/other readable) with MONAI's optional fixed file name.
-    MONAI turns atomic mode off because the temporary file is created ``0600``; Ignite >= 0.5 restores read
-    permission itself.
+    """Ignite's ``DiskSaver`` whose files are written atomically, with MONAI's optional fixed file name.
+
+    Each save is written through :func:`agi_monai.data.atomic_output` (a temporary file beside the final one,
+    renamed onto it), not through Ignite's own atomic mode, whose temporaries are ``tempfile``'s random ``tmp*``
+    names: a run killed mid-save (``kill -9``, the out-of-memory killer) would leave one in ``models/`` for good,
+    where ours is recognised and removed by the next run (:class:`AtomicCheckpointSaver`). (MONAI turns Ignite's
+    atomic mode off because its temporary file is created ``0600``; ours has the usual permissions.)
 
     Ignite's ``Checkpoint`` removes the file a save supersedes (the oldest of ``n_saved``, or the fixed name)
     *before* writing the new one; removals are deferred here until the new file is in place, so a valid
@@ -50,13 +55,15 @@ class _AtomicDiskSaver(DiskSaver):
     """
 
     def __init__(self, dirname: str, filename: str | None = None) -> None:
-        super().__init__(dirname=dirname, atomic=True, require_empty=False)
+        super().__init__(dirname=dirname, atomic=False, require_empty=False)
         self.filename = filename
         self._superseded: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         name = self.filename if self.filename is not None else filename
-        super().__call__(checkpoint, name, metadata)
+        if idist.get_rank() == self.save_on_rank:
+            with atomic_output(self.dirname / name) as temporary:
+                super().__call__(checkpoint, temporary.name, metadata)
         for old in self._superseded:
             if old != name:  # a fixed name was just replaced in place
                 try:
@@ -75,8 +82,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     MONAI's saver builds Ignite's ``DiskSaver`` with ``atomic=False``, and Ignite deletes the superseded file
     before writing its successor, so a run killed while saving leaves a truncated ``.pt``, or none at all, for
     the resume to fail on. Here each save goes to a temporary file renamed into place, and the superseded file
-    is deleted only after that. Use it for the best model (``models/model.pt``) and the full training checkpoint
-    (:func:`agi_monai.engines.training_checkpoint_dict`).
+    is deleted only after that; the temporary file of a run killed mid-save is removed when the next run builds its
+    saver (:func:`agi_monai.data.files.remove_stale_temporaries`). Use it for the best model (``models/model.pt``)
+    and the full training checkpoint (:func:`agi_monai.engines.training_checkpoint_dict`).
 
     Interval checkpoints in ``save_dir`` when the run completes its first iteration (an earlier or interrupted run's
     ``<file_prefix>_checkpoint_epoch=<n>.pt``, unless :func:`set_aside_earlier_run` moved them then) count as saved,
@@ -92,6 +100,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if checkpoint is not None:
                 fixed_name = getattr(checkpoint.save_handler, "filename", None)
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=fixed_name)
+        if idist.get_rank() == 0 and Path(self.save_dir).is_dir():  # the rank that saves (DiskSaver's default)
+            remove_stale_temporaries(self.save_dir)
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
