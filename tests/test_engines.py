@@ -5,6 +5,7 @@ equal to MONAI's metric functions."""
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -28,7 +29,6 @@ from agi_monai.engines import (
     synthesis_evaluator,
     training_checkpoint_dict,
 )
-from agi_monai.data.files import temporary_path
 from agi_monai.networks import AGINet
 
 DATA = Path(__file__).parent / "data"
@@ -269,8 +269,7 @@ def test_the_temporary_checkpoint_of_a_killed_run_is_removed_by_the_next_run(tmp
     left = Path(saving.stdout.readline().strip())
     saving.kill()
     saving.wait()
-    assert left.parent == tmp_path and left.name == temporary_path(tmp_path / "checkpoint.pt").name.replace(
-        f"-{os.getpid()}-", f"-{saving.pid}-")
+    assert left.parent == tmp_path and left.name == f".tmp-{socket.gethostname()}-{saving.pid}-checkpoint.pt"
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", left.name])
     with caplog.at_level(logging.WARNING, logger="agi_monai.data.files"):
         AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 1)}, save_final=True,
