@@ -61,7 +61,7 @@ class _AtomicDiskSaver(DiskSaver):
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         name = self.filename if self.filename is not None else filename
-        if idist.get_rank() == self.save_on_rank:
+        if idist.get_rank() == self.save_on_rank:  # as DiskSaver checks: other ranks write no temporary to rename
             with atomic_output(self.dirname / name) as temporary:
                 super().__call__(checkpoint, temporary.name, metadata)
         for old in self._superseded:
@@ -96,11 +96,13 @@ class AtomicCheckpointSaver(CheckpointSaver):
         super().__init__(save_dir, save_dict, **kwargs)
         # CheckpointSaver keeps up to three ignite Checkpoints (final, key metric, interval), each with its
         # own DiskSaver; replacing the savers keeps all of MONAI's scheduling and naming
+        savers = []
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 fixed_name = getattr(checkpoint.save_handler, "filename", None)
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename=fixed_name)
-        if idist.get_rank() == 0 and Path(self.save_dir).is_dir():  # the rank that saves (DiskSaver's default)
+                savers.append(checkpoint.save_handler)
+        if savers and idist.get_rank() == savers[0].save_on_rank:  # the rank that writes (its saver made the folder)
             remove_stale_temporaries(self.save_dir)
 
     def attach(self, engine: Engine) -> None:
