@@ -29,7 +29,8 @@ from monai.utils.enums import BundleProperty, BundlePropertyConfig
 from monai.utils import optional_import
 
 from agi_monai.bundle import (
-    FolderSynthesis, TrainingSummary, check_command_line, load_split, loss_terms, report_failures, slice_names,
+    FolderSynthesis, NonFiniteTrainingError, StopOnNonFiniteTraining, TrainingSummary, check_command_line, load_split,
+    loss_terms, report_failures, slice_names,
 )
 from agi_monai.data import Failure
 from agi_monai.networks import AGINet
@@ -627,6 +628,101 @@ def _resume(name: str, dataset: Path, tmp_path: Path, first: Path) -> None:
     (new_score, _), = resumed["best_model_ranking"]["_saved"]
     assert new_score >= best_score
     assert ((models / "model.pt").read_bytes() == best_before) == (new_score == best_score)
+
+
+@pytest.mark.slow
+def test_training_whose_weights_become_non_finite_stops_and_keeps_the_last_checkpoint(tmp_path):
+    # a real run on real slices, then a resume whose generator objective is infinite (l1_weight inf): its first
+    # step makes the generator's weights NaN; the run must stop there, before epoch 2's validation and checkpoint
+    name, dataset = "brats_t1_t2_to_flair", DATA / "brats2023-gli"
+    _bundle(name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset))
+    models = tmp_path / "models"
+    checkpoint = models / "training_checkpoint_epoch=1.pt"
+    saved = {path.name: path.read_bytes() for path in models.glob("*.pt")}
+    assert set(saved) == {checkpoint.name, "model.pt"}
+    log = _bundle(
+        name, "run", _configs(name, "train.json"),
+        *_train_args(tmp_path, dataset, "--epochs", "2", "--resume_ckpt", "latest", "--l1_weight", "$float('inf')"),
+        status=1,
+    )
+    last = log.strip().splitlines()[-1]
+    assert last.startswith(
+        "monai.bundle run failed: NonFiniteTrainingError: training stopped at iteration 3 of 4 (epoch 2 of 2): the "
+        "losses are not finite (g_loss inf"
+    ), log[-3000:]
+    assert "and the weights of the generator ('" in last and "discriminator (" not in last  # its loss was finite
+    assert last.endswith(
+        f"Nothing of epoch 2 was validated or saved; --resume_ckpt latest continues from {checkpoint}. "
+        "A lower --learning_rate usually avoids this"
+    ), last
+    assert "training done" not in log
+    assert {path.name: path.read_bytes() for path in models.glob("*.pt")} == saved  # nothing written over
+
+
+def test_non_finite_training_guard_tolerates_a_skipped_step_and_stops_on_non_finite_weights(tmp_path, caplog):
+    from ignite.engine import Engine, Events
+
+    network = torch.nn.Linear(2, 1)
+    losses = {2: float("inf"), 3: float("nan"), 5: float("inf")}  # 2-3: steps a gradient scaler would skip
+
+    def step(engine, batch):
+        if engine.state.iteration == 5:  # this step breaks the weights
+            network.weight.data[0, 1] = float("nan")
+        return {"g_loss": losses.get(engine.state.iteration, 0.5), "d_loss": 0.7, "pred": torch.zeros(1)}
+
+    (tmp_path / "training_checkpoint_epoch=1.pt").write_bytes(b"")
+    trainer = Engine(step)
+    StopOnNonFiniteTraining({"generator": network}, tmp_path, patience=3).attach(trainer)
+    with caplog.at_level("WARNING"), pytest.raises(NonFiniteTrainingError) as stopped:
+        trainer.run(range(3), max_epochs=3)
+    assert str(stopped.value) == (
+        "training stopped at iteration 5 of 9 (epoch 2 of 3): the losses are not finite (g_loss inf, d_loss 0.7) and the "
+        "weights of the generator ('weight' first) are no longer finite. Nothing of epoch 2 was validated or saved; "
+        f"--resume_ckpt latest continues from {tmp_path / 'training_checkpoint_epoch=1.pt'}. A lower --learning_rate "
+        "usually avoids this"
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.name == "agi_monai.bundle.handlers"]
+    assert warnings == [
+        "iteration 2: the losses are not finite (g_loss inf, d_loss 0.7) but the weights still are (1 of 3 such "
+        "iterations in a row before the run stops)",
+        "iteration 3: the losses are not finite (g_loss nan, d_loss 0.7) but the weights still are (2 of 3 such "
+        "iterations in a row before the run stops)",
+    ]
+
+    # losses that stay non-finite with finite weights (a forward pass that overflows): stop after `patience`
+    def overflowing(engine, batch):
+        return {"g_loss": float("inf") if engine.state.iteration >= 2 else 0.5}
+
+    trainer = Engine(overflowing)
+    StopOnNonFiniteTraining({"generator": torch.nn.Linear(2, 1)}, tmp_path / "none", patience=3).attach(trainer)
+    with pytest.raises(NonFiniteTrainingError, match=re.escape(
+        "training stopped at iteration 4 of 6 (epoch 2 of 2): the losses have not been finite for 3 iterations in a "
+        "row (g_loss inf), though the weights still are."
+    )) as stopped:
+        trainer.run(range(3), max_epochs=2)
+    assert "no training checkpoint was written: a rerun starts afresh" in str(stopped.value)
+
+    # weights broken by the epoch's last step while its loss was finite: stopped before the epoch's later handlers
+    # (the validation and the checkpoint saver), and a SupervisedTrainer's single loss value is read too
+    network = torch.nn.Linear(2, 1)
+
+    def last_step_breaks(engine, batch):
+        if engine.state.iteration == 3:
+            network.bias.data.fill_(float("inf"))
+        return [{"loss": torch.tensor(0.5)}]
+
+    trainer = Engine(last_step_breaks)
+    StopOnNonFiniteTraining({"network": network}, tmp_path, output_transform=lambda o: o[0]["loss"]).attach(trainer)
+    checkpoints = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: checkpoints.append(engine.state.epoch))
+    with pytest.raises(NonFiniteTrainingError, match=re.escape(
+        "training stopped at iteration 3 of 6 (epoch 1 of 2): the weights of the network ('bias' first) are no longer "
+        "finite. Nothing of epoch 1"
+    )):
+        trainer.run(range(3), max_epochs=2)
+    assert checkpoints == []
+    with pytest.raises(ValueError, match="patience 0: expected a positive number of iterations"):
+        StopOnNonFiniteTraining({"network": network}, tmp_path, patience=0)
 
 
 @pytest.mark.slow

@@ -6,12 +6,23 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 
 from agi_monai.bundle.command_line import check_command_line, report_failures
 from agi_monai.bundle.data import check_batches, check_spatial_size, check_splits, load_split
-from agi_monai.bundle.handlers import EvaluatorProgressBar, TrainingSummary, log_iterations, loss_terms, run_training, slice_names
+from agi_monai.bundle.handlers import (
+    EvaluatorProgressBar,
+    NonFiniteTrainingError,
+    StopOnNonFiniteTraining,
+    TrainingSummary,
+    log_iterations,
+    loss_terms,
+    run_training,
+    slice_names,
+)
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
 
 __all__ = [
     "EvaluatorProgressBar",
     "FolderSynthesis",
+    "NonFiniteTrainingError",
+    "StopOnNonFiniteTraining",
     "SynthesisSummary",
     "TrainingSummary",
     "check_batches",

@@ -1,21 +1,37 @@
-"""Adapters between engine outputs/batches and MONAI handlers (``output_transform``, ``batch_transform``), and
-the line a training run ends with, finished or interrupted."""
+"""Adapters between engine outputs/batches and MONAI handlers (``output_transform``, ``batch_transform``), the
+stop of a training run whose weights are no longer finite, and the line a training run ends with, finished or
+interrupted."""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.utils import ImageMetaKey
+from torch import nn
 
 from agi_monai.data import stopping_cleanly_on_sigterm
 from agi_monai.engines import latest_training_checkpoint
 
-__all__ = ["EvaluatorProgressBar", "TrainingSummary", "log_iterations", "loss_terms", "run_training", "slice_names"]
+__all__ = [
+    "EvaluatorProgressBar",
+    "NonFiniteTrainingError",
+    "StopOnNonFiniteTraining",
+    "TrainingSummary",
+    "log_iterations",
+    "loss_terms",
+    "run_training",
+    "slice_names",
+]
+
+_logger = logging.getLogger(__name__)
 
 
 def loss_terms(output: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -130,6 +146,112 @@ class TrainingSummary:
         print("; ".join(parts), flush=True)
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Raised by :class:`StopOnNonFiniteTraining`: the run cannot recover; the message says where it stopped and
+    what ``--resume_ckpt latest`` continues from."""
+
+
+class StopOnNonFiniteTraining:
+    """Stops a training run with :class:`NonFiniteTrainingError` as soon as a network's weights are no longer finite
+    (NaN or Inf), or its losses have not been finite for ``patience`` iterations in a row, before any later
+    validation or checkpoint: the last training checkpoint, the one ``--resume_ckpt latest`` continues from, is then
+    the last one with finite weights, and the run exits with an error instead of training on for hours and saving
+    NaN weights over it.
+
+    A single non-finite loss with finite weights is what mixed precision's gradient scaler expects (it skips that
+    step and lowers the scale): it is logged and training goes on. The check costs nothing while the losses are
+    finite (they are floats already); the weights are scanned when a loss is not finite and once per epoch, just
+    before the epoch's validation and checkpoint (a step can make the weights non-finite from a finite loss, when
+    its backward overflows).
+
+    Ignite's ``TerminateOnNan`` is not used: it stops at the first non-finite loss, also one the gradient scaler
+    recovers from, and ends the run as completed (exit status 0 and a "training done" line).
+
+    A train handler (``train#handlers``), listed first, so that its epoch check runs before the validation and
+    before the checkpoint saver (attached after the trainer is built).
+
+    Args:
+        networks: the networks whose weights are checked, by name (``{"generator": …, "discriminator": …}``).
+        ckpt_dir: the bundle's checkpoint folder, to name the checkpoint a resume continues from.
+        patience: consecutive iterations with a non-finite loss and finite weights after which the run stops.
+        output_transform: the engine output's losses: a ``{name: value}`` dict (default :func:`loss_terms`), or a
+            value or list of values, reported as ``loss`` (``monai.handlers.from_engine(["loss"], first=True)`` for
+            MONAI's ``SupervisedTrainer``).
+    """
+
+    def __init__(
+        self,
+        networks: Mapping[str, nn.Module],
+        ckpt_dir: str | Path,
+        patience: int = 20,
+        output_transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if int(patience) < 1:
+            raise ValueError(f"patience {patience}: expected a positive number of iterations")
+        self.networks = dict(networks)
+        self.ckpt_dir = Path(ckpt_dir)
+        self.patience = int(patience)
+        self.output_transform = output_transform or loss_terms
+        self._streak = 0  # consecutive iterations whose losses were not all finite
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        losses = self._losses(engine.state.output)
+        if all(math.isfinite(value) for value in losses.values()):
+            self._streak = 0
+            return
+        self._streak += 1
+        where = f"training stopped at {_position(engine)}"
+        values = ", ".join(f"{name} {value:.4g}" for name, value in losses.items())
+        broken = self._non_finite_weights()
+        if broken:
+            raise NonFiniteTrainingError(f"{where}: the losses are not finite ({values}) and {broken}. {self._after(engine)}")
+        if self._streak >= self.patience:
+            raise NonFiniteTrainingError(
+                f"{where}: the losses have not been finite for {self._streak} iterations in a row ({values}), though the "
+                f"weights still are. {self._after(engine)}"
+            )
+        _logger.warning(
+            "iteration %d: the losses are not finite (%s) but the weights still are (%d of %d such iterations in a row "
+            "before the run stops)",
+            engine.state.iteration, values, self._streak, self.patience,
+        )
+
+    def _losses(self, output: Any) -> dict[str, float]:
+        losses = self.output_transform(output)
+        if isinstance(losses, Mapping):
+            return {str(name): float(value) for name, value in losses.items()}
+        values = list(losses) if isinstance(losses, Sequence) else [losses]
+        return {"loss" if len(values) == 1 else f"loss[{index}]": float(v) for index, v in enumerate(values)}
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        broken = self._non_finite_weights()
+        if broken:
+            raise NonFiniteTrainingError(f"training stopped at {_position(engine)}: {broken}. {self._after(engine)}")
+
+    def _non_finite_weights(self) -> str:
+        """Which network's weights are not finite, naming the first such tensor; empty when all are finite."""
+        problems = []
+        for network_name, network in self.networks.items():
+            for name, tensor in [*network.named_parameters(), *network.named_buffers()]:
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    problems.append(f"{network_name} ('{name}' first)")
+                    break
+        return f"the weights of the {' and the '.join(problems)} are no longer finite" if problems else ""
+
+    def _after(self, engine: Engine) -> str:
+        latest = latest_training_checkpoint(self.ckpt_dir)
+        resume = (
+            f"--resume_ckpt latest continues from {latest}" if latest is not None
+            else "no training checkpoint was written: a rerun starts afresh"
+        )
+        remedy = "a lower --learning_rate" + (", or mixed precision off (--amp false)," if getattr(engine, "amp", False) else "")
+        return f"Nothing of epoch {engine.state.epoch} was validated or saved; {resume}. {remedy.capitalize()} usually avoids this"
+
+
 def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:
     """``trainer.run()`` (``train.json``'s ``run``), stopped cleanly by Ctrl-C or SIGTERM (what Slurm, ``timeout`` and
     ``docker stop`` send; :func:`agi_monai.data.stopping_cleanly_on_sigterm`): the checkpoint being written, if any,
@@ -145,16 +267,20 @@ def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:
         with stopping_cleanly_on_sigterm():
             trainer.run()
     except (KeyboardInterrupt, SystemExit) as stop:
-        state = trainer.state
         latest = latest_training_checkpoint(ckpt_dir)
         resume = (
             f"--resume_ckpt latest continues from {latest} (the iterations after it are lost)" if latest is not None
             else "no training checkpoint yet: a rerun starts afresh"
         )
-        total = f" of {state.max_epochs * state.epoch_length}" if state.max_epochs and state.epoch_length else ""
-        print(f"training interrupted at iteration {state.iteration}{total} (epoch {state.epoch} of {state.max_epochs}); "
-              f"{resume}", flush=True)
+        print(f"training interrupted at {_position(trainer)}; {resume}", flush=True)
         raise SystemExit(130 if isinstance(stop, KeyboardInterrupt) else stop.code) from None
+
+
+def _position(engine: Engine) -> str:
+    """``iteration 5 of 9 (epoch 2 of 3)``: where a run stands."""
+    state = engine.state
+    total = f" of {state.max_epochs * state.epoch_length}" if state.max_epochs and state.epoch_length else ""
+    return f"iteration {state.iteration}{total} (epoch {state.epoch} of {state.max_epochs})"
 
 
 def _span(unit: str, first: int, last: int) -> str:
