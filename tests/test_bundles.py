@@ -661,6 +661,7 @@ def test_training_whose_weights_become_non_finite_stops_and_keeps_the_last_check
 
 def test_non_finite_training_guard_tolerates_a_skipped_step_and_stops_on_non_finite_weights(tmp_path, caplog):
     from ignite.engine import Engine, Events
+    from monai.handlers import from_engine
 
     network = torch.nn.Linear(2, 1)
     losses = {2: float("inf"), 3: float("nan"), 5: float("inf")}  # 2-3: steps a gradient scaler would skip
@@ -712,7 +713,8 @@ def test_non_finite_training_guard_tolerates_a_skipped_step_and_stops_on_non_fin
         return [{"loss": torch.tensor(0.5)}]
 
     trainer = Engine(last_step_breaks)
-    StopOnNonFiniteTraining({"network": network}, tmp_path, output_transform=lambda o: o[0]["loss"]).attach(trainer)
+    guard = StopOnNonFiniteTraining({"network": network}, tmp_path, output_transform=from_engine(["loss"], first=True))
+    guard.attach(trainer)  # as brats_segmentation/configs/train.json has it
     checkpoints = []
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: checkpoints.append(engine.state.epoch))
     with pytest.raises(NonFiniteTrainingError, match=re.escape(
