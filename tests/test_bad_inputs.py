@@ -30,7 +30,7 @@ import SimpleITK as sitk
 import torch
 
 from agi_monai.cli import main
-from agi_monai.data import write_dicom_series
+from agi_monai.data import synthetic_description, write_dicom_series
 from agi_monai.networks import AGINet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,11 +200,16 @@ def cases(tmp_path_factory) -> Path:
     return folder
 
 
+#: an earlier run's output (marked synthetic, as every synthesis writes it: a file that is not is never replaced)
+EARLIER_RESULT = nib.Nifti1Image(np.arange(8, dtype=np.float32).reshape(2, 2, 2), np.eye(4))
+EARLIER_RESULT.header["descrip"] = synthetic_description("FLAIR", ["T1", "T2"], "brats_t1_t2_to_flair")
+
+
 @pytest.fixture(scope="module")
 def cli_run(bundles, cases, tmp_path_factory):
     """``python -m agi_monai synthesize`` over the batch; good-b's output exists already (and must stay)."""
     output = tmp_path_factory.mktemp("cli_out")
-    (output / "good-b_FLAIR.nii.gz").write_bytes(b"an earlier result")
+    nib.save(EARLIER_RESULT, output / "good-b_FLAIR.nii.gz")
     before = digest(cases)
     result = run("-m", "agi_monai", "synthesize", cases, "--bundle", bundles / "brats_t1_t2_to_flair", "--output_dir",
                  output, *FAST, "--progress", "False")
@@ -238,7 +243,7 @@ def test_cli_keeps_an_existing_output(cli_run):
     existing = output / "good-b_FLAIR.nii.gz"
     assert "good-b" not in result.stdout.split("failed: ")[-1]
     assert "1 already present (skipped; --overwrite replaces them)" in result.stdout.strip().splitlines()[-1]
-    assert existing.read_bytes() == b"an earlier result"
+    assert np.asarray(nib.load(existing).dataobj).tolist() == EARLIER_RESULT.get_fdata().tolist()
 
 
 def test_cli_batch_writes_the_good_case_only_and_leaves_the_inputs(cli_run, cases):

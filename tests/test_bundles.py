@@ -32,7 +32,7 @@ from agi_monai.bundle import (
     FolderSynthesis, NonFiniteTrainingError, StopOnNonFiniteTraining, TrainingSummary, check_command_line, load_split,
     loss_terms, report_failures, slice_names,
 )
-from agi_monai.data import Failure
+from agi_monai.data import Failure, synthetic_description
 from agi_monai.networks import AGINet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,8 +370,16 @@ def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_sa
         def forward(self, x):
             return x[:, :1]
 
+    def synthesized(path, by):  # a NIfTI marked as every synthesis marks its output, saying which run wrote it
+        image = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+        image.header["descrip"] = synthetic_description("PD", ["T1", "T2"], by)
+        nib.save(image, path)
+
+    def written_by(path):
+        return np.asarray(nib.load(path).header["descrip"]).item().decode().rsplit(" by ", 1)[1]
+
     def write(item):  # the file the bundle's SaveImaged writes, under the name FolderSynthesis expects
-        (tmp_path / f"{item['case_id']}_PD.nii.gz").write_bytes(b"synthesized now")
+        synthesized(tmp_path / f"{item['case_id']}_PD.nii.gz", "this run")
 
     def run(cases, **kwargs):
         summary = FolderSynthesis(Dataset(cases), FirstChannel(), SimpleInferer(), write, tmp_path, "PD", **kwargs)()
@@ -379,11 +387,11 @@ def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_sa
         return summary, printed.out.splitlines(), printed.err
 
     cases = [{"case_id": c, "image": torch.rand(2, 8, 8, 4)} for c in ("a", "b", "c")]
-    (tmp_path / "b_PD.nii.gz").write_bytes(b"an earlier result")
+    synthesized(tmp_path / "b_PD.nii.gz", "an earlier run")
     summary, out, bar = run(cases, overwrite=False)
     assert summary.written == [tmp_path / "a_PD.nii.gz", tmp_path / "c_PD.nii.gz"]
     assert summary.present == [tmp_path / "b_PD.nii.gz"] and summary.failures == []
-    assert (tmp_path / "b_PD.nii.gz").read_bytes() == b"an earlier result"
+    assert written_by(tmp_path / "b_PD.nii.gz") == "an earlier run"
     assert out == [f"synthesized 2 of 3 cases into {tmp_path}, 1 already present (skipped), 0 failed"]
     assert "3/3 [" in bar and bar.rstrip().endswith("1 already present (skipped), 0 failed]"), bar
 
@@ -394,10 +402,20 @@ def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_sa
     # (and no count-only bar "0case [...]"; a rate like "21076.90case/s" is not one)
     assert "3/3 [" in bar and bar.rstrip().endswith("3 already present (skipped), 0 failed]")
     assert not re.search(r"\b0case\b(?!/s)", bar), bar
-    assert (tmp_path / "b_PD.nii.gz").read_bytes() == b"an earlier result"
+    assert written_by(tmp_path / "b_PD.nii.gz") == "an earlier run"
     summary, out, _ = run(cases[1:2], progress=False)  # the default, as MONAI's SaveImage: replaced
-    assert summary.written == [tmp_path / "b_PD.nii.gz"] and (tmp_path / "b_PD.nii.gz").read_bytes() == b"synthesized now"
+    assert summary.written == [tmp_path / "b_PD.nii.gz"] and written_by(tmp_path / "b_PD.nii.gz") == "this run"
     assert out == [f"synthesized 1 of 1 cases into {tmp_path}, 0 failed"]
+
+    # a file there that no synthesis wrote (an acquired scan named like the output) is neither kept as a result nor
+    # replaced, with or without overwrite: the case fails, naming it
+    (tmp_path / "b_PD.nii.gz").write_bytes(b"an acquired scan")
+    for overwrite in (False, True):
+        summary, out, _ = run(cases[1:2], overwrite=overwrite, progress=False)
+        assert summary.written == summary.present == [] and (tmp_path / "b_PD.nii.gz").read_bytes() == b"an acquired scan"
+        assert out[1] == (f"  - b: {tmp_path / 'b_PD.nii.gz'} exists and is not a synthesized image (its NIfTI header is "
+                          "not marked SYNTHETIC): expected another --output_dir, or that file moved away (it is left as "
+                          "it was)")
 
     # every case left out before the run (the CLI's existing outputs, discovery's bad cases): no bar over nothing
     summary, out, bar = run([], skipped=[Failure("d", "missing T2")])

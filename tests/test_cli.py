@@ -27,7 +27,7 @@ import torch
 from monai.inferers import SliceInferer
 
 from agi_monai.cli import main
-from agi_monai.data import write_dicom_series
+from agi_monai.data import synthetic_description, write_dicom_series
 from agi_monai.evaluation import evaluate_volume, volume_dataset
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, SUMMARY_MD, read_csv
 from agi_monai.networks import AGINet
@@ -189,20 +189,26 @@ def test_existing_output_needs_overwrite(flair_bundle, cases, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     existing = output / "aurora-example_FLAIR.nii.gz"
-    existing.write_bytes(b"an earlier result")
+    # an earlier run's output (only a file marked synthetic counts as one; any other makes the case fail, tested
+    # in test_an_output_never_replaces_an_input...), here one that no DICOM series can be made from: 4D
+    earlier = nib.Nifti1Image(np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
+    earlier.header["descrip"] = synthetic_description("FLAIR", ["T1", "T2"], "brats_t1_t2_to_flair")
+    nib.save(earlier, existing)
+    an_earlier_result = existing.read_bytes()
     args = ["synthesize", cases / AURORA.name, "--bundle", flair_bundle, "--output_dir", output, *FAST]
     kept = run_cli(*args)
     assert kept.returncode == 0, kept.stderr[-3000:]
     assert re.search(r"0 of 1 cases written \(FLAIR, NIfTI\) .* 1 already present \(skipped; --overwrite replaces "
                      r"them\), 0 failed$", kept.stdout.strip().splitlines()[-1]), kept.stdout[-2000:]
-    assert existing.read_bytes() == b"an earlier result" and sorted(output.iterdir()) == [existing]
+    assert existing.read_bytes() == an_earlier_result and sorted(output.iterdir()) == [existing]
     # a NIfTI without its DICOM series (a --dicom run stopped between the two) gets its series from that NIfTI;
-    # this one cannot be read, so the case fails, naming why, and the earlier NIfTI is kept
+    # none can be made from this one, so the case fails, naming why, and the earlier NIfTI is kept
     unreadable = run_cli(*args, "--dicom")
     assert unreadable.returncode == 1, unreadable.stderr[-3000:]
-    assert re.search(r"^  - aurora-example: DICOM output: RuntimeError: .*\(the NIfTI aurora-example_FLAIR.nii.gz of an "
-                     r"earlier run is kept\)$", unreadable.stdout, re.MULTILINE), unreadable.stdout[-3000:]
-    assert existing.read_bytes() == b"an earlier result" and sorted(output.iterdir()) == [existing]
+    assert re.search(r"^  - aurora-example: DICOM output: .*: the image to write has 4 dimensions \(expected a 3D volume\) "
+                     r"\(the NIfTI aurora-example_FLAIR.nii.gz of an earlier run is kept\)$", unreadable.stdout,
+                     re.MULTILINE), unreadable.stdout[-3000:]
+    assert existing.read_bytes() == an_earlier_result and sorted(output.iterdir()) == [existing]
     replaced = run_cli(*args, "--overwrite", "--dicom")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert_on_input_grid(existing, cases / AURORA.name / "t2.nii.gz")
@@ -249,6 +255,34 @@ def test_files_given_one_by_one_and_the_bundle_chosen_by_target(bundles, cases, 
     assert chosen.returncode == 0, chosen.stderr[-3000:]
     assert "using bundle brats_t1_t2_to_flair (T1, T2 -> FLAIR); contrasts every case has: T1, T2" in chosen.stdout
     assert_on_input_grid(tmp_path / "out" / "BraTS-GLI-00001-000_FLAIR.nii.gz", t2)
+
+
+def test_an_output_never_replaces_an_input_and_a_case_id_with_a_slash_names_one_file(flair_bundle, cases, tmp_path):
+    # files given one by one, the output folder being theirs, which holds the case's real FLAIR under the name the
+    # synthesized one would have: that case fails and the acquired scan is kept, with or without --overwrite
+    folder = tmp_path / "anat"
+    shutil.copytree(cases / GLI.name, folder)
+    crop(GLI / "BraTS-GLI-00001-000-t2f.nii.gz", folder / "BraTS-GLI-00001-000_FLAIR.nii.gz")
+    t1, t2 = folder / "BraTS-GLI-00001-000-t1n.nii.gz", folder / "BraTS-GLI-00001-000-t2w.nii.gz"
+    before = digest(folder)
+    for extra in ([], ["--overwrite"]):
+        result = run_cli("synthesize", "--t1", t1, "--t2", t2, "--bundle", flair_bundle, "--output_dir", folder,
+                         *extra, *FAST)
+        assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+        assert (f"BraTS-GLI-00001-000: {folder / 'BraTS-GLI-00001-000_FLAIR.nii.gz'} exists and is not a synthesized "
+                "image (its NIfTI header is not marked SYNTHETIC): expected another --output_dir, or that file moved "
+                "away (it is left as it was)") in result.stdout + result.stderr
+        assert digest(folder) == before
+
+    # a case ID holding a path separator (a PatientID like MRN/0042) names one file in the output folder, DICOM too;
+    # before, it named a file in a subfolder and the DICOM step failed with a KeyError
+    output = tmp_path / "out"
+    result = run_cli("synthesize", "--t1", t1, "--t2", t2, "--case_id", "site1/P01", "--bundle", flair_bundle,
+                     "--output_dir", output, "--dicom", *FAST)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "case ID 'site1/P01' is not a file name; its outputs are named after 'site1_P01'" in result.stdout + result.stderr
+    assert sorted(p.name for p in output.iterdir()) == ["site1_P01_FLAIR.nii.gz", "site1_P01_FLAIR_dicom"]
+    assert_on_input_grid(output / "site1_P01_FLAIR.nii.gz", t2)
 
 
 # ----------------------------------------------------------------------------------------- argument errors

@@ -147,6 +147,36 @@ def test_explicit_json_datalist(tmp_path):
         discover_cases(tmp_path / "nowhere")
 
 
+def test_case_ids_that_are_not_file_names_become_one(tmp_path, caplog):
+    # outputs are named <case_id>_<target>.nii.gz: a "/" would put them in another folder (and two cases' outputs
+    # in one file); DICOM PatientIDs and datalist IDs can hold one
+    import SimpleITK as sitk
+
+    from agi_monai.data import write_dicom_series
+
+    volume = sitk.ReadImage(str(BRATS_GLI / "BraTS-GLI-00001-000-t2w.nii.gz"))[:, :, 70:74]
+    study = tmp_path / "dicom"
+    for number, description in enumerate(["AX T1 SE", "AX T2 FSE"], 1):
+        write_dicom_series(volume, study / description.replace(" ", "_"), description, "MRN/0042", number, study_uid="1.2.3")
+    with caplog.at_level("WARNING"):
+        (case,) = discover_cases(study, required=["T1", "T2"]).cases
+    assert case["case_id"] == "MRN_0042" and case["patient_id"] == "MRN/0042"
+    assert "case ID 'MRN/0042' is not a file name; its outputs are named after 'MRN_0042'" in caplog.messages
+
+    t1, t2 = (str(BRATS_GLI / f"BraTS-GLI-00001-000-{name}.nii.gz") for name in ("t1n", "t2w"))
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps([
+        {"case_id": "site1/P01", "T1": t1, "T2": t2},
+        {"case_id": "site1_P01", "T1": t1, "T2": t2},  # the same file name once the "/" is replaced: both reported
+        {"case_id": "site2\\P02", "T1": t1, "T2": t2},
+        {"case_id": "..", "T1": t1, "T2": t2},
+    ]))
+    discovery = discover_cases(datalist, required=["T1", "T2"])
+    assert [case["case_id"] for case in discovery.cases] == ["__", "site2_P02"]
+    (failure,) = discovery.failures
+    assert failure.case_id == "site1_P01" and failure.reason.startswith("duplicate case ID, several files for one contrast")
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not beside this clone")
 @pytest.mark.parametrize(
     "folder, case_count, contrasts",

@@ -9,6 +9,7 @@ with :class:`agi_monai.data.AtomicNibabelWriter`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,15 @@ from monai.inferers import Inferer
 from tqdm import tqdm
 
 from agi_monai.bundle.experiment import infer_case
-from agi_monai.data import Failure, failure_reason, spacing_mismatch, stopping_cleanly_on_sigterm
+from agi_monai.data import (
+    CONTRASTS,
+    LABELS,
+    Failure,
+    failure_reason,
+    is_synthetic_nifti,
+    spacing_mismatch,
+    stopping_cleanly_on_sigterm,
+)
 
 __all__ = ["FolderSynthesis", "SynthesisSummary"]
 
@@ -64,7 +73,9 @@ class FolderSynthesis:
     (e.g. ``SliceInferer(spatial_dim=2)``) on ``"image"`` -> ``"pred"`` (1, H, W, D), then
     ``postprocessing`` (clip, :func:`agi_monai.data.restore_geometry_transforms` writing
     ``<case_id>_<target>.nii.gz`` atomically). A case that fails anywhere is logged with its reason and
-    listed in the summary; the rest continue. Nothing is written for a failed case. With ``overwrite=False`` a case
+    listed in the summary; the rest continue. Nothing is written for a failed case, nor over one of its input files,
+    nor (for a synthesis) over a file no synthesis wrote (:func:`agi_monai.data.is_synthetic_nifti`): such a case
+    fails. With ``overwrite=False`` a case
     whose output exists is not read: it is counted as already present (a rerun over a folder does the rest only).
     The progress bar counts the cases of ``dataset`` and shows the failed and present ones; the summary, printed at
     the end, every case (``skipped`` ones among the failed).
@@ -147,8 +158,15 @@ class FolderSynthesis:
 
     def _run_case(self, index: int, summary: SynthesisSummary) -> None:
         """One case into ``summary``: written, already present, or failed with its reason."""
-        case_id = str(self.dataset.data[index].get("case_id", index))
+        case = self.dataset.data[index]
+        case_id = str(case.get("case_id", index))
         output = self.output_path(case_id)
+        refusal = self._output_refusal(case, output)
+        if refusal:
+            failure = Failure(case_id, refusal)
+            _logger.error("%s", failure)
+            summary.failures.append(failure)
+            return
         if not self.overwrite and output.exists():
             summary.present.append(output)
             return
@@ -160,6 +178,19 @@ class FolderSynthesis:
             summary.failures.append(failure)
             return
         summary.written.append(output)
+
+    def _output_refusal(self, case: dict[str, Any], output: Path) -> str:
+        """Why ``output`` must not be written (nor counted as present), or "": it is one of the case's input files,
+        or, for a synthesis, a file there already that no synthesis wrote (an acquired scan named like the output,
+        e.g. a real FLAIR beside the T1 and T2 given one by one with ``--output_dir`` their folder)."""
+        clash = next((key for key, value in case.items() if key in CONTRASTS + LABELS and isinstance(value, str)
+                      and os.path.realpath(value) == os.path.realpath(output)), None)
+        if clash is not None:
+            return f"its output {output} would be its {clash} input file: expected another --output_dir (it is left as it was)"
+        if self.task == "synthesis" and output.exists() and not is_synthetic_nifti(output):
+            return (f"{output} exists and is not a synthesized image (its NIfTI header is not marked SYNTHETIC): "
+                    "expected another --output_dir, or that file moved away (it is left as it was)")
+        return ""
 
     def _synthesize(self, index: int) -> None:
         item = self.dataset[index]

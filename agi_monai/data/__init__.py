@@ -66,6 +66,7 @@ from agi_monai.data.transforms import (
     RandRigidMisalignChanneld,
     RandShiftChanneld,
     ScaleIntensityToPercentiled,
+    is_synthetic_nifti,
     preprocessing_transforms,
     restore_geometry_transforms,
     spacing_mismatch,

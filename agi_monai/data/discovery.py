@@ -5,7 +5,9 @@ NIfTI files are matched by name (:func:`agi_monai.data.parse_filename`); the cas
 A file named only by its contrast (``t1.nii.gz``, ``mav.nii.gz``) belongs to the one prefixed case of its
 folder, or, when there is none or several, to a case named after the folder. DICOM series are matched by their tags
 (:func:`agi_monai.data.match_series_to_contrasts`); the case is the PatientID (plus the study when a
-patient has several). A case that lacks a required contrast, has two files for one contrast (a duplicate
+patient has several). Outputs are named after the case ID, so one that is not a file name (a PatientID such as
+``MRN/0042``, a datalist's ``site1/P01``) has its path separators and control characters replaced by ``_``, with a
+warning: it would otherwise name a file in another folder, or the same file as another case. A case that lacks a required contrast, has two files for one contrast (a duplicate
 case ID), or (with ``validate=True``) holds a bad volume is reported by name and skipped.
 """
 
@@ -27,7 +29,7 @@ from agi_monai.data.dicom import DicomSeries, find_dicom_series, match_series_to
 from agi_monai.data.errors import DataError, Failure, format_failures
 from agi_monai.data.volumes import load_volume
 
-__all__ = ["Discovery", "discover_cases"]
+__all__ = ["Discovery", "discover_cases", "file_safe_case_id"]
 
 _logger = logging.getLogger(__name__)
 _CASE_KEYS = ("case_id", "patient_id")
@@ -116,6 +118,17 @@ def discover_cases(
     return Discovery(cases, failures)
 
 
+def file_safe_case_id(case_id: str) -> str:
+    """``case_id`` usable as the start of a file name in one folder: path separators (``/``, ``\\``) and control
+    characters become ``_``, and so does an ID that is empty, ``.`` or ``..``; a changed ID is logged."""
+    safe = "".join("_" if char in "/\\" or not char.isprintable() else char for char in case_id)
+    if safe in ("", ".", ".."):
+        safe = "_" * max(len(safe), 1)
+    if safe != case_id:
+        _logger.warning("case ID %r is not a file name; its outputs are named after %r", case_id, safe)
+    return safe
+
+
 def _scan_folder(
     root: Path, aliases: Mapping[str, str] | None, dicom_mapping: Mapping[str, str] | None
 ) -> tuple[dict[str, dict[str, list[Any]]], list[Failure]]:
@@ -149,10 +162,11 @@ def _dicom_studies(root: Path) -> dict[str, list[DicomSeries]]:
     per_patient: dict[str, int] = defaultdict(int)
     for patient, _ in studies:
         per_patient[patient] += 1
-    return {
-        (patient if per_patient[patient] == 1 else f"{patient}_{study.rsplit('.', 1)[-1]}"): series
-        for (patient, study), series in studies.items()
-    }
+    cases: dict[str, list[DicomSeries]] = defaultdict(list)
+    for (patient, study), series in studies.items():
+        # two IDs made equal by file_safe_case_id share one entry: discover_cases reports the duplicate contrasts
+        cases[file_safe_case_id(patient if per_patient[patient] == 1 else f"{patient}_{study.rsplit('.', 1)[-1]}")] += series
+    return dict(cases)
 
 
 def _read_datalist(
@@ -189,7 +203,7 @@ def _read_datalist(
         except DataError as error:
             failures.append(Failure(str(item.get("case_id", f"{path.name}[{index}]")), str(error)))
             continue
-        case_id = case.pop("case_id", None) or _case_id_from_paths(case) or f"{path.stem}-{index:04d}"
+        case_id = file_safe_case_id(case.pop("case_id", None) or _case_id_from_paths(case) or f"{path.stem}-{index:04d}")
         for key, value in case.items():
             grouped[case_id][key].append(value)
     return grouped, failures

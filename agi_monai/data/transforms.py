@@ -64,6 +64,7 @@ __all__ = [
     "preprocessing_transforms",
     "restore_geometry_transforms",
     "spacing_mismatch",
+    "is_synthetic_nifti",
     "synthetic_description",
 ]
 
@@ -565,3 +566,15 @@ def synthetic_description(target: str, inputs: Sequence[str], source: str) -> st
         source: what made it (the bundle's name).
     """
     return f"SYNTHETIC {target} from {','.join(inputs)} by {source}"[:80]
+
+
+def is_synthetic_nifti(path: str | Path) -> bool:
+    """Whether ``path`` is a NIfTI file whose header description is :func:`synthetic_description`'s mark (what
+    every synthesis route writes); False for any other file, or one that cannot be read as NIfTI."""
+    import nibabel as nib
+
+    try:
+        description = np.asarray(nib.load(str(path)).header["descrip"]).item()
+    except Exception:  # not NIfTI, truncated, unreadable: not a synthesized volume either way
+        return False
+    return isinstance(description, bytes) and description.startswith(b"SYNTHETIC ")
