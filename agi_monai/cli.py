@@ -116,7 +116,7 @@ def synthesize(
                     flags = " ".join(f"--{contrast.lower()}" for contrast in missing)
                     raise UsageError(f"{flags}: required, bundle {chosen.name} reads {', '.join(chosen.inputs)}")
             else:
-                present = _contrasts_present(discover_cases(source), source)
+                present = _contrasts_present(discover_cases(source, **_discovery_options(overrides)), source)
                 chosen = choose_bundle(present, target)
                 print(
                     f"{_PROGRAM} synthesize: using bundle {chosen.name} ({', '.join(chosen.inputs)} -> {chosen.target}); "
@@ -451,6 +451,13 @@ def _input_source(input_dir: Any, files: Mapping[str, Any], case_id: str | None,
     for contrast, value in files.items():
         item[contrast] = str(_existing_path(value, f"--{contrast.lower()}", "a NIfTI file or a DICOM series folder"))
     return write_json([item], scratch / "datalist.json")
+
+
+def _discovery_options(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``--discovery#aliases`` and ``--discovery#dicom_mapping`` overrides given as dicts: choosing the bundle
+    discovers the cases before any bundle config is read, and must see the contrasts they name as the bundle will."""
+    options = {name: overrides.get(f"discovery#{name}") for name in ("aliases", "dicom_mapping")}
+    return {name: value for name, value in options.items() if isinstance(value, Mapping)}
 
 
 def _contrasts_present(discovery: Any, source: Path) -> list[str]:

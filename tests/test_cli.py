@@ -257,6 +257,21 @@ def test_files_given_one_by_one_and_the_bundle_chosen_by_target(bundles, cases, 
     assert_on_input_grid(tmp_path / "out" / "BraTS-GLI-00001-000_FLAIR.nii.gz", t2)
 
 
+def test_the_bundle_choice_sees_the_discovery_overrides(bundles, tmp_path):
+    # a DICOM study whose T2 series has a description no rule knows: --discovery#dicom_mapping names it; before, only
+    # a run with --bundle used the mapping, and the bundle choice stopped with "no cases found"
+    env = {**ENV, "AGI_MONAI_BUNDLES": str(bundles)}
+    study = tmp_path / "study"
+    for number, (name, description) in enumerate([("t1n", "AX T1 SE"), ("t2w", "Sequence B")], 1):
+        volume = sitk.ReadImage(str(GLI / f"BraTS-GLI-00001-000-{name}.nii.gz"))[:, :, 70:74]
+        write_dicom_series(volume, study / f"series{number}", description, "P01", number, study_uid="1.2.3")
+    result = run_cli("synthesize", study, "--target", "FLAIR", "--output_dir", tmp_path / "out",
+                     "--discovery#dicom_mapping", "{'T2': 'Sequence B'}", *FAST, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "using bundle brats_t1_t2_to_flair (T1, T2 -> FLAIR); contrasts every case has: T1, T2" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["P01_FLAIR.nii.gz"]
+
+
 def test_an_output_never_replaces_an_input_and_a_case_id_with_a_slash_names_one_file(flair_bundle, cases, tmp_path):
     # files given one by one, the output folder being theirs, which holds the case's real FLAIR under the name the
     # synthesized one would have: that case fails and the acquired scan is kept, with or without --overwrite
