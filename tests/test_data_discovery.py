@@ -147,6 +147,24 @@ def test_explicit_json_datalist(tmp_path):
         discover_cases(tmp_path / "nowhere")
 
 
+def test_linked_case_folders_are_found_and_a_link_loop_ends(tmp_path):
+    # a dataset folder of links to a shared store (common on clusters): before, os.walk skipped linked folders and
+    # their cases were left out without a word
+    store, dataset = tmp_path / "store", tmp_path / "dataset"
+    for case in ("A", "B"):
+        (store / case).mkdir(parents=True)
+        for name in ("t1n", "t2w"):
+            (store / case / f"{case}-{name}.nii.gz").symlink_to(BRATS_GLI / f"BraTS-GLI-00001-000-{name}.nii.gz")
+    (dataset / "A").mkdir(parents=True)
+    for file in (store / "A").iterdir():
+        (dataset / "A" / file.name).symlink_to(file)
+    (dataset / "B").symlink_to(store / "B", target_is_directory=True)  # a linked case folder
+    (dataset / "B" / "loop").symlink_to(dataset, target_is_directory=True)  # a link back up: entered once only
+    discovery = discover_cases(dataset, required=["T1", "T2"])
+    assert [case["case_id"] for case in discovery.cases] == ["A", "B"] and discovery.failures == []
+    assert discovery.cases[1]["T1"] == str(dataset / "B" / "B-t1n.nii.gz")
+
+
 def test_case_ids_that_are_not_file_names_become_one(tmp_path, caplog):
     # outputs are named <case_id>_<target>.nii.gz: a "/" would put them in another folder (and two cases' outputs
     # in one file); DICOM PatientIDs and datalist IDs can hold one

@@ -31,7 +31,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from agi_monai.data.contrasts import canonical_contrast
 from agi_monai.data.errors import DataError
-from agi_monai.data.files import atomic_output, temporary_path
+from agi_monai.data.files import atomic_output, temporary_path, walk_folders
 from agi_monai.data.volumes import load_volume, metatensor_to_sitk
 
 _logger = logging.getLogger(__name__)
@@ -89,9 +89,9 @@ class DicomSeries:
 
 
 def find_dicom_series(root: str | Path) -> list[DicomSeries]:
-    """All DICOM series below ``root`` (recursively), ordered by folder and series number."""
+    """All DICOM series below ``root`` (recursively, through linked folders), ordered by folder and series number."""
     found: list[DicomSeries] = []
-    for folder, _, names in sorted(os.walk(root)):
+    for folder, names in sorted(walk_folders(root)):
         candidates = [name for name in names if not name.lower().endswith(_NOT_DICOM_SUFFIXES)]
         if not candidates or not any(is_dicom(os.path.join(folder, name)) for name in candidates[:5]):
             continue

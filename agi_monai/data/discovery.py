@@ -27,6 +27,7 @@ from tqdm import tqdm
 from agi_monai.data.contrasts import CONTRASTS, LABELS, canonical_contrast, parse_filename, patient_id
 from agi_monai.data.dicom import DicomSeries, find_dicom_series, match_series_to_contrasts
 from agi_monai.data.errors import DataError, Failure, format_failures
+from agi_monai.data.files import walk_folders
 from agi_monai.data.volumes import load_volume
 
 __all__ = ["Discovery", "discover_cases", "file_safe_case_id"]
@@ -67,7 +68,7 @@ def discover_cases(
     """Find the cases in a folder or a JSON datalist.
 
     Args:
-        source: a folder (searched recursively: NIfTI files by name, DICOM series by tags), or a JSON
+        source: a folder (searched recursively, through linked folders: NIfTI files by name, DICOM series by tags), or a JSON
             datalist: a list of items, or a dict of lists (MONAI decathlon style, e.g. ``"training"``),
             whose items map contrasts (canonical names or aliases such as ``t1ce``) to files; relative
             paths are taken from the JSON file's folder.
@@ -133,8 +134,8 @@ def _scan_folder(
     root: Path, aliases: Mapping[str, str] | None, dicom_mapping: Mapping[str, str] | None
 ) -> tuple[dict[str, dict[str, list[Any]]], list[Failure]]:
     grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
-    for folder, _, names in sorted(os.walk(root)):
-        parsed = [(name, *found) for name in sorted(names) if (found := parse_filename(name, aliases))]
+    for folder, names in sorted(walk_folders(root)):
+        parsed = [(name, *found) for name in names if (found := parse_filename(name, aliases))]
         prefixes = {prefix for _, prefix, _ in parsed if prefix}
         # a file named only by its contrast (t1.nii.gz, mav.nii.gz) joins the folder's one named case, if any
         unnamed_case = prefixes.pop() if len(prefixes) == 1 else Path(folder).name

@@ -24,10 +24,29 @@ from agi_monai.data.errors import DataError
 
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
-    "write_json", "AtomicNibabelWriter",
+    "walk_folders", "write_json", "AtomicNibabelWriter",
 ]
 
 _logger = logging.getLogger(__name__)
+
+
+def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, file names)`` of ``root`` and every folder below it, in sorted order, following symbolic links to
+    folders (a dataset folder of links to a shared store is common on clusters; ``os.walk``'s default drops them
+    silently) but entering each real folder once, so a link that loops back ends nowhere."""
+    seen: set[tuple[int, int]] = set()
+    for folder, folders, names in os.walk(root, followlinks=True):
+        try:
+            status = os.stat(folder)
+        except OSError:  # a broken link or a folder removed meanwhile: nothing to read there
+            folders[:] = []
+            continue
+        if (status.st_dev, status.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        folders.sort()
+        yield folder, sorted(names)
 
 
 def _host_prefix() -> str:
