@@ -14,6 +14,7 @@ SIGTERM (the outputs written until then are complete; temporary files are remove
 # no "from __future__ import annotations", and Optional[str] rather than "str | None" in the commands: Fire's
 # --help prints the annotations, and these read "Optional[str]" there
 import contextlib
+import inspect
 import logging
 import sys
 import tempfile
@@ -351,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args[0] = args[0].replace("_", "-")
     command = args[0] if args and args[0] in COMMANDS else ""
     fire_args = _fire_help(args)
+    if command:
+        fire_args = [command, *_strings_as_typed(COMMANDS[command], fire_args[1:])]
     # Fire writes help to stderr; asked-for help belongs on stdout (so that it pages and greps)
     help_to_stdout = contextlib.redirect_stderr(sys.stdout) if fire_args[-2:] == ["--", "--help"] else contextlib.nullcontext()
     name = " ".join([_PROGRAM, *([command] if command else [])])
@@ -392,6 +395,40 @@ def run_script(component: Any, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
+
+def _strings_as_typed(command: Callable[..., int], args: list[str]) -> list[str]:
+    """``args`` with the values of ``command``'s string parameters (folders, files, names, IDs) quoted, so that Fire,
+    which reads every value as a Python literal, keeps them as typed: unquoted, a folder ``2024_01`` became the
+    number 202401 and ``--output_dir 1_0`` the folder ``10``. Fire gives a flag (``--name``, without ``=``) the next
+    argument unless that is a flag too; the other arguments fill the positional parameters not given as flags, in
+    order. Config overrides (``--network_def#channels [8,8,8,8]``) are literals and stay as they are."""
+    parameters = inspect.signature(command).parameters
+    strings = {name for name, parameter in parameters.items() if parameter.annotation in (str, Optional[str])}
+    named = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in args if arg.startswith("--")}
+    positional = [name for name, parameter in parameters.items()
+                  if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and name not in named]
+    typed: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":  # Fire's own flags follow
+            typed += args[index:]
+            break
+        if arg.startswith("--"):
+            flag, equals, value = arg[2:].partition("=")
+            is_string = flag.replace("-", "_") in strings
+            if equals:
+                typed.append(f"--{flag}={value!r}" if is_string else arg)
+            else:
+                typed.append(arg)
+                if index + 1 < len(args) and not args[index + 1].startswith("--"):
+                    index += 1
+                    typed.append(repr(args[index]) if is_string else args[index])
+        else:
+            typed.append(repr(arg) if positional and positional.pop(0) in strings else arg)
+        index += 1
+    return typed
 
 
 def _fire_help(args: list[str]) -> list[str]:

@@ -257,6 +257,29 @@ def test_files_given_one_by_one_and_the_bundle_chosen_by_target(bundles, cases, 
     assert_on_input_grid(tmp_path / "out" / "BraTS-GLI-00001-000_FLAIR.nii.gz", t2)
 
 
+def test_folder_and_id_arguments_stay_as_typed(flair_bundle, cases, tmp_path):
+    # Fire reads every argument as a Python literal: before, the folder 2024_01 was the number 202401 ("does not
+    # exist") and --output_dir 1_0 wrote into 10/
+    from agi_monai.cli import _strings_as_typed, synthesize
+
+    inputs = tmp_path / "2024_01"
+    shutil.copytree(cases / AURORA.name, inputs / AURORA.name)
+    result = run_cli("synthesize", inputs, "--bundle", flair_bundle, "--output_dir", tmp_path / "1_0", *FAST)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1_0", "2024_01"]
+    assert [p.name for p in (tmp_path / "1_0").iterdir()] == ["aurora-example_FLAIR.nii.gz"]
+    # string parameters quoted, by flag (both forms) or position; config overrides, numbers and Fire's own flags not
+    assert _strings_as_typed(synthesize, [
+        "2024_01", "--case_id=1e3", "--output_dir", "1_0", "--overwrite", "--network_def#channels", "[8,8,8,8]",
+        "--batch_size", "4", "--", "--help",
+    ]) == [
+        "'2024_01'", "--case_id='1e3'", "--output_dir", "'1_0'", "--overwrite", "--network_def#channels", "[8,8,8,8]",
+        "--batch_size", "4", "--", "--help",
+    ]
+    # a positional argument after its parameter was given as a flag fills the next one (Fire's rule)
+    assert _strings_as_typed(synthesize, ["--input_dir", "a", "2024_01"]) == ["--input_dir", "'a'", "'2024_01'"]
+
+
 def test_the_bundle_choice_sees_the_discovery_overrides(bundles, tmp_path):
     # a DICOM study whose T2 series has a description no rule knows: --discovery#dicom_mapping names it; before, only
     # a run with --bundle used the mapping, and the bundle choice stopped with "no cases found"
