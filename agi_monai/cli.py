@@ -382,7 +382,12 @@ def run_script(component: Any, name: str) -> None:
     from agi_monai.data import DataError
 
     try:
-        fire.Fire(component, name=name, serialize=lambda result: None)
+        args = sys.argv[1:]
+        if isinstance(component, Mapping) and args and args[0] in component:
+            args = [args[0], *_strings_as_typed(component[args[0]], args[1:])]
+        elif callable(component):
+            args = _strings_as_typed(component, args)
+        fire.Fire(component, command=args, name=name, serialize=lambda result: None)
     except (UsageError, DataError, BundleError) as error:
         print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
@@ -404,7 +409,9 @@ def _strings_as_typed(command: Callable[..., int], args: list[str]) -> list[str]
     argument unless that is a flag too; the other arguments fill the positional parameters not given as flags, in
     order. Config overrides (``--network_def#channels [8,8,8,8]``) are literals and stay as they are."""
     parameters = inspect.signature(command).parameters
-    strings = {name for name, parameter in parameters.items() if parameter.annotation in (str, Optional[str])}
+    # (the scripts' annotations are strings: they import annotations from __future__)
+    string_types = (str, Optional[str], "str", "Optional[str]", "str | None")
+    strings = {name for name, parameter in parameters.items() if parameter.annotation in string_types}
     named = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in args if arg.startswith("--")}
     positional = [name for name, parameter in parameters.items()
                   if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and name not in named]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -278,6 +279,12 @@ def test_folder_and_id_arguments_stay_as_typed(flair_bundle, cases, tmp_path):
     ]
     # a positional argument after its parameter was given as a flag fills the next one (Fire's rule)
     assert _strings_as_typed(synthesize, ["--input_dir", "a", "2024_01"]) == ["--input_dir", "'a'", "'2024_01'"]
+    # the scripts (run_script): their annotations are strings; "str | Sequence[str]" (a list on the command line) is
+    # left to Fire
+    compare = runpy.run_path(str(ROOT / "scripts" / "compare.py"))["main"]
+    assert _strings_as_typed(compare, ["--output_dir", "2024_01", "--iterations", "3", "--scenarios", "a,b"]) == [
+        "--output_dir", "'2024_01'", "--iterations", "3", "--scenarios", "a,b",
+    ]
 
 
 def test_the_bundle_choice_sees_the_discovery_overrides(bundles, tmp_path):
