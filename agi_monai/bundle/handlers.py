@@ -248,8 +248,8 @@ class StopOnNonFiniteTraining:
             f"--resume_ckpt latest continues from {latest}" if latest is not None
             else "no training checkpoint was written: a rerun starts afresh"
         )
-        remedy = "a lower --learning_rate" + (", or mixed precision off (--amp false)," if getattr(engine, "amp", False) else "")
-        return f"Nothing of epoch {engine.state.epoch} was validated or saved; {resume}. {remedy.capitalize()} usually avoids this"
+        remedy = "A lower --learning_rate" + (", or mixed precision off (--amp False)," if getattr(engine, "amp", False) else "")
+        return f"Nothing of epoch {engine.state.epoch} was validated or saved; {resume}. {remedy} usually avoids this"
 
 
 def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:

@@ -7,8 +7,9 @@ folder, or, when there is none or several, to a case named after the folder. DIC
 (:func:`agi_monai.data.match_series_to_contrasts`); the case is the PatientID (plus the study when a
 patient has several). Outputs are named after the case ID, so one that is not a file name (a PatientID such as
 ``MRN/0042``, a datalist's ``site1/P01``) has its path separators and control characters replaced by ``_``, with a
-warning: it would otherwise name a file in another folder, or the same file as another case. A case that lacks a required contrast, has two files for one contrast (a duplicate
-case ID), or (with ``validate=True``) holds a bad volume is reported by name and skipped.
+warning: it would otherwise name a file in another folder, or the same file as another case. A case that lacks a
+required contrast, has two files for one contrast (a duplicate case ID), or (with ``validate=True``) holds a bad
+volume is reported by name and skipped.
 """
 
 from __future__ import annotations

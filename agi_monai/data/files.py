@@ -31,8 +31,8 @@ _logger = logging.getLogger(__name__)
 
 
 def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
-    """``(folder, file names)`` of ``root`` and every folder below it, in sorted order, following symbolic links to
-    folders (a dataset folder of links to a shared store is common on clusters; ``os.walk``'s default drops them
+    """``(folder, file names)`` of ``root`` and every folder below it, top-down (subfolders and names sorted),
+    following symbolic links to folders (a dataset folder of links to a shared store is common on clusters; ``os.walk``'s default drops them
     silently) but entering each real folder once, so a link that loops back ends nowhere."""
     seen: set[tuple[int, int]] = set()
     for folder, folders, names in os.walk(root, followlinks=True):
