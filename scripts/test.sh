@@ -20,9 +20,10 @@ if [ "$#" -gt 0 ] || [ "$(nproc)" -lt 2 ]; then
 fi
 
 # (clean-clone CI, 2026-11-24, commit 781710d: these 15.6 min, the others 16.6 min, side by side; before
-# test_data_datasets.py, a tenth of the others' time by --junitxml, moved here: 15.1 and 19.0 min at commit 8586ca0)
+# test_data_datasets.py, a tenth of the others' time by --junitxml, moved here: 15.1 and 19.0 min at commit 8586ca0;
+# commit 5eecbb5, on a slower day and with new CLI tests: 20.9 and 24.1 min, so test_deploy.py moved here too)
 LONG=(tests/test_compare.py tests/test_demo.py tests/test_ablation.py tests/test_downstream.py tests/test_engines.py
-      tests/test_robustness.py tests/test_kill_resume.py tests/test_data_datasets.py)
+      tests/test_robustness.py tests/test_kill_resume.py tests/test_data_datasets.py tests/test_deploy.py)
 rest=()
 for file in tests/test_*.py; do
     [[ " ${LONG[*]} " == *" $file "* ]] || rest+=("$file")
