@@ -352,8 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args[0] = args[0].replace("_", "-")
     command = args[0] if args and args[0] in COMMANDS else ""
     fire_args = _fire_help(args)
-    if command:
-        fire_args = [command, *_strings_as_typed(COMMANDS[command], fire_args[1:])]
+    fire_args = _command_line_as_typed(COMMANDS, fire_args)
     # Fire writes help to stderr; asked-for help belongs on stdout (so that it pages and greps)
     help_to_stdout = contextlib.redirect_stderr(sys.stdout) if fire_args[-2:] == ["--", "--help"] else contextlib.nullcontext()
     name = " ".join([_PROGRAM, *([command] if command else [])])
@@ -382,12 +381,8 @@ def run_script(component: Any, name: str) -> None:
     from agi_monai.data import DataError
 
     try:
-        args = sys.argv[1:]
-        if isinstance(component, Mapping) and args and args[0] in component:
-            args = [args[0], *_strings_as_typed(component[args[0]], args[1:])]
-        elif callable(component):
-            args = _strings_as_typed(component, args)
-        fire.Fire(component, command=args, name=name, serialize=lambda result: None)
+        fire.Fire(component, command=_command_line_as_typed(component, sys.argv[1:]), name=name,
+                  serialize=lambda result: None)
     except (UsageError, DataError, BundleError) as error:
         print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
@@ -400,6 +395,14 @@ def run_script(component: Any, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
+
+def _command_line_as_typed(component: Any, args: list[str]) -> list[str]:
+    """``args`` for ``fire.Fire(component)`` with :func:`_strings_as_typed` applied for the function it will call:
+    ``component`` itself, or, for a dict of commands, the one ``args`` names first."""
+    if isinstance(component, Mapping):
+        return [args[0], *_strings_as_typed(component[args[0]], args[1:])] if args and args[0] in component else args
+    return _strings_as_typed(component, args) if callable(component) else args
 
 
 def _strings_as_typed(command: Callable[..., int], args: list[str]) -> list[str]:
