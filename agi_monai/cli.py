@@ -16,6 +16,8 @@ SIGTERM (the outputs written until then are complete; temporary files are remove
 import contextlib
 import inspect
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -117,7 +119,12 @@ def synthesize(
                     flags = " ".join(f"--{contrast.lower()}" for contrast in missing)
                     raise UsageError(f"{flags}: required, bundle {chosen.name} reads {', '.join(chosen.inputs)}")
             else:
-                present = _contrasts_present(discover_cases(source, **_discovery_options(overrides)), source)
+                discovery = discover_cases(source, **_discovery_options(overrides))
+                if not discovery.cases and discovery.failures:
+                    # no bundle can be chosen, yet this is a batch whose every case failed (exit 1, each case named,
+                    # as with --bundle), not a usage error
+                    return _no_case_readable(discovery, output, started)
+                present = _contrasts_present(discovery, source)
                 chosen = choose_bundle(present, target)
                 print(
                     f"{_PROGRAM} synthesize: using bundle {chosen.name} ({', '.join(chosen.inputs)} -> {chosen.target}); "
@@ -146,21 +153,43 @@ def synthesize(
         cases = {case["case_id"]: case for case in discovery.cases}
         if not overwrite:
             _refuse_partial_outputs(discovery, output, chosen.target, dicom)
-        summary = _run(workflow)
-        if dicom:
-            _write_dicom_outputs(summary, cases, chosen, overwrite, progress)
+        earlier: dict[str, _EarlierOutputs] = {}
+        try:
+            if dicom and overwrite:
+                _set_earlier_outputs_aside(earlier, cases, output, chosen.target)
+            summary = _run(workflow)
+            if dicom:
+                _write_dicom_outputs(summary, cases, chosen, overwrite, progress, earlier)
+        finally:  # the cases the DICOM step did not reach (failed, interrupted): never a NIfTI beside another's series
+            for outputs in earlier.values():
+                outputs.settle()
         workflow.finalize()
 
-    total = summary.cases
+    print(_summary_line(summary, f" ({chosen.target}, {'NIfTI + DICOM' if dicom else 'NIfTI'})", f" by {chosen.name}",
+                        started), flush=True)
+    return EXIT_FAILED if summary.failures or summary.cases == 0 else EXIT_OK
+
+
+def _summary_line(summary: Any, written_as: str, written_by: str, started: float) -> str:
+    """The last line of ``synthesize``: what was written, as what, by which bundle, and the cases not written."""
     failed = ", ".join(f.case_id for f in summary.failures)
     present = f"{len(summary.present)} already present (skipped; --overwrite replaces them), " if summary.present else ""
-    line = (
-        f"{_PROGRAM} synthesize: {len(summary.written)} of {total} cases written ({chosen.target}, "
-        f"{'NIfTI + DICOM' if dicom else 'NIfTI'}) to {output} by {chosen.name} in {time.perf_counter() - started:.1f} s; "
-        f"{present}{len(summary.failures)} failed" + (f": {failed}" if failed else "")
+    return (
+        f"{_PROGRAM} synthesize: {len(summary.written)} of {summary.cases} cases written{written_as} to "
+        f"{summary.output_dir}{written_by} in {time.perf_counter() - started:.1f} s; {present}"
+        f"{len(summary.failures)} failed" + (f": {failed}" if failed else "")
     )
-    print(line, flush=True)
-    return EXIT_FAILED if summary.failures or total == 0 else EXIT_OK
+
+
+def _no_case_readable(discovery: Any, output: Path, started: float) -> int:
+    """Every case failed discovery (e.g. two T1 files, two DICOM series for one contrast): they are listed as a
+    bundle's run lists its failed cases, and nothing is written."""
+    from agi_monai.bundle import SynthesisSummary
+
+    summary = SynthesisSummary(output, failures=list(discovery.failures))
+    print(summary, flush=True)
+    print(_summary_line(summary, "", " (no bundle chosen: no case could be read)", started), flush=True)
+    return EXIT_FAILED
 
 
 def convert_dicom(input_dir: str, output_dir: str, overwrite: bool = False, progress: bool = True) -> int:
@@ -713,10 +742,88 @@ def _run(workflow: Any) -> Any:
     return summaries[0]
 
 
-def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, overwrite: bool, progress: bool) -> None:
+class _EarlierOutputs:
+    """One case's outputs from an earlier run, set aside by an ``--overwrite --dicom`` run before it writes the new
+    ones: the DICOM folder renamed, the NIfTI hard-linked (the bundle's atomic write then replaces the file under its
+    name, not the link), both under temporary names. The bundle writes every NIfTI before the first series, so
+    without this a case whose new series failed kept the earlier series without a NIfTI, and a run stopped between
+    the two steps left new NIfTIs beside earlier series that a rerun took for complete cases.
+
+    Temporary names (:func:`agi_monai.data.files.temporary_path`): what a killed run leaves is removed by the next
+    run into the folder, and its cases then hold a NIfTI without a series, which that run completes."""
+
+    def __init__(self, nifti: Path, series: Path) -> None:
+        from agi_monai.data.files import temporary_path
+
+        self.nifti, self.series = nifti, series
+        self.nifti_inode = nifti.stat().st_ino if nifti.exists() else None  # an atomic replace makes a new inode
+        self.nifti_kept = temporary_path(nifti.with_name(f"earlier-{nifti.name}")) if nifti.exists() else None
+        self.series_kept = temporary_path(series.with_name(f"earlier-{series.name}")) if series.exists() else None
+        if self.nifti_kept is not None:
+            try:
+                os.link(nifti, self.nifti_kept)
+            except OSError:  # a file system without hard links
+                shutil.copy2(nifti, self.nifti_kept)
+        if self.series_kept is not None:
+            os.replace(series, self.series_kept)
+
+    @property
+    def what(self) -> str:
+        """``"NIfTI and DICOM series"``, or the one of them set aside."""
+        return " and ".join(name for name, kept in (("NIfTI", self.nifti_kept), ("DICOM series", self.series_kept)) if kept)
+
+    def nifti_replaced(self) -> bool:
+        """Whether this run wrote the case's NIfTI (or removed it) since it was set aside."""
+        current = self.nifti.stat().st_ino if self.nifti.exists() else None
+        return current != self.nifti_inode
+
+    def restore(self) -> None:
+        """Put the earlier NIfTI and series back, replacing what this run wrote."""
+        if self.nifti_kept is not None:
+            if self.nifti.exists() and os.path.samefile(self.nifti, self.nifti_kept):
+                self.nifti_kept.unlink()  # rename() onto another link of the same file does nothing (POSIX)
+            else:
+                os.replace(self.nifti_kept, self.nifti)
+        else:
+            self.nifti.unlink(missing_ok=True)
+        if self.series_kept is not None:
+            shutil.rmtree(self.series, ignore_errors=True)
+            os.replace(self.series_kept, self.series)
+
+    def discard(self) -> None:
+        """Remove the earlier outputs: the case holds this run's."""
+        if self.nifti_kept is not None:
+            self.nifti_kept.unlink(missing_ok=True)
+        if self.series_kept is not None:
+            shutil.rmtree(self.series_kept, ignore_errors=True)
+
+    def settle(self) -> None:
+        """A case the DICOM step did not reach: its earlier outputs go back when its NIfTI is still the earlier one
+        (its synthesis failed, or the run stopped before it); otherwise the new NIfTI stays alone, and a rerun makes
+        its series."""
+        if self.nifti_replaced():
+            self.discard()
+        else:
+            self.restore()
+
+
+def _set_earlier_outputs_aside(earlier: dict[str, _EarlierOutputs], cases: Mapping[str, Any], output: Path,
+                               target: str) -> None:
+    """Adds to ``earlier`` (as it goes, so that the caller can put them back after an error) an
+    :class:`_EarlierOutputs` for each case with a NIfTI or a DICOM folder in ``output`` already."""
+    for case_id in cases:
+        nifti, series = _nifti_output(output, case_id, target), _dicom_output(output, case_id, target)
+        if nifti.exists() or series.exists():
+            earlier[case_id] = _EarlierOutputs(nifti, series)
+
+
+def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, overwrite: bool, progress: bool,
+                         earlier_outputs: dict[str, _EarlierOutputs]) -> None:
     """A DICOM series beside each NIfTI this run wrote, and beside each NIfTI an earlier run wrote without its series
     (stopped between the two): such a case moves from the summary's present to its written. A case whose series
-    fails moves to the summary's failures, with its reason printed; the NIfTI goes too when this run wrote it."""
+    fails moves to the summary's failures, with its reason printed; the NIfTI goes too when this run wrote it, and
+    the case's ``earlier_outputs`` (set aside by an ``--overwrite`` run) come back. Those of a case whose series was
+    written are removed."""
     import SimpleITK as sitk
     from tqdm import tqdm
 
@@ -749,11 +856,18 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
                 summary.present.remove(nifti)
                 failures.append(Failure(case_id, f"DICOM output: {failure_reason(error)} (the NIfTI {nifti.name} of "
                                                  "an earlier run is kept)"))
-            else:  # the case fails as a whole: its NIfTI goes too
-                nifti.unlink(missing_ok=True)
+            else:  # the case fails as a whole: its NIfTI goes too, and what an earlier run wrote comes back
                 summary.written.remove(nifti)
-                failures.append(Failure(case_id, f"DICOM output: {failure_reason(error)}"))
+                kept = earlier_outputs.pop(case_id, None)
+                if kept is None:
+                    nifti.unlink(missing_ok=True)
+                else:
+                    kept.restore()
+                failures.append(Failure(case_id, f"DICOM output: {failure_reason(error)}" + (
+                    "" if kept is None else f" (kept: the earlier run's {kept.what} of this case)")))
         else:
+            if case_id in earlier_outputs:
+                earlier_outputs.pop(case_id).discard()
             if nifti in earlier:
                 summary.present.remove(nifti)
                 summary.written.append(nifti)

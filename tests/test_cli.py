@@ -241,6 +241,48 @@ def test_existing_output_needs_overwrite(flair_bundle, cases, tmp_path):
     assert sorted(output.iterdir()) == [series]
 
 
+def test_an_overwrite_never_leaves_a_nifti_beside_another_runs_series(flair_bundle, cases, tmp_path, monkeypatch,
+                                                                       capsys):
+    # before: --overwrite --dicom wrote every NIfTI first, then the series; a case whose new series failed lost its
+    # new NIfTI and kept the earlier series alone, and a run stopped between the two steps left new NIfTIs beside
+    # earlier series, which a rerun counted as complete
+    import agi_monai.bundle.inference
+    import agi_monai.data.dicom
+
+    output = tmp_path / "out"
+    nifti, series = output / "aurora-example_FLAIR.nii.gz", output / "aurora-example_FLAIR_dicom"
+    args = ["synthesize", str(cases / AURORA.name), "--bundle", str(flair_bundle), "--output_dir", str(output), *FAST]
+    assert main([*args, "--dicom"]) == 0
+    earlier = digest(output)
+    assert sorted(earlier) == [nifti.name, *(f"{series.name}/{f.name}" for f in sorted(series.iterdir()))]
+    write_series = agi_monai.data.dicom.write_derived_series
+
+    def failing(*args, **kwargs):
+        raise agi_monai.data.DataError(kwargs.get("case_id", "?"), "cannot be written (No space left on device)")
+
+    # the new series fails: the case keeps its earlier NIfTI and series, byte for byte
+    monkeypatch.setattr(agi_monai.data.dicom, "write_derived_series", failing)
+    capsys.readouterr()
+    assert main([*args, "--dicom", "--overwrite"]) == 1
+    assert ("  - aurora-example: DICOM output: aurora-example: cannot be written (No space left on device) (kept: the "
+            "earlier run's NIfTI and DICOM series of this case)") in capsys.readouterr().out.splitlines()
+    assert digest(output) == earlier  # and no temporary name left
+    # the new NIfTI fails: the earlier series is put back beside the earlier NIfTI
+    monkeypatch.setattr(agi_monai.bundle.inference.FolderSynthesis, "_synthesize", lambda self, index: 1 / 0)
+    assert main([*args, "--dicom", "--overwrite"]) == 1
+    assert digest(output) == earlier
+    monkeypatch.undo()
+    # stopped (Ctrl-C) after the new NIfTI and before its series: the earlier series is not left beside it, and a
+    # rerun without --overwrite makes the series of the new NIfTI
+    monkeypatch.setattr(agi_monai.data.dicom, "write_derived_series", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    inode = nifti.stat().st_ino
+    assert main([*args, "--dicom", "--overwrite"]) == 130
+    assert sorted(output.iterdir()) == [nifti] and nifti.stat().st_ino != inode
+    monkeypatch.setattr(agi_monai.data.dicom, "write_derived_series", write_series)
+    assert main([*args, "--dicom"]) == 0
+    assert sorted(output.iterdir()) == [nifti, series] and len(list(series.iterdir())) == len(earlier) - 1
+
+
 def test_files_given_one_by_one_and_the_bundle_chosen_by_target(bundles, cases, tmp_path):
     env = {**ENV, "AGI_MONAI_BUNDLES": str(bundles)}
     t1, t2 = cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz", cases / GLI.name / "BraTS-GLI-00001-000-t2w.nii.gz"
@@ -386,6 +428,23 @@ def test_the_cases_that_narrow_the_bundle_choice_are_named(cases, tmp_path, caps
     printed = capsys.readouterr()
     assert status == 2 and "the contrasts present (T1)" in printed.err
     assert "agi-monai synthesize: T2 not in every case (lonely lacks T2)" in printed.out
+
+
+def test_a_folder_whose_every_case_fails_discovery_is_a_failed_batch_with_or_without_bundle(cases, tmp_path, capsys):
+    # before: without --bundle, a usage error (exit 2: "no cases found"); with it, a batch of failed cases (exit 1)
+    folder = tmp_path / "cases"
+    shutil.copytree(cases / GLI.name, folder / GLI.name)
+    shutil.copytree(cases / GLI.name, folder / "copy" / GLI.name)  # the same case ID twice: discovery refuses it
+    before = digest(folder)
+    status = main(["synthesize", str(folder), "--output_dir", str(tmp_path / "o")])
+    printed = capsys.readouterr()
+    assert status == 1, printed.err[-3000:]
+    assert f"  - {GLI.name}: duplicate case ID, several files for one contrast: T1 in " in printed.out
+    assert re.fullmatch(
+        rf"agi-monai synthesize: 0 of 1 cases written to {re.escape(str(tmp_path / 'o'))} \(no bundle chosen: no case "
+        rf"could be read\) in [0-9.]+ s; 1 failed: {GLI.name}", printed.out.strip().splitlines()[-1]
+    ), printed.out[-2000:]
+    assert not (tmp_path / "o").exists() and digest(folder) == before
 
 
 @pytest.mark.parametrize("problem", ["inside the input", "parent is a file", "datalist not JSON", "empty folder"])

@@ -106,6 +106,11 @@ def test_two_series_for_one_contrast_need_a_mapping(native_study, tmp_path):
     lookalike = type(duplicate)(**{**duplicate.__dict__, "series_uid": "9.9", "description": "COR T2"})
     with pytest.raises(DataError, match="several series match one contrast .*T2: 'AX T2 FSE'.*'COR T2'"):
         match_series_to_contrasts([*series, lookalike])
+    # series in folders of their own: the error names the study's folder, not the first series' folder
+    in_subfolder = type(duplicate)(**{**lookalike.__dict__, "files": (str(native_study / "COR_T2" / "1.dcm"),)})
+    with pytest.raises(DataError) as raised:
+        match_series_to_contrasts([in_subfolder, *series])
+    assert raised.value.source == str(native_study)
     # a mapping naming T2 alone settles it; the other contrasts are still found by their descriptions
     settled = match_series_to_contrasts([*series, lookalike], mapping={"T2": "COR T2"})
     assert {contrast: s.description for contrast, s in settled.items()} == {

@@ -166,8 +166,10 @@ def match_series_to_contrasts(
     ambiguous = {contrast: items for contrast, items in candidates.items() if len(items) > 1}
     if ambiguous:
         details = "; ".join(f"{c}: " + ", ".join(s.label for s in items) for c, items in ambiguous.items())
+        # the study's folder, not the first series' own: series often sit in folders of their own
+        study_folder = os.path.commonpath([str(Path(s.files[0]).parent) for s in series])
         raise DataError(
-            str(Path(series[0].files[0]).parent),
+            study_folder,
             f"several series match one contrast ({details})",
             "an explicit mapping",
         )
@@ -508,7 +510,8 @@ def _atomic_folder(folder: Path, overwrite: bool) -> Iterator[Path]:
         if folder.exists():
             if not overwrite:
                 raise DataError(folder, "appeared while it was being written", "a new output folder")
-            replaced = folder.with_name(f".old-{os.getpid()}-{folder.name}")
+            # a temporary name too: a run killed between the two renames leaves nothing the next run keeps
+            replaced = temporary_path(folder.with_name(f"replaced-{folder.name}"))
             os.replace(folder, replaced)
             os.replace(temporary, folder)
             shutil.rmtree(replaced)
