@@ -468,7 +468,11 @@ def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(unt
 def test_inference_keeps_slices_larger_than_spatial_size_whole(untrained_bundle, tmp_path):
     """inference.json pads and never crops: with --spatial_size [64,64] the 240x240 BraTS slices are synthesized
     whole (a crop left everything outside the central 64x64 as zeros), the same as at the bundle's own 240x240."""
-    name, dataset = "brats_t1_t2_flair_to_t1gd", DATA / "brats2023-gli"
+    name, dataset = "brats_t1_t2_flair_to_t1gd", tmp_path / "cases"
+    case = dataset / "BraTS-GLI-00001-000"
+    case.mkdir(parents=True)
+    for file in (DATA / "brats2023-gli" / case.name).glob("*-t[12]*.nii.gz"):  # 8 slices of 240x240 are enough
+        nib.save(nib.load(file).slicer[:, :, 70:78], case / file.name)
     written = {}
     for size in ("[64,64]", "[240,240]"):
         output = tmp_path / size.strip("[]").replace(",", "x")
@@ -478,7 +482,7 @@ def test_inference_keeps_slices_larger_than_spatial_size_whole(untrained_bundle,
         )
         written[size] = nib.load(output / "BraTS-GLI-00001-000_T1Gd.nii.gz")
     small, full = (np.asarray(image.dataobj) for image in written.values())
-    assert small.shape == full.shape == (240, 240, 155)
+    assert small.shape == full.shape == (240, 240, 8)
     outside = np.ones(small.shape[:2], bool)
     outside[88:152, 88:152] = False  # the central 64x64 a crop kept
     assert np.count_nonzero(small[outside]) > 0.1 * small[outside].size

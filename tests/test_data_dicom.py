@@ -165,3 +165,114 @@ def test_dicom_folder_discovered_as_a_case_and_converted(native_study, tmp_path)
     _assert_same_geometry_and_voxels(sitk.ReadImage(converted["T2"]), sitk.ReadImage(str(NATIVE / "t2.nii.gz")))
     rediscovered = discover_cases(tmp_path / "nifti", required=["T1", "T2", "FLAIR", "T1Gd"])
     assert [c["case_id"] for c in rediscovered.cases] == ["TCGA-FG-6692"]
+
+
+# ------------------------------------------------------------------------------- enhanced (multi-frame) MR
+
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def write_enhanced_mr(image: sitk.Image, path: Path, description: str, frame_order: list[int] | None = None,
+                      per_frame_rescale: bool = False, orientations: dict[int, list[float]] | None = None,
+                      agent: str = "") -> Path:
+    """An Enhanced MR Image Storage file of ``image`` (written independently of agi_monai): one frame per slice,
+    its position in its own PlanePositionSequence, stored in ``frame_order`` (slice indices), scaled by one shared
+    rescale or by each frame's own (as Philips files are). ``orientations`` overrides chosen frames' orientation."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def item(**tags) -> Dataset:
+        dataset = Dataset()
+        for keyword, value in tags.items():
+            setattr(dataset, keyword, value)
+        return dataset
+
+    values = sitk.GetArrayFromImage(image).astype(np.float64)  # (z, y, x)
+    direction, spacing = np.asarray(image.GetDirection()).reshape(3, 3), image.GetSpacing()
+    order = list(range(values.shape[0])) if frame_order is None else frame_order
+    low, high = (values.min(axis=(1, 2)), values.max(axis=(1, 2))) if per_frame_rescale else (
+        np.full(len(values), values.min()), np.full(len(values), values.max()))
+    slopes = np.maximum(high - low, 1e-6) / 65535
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = ENHANCED_MR
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.Modality, dataset.PatientID, dataset.SeriesDescription = "MR", "ENHANCED-1", description
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2", generate_uid()
+    if agent:
+        dataset.ContrastBolusAgentSequence = DicomSequence([item(CodeMeaning=agent)])
+    shared = item(
+        PixelMeasuresSequence=DicomSequence([item(PixelSpacing=[spacing[1], spacing[0]], SliceThickness=spacing[2])]),
+        PlaneOrientationSequence=DicomSequence([item(ImageOrientationPatient=[*direction[:, 0], *direction[:, 1]])]),
+    )
+    if not per_frame_rescale:
+        shared.PixelValueTransformationSequence = DicomSequence(
+            [item(RescaleSlope=slopes[0], RescaleIntercept=low[0], RescaleType="US")])
+    frames, stored = [], []
+    for index in order:
+        group = item(PlanePositionSequence=DicomSequence(
+            [item(ImagePositionPatient=list(image.TransformIndexToPhysicalPoint((0, 0, index))))]))
+        if per_frame_rescale:
+            group.PixelValueTransformationSequence = DicomSequence(
+                [item(RescaleSlope=slopes[index], RescaleIntercept=low[index], RescaleType="US")])
+        if orientations and index in orientations:
+            group.PlaneOrientationSequence = DicomSequence([item(ImageOrientationPatient=orientations[index])])
+        frames.append(group)
+        stored.append(np.rint((values[index] - low[index]) / slopes[index]))
+    dataset.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    dataset.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    dataset.NumberOfFrames = len(order)
+    dataset.set_pixel_data(np.stack(stored).astype(np.uint16), photometric_interpretation="MONOCHROME2", bits_stored=16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("order, per_frame_rescale", [("ascending", False), ("interleaved", True), ("descending", True)])
+def test_an_enhanced_multiframe_mr_file_reads_as_its_volume(tmp_path, order, per_frame_rescale):
+    # before: GDCM stacked the frames in stored order, on a 1 mm grid, all scaled by the first frame's rescale
+    original = sitk.Cast(sitk.ReadImage(str(NATIVE / "t2.nii.gz")), sitk.sitkFloat32)  # oblique, 26 slices
+    slices = list(range(original.GetSize()[2]))
+    frame_order = {"ascending": slices, "interleaved": slices[::2] + slices[1::2], "descending": slices[::-1]}[order]
+    path = write_enhanced_mr(original, tmp_path / "enhanced" / "IM1.dcm", "AX T2 ENH", frame_order, per_frame_rescale)
+    largest = float(sitk.GetArrayViewFromImage(original).max())
+    read = metatensor_to_sitk(load_volume(tmp_path / "enhanced"))
+    _assert_same_geometry_and_voxels(read, original, voxel_tolerance=largest / 65535)
+    if order == "ascending":  # what GDCM gets right, it gets as we do (an independent reader)
+        _assert_same_geometry_and_voxels(sitk.ReadImage(str(path)), read, voxel_tolerance=largest / 65535)
+
+
+@pytest.mark.parametrize("problem", ["two echoes", "missing frame", "two orientations"])
+def test_an_enhanced_file_that_is_not_one_stack_is_refused_naming_why(tmp_path, problem):
+    original = sitk.ReadImage(str(NATIVE / "t2.nii.gz"))
+    slices = list(range(original.GetSize()[2]))
+    path = tmp_path / "IM1.dcm"
+    if problem == "two echoes":
+        write_enhanced_mr(original, path, "AX T2 2 echoes", slices + slices)
+        message = "holds 52 frames at 26 slice positions (several echoes, stacks or time points in one series)"
+    elif problem == "missing frame":
+        write_enhanced_mr(original, path, "AX T2", [s for s in slices if s != 10])
+        message = "has a gap of 11 mm between frames 10 and 11, two of its 25 frames, where the others are 5.5 mm apart"
+    else:
+        write_enhanced_mr(original, path, "AX T2", orientations={3: [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]})
+        message = "holds frames of 2 orientations (e.g. a localizer's three planes)"
+    with pytest.raises(DataError) as raised:
+        load_volume([str(path)])
+    assert raised.value.source == str(path) and message in str(raised.value), str(raised.value)
+
+
+def test_enhanced_series_are_discovered_and_matched_with_their_contrast_agent(tmp_path):
+    # an enhanced file has no ContrastBolusAgent; its agents are in ContrastBolusAgentSequence
+    study = tmp_path / "study"
+    for name, description, agent in [("t1", "T1 MPRAGE", ""), ("t1c", "T1 MPRAGE", "GADOBUTROL"), ("t2", "T2 SPC", "")]:
+        write_enhanced_mr(sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")), study / f"{name}.dcm", description, agent=agent)
+    (case,) = discover_cases(study, required=["T1", "T2", "T1Gd"]).cases
+    assert case["case_id"] == "ENHANCED-1"
+    assert {contrast: Path(case[contrast][0]).name for contrast in ("T1", "T1Gd", "T2")} == {
+        "T1": "t1.dcm", "T1Gd": "t1c.dcm", "T2": "t2.dcm"
+    }
+    _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(case["T1Gd"])),
+                                     sitk.Cast(sitk.ReadImage(str(NATIVE / "t1c.nii.gz")), sitk.sitkFloat32),
+                                     voxel_tolerance=float(sitk.GetArrayViewFromImage(sitk.ReadImage(str(NATIVE / "t1c.nii.gz"))).max()) / 65535)

@@ -107,11 +107,21 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
                     series_number=str(header.get("SeriesNumber", "")),
                     patient_id=str(header.get("PatientID", "")) or Path(folder).name,
                     study_uid=str(header.get("StudyInstanceUID", "")),
-                    contrast_agent=str(header.get("ContrastBolusAgent", "")),
+                    contrast_agent=_contrast_agent(header),
                     manufacturer=str(header.get("Manufacturer", "")),
                 )
             )
     return sorted(found, key=lambda series: (str(Path(series.files[0]).parent), _number(series.series_number)))
+
+
+def _contrast_agent(header: pydicom.Dataset) -> str:
+    """The contrast agent a series was acquired with, "" for none: ContrastBolusAgent (classic MR images), or the
+    agents' names in ContrastBolusAgentSequence (enhanced multi-frame MR images, which have no ContrastBolusAgent)."""
+    agent = str(header.get("ContrastBolusAgent", "")).strip()
+    if agent:
+        return agent
+    items = header.get("ContrastBolusAgentSequence") or []
+    return ", ".join(str(item.get("CodeMeaning", "")).strip() or "unnamed agent" for item in items)
 
 
 def match_series_to_contrasts(

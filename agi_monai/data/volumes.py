@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor, NibabelReader
@@ -127,15 +128,20 @@ def _load_dicom_series(source: str | Path | Sequence[str]) -> MetaTensor:
         if not files:
             raise DataError("<empty file list>", "no DICOM files given", "the files of one DICOM series")
     label = str(Path(files[0]).parent) if len(files) > 1 else files[0]
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    multiframe = _is_multiframe(files[0])
     try:
-        image = reader.Execute()
+        if multiframe:
+            image = _read_multiframe_series(files, label)
+        else:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            image = reader.Execute()
     except RuntimeError as error:
         raise DataError(label, f"cannot be read as a DICOM series ({error})", "readable DICOM images") from error
     if image.GetDimension() == 3 and image.GetSize()[2] == 1:
         raise DataError(label, f"is a single 2D slice, size {image.GetSize()}", "a 3D DICOM series")
-    _check_series_slices(files, image, label)
+    if not multiframe:  # a multi-frame series is checked frame by frame as it is read
+        _check_series_slices(files, image, label)
     volume = sitk_to_metatensor(image, source=label)
     return volume[0]  # check_volume sees the bare 3D array, like a NIfTI volume
 
@@ -144,7 +150,7 @@ def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) ->
     """One patient in every slice, and no slice missing: GDCM leaves out a file it cannot parse (e.g. a truncated
     one) without a word, and ITK then stacks the remaining slices as if they were evenly spaced."""
     origins, patients, descriptions = [], set(), set()
-    for name in files:  # headers only; SimpleITK reads classic and enhanced (per-frame) MR positions alike
+    for name in files:  # headers only
         header = sitk.ImageFileReader()
         header.SetFileName(str(name))
         header.ReadImageInformation()
@@ -156,20 +162,136 @@ def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) ->
     if len(origins) < 3:
         return
     normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
-    gaps = np.abs(np.diff(np.asarray(origins) @ normal))
-    typical = float(np.median(gaps))
-    widest = int(np.argmax(gaps))
-    if typical > 0 and gaps[widest] > 1.5 * typical:
+    gap = _widest_gap(np.asarray(origins) @ normal)
+    if gap is not None:
+        widest, width, typical = gap
         # the files on either side of the gap, in the series' order (GDCM's, by position), and the series'
         # description: a folder often holds several series, and the unreadable file is one GDCM left out
         series = f"its series '{descriptions.pop()}'" if len(descriptions) == 1 and "" not in descriptions else "it"
         raise DataError(
             label,
-            f"has a gap of {gaps[widest]:.3g} mm between {Path(files[widest]).name} and {Path(files[widest + 1]).name}, "
+            f"has a gap of {width:.3g} mm between {Path(files[widest]).name} and {Path(files[widest + 1]).name}, "
             f"two of the {len(origins)} readable slices of {series}, where the others are {typical:.3g} mm apart (a "
             "slice between them is missing or could not be read)",
             "a complete series",
         )
+
+
+def _widest_gap(along_normal: np.ndarray) -> tuple[int, float, float] | None:
+    """``(i, gap, typical)`` when the gap between sorted slice positions ``i`` and ``i + 1`` is over 1.5 times the
+    typical (median) one: a slice is missing there. None for an evenly spaced stack."""
+    if len(along_normal) < 3:
+        return None
+    gaps = np.abs(np.diff(along_normal))
+    typical = float(np.median(gaps))
+    widest = int(np.argmax(gaps))
+    return (widest, float(gaps[widest]), typical) if typical > 0 and gaps[widest] > 1.5 * typical else None
+
+
+def _is_multiframe(path: str) -> bool:
+    """Whether the file holds several frames: an Enhanced (or Legacy Converted Enhanced) MR image of a whole stack,
+    what current Siemens (XA), Philips and GE consoles export on request. (Enhanced MR files of one frame each, as
+    GDCM writes them, are read slice by slice like classic ones.)"""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+    except Exception:  # pydicom raises several types for unreadable files; GDCM's reading then names the problem
+        return False
+    return int(header.get("NumberOfFrames") or 1) > 1
+
+
+def _read_multiframe_series(files: Sequence[str], label: str) -> sitk.Image:
+    """The frames of multi-frame DICOM files as one volume, placed by their own functional groups.
+
+    Why not GDCM's reading alone: ``ImageSeriesReader`` makes a 4D image of one such file (the series then failed
+    with "axes don't match array"), and ``ReadImage`` stacks the frames in the order they are stored, so a file whose
+    frames are stored in acquisition order (interleaved) came back shuffled on a 1 mm grid, and it applies the first
+    frame's rescale to every frame, where Philips files scale each frame differently. GDCM still decodes the pixels
+    (every transfer syntax);
+    the frames are then sorted along the slice normal, rescaled frame by frame, and checked: one orientation, one
+    frame per position (not several echoes or time points), frames stacked along their normal, no missing frame.
+    """
+    frames = []  # (position, orientation, pixel spacing, frame values, file, frame number)
+    patients = set()
+    for name in files:
+        header = pydicom.dcmread(name, stop_before_pixels=True)
+        patients.add(str(header.get("PatientID", "")).strip())
+        count = int(header.get("NumberOfFrames") or 1)
+        per_frame = list(header.get("PerFrameFunctionalGroupsSequence") or [])
+        shared = (header.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+        if len(per_frame) != count:
+            raise DataError(name, f"has {count} frames and {len(per_frame)} per-frame functional groups",
+                            "one group per frame, giving its position (an enhanced MR image)")
+        # GDCM returns the stored frames in their order, all scaled by the first frame's rescale: undone below
+        decoded = sitk.GetArrayFromImage(sitk.ReadImage(name, sitk.sitkFloat64)).reshape(count, header.Rows, header.Columns)
+        first_slope, first_intercept = _rescale(per_frame[0], shared, header)
+        for number, group in enumerate(per_frame, start=1):
+            where = f"{name}, frame {number}"
+            slope, intercept = _rescale(group, shared, header)
+            stored = (decoded[number - 1] - first_intercept) / first_slope
+            frames.append((
+                np.asarray(_functional(group, shared, "PlanePositionSequence", "ImagePositionPatient", where), float),
+                np.asarray(_functional(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient", where), float),
+                np.asarray(_functional(group, shared, "PixelMeasuresSequence", "PixelSpacing", where), float),
+                stored * slope + intercept, name, number,
+            ))
+    if len(patients) > 1:
+        raise DataError(label, f"mixes frames of several patients (PatientID {', '.join(sorted(patients))})",
+                        "one series of one patient")
+    orientation, spacing = frames[0][1], frames[0][2]
+    if any(not np.allclose(f[1], orientation, atol=_ORTHONORMAL_TOLERANCE) for f in frames):
+        kinds = len({tuple(np.round(f[1], 3)) for f in frames})
+        raise DataError(label, f"holds frames of {kinds} orientations (e.g. a localizer's three planes)",
+                        "one stack of parallel slices")
+    if any(not np.allclose(f[2], spacing, rtol=1e-4) for f in frames):
+        raise DataError(label, "holds frames of several pixel spacings", "one stack of slices of one pixel spacing")
+    row, column = orientation[:3], orientation[3:]
+    normal = np.cross(row, column)
+    frames.sort(key=lambda f: float(f[0] @ normal))
+    positions = np.asarray([f[0] for f in frames])
+    along = positions @ normal
+    distinct = len(np.unique(np.round(along, 3)))
+    if distinct < len(frames):
+        raise DataError(label, f"holds {len(frames)} frames at {distinct} slice positions (several echoes, stacks or "
+                               "time points in one series)", "one frame per slice position: a single 3D stack")
+    offsets = positions - positions[0] - np.outer(along - along[0], normal)
+    if np.abs(offsets).max() > 0.01 * float(spacing.min()):
+        raise DataError(label, "has frames that are not stacked along their normal (shifted in plane, e.g. a gantry "
+                               "tilt)", "a stack of slices along the slice normal")
+    gap = _widest_gap(along)
+    if gap is not None:
+        widest, width, typical = gap
+        (_, _, _, _, name, number), (_, _, _, _, next_name, next_number) = frames[widest], frames[widest + 1]
+        between = (f"frames {min(number, next_number)} and {max(number, next_number)}" if name == next_name else
+                   f"{name}, frame {number} and {next_name}, frame {next_number}")
+        raise DataError(label, f"has a gap of {width:.3g} mm between {between}, two of its {len(frames)} frames, where "
+                               f"the others are {typical:.3g} mm apart (a frame between them is missing)",
+                        "a complete series")
+    image = sitk.GetImageFromArray(np.stack([f[3] for f in frames]).astype(np.float32))
+    # PixelSpacing is (between rows, between columns): x, along a row, is the second
+    image.SetSpacing((float(spacing[1]), float(spacing[0]), float(np.median(np.diff(along))) if len(frames) > 1 else
+                      1.0))
+    image.SetOrigin(positions[0].tolist())
+    image.SetDirection(np.column_stack([row, column, normal]).flatten().tolist())
+    return image
+
+
+def _functional(group: pydicom.Dataset, shared: pydicom.Dataset, sequence: str, keyword: str, where: str) -> object:
+    """``keyword`` of a frame's functional group ``sequence``: its own, else the one all frames share."""
+    for source in (group, shared):
+        items = source.get(sequence)
+        if items and keyword in items[0]:
+            return items[0][keyword].value
+    raise DataError(where, f"has no {keyword} (in {sequence}, per frame or shared)",
+                    "the position, orientation and pixel spacing of every frame")
+
+
+def _rescale(group: pydicom.Dataset, shared: pydicom.Dataset, header: pydicom.Dataset) -> tuple[float, float]:
+    """(slope, intercept) of a frame: its PixelValueTransformationSequence, the shared one, the file's, or 1, 0."""
+    for source in (group, shared):
+        items = source.get("PixelValueTransformationSequence")
+        if items:
+            return float(items[0].get("RescaleSlope", 1.0)), float(items[0].get("RescaleIntercept", 0.0))
+    return float(header.get("RescaleSlope", 1.0)), float(header.get("RescaleIntercept", 0.0))
 
 
 def sitk_to_metatensor(image: sitk.Image, source: str = "") -> MetaTensor:
