@@ -276,3 +276,55 @@ def test_enhanced_series_are_discovered_and_matched_with_their_contrast_agent(tm
     _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(case["T1Gd"])),
                                      sitk.Cast(sitk.ReadImage(str(NATIVE / "t1c.nii.gz")), sitk.sitkFloat32),
                                      voxel_tolerance=float(sitk.GetArrayViewFromImage(sitk.ReadImage(str(NATIVE / "t1c.nii.gz"))).max()) / 65535)
+
+
+# ------------------------------------------------------------------------------------- multi-echo series
+
+IXI = DATA / "ixi-sim"
+
+
+def write_dual_echo_series(folder: Path) -> str:
+    """The PD and T2 of the IXI-like subject as one dual-echo series, as a PD/T2 TSE leaves it: one
+    SeriesInstanceUID, the two echoes' slices interleaved by InstanceNumber, told apart by EchoTime."""
+    written = []
+    for echo, (contrast, echo_time) in enumerate([("PD", 15.0), ("T2", 90.0)], start=1):
+        files = write_dicom_series(sitk.ReadImage(str(IXI / f"IXI901-SIM-0001-{contrast}.nii.gz")), folder / contrast,
+                                   "PD+T2 TSE", "IXI901", 3, study_uid="1.2.826.0.1.3680043.8.498.3")
+        written += [(echo, echo_time, index, path) for index, path in enumerate(files)]
+    series_uid = pydicom.dcmread(written[0][3]).SeriesInstanceUID
+    for echo, echo_time, index, path in written:
+        dataset = pydicom.dcmread(path)
+        dataset.SeriesInstanceUID, dataset.EchoTime, dataset.EchoNumbers = series_uid, echo_time, echo
+        dataset.InstanceNumber = 2 * index + echo
+        dataset.save_as(folder / f"IM{2 * index + echo:04d}.dcm")
+        Path(path).unlink()
+    for contrast in ("PD", "T2"):
+        (folder / contrast).rmdir()
+    return series_uid
+
+
+def test_a_dual_echo_pd_t2_series_is_split_into_its_echoes(tmp_path):
+    # before: the series was one volume of 144 slices, the echoes interleaved at half the spacing, without a word
+    folder = tmp_path / "IXI901"
+    write_dual_echo_series(folder)
+    pd_echo, t2_echo = find_dicom_series(folder)
+    assert (pd_echo.echo, pd_echo.echo_time, t2_echo.echo, t2_echo.echo_time) == (1, 15.0, 2, 90.0)
+    assert pd_echo.label == f"'PD+T2 TSE' echo 1 (TE 15 ms) (series 3, {folder})"
+    (case,) = discover_cases(tmp_path, required=["PD", "T2"]).cases
+    for contrast in ("PD", "T2"):
+        assert len(case[contrast]) == 72
+        _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(case[contrast])),
+                                         sitk.ReadImage(str(IXI / f"IXI901-SIM-0001-{contrast}.nii.gz")),
+                                         voxel_tolerance=1e-3)
+    # the whole series given as one volume: refused, not interleaved
+    with pytest.raises(DataError, match=r"holds 144 slices at 72 slice positions \(several echoes, stacks or time"):
+        load_volume(folder)
+    # a selector names one echo; one that names the series names both, and says how to pick one
+    assert match_series_to_contrasts([pd_echo, t2_echo], mapping={"T2": "PD+T2 TSE echo 2", "PD": "3 echo 1"}) == {
+        "T2": t2_echo, "PD": pd_echo}
+    with pytest.raises(DataError, match=r"matches 2 series among: .* \(expected exactly one \(one echo: add echo 1"):
+        match_series_to_contrasts([pd_echo, t2_echo], mapping={"T2": "3"})
+    # described as one contrast only, the two echoes are two candidates for it: a mapping settles it
+    described_as_t2 = [type(s)(**{**s.__dict__, "description": "AX T2 TSE", "protocol": ""}) for s in (pd_echo, t2_echo)]
+    with pytest.raises(DataError, match=r"several series match one contrast \(T2: 'AX T2 TSE' echo 1 \(TE 15 ms\)"):
+        match_series_to_contrasts(described_as_t2)

@@ -76,6 +76,9 @@ class DicomSeries:
     study_uid: str
     contrast_agent: str
     manufacturer: str = ""
+    #: 1, 2, ... by echo time when the series holds several echoes (a dual-echo PD/T2 sequence), 0 otherwise
+    echo: int = 0
+    echo_time: float | None = None
 
     @property
     def synthetic(self) -> bool:
@@ -84,8 +87,17 @@ class DicomSeries:
 
     @property
     def label(self) -> str:
-        """How reports name the series: description, number and folder."""
-        return f"'{self.description or self.protocol}' (series {self.series_number}, {Path(self.files[0]).parent})"
+        """How reports name the series: description, echo, number and folder."""
+        echo = f" echo {self.echo} (TE {self.echo_time:g} ms)" if self.echo else ""
+        return f"'{self.description or self.protocol}'{echo} (series {self.series_number}, {Path(self.files[0]).parent})"
+
+    def selected_by(self, selector: str) -> bool:
+        """Whether a ``dicom_mapping`` selector names this series: its SeriesInstanceUID, SeriesNumber or
+        SeriesDescription (case-insensitive), followed by ``echo N`` for one echo of a multi-echo series."""
+        named = re.fullmatch(r"(.*?)\s+echo\s+(\d+)", selector.strip(), re.IGNORECASE)
+        base, echo = (named.group(1), int(named.group(2))) if named else (selector, None)
+        return (base in (self.series_uid, self.series_number) or base.lower() == self.description.lower()) and (
+            echo is None or echo == self.echo)
 
 
 def find_dicom_series(root: str | Path) -> list[DicomSeries]:
@@ -98,20 +110,34 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
         for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
             files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
             header = pydicom.dcmread(files[0], stop_before_pixels=True)
-            found.append(
-                DicomSeries(
-                    series_uid=series_uid,
-                    files=files,
-                    description=str(header.get("SeriesDescription", "")),
-                    protocol=str(header.get("ProtocolName", "")),
-                    series_number=str(header.get("SeriesNumber", "")),
-                    patient_id=str(header.get("PatientID", "")) or Path(folder).name,
-                    study_uid=str(header.get("StudyInstanceUID", "")),
-                    contrast_agent=_contrast_agent(header),
-                    manufacturer=str(header.get("Manufacturer", "")),
-                )
+            tags = dict(
+                series_uid=series_uid,
+                description=str(header.get("SeriesDescription", "")),
+                protocol=str(header.get("ProtocolName", "")),
+                series_number=str(header.get("SeriesNumber", "")),
+                patient_id=str(header.get("PatientID", "")) or Path(folder).name,
+                study_uid=str(header.get("StudyInstanceUID", "")),
+                contrast_agent=_contrast_agent(header),
+                manufacturer=str(header.get("Manufacturer", "")),
             )
+            echoes = _files_by_echo_time(files)
+            if len(echoes) > 1:  # one volume per echo: stacked together, the slices of two echoes interleave
+                for echo, echo_time in enumerate(sorted(echoes), start=1):
+                    found.append(DicomSeries(files=echoes[echo_time], echo=echo, echo_time=echo_time, **tags))
+            else:
+                found.append(DicomSeries(files=files, **tags))
     return sorted(found, key=lambda series: (str(Path(series.files[0]).parent), _number(series.series_number)))
+
+
+def _files_by_echo_time(files: Sequence[str]) -> dict[float, tuple[str, ...]]:
+    """The files of one series grouped by EchoTime (in their order), when at least two files have one."""
+    groups: dict[float, list[str]] = {}
+    for name in files:
+        echo_time = pydicom.dcmread(name, stop_before_pixels=True, specific_tags=["EchoTime"]).get("EchoTime")
+        if echo_time is None or str(echo_time) == "":
+            return {}
+        groups.setdefault(float(echo_time), []).append(name)
+    return {echo_time: tuple(names) for echo_time, names in groups.items()}
 
 
 def _contrast_agent(header: pydicom.Dataset) -> str:
@@ -134,12 +160,15 @@ def match_series_to_contrasts(
     Args:
         series: the series of one study.
         mapping: explicit contrast -> selector, a selector being a SeriesInstanceUID, a SeriesNumber or a
-            SeriesDescription (case-insensitive); the contrasts it does not name are matched by the rules among
+            SeriesDescription (case-insensitive), followed by ``echo N`` for one echo of a multi-echo series
+            (:meth:`DicomSeries.selected_by`); the contrasts it does not name are matched by the rules among
             the series it does not select (so ``{"T2": "AX T2 FSE"}`` settles two T2 series and nothing else).
         rules: ordered (contrast or None, regex) rules on "SeriesDescription ProtocolName"; a T1 series
-            whose ContrastBolusAgent tag is set counts as T1Gd. Series synthesized by agi-monai (written into
-            the study by an earlier run, e.g. "SYNTHETIC FLAIR ...") are never matched by the rules: a later
-            run would otherwise take them for acquired contrasts. A mapping can still select one.
+            whose ContrastBolusAgent tag is set counts as T1Gd. The two echoes of a dual-echo series named for both
+            PD and T2 (e.g. "PD+T2 TSE": the rules' PD and T2 patterns both match) are PD (the shorter echo time)
+            and T2. Series synthesized by agi-monai (written into the study by an earlier run, e.g. "SYNTHETIC
+            FLAIR ...") are never matched by the rules: a later run would otherwise take them for acquired
+            contrasts. A mapping can still select one.
 
     Raises:
         DataError: a selector matches no series, or several series match one contrast (give a mapping).
@@ -147,22 +176,21 @@ def match_series_to_contrasts(
     matched: dict[str, DicomSeries] = {}
     for name, selector in (mapping or {}).items():
         contrast = canonical_contrast(name)
-        hits = [
-            s
-            for s in series
-            if selector in (s.series_uid, s.series_number) or selector.lower() == s.description.lower()
-        ]
+        hits = [s for s in series if s.selected_by(selector)]
         if len(hits) != 1:
             labels = ", ".join(s.label for s in series)
+            echoes = len(hits) > 1 and all(s.echo for s in hits)
             raise DataError(
-                f"{contrast} = {selector!r}", f"matches {len(hits)} series among: {labels}", "exactly one"
+                f"{contrast} = {selector!r}", f"matches {len(hits)} series among: {labels}",
+                f"exactly one{' (one echo: add echo 1 or echo 2 ... to the selector)' if echoes else ''}",
             )
         matched[contrast] = hits[0]
-    selected = {item.series_uid for item in matched.values()}
+    selected = {(item.series_uid, item.echo) for item in matched.values()}
 
+    patterns = {name: pattern for name, pattern in rules if name is not None}
     candidates: dict[str, list[DicomSeries]] = {}
     for item in series:
-        if item.series_uid in selected:
+        if (item.series_uid, item.echo) in selected:
             continue
         if item.synthetic:
             _logger.info("%s: synthesized by %s, not used as an input", item.label, SYNTHETIC_MANUFACTURER)
@@ -171,6 +199,9 @@ def match_series_to_contrasts(
         contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
         if contrast == "T1" and item.contrast_agent.strip():
             contrast = "T1Gd"
+        echoes = sum(1 for other in series if other.series_uid == item.series_uid and other.echo)
+        if echoes == 2 and contrast in ("PD", "T2") and all(re.search(patterns.get(c, "$^"), text) for c in ("PD", "T2")):
+            contrast = "PD" if item.echo == 1 else "T2"  # a dual-echo PD/T2 sequence: PD is the short echo
         if contrast is not None and contrast not in matched:
             candidates.setdefault(contrast, []).append(item)
     ambiguous = {contrast: items for contrast, items in candidates.items() if len(items) > 1}

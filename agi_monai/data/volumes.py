@@ -162,7 +162,9 @@ def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) ->
     if len(origins) < 3:
         return
     normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
-    gap = _widest_gap(np.asarray(origins) @ normal)
+    along = np.asarray(origins) @ normal
+    _check_one_per_position(along, label, "slices")
+    gap = _widest_gap(along)
     if gap is not None:
         widest, width, typical = gap
         # the files on either side of the gap, in the series' order (GDCM's, by position), and the series'
@@ -175,6 +177,17 @@ def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) ->
             "slice between them is missing or could not be read)",
             "a complete series",
         )
+
+
+def _check_one_per_position(along_normal: np.ndarray, label: str, what: str) -> None:
+    """One slice (or frame) at each position along the normal: several at one position are echoes, stacks or time
+    points of one series, which ITK would interleave into one volume of half the spacing."""
+    distinct = len(np.unique(np.round(along_normal, 3)))
+    if distinct < len(along_normal):
+        raise DataError(label, f"holds {len(along_normal)} {what} at {distinct} slice positions (several echoes, "
+                               "stacks or time points in one series)",
+                        "one per position: a single 3D stack (a folder searched for cases has the echoes of a series "
+                        "split into one series each)")
 
 
 def _widest_gap(along_normal: np.ndarray) -> tuple[int, float, float] | None:
@@ -249,10 +262,7 @@ def _read_multiframe_series(files: Sequence[str], label: str) -> sitk.Image:
     frames.sort(key=lambda f: float(f[0] @ normal))
     positions = np.asarray([f[0] for f in frames])
     along = positions @ normal
-    distinct = len(np.unique(np.round(along, 3)))
-    if distinct < len(frames):
-        raise DataError(label, f"holds {len(frames)} frames at {distinct} slice positions (several echoes, stacks or "
-                               "time points in one series)", "one frame per slice position: a single 3D stack")
+    _check_one_per_position(along, label, "frames")
     offsets = positions - positions[0] - np.outer(along - along[0], normal)
     if np.abs(offsets).max() > 0.01 * float(spacing.min()):
         raise DataError(label, "has frames that are not stacked along their normal (shifted in plane, e.g. a gantry "
