@@ -328,3 +328,18 @@ def test_a_dual_echo_pd_t2_series_is_split_into_its_echoes(tmp_path):
     described_as_t2 = [type(s)(**{**s.__dict__, "description": "AX T2 TSE", "protocol": ""}) for s in (pd_echo, t2_echo)]
     with pytest.raises(DataError, match=r"several series match one contrast \(T2: 'AX T2 TSE' echo 1 \(TE 15 ms\)"):
         match_series_to_contrasts(described_as_t2)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}, "holds slices of 2 orientations (e.g. a localizer's three planes)"),
+    ({"PixelSpacing": [0.5, 0.5]}, "holds slices of 2 pixel spacings (expected one stack of slices of one pixel spacing)"),
+])
+def test_a_classic_series_that_is_not_one_stack_is_refused_naming_why(tmp_path, change, message):
+    files = write_dicom_series(sitk.ReadImage(str(NATIVE / "t2.nii.gz")), tmp_path / "series", "AX T2")
+    dataset = pydicom.dcmread(files[5])
+    for keyword, value in change.items():
+        setattr(dataset, keyword, value)
+    dataset.save_as(files[5])
+    with pytest.raises(DataError) as raised:
+        load_volume(tmp_path / "series")
+    assert message in str(raised.value), str(raised.value)

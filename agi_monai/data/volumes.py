@@ -147,18 +147,23 @@ def _load_dicom_series(source: str | Path | Sequence[str]) -> MetaTensor:
 
 
 def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) -> None:
-    """One patient in every slice, and no slice missing: GDCM leaves out a file it cannot parse (e.g. a truncated
-    one) without a word, and ITK then stacks the remaining slices as if they were evenly spaced."""
-    origins, patients, descriptions = [], set(), set()
+    """One patient in every slice, one stack (one orientation and pixel spacing, one slice per position), and no
+    slice missing: GDCM leaves out a file it cannot parse (e.g. a truncated one) without a word, and ITK then stacks
+    the remaining slices as if they were evenly spaced."""
+    origins, orientations, spacings, patients, descriptions = [], [], [], set(), set()
     for name in files:  # headers only
         header = sitk.ImageFileReader()
         header.SetFileName(str(name))
         header.ReadImageInformation()
         origins.append(header.GetOrigin())
+        direction = np.asarray(header.GetDirection()).reshape(3, 3)
+        orientations.append(np.concatenate([direction[:, 0], direction[:, 1]]))  # ImageOrientationPatient's order
+        spacings.append(np.asarray(header.GetSpacing()[:2]))
         patients.add(header.GetMetaData("0010|0020").strip() if header.HasMetaDataKey("0010|0020") else "")
         descriptions.add(header.GetMetaData("0008|103e").strip() if header.HasMetaDataKey("0008|103e") else "")
     if len(patients) > 1:
         raise DataError(label, f"mixes slices of several patients (PatientID {', '.join(sorted(patients))})", "one series of one patient")
+    _check_one_orientation_and_spacing(orientations, spacings, label, "slices")
     if len(origins) < 3:
         return
     normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
@@ -177,6 +182,18 @@ def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) ->
             "slice between them is missing or could not be read)",
             "a complete series",
         )
+
+
+def _check_one_orientation_and_spacing(orientations: Sequence[np.ndarray], spacings: Sequence[np.ndarray], label: str,
+                                       what: str) -> None:
+    """Every slice (or frame) in the orientation (row and column cosines) and pixel spacing of the first."""
+    if any(not np.allclose(o, orientations[0], atol=_ORTHONORMAL_TOLERANCE) for o in orientations):
+        kinds = len({tuple(np.round(o, 3)) for o in orientations})
+        raise DataError(label, f"holds {what} of {kinds} orientations (e.g. a localizer's three planes)",
+                        "one stack of parallel slices")
+    if any(not np.allclose(s, spacings[0], rtol=1e-4) for s in spacings):
+        kinds = len({tuple(np.round(s, 4)) for s in spacings})
+        raise DataError(label, f"holds {what} of {kinds} pixel spacings", "one stack of slices of one pixel spacing")
 
 
 def _check_one_per_position(along_normal: np.ndarray, label: str, what: str) -> None:
@@ -250,13 +267,8 @@ def _read_multiframe_series(files: Sequence[str], label: str) -> sitk.Image:
     if len(patients) > 1:
         raise DataError(label, f"mixes frames of several patients (PatientID {', '.join(sorted(patients))})",
                         "one series of one patient")
+    _check_one_orientation_and_spacing([f[1] for f in frames], [f[2] for f in frames], label, "frames")
     orientation, spacing = frames[0][1], frames[0][2]
-    if any(not np.allclose(f[1], orientation, atol=_ORTHONORMAL_TOLERANCE) for f in frames):
-        kinds = len({tuple(np.round(f[1], 3)) for f in frames})
-        raise DataError(label, f"holds frames of {kinds} orientations (e.g. a localizer's three planes)",
-                        "one stack of parallel slices")
-    if any(not np.allclose(f[2], spacing, rtol=1e-4) for f in frames):
-        raise DataError(label, "holds frames of several pixel spacings", "one stack of slices of one pixel spacing")
     row, column = orientation[:3], orientation[3:]
     normal = np.cross(row, column)
     frames.sort(key=lambda f: float(f[0] @ normal))
