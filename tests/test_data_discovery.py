@@ -6,8 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 
-from agi_monai.data import DataError, canonical_contrast, choose_reference, discover_cases, parse_filename, patient_id
+from agi_monai.data import (
+    DataError, canonical_contrast, choose_reference, discover_cases, parse_filename, patient_id, write_dicom_series
+)
 
 DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).parents[2] / "shared" / "data"
@@ -36,6 +39,16 @@ BRATS_GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
         ("brainmask.nii.gz", None),
         ("IXI002-Guys-0828-MRA.nii.gz", None),
         ("IXI012-HH-1211-T1.json", None),
+        # BIDS: subject and session name the case, the suffix the contrast, ce- makes a T1w a T1Gd
+        ("sub-01_T1w.nii.gz", ("sub-01", "T1")),
+        ("sub-01_ses-2_acq-tse_run-1_T2w.nii.gz", ("sub-01_ses-2", "T2")),
+        ("sub-01_ses-2_ce-gadolinium_T1w.nii.gz", ("sub-01_ses-2", "T1Gd")),
+        ("sub-P01_rec-norm_PDw.nii.gz", ("sub-P01", "PD")),
+        ("sub-01_FLAIR.nii", ("sub-01", "FLAIR")),
+        ("sub-01_space-MNI152_desc-preproc_T1w.nii.gz", ("sub-01", "T1")),
+        ("sub-01_T2starw.nii.gz", None),
+        ("sub-01_desc-brain_mask.nii.gz", None),
+        ("sub-01_dwi.nii.gz", None),
     ],
 )
 def test_filename_rules(filename, expected):
@@ -51,6 +64,7 @@ def test_aliases_contrast_names_reference_and_patients():
     assert patient_id("BraTS-GLI-00001-001") == "BraTS-GLI-00001"
     assert patient_id("IXI012-HH-1211") == "IXI012"
     assert patient_id("aurora-example") == "aurora-example"
+    assert patient_id("sub-01_ses-2") == "sub-01" and patient_id("sub-01") == "sub-01"
 
 
 def test_discovery_of_the_shipped_folders():
@@ -99,6 +113,40 @@ def test_official_ixi_layout_and_duplicate_case_ids(tmp_path):
     assert failure.case_id == "IXI012-HH-1211"
     assert failure.reason.startswith("duplicate case ID, several files for one contrast: T1 in ")
     assert "extra/IXI012-HH-1211-T1.nii.gz" in failure.reason and "IXI-T1/IXI012-HH-1211-T1.nii.gz" in failure.reason
+
+
+def test_a_bids_dataset_gives_one_case_per_subject_and_session_and_skips_its_derivatives(tmp_path):
+    # before: acq-/run-/ce- entities were part of the case ID (T1w and T2w of one session in two cases, the
+    # ce-gadolinium T1w taken for a T1), and derivatives/ and sourcedata/ gave second copies of every subject
+    root = tmp_path / "bids"
+    (root / "dataset_description.json").parent.mkdir()
+    (root / "dataset_description.json").write_text('{"Name": "test", "BIDSVersion": "1.9.0"}')
+    files = {  # each a link to a shipped image of that contrast (discovery reads names only)
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-mprage_T1w.nii.gz": "t1n",
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-mprage_ce-gadolinium_T1w.nii.gz": "t1c",
+        "sub-01/ses-1/anat/sub-01_ses-1_acq-tse_run-1_T2w.nii.gz": "t2w",
+        "sub-01/ses-1/anat/sub-01_ses-1_FLAIR.nii.gz": "t2f",
+        "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz": "t1n",
+        "sub-01/ses-2/anat/sub-01_ses-2_T2w.nii.gz": "t2w",
+        "sub-02/anat/sub-02_T1w.nii.gz": "t1n",
+        "sub-02/anat/sub-02_T2w.nii.gz": "t2w",
+        "derivatives/fmriprep/sub-02/anat/sub-02_desc-preproc_T1w.nii.gz": "t1n",
+    }
+    for name, contrast in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(BRATS_GLI / f"BraTS-GLI-00001-000-{contrast}.nii.gz")
+    (root / "derivatives" / "fmriprep" / "dataset_description.json").write_text('{"Name": "fmriprep"}')
+    image = sitk.ReadImage(str(DATA / "tcga-lgg" / "TCGA-FG-6692-native" / "t2.nii.gz"))
+    write_dicom_series(image, root / "sourcedata" / "sub-02" / "dicom", "AX T2 FSE", "sub-02")  # the scanner's export
+    discovery = discover_cases(root)
+    assert discovery.failures == []
+    found = {case["case_id"]: sorted(k for k in case if k not in ("case_id", "patient_id")) for case in discovery.cases}
+    assert found == {"sub-01_ses-1": ["FLAIR", "T1", "T1Gd", "T2"], "sub-01_ses-2": ["T1", "T2"], "sub-02": ["T1", "T2"]}
+    assert [case["patient_id"] for case in discovery.cases] == ["sub-01", "sub-01", "sub-02"]  # sessions: one patient
+    assert discovery.cases[2]["T1"] == str(root / "sub-02" / "anat" / "sub-02_T1w.nii.gz")
+    # pointed at a derivatives dataset, discovery searches it
+    (case,) = discover_cases(root / "derivatives" / "fmriprep").cases
+    assert case["case_id"] == "sub-02" and case["T1"].endswith("sub-02_desc-preproc_T1w.nii.gz")
 
 
 def test_validation_skips_bad_volumes_and_goes_on(tmp_path):

@@ -55,6 +55,10 @@ _PROCESSING_TAGS: frozenset[str] = frozenset({"bet", "brain", "skullstripped", "
 _IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 _SEPARATORS = re.compile(r"[-_.]")
 
+# A BIDS name (https://bids-specification.readthedocs.io, "modality agnostic files"): sub-<label>, then
+# <key>-<value> entities (ses, acq, ce, rec, run, ...), then the suffix naming the contrast (T1w, T2w, PDw, FLAIR)
+_BIDS_NAME = re.compile(r"^(sub-[A-Za-z0-9]+)((?:_[A-Za-z]+-[A-Za-z0-9]+)*)_([A-Za-z0-9]+)$")
+
 # Preference for the grid every contrast of a case is resampled onto: IXI T2/PD share the axial
 # acquisition grid (T1 is a separate sagittal scan), so T2, then PD, come first.
 _REFERENCE_PREFERENCE: tuple[str, ...] = ("T2", "PD", "FLAIR", "T1", "T1Gd")
@@ -63,6 +67,7 @@ _REFERENCE_PREFERENCE: tuple[str, ...] = ("T2", "PD", "FLAIR", "T1", "T1Gd")
 _PATIENT_RULES: tuple[re.Pattern[str], ...] = (
     re.compile(r"^(BraTS-[A-Za-z]+-\d+)-\d+$"),  # BraTS 2023: BraTS-GLI-<patient>-<timepoint>
     re.compile(r"^(IXI\d+)(?:-.*)?$"),  # IXI: IXI<number>-<site>-<scan id>
+    re.compile(r"^(sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+$"),  # BIDS: the sessions of one subject
 )
 
 
@@ -99,7 +104,9 @@ def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> t
     """Split an image file name into ``(case prefix, canonical contrast)``.
 
     The contrast is the last token that is not a processing tag; the prefix is everything before it
-    (an empty prefix means the case is named after its folder).
+    (an empty prefix means the case is named after its folder). A BIDS name (``sub-01_ses-2_acq-tse_T2w.nii.gz``)
+    is read by its entities: the case is the subject and session (``sub-01_ses-2``), the contrast the suffix,
+    a T1w with a ``ce-`` entity (contrast agent) is T1Gd, and the other entities (acq, rec, run...) name no case.
 
     Args:
         filename: a file name (not a path), e.g. ``"IXI012-HH-1211-T1.nii.gz"``.
@@ -111,6 +118,9 @@ def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> t
     stem = strip_image_extension(filename)
     if stem is None:
         return None
+    bids = _BIDS_NAME.match(stem)
+    if bids is not None:
+        return _parse_bids_name(*bids.groups(), aliases)
     tokens = _SEPARATORS.split(stem)
     while len(tokens) > 1 and tokens[-1].lower() in _PROCESSING_TAGS:
         tokens.pop()
@@ -122,6 +132,17 @@ def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> t
     position = sum(len(token) + 1 for token in tokens[:-1])
     prefix = stem[: max(position - 1, 0)]
     return prefix, contrast
+
+
+def _parse_bids_name(subject: str, entities: str, suffix: str, aliases: Mapping[str, str] | None) -> tuple[str, str] | None:
+    values = dict(entity.split("-", 1) for entity in entities.split("_") if entity)
+    try:
+        contrast = canonical_contrast(suffix, aliases)
+    except DataError:  # another suffix (dwi, bold, mask, dseg...): not an image contrast of ours
+        return None
+    if contrast == "T1" and "ce" in values:
+        contrast = "T1Gd"
+    return subject + (f"_ses-{values['ses']}" if "ses" in values else ""), contrast
 
 
 def choose_reference(contrasts: Sequence[str]) -> str:

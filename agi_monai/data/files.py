@@ -30,10 +30,17 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 
+#: The folders of a BIDS dataset that hold no raw images: processed copies (derivatives/), the scanner's DICOM
+#: (sourcedata/) and scripts; searched for cases, they would give every subject a second case or duplicate contrasts.
+_BIDS_NOT_RAW = ("derivatives", "sourcedata", "code")
+
+
 def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
     """``(folder, file names)`` of ``root`` and every folder below it, top-down (subfolders and names sorted),
     following symbolic links to folders (a dataset folder of links to a shared store is common on clusters; ``os.walk``'s default drops them
-    silently) but entering each real folder once, so a link that loops back ends nowhere."""
+    silently) but entering each real folder once, so a link that loops back ends nowhere. The ``derivatives/``,
+    ``sourcedata/`` and ``code/`` folders of a BIDS dataset (one holding ``dataset_description.json``) are left out,
+    with a log line; point ``root`` at one of them to search it."""
     seen: set[tuple[int, int]] = set()
     for folder, folders, names in os.walk(root, followlinks=True):
         try:
@@ -45,6 +52,10 @@ def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
             folders[:] = []
             continue
         seen.add((status.st_dev, status.st_ino))
+        if "dataset_description.json" in names and any(name in _BIDS_NOT_RAW for name in folders):
+            _logger.info("%s: a BIDS dataset; its %s folders are not searched for raw images", folder,
+                         ", ".join(sorted(name for name in folders if name in _BIDS_NOT_RAW)))
+            folders[:] = [name for name in folders if name not in _BIDS_NOT_RAW]
         folders.sort()
         yield folder, sorted(names)
 
