@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agi_monai.data import DataError, atomic_output, check_output_folder, failure_reason, stopping_cleanly_on_sigterm
-from agi_monai.data.files import remove_stale_temporaries, temporary_path
+from agi_monai.data.files import remove_stale_temporaries, temporary_path, walk_folders
 
 
 def test_sigterm_inside_an_atomic_write_removes_the_temporary_file_and_exits_143(tmp_path):
@@ -102,6 +102,15 @@ def test_output_folder_is_created_and_written_to_before_any_case(tmp_path):
     datalist.write_text("[]")
     # beside a datalist is allowed: only the files it lists are read
     assert check_output_folder(tmp_path / "cases" / "out", datalist) == (tmp_path / "cases" / "out").resolve()
+    # a BIDS dataset's derivatives/ too (where BIDS puts outputs): the search for cases leaves it out
+    bids = tmp_path / "bids"
+    (bids / "sub-01").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text("{}")
+    output = bids / "derivatives" / "agi-monai"
+    assert check_output_folder(output, bids) == output.resolve()
+    assert [folder for folder, _ in walk_folders(bids)] == [str(bids), str(bids / "sub-01")]
+    with pytest.raises(DataError, match="is the input folder or inside it"):  # not without dataset_description.json
+        check_output_folder(tmp_path / "cases" / "derivatives" / "agi-monai", tmp_path / "cases")
 
 
 @pytest.mark.parametrize("problem", ["inside the input", "the input itself", "is a file", "parent is a file"])

@@ -60,6 +60,16 @@ def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
         yield folder, sorted(names)
 
 
+def _left_out_by_walk(folder: Path, root: Path) -> bool:
+    """Whether :func:`walk_folders` of ``root`` leaves ``folder`` (below it) out: it lies in the ``derivatives/``,
+    ``sourcedata/`` or ``code/`` folder of a BIDS dataset below or at ``root``."""
+    below = [folder, *folder.parents]
+    for inner in below[: below.index(root)] if root in below else []:
+        if inner.name in _BIDS_NOT_RAW and (inner.parent / "dataset_description.json").is_file():
+            return True
+    return False
+
+
 def _host_prefix() -> str:
     """``.tmp-<host>-``, the start of every temporary output's name (then ``<pid>-<name>``): the host as well as the
     process, so that a folder shared by several machines (NFS) is never cleaned of another machine's files
@@ -143,7 +153,7 @@ def check_output_folder(folder: str | Path, source: str | Path | None = None) ->
     folder = Path(folder).resolve()
     if source is not None and Path(source).is_dir():
         source = Path(source).resolve()
-        if folder == source or source in folder.parents:
+        if (folder == source or source in folder.parents) and not _left_out_by_walk(folder, source):
             raise DataError(folder, f"is the input folder or inside it ({source})",
                             "another folder: outputs there would be read as inputs by a later run")
     if folder.exists() and not folder.is_dir():
