@@ -170,6 +170,25 @@ def test_synthesize_folder_writes_each_case_on_its_input_grid(flair_bundle, case
     assert digest(cases) == before  # inputs untouched
 
 
+def test_a_bids_dataset_is_synthesized_into_its_derivatives(flair_bundle, cases, tmp_path, capsys):
+    # the session's T1w and T2w are one case (before: acq-/run- entities split them), the output goes where BIDS
+    # puts outputs (before: refused as inside the input), and a rerun finds it there and reads no output as an input
+    bids = tmp_path / "bids"
+    anat = bids / "sub-01" / "ses-1" / "anat"
+    anat.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "two contrasts", "BIDSVersion": "1.9.0"}')
+    shutil.copy(cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz", anat / "sub-01_ses-1_acq-mprage_T1w.nii.gz")
+    shutil.copy(cases / GLI.name / "BraTS-GLI-00001-000-t2w.nii.gz", anat / "sub-01_ses-1_acq-tse_run-1_T2w.nii.gz")
+    output = bids / "derivatives" / "agi-monai"
+    args = ["synthesize", str(bids), "--target", "FLAIR", "--output_dir", str(output), "--bundle", str(flair_bundle), *FAST]
+    assert main(args) == 0
+    assert [p.name for p in output.iterdir()] == ["sub-01_ses-1_FLAIR.nii.gz"]
+    assert_on_input_grid(output / "sub-01_ses-1_FLAIR.nii.gz", anat / "sub-01_ses-1_acq-tse_run-1_T2w.nii.gz")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 of 1 cases written (FLAIR, NIfTI)" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
 def test_a_failing_case_is_named_the_others_are_written_and_the_exit_status_is_1(flair_bundle, cases, tmp_path):
     folder = tmp_path / "cases"
     shutil.copytree(cases / GLI.name, folder / GLI.name)
