@@ -130,9 +130,10 @@ def _load_dicom_series(source: str | Path | Sequence[str]) -> MetaTensor:
     label = str(Path(files[0]).parent) if len(files) > 1 else files[0]
     multiframe = _is_multiframe(files[0])
     try:
-        if multiframe:
+        if multiframe:  # checked frame by frame as it is read
             image = _read_multiframe_series(files, label)
         else:
+            _check_series_slices(files, label)  # before ITK stacks them: its own errors name no file
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             image = reader.Execute()
@@ -140,17 +141,15 @@ def _load_dicom_series(source: str | Path | Sequence[str]) -> MetaTensor:
         raise DataError(label, f"cannot be read as a DICOM series ({error})", "readable DICOM images") from error
     if image.GetDimension() == 3 and image.GetSize()[2] == 1:
         raise DataError(label, f"is a single 2D slice, size {image.GetSize()}", "a 3D DICOM series")
-    if not multiframe:  # a multi-frame series is checked frame by frame as it is read
-        _check_series_slices(files, image, label)
     volume = sitk_to_metatensor(image, source=label)
     return volume[0]  # check_volume sees the bare 3D array, like a NIfTI volume
 
 
-def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) -> None:
-    """One patient in every slice, one stack (one orientation and pixel spacing, one slice per position), and no
-    slice missing: GDCM leaves out a file it cannot parse (e.g. a truncated one) without a word, and ITK then stacks
-    the remaining slices as if they were evenly spaced."""
-    origins, orientations, spacings, patients, descriptions = [], [], [], set(), set()
+def _check_series_slices(files: Sequence[str], label: str) -> None:
+    """One patient in every slice, one stack (one orientation, pixel spacing and size, one slice per position), and
+    no slice missing: GDCM leaves out a file it cannot parse (e.g. a truncated one) without a word, and ITK then
+    stacks the remaining slices as if they were evenly spaced."""
+    origins, orientations, spacings, sizes, patients, descriptions = [], [], [], [], set(), set()
     for name in files:  # headers only
         header = sitk.ImageFileReader()
         header.SetFileName(str(name))
@@ -159,15 +158,18 @@ def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) ->
         direction = np.asarray(header.GetDirection()).reshape(3, 3)
         orientations.append(np.concatenate([direction[:, 0], direction[:, 1]]))  # ImageOrientationPatient's order
         spacings.append(np.asarray(header.GetSpacing()[:2]))
+        sizes.append(tuple(header.GetSize()[:2]))
         patients.add(header.GetMetaData("0010|0020").strip() if header.HasMetaDataKey("0010|0020") else "")
         descriptions.add(header.GetMetaData("0008|103e").strip() if header.HasMetaDataKey("0008|103e") else "")
     if len(patients) > 1:
         raise DataError(label, f"mixes slices of several patients (PatientID {', '.join(sorted(patients))})", "one series of one patient")
-    _check_one_orientation_and_spacing(orientations, spacings, label, "slices")
+    _check_one_stack_geometry(orientations, spacings, sizes, label, "slices")
     if len(origins) < 3:
         return
-    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
-    along = np.asarray(origins) @ normal
+    normal = np.cross(orientations[0][:3], orientations[0][3:])
+    order = np.argsort(np.asarray(origins) @ normal, kind="stable")  # GDCM's order when it listed the files
+    files = [files[i] for i in order]
+    along = (np.asarray(origins) @ normal)[order]
     _check_one_per_position(along, label, "slices")
     gap = _widest_gap(along)
     if gap is not None:
@@ -184,9 +186,13 @@ def _check_series_slices(files: Sequence[str], image: sitk.Image, label: str) ->
         )
 
 
-def _check_one_orientation_and_spacing(orientations: Sequence[np.ndarray], spacings: Sequence[np.ndarray], label: str,
-                                       what: str) -> None:
-    """Every slice (or frame) in the orientation (row and column cosines) and pixel spacing of the first."""
+def _check_one_stack_geometry(orientations: Sequence[np.ndarray], spacings: Sequence[np.ndarray],
+                              sizes: Sequence[tuple[int, int]], label: str, what: str) -> None:
+    """Every slice (or frame) in the orientation (row and column cosines), pixel spacing and size (columns, rows) of
+    the first."""
+    if len(set(sizes)) > 1:
+        kinds = ", ".join(f"{columns} x {rows}" for columns, rows in sorted(set(sizes)))
+        raise DataError(label, f"holds {what} of {len(set(sizes))} sizes ({kinds})", "one stack of slices of one size")
     if any(not np.allclose(o, orientations[0], atol=_ORTHONORMAL_TOLERANCE) for o in orientations):
         kinds = len({tuple(np.round(o, 3)) for o in orientations})
         raise DataError(label, f"holds {what} of {kinds} orientations (e.g. a localizer's three planes)",
@@ -267,7 +273,8 @@ def _read_multiframe_series(files: Sequence[str], label: str) -> sitk.Image:
     if len(patients) > 1:
         raise DataError(label, f"mixes frames of several patients (PatientID {', '.join(sorted(patients))})",
                         "one series of one patient")
-    _check_one_orientation_and_spacing([f[1] for f in frames], [f[2] for f in frames], label, "frames")
+    _check_one_stack_geometry([f[1] for f in frames], [f[2] for f in frames], [f[3].shape[::-1] for f in frames],
+                              label, "frames")
     orientation, spacing = frames[0][1], frames[0][2]
     row, column = orientation[:3], orientation[3:]
     normal = np.cross(row, column)
