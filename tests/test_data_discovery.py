@@ -149,6 +149,26 @@ def test_a_bids_dataset_gives_one_case_per_subject_and_session_and_skips_its_der
     assert case["case_id"] == "sub-02" and case["T1"].endswith("sub-02_desc-preproc_T1w.nii.gz")
 
 
+def test_nifti_files_naming_no_contrast_are_counted_and_a_misnamed_one_is_named(tmp_path, caplog):
+    # before: left out without a word, so a user could not tell why P01's T2 was "missing"
+    folder = tmp_path / "P01"
+    folder.mkdir()
+    for name, contrast in [("P01-t1.nii.gz", "t1n"), ("P01_T2_TSE_AX.nii.gz", "t2w"), ("brainmask.nii.gz", "t1n")]:
+        (folder / name).symlink_to(BRATS_GLI / f"BraTS-GLI-00001-000-{contrast}.nii.gz")
+    (folder / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING", logger="agi_monai.data.discovery"):
+        discovery = discover_cases(tmp_path, required=["T1", "T2"])
+    assert discovery.ignored == [str(folder / "P01_T2_TSE_AX.nii.gz"), str(folder / "brainmask.nii.gz")]
+    assert discovery.summary().splitlines()[0] == (
+        f"0 cases found, 1 skipped, 2 NIfTI files ignored, their names naming no contrast ({folder / 'P01_T2_TSE_AX.nii.gz'}, "
+        f"{folder / 'brainmask.nii.gz'})"
+    )
+    warnings = [r.getMessage() for r in caplog.records if "ignored, although" in r.getMessage()]
+    assert warnings == [f"{folder / 'P01_T2_TSE_AX.nii.gz'}: ignored, although its name holds T2: the contrast must end "
+                        "the name (expected <case>-<contrast>.nii.gz, e.g. P01-T2.nii.gz: rename or link the file, or "
+                        "list the case in a JSON datalist)"]
+
+
 def test_validation_skips_bad_volumes_and_goes_on(tmp_path):
     for case_id in ("good", "truncated", "fake"):
         (tmp_path / case_id).mkdir()

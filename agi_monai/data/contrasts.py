@@ -28,6 +28,7 @@ __all__ = [
     "canonical_contrast",
     "parse_filename",
     "strip_image_extension",
+    "contrasts_in_name",
     "choose_reference",
     "patient_id",
 ]
@@ -132,6 +133,19 @@ def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> t
     position = sum(len(token) + 1 for token in tokens[:-1])
     prefix = stem[: max(position - 1, 0)]
     return prefix, contrast
+
+
+def contrasts_in_name(filename: str, aliases: Mapping[str, str] | None = None) -> list[str]:
+    """The contrasts that any part of a NIfTI file name names (``P01_T2_TSE_AX.nii.gz`` -> ``["T2"]``), in order,
+    once each: what :func:`parse_filename` did not read as the contrast of a name that does not end with one."""
+    stem = strip_image_extension(filename) or ""
+    named = []
+    for token in _SEPARATORS.split(stem):
+        try:
+            named.append(canonical_contrast(token, aliases))
+        except DataError:
+            continue
+    return list(dict.fromkeys(named))
 
 
 def _parse_bids_name(subject: str, entities: str, suffix: str, aliases: Mapping[str, str] | None) -> tuple[str, str] | None:

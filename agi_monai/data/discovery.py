@@ -25,7 +25,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from agi_monai.data.contrasts import CONTRASTS, LABELS, canonical_contrast, parse_filename, patient_id
+from agi_monai.data.contrasts import (
+    CONTRASTS, LABELS, canonical_contrast, contrasts_in_name, parse_filename, patient_id, strip_image_extension
+)
 from agi_monai.data.dicom import DicomSeries, find_dicom_series, match_series_to_contrasts
 from agi_monai.data.errors import DataError, Failure, format_failures
 from agi_monai.data.files import walk_folders
@@ -44,15 +46,22 @@ class Discovery:
     Attributes:
         cases: usable cases, sorted by case ID (MONAI datalist items).
         failures: skipped cases and why.
+        ignored: NIfTI files of a searched folder whose names name no contrast (``brainmask.nii.gz``,
+            ``P01_T2_AX.nii.gz``), so that a user can tell why a file was not used.
     """
 
     cases: list[dict[str, Any]] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
     def summary(self, source: str | Path = "") -> str:
-        """One line: how many cases were found and skipped, then the skipped ones, one per line."""
+        """One line: how many cases were found and skipped (and NIfTI files ignored), then the skipped cases, one per
+        line."""
         where = f" in {source}" if source else ""
         line = f"{len(self.cases)} cases found{where}, {len(self.failures)} skipped"
+        if self.ignored:
+            shown = ", ".join(self.ignored[:3]) + (", ..." if len(self.ignored) > 3 else "")
+            line += f", {len(self.ignored)} NIfTI files ignored, their names naming no contrast ({shown})"
         details = format_failures(self.failures)
         return f"{line}\n{details}" if details else line
 
@@ -90,10 +99,11 @@ def discover_cases(
     if not source.exists():
         raise DataError(source, "does not exist", "a folder of NIfTI/DICOM files or a JSON datalist")
     required = [canonical_contrast(name) for name in required]
+    ignored: list[str] = []
     if source.is_file():
         grouped, failures = _read_datalist(source, split, aliases)
     else:
-        grouped, failures = _scan_folder(source, aliases, dicom_mapping)
+        grouped, failures, ignored = _scan_folder(source, aliases, dicom_mapping)
 
     cases = []
     for case_id in sorted(grouped):
@@ -117,7 +127,7 @@ def discover_cases(
         cases = _validated(cases, failures, progress)
     for failure in failures:
         _logger.warning("skipped %s", failure)
-    return Discovery(cases, failures)
+    return Discovery(cases, failures, ignored)
 
 
 def file_safe_case_id(case_id: str) -> str:
@@ -133,9 +143,14 @@ def file_safe_case_id(case_id: str) -> str:
 
 def _scan_folder(
     root: Path, aliases: Mapping[str, str] | None, dicom_mapping: Mapping[str, str] | None
-) -> tuple[dict[str, dict[str, list[Any]]], list[Failure]]:
+) -> tuple[dict[str, dict[str, list[Any]]], list[Failure], list[str]]:
     grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    ignored: list[str] = []
     for folder, names in sorted(walk_folders(root)):
+        for name in names:
+            if strip_image_extension(name) is not None and parse_filename(name, aliases) is None:
+                ignored.append(str(Path(folder) / name))
+                _warn_if_misnamed(ignored[-1], aliases)
         parsed = [(name, *found) for name in names if (found := parse_filename(name, aliases))]
         prefixes = {prefix for _, prefix, _ in parsed if prefix}
         # a file named only by its contrast (t1.nii.gz, mav.nii.gz) joins the folder's one named case, if any
@@ -152,7 +167,17 @@ def _scan_folder(
         for contrast, item in matched.items():
             grouped[case_id][contrast].append(list(item.files))
         grouped[case_id]["patient_id"] = [series[0].patient_id]
-    return grouped, failures
+    return grouped, failures, ignored
+
+
+def _warn_if_misnamed(path: str, aliases: Mapping[str, str] | None) -> None:
+    """A warning for an ignored NIfTI file with a contrast among the parts of its name, just not as the last
+    (``P01_T2_TSE_AX.nii.gz``): probably meant as that contrast. (``brainmask.nii.gz``, with none, is only counted.)"""
+    named = contrasts_in_name(Path(path).name, aliases)
+    if named:
+        _logger.warning("%s: ignored, although its name holds %s: the contrast must end the name (expected "
+                        "<case>-<contrast>.nii.gz, e.g. P01-T2.nii.gz: rename or link the file, or list the case in a "
+                        "JSON datalist)", path, ", ".join(named))
 
 
 def _dicom_studies(root: Path) -> dict[str, list[DicomSeries]]:
