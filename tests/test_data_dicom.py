@@ -150,6 +150,16 @@ def test_a_series_synthesized_into_the_study_is_not_taken_for_an_acquired_contra
     assert match_series_to_contrasts(series, mapping={"FLAIR": synthetic.series_uid})["FLAIR"].synthetic
 
 
+def test_a_series_that_is_not_an_mr_image_is_never_matched(native_study):
+    # a segmentation or structure set named after its image would be a second T1 (or the only one)
+    series = find_dicom_series(native_study)
+    assert {s.modality for s in series} == {"MR"}
+    (t1,) = [s for s in series if s.description == "AX T1 SE"]
+    contours = type(t1)(**{**t1.__dict__, "series_uid": "9.9", "description": "AX T1 SE tumour", "modality": "SEG"})
+    assert match_series_to_contrasts([*series, contours])["T1"] == t1
+    assert "T1" not in match_series_to_contrasts([s for s in series if s is not t1] + [contours])
+
+
 def test_dicom_folder_discovered_as_a_case_and_converted(native_study, tmp_path):
     with pytest.raises(DataError, match="holds 4 DICOM series"):
         load_volume(native_study)

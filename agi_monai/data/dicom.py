@@ -79,6 +79,7 @@ class DicomSeries:
     #: 1, 2, ... by echo time when the series holds several echoes (a dual-echo PD/T2 sequence), 0 otherwise
     echo: int = 0
     echo_time: float | None = None
+    modality: str = "MR"
 
     @property
     def synthetic(self) -> bool:
@@ -119,6 +120,7 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
                 study_uid=str(header.get("StudyInstanceUID", "")),
                 contrast_agent=_contrast_agent(header),
                 manufacturer=str(header.get("Manufacturer", "")),
+                modality=str(header.get("Modality", "")),
             )
             echoes = _files_by_echo_time(files)
             if len(echoes) > 1:  # one volume per echo: stacked together, the slices of two echoes interleave
@@ -164,11 +166,12 @@ def match_series_to_contrasts(
             (:meth:`DicomSeries.selected_by`); the contrasts it does not name are matched by the rules among
             the series it does not select (so ``{"T2": "AX T2 FSE"}`` settles two T2 series and nothing else).
         rules: ordered (contrast or None, regex) rules on "SeriesDescription ProtocolName"; a T1 series
-            whose ContrastBolusAgent tag is set counts as T1Gd. The two echoes of a dual-echo series named for both
-            PD and T2 (e.g. "PD+T2 TSE": the rules' PD and T2 patterns both match) are PD (the shorter echo time)
-            and T2. Series synthesized by agi-monai (written into the study by an earlier run, e.g. "SYNTHETIC
-            FLAIR ...") are never matched by the rules: a later run would otherwise take them for acquired
-            contrasts. A mapping can still select one.
+            whose ContrastBolusAgent tag is set counts as T1Gd. The two echoes of a dual-echo series named for
+            both PD and T2 (e.g. "PD+T2 TSE": the rules' PD and T2 patterns both match) are PD (the shorter echo
+            time) and T2. The rules match MR images only (not a segmentation or structure set named "T1
+            contours"), and never series synthesized by agi-monai (written into the study by an earlier run, e.g.
+            "SYNTHETIC FLAIR ..."): a later run would otherwise take them for acquired contrasts. A mapping can
+            still select one.
 
     Raises:
         DataError: a selector matches no series, or several series match one contrast (give a mapping).
@@ -194,6 +197,9 @@ def match_series_to_contrasts(
             continue
         if item.synthetic:
             _logger.info("%s: synthesized by %s, not used as an input", item.label, SYNTHETIC_MANUFACTURER)
+            continue
+        if item.modality != "MR":  # a segmentation, structure set, report or CT named "T1 tumour contours"
+            _logger.info("%s: modality %s, not an MR image, not used as an input", item.label, item.modality or "unset")
             continue
         text = f"{item.description} {item.protocol}".lower()
         contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
