@@ -198,8 +198,8 @@ def match_series_to_contrasts(
         if item.synthetic:
             _logger.info("%s: synthesized by %s, not used as an input", item.label, SYNTHETIC_MANUFACTURER)
             continue
-        if item.modality != "MR":  # a segmentation, structure set, report or CT named "T1 tumour contours"
-            _logger.info("%s: modality %s, not an MR image, not used as an input", item.label, item.modality or "unset")
+        if item.modality not in ("MR", ""):  # a segmentation, structure set, report... named "T1 tumour contours"
+            _logger.info("%s: modality %s, not an MR image, not used as an input", item.label, item.modality)
             continue
         text = f"{item.description} {item.protocol}".lower()
         contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
