@@ -153,14 +153,15 @@ def synthesize(
         cases = {case["case_id"]: case for case in discovery.cases}
         if not overwrite:
             _refuse_partial_outputs(discovery, output, chosen.target, dicom)
-        earlier: dict[str, _EarlierOutputs] = {}
+        earlier: dict[str, Any] = {}  # case ID -> EarlierCaseOutputs
         try:
-            if dicom and overwrite:
+            if overwrite:
                 _set_earlier_outputs_aside(earlier, cases, output, chosen.target)
             summary = _run(workflow)
             if dicom:
                 _write_dicom_outputs(summary, cases, chosen, overwrite, progress, earlier)
-        finally:  # the cases the DICOM step did not reach (failed, interrupted): never a NIfTI beside another's series
+        finally:  # the cases the DICOM step did not reach (failed, interrupted, no --dicom): never a NIfTI beside another
+            # run's series
             for outputs in earlier.values():
                 outputs.settle()
         workflow.finalize()
@@ -742,83 +743,20 @@ def _run(workflow: Any) -> Any:
     return summaries[0]
 
 
-class _EarlierOutputs:
-    """One case's outputs from an earlier run, set aside by an ``--overwrite --dicom`` run before it writes the new
-    ones: the DICOM folder renamed, the NIfTI hard-linked (the bundle's atomic write then replaces the file under its
-    name, not the link), both under temporary names. The bundle writes every NIfTI before the first series, so
-    without this a case whose new series failed kept the earlier series without a NIfTI, and a run stopped between
-    the two steps left new NIfTIs beside earlier series that a rerun took for complete cases.
-
-    Temporary names (:func:`agi_monai.data.files.temporary_path`): what a killed run leaves is removed by the next
-    run into the folder, and its cases then hold a NIfTI without a series, which that run completes."""
-
-    def __init__(self, nifti: Path, series: Path) -> None:
-        from agi_monai.data.files import temporary_path
-
-        self.nifti, self.series = nifti, series
-        self.nifti_inode = nifti.stat().st_ino if nifti.exists() else None  # an atomic replace makes a new inode
-        self.nifti_kept = temporary_path(nifti.with_name(f"earlier-{nifti.name}")) if nifti.exists() else None
-        self.series_kept = temporary_path(series.with_name(f"earlier-{series.name}")) if series.exists() else None
-        if self.nifti_kept is not None:
-            try:
-                os.link(nifti, self.nifti_kept)
-            except OSError:  # a file system without hard links
-                shutil.copy2(nifti, self.nifti_kept)
-        if self.series_kept is not None:
-            os.replace(series, self.series_kept)
-
-    @property
-    def what(self) -> str:
-        """``"NIfTI and DICOM series"``, or the one of them set aside."""
-        return " and ".join(name for name, kept in (("NIfTI", self.nifti_kept), ("DICOM series", self.series_kept)) if kept)
-
-    def nifti_replaced(self) -> bool:
-        """Whether this run wrote the case's NIfTI (or removed it) since it was set aside."""
-        current = self.nifti.stat().st_ino if self.nifti.exists() else None
-        return current != self.nifti_inode
-
-    def restore(self) -> None:
-        """Put the earlier NIfTI and series back, replacing what this run wrote."""
-        if self.nifti_kept is not None:
-            if self.nifti.exists() and os.path.samefile(self.nifti, self.nifti_kept):
-                self.nifti_kept.unlink()  # rename() onto another link of the same file does nothing (POSIX)
-            else:
-                os.replace(self.nifti_kept, self.nifti)
-        else:
-            self.nifti.unlink(missing_ok=True)
-        if self.series_kept is not None:
-            shutil.rmtree(self.series, ignore_errors=True)
-            os.replace(self.series_kept, self.series)
-
-    def discard(self) -> None:
-        """Remove the earlier outputs: the case holds this run's."""
-        if self.nifti_kept is not None:
-            self.nifti_kept.unlink(missing_ok=True)
-        if self.series_kept is not None:
-            shutil.rmtree(self.series_kept, ignore_errors=True)
-
-    def settle(self) -> None:
-        """A case the DICOM step did not reach: its earlier outputs go back when its NIfTI is still the earlier one
-        (its synthesis failed, or the run stopped before it); otherwise the new NIfTI stays alone, and a rerun makes
-        its series."""
-        if self.nifti_replaced():
-            self.discard()
-        else:
-            self.restore()
-
-
-def _set_earlier_outputs_aside(earlier: dict[str, _EarlierOutputs], cases: Mapping[str, Any], output: Path,
-                               target: str) -> None:
+def _set_earlier_outputs_aside(earlier: dict[str, Any], cases: Mapping[str, Any], output: Path, target: str) -> None:
     """Adds to ``earlier`` (as it goes, so that the caller can put them back after an error) an
-    :class:`_EarlierOutputs` for each case with a NIfTI or a DICOM folder in ``output`` already."""
+    :class:`agi_monai.data.files.EarlierCaseOutputs` for each case with a NIfTI or a DICOM folder in ``output``
+    already: an ``--overwrite`` run replaces a case's outputs as a whole, or keeps the earlier ones as a whole."""
+    from agi_monai.data.files import EarlierCaseOutputs
+
     for case_id in cases:
         nifti, series = _nifti_output(output, case_id, target), _dicom_output(output, case_id, target)
         if nifti.exists() or series.exists():
-            earlier[case_id] = _EarlierOutputs(nifti, series)
+            earlier[case_id] = EarlierCaseOutputs(nifti, series)
 
 
 def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, overwrite: bool, progress: bool,
-                         earlier_outputs: dict[str, _EarlierOutputs]) -> None:
+                         earlier_outputs: dict[str, Any]) -> None:
     """A DICOM series beside each NIfTI this run wrote, and beside each NIfTI an earlier run wrote without its series
     (stopped between the two): such a case moves from the summary's present to its written. A case whose series
     fails moves to the summary's failures, with its reason printed; the NIfTI goes too when this run wrote it, and

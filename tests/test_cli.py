@@ -300,6 +300,10 @@ def test_an_overwrite_never_leaves_a_nifti_beside_another_runs_series(flair_bund
     monkeypatch.setattr(agi_monai.data.dicom, "write_derived_series", write_series)
     assert main([*args, "--dicom"]) == 0
     assert sorted(output.iterdir()) == [nifti, series] and len(list(series.iterdir())) == len(earlier) - 1
+    # an overwrite without --dicom replaces the NIfTI and removes the series made from the one it replaced
+    inode = nifti.stat().st_ino
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(output.iterdir()) == [nifti] and nifti.stat().st_ino != inode
 
 
 def test_files_given_one_by_one_and_the_bundle_chosen_by_target(bundles, cases, tmp_path):

@@ -239,3 +239,31 @@ def _series_uid(folder: Path, description: str) -> str:
         if pydicom.dcmread(first, stop_before_pixels=True).SeriesDescription == description:
             return uid
     raise AssertionError(f"no series {description!r} in {folder}")
+
+
+def test_an_overwrite_keeps_or_replaces_a_cases_outputs_as_a_whole(inputs, tmp_path, monkeypatch):
+    # before: a failing new series removed the new NIfTI and left the earlier series alone, and an overwrite
+    # without DICOM left the earlier series beside the new NIfTI
+    from types import SimpleNamespace
+
+    import agi_monai.deploy.synthesis as synthesis
+    from agi_monai.data import DataError, load_volume
+
+    case = {"case_id": "aurora-example", "T1": str(inputs / "nifti" / "aurora-example" / "t1.nii.gz"),
+            "T2": str(inputs / "nifti" / "aurora-example" / "t2.nii.gz")}
+    synthesizer = SimpleNamespace(target="FLAIR", inputs=["T1", "T2"], name="brats_t1_t2_to_flair", reference="T2")
+    image = load_volume(case["T2"])
+    prediction = image / image.max()
+    output = tmp_path / "out"
+    nifti, series = synthesis.write_synthesis_outputs(case, prediction, synthesizer, output)
+    earlier = digest(output)
+
+    def failing(*args, **kwargs):
+        raise DataError(args[1], "cannot be written (No space left on device)")
+
+    monkeypatch.setattr(synthesis, "write_derived_series", failing)
+    with pytest.raises(DataError, match="No space left on device"):
+        synthesis.write_synthesis_outputs(case, prediction * 0.5, synthesizer, output, overwrite=True)
+    assert digest(output) == earlier  # the earlier NIfTI and series, byte for byte, and no temporary file
+    assert synthesis.write_synthesis_outputs(case, prediction * 0.5, synthesizer, output, dicom=False, overwrite=True) == [nifti]
+    assert sorted(output.iterdir()) == [nifti] and digest(output)[nifti.name] != earlier[nifti.name]

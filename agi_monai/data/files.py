@@ -24,7 +24,7 @@ from agi_monai.data.errors import DataError
 
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
-    "walk_folders", "write_json", "AtomicNibabelWriter",
+    "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -115,6 +115,77 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         _logger.warning("removed %d temporary output(s) that a killed earlier run left in %s: %s", len(removed), folder,
                         ", ".join(p.name for p in removed))
     return removed
+
+
+class EarlierCaseOutputs:
+    """A case's outputs from an earlier run — its NIfTI and the DICOM series made from it — set aside before a run
+    writes new ones over them (``--overwrite``): the series folder renamed, the NIfTI hard-linked (an atomic write
+    then replaces the file under its name, not the link), both under temporary names. So a case keeps its earlier
+    pair when its new NIfTI or series fails (:meth:`restore`), and never holds a new NIfTI beside an earlier run's
+    series (:meth:`discard`, :meth:`settle`). Temporary names (:func:`temporary_path`): what a killed run leaves is
+    removed by the next run into the folder (:func:`remove_stale_temporaries`), and its case then holds a NIfTI
+    without a series, which a rerun with ``--dicom`` completes.
+
+    Args:
+        nifti: the case's NIfTI output, ``<case>_<target>.nii.gz``.
+        series: the case's DICOM series folder, ``<case>_<target>_dicom``.
+    """
+
+    def __init__(self, nifti: Path, series: Path) -> None:
+        self.nifti, self.series = Path(nifti), Path(series)
+        self.nifti_inode = self.nifti.stat().st_ino if self.nifti.exists() else None  # an atomic replace: a new one
+        self.nifti_kept = temporary_path(self.nifti.with_name(f"earlier-{self.nifti.name}")) if self.nifti.exists() else None
+        self.series_kept = temporary_path(self.series.with_name(f"earlier-{self.series.name}")) if self.series.exists() else None
+        if self.nifti_kept is not None:
+            try:
+                os.link(self.nifti, self.nifti_kept)
+            except OSError:  # a file system without hard links
+                shutil.copy2(self.nifti, self.nifti_kept)
+        if self.series_kept is not None:
+            os.replace(self.series, self.series_kept)
+
+    @property
+    def what(self) -> str:
+        """``"NIfTI and DICOM series"``, or the one of them set aside."""
+        return " and ".join(name for name, kept in (("NIfTI", self.nifti_kept), ("DICOM series", self.series_kept)) if kept)
+
+    def nifti_replaced(self) -> bool:
+        """Whether the case's NIfTI was written (or removed) since it was set aside."""
+        current = self.nifti.stat().st_ino if self.nifti.exists() else None
+        return current != self.nifti_inode
+
+    def restore(self) -> None:
+        """Put the earlier NIfTI and series back, replacing what was written since (a NIfTI written where there was
+        none is removed)."""
+        if self.nifti_kept is not None:
+            if self.nifti.exists() and os.path.samefile(self.nifti, self.nifti_kept):
+                self.nifti_kept.unlink()  # rename() onto another link of the same file does nothing (POSIX)
+            else:
+                os.replace(self.nifti_kept, self.nifti)
+        else:
+            self.nifti.unlink(missing_ok=True)
+        if self.series_kept is not None:
+            shutil.rmtree(self.series, ignore_errors=True)
+            os.replace(self.series_kept, self.series)
+
+    def discard(self) -> None:
+        """Remove the earlier outputs: the case holds the new ones. An earlier series with no new one beside the new
+        NIfTI is said to be removed (it was made from the NIfTI that was replaced)."""
+        if self.nifti_kept is not None:
+            self.nifti_kept.unlink(missing_ok=True)
+        if self.series_kept is not None:
+            shutil.rmtree(self.series_kept, ignore_errors=True)
+            if not self.series.exists():
+                _logger.warning("%s: removed, the DICOM series an earlier run made from the NIfTI this run replaced "
+                                "(--dicom writes a new one)", self.series)
+
+    def settle(self) -> None:
+        """For a case whose new outputs were not completed: its earlier outputs go back when its NIfTI is still the
+        earlier one (its synthesis failed, or the run stopped before it); otherwise the new NIfTI stays alone."""
+        if self.nifti_replaced():
+            self.discard()
+        else:
+            self.restore()
 
 
 @contextmanager

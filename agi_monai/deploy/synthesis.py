@@ -43,6 +43,7 @@ from agi_monai.data import (
     synthetic_description,
 )
 from agi_monai.data.dicom import write_derived_series
+from agi_monai.data.files import EarlierCaseOutputs
 from agi_monai.engines import clip_prediction, expected_bundle_weights, load_weights
 
 __all__ = ["BundleSynthesizer", "SynthesisOutputs", "refuse_existing_outputs", "synthesis_output_paths", "write_synthesis_outputs"]
@@ -224,7 +225,9 @@ def write_synthesis_outputs(
     reference) or a new study with synthetic patient tags (NIfTI input); see
     :func:`agi_monai.data.dicom.write_derived_series`.
 
-    If the DICOM series fails, the NIfTI written for the case is removed, so a case is written whole or not at all.
+    A case is written whole or not at all: if the DICOM series fails, the NIfTI written for the case is removed, and
+    with ``overwrite`` the case's earlier NIfTI and series come back (:class:`agi_monai.data.files.EarlierCaseOutputs`);
+    an earlier series is never left beside a new NIfTI.
 
     Returns:
         The NIfTI file and, with ``dicom``, the series folder.
@@ -241,26 +244,27 @@ def write_synthesis_outputs(
     )
     writer.set_data_array(prediction, channel_dim=0)
     writer.set_metadata(prediction.meta, resample=False)
-    writer.write(nifti)
-    if not dicom:
-        return [nifti]
     reference = case.get(synthesizer.reference)
     from_dicom = isinstance(reference, (list, tuple)) or (isinstance(reference, (str, Path)) and Path(reference).is_dir())
+    earlier = EarlierCaseOutputs(nifti, series)  # sets aside what exists (only with overwrite: refused otherwise)
     try:
-        write_derived_series(
-            metatensor_to_sitk(prediction),
-            series,
-            series_description=f"SYNTHETIC {synthesizer.target} {synthesizer.name}"[:64],
-            derivation_description=(
-                f"Synthetic {synthesizer.target} made by AGI-Net bundle {synthesizer.name} (agi-monai "
-                f"{agi_monai.__version__}, MONAI Deploy app) from {', '.join(synthesizer.inputs)} on the "
-                f"{synthesizer.reference} grid; research use only, not for diagnosis"
-            ),
-            reference=reference if from_dicom else None,
-            case_id=case_id,
-            overwrite=overwrite,
-        )
-    except (DataError, OSError):
-        nifti.unlink(missing_ok=True)
+        writer.write(nifti)
+        if dicom:
+            write_derived_series(
+                metatensor_to_sitk(prediction),
+                series,
+                series_description=f"SYNTHETIC {synthesizer.target} {synthesizer.name}"[:64],
+                derivation_description=(
+                    f"Synthetic {synthesizer.target} made by AGI-Net bundle {synthesizer.name} (agi-monai "
+                    f"{agi_monai.__version__}, MONAI Deploy app) from {', '.join(synthesizer.inputs)} on the "
+                    f"{synthesizer.reference} grid; research use only, not for diagnosis"
+                ),
+                reference=reference if from_dicom else None,
+                case_id=case_id,
+                overwrite=overwrite,
+            )
+    except BaseException:  # Ctrl-C and SIGTERM too: the case is left as it was
+        earlier.restore()
         raise
-    return [nifti, series]
+    earlier.discard()
+    return [nifti, series] if dicom else [nifti]
