@@ -47,7 +47,8 @@ echo
 echo "---------------- the background files (${LONG[*]}), run alongside:"
 cat "$work/long.log"
 echo
-summary() { tail -n 1 "$1" | sed 's/^=* *//; s/ *=*$//'; }
+# pytest's last line "N passed, ... in T s" (Holoscan may print its own lines after it, at interpreter exit)
+summary() { grep -E '(passed|failed|error|no tests ran).* in [0-9.]+s' "$1" | tail -n 1 | sed 's/^=* *//; s/ *=*$//'; }
 outcome=$([ "$rest_status" -eq 0 ] && [ "$long_status" -eq 0 ] && echo passed || echo FAILED)
 echo "test.sh: $outcome in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s;" \
      "background files: $(summary "$work/long.log"); other files: $(summary "$work/rest.log")"
