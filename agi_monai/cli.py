@@ -152,7 +152,7 @@ def synthesize(
         _require_cases(discovery, source)
         cases = {case["case_id"]: case for case in discovery.cases}
         if not overwrite:
-            _refuse_partial_outputs(discovery, output, chosen.target, dicom)
+            _refuse_partial_outputs(discovery, output, chosen.target)
         earlier: dict[str, Any] = {}  # case ID -> EarlierCaseOutputs
         try:
             if overwrite:
@@ -703,15 +703,14 @@ def _innermost(error: BaseException) -> str:
     return f"{type(error).__name__}: {text if len(text) <= 400 else text[:400] + ' ...'}"
 
 
-def _refuse_partial_outputs(discovery: Any, output: Path, target: str, dicom: bool) -> None:
-    """With ``--dicom`` and without ``--overwrite``, a case whose DICOM folder exists without its NIfTI becomes a
-    failure naming it: completing the case would replace that folder. (A case with its NIfTI but not its DICOM
-    folder, a run stopped between the two, is counted as present by the bundle's ``FolderSynthesis(overwrite=False)``
-    and gets its DICOM from that NIfTI: :func:`_write_dicom_outputs`.)"""
+def _refuse_partial_outputs(discovery: Any, output: Path, target: str) -> None:
+    """Without ``--overwrite``, a case whose DICOM folder exists without its NIfTI becomes a failure naming it:
+    with ``--dicom`` completing the case would replace that folder, and without, the new NIfTI would sit beside a
+    series made from another. (A case with its NIfTI but not its DICOM folder, a run stopped between the two, is
+    counted as present by the bundle's ``FolderSynthesis(overwrite=False)`` and gets its DICOM from that NIfTI:
+    :func:`_write_dicom_outputs`.)"""
     from agi_monai.data import Failure
 
-    if not dicom:
-        return
     kept = []
     for case in discovery.cases:
         nifti, series = _nifti_output(output, case["case_id"], target), _dicom_output(output, case["case_id"], target)

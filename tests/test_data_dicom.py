@@ -334,6 +334,12 @@ def test_a_dual_echo_pd_t2_series_is_split_into_its_echoes(tmp_path):
         "T2": t2_echo, "PD": pd_echo}
     with pytest.raises(DataError, match=r"matches 2 series among: .* \(expected exactly one \(one echo: add echo 1"):
         match_series_to_contrasts([pd_echo, t2_echo], mapping={"T2": "3"})
+    # a description that itself ends in "echo 2" is still a selector of its own
+    renamed = type(t2_echo)(**{**t2_echo.__dict__, "echo": 0, "echo_time": None, "description": "AX T2 echo 2"})
+    assert match_series_to_contrasts([renamed], mapping={"T2": "AX T2 echo 2"}) == {"T2": renamed}
+    # names with underscores are words too
+    underscored = [type(s)(**{**s.__dict__, "description": "PD_T2_TSE_AX", "protocol": ""}) for s in (pd_echo, t2_echo)]
+    assert match_series_to_contrasts(underscored) == {"PD": underscored[0], "T2": underscored[1]}
     # described as one contrast only, the two echoes are two candidates for it: a mapping settles it
     described_as_t2 = [type(s)(**{**s.__dict__, "description": "AX T2 TSE", "protocol": ""}) for s in (pd_echo, t2_echo)]
     with pytest.raises(DataError, match=r"several series match one contrast \(T2: 'AX T2 TSE' echo 1 \(TE 15 ms\)"):
@@ -359,3 +365,28 @@ def test_a_classic_series_that_is_not_one_stack_is_refused_naming_why(tmp_path, 
     with pytest.raises(DataError) as raised:
         load_volume(tmp_path / "series")
     assert message in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize("echo_time", ["15,0", "n/a", [15.0, 90.0], None])
+def test_a_series_without_one_usable_echo_time_per_file_is_left_whole(tmp_path, echo_time, caplog):
+    # before the fix: a ValueError/TypeError traceback from discovery and convert-dicom for the whole folder
+    folder = tmp_path / "IXI901"
+    write_dual_echo_series(folder)
+    changed = sorted(folder.iterdir())[5:6] if echo_time is None else sorted(folder.iterdir())
+    for path in changed:
+        dataset = pydicom.dcmread(path)
+        if echo_time is None:
+            del dataset.EchoTime
+        else:  # the raw value, as some exports write it: pydicom refuses to set it
+            raw = "\\".join(map(str, echo_time)) if isinstance(echo_time, list) else echo_time
+            raw = raw.encode() + b" " * (len(raw) % 2)
+            dataset[0x00180081] = pydicom.dataelem.RawDataElement(
+                pydicom.tag.Tag(0x00180081), "DS", len(raw), raw, 0, True, True)
+        dataset.save_as(path)
+    with caplog.at_level("WARNING", logger="agi_monai.data.dicom"):
+        (series,) = find_dicom_series(folder)
+    assert series.echo == 0 and len(series.files) == 144
+    if echo_time is None:  # one file of an otherwise split series: said
+        assert "no usable EchoTime (None), where other files of its series have one" in caplog.text
+    with pytest.raises(DataError, match="holds 144 slices at 72 slice positions"):
+        load_volume(list(series.files))

@@ -153,15 +153,17 @@ def test_nifti_files_naming_no_contrast_are_counted_and_a_misnamed_one_is_named(
     # before: left out without a word, so a user could not tell why P01's T2 was "missing"
     folder = tmp_path / "P01"
     folder.mkdir()
-    for name, contrast in [("P01-t1.nii.gz", "t1n"), ("P01_T2_TSE_AX.nii.gz", "t2w"), ("brainmask.nii.gz", "t1n")]:
+    for name, contrast in [("P01-t1.nii.gz", "t1n"), ("P01_T2_TSE_AX.nii.gz", "t2w"), ("brainmask.nii.gz", "t1n"),
+                           ("sub-01_mod-T1w_defacemask.nii.gz", "t1n")]:  # BIDS: the suffix decides, no warning
         (folder / name).symlink_to(BRATS_GLI / f"BraTS-GLI-00001-000-{contrast}.nii.gz")
     (folder / "notes.txt").write_text("not an image")
     with caplog.at_level("WARNING", logger="agi_monai.data.discovery"):
         discovery = discover_cases(tmp_path, required=["T1", "T2"])
-    assert discovery.ignored == [str(folder / "P01_T2_TSE_AX.nii.gz"), str(folder / "brainmask.nii.gz")]
+    assert discovery.ignored == [str(folder / n) for n in ("P01_T2_TSE_AX.nii.gz", "brainmask.nii.gz",
+                                                           "sub-01_mod-T1w_defacemask.nii.gz")]
     assert discovery.summary().splitlines()[0] == (
-        f"0 cases found, 1 skipped, 2 NIfTI files ignored, their names naming no contrast ({folder / 'P01_T2_TSE_AX.nii.gz'}, "
-        f"{folder / 'brainmask.nii.gz'})"
+        f"0 cases found, 1 skipped, 3 NIfTI files ignored, their names naming no contrast ({folder / 'P01_T2_TSE_AX.nii.gz'}, "
+        f"{folder / 'brainmask.nii.gz'}, {folder / 'sub-01_mod-T1w_defacemask.nii.gz'})"
     )
     warnings = [r.getMessage() for r in caplog.records if "ignored, although" in r.getMessage()]
     assert warnings == [f"{folder / 'P01_T2_TSE_AX.nii.gz'}: ignored, although its name holds T2: the contrast must end "

@@ -174,3 +174,24 @@ def test_nifti_writer_marks_its_file_with_the_description_and_keeps_geometry(tmp
     assert len(synthetic_description("T1Gd", ["T1", "T2", "FLAIR"], "x" * 100)) == 80  # cut to the header's field
     with pytest.raises(ValueError, match="expected at most 80 bytes"):
         AtomicNibabelWriter(description="x" * 81)
+
+
+def test_earlier_case_outputs_survive_a_leftover_of_a_killed_process_of_the_same_number(tmp_path):
+    # a restarted container gets its host name and process number again: the set-aside names of a run killed there
+    # are this process's names (before: OSError "Directory not empty", and a hard link left behind)
+    from agi_monai.data.files import EarlierCaseOutputs
+
+    nifti, series = tmp_path / "c1_FLAIR.nii.gz", tmp_path / "c1_FLAIR_dicom"
+    nifti.write_bytes(b"earlier NIfTI")
+    series.mkdir()
+    (series / "IM_0001.dcm").write_bytes(b"earlier slice")
+    for leftover in (temporary_path(tmp_path / "earlier-c1_FLAIR_dicom"), temporary_path(tmp_path / "earlier-c1_FLAIR.nii.gz")):
+        leftover.mkdir() if leftover.name.endswith("dicom") else leftover.write_bytes(b"killed run")
+    (temporary_path(tmp_path / "earlier-c1_FLAIR_dicom") / "IM_0001.dcm").write_bytes(b"killed run")
+    earlier = EarlierCaseOutputs(nifti, series)
+    with atomic_output(nifti) as temporary:  # as every NIfTI is written: a new file renamed onto the name
+        temporary.write_bytes(b"new NIfTI")
+    assert earlier.nifti_replaced()
+    earlier.restore()
+    assert nifti.read_bytes() == b"earlier NIfTI" and (series / "IM_0001.dcm").read_bytes() == b"earlier slice"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c1_FLAIR.nii.gz", "c1_FLAIR_dicom"]

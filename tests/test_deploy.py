@@ -135,7 +135,9 @@ def test_app_synthesizes_float_nifti_and_a_derived_dicom_series(exported, inputs
     # again without --overwrite: every case fails naming its file, nothing is replaced
     written = digest(output)
     assert main(["-i", str(inputs), "-o", str(output), "-m", str(exported / "models" / "model.ts"), "--device", "cpu", "--no-dicom"]) == 1
-    assert f"TCGA-FG-6692: {output / 'TCGA-FG-6692_FLAIR.nii.gz'}: output already exists" in capsys.readouterr().out
+    # (the DICOM folder too, although this run writes none: a new NIfTI must not sit beside the earlier series)
+    assert (f"TCGA-FG-6692: {output / 'TCGA-FG-6692_FLAIR.nii.gz'}, {output / 'TCGA-FG-6692_FLAIR_dicom'}: output "
+            "already exists") in capsys.readouterr().out
     assert digest(output) == written
 
 
@@ -267,3 +269,11 @@ def test_an_overwrite_keeps_or_replaces_a_cases_outputs_as_a_whole(inputs, tmp_p
     assert digest(output) == earlier  # the earlier NIfTI and series, byte for byte, and no temporary file
     assert synthesis.write_synthesis_outputs(case, prediction * 0.5, synthesizer, output, dicom=False, overwrite=True) == [nifti]
     assert sorted(output.iterdir()) == [nifti] and digest(output)[nifti.name] != earlier[nifti.name]
+    # without overwrite, a series alone is an output too: refused, not removed nor joined by a new NIfTI
+    monkeypatch.undo()
+    synthesis.write_synthesis_outputs(case, prediction, synthesizer, output, overwrite=True)
+    nifti.unlink()
+    alone = digest(output)
+    with pytest.raises(DataError, match=f"{series}: output already exists"):
+        synthesis.write_synthesis_outputs(case, prediction, synthesizer, output, dicom=False)
+    assert digest(output) == alone

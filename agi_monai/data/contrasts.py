@@ -137,8 +137,11 @@ def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> t
 
 def contrasts_in_name(filename: str, aliases: Mapping[str, str] | None = None) -> list[str]:
     """The contrasts that any part of a NIfTI file name names (``P01_T2_TSE_AX.nii.gz`` -> ``["T2"]``), in order,
-    once each: what :func:`parse_filename` did not read as the contrast of a name that does not end with one."""
+    once each: what :func:`parse_filename` did not read as the contrast of a name that does not end with one. None
+    for a BIDS name, whose suffix alone names its contrast (``sub-01_mod-T1w_defacemask`` is a mask)."""
     stem = strip_image_extension(filename) or ""
+    if _BIDS_NAME.match(stem):
+        return []
     named = []
     for token in _SEPARATORS.split(stem):
         try:

@@ -94,11 +94,15 @@ class DicomSeries:
 
     def selected_by(self, selector: str) -> bool:
         """Whether a ``dicom_mapping`` selector names this series: its SeriesInstanceUID, SeriesNumber or
-        SeriesDescription (case-insensitive), followed by ``echo N`` for one echo of a multi-echo series."""
-        named = re.fullmatch(r"(.*?)\s+echo\s+(\d+)", selector.strip(), re.IGNORECASE)
-        base, echo = (named.group(1), int(named.group(2))) if named else (selector, None)
-        return (base in (self.series_uid, self.series_number) or base.lower() == self.description.lower()) and (
-            echo is None or echo == self.echo)
+        SeriesDescription (case-insensitive), or, for one echo of a multi-echo series, one of those followed by
+        ``echo N``."""
+        def names(text: str) -> bool:
+            return text in (self.series_uid, self.series_number) or text.lower() == self.description.lower()
+
+        if names(selector):  # a description may itself end in "echo 2"
+            return True
+        one_echo = re.fullmatch(r"(.*?)\s+echo\s+(\d+)", selector.strip(), re.IGNORECASE)
+        return bool(self.echo and one_echo and int(one_echo.group(2)) == self.echo and names(one_echo.group(1)))
 
 
 def find_dicom_series(root: str | Path) -> list[DicomSeries]:
@@ -110,7 +114,7 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
             continue
         for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
             files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
-            header = pydicom.dcmread(files[0], stop_before_pixels=True)
+            header = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)  # GDCM listed it: a DICOM file
             tags = dict(
                 series_uid=series_uid,
                 description=str(header.get("SeriesDescription", "")),
@@ -132,13 +136,20 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
 
 
 def _files_by_echo_time(files: Sequence[str]) -> dict[float, tuple[str, ...]]:
-    """The files of one series grouped by EchoTime (in their order), when at least two files have one."""
+    """The files of one series grouped by EchoTime (in their order); {} unless every file has one number there.
+    (A series left whole with several slices per position is refused when it is read, naming the count.)"""
     groups: dict[float, list[str]] = {}
     for name in files:
-        echo_time = pydicom.dcmread(name, stop_before_pixels=True, specific_tags=["EchoTime"]).get("EchoTime")
-        if echo_time is None or str(echo_time) == "":
+        value = None
+        try:
+            value = pydicom.dcmread(name, stop_before_pixels=True, specific_tags=["EchoTime"], force=True).get("EchoTime")
+            echo_time = float(value)  # a missing (None), empty, multi-valued or non-numeric one raises
+        except Exception:  # pydicom raises several types for unreadable files; GDCM's reading names the problem
+            if groups:  # the files before it had one
+                _logger.warning("%s: no usable EchoTime (%r), where other files of its series have one: the series "
+                                "is not split by echo", name, value)
             return {}
-        groups.setdefault(float(echo_time), []).append(name)
+        groups.setdefault(echo_time, []).append(name)
     return {echo_time: tuple(names) for echo_time, names in groups.items()}
 
 
@@ -201,7 +212,7 @@ def match_series_to_contrasts(
         if item.modality not in ("MR", ""):  # a segmentation, structure set, report... named "T1 tumour contours"
             _logger.info("%s: modality %s, not an MR image, not used as an input", item.label, item.modality)
             continue
-        text = f"{item.description} {item.protocol}".lower()
+        text = f"{item.description} {item.protocol}".lower().replace("_", " ")  # "AX_PD_TSE": \b sees words
         contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
         if contrast == "T1" and item.contrast_agent.strip():
             contrast = "T1Gd"

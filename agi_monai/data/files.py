@@ -24,7 +24,7 @@ from agi_monai.data.errors import DataError
 
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
-    "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs",
+    "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -60,14 +60,15 @@ def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
         yield folder, sorted(names)
 
 
-def _left_out_by_walk(folder: Path, root: Path) -> bool:
-    """Whether :func:`walk_folders` of ``root`` leaves ``folder`` (below it) out: it lies in the ``derivatives/``,
-    ``sourcedata/`` or ``code/`` folder of a BIDS dataset below or at ``root``."""
+def is_searched_input(folder: Path, root: Path) -> bool:
+    """Whether ``folder`` (both resolved) is ``root`` or inside it, in a part that :func:`walk_folders` searches:
+    outputs there would be read as inputs by a later run. (The ``derivatives/``, ``sourcedata/`` and ``code/``
+    folders of a BIDS dataset are left out: BIDS puts outputs in ``derivatives/``.)"""
     below = [folder, *folder.parents]
-    for inner in below[: below.index(root)] if root in below else []:
-        if inner.name in _BIDS_NOT_RAW and (inner.parent / "dataset_description.json").is_file():
-            return True
-    return False
+    if root not in below:
+        return False
+    return not any(inner.name in _BIDS_NOT_RAW and (inner.parent / "dataset_description.json").is_file()
+                   for inner in below[: below.index(root)])
 
 
 def _host_prefix() -> str:
@@ -106,10 +107,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         match = pattern.match(entry.name)
         if match is None or _process_exists(int(match.group(1))):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        _remove(entry)
         removed.append(entry)
     if removed:
         _logger.warning("removed %d temporary output(s) that a killed earlier run left in %s: %s", len(removed), folder,
@@ -136,13 +134,22 @@ class EarlierCaseOutputs:
         self.nifti_inode = self.nifti.stat().st_ino if self.nifti.exists() else None  # an atomic replace: a new one
         self.nifti_kept = temporary_path(self.nifti.with_name(f"earlier-{self.nifti.name}")) if self.nifti.exists() else None
         self.series_kept = temporary_path(self.series.with_name(f"earlier-{self.series.name}")) if self.series.exists() else None
-        if self.nifti_kept is not None:
-            try:
-                os.link(self.nifti, self.nifti_kept)
-            except OSError:  # a file system without hard links
-                shutil.copy2(self.nifti, self.nifti_kept)
-        if self.series_kept is not None:
-            os.replace(self.series, self.series_kept)
+        for kept in (self.nifti_kept, self.series_kept):  # a killed process of this host and number left it (a
+            if kept is not None:                          # restarted container gets its number again)
+                _remove(kept)
+        try:
+            if self.nifti_kept is not None:
+                try:
+                    os.link(self.nifti, self.nifti_kept)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(self.nifti, self.nifti_kept)
+            if self.series_kept is not None:
+                os.replace(self.series, self.series_kept)
+        except OSError as error:
+            if self.nifti_kept is not None:
+                self.nifti_kept.unlink(missing_ok=True)
+            raise DataError(error.filename or self.series, f"cannot be set aside before it is replaced "
+                            f"({error.strerror or error})", "an output folder this user can rename files in") from error
 
     @property
     def what(self) -> str:
@@ -188,6 +195,14 @@ class EarlierCaseOutputs:
             self.restore()
 
 
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a folder (with what it holds), if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
@@ -224,7 +239,7 @@ def check_output_folder(folder: str | Path, source: str | Path | None = None) ->
     folder = Path(folder).resolve()
     if source is not None and Path(source).is_dir():
         source = Path(source).resolve()
-        if (folder == source or source in folder.parents) and not _left_out_by_walk(folder, source):
+        if is_searched_input(folder, source):
             raise DataError(folder, f"is the input folder or inside it ({source})",
                             "another folder: outputs there would be read as inputs by a later run")
     if folder.exists() and not folder.is_dir():

@@ -209,8 +209,7 @@ def _check_one_per_position(along_normal: np.ndarray, label: str, what: str) -> 
     if distinct < len(along_normal):
         raise DataError(label, f"holds {len(along_normal)} {what} at {distinct} slice positions (several echoes, "
                                "stacks or time points in one series)",
-                        "one per position: a single 3D stack (a folder searched for cases has the echoes of a series "
-                        "split into one series each)")
+                        "one per position: a single 3D stack of one echo and time point")
 
 
 def _widest_gap(along_normal: np.ndarray) -> tuple[int, float, float] | None:
@@ -229,7 +228,7 @@ def _is_multiframe(path: str) -> bool:
     what current Siemens (XA), Philips and GE consoles export on request. (Enhanced MR files of one frame each, as
     GDCM writes them, are read slice by slice like classic ones.)"""
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["NumberOfFrames"], force=True)
     except Exception:  # pydicom raises several types for unreadable files; GDCM's reading then names the problem
         return False
     return int(header.get("NumberOfFrames") or 1) > 1
@@ -249,7 +248,11 @@ def _read_multiframe_series(files: Sequence[str], label: str) -> sitk.Image:
     frames = []  # (position, orientation, pixel spacing, frame values, file, frame number)
     patients = set()
     for name in files:
-        header = pydicom.dcmread(name, stop_before_pixels=True)
+        try:
+            header = pydicom.dcmread(name, stop_before_pixels=True, force=True)
+        except Exception as error:  # pydicom raises several types for unreadable files
+            raise DataError(name, f"cannot be read as DICOM ({type(error).__name__}: {error})", "a readable DICOM "
+                            "file") from error
         patients.add(str(header.get("PatientID", "")).strip())
         count = int(header.get("NumberOfFrames") or 1)
         per_frame = list(header.get("PerFrameFunctionalGroupsSequence") or [])

@@ -21,6 +21,7 @@ from typing import Any
 
 from agi_monai.bundle.registry import BundleError
 from agi_monai.data import DataError, canonical_contrast, check_output_folder
+from agi_monai.data.files import is_searched_input
 from agi_monai.deploy.operators import CaseDiscoveryOperator, SynthesisOperator, SyntheticImageWriterOperator
 from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs
 
@@ -75,7 +76,7 @@ class SynthesisApp(Application):
         )
         synthesis = SynthesisOperator(
             self, name="synthesis", synthesizer=self.synthesizer, output_dir=self.app_context.output_path,
-            dicom=self.dicom, overwrite=self.overwrite,
+            overwrite=self.overwrite,
         )
         self.writer = SyntheticImageWriterOperator(
             self, name="writer", output_dir=self.app_context.output_path, synthesizer=self.synthesizer,
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         source, output = Path(context.input_path).resolve(), Path(context.output_path).resolve()
         _check_input(source)
-        if output == source or source in output.parents:  # before the model loads; check_output_folder repeats it
+        if is_searched_input(output, source):  # before the model loads; check_output_folder repeats it
             raise DataError(output, f"is the input folder or inside it ({source})", "another output folder (-o)")
         for contrast in args.dicom_mapping or {}:
             canonical_contrast(contrast)  # raises DataError naming the contrasts it knows

@@ -89,9 +89,8 @@ class SynthesisOperator(Operator):
     Args:
         fragment: the application.
         synthesizer: the loaded bundle.
-        output_dir: where the writer puts the outputs; a case whose outputs exist there fails at once, without being
-            synthesized (unless ``overwrite``). None: no check.
-        dicom: the writer also writes DICOM series (their folders count as outputs).
+        output_dir: where the writer puts the outputs; a case whose outputs (NIfTI or DICOM folder) exist there
+            fails at once, without being synthesized (unless ``overwrite``). None: no check.
         overwrite: the writer replaces existing outputs.
     """
 
@@ -101,13 +100,11 @@ class SynthesisOperator(Operator):
         *args: Any,
         synthesizer: BundleSynthesizer,
         output_dir: str | Path | None = None,
-        dicom: bool = True,
         overwrite: bool = False,
         **kwargs: Any,
     ) -> None:
         self.synthesizer = synthesizer
         self.output_dir = output_dir
-        self.dicom = dicom
         self.overwrite = overwrite
         super().__init__(fragment, *args, **kwargs)
 
@@ -121,7 +118,7 @@ class SynthesisOperator(Operator):
         for case in discovery.cases:
             try:
                 if self.output_dir is not None and not self.overwrite:
-                    refuse_existing_outputs(str(case["case_id"]), self.synthesizer.target, self.output_dir, self.dicom)
+                    refuse_existing_outputs(str(case["case_id"]), self.synthesizer.target, self.output_dir)
                 results.predictions.append((case, self.synthesizer(case)))
             except Exception as error:  # one bad case must not stop the others; the reason is reported
                 results.failures.append(Failure(str(case["case_id"]), failure_reason(error)))

@@ -199,7 +199,7 @@ def synthesis_output_paths(case_id: str, target: str, output_dir: str | Path) ->
     return output_dir / f"{case_id}_{target}.nii.gz", output_dir / f"{case_id}_{target}_dicom"
 
 
-def refuse_existing_outputs(case_id: str, target: str, output_dir: str | Path, dicom: bool) -> None:
+def refuse_existing_outputs(case_id: str, target: str, output_dir: str | Path) -> None:
     """Raises when an output of the case exists: checked before a case is synthesized (nothing computed for a
     result that would not be written) and again before it is written.
 
@@ -207,7 +207,8 @@ def refuse_existing_outputs(case_id: str, target: str, output_dir: str | Path, d
         DataError: naming the existing outputs.
     """
     nifti, series = synthesis_output_paths(case_id, target, output_dir)
-    existing = [str(p) for p in (nifti, *([series] if dicom else [])) if p.exists()]
+    # the series too without DICOM output: a new NIfTI beside an earlier run's series would look like one case
+    existing = [str(p) for p in (nifti, series) if p.exists()]
     if existing:
         raise DataError(", ".join(existing), "output already exists", "a new output, or --overwrite to replace it")
 
@@ -238,7 +239,7 @@ def write_synthesis_outputs(
     case_id = str(case["case_id"])
     nifti, series = synthesis_output_paths(case_id, synthesizer.target, output_dir)
     if not overwrite:
-        refuse_existing_outputs(case_id, synthesizer.target, output_dir, dicom)
+        refuse_existing_outputs(case_id, synthesizer.target, output_dir)
     writer = AtomicNibabelWriter(
         output_dtype=np.float32, description=synthetic_description(synthesizer.target, synthesizer.inputs, synthesizer.name)
     )
@@ -246,7 +247,7 @@ def write_synthesis_outputs(
     writer.set_metadata(prediction.meta, resample=False)
     reference = case.get(synthesizer.reference)
     from_dicom = isinstance(reference, (list, tuple)) or (isinstance(reference, (str, Path)) and Path(reference).is_dir())
-    earlier = EarlierCaseOutputs(nifti, series)  # sets aside what exists (only with overwrite: refused otherwise)
+    earlier = EarlierCaseOutputs(nifti, series) if overwrite else None  # without overwrite nothing exists (refused)
     try:
         writer.write(nifti)
         if dicom:
@@ -264,7 +265,11 @@ def write_synthesis_outputs(
                 overwrite=overwrite,
             )
     except BaseException:  # Ctrl-C and SIGTERM too: the case is left as it was
-        earlier.restore()
+        if earlier is not None:
+            earlier.restore()
+        else:
+            nifti.unlink(missing_ok=True)
         raise
-    earlier.discard()
+    if earlier is not None:
+        earlier.discard()
     return [nifti, series] if dicom else [nifti]
