@@ -222,3 +222,49 @@ def test_synthesize_dicom_study_to_nifti_and_a_derived_series(tmp_path):
     assert first.SeriesDescription == "SYNTHETIC FLAIR brats_t1_t2_to_flair"
     assert "from T1, T2 on the T2 grid" in first.DerivationDescription and first.SeriesInstanceUID != original.SeriesInstanceUID
     assert digest(tmp_path / "dicom") == before
+
+
+# The MR Image IOD (PS3.3 A.4) as PACS check it: Type 1 attributes present and not empty, Type 2 present (maybe
+# empty), for the modules a derived MR slice carries (Patient, General Study, General Series, Frame of Reference,
+# General Equipment, General Image, Image Plane, Image Pixel, MR Image, SOP Common). Typed out from the standard,
+# independently of the writer's own lists.
+TYPE_1 = ["StudyInstanceUID", "Modality", "SeriesInstanceUID", "FrameOfReferenceUID", "PixelSpacing",
+          "ImageOrientationPatient", "ImagePositionPatient", "SamplesPerPixel", "PhotometricInterpretation", "Rows",
+          "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PixelData", "ImageType",
+          "ScanningSequence", "SequenceVariant", "SOPClassUID", "SOPInstanceUID"]
+TYPE_2 = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber", "PatientPosition",
+          "PositionReferenceIndicator", "Manufacturer", "InstanceNumber", "SliceThickness", "ScanOptions",
+          "MRAcquisitionType", "EchoTime", "EchoTrainLength"]
+
+
+@pytest.mark.parametrize("source", ["NIfTI input", "DICOM input", "DICOM input without patient tags"])
+def test_every_derived_slice_has_the_mr_image_iods_required_attributes(native_reference, tmp_path, source):
+    # before: the series made from a NIfTI input lacked PatientBirthDate, PatientSex, ReferringPhysicianName, StudyID,
+    # AccessionNumber and PatientPosition (pydicom's DICOMDIR writer refused it: "'Study ID' element is missing")
+    from pydicom.fileset import FileSet
+
+    reference_files, reference_image = native_reference
+    image = synthetic_on(reference_image)
+    reference = None if source == "NIfTI input" else reference_files
+    if source == "DICOM input without patient tags":
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        for path in reference:
+            dataset = pydicom.dcmread(path)
+            for keyword in [*PATIENT_TAGS, "PatientPosition"]:
+                if keyword in dataset and keyword != "PatientName":
+                    delattr(dataset, keyword)
+            dataset.save_as(bare / Path(path).name)
+        reference = sorted(bare.iterdir())
+    files = write_derived_series(image, tmp_path / "s", "SYNTHETIC T2 x", "test", reference=reference, case_id="P1")
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        assert [k for k in TYPE_1 if k not in dataset or dataset[k].value in (None, "", b"")] == [], path
+        assert [k for k in TYPE_2 if k not in dataset] == [], path
+    if source != "DICOM input without patient tags":  # (a DICOMDIR needs a study date and ID: none to carry over)
+        files_set = FileSet()  # what a CD/USB export writes: refuses instances missing these
+        for path in files:
+            files_set.add(path)
+        files_set.write(tmp_path / "export")
+        assert (tmp_path / "export" / "DICOMDIR").is_file()

@@ -385,6 +385,14 @@ _CARRIED_OVER_TAGS = (
     "PatientPosition",
 )
 _UINT16_MAX = 65535
+# The Type 2 attributes (present, empty when unknown) of the MR Image IOD's modules that a synthesized series cannot
+# take from anywhere when its reference lacks them, or when there is none (NIfTI input): PS3.3 C.7.1.1 Patient,
+# C.7.2.1 General Study, C.7.3.1 General Series (Patient Position: 2C, required for MR), C.7.4.1 Frame of Reference.
+# A PACS may refuse an instance without them (pydicom's DICOMDIR writer does).
+_TYPE_2_EMPTY_WHEN_UNKNOWN = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "StudyID", "AccessionNumber", "PatientPosition", "PositionReferenceIndicator",
+)
 
 
 def write_derived_series(
@@ -486,10 +494,14 @@ def _series_header(
         header.FrameOfReferenceUID = generate_uid()
         header.StudyDate, header.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         header.StudyDescription = "agi-monai synthesis from NIfTI (no DICOM reference)"
+        header.StudyID = "SYNTHETIC"  # Type 2, but a media export (DICOMDIR) needs one: this study is ours to name
         header.PositionReferenceIndicator = ""
         header.SeriesNumber = DERIVED_SERIES_NUMBER_OFFSET
     if "SpecificCharacterSet" not in header:
         header.SpecificCharacterSet = "ISO_IR 192"
+    for keyword in _TYPE_2_EMPTY_WHEN_UNKNOWN:
+        if keyword not in header:
+            setattr(header, keyword, "")
     header.SOPClassUID = MRImageStorage
     header.Modality = "MR"
     # value 3 is required for MR images; OTHER: none of the MR-specific defined terms fits a synthesized image
