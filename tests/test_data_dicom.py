@@ -390,3 +390,26 @@ def test_a_series_without_one_usable_echo_time_per_file_is_left_whole(tmp_path, 
         assert "no usable EchoTime (None), where other files of its series have one" in caplog.text
     with pytest.raises(DataError, match="holds 144 slices at 72 slice positions"):
         load_volume(list(series.files))
+
+
+def test_a_media_export_with_a_dicomdir_is_discovered(tmp_path):
+    # a CD/USB export: DICOMDIR at the top, the images in PT*/ST*/SE*/IM* files without an extension
+    from pydicom.fileset import FileSet
+
+    t2 = write_derived_series(sitk.ReadImage(str(NATIVE / "t2.nii.gz")), tmp_path / "src" / "t2", "AX T2 FSE", "-",
+                              case_id="P1")
+    t1 = write_derived_series(sitk.ReadImage(str(NATIVE / "t1.nii.gz")), tmp_path / "src" / "t1", "AX T1 SE", "-",
+                              reference=str(t2[0]), case_id="P1")
+    files = FileSet()
+    for path in [*t2, *t1]:
+        dataset = pydicom.dcmread(path)
+        dataset.Manufacturer = "ACME"  # acquired series, not ones agi-monai wrote
+        dataset.save_as(path)
+        files.add(path)
+    files.write(tmp_path / "export")
+    assert (tmp_path / "export" / "DICOMDIR").is_file()
+    (case,) = discover_cases(tmp_path / "export", required=["T1", "T2"]).cases
+    assert case["case_id"] == "P1" and len(case["T1"]) == len(case["T2"]) == 26
+    _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(case["T1"])),
+                                     sitk.Cast(sitk.ReadImage(str(NATIVE / "t1.nii.gz")), sitk.sitkFloat32),
+                                     voxel_tolerance=float(sitk.GetArrayViewFromImage(sitk.ReadImage(str(NATIVE / "t1.nii.gz"))).max()) / 65535)

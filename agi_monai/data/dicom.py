@@ -109,7 +109,8 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
     """All DICOM series below ``root`` (recursively, through linked folders), ordered by folder and series number."""
     found: list[DicomSeries] = []
     for folder, names in sorted(walk_folders(root)):
-        candidates = [name for name in names if not name.lower().endswith(_NOT_DICOM_SUFFIXES)]
+        # DICOMDIR: a media export's index (its images sit in folders below), no image of its own
+        candidates = [name for name in names if not name.lower().endswith(_NOT_DICOM_SUFFIXES) and name != "DICOMDIR"]
         if not candidates or not any(is_dicom(os.path.join(folder, name)) for name in candidates[:5]):
             continue
         for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
