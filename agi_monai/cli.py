@@ -58,6 +58,7 @@ def synthesize(
     overwrite: bool = False,
     dicom: bool = False,
     progress: bool = True,
+    report: Optional[str] = None,
     **overrides: Any,
 ) -> int:
     """Synthesize the missing contrast of every case in a folder (NIfTI and/or DICOM), or of one case given file by file.
@@ -93,6 +94,8 @@ def synthesize(
             stopped between the two, gets its series), and one with a DICOM series but no NIfTI fails, naming it.
         dicom: also write a DICOM series per case.
         progress: show progress bars.
+        report: a JSON file to write every case's outcome into (written, present or failed with its reason; the
+            output files), for a pipeline; not inside the input folder.
         overrides: --<config id>=<value> overrides of the bundle's inference.json.
     """
     from agi_monai.bundle.registry import BundleError, choose_bundle, find_bundle
@@ -107,8 +110,11 @@ def synthesize(
     if output_dir is None:
         raise UsageError("--output_dir is required: the folder the synthesized images are written to")
     output = Path(str(output_dir)).resolve()  # checked (writable, not inside the input) by inference.json's initialize
+    report_path = Path(str(report)).resolve() if report is not None else None
     with tempfile.TemporaryDirectory(prefix="agi-monai-") as scratch:
         source = _input_source(input_dir, files, case_id, Path(scratch))
+        if report_path is not None:
+            _check_report_path(report_path, source)
         try:
             if bundle is not None:
                 chosen = find_bundle(bundle)
@@ -160,6 +166,9 @@ def synthesize(
             summary = _run(workflow)
             if dicom:
                 _write_dicom_outputs(summary, cases, chosen, overwrite, progress, earlier)
+            if report is not None:  # after the DICOM step: its outcome too, and the series folders
+                series = (lambda case_id: _dicom_output(output, case_id, chosen.target)) if dicom else None
+                summary.write_report(report_path, series, bundle=chosen.name)
         finally:  # the cases the DICOM step did not reach (failed, interrupted, no --dicom): never a NIfTI beside another
             # run's series
             for outputs in earlier.values():
@@ -511,6 +520,17 @@ def _existing_path(value: Any, flag: str, expected: str) -> Path:
     if not path.exists():
         raise UsageError(f"{flag} {value}: does not exist (expected {expected})")
     return path
+
+
+def _check_report_path(path: Path, source: Path) -> None:
+    """``--report``: a file name, not in the input folder (inputs are never added to)."""
+    from agi_monai.data.files import is_searched_input
+
+    if path.is_dir():
+        raise UsageError(f"--report {path}: is a folder; expected the name of a JSON file to write")
+    if source.is_dir() and is_searched_input(path.parent, source.resolve()):
+        raise UsageError(f"--report {path}: is inside the input folder {source}; expected a file elsewhere, e.g. in "
+                         "--output_dir")
 
 
 def _input_source(input_dir: Any, files: Mapping[str, Any], case_id: str | None, scratch: Path) -> Path:

@@ -451,10 +451,15 @@ def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(unt
     name = "brats_t1_t2_flair_to_t1gd"
     log = _bundle(  # `run evaluating`: the model zoo's run ID for inference, an alias of `run`
         name, "run evaluating", _configs(name, "inference.json"), "--bundle_root", str(untrained_bundle),
-        "--dataset_dir", str(cases), "--output_dir", str(output), *TINY, status=1,  # 1: a case failed
+        "--dataset_dir", str(cases), "--output_dir", str(output), *TINY, "--report_path", str(tmp_path / "report.json"),
+        status=1,  # 1: a case failed
     )
     assert "synthesized 1 of 2 cases" in log and "1 failed" in log and "Traceback" not in log
     assert "BraTS-GLI-99999-000: " in log and "t1n.nii.gz" in log
+    report = json.loads((tmp_path / "report.json").read_text())  # for a pipeline, written before the exit status
+    assert report["counts"] == {"cases": 2, "written": 1, "present": 0, "failed": 1}
+    assert [(case["case_id"], case["status"]) for case in report["cases"]] == [
+        ("BraTS-GLI-00001-000", "written"), ("BraTS-GLI-99999-000", "failed")]
     assert sorted(p.name for p in output.iterdir()) == ["BraTS-GLI-00001-000_T1Gd.nii.gz"]  # no partial file
     written = nib.load(output / "BraTS-GLI-00001-000_T1Gd.nii.gz")
     reference = nib.load(good / "BraTS-GLI-00001-000-t2w.nii.gz")  # T2: the reference input's grid

@@ -11,6 +11,7 @@ workflow applies the bundle's logging configuration to its process.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import runpy
@@ -197,12 +198,22 @@ def test_a_failing_case_is_named_the_others_are_written_and_the_exit_status_is_1
     shutil.copy(cases / GLI.name / "BraTS-GLI-00001-000-t2w.nii.gz", bad / "BraTS-GLI-99999-000-t2w.nii.gz")
     truncated = (cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz").read_bytes()[:5000]
     (bad / "BraTS-GLI-99999-000-t1n.nii.gz").write_bytes(truncated)
-    result = run_cli("synthesize", folder, "--bundle", flair_bundle, "--output_dir", tmp_path / "out", *FAST, module=True)
+    result = run_cli("synthesize", folder, "--bundle", flair_bundle, "--output_dir", tmp_path / "out", *FAST,
+                     "--report", tmp_path / "report.json", module=True)
     assert result.returncode == 1, result.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["BraTS-GLI-00001-000_FLAIR.nii.gz"]  # no partial file
     assert "BraTS-GLI-99999-000: " in result.stdout and "BraTS-GLI-99999-000-t1n.nii.gz" in result.stdout
     assert result.stdout.strip().splitlines()[-1].endswith("; 1 failed: BraTS-GLI-99999-000")
     assert "1 of 2 cases written" in result.stdout
+    # and for a pipeline, --report: the same outcome as JSON
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["bundle"] == "brats_t1_t2_to_flair" and report["target"] == "FLAIR"
+    assert report["counts"] == {"cases": 2, "written": 1, "present": 0, "failed": 1}
+    written, failed = report["cases"]
+    assert written == {"case_id": "BraTS-GLI-00001-000", "status": "written",
+                       "output": str(tmp_path / "out" / "BraTS-GLI-00001-000_FLAIR.nii.gz")}
+    assert failed["case_id"] == "BraTS-GLI-99999-000" and failed["status"] == "failed"
+    assert "BraTS-GLI-99999-000-t1n.nii.gz: is truncated" in failed["reason"]
 
 
 def test_existing_output_needs_overwrite(flair_bundle, cases, tmp_path):
@@ -300,6 +311,10 @@ def test_an_overwrite_never_leaves_a_nifti_beside_another_runs_series(flair_bund
     monkeypatch.setattr(agi_monai.data.dicom, "write_derived_series", write_series)
     assert main([*args, "--dicom"]) == 0
     assert sorted(output.iterdir()) == [nifti, series] and len(list(series.iterdir())) == len(earlier) - 1
+    report = tmp_path / "report.json"
+    assert main([*args, "--dicom", "--report", str(report)]) == 0  # with --dicom, each case's series folder too
+    assert json.loads(report.read_text())["cases"] == [{"case_id": "aurora-example", "status": "present",
+                                                        "output": str(nifti), "dicom": str(series)}]
     # an overwrite without --dicom replaces the NIfTI and removes the series made from the one it replaced
     inode = nifti.stat().st_ino
     assert main([*args, "--overwrite"]) == 0
@@ -429,6 +444,16 @@ def test_bad_arguments_are_named(flair_bundle, cases, tmp_path, capsys, args, me
     error = capsys.readouterr().err
     assert status == 2 and message in error and "Traceback" not in error, error
     assert not (tmp_path / "o").exists()
+
+
+def test_a_report_is_never_written_into_the_input(flair_bundle, cases, tmp_path, capsys):
+    argv = ["synthesize", str(cases), "--bundle", str(flair_bundle), "--output_dir", str(tmp_path / "o")]
+    assert main([*argv, "--report", str(cases / GLI.name / "report.json")]) == 2
+    assert (f"--report {cases / GLI.name / 'report.json'}: is inside the input folder {cases}; expected a file "
+            "elsewhere, e.g. in --output_dir") in capsys.readouterr().err
+    assert main([*argv, "--report", str(tmp_path)]) == 2
+    assert f"--report {tmp_path}: is a folder; expected the name of a JSON file to write" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (cases / GLI.name / "report.json").exists()
 
 
 def test_a_missing_file_of_one_case_is_an_argument_error(flair_bundle, cases, tmp_path, capsys):

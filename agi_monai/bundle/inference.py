@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from agi_monai.data import (
     is_synthetic_nifti,
     spacing_mismatch,
     stopping_cleanly_on_sigterm,
+    write_json,
 )
 
 __all__ = ["FolderSynthesis", "SynthesisSummary"]
@@ -48,6 +50,28 @@ class SynthesisSummary:
     failures: list[Failure] = field(default_factory=list)
     task: str = "synthesis"
     present: list[Path] = field(default_factory=list)
+    target: str = ""
+
+    def write_report(self, path: str | Path, dicom_series: Callable[[str], Path] | None = None,
+                     **description: Any) -> Path:
+        """Writes (atomically) the run's outcome as JSON for a pipeline to read, one entry per case: ``{"case_id",
+        "status": "written" | "present" | "failed", "output"`` (and ``"dicom"``, the case's series folder, when
+        ``dicom_series`` names it) ``| "reason"}``, after ``description`` (e.g. the bundle) and the counts."""
+        def case_id(path: Path) -> str:
+            return path.name[: -len(f"_{self.target}.nii.gz")]
+
+        done = [(path, status) for status, paths in (("written", self.written), ("present", self.present)) for path in paths]
+        entries = [{"case_id": case_id(path), "status": status, "output": str(path),
+                    **({"dicom": str(dicom_series(case_id(path)))} if dicom_series else {})} for path, status in done]
+        entries += [{"case_id": failure.case_id, "status": "failed", "reason": failure.reason} for failure in self.failures]
+        report = {
+            "task": self.task, "target": self.target, "output_dir": str(self.output_dir), **description,
+            "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "counts": {"cases": self.cases, "written": len(self.written), "present": len(self.present),
+                       "failed": len(self.failures)},
+            "cases": sorted(entries, key=lambda entry: entry["case_id"]),
+        }
+        return write_json(report, path)
 
     @property
     def cases(self) -> int:
@@ -99,6 +123,8 @@ class FolderSynthesis:
             ``agi-monai synthesize``, which goes on to write DICOM, turns it off and sets its own exit status).
         training_spacing: the in-plane spacing (mm) of the bundle's training data; a case whose reference grid is
             more than 25 % off gets a warning (:func:`agi_monai.data.spacing_mismatch`), and is synthesized.
+        report: a JSON file to write the outcome of every case into, for a pipeline
+            (:meth:`SynthesisSummary.write_report`; ``inference.json``'s ``report_path``); None: none.
     """
 
     def __init__(
@@ -117,6 +143,7 @@ class FolderSynthesis:
         overwrite: bool = True,
         exit_on_failure: bool = False,
         training_spacing: Sequence[float] | None = None,
+        report: str | Path | None = None,
     ) -> None:
         if task not in _TASK_WORDS:
             raise ValueError(f"FolderSynthesis: task must be one of {sorted(_TASK_WORDS)}, got {task!r}")
@@ -134,12 +161,13 @@ class FolderSynthesis:
         self.overwrite = overwrite
         self.exit_on_failure = exit_on_failure
         self.training_spacing = training_spacing
+        self.report = report
 
     def output_path(self, case_id: str) -> Path:
         return self.output_dir / f"{case_id}_{self.target}.nii.gz"
 
     def __call__(self) -> SynthesisSummary:
-        summary = SynthesisSummary(self.output_dir, failures=list(self.skipped), task=self.task)
+        summary = SynthesisSummary(self.output_dir, failures=list(self.skipped), task=self.task, target=self.target)
         cases = self.dataset.data
         label = _TASK_WORDS[self.task][0] + (f" {self.target}" if self.task == "synthesis" else "")
         # no bar over nothing (tqdm shows "0case"): when every case was left out before, the summary says why
@@ -151,6 +179,8 @@ class FolderSynthesis:
                 bar.set_postfix_str(summary.counts(), refresh=False)
                 bar.update()
         print(summary, flush=True)
+        if self.report is not None:
+            summary.write_report(self.report)
         if self.exit_on_failure and (summary.failures or not summary.cases):
             # SystemExit passes MONAI's config evaluation (it catches Exception) and ends the run without a traceback
             raise SystemExit(1)
