@@ -96,6 +96,8 @@ def test_series_are_matched_to_contrasts_by_description(native_study):
     }
     explicit = match_series_to_contrasts(series, mapping={"t1": "4", "T2": "ax t2 fse"})
     assert explicit["T1"].description == "AX T1 SE" and explicit["T2"].series_number == "2"
+    # a SeriesNumber as a number, as a JSON or Python mapping on the command line gives it (before: AttributeError)
+    assert match_series_to_contrasts(series, mapping={"T1": 4})["T1"] == explicit["T1"]
     with pytest.raises(DataError, match="matches 0 series"):
         match_series_to_contrasts(series, mapping={"PD": "AX PD"})
 
@@ -413,3 +415,19 @@ def test_a_media_export_with_a_dicomdir_is_discovered(tmp_path):
     _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(case["T1"])),
                                      sitk.Cast(sitk.ReadImage(str(NATIVE / "t1.nii.gz")), sitk.sitkFloat32),
                                      voxel_tolerance=float(sitk.GetArrayViewFromImage(sitk.ReadImage(str(NATIVE / "t1.nii.gz"))).max()) / 65535)
+
+
+@pytest.mark.parametrize("description, contrast", [
+    ("t1_mprage_sag_p2_iso", "T1"), ("SAG_T1_MPRAGE_GD", "T1Gd"), ("t1_fl2d_tra_post", "T1Gd"), ("T1_SE_AX_+C", "T1Gd"),
+    ("t1_se_tra_ce", "T1Gd"), ("T1_CE", "T1Gd"), ("T1 WO CE", "T1"), ("T1_WO_CE", "T1"), ("T1 no CE", "T1"),
+    ("T1_PRE_CE", "T1"), ("T1_NON_CE", "T1"), ("AX_PD_TSE", "PD"), ("PD_TSE", "PD"), ("PD_FS_TSE", "PD"),
+    ("T2_TSE_TRA", "T2"), ("Ax T2 FSE", "T2"), ("t2_tirm_tra_dark-fluid", "FLAIR"), ("AX_FLAIR", "FLAIR"),
+    # not an anatomical contrast: left to no rule (before an underscore fix, several of them became T1 or T2)
+    ("tfl_b1map", None), ("pCASL_TFE", None), ("Ax_STIR_FSE", None), ("tirm_tse", None), ("tse_dixon_W", None),
+    ("localizer_3plane", None), ("T1_loc", None), ("T1_CE_MIP", None), ("ep2d_diff", None), ("t2_swi_tra", None),
+    ("DWI_b1000", None),
+])
+def test_contrast_rules_on_vendor_series_names(native_study, description, contrast):
+    (template,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]
+    series = type(template)(**{**template.__dict__, "description": description, "protocol": ""})
+    assert match_series_to_contrasts([series]) == ({contrast: series} if contrast else {})

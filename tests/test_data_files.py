@@ -195,3 +195,21 @@ def test_earlier_case_outputs_survive_a_leftover_of_a_killed_process_of_the_same
     earlier.restore()
     assert nifti.read_bytes() == b"earlier NIfTI" and (series / "IM_0001.dcm").read_bytes() == b"earlier slice"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c1_FLAIR.nii.gz", "c1_FLAIR_dicom"]
+
+
+def test_earlier_case_outputs_of_a_linked_series_folder_leave_nothing_behind(tmp_path):
+    from agi_monai.data.files import EarlierCaseOutputs
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "IM_0001.dcm").write_bytes(b"earlier slice")
+    output = tmp_path / "out"
+    output.mkdir()
+    nifti, series = output / "c1_FLAIR.nii.gz", output / "c1_FLAIR_dicom"
+    series.symlink_to(store, target_is_directory=True)  # e.g. a folder kept on other storage
+    earlier = EarlierCaseOutputs(nifti, series)
+    with atomic_output(nifti) as temporary:
+        temporary.write_bytes(b"new NIfTI")
+    earlier.settle()  # a new NIfTI without a new series: the earlier (linked) series goes, the store stays
+    assert sorted(p.name for p in output.iterdir()) == ["c1_FLAIR.nii.gz"]  # before: the set-aside link was left
+    assert (store / "IM_0001.dcm").read_bytes() == b"earlier slice"

@@ -51,12 +51,17 @@ __all__ = [
 
 DICOM_CONTRAST_RULES: tuple[tuple[str | None, str], ...] = (
     # (canonical contrast or None to ignore, regex searched in "SeriesDescription ProtocolName", lower case);
-    # the first matching rule wins, so exclusions and the more specific contrasts come first.
-    (None, r"localizer|scout|survey|calibration|\bloc\b|dwi|adc|diffusion|dti|perfusion|swi|tof|mra|\bmip\b"),
+    # the first matching rule wins, so exclusions and the more specific contrasts come first. (?<![a-z0-9])x(?![a-z0-9])
+    # is x as a word also between underscores ("AX_PD_TSE", "t1_se_tra_ce"), where \b sees none; the other \b
+    # words (tse, tfe...) keep \b: between underscores they also name STIR, Dixon and B1-map series.
+    (None, r"localizer|scout|survey|calibration|(?<![a-z0-9])loc(?![a-z0-9])|dwi|adc|diffusion|dti|perfusion|swi|tof|"
+           r"mra|(?<![a-z0-9])mip(?![a-z0-9])"),
     ("FLAIR", r"flair|t2f|dark[\s_-]?fluid"),
-    ("T1Gd", r"t1.*(gd|gad|contrast|post|\+\s*c|c\+|\bce\b)|t1c|t1ce|mprage.*post"),
+    # a "ce" word after a T1, unless "no ce", "wo_ce", "non ce" or "pre_ce" (without contrast)
+    ("T1Gd", r"t1.*(gd|gad|contrast|post|\+\s*c|c\+|(?<!no)(?<!wo)(?<!non)(?<!pre)[\s_]ce(?![a-z0-9]))|t1c|t1ce|"
+             r"mprage.*post"),
     ("T1", r"t1|mprage|spgr|bravo|\btfe\b|\btfl\b"),
-    ("PD", r"\bpd\b|pdw|proton[\s_-]?density|pd[\s_-]?w"),
+    ("PD", r"(?<![a-z0-9])pd(?![a-z0-9])|pdw|proton[\s_-]?density|pd[\s_-]?w"),
     ("T2", r"t2|\btse\b|\bfse\b"),
 )
 
@@ -99,6 +104,7 @@ class DicomSeries:
         def names(text: str) -> bool:
             return text in (self.series_uid, self.series_number) or text.lower() == self.description.lower()
 
+        selector = str(selector)  # a SeriesNumber given as a number: --discovery#dicom_mapping "{'T1': 2}"
         if names(selector):  # a description may itself end in "echo 2"
             return True
         one_echo = re.fullmatch(r"(.*?)\s+echo\s+(\d+)", selector.strip(), re.IGNORECASE)
@@ -110,7 +116,7 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
     found: list[DicomSeries] = []
     for folder, names in sorted(walk_folders(root)):
         # DICOMDIR: a media export's index (its images sit in folders below), no image of its own
-        candidates = [name for name in names if not name.lower().endswith(_NOT_DICOM_SUFFIXES) and name != "DICOMDIR"]
+        candidates = [name for name in names if not name.lower().endswith(_NOT_DICOM_SUFFIXES) and name.upper() != "DICOMDIR"]
         if not candidates or not any(is_dicom(os.path.join(folder, name)) for name in candidates[:5]):
             continue
         for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
@@ -213,7 +219,7 @@ def match_series_to_contrasts(
         if item.modality not in ("MR", ""):  # a segmentation, structure set, report... named "T1 tumour contours"
             _logger.info("%s: modality %s, not an MR image, not used as an input", item.label, item.modality)
             continue
-        text = f"{item.description} {item.protocol}".lower().replace("_", " ")  # "AX_PD_TSE": \b sees words
+        text = f"{item.description} {item.protocol}".lower()
         contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
         if contrast == "T1" and item.contrast_agent.strip():
             contrast = "T1Gd"
@@ -479,7 +485,7 @@ def _series_header(
     if reference is not None:
         source = _reference_file(reference)
         try:
-            reference_header = pydicom.dcmread(source, stop_before_pixels=True)
+            reference_header = pydicom.dcmread(source, stop_before_pixels=True, force=True)  # as discovery reads it
         except Exception as error:  # pydicom raises several types for unreadable files; report the file
             raise DataError(source, f"cannot be read as DICOM ({error})", "the reference input series") from error
         for keyword in _CARRIED_OVER_TAGS:

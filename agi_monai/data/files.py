@@ -172,7 +172,7 @@ class EarlierCaseOutputs:
         else:
             self.nifti.unlink(missing_ok=True)
         if self.series_kept is not None:
-            shutil.rmtree(self.series, ignore_errors=True)
+            _remove(self.series)
             os.replace(self.series_kept, self.series)
 
     def discard(self) -> None:
@@ -181,7 +181,7 @@ class EarlierCaseOutputs:
         if self.nifti_kept is not None:
             self.nifti_kept.unlink(missing_ok=True)
         if self.series_kept is not None:
-            shutil.rmtree(self.series_kept, ignore_errors=True)
+            _remove(self.series_kept)
             if not self.series.exists():
                 _logger.warning("%s: removed, the DICOM series an earlier run made from the NIfTI this run replaced "
                                 "(--dicom writes a new one)", self.series)
