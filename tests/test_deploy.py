@@ -12,6 +12,7 @@ Skipped, with the reason, where the MONAI Deploy App SDK is not importable (docs
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -81,13 +82,18 @@ def inputs(tmp_path_factory) -> Path:
 def test_app_synthesizes_float_nifti_and_a_derived_dicom_series(exported, inputs, tmp_path, capsys):
     before = digest(inputs)
     output = tmp_path / "out"
-    status = main(["-i", str(inputs), "-o", str(output), "-m", str(exported / "models" / "model.ts"), "--device", "cpu"])
+    status = main(["-i", str(inputs), "-o", str(output), "-m", str(exported / "models" / "model.ts"), "--device", "cpu",
+                   "--report", str(tmp_path / "report.json")])
     printed = capsys.readouterr().out
     assert status == 0, printed[-3000:]
     assert sorted(p.name for p in output.iterdir()) == [
         "TCGA-FG-6692_FLAIR.nii.gz", "TCGA-FG-6692_FLAIR_dicom", "aurora-example_FLAIR.nii.gz", "aurora-example_FLAIR_dicom",
     ]
     assert "2 of 2 cases written (FLAIR, NIfTI + DICOM)" in printed and "by brats_t1_t2_to_flair" in printed
+    report = json.loads((tmp_path / "report.json").read_text())  # the CLI's --report, from the app
+    assert report["bundle"] == "brats_t1_t2_to_flair" and report["counts"]["written"] == 2
+    assert report["cases"][0] == {"case_id": "TCGA-FG-6692", "status": "written", "output": str(
+        output / "TCGA-FG-6692_FLAIR.nii.gz"), "dicom": str(output / "TCGA-FG-6692_FLAIR_dicom")}
     assert digest(inputs) == before  # inputs untouched
 
     # the same cases through the bundle's own inference (eager model.pt, MONAI ConfigWorkflow): the same volumes

@@ -23,7 +23,8 @@ from agi_monai.bundle.registry import BundleError
 from agi_monai.data import DataError, canonical_contrast, check_output_folder
 from agi_monai.data.files import is_searched_input
 from agi_monai.deploy.operators import CaseDiscoveryOperator, SynthesisOperator, SyntheticImageWriterOperator
-from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs
+from agi_monai.bundle import SynthesisSummary
+from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs, synthesis_output_paths
 
 # agi_monai.deploy.operators has made the SDK importable (agi_monai.deploy.sdk)
 from monai.deploy.conditions import CountCondition  # noqa: E402
@@ -97,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_input(source)
         if is_searched_input(output, source):  # before the model loads; check_output_folder repeats it
             raise DataError(output, f"is the input folder or inside it ({source})", "another output folder (-o)")
+        if args.report is not None and (args.report.is_dir() or is_searched_input(args.report.resolve().parent, source)):
+            raise DataError(args.report, "is a folder or inside the input folder", "a JSON file name elsewhere (--report)")
         for contrast in args.dicom_mapping or {}:
             canonical_contrast(contrast)  # raises DataError naming the contrasts it knows
         synthesizer = BundleSynthesizer(context.model_path, device=args.device, overrides=_overrides(args.override))
@@ -111,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for failure in outputs.failures:
         print(f"  - {failure}", flush=True)
     cases = sum(1 for p in outputs.written if p.name.endswith(".nii.gz"))
+    if args.report is not None:  # the CLI's report, from the writer's outcome
+        written = [p for p in outputs.written if p.name.endswith(".nii.gz")]
+        summary = SynthesisSummary(output, written=written, failures=list(outputs.failures), target=synthesizer.target)
+        series = (lambda case_id: synthesis_output_paths(case_id, synthesizer.target, output)[1]) if args.dicom else None
+        summary.write_report(args.report, series, bundle=synthesizer.name)
     failed = ", ".join(f.case_id for f in outputs.failures)
     print(
         f"{_PROGRAM}: {cases} of {cases + len(outputs.failures)} cases written ({synthesizer.target}, "
@@ -147,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="torch device (default: cuda:0 when available, else cpu)")
     parser.add_argument("--no-dicom", dest="dicom", action="store_false", help="write NIfTI only")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--report", type=Path, help="a JSON file to write every case's outcome into (for a pipeline)")
     parser.add_argument("--dicom-mapping", type=_json_object, help='contrast -> series selector, e.g. \'{"T2": "AX T2 FSE"}\'')
     parser.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
                         help="inference.json override, VALUE as JSON, e.g. network_def#channels=[8,16,16,32] (repeatable)")
