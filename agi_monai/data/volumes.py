@@ -241,9 +241,9 @@ def _read_multiframe_series(files: Sequence[str], label: str) -> sitk.Image:
     with "axes don't match array"), and ``ReadImage`` stacks the frames in the order they are stored, so a file whose
     frames are stored in acquisition order (interleaved) came back shuffled on a 1 mm grid, and it applies the first
     frame's rescale to every frame, where Philips files scale each frame differently. GDCM still decodes the pixels
-    (every transfer syntax);
-    the frames are then sorted along the slice normal, rescaled frame by frame, and checked: one orientation, one
-    frame per position (not several echoes or time points), frames stacked along their normal, no missing frame.
+    (every transfer syntax); the frames are then sorted along the slice normal, rescaled frame by frame, and checked:
+    one orientation, spacing and size, one frame per position (not several echoes or time points), frames stacked
+    along their normal, no missing frame.
     """
     frames = []  # (position, orientation, pixel spacing, frame values, file, frame number)
     patients = set()
