@@ -16,8 +16,6 @@ SIGTERM (the outputs written until then are complete; temporary files are remove
 import contextlib
 import inspect
 import logging
-import os
-import shutil
 import sys
 import tempfile
 import time
