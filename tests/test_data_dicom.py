@@ -422,6 +422,7 @@ def test_a_media_export_with_a_dicomdir_is_discovered(tmp_path):
     ("t1_se_tra_ce", "T1Gd"), ("T1_CE", "T1Gd"), ("T1 WO CE", "T1"), ("T1_WO_CE", "T1"), ("T1 no CE", "T1"),
     ("T1_PRE_CE", "T1"), ("T1_NON_CE", "T1"), ("AX_PD_TSE", "PD"), ("PD_TSE", "PD"), ("PD_FS_TSE", "PD"),
     ("T2_TSE_TRA", "T2"), ("Ax T2 FSE", "T2"), ("t2_tirm_tra_dark-fluid", "FLAIR"), ("AX_FLAIR", "FLAIR"),
+    ("Ax T2 FLAIR", "FLAIR"), ("Ax T1 FLAIR", "T1"), ("Ax T1 FLAIR +C", "T1Gd"),  # GE's T1 FLAIR is T1-weighted
     # not an anatomical contrast: left to no rule (before an underscore fix, several of them became T1 or T2)
     ("tfl_b1map", None), ("pCASL_TFE", None), ("Ax_STIR_FSE", None), ("tirm_tse", None), ("tse_dixon_W", None),
     ("localizer_3plane", None), ("T1_loc", None), ("T1_CE_MIP", None), ("ep2d_diff", None), ("t2_swi_tra", None),

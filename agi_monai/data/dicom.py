@@ -56,7 +56,8 @@ DICOM_CONTRAST_RULES: tuple[tuple[str | None, str], ...] = (
     # words (tse, tfe...) keep \b: between underscores they also name STIR, Dixon and B1-map series.
     (None, r"localizer|scout|survey|calibration|(?<![a-z0-9])loc(?![a-z0-9])|dwi|adc|diffusion|dti|perfusion|swi|tof|"
            r"mra|(?<![a-z0-9])mip(?![a-z0-9])"),
-    ("FLAIR", r"flair|t2f|dark[\s_-]?fluid"),
+    # a "T1 FLAIR" (GE's T1-weighted inversion recovery) is a T1: FLAIR only without "t1"
+    ("FLAIR", r"^(?!.*t1).*(flair|t2f|dark[\s_-]?fluid)"),
     # a "ce" word after a T1, unless "no ce", "wo_ce", "non ce" or "pre_ce" (without contrast)
     ("T1Gd", r"t1.*(gd|gad|contrast|post|\+\s*c|c\+|(?<!no)(?<!wo)(?<!non)(?<!pre)[\s_]ce(?![a-z0-9]))|t1c|t1ce|"
              r"mprage.*post"),
