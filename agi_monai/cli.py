@@ -97,7 +97,7 @@ def synthesize(
         overrides: --<config id>=<value> overrides of the bundle's inference.json.
     """
     from agi_monai.bundle.registry import BundleError, choose_bundle, find_bundle
-    from agi_monai.data import discover_cases
+    from agi_monai.data import check_report_path, discover_cases
 
     started = time.perf_counter()
     given = {"t1": t1, "t2": t2, "pd": pd, "flair": flair, "t1gd": t1gd}
@@ -111,8 +111,8 @@ def synthesize(
     report_path = Path(str(report)).resolve() if report is not None else None
     with tempfile.TemporaryDirectory(prefix="agi-monai-") as scratch:
         source = _input_source(input_dir, files, case_id, Path(scratch))
-        if report_path is not None:
-            _check_report_path(report_path, source)
+        if report_path is not None:  # before any case is computed
+            check_report_path(report_path, source, output)
         try:
             if bundle is not None:
                 chosen = find_bundle(bundle)
@@ -518,17 +518,6 @@ def _existing_path(value: Any, flag: str, expected: str) -> Path:
     if not path.exists():
         raise UsageError(f"{flag} {value}: does not exist (expected {expected})")
     return path
-
-
-def _check_report_path(path: Path, source: Path) -> None:
-    """``--report``: a file name, not in the input folder (inputs are never added to)."""
-    from agi_monai.data.files import is_searched_input
-
-    if path.is_dir():
-        raise UsageError(f"--report {path}: is a folder; expected the name of a JSON file to write")
-    if source.is_dir() and is_searched_input(path.parent, source.resolve()):
-        raise UsageError(f"--report {path}: is inside the input folder {source}; expected a file elsewhere, e.g. in "
-                         "--output_dir")
 
 
 def _input_source(input_dir: Any, files: Mapping[str, Any], case_id: str | None, scratch: Path) -> Path:

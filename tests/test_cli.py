@@ -446,14 +446,31 @@ def test_bad_arguments_are_named(flair_bundle, cases, tmp_path, capsys, args, me
     assert not (tmp_path / "o").exists()
 
 
-def test_a_report_is_never_written_into_the_input(flair_bundle, cases, tmp_path, capsys):
-    argv = ["synthesize", str(cases), "--bundle", str(flair_bundle), "--output_dir", str(tmp_path / "o")]
-    assert main([*argv, "--report", str(cases / GLI.name / "report.json")]) == 2
-    assert (f"--report {cases / GLI.name / 'report.json'}: is inside the input folder {cases}; expected a file "
-            "elsewhere, e.g. in --output_dir") in capsys.readouterr().err
-    assert main([*argv, "--report", str(tmp_path)]) == 2
-    assert f"--report {tmp_path}: is a folder; expected the name of a JSON file to write" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists() and not (cases / GLI.name / "report.json").exists()
+def test_a_report_never_replaces_an_input_or_an_output_and_is_checked_before_any_case(flair_bundle, cases, tmp_path,
+                                                                                      capsys):
+    # before: --report in_t1.nii.gz replaced the input T1 with JSON, --report out/A_FLAIR.nii.gz the output, and a
+    # report path under a file failed with a traceback after every case was computed
+    t1 = cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz"
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps([{"T1": str(t1), "T2": str(cases / GLI.name / "BraTS-GLI-00001-000-t2w.nii.gz")}]))
+    (tmp_path / "file").write_text("")
+    output = tmp_path / "o"
+    expected = "(expected the name of a new .json file, or of an earlier report, outside the input folder"
+    for source, report, problem in [
+        (cases, cases / GLI.name / "report.json", f"is inside the input folder {cases}"),
+        (cases, tmp_path, "is a folder"),
+        (datalist, t1, "does not end in .json"),
+        (datalist, output / "BraTS-GLI-00001-000_FLAIR.nii.gz", "does not end in .json"),
+        (datalist, datalist, "exists and is not a report of an earlier run (it is left as it was)"),
+        (datalist, tmp_path / "file" / "report.json", "cannot be written (File exists)"),  # mkdir of a file
+        (datalist, output / "BraTS-GLI-00001-000_FLAIR_dicom" / "report.json", f"is in a folder below the output folder {output}"),
+    ]:
+        status = main(["synthesize", str(source), "--bundle", str(flair_bundle), "--output_dir", str(output),
+                       "--report", str(report)])
+        error = capsys.readouterr().err
+        assert status == 2 and f"error: {report}: {problem}" in error and expected in error, error
+        assert not output.exists()  # refused before any case
+    assert datalist.read_text().startswith("[{") and t1.stat().st_size > 1000
 
 
 def test_a_missing_file_of_one_case_is_an_argument_error(flair_bundle, cases, tmp_path, capsys):

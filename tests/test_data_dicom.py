@@ -426,9 +426,14 @@ def test_a_media_export_with_a_dicomdir_is_discovered(tmp_path):
     # not an anatomical contrast: left to no rule (before an underscore fix, several of them became T1 or T2)
     ("tfl_b1map", None), ("pCASL_TFE", None), ("Ax_STIR_FSE", None), ("tirm_tse", None), ("tse_dixon_W", None),
     ("localizer_3plane", None), ("T1_loc", None), ("T1_CE_MIP", None), ("ep2d_diff", None), ("t2_swi_tra", None),
-    ("DWI_b1000", None),
+    ("DWI_b1000", None), ("T1-CE", "T1Gd"), ("T1 (CE)", "T1Gd"), ("T1 w/o CE", "T1"), ("T1 W/O CONTRAST", "T1"),
+    ("t1 pre-contrast", "T1"), ("T1W_FLAIR", "T1"),
+    # GE's ProtocolName is the exam's, the same for every series: "t1" or "w/wo contrast" there say nothing of one
+    ("AX T2 FLAIR|ROUTINE BRAIN W/WO T1", "FLAIR"), ("AX T1 POST|BRAIN W/WO CONTRAST", "T1Gd"),
+    ("T1 +C|BRAIN WITH AND WITHOUT CONTRAST", "T1Gd"),
 ])
 def test_contrast_rules_on_vendor_series_names(native_study, description, contrast):
     (template,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]
-    series = type(template)(**{**template.__dict__, "description": description, "protocol": ""})
+    description, _, protocol = description.partition("|")  # "SeriesDescription|ProtocolName"
+    series = type(template)(**{**template.__dict__, "description": description, "protocol": protocol})
     assert match_series_to_contrasts([series]) == ({contrast: series} if contrast else {})

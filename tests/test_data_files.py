@@ -213,3 +213,14 @@ def test_earlier_case_outputs_of_a_linked_series_folder_leave_nothing_behind(tmp
     earlier.settle()  # a new NIfTI without a new series: the earlier (linked) series goes, the store stays
     assert sorted(p.name for p in output.iterdir()) == ["c1_FLAIR.nii.gz"]  # before: the set-aside link was left
     assert (store / "IM_0001.dcm").read_bytes() == b"earlier slice"
+
+
+def test_a_report_may_replace_an_earlier_report_only(tmp_path):
+    from agi_monai.bundle import SynthesisSummary
+    from agi_monai.data import check_report_path
+
+    report = SynthesisSummary(tmp_path / "out", target="FLAIR").write_report(tmp_path / "report.json")
+    assert check_report_path(report, output_dir=tmp_path / "out") == report  # a rerun rewrites its report
+    (tmp_path / "notes.json").write_text('{"task": "mine"}')
+    with pytest.raises(DataError, match="exists and is not a report of an earlier run"):
+        check_report_path(tmp_path / "notes.json")

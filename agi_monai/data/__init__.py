@@ -43,6 +43,7 @@ from agi_monai.data.files import (
     AtomicNibabelWriter,
     atomic_output,
     check_output_folder,
+    check_report_path,
     stopping_cleanly_on_sigterm,
     write_json,
 )

@@ -56,11 +56,13 @@ DICOM_CONTRAST_RULES: tuple[tuple[str | None, str], ...] = (
     # words (tse, tfe...) keep \b: between underscores they also name STIR, Dixon and B1-map series.
     (None, r"localizer|scout|survey|calibration|(?<![a-z0-9])loc(?![a-z0-9])|dwi|adc|diffusion|dti|perfusion|swi|tof|"
            r"mra|(?<![a-z0-9])mip(?![a-z0-9])"),
-    # a "T1 FLAIR" (GE's T1-weighted inversion recovery) is a T1: FLAIR only without "t1"
-    ("FLAIR", r"^(?!.*t1).*(flair|t2f|dark[\s_-]?fluid)"),
-    # a "ce" word after a T1, unless "no ce", "wo_ce", "non ce" or "pre_ce" (without contrast)
-    ("T1Gd", r"t1.*(gd|gad|contrast|post|\+\s*c|c\+|(?<!no)(?<!wo)(?<!non)(?<!pre)[\s_]ce(?![a-z0-9]))|t1c|t1ce|"
-             r"mprage.*post"),
+    # a "T1 FLAIR" (GE's T1-weighted inversion recovery) is a T1; "t1" elsewhere (an exam's protocol name) is not
+    ("FLAIR", r"^(?!.*t1[\W_]*(?:w[\W_]*)?flair)(?:.*)(?:flair|t2f|dark[\s_-]?fluid)"),
+    # contrast after a T1 ("ce" a word: "T1-CE", "t1_se_tra_ce"), unless said to be without it ("T1_WO_CE", "T1 w/o
+    # contrast", "pre-contrast"; not an exam's "w/wo contrast" or "with and without contrast", in the protocol name
+    # of every series)
+    ("T1Gd", r"^(?!.*(?<![a-z0-9/])(?<!and[\W_])(?:w/o|wo|without|no|non|pre)[\W_]*(?:ce|contrast|gd|gad)(?![a-z0-9]))"
+             r"(?:.*t1.*(?:gd|gad|contrast|post|\+\s*c|c\+|(?<![a-z0-9])ce(?![a-z0-9]))|.*t1c|.*t1ce|.*mprage.*post)"),
     ("T1", r"t1|mprage|spgr|bravo|\btfe\b|\btfl\b"),
     ("PD", r"(?<![a-z0-9])pd(?![a-z0-9])|pdw|proton[\s_-]?density|pd[\s_-]?w"),
     ("T2", r"t2|\btse\b|\bfse\b"),

@@ -24,7 +24,7 @@ from agi_monai.data.errors import DataError
 
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
-    "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input",
+    "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input", "check_report_path",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -253,6 +253,50 @@ def check_output_folder(folder: str | Path, source: str | Path | None = None) ->
                         "a folder this user can create and write files in") from error
     remove_stale_temporaries(folder)
     return folder
+
+
+def check_report_path(path: str | Path, source: str | Path | None = None, output_dir: str | Path | None = None) -> Path:
+    """Refuses, before any case is computed, a report file name (``--report``, ``report_path``) that could destroy
+    something or cannot be written: it must end in ``.json`` (never an image, an input or an output), must not be an
+    existing file other than an earlier report (a datalist, an input's sidecar), nor lie in the searched part of the
+    input folder ``source`` (:func:`is_searched_input`), nor in a folder below ``output_dir`` (a case's DICOM series
+    folder: ``output_dir`` itself is fine); its folder is created and written to, as :func:`check_output_folder` does.
+
+    Returns:
+        ``path``, resolved.
+
+    Raises:
+        DataError: naming ``path``, what is wrong and what was expected.
+    """
+    path = Path(path).resolve()
+    expected = "the name of a new .json file, or of an earlier report, outside the input folder"
+    if path.is_dir():
+        raise DataError(path, "is a folder", expected)
+    if path.suffix.lower() != ".json":
+        raise DataError(path, "does not end in .json", expected)
+    if path.is_file() and not _is_report(path):
+        raise DataError(path, "exists and is not a report of an earlier run (it is left as it was)", expected)
+    if source is not None and Path(source).is_dir() and is_searched_input(path.parent, Path(source).resolve()):
+        raise DataError(path, f"is inside the input folder {Path(source).resolve()}", expected)
+    if output_dir is not None and Path(output_dir).resolve() in path.parent.parents:
+        raise DataError(path, f"is in a folder below the output folder {Path(output_dir).resolve()} (a case's DICOM "
+                        "series is replaced as a whole)", f"{expected}, e.g. in the output folder itself")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-write-check-"):
+            pass
+    except OSError as error:
+        raise DataError(path, f"cannot be written ({error.strerror or error})", expected) from error
+    return path
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` holds a report :meth:`agi_monai.bundle.SynthesisSummary.write_report` wrote."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"task", "counts", "cases"} <= set(report)
 
 
 @contextmanager

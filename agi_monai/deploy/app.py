@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agi_monai.bundle.registry import BundleError
-from agi_monai.data import DataError, canonical_contrast, check_output_folder
+from agi_monai.data import DataError, canonical_contrast, check_output_folder, check_report_path
 from agi_monai.data.files import is_searched_input
 from agi_monai.deploy.operators import CaseDiscoveryOperator, SynthesisOperator, SyntheticImageWriterOperator
 from agi_monai.bundle import SynthesisSummary
@@ -98,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_input(source)
         if is_searched_input(output, source):  # before the model loads; check_output_folder repeats it
             raise DataError(output, f"is the input folder or inside it ({source})", "another output folder (-o)")
-        if args.report is not None and (args.report.is_dir() or is_searched_input(args.report.resolve().parent, source)):
-            raise DataError(args.report, "is a folder or inside the input folder", "a JSON file name elsewhere (--report)")
+        if args.report is not None:
+            check_report_path(args.report, source, output)
         for contrast in args.dicom_mapping or {}:
             canonical_contrast(contrast)  # raises DataError naming the contrasts it knows
         synthesizer = BundleSynthesizer(context.model_path, device=args.device, overrides=_overrides(args.override))
