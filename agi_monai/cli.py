@@ -98,6 +98,7 @@ def synthesize(
     """
     from agi_monai.bundle.registry import BundleError, choose_bundle, find_bundle
     from agi_monai.data import check_report_path, discover_cases
+    from agi_monai.deploy.synthesis import synthesis_output_paths
 
     started = time.perf_counter()
     given = {"t1": t1, "t2": t2, "pd": pd, "flair": flair, "t1gd": t1gd}
@@ -165,7 +166,7 @@ def synthesize(
             if dicom:
                 _write_dicom_outputs(summary, cases, chosen, overwrite, progress, earlier)
             if report is not None:  # after the DICOM step: its outcome too, and the series folders
-                series = (lambda case_id: _dicom_output(output, case_id, chosen.target)) if dicom else None
+                series = (lambda case_id: synthesis_output_paths(case_id, chosen.target, output)[1]) if dicom else None
                 summary.write_report(report_path, series, bundle=chosen.name)
         finally:  # the cases the DICOM step did not reach (failed, interrupted, no --dicom): never a NIfTI beside another
             # run's series
@@ -717,10 +718,11 @@ def _refuse_partial_outputs(discovery: Any, output: Path, target: str) -> None:
     counted as present by the bundle's ``FolderSynthesis(overwrite=False)`` and gets its DICOM from that NIfTI:
     :func:`_write_dicom_outputs`.)"""
     from agi_monai.data import Failure
+    from agi_monai.deploy.synthesis import synthesis_output_paths
 
     kept = []
     for case in discovery.cases:
-        nifti, series = _nifti_output(output, case["case_id"], target), _dicom_output(output, case["case_id"], target)
+        nifti, series = synthesis_output_paths(case["case_id"], target, output)
         if series.exists() and not nifti.exists():
             discovery.failures.append(Failure(
                 case["case_id"], f"output already exists: {series} (without its NIfTI {nifti.name}; pass --overwrite "
@@ -729,14 +731,6 @@ def _refuse_partial_outputs(discovery: Any, output: Path, target: str) -> None:
         else:
             kept.append(case)
     discovery.cases[:] = kept
-
-
-def _nifti_output(output: Path, case_id: str, target: str) -> Path:
-    return output / f"{case_id}_{target}.nii.gz"  # FolderSynthesis.output_path's name
-
-
-def _dicom_output(output: Path, case_id: str, target: str) -> Path:
-    return output / f"{case_id}_{target}_dicom"
 
 
 def _run(workflow: Any) -> Any:
@@ -754,9 +748,10 @@ def _set_earlier_outputs_aside(earlier: dict[str, Any], cases: Mapping[str, Any]
     :class:`agi_monai.data.files.EarlierCaseOutputs` for each case with a NIfTI or a DICOM folder in ``output``
     already: an ``--overwrite`` run replaces a case's outputs as a whole, or keeps the earlier ones as a whole."""
     from agi_monai.data.files import EarlierCaseOutputs
+    from agi_monai.deploy.synthesis import synthesis_output_paths
 
     for case_id in cases:
-        nifti, series = _nifti_output(output, case_id, target), _dicom_output(output, case_id, target)
+        nifti, series = synthesis_output_paths(case_id, target, output)
         if nifti.exists() or series.exists():
             earlier[case_id] = EarlierCaseOutputs(nifti, series)
 
@@ -774,18 +769,20 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
     from agi_monai import __version__
     from agi_monai.data import DataError, Failure, choose_reference, failure_reason
     from agi_monai.data.dicom import write_derived_series
+    from agi_monai.deploy.synthesis import synthesis_output_paths
 
     reference_contrast = choose_reference(bundle.inputs)
-    earlier = [p for p in summary.present if not _dicom_output(p.parent, _case_of(p, bundle), bundle.target).exists()]
+    earlier = [p for p in summary.present
+               if not synthesis_output_paths(summary.case_id_of(p), bundle.target, p.parent)[1].exists()]
     failures = []
     for nifti in tqdm(list(summary.written) + earlier, desc="writing DICOM", unit="case", disable=not progress):
-        case_id = _case_of(nifti, bundle)
+        case_id = summary.case_id_of(nifti)
         reference = cases[case_id][reference_contrast]
         is_dicom = _is_dicom_value(reference)
         try:
             write_derived_series(
                 sitk.ReadImage(str(nifti)),
-                _dicom_output(nifti.parent, case_id, bundle.target),
+                synthesis_output_paths(case_id, bundle.target, nifti.parent)[1],
                 series_description=f"SYNTHETIC {bundle.target} {bundle.name}"[:64],
                 derivation_description=(
                     f"Synthetic {bundle.target} made by AGI-Net bundle {bundle.name} (agi-monai {__version__}) from "
@@ -818,11 +815,6 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
     for failure in failures:
         print(f"  - {failure}", flush=True)
     summary.failures.extend(failures)
-
-
-def _case_of(nifti: Path, bundle: Any) -> str:
-    """The case ID of an output ``<case>_<target>.nii.gz``."""
-    return nifti.name[: -len(f"_{bundle.target}.nii.gz")]
 
 
 def _is_dicom_value(value: Any) -> bool:

@@ -52,17 +52,19 @@ class SynthesisSummary:
     present: list[Path] = field(default_factory=list)
     target: str = ""
 
+    def case_id_of(self, output: Path) -> str:
+        """The case ID of one of its outputs ``<case>_<target>.nii.gz`` (written or present)."""
+        return output.name[: -len(f"_{self.target}.nii.gz")]
+
     def write_report(self, path: str | Path, dicom_series: Callable[[str], Path] | None = None,
                      **description: Any) -> Path:
         """Writes (atomically) the run's outcome as JSON for a pipeline to read, one entry per case: ``{"case_id",
         "status": "written" | "present" | "failed", "output"`` (and ``"dicom"``, the case's series folder, when
         ``dicom_series`` names it) ``| "reason"}``, after ``description`` (e.g. the bundle) and the counts."""
-        def case_id(path: Path) -> str:
-            return path.name[: -len(f"_{self.target}.nii.gz")]
-
         done = [(path, status) for status, paths in (("written", self.written), ("present", self.present)) for path in paths]
-        entries = [{"case_id": case_id(path), "status": status, "output": str(path),
-                    **({"dicom": str(dicom_series(case_id(path)))} if dicom_series else {})} for path, status in done]
+        entries = [{"case_id": self.case_id_of(path), "status": status, "output": str(path),
+                    **({"dicom": str(dicom_series(self.case_id_of(path)))} if dicom_series else {})}
+                   for path, status in done]
         entries += [{"case_id": failure.case_id, "status": "failed", "reason": failure.reason} for failure in self.failures]
         report = {
             "task": self.task, "target": self.target, "output_dir": str(self.output_dir), **description,
