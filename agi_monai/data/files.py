@@ -245,9 +245,7 @@ def check_output_folder(folder: str | Path, source: str | Path | None = None) ->
     if folder.exists() and not folder.is_dir():
         raise DataError(folder, "is a file", "a folder for the outputs")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-write-check-"):
-            pass
+        _create_and_write_in(folder)
     except OSError as error:
         raise DataError(folder, f"cannot be written ({error.strerror or error})",
                         "a folder this user can create and write files in") from error
@@ -282,12 +280,17 @@ def check_report_path(path: str | Path, source: str | Path | None = None, output
         raise DataError(path, f"is in a folder below the output folder {Path(output_dir).resolve()} (a case's DICOM "
                         "series is replaced as a whole)", f"{expected}, e.g. in the output folder itself")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-write-check-"):
-            pass
+        _create_and_write_in(path.parent)
     except OSError as error:
         raise DataError(path, f"cannot be written ({error.strerror or error})", expected) from error
     return path
+
+
+def _create_and_write_in(folder: Path) -> None:
+    """Creates ``folder`` (with its parents) and writes and removes a file in it; raises the system's OSError."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-write-check-"):
+        pass
 
 
 def _is_report(path: Path) -> bool:
