@@ -147,11 +147,14 @@ def _scan_folder(
     grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     ignored: list[str] = []
     for folder, names in sorted(walk_folders(root)):
+        parsed = []
         for name in names:
-            if strip_image_extension(name) is not None and parse_filename(name, aliases) is None:
+            found = parse_filename(name, aliases)
+            if found is not None:
+                parsed.append((name, *found))
+            elif strip_image_extension(name) is not None:  # a NIfTI file naming no contrast
                 ignored.append(str(Path(folder) / name))
                 _warn_if_misnamed(ignored[-1], aliases)
-        parsed = [(name, *found) for name in names if (found := parse_filename(name, aliases))]
         prefixes = {prefix for _, prefix, _ in parsed if prefix}
         # a file named only by its contrast (t1.nii.gz, mav.nii.gz) joins the folder's one named case, if any
         unnamed_case = prefixes.pop() if len(prefixes) == 1 else Path(folder).name

@@ -167,9 +167,9 @@ def _check_series_slices(files: Sequence[str], label: str) -> None:
     if len(origins) < 3:
         return
     normal = np.cross(orientations[0][:3], orientations[0][3:])
-    order = np.argsort(np.asarray(origins) @ normal, kind="stable")  # GDCM's order when it listed the files
-    files = [files[i] for i in order]
-    along = (np.asarray(origins) @ normal)[order]
+    along = np.asarray(origins) @ normal
+    order = np.argsort(along, kind="stable")  # GDCM's order when it listed the files
+    files, along = [files[i] for i in order], along[order]
     _check_one_per_position(along, label, "slices")
     gap = _widest_gap(along)
     if gap is not None:

@@ -113,9 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     outputs = app.outputs
     for failure in outputs.failures:
         print(f"  - {failure}", flush=True)
-    cases = sum(1 for p in outputs.written if p.name.endswith(".nii.gz"))
+    written = [p for p in outputs.written if p.name.endswith(".nii.gz")]
+    cases = len(written)
     if args.report is not None:  # the CLI's report, from the writer's outcome
-        written = [p for p in outputs.written if p.name.endswith(".nii.gz")]
         summary = SynthesisSummary(output, written=written, failures=list(outputs.failures), target=synthesizer.target)
         series = (lambda case_id: synthesis_output_paths(case_id, synthesizer.target, output)[1]) if args.dicom else None
         summary.write_report(args.report, series, bundle=synthesizer.name)
