@@ -51,7 +51,7 @@ def _want_cuda() -> bool:
 
 
 def _extension():
-    sources = [os.path.join(CSRC, "group_roll.cpp")]
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     sources += sorted(glob.glob(os.path.join(CSRC, "autograd", "*.cpp")))
     # -g0 after setuptools' default -g: the debug info multiplies the .so size by ~5.

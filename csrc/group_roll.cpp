@@ -1,4 +1,4 @@
-// Schema registration of the agi_monai ops and the public C++ entry points.
+// Schema registration of agi_monai::group_roll, its public C++ entry points and the checks shared by the ops.
 #include "group_roll.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -27,7 +27,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> _group_roll_backward(
 
 namespace detail {
 
-namespace {
 std::string shape_of(const at::Tensor& t) {
   std::ostringstream ss;
   ss << t.sizes();
@@ -50,7 +49,6 @@ std::string dtype_name(at::ScalarType type) {
     default: return std::string("torch.") + c10::toString(type);
   }
 }
-}  // namespace
 
 void check_group_roll_inputs(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales) {
   TORCH_CHECK(

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -19,6 +20,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> _group_roll_backward(
     const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales);
 
 namespace detail {
+// How the ops' error messages spell a shape ("[2, 3]") and a dtype (Python's "torch.float32").
+std::string shape_of(const at::Tensor& t);
+std::string dtype_name(at::ScalarType type);
 // Shape, dtype, device and value checks shared by every backend; messages name the argument,
 // the shape it got and the shape it expected.
 void check_group_roll_inputs(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales);

@@ -28,7 +28,7 @@ import fire
 import torch
 import torch.nn.functional as F
 
-from agi_monai.networks import CAGR, AGINet, ResUNet, RoutingFunction
+from agi_monai.networks import CAGR, AGINet, ResUNet
 from agi_monai.networks.blocks import ChannelLayerNorm
 from agi_monai.ops import extension_has_cuda
 
@@ -91,41 +91,28 @@ def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, 
     return step
 
 
-def _previous_routing_forward(self: RoutingFunction, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoutingFunction.forward of the first version (AdaptiveAvgPool, whose NCHW gradient sends GELU's and
-    LayerNorm's backward down mixed-layout paths on CPU), kept here to time the previous code."""
-    x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    pool = F.adaptive_avg_pool2d if x.dim() == 4 else F.adaptive_avg_pool3d
-    pooled = pool(self.features(x), 1).flatten(1)
-    offsets = self.offset_head(pooled).reshape(-1, self.groups, self.spatial_dims)
-    return offsets, torch.sigmoid(self.scale_head(pooled))
-
-
-def _previous_channel_layer_norm_forward(self: ChannelLayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """ChannelLayerNorm.forward of the first version: under CUDA autocast, LayerNorm (and the GELU after it) in float32."""
-    return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+def _unfused_layer_norm_gelu(self: ChannelLayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """ChannelLayerNorm.forward_gelu before the fused op: LayerNorm and GELU as two ATen ops on every device."""
+    return F.gelu(self(x))
 
 
 def with_previous_code(step):
-    """Runs ``step`` with the previous code: the first version's group_roll kernels (AGI_MONAI_GROUP_ROLL_CPU=taps,
-    still built in; on CUDA they are still the default), its routing pool and its ChannelLayerNorm (float32
-    under CUDA autocast; the same as now on CPU)."""
+    """Runs ``step`` with the previous code (before 2026-11-24): the routing function's LayerNorm and GELU as two
+    ATen ops on CUDA too, and the first version's CUDA group_roll kernels (AGI_MONAI_GROUP_ROLL_CUDA=taps, still
+    built in). The CPU code is unchanged since, so on CPU this times the same code twice."""
 
     def run():
-        saved_path, saved_forward = os.environ.get("AGI_MONAI_GROUP_ROLL_CPU"), RoutingFunction.forward
-        saved_norm = ChannelLayerNorm.forward
-        os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = "taps"
-        RoutingFunction.forward = _previous_routing_forward
-        ChannelLayerNorm.forward = _previous_channel_layer_norm_forward
+        saved_path, saved_norm = os.environ.get("AGI_MONAI_GROUP_ROLL_CUDA"), ChannelLayerNorm.forward_gelu
+        os.environ["AGI_MONAI_GROUP_ROLL_CUDA"] = "taps"
+        ChannelLayerNorm.forward_gelu = _unfused_layer_norm_gelu
         try:
             step()
         finally:
-            RoutingFunction.forward = saved_forward
-            ChannelLayerNorm.forward = saved_norm
+            ChannelLayerNorm.forward_gelu = saved_norm
             if saved_path is None:
-                os.environ.pop("AGI_MONAI_GROUP_ROLL_CPU")
+                os.environ.pop("AGI_MONAI_GROUP_ROLL_CUDA")
             else:
-                os.environ["AGI_MONAI_GROUP_ROLL_CPU"] = saved_path
+                os.environ["AGI_MONAI_GROUP_ROLL_CUDA"] = saved_path
 
     return run
 
@@ -184,6 +171,10 @@ def cagr_breakdown(device: str, batch: int, amp: str | None, warmup: int, repeat
             run(lambda: block.roll(block.conv.weight, offsets, scales)),
             run(lambda: block.rolled_conv(x, offsets, scales)),
         ]
+        # The routing function's LayerNorm + GELU on a channels-last feature map: as now, and as two ATen ops.
+        norm = block.routing.features[1]
+        features = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        parts += [run(lambda: norm.forward_gelu(features)), run(lambda: _unfused_layer_norm_gelu(norm, features))]
         rows.append(f"| C={channels}, {size}², B={batch} | " + " | ".join(f"{p:.2f}" for p in parts) + " |")
     return rows
 
@@ -253,8 +244,9 @@ def main(
             "",
             f"#### CAGR parts, forward+backward (ms), {machine(device)}, {'AMP ' + amp if amp else 'float32'}",
             "",
-            "| layer | plain conv | CAGR | attention | routing | group_roll | rolled conv (roll + folded conv) |",
-            "|---|---|---|---|---|---|---|",
+            "| layer | plain conv | CAGR | attention | routing | group_roll | rolled conv (roll + folded conv) "
+            "| routing's LayerNorm+GELU | same as two ATen ops |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += cagr_breakdown(device, batch, amp, warmup, repeats)
     text = "\n".join(lines)

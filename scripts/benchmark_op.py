@@ -211,8 +211,8 @@ def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype
         cpu_paths: comma-separated extra CPU code paths of the compiled op to time alongside
             (AGI_MONAI_GROUP_ROLL_CPU: avx512, avx2, baseline, taps = the per-tap kernels of the first version,
             columns = the CUDA kernels' column code run on the CPU).
-        cuda_paths: the same for CUDA (AGI_MONAI_GROUP_ROLL_CUDA: taps = the first version, the default;
-            columns = column kernels with the fused routing-gradient reduction).
+        cuda_paths: the same for CUDA (AGI_MONAI_GROUP_ROLL_CUDA: taps = the first version;
+            columns = column kernels with the fused routing-gradient reduction, the default since 2026-11-24).
     """
     if not ops.extension_available():
         sys.exit(f"benchmark_op: the compiled extension is not available: {ops.extension_error()}")

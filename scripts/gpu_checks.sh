@@ -11,12 +11,13 @@
 # needs SimpleITK, whose ~50 MB wheel is too big to carry). run installs the wheels into a scratch
 # folder (never into the machine's Python), builds the extension in place for the GPU's architecture and
 # runs STEPS (default: build tests op network), writing logs and tables under RESULTS:
-#   tests    pytest: tests/test_group_roll.py (all, CUDA vs CPU for both CUDA implementations) and the
-#            CUDA tests of tests/test_engines.py (AMP training on real slices) and tests/test_networks.py
-#   op       scripts/benchmark_op.py --device cuda, default kernels and AGI_MONAI_GROUP_ROLL_CUDA=columns
-#   network  scripts/benchmark_network.py --device cuda, batch 16, 256²: float32 and AMP bf16, each with
-#            the taps and the columns kernels (with taps also the previous code, --compare_previous), then
-#            float32 under torch.compile
+#   tests    pytest: tests/test_group_roll.py (all, CUDA vs CPU for both CUDA implementations),
+#            tests/test_layer_norm_gelu.py, and the CUDA tests of tests/test_networks.py and (where SimpleITK,
+#            pydicom and nibabel are installed) tests/test_engines.py (AMP training on real slices)
+#   op       scripts/benchmark_op.py --device cuda, default kernels (columns) and AGI_MONAI_GROUP_ROLL_CUDA=taps
+#   network  scripts/benchmark_network.py --device cuda, batch 16, 256²: float32 and AMP bf16, each beside the
+#            previous code (--compare_previous: taps kernels, unfused LayerNorm+GELU) with the CAGR breakdown,
+#            then float32 under torch.compile
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_PYTHON="${AGI_MONAI_GPU_PYTHON:-3.12}"
@@ -89,24 +90,25 @@ run_step() {
         "$py" -c "from agi_monai import ops; assert ops.extension_has_cuda(), ops.extension_error(); print('extension with CUDA kernels')"
         ;;
       tests)
-        "$py" -m pytest -q -p no:cacheprovider tests/test_group_roll.py 2>&1 | tee "$results/tests_group_roll.log" | tail -3
-        "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_engines.py tests/test_networks.py 2>&1 \
-          | tee "$results/tests_engines_networks_cuda.log" | tail -3
+        "$py" -m pytest -q -p no:cacheprovider tests/test_group_roll.py tests/test_layer_norm_gelu.py 2>&1 \
+          | tee "$results/tests_ops.log" | tail -3
+        # tests/test_engines.py imports agi_monai.data, which needs SimpleITK: its ~50 MB wheel does not fit
+        # beside the repository in what a GPU call may carry, so the AMP training test runs only where it is installed.
+        local engines=""
+        "$py" -c "import SimpleITK, pydicom, nibabel" 2>/dev/null && engines=tests/test_engines.py
+        "$py" -m pytest -q -p no:cacheprovider -m cuda $engines tests/test_networks.py 2>&1 \
+          | tee "$results/tests_networks_cuda.log" | tail -3
         ;;
       op)
-        "$py" scripts/benchmark_op.py --device cuda --cuda_paths columns --out "$results/benchmark_op_cuda.json" \
+        "$py" scripts/benchmark_op.py --device cuda --cuda_paths taps --out "$results/benchmark_op_cuda.json" \
           2>&1 | tee "$results/benchmark_op_cuda.log" | tail -25
         ;;
       network)
         local out="$results/benchmark_network_cuda.md"
         for amp in "" bf16; do
-          for path in taps columns; do
-            echo "--- AGI_MONAI_GROUP_ROLL_CUDA=$path ${amp:+--amp $amp}"
-            AGI_MONAI_GROUP_ROLL_CUDA=$path "$py" scripts/benchmark_network.py --device cuda --batch 16 --size 256 \
-              --repeats 20 ${amp:+--amp $amp} --compare_fold False --breakdown "$([ "$path$amp" = taps ] && echo True || echo False)" \
-              --compare_previous "$([ "$path" = taps ] && echo True || echo False)" \
-              --out "$out" 2>&1 | grep -v Warning | tail -12
-          done
+          echo "--- ${amp:+--amp $amp}"
+          "$py" scripts/benchmark_network.py --device cuda --batch 16 --size 256 --repeats 20 ${amp:+--amp $amp} \
+            --compare_fold False --breakdown True --compare_previous True --out "$out" 2>&1 | grep -v Warning | tail -14
         done
         echo "--- torch.compile, float32"
         "$py" scripts/benchmark_network.py --device cuda --batch 16 --size 256 --warmup 3 --repeats 20 --compile \

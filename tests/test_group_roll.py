@@ -933,7 +933,7 @@ def test_cpu_path_variable_is_checked(monkeypatch):
 
 # --------------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU and the CUDA kernels). Each numerical test runs both CUDA
-# implementations (AGI_MONAI_GROUP_ROLL_CUDA: taps, the first version, and columns).
+# implementations (AGI_MONAI_GROUP_ROLL_CUDA: taps, the first version, and columns, the default).
 # --------------------------------------------------------------------------------------------------
 
 

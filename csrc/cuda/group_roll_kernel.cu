@@ -1,7 +1,8 @@
 // CUDA kernels of agi_monai::group_roll and its backward. Two implementations, picked per call by
-// AGI_MONAI_GROUP_ROLL_CUDA=auto|taps|columns (auto: taps):
+// AGI_MONAI_GROUP_ROLL_CUDA=auto|taps|columns (auto: columns, measured faster in AGI-Net's train step on an
+// H100, 2026-11-24: docs/benchmarks.md):
 //
-// taps (first version, tested on an H100): the roll of a (sample, group) is the same for all its kernel
+// taps (first version): the roll of a (sample, group) is the same for all its kernel
 //   slices, so a first small kernel writes its taps (flat index and scaled blend weight of each corner,
 //   per kernel position) into a table that the streaming kernels read from cache; one thread per output
 //   element. Offset and scale gradients go through the K×K correlation of grad_out with the kernel (a
@@ -11,8 +12,7 @@
 //   channels with pointer increments (no per-element index division, no table for the forward). The
 //   routing gradients are per-thread partial sums over the same columns, reduced per (sample, group) by
 //   one warp each in a fixed order (deterministic): no copy of grad_out, no matmul, no zero fills.
-//   The per-thread code is group_roll_math.h's, which the CPU tests run (AGI_MONAI_GROUP_ROLL_CPU=columns);
-//   the launch code below has not yet run on a GPU, hence not the default until it has been measured.
+//   The per-thread code is group_roll_math.h's, which the CPU tests run (AGI_MONAI_GROUP_ROLL_CPU=columns).
 //
 // Only the c10 CUDA headers are included: the project's CUDA toolkit is minimal and
 // ATen/cuda/CUDAContext.h pulls in cuSPARSE headers it lacks.
@@ -285,11 +285,11 @@ void grad_weight_taps(const at::Tensor& gr, const at::Tensor& o, const at::Tenso
 // AGI_MONAI_GROUP_ROLL_CUDA (read at every call, so that tests and benchmarks can switch within one process).
 bool columns_selected() {
   const char* env = std::getenv("AGI_MONAI_GROUP_ROLL_CUDA");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0 || std::strcmp(env, "taps") == 0) return false;
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "auto") == 0 || std::strcmp(env, "columns") == 0) return true;
   TORCH_CHECK(
-      std::strcmp(env, "columns") == 0, "group_roll: AGI_MONAI_GROUP_ROLL_CUDA must be one of auto, taps, columns; got '",
+      std::strcmp(env, "taps") == 0, "group_roll: AGI_MONAI_GROUP_ROLL_CUDA must be one of auto, taps, columns; got '",
       env, "'");
-  return true;
+  return false;
 }
 
 template <typename scalar_t>

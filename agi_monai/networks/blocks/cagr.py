@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from agi_monai.ops import extension_available, extension_error, group_roll, group_roll_reference
+from agi_monai.ops import (
+    extension_available,
+    extension_error,
+    fused_layer_norm_gelu_available,
+    group_roll,
+    group_roll_reference,
+    layer_norm_gelu,
+)
 from agi_monai.ops.group_roll import warn_fallback_once
 
 __all__ = [
@@ -29,9 +36,15 @@ __all__ = [
     "CrossGroupAttention",
     "GroupRoll",
     "PortableGroupRoll",
+    "RoutingFeatures",
     "RoutingFunction",
     "channel_shuffle",
 ]
+
+
+# Where ChannelLayerNorm.forward_gelu runs the fused kernel (measured, docs/benchmarks.md): on CPU ATen's
+# vectorised LayerNorm and GELU are ~10× faster than the fused op's scalar loops.
+FUSED_NORM_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -71,6 +84,18 @@ class ChannelLayerNorm(nn.Module):
             y = self.norm(x)
         return y.movedim(-1, 1)
 
+    @torch.jit.unused
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """``gelu(self(x))`` (exact GELU). On CUDA one fused kernel, ``agi_monai.ops.layer_norm_gelu``: as two
+        ATen ops the pair cost more than the grouped convolution before it at full resolution, and GELU
+        saved a second full-size tensor (docs/benchmarks.md). On CPU ATen's vectorised ops are faster."""
+        if x.device.type in FUSED_NORM_DEVICE_TYPES and fused_layer_norm_gelu_available(x.device):
+            norm = self.norm
+            # Computed in float whatever x's dtype, as _eager_forward does under autocast.
+            y = layer_norm_gelu(x.movedim(1, -1), norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+            return y.movedim(-1, 1)
+        return F.gelu(self._eager_forward(x))
+
 
 class CrossGroupAttention(nn.Module):
     """Cross Group Attention (§3.1): x̃_i = x_i ⊙ sigmoid(F([z_i, z^s_i])).
@@ -107,6 +132,45 @@ class CrossGroupAttention(nn.Module):
         return x * torch.sigmoid(self.fuse(paired))
 
 
+class RoutingFeatures(nn.Sequential):
+    """The routing function's [grouped 3×3 conv → LayerNorm → GELU] × ``num_convs``, at full resolution.
+
+    Eagerly each LayerNorm and the GELU after it run as one call, :meth:`ChannelLayerNorm.forward_gelu`
+    (one fused kernel on CUDA); the GELU modules stay in the sequence for TorchScript, which runs them one
+    by one, and for the state-dict layout.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: C (input and output).
+        groups: n, the convolutions' groups.
+        num_convs: number of [conv → LayerNorm → GELU] triples.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, groups: int, num_convs: int) -> None:
+        layers: list[nn.Module] = []
+        for _ in range(num_convs):
+            layers += [
+                Conv[Conv.CONV, spatial_dims](channels, channels, kernel_size=3, padding=1, groups=groups, bias=False),
+                ChannelLayerNorm(channels),
+                nn.GELU(),
+            ]
+        super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            for layer in self:
+                x = layer(x)
+            return x
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self)
+        for conv, norm in zip(layers[0::3], layers[1::3]):
+            x = norm.forward_gelu(conv(x))
+        return x
+
+
 class RoutingFunction(nn.Module):
     """Routing function (§3.2): per sample, n rolling offsets (S per group) and n scales λ.
 
@@ -124,14 +188,7 @@ class RoutingFunction(nn.Module):
         super().__init__()
         self.groups = groups
         self.spatial_dims = spatial_dims
-        layers: list[nn.Module] = []
-        for _ in range(num_convs):
-            layers += [
-                Conv[Conv.CONV, spatial_dims](channels, channels, kernel_size=3, padding=1, groups=groups, bias=False),
-                ChannelLayerNorm(channels),
-                nn.GELU(),
-            ]
-        self.features = nn.Sequential(*layers)
+        self.features = RoutingFeatures(spatial_dims, channels, groups, num_convs)
         # Global average pool over the spatial axes of the channels-last view (see forward).
         self.pool_dims: list[int] = list(range(1, spatial_dims + 1))
         self.offset_head = nn.Linear(channels, groups * spatial_dims)
