@@ -53,7 +53,9 @@ def tolerances(dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(1, 1), (5, 2), (3, 7, 31), (4, 32), (2, 3, 33), (2, 5, 6, 64), (17, 100), (3, 512)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1), (5, 2), (3, 7, 31), (4, 32), (2, 3, 33), (2, 5, 6, 64), (17, 100), (300, 128), (3, 512), (5, 513), (2, 1100)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_forward_and_backward_match_aten(shape, dtype, device):
     """Output and the gradients of input, weight and bias equal ATen's LayerNorm then GELU (the exact form)."""
@@ -205,7 +207,7 @@ def test_cuda_equals_cpu_on_a_routing_sized_map():
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     outputs = {}
     for device in ("cpu", "cuda"):
-        inputs = [t.to(device).requires_grad_() for t in (x, weight, bias)]
+        inputs = [t.detach().to(device).requires_grad_() for t in (x, weight, bias)]
         y = fused(*inputs)
         y.backward(grad.to(device))
         outputs[device] = [y.cpu()] + [t.grad.cpu() for t in inputs]

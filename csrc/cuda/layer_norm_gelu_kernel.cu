@@ -1,9 +1,12 @@
-// CUDA kernels of agi_monai::layer_norm_gelu and its backward: one warp per row of C entries (lanes read
-// consecutive entries, so a warp's loads are coalesced), warp-shuffle sums for the row statistics, and
+// CUDA kernels of agi_monai::layer_norm_gelu and its backward: one warp per row of C entries (lane l holds
+// entries l, l + 32, ..., so a warp's loads are coalesced), warp-shuffle sums for the row statistics, and
 // the per-element maths of layer_norm_gelu_math.h (also run by the CPU kernels that CI tests).
-// The backward recomputes the statistics from x; each warp accumulates gamma/beta gradients of its
-// columns in shared memory, each block writes one partial row, and the partials are summed in a fixed
-// order (deterministic for a given device).
+// The backward recomputes the statistics from x. Each lane accumulates the gamma/beta gradients of its own
+// columns over the warp's rows, the warps of a block add theirs in shared memory, each block writes one
+// partial row, and the partials are summed in a fixed order (deterministic for a given device).
+// Two variants: for C <= 32 * kMaxCachedPerLane (AGI-Net's 64-512 channels) a row lives in registers
+// (kPerLane entries a lane), read once from memory, with gelu' computed once an entry and the lane's
+// gamma/beta sums in registers; wider rows are streamed (re-read from L1 in each pass).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../layer_norm_gelu.h"
@@ -118,6 +122,140 @@ __global__ void layer_norm_gelu_backward_kernel(
   }
 }
 
+constexpr int kMaxCachedPerLane = 16;
+
+// Row in registers: kPerLane entries a lane, entries past C read as zero and never written.
+template <typename scalar_t, int kPerLane>
+__global__ void layer_norm_gelu_forward_cached_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
+    scalar_t* __restrict__ y, const int64_t rows, const int64_t channels, const double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = blockDim.x / kWarp;
+  acc_t g[kPerLane], b[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int64_t c = lane + j * kWarp;
+    g[j] = c < channels ? static_cast<acc_t>(gamma[c]) : acc_t(0);
+    b[j] = c < channels ? static_cast<acc_t>(beta[c]) : acc_t(0);
+  }
+  for (int64_t row = blockIdx.x * warps + threadIdx.x / kWarp; row < rows; row += gridDim.x * warps) {
+    const scalar_t* xr = x + row * channels;
+    acc_t v[kPerLane];
+    acc_t sum = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int64_t c = lane + j * kWarp;
+      v[j] = c < channels ? static_cast<acc_t>(xr[c]) : acc_t(0);
+      sum += v[j];
+    }
+    const acc_t mean = warp_sum(sum) / static_cast<acc_t>(channels);
+    acc_t squares = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const acc_t d = lane + j * kWarp < channels ? v[j] - mean : acc_t(0);
+      squares += d * d;
+    }
+    const acc_t rstd =
+        detail::rsqrt_of<acc_t>(warp_sum(squares) / static_cast<acc_t>(channels) + static_cast<acc_t>(eps));
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int64_t c = lane + j * kWarp;
+      if (c < channels) y[row * channels + c] = static_cast<scalar_t>(detail::gelu<acc_t>((v[j] - mean) * rstd * g[j] + b[j]));
+    }
+  }
+}
+
+template <typename scalar_t, int kPerLane>
+__global__ void layer_norm_gelu_backward_cached_kernel(
+    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ gamma,
+    const scalar_t* __restrict__ beta, scalar_t* __restrict__ dx, at::opmath_type<scalar_t>* __restrict__ partial,
+    const int64_t rows, const int64_t channels, const double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ unsigned char shared_bytes[];
+  acc_t* shared = reinterpret_cast<acc_t*>(shared_bytes);  // (warps, 2, C)
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = blockDim.x / kWarp, warp = threadIdx.x / kWarp;
+  acc_t g[kPerLane], b[kPerLane], d_gamma[kPerLane], d_beta[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int64_t c = lane + j * kWarp;
+    g[j] = c < channels ? static_cast<acc_t>(gamma[c]) : acc_t(0);
+    b[j] = c < channels ? static_cast<acc_t>(beta[c]) : acc_t(0);
+    d_gamma[j] = d_beta[j] = 0;
+  }
+  for (int64_t row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
+    const scalar_t* xr = x + row * channels;
+    const scalar_t* dyr = dy + row * channels;
+    acc_t xhat[kPerLane], dxhat[kPerLane];
+    acc_t sum = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int64_t c = lane + j * kWarp;
+      xhat[j] = c < channels ? static_cast<acc_t>(xr[c]) : acc_t(0);
+      dxhat[j] = c < channels ? static_cast<acc_t>(dyr[c]) : acc_t(0);  // dy until the loop below
+      sum += xhat[j];
+    }
+    const acc_t mean = warp_sum(sum) / static_cast<acc_t>(channels);
+    acc_t squares = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const acc_t d = lane + j * kWarp < channels ? xhat[j] - mean : acc_t(0);
+      squares += d * d;
+    }
+    const acc_t rstd =
+        detail::rsqrt_of<acc_t>(warp_sum(squares) / static_cast<acc_t>(channels) + static_cast<acc_t>(eps));
+    acc_t sum_dxhat = 0, sum_dxhat_xhat = 0;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      // Entries past C have dy = 0, hence dz = dxhat = 0: they add nothing to the sums.
+      xhat[j] = (xhat[j] - mean) * rstd;
+      const auto d = detail::norm_gelu_grad<acc_t>(dxhat[j], xhat[j], g[j], b[j]);
+      dxhat[j] = d.dxhat;
+      sum_dxhat += d.dxhat;
+      sum_dxhat_xhat += d.dxhat * xhat[j];
+      d_gamma[j] += d.dz * xhat[j];
+      d_beta[j] += d.dz;
+    }
+    const acc_t mean_dxhat = warp_sum(sum_dxhat) / static_cast<acc_t>(channels);
+    const acc_t mean_dxhat_xhat = warp_sum(sum_dxhat_xhat) / static_cast<acc_t>(channels);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int64_t c = lane + j * kWarp;
+      if (c < channels)
+        dx[row * channels + c] =
+            static_cast<scalar_t>(detail::norm_input_grad<acc_t>(dxhat[j], xhat[j], rstd, mean_dxhat, mean_dxhat_xhat));
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int64_t c = lane + j * kWarp;
+    if (c < channels) {
+      shared[warp * 2 * channels + c] = d_gamma[j];
+      shared[warp * 2 * channels + channels + c] = d_beta[j];
+    }
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < 2 * channels; i += blockDim.x) {
+    acc_t total = 0;
+    for (int64_t w = 0; w < warps; ++w) total += shared[w * 2 * channels + i];
+    partial[blockIdx.x * 2 * channels + i] = total;
+  }
+}
+
+// Calls body(std::integral_constant<int, kPerLane>) with the smallest power of two kPerLane >= ceil(C / 32),
+// or returns false (C > 32 * kMaxCachedPerLane: the streaming kernels). (Not a templated lambda: torch < 2.13
+// builds extensions as C++17.)
+template <typename Body>
+bool dispatch_cached(int64_t channels, Body&& body) {
+  if (channels <= kWarp) return body(std::integral_constant<int, 1>{}), true;
+  if (channels <= 2 * kWarp) return body(std::integral_constant<int, 2>{}), true;
+  if (channels <= 4 * kWarp) return body(std::integral_constant<int, 4>{}), true;
+  if (channels <= 8 * kWarp) return body(std::integral_constant<int, 8>{}), true;
+  if (channels <= kMaxCachedPerLane * kWarp) return body(std::integral_constant<int, kMaxCachedPerLane>{}), true;
+  return false;
+}
+
 // Enough blocks to fill the device (a few per SM); grid-stride loops cover the remaining rows.
 unsigned int row_blocks(int64_t rows, int64_t warps, int blocks_per_sm) {
   int device = 0, sms = 1;
@@ -138,9 +276,17 @@ at::Tensor layer_norm_gelu_cuda(const at::Tensor& input, const at::Tensor& weigh
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned int blocks = row_blocks(rows, kWarpsPerBlock, 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_gelu_cuda", [&] {
-    layer_norm_gelu_forward_kernel<scalar_t><<<blocks, kWarpsPerBlock * kWarp, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), rows, channels, eps);
+    const bool cached = dispatch_cached(channels, [&](auto per_lane) {
+      constexpr int kPerLane = decltype(per_lane)::value;
+      layer_norm_gelu_forward_cached_kernel<scalar_t, kPerLane><<<blocks, kWarpsPerBlock * kWarp, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), rows, channels, eps);
+    });
+    if (!cached) {
+      layer_norm_gelu_forward_kernel<scalar_t><<<blocks, kWarpsPerBlock * kWarp, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), rows, channels, eps);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -168,10 +314,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gelu_backward_cuda(
   if (rows > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_gelu_backward_cuda", [&] {
-      layer_norm_gelu_backward_kernel<scalar_t><<<blocks, warps * kWarp, warps * row_bytes, stream>>>(
-          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          b.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-          partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), rows, channels, eps);
+      const bool cached = dispatch_cached(channels, [&](auto per_lane) {
+        constexpr int kPerLane = decltype(per_lane)::value;
+        layer_norm_gelu_backward_cached_kernel<scalar_t, kPerLane><<<blocks, warps * kWarp, warps * row_bytes, stream>>>(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+            b.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+            partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), rows, channels, eps);
+      });
+      if (!cached) {
+        layer_norm_gelu_backward_kernel<scalar_t><<<blocks, warps * kWarp, warps * row_bytes, stream>>>(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+            b.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+            partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), rows, channels, eps);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
