@@ -12,8 +12,8 @@
 # folder (never into the machine's Python), builds the extension in place for the GPU's architecture and
 # runs STEPS (default: build tests op network), writing logs and tables under RESULTS:
 #   tests    pytest: tests/test_group_roll.py (all, CUDA vs CPU for both CUDA implementations),
-#            tests/test_layer_norm_gelu.py, and the CUDA tests of tests/test_networks.py and (where SimpleITK,
-#            pydicom and nibabel are installed) tests/test_engines.py (AMP training on real slices)
+#            tests/test_layer_norm_gelu.py, and the CUDA tests of tests/test_engines.py (AMP training on real
+#            slices; agi_monai.engines imports no SimpleITK, pydicom or nibabel) and tests/test_networks.py
 #   op       scripts/benchmark_op.py --device cuda, default kernels (columns) and AGI_MONAI_GROUP_ROLL_CUDA=taps
 #   network  scripts/benchmark_network.py --device cuda, batch 16, 256²: float32 and AMP bf16, each beside the
 #            previous code (--compare_previous: taps kernels, unfused LayerNorm+GELU) with the CAGR breakdown,
@@ -92,12 +92,8 @@ run_step() {
       tests)
         "$py" -m pytest -q -p no:cacheprovider tests/test_group_roll.py tests/test_layer_norm_gelu.py 2>&1 \
           | tee "$results/tests_ops.log" | tail -3
-        # tests/test_engines.py imports agi_monai.data, which needs SimpleITK: its ~50 MB wheel does not fit
-        # beside the repository in what a GPU call may carry, so the AMP training test runs only where it is installed.
-        local engines=""
-        "$py" -c "import SimpleITK, pydicom, nibabel" 2>/dev/null && engines=tests/test_engines.py
-        "$py" -m pytest -q -p no:cacheprovider -m cuda $engines tests/test_networks.py 2>&1 \
-          | tee "$results/tests_networks_cuda.log" | tail -3
+        "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_engines.py tests/test_networks.py 2>&1 \
+          | tee "$results/tests_engines_networks_cuda.log" | tail -3
         ;;
       op)
         "$py" scripts/benchmark_op.py --device cuda --cuda_paths taps --out "$results/benchmark_op_cuda.json" \

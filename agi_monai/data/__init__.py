@@ -13,64 +13,114 @@ The pieces (``discover_cases``, ``preprocessing_transforms``, ``build_volume_dat
 can be wired separately in a config.
 """
 
-from agi_monai.data.contrasts import (
-    CONTRAST_ALIASES,
-    CONTRASTS,
-    LABELS,
-    canonical_contrast,
-    choose_reference,
-    parse_filename,
-    patient_id,
-)
-from agi_monai.data.datasets import (
-    SliceDataset,
-    build_inference_dataset,
-    build_slice_dataset,
-    build_volume_dataset,
-    slice_dataset,
-)
-from agi_monai.data.dicom import (
-    DICOM_CONTRAST_RULES,
-    DicomSeries,
-    convert_dicom_to_nifti,
-    find_dicom_series,
-    match_series_to_contrasts,
-    write_dicom_series,
-)
-from agi_monai.data.discovery import Discovery, discover_cases
-from agi_monai.data.errors import DataError, Failure, MissingFileError, failure_reason, format_failures
-from agi_monai.data.files import (
-    AtomicNibabelWriter,
-    atomic_output,
-    check_output_folder,
-    check_report_path,
-    stopping_cleanly_on_sigterm,
-    write_json,
-)
-from agi_monai.data.foreground import foreground_mask
-from agi_monai.data.patches import PatchDataset, patch_dataset
-from agi_monai.data.registration import (
-    RigidRegistration,
-    field_of_view_overlap,
-    normalized_mutual_information,
-    register_rigid,
-    resample_to_reference,
-    same_grid,
-)
-from agi_monai.data.splits import SPLIT_NAMES, preparation_summary, prepare_datalist, split_cases, write_datalist
-from agi_monai.data.transforms import (
-    AddForegroundMaskd,
-    AlignToReferenced,
-    CheckStackedContrastsd,
-    LoadVolumed,
-    NameAfterCased,
-    RandRigidMisalignChanneld,
-    RandShiftChanneld,
-    ScaleIntensityToPercentiled,
-    is_synthetic_nifti,
-    preprocessing_transforms,
-    restore_geometry_transforms,
-    spacing_mismatch,
-    synthetic_description,
-)
-from agi_monai.data.volumes import check_volume, load_volume, metatensor_to_sitk, sitk_to_metatensor
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names are imported from their submodules on first use (PEP 562): the engines and the networks import
+# agi_monai.data.errors and .files, and must not need SimpleITK, pydicom or nibabel, which the readers
+# and registration import (a GPU training image may hold only torch, MONAI and Ignite).
+_SUBMODULES: dict[str, tuple[str, ...]] = {
+    "contrasts": (
+        "CONTRAST_ALIASES",
+        "CONTRASTS",
+        "LABELS",
+        "canonical_contrast",
+        "choose_reference",
+        "parse_filename",
+        "patient_id",
+    ),
+    "datasets": (
+        "SliceDataset",
+        "build_inference_dataset",
+        "build_slice_dataset",
+        "build_volume_dataset",
+        "slice_dataset",
+    ),
+    "dicom": (
+        "DICOM_CONTRAST_RULES",
+        "DicomSeries",
+        "convert_dicom_to_nifti",
+        "find_dicom_series",
+        "match_series_to_contrasts",
+        "write_dicom_series",
+    ),
+    "discovery": (
+        "Discovery",
+        "discover_cases",
+    ),
+    "errors": (
+        "DataError",
+        "Failure",
+        "MissingFileError",
+        "failure_reason",
+        "format_failures",
+    ),
+    "files": (
+        "AtomicNibabelWriter",
+        "atomic_output",
+        "check_output_folder",
+        "check_report_path",
+        "stopping_cleanly_on_sigterm",
+        "write_json",
+    ),
+    "foreground": (
+        "foreground_mask",
+    ),
+    "patches": (
+        "PatchDataset",
+        "patch_dataset",
+    ),
+    "registration": (
+        "RigidRegistration",
+        "field_of_view_overlap",
+        "normalized_mutual_information",
+        "register_rigid",
+        "resample_to_reference",
+        "same_grid",
+    ),
+    "splits": (
+        "SPLIT_NAMES",
+        "preparation_summary",
+        "prepare_datalist",
+        "split_cases",
+        "write_datalist",
+    ),
+    "transforms": (
+        "AddForegroundMaskd",
+        "AlignToReferenced",
+        "CheckStackedContrastsd",
+        "LoadVolumed",
+        "NameAfterCased",
+        "RandRigidMisalignChanneld",
+        "RandShiftChanneld",
+        "ScaleIntensityToPercentiled",
+        "is_synthetic_nifti",
+        "preprocessing_transforms",
+        "restore_geometry_transforms",
+        "spacing_mismatch",
+        "synthetic_description",
+    ),
+    "volumes": (
+        "check_volume",
+        "load_volume",
+        "metatensor_to_sitk",
+        "sitk_to_metatensor",
+    ),
+}
+_SUBMODULE_OF = {name: module for module, names in _SUBMODULES.items() for name in names}
+__all__ = sorted(_SUBMODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _SUBMODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agi_monai.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"agi_monai.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
