@@ -2,7 +2,7 @@
 // AGI-Net's routing function applies it to full-resolution channels-last features twice per CAGR block:
 // as two ATen ops it is a LayerNorm whose backward reduces gamma/beta over millions of short rows, then a
 // GELU that saves a second full-size tensor; fused it reads x once forward and twice backward
-// (docs/benchmarks.md, "Routing function").
+// (docs/benchmarks.md, "H100 again").
 #pragma once
 
 #include <ATen/ATen.h>

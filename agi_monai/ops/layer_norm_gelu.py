@@ -2,7 +2,7 @@
 
 AGI-Net's routing function normalises full-resolution, channels-last features over their channels and
 applies GELU, twice per CAGR block. As two ATen ops on CUDA that pair cost more than the grouped
-convolution before it (docs/benchmarks.md, "Routing function"): LayerNorm's backward reduces gamma/beta
+convolution before it (docs/benchmarks.md, "H100 again"): LayerNorm's backward reduces gamma/beta
 over millions of rows of 64–512 entries, and GELU saves a second full-size tensor. The compiled op reads x
 once forward and twice backward and saves only its inputs.
 """
