@@ -437,3 +437,30 @@ def test_contrast_rules_on_vendor_series_names(native_study, description, contra
     description, _, protocol = description.partition("|")  # "SeriesDescription|ProtocolName"
     series = type(template)(**{**template.__dict__, "description": description, "protocol": protocol})
     assert match_series_to_contrasts([series]) == ({contrast: series} if contrast else {})
+
+
+@pytest.mark.parametrize("protocols, expected", [
+    # GE: the exam's protocol on every series; its "contrast" made the pre-contrast T1 a second T1Gd (ambiguous)
+    (["BRAIN TUMOR CONTRAST"] * 4, {"T1": "AX T1 SE", "T1Gd": "AX T1 POST", "T2": "AX T2 FSE", "FLAIR": "AX T2 FLAIR"}),
+    (["MR BRAIN W CONTRAST T1"] * 4, {"T1": "AX T1 SE", "T1Gd": "AX T1 POST", "T2": "AX T2 FSE", "FLAIR": "AX T2 FLAIR"}),
+    # Siemens: each series' own protocol still counts (here it is what says "post" for the empty description)
+    (["t1_se_tra", "t1_se_tra_post", "t2_tse_tra", "t2_tirm_tra_dark-fluid"],
+     {"T1": "AX T1 SE", "T1Gd": "", "T2": "AX T2 FSE", "FLAIR": "AX T2 FLAIR"}),
+])
+def test_an_exam_protocol_name_does_not_decide_a_series_contrast(native_study, protocols, expected):
+    (template,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]
+    descriptions = ["AX T1 SE", "AX T1 POST" if protocols[0] != "t1_se_tra" else "", "AX T2 FSE", "AX T2 FLAIR"]
+    study = [type(template)(**{**template.__dict__, "series_uid": f"1.2.{i}", "series_number": str(i + 1),
+                               "description": description, "protocol": protocol})
+             for i, (description, protocol) in enumerate(zip(descriptions, protocols))]
+    matched = match_series_to_contrasts(study)
+    assert {contrast: item.description for contrast, item in matched.items()} == expected
+
+
+def test_an_exam_protocol_name_still_counts_where_descriptions_are_empty(native_study):
+    # some anonymisers blank SeriesDescription: the protocol name, even the exam's, is then all there is
+    (template,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]
+    study = [type(template)(**{**template.__dict__, "series_uid": f"1.2.{i}", "description": description,
+                               "protocol": "BRAIN T2 TSE"})
+             for i, description in enumerate(["", "AX T1 SE"])]
+    assert match_series_to_contrasts(study) == {"T2": study[0], "T1": study[1]}
