@@ -98,7 +98,7 @@ def synthesize(
     """
     from agi_monai.bundle.registry import BundleError, choose_bundle, find_bundle
     from agi_monai.data import check_report_path, discover_cases
-    from agi_monai.deploy.synthesis import synthesis_output_paths
+    from agi_monai.data import synthesis_output_paths
 
     started = time.perf_counter()
     given = {"t1": t1, "t2": t2, "pd": pd, "flair": flair, "t1gd": t1gd}
@@ -718,7 +718,7 @@ def _refuse_partial_outputs(discovery: Any, output: Path, target: str) -> None:
     counted as present by the bundle's ``FolderSynthesis(overwrite=False)`` and gets its DICOM from that NIfTI:
     :func:`_write_dicom_outputs`.)"""
     from agi_monai.data import Failure
-    from agi_monai.deploy.synthesis import synthesis_output_paths
+    from agi_monai.data import synthesis_output_paths
 
     kept = []
     for case in discovery.cases:
@@ -748,7 +748,7 @@ def _set_earlier_outputs_aside(earlier: dict[str, Any], cases: Mapping[str, Any]
     :class:`agi_monai.data.files.EarlierCaseOutputs` for each case with a NIfTI or a DICOM folder in ``output``
     already: an ``--overwrite`` run replaces a case's outputs as a whole, or keeps the earlier ones as a whole."""
     from agi_monai.data.files import EarlierCaseOutputs
-    from agi_monai.deploy.synthesis import synthesis_output_paths
+    from agi_monai.data import synthesis_output_paths
 
     for case_id in cases:
         nifti, series = synthesis_output_paths(case_id, target, output)
@@ -769,7 +769,7 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
     from agi_monai import __version__
     from agi_monai.data import DataError, Failure, choose_reference, failure_reason
     from agi_monai.data.dicom import write_derived_series
-    from agi_monai.deploy.synthesis import synthesis_output_paths
+    from agi_monai.data import synthesis_output_paths
 
     reference_contrast = choose_reference(bundle.inputs)
     earlier = [p for p in summary.present

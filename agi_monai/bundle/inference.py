@@ -26,10 +26,12 @@ from agi_monai.data import (
     CONTRASTS,
     LABELS,
     Failure,
+    case_id_of_output,
     failure_reason,
     is_synthetic_nifti,
     spacing_mismatch,
     stopping_cleanly_on_sigterm,
+    synthesis_output_paths,
     write_json,
 )
 
@@ -54,7 +56,7 @@ class SynthesisSummary:
 
     def case_id_of(self, output: Path) -> str:
         """The case ID of one of its outputs ``<case>_<target>.nii.gz`` (written or present)."""
-        return output.name[: -len(f"_{self.target}.nii.gz")]
+        return case_id_of_output(output, self.target)
 
     def write_report(self, path: str | Path, dicom_series: Callable[[str], Path] | None = None,
                      **description: Any) -> Path:
@@ -166,7 +168,7 @@ class FolderSynthesis:
         self.report = report
 
     def output_path(self, case_id: str) -> Path:
-        return self.output_dir / f"{case_id}_{self.target}.nii.gz"
+        return synthesis_output_paths(case_id, self.target, self.output_dir)[0]
 
     def __call__(self) -> SynthesisSummary:
         summary = SynthesisSummary(self.output_dir, failures=list(self.skipped), task=self.task, target=self.target)

@@ -61,8 +61,10 @@ _SUBMODULES: dict[str, tuple[str, ...]] = {
         "AtomicNibabelWriter",
         "atomic_output",
         "check_output_folder",
+        "case_id_of_output",
         "check_report_path",
         "stopping_cleanly_on_sigterm",
+        "synthesis_output_paths",
         "write_json",
     ),
     "foreground": (

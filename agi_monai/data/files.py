@@ -220,6 +220,34 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+def synthesis_output_paths(case_id: str, target: str, output_dir: str | Path) -> tuple[Path, Path]:
+    """A case's outputs: ``<case>_<target>.nii.gz`` and the DICOM series folder ``<case>_<target>_dicom``
+    (the one spelling: the CLI, the bundles' folder inference and the Deploy app use it)."""
+    output_dir = Path(output_dir)
+    return output_dir / f"{case_id}_{target}.nii.gz", output_dir / f"{case_id}_{target}_dicom"
+
+
+def case_id_of_output(output: str | Path, target: str) -> str:
+    """The case ID of a NIfTI output ``<case>_<target>.nii.gz`` (:func:`synthesis_output_paths`'s inverse)."""
+    return Path(output).name[: -len(f"_{target}.nii.gz")]
+
+
+def refuse_output_in_input(folder: str | Path, source: str | Path | None) -> None:
+    """Raises when the output ``folder`` is the input folder ``source`` or inside it (a later run would read its
+    outputs as inputs); a BIDS dataset's ``derivatives/`` is allowed (:func:`is_searched_input`). Touches nothing,
+    so a program can check it before loading a model; :func:`check_output_folder` calls it too.
+
+    Raises:
+        DataError: naming ``folder`` and ``source``.
+    """
+    if source is None or not Path(source).is_dir():
+        return
+    folder, source = Path(folder).resolve(), Path(source).resolve()
+    if is_searched_input(folder, source):
+        raise DataError(folder, f"is the input folder or inside it ({source})",
+                        "another folder: outputs there would be read as inputs by a later run")
+
+
 def check_output_folder(folder: str | Path, source: str | Path | None = None) -> Path:
     """Creates ``folder`` and writes (and removes) a file in it, so that a batch run fails before its first case, not
     after computing every case (a read-only file system, a file in the path, no permission). Also refuses ``folder``
@@ -237,11 +265,7 @@ def check_output_folder(folder: str | Path, source: str | Path | None = None) ->
         DataError: naming ``folder``, what is wrong (the system's reason) and what was expected.
     """
     folder = Path(folder).resolve()
-    if source is not None and Path(source).is_dir():
-        source = Path(source).resolve()
-        if is_searched_input(folder, source):
-            raise DataError(folder, f"is the input folder or inside it ({source})",
-                            "another folder: outputs there would be read as inputs by a later run")
+    refuse_output_in_input(folder, source)
     if folder.exists() and not folder.is_dir():
         raise DataError(folder, "is a file", "a folder for the outputs")
     try:

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from agi_monai.bundle.registry import BundleError
-from agi_monai.data import DataError, canonical_contrast, check_output_folder, check_report_path
-from agi_monai.data.files import is_searched_input
+from agi_monai.data import DataError, canonical_contrast, check_output_folder, check_report_path, synthesis_output_paths
+from agi_monai.data.files import refuse_output_in_input
 from agi_monai.deploy.operators import CaseDiscoveryOperator, SynthesisOperator, SyntheticImageWriterOperator
 from agi_monai.bundle import SynthesisSummary
-from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs, synthesis_output_paths
+from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs
 
 # agi_monai.deploy.operators has made the SDK importable (agi_monai.deploy.sdk)
 from monai.deploy.conditions import CountCondition  # noqa: E402
@@ -96,8 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         source, output = Path(context.input_path).resolve(), Path(context.output_path).resolve()
         _check_input(source)
-        if is_searched_input(output, source):  # before the model loads; check_output_folder repeats it
-            raise DataError(output, f"is the input folder or inside it ({source})", "another output folder (-o)")
+        refuse_output_in_input(output, source)  # before the model loads (check_output_folder writes, after it)
         if args.report is not None:
             check_report_path(args.report, source, output)
         for contrast in args.dicom_mapping or {}:

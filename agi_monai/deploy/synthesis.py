@@ -43,10 +43,10 @@ from agi_monai.data import (
     synthetic_description,
 )
 from agi_monai.data.dicom import write_derived_series
-from agi_monai.data.files import EarlierCaseOutputs
+from agi_monai.data.files import EarlierCaseOutputs, synthesis_output_paths
 from agi_monai.engines import clip_prediction, expected_bundle_weights, load_weights
 
-__all__ = ["BundleSynthesizer", "SynthesisOutputs", "refuse_existing_outputs", "synthesis_output_paths", "write_synthesis_outputs"]
+__all__ = ["BundleSynthesizer", "SynthesisOutputs", "refuse_existing_outputs", "write_synthesis_outputs"]
 
 #: The config stored in a TorchScript file by ``agi-monai export`` (MONAI ``ckpt_export``'s extra file name).
 INFERENCE_CONFIG = "inference.json"
@@ -191,12 +191,6 @@ class SynthesisOutputs:
 
     written: list[Path] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-
-
-def synthesis_output_paths(case_id: str, target: str, output_dir: str | Path) -> tuple[Path, Path]:
-    """A case's outputs: ``<case>_<target>.nii.gz`` and the DICOM series folder ``<case>_<target>_dicom``."""
-    output_dir = Path(output_dir)
-    return output_dir / f"{case_id}_{target}.nii.gz", output_dir / f"{case_id}_{target}_dicom"
 
 
 def refuse_existing_outputs(case_id: str, target: str, output_dir: str | Path) -> None:
