@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cctype>
 #include <sstream>
 #include <vector>
 
@@ -46,8 +47,19 @@ std::string dtype_name(at::ScalarType type) {
     case at::kChar: return "torch.int8";
     case at::kByte: return "torch.uint8";
     case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(type);
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: {  // c10's names lower-cased are Python's for the rest ("Float8_e4m3fn" -> torch.float8_e4m3fn)
+      std::string name = c10::toString(type);
+      for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return "torch." + name;
+    }
   }
+}
+
+bool is_supported_float(at::ScalarType type) {
+  return type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble;
 }
 
 void check_group_roll_inputs(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales) {
@@ -78,7 +90,7 @@ void check_group_roll_inputs(const at::Tensor& weight, const at::Tensor& offsets
     TORCH_CHECK(weight.size(d) >= 1, "group_roll: weight must have non-empty kernel axes, got shape ", shape_of(weight));
   }
   TORCH_CHECK(
-      at::isFloatingType(weight.scalar_type()),
+      is_supported_float(weight.scalar_type()),
       "group_roll: weight must be float16, bfloat16, float32 or float64, got ", dtype_name(weight.scalar_type()));
   TORCH_CHECK(
       offsets.scalar_type() == weight.scalar_type() && scales.scalar_type() == weight.scalar_type(),

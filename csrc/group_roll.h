@@ -23,6 +23,8 @@ namespace detail {
 // How the ops' error messages spell a shape ("[2, 3]") and a dtype (Python's "torch.float32").
 std::string shape_of(const at::Tensor& t);
 std::string dtype_name(at::ScalarType type);
+// float16, bfloat16, float32 or float64: the dtypes the kernels are built for (not the float8 types).
+bool is_supported_float(at::ScalarType type);
 // Shape, dtype, device and value checks shared by every backend; messages name the argument,
 // the shape it got and the shape it expected.
 void check_group_roll_inputs(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales);

@@ -43,7 +43,7 @@ void check_layer_norm_gelu_inputs(const at::Tensor& input, const at::Tensor& wei
       "layer_norm_gelu: bias must have shape (C,) = (", channels, ",) to match input ", shape_of(input),
       ", got shape ", shape_of(bias));
   TORCH_CHECK(
-      at::isFloatingType(input.scalar_type()),
+      is_supported_float(input.scalar_type()),
       "layer_norm_gelu: input must be float16, bfloat16, float32 or float64, got ", dtype_name(input.scalar_type()));
   TORCH_CHECK(
       weight.scalar_type() == input.scalar_type() && bias.scalar_type() == input.scalar_type(),

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from agi_monai.networks import CAGR, AGINet, ResUNet
-from agi_monai.networks.blocks import ChannelLayerNorm
+from agi_monai.networks.blocks import cagr
 from agi_monai.ops import extension_has_cuda
 
 
@@ -91,24 +91,20 @@ def train_step_fn(network: torch.nn.Module, batch: int, size: int, device: str, 
     return step
 
 
-def _unfused_layer_norm_gelu(self: ChannelLayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """ChannelLayerNorm.forward_gelu before the fused op: LayerNorm and GELU as two ATen ops on every device."""
-    return F.gelu(self(x))
-
-
 def with_previous_code(step):
     """Runs ``step`` with the previous code (before 2026-11-24): the routing function's LayerNorm and GELU as two
-    ATen ops on CUDA too, and the first version's CUDA group_roll kernels (AGI_MONAI_GROUP_ROLL_CUDA=taps, still
-    built in). The CPU code is unchanged since, so on CPU this times the same code twice."""
+    ATen ops on CUDA too (``cagr.FUSED_NORM_DEVICE_TYPES`` empty), and the first version's CUDA group_roll kernels
+    (AGI_MONAI_GROUP_ROLL_CUDA=taps, still built in). The CPU code is unchanged since, so on CPU this times the
+    same code twice."""
 
     def run():
-        saved_path, saved_norm = os.environ.get("AGI_MONAI_GROUP_ROLL_CUDA"), ChannelLayerNorm.forward_gelu
+        saved_path, saved_devices = os.environ.get("AGI_MONAI_GROUP_ROLL_CUDA"), cagr.FUSED_NORM_DEVICE_TYPES
         os.environ["AGI_MONAI_GROUP_ROLL_CUDA"] = "taps"
-        ChannelLayerNorm.forward_gelu = _unfused_layer_norm_gelu
+        cagr.FUSED_NORM_DEVICE_TYPES = ()
         try:
             step()
         finally:
-            ChannelLayerNorm.forward_gelu = saved_norm
+            cagr.FUSED_NORM_DEVICE_TYPES = saved_devices
             if saved_path is None:
                 os.environ.pop("AGI_MONAI_GROUP_ROLL_CUDA")
             else:
@@ -171,10 +167,11 @@ def cagr_breakdown(device: str, batch: int, amp: str | None, warmup: int, repeat
             run(lambda: block.roll(block.conv.weight, offsets, scales)),
             run(lambda: block.rolled_conv(x, offsets, scales)),
         ]
-        # The routing function's LayerNorm + GELU on a channels-last feature map: as now, and as two ATen ops.
-        norm = block.routing.features[1]
+        # The routing function's LayerNorm + GELU on a channels-last feature map: as the network runs them (fused on
+        # CUDA), and as two ATen ops.
+        norm_gelu = block.routing.features[1:3]
         features = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-        parts += [run(lambda: norm.forward_gelu(features)), run(lambda: _unfused_layer_norm_gelu(norm, features))]
+        parts += [run(lambda: norm_gelu(features)), run(lambda: norm_gelu[1](norm_gelu[0](features)))]
         rows.append(f"| C={channels}, {size}², B={batch} | " + " | ".join(f"{p:.2f}" for p in parts) + " |")
     return rows
 

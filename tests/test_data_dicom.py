@@ -457,6 +457,28 @@ def test_an_exam_protocol_name_does_not_decide_a_series_contrast(native_study, p
     assert {contrast: item.description for contrast, item in matched.items()} == expected
 
 
+def test_a_shared_protocol_name_still_counts_where_the_description_names_nothing(native_study):
+    # one T1 protocol run before and after contrast: only the protocol says T1, the agent says which is post
+    (template,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]
+    study = [type(template)(**{**template.__dict__, "series_uid": f"1.2.{i}", "description": description,
+                               "protocol": "T1 AX SE", "contrast_agent": agent})
+             for i, (description, agent) in enumerate([("Ax pre", ""), ("Ax post", "GADAVIST")])]
+    assert match_series_to_contrasts(study) == {"T1": study[0], "T1Gd": study[1]}
+
+
+def test_series_without_the_exam_protocol_name_do_not_hide_it(native_study):
+    # a segmentation and a screen save without a ProtocolName in a GE study: still the exam's name on every image
+    (template,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]
+    acquired = [("AX T1 SE", "BRAIN TUMOR CONTRAST", "MR"), ("AX T1 POST", "BRAIN TUMOR CONTRAST", "MR"),
+                ("AX T2 FSE", "BRAIN TUMOR CONTRAST", "MR"), ("Tumour segmentation", "", "SEG"), ("Screen Save", "", "MR")]
+    study = [type(template)(**{**template.__dict__, "series_uid": f"1.2.{i}", "description": description,
+                               "protocol": protocol, "modality": modality})
+             for i, (description, protocol, modality) in enumerate(acquired)]
+    matched = match_series_to_contrasts(study)
+    assert {contrast: item.description for contrast, item in matched.items()} == {
+        "T1": "AX T1 SE", "T1Gd": "AX T1 POST", "T2": "AX T2 FSE"}
+
+
 def test_an_exam_protocol_name_still_counts_where_descriptions_are_empty(native_study):
     # some anonymisers blank SeriesDescription: the protocol name, even the exam's, is then all there is
     (template,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]

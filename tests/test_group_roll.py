@@ -647,6 +647,8 @@ BAD_INPUTS = {
                   ValueError),
     "integer-dtype": (lambda: (W2().long(), O2().long(), S2().long()), ["weight", "float16, bfloat16, float32 or float64"],
                       TypeError),
+    "float8-dtype": (lambda: tuple(t.to(torch.float8_e4m3fn) for t in (W2(), O2(), S2())),
+                     ["weight", "float16, bfloat16, float32 or float64", "torch.float8_e4m3fn"], TypeError),
     "mixed-dtype-offsets": (lambda: (W2(), O2().double(), S2()), ["weight, offsets and scales", "one dtype", "offsets"],
                             TypeError),
     "mixed-dtype-scales": (lambda: (W2(), O2(), S2().half()), ["weight, offsets and scales", "one dtype", "scales"],

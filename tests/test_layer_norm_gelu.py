@@ -149,6 +149,12 @@ def test_bad_inputs_are_named():
         torch.ops.agi_monai._layer_norm_gelu_backward(x[:, :7], x, weight, bias, 1e-6)
 
 
+def test_float8_is_refused_by_name():
+    x, weight, bias = (t.to(torch.float8_e4m3fn) for t in make_inputs((2, 4)))
+    with pytest.raises(RuntimeError, match="input must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"):
+        fused(x, weight, bias)
+
+
 def test_double_backward_is_refused():
     inputs = make_inputs((3, 5), torch.float64, requires_grad=True)
     (grad_x,) = torch.autograd.grad(fused(*inputs).sum(), inputs[0], create_graph=True)
@@ -220,3 +226,29 @@ def test_cuda_equals_cpu_on_a_routing_sized_map():
     with torch.no_grad():
         reference = F.gelu(routing.features[1](routing.features[0](torch.rand(1, 64, 8, 8, device="cuda"))))
     assert torch.isfinite(reference).all()
+
+
+def test_routing_features_keep_hooks_swaps_and_slices(monkeypatch):
+    """With the fused op in use (forced on CPU here), a hook on a LayerNorm or GELU still sees its module's own output
+    (that pair then runs unfused, with the same result), a module replaced by another is run (eager agrees with
+    TorchScript), and slices are RoutingFeatures that run."""
+    monkeypatch.setattr(cagr, "FUSED_NORM_DEVICE_TYPES", ("cpu", "cuda"))
+    torch.manual_seed(2)
+    routing = RoutingFunction(2, 16, 4).double()
+    features = routing.features
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    expected = features[5](features[4](features[3](features[2](features[1](features[0](x))))))
+    torch.testing.assert_close(features(x), expected)
+    seen = []
+    handle = features[1].register_forward_hook(lambda module, args, out: seen.append(out))
+    torch.testing.assert_close(features(x), expected)
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], features[1](features[0](x)))  # the LayerNorm's output, before GELU
+    features[2] = torch.nn.Identity()  # an ablation: no GELU after the first LayerNorm
+    scripted = torch.jit.script(features)
+    torch.testing.assert_close(features(x), scripted(x))
+    torch.testing.assert_close(features(x), features[5](features[4](features[3](features[1](features[0](x))))))
+    head = features[:2]
+    assert isinstance(head, cagr.RoutingFeatures) and len(head) == 2
+    torch.testing.assert_close(head(x), features[1](features[0](x)))

@@ -16,6 +16,7 @@ can be wired separately in a config.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 # Names are imported from their submodules on first use (PEP 562): the engines and the networks import
@@ -115,7 +116,13 @@ _SUBMODULE_OF = {name: module for module, names in _SUBMODULES.items() for name 
 __all__ = sorted(_SUBMODULE_OF)
 
 
+# Every submodule, also as an attribute (agi_monai.data.dicom.X after a plain `import agi_monai.data`).
+_MODULES = frozenset(info.name for info in pkgutil.iter_modules(__path__))
+
+
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"agi_monai.data.{name}")  # (the import system sets the attribute)
     module = _SUBMODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'agi_monai.data' has no attribute {name!r}")
@@ -125,4 +132,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | _MODULES)

@@ -187,8 +187,8 @@ def match_series_to_contrasts(
             (:meth:`DicomSeries.selected_by`); the contrasts it does not name are matched by the rules among
             the series it does not select (so ``{"T2": "AX T2 FSE"}`` settles two T2 series and nothing else).
         rules: ordered (contrast or None, regex) rules on "SeriesDescription ProtocolName" (on the
-            SeriesDescription alone where every series of the study has one ProtocolName: the exam's, as GE
-            writes it); a T1 series whose ContrastBolusAgent tag is set counts as T1Gd. The two echoes of a dual-echo series named for
+            SeriesDescription alone, where a rule reads it, when every acquired MR series of the study has one
+            ProtocolName: the exam's, as GE writes it); a T1 series whose ContrastBolusAgent tag is set counts as T1Gd. The two echoes of a dual-echo series named for
             both PD and T2 (e.g. "PD+T2 TSE": the rules' PD and T2 patterns both match) are PD (the shorter echo
             time) and T2. The rules match MR images only (not a segmentation or structure set named "T1
             contours"), and never series synthesized by agi-monai (written into the study by an earlier run, e.g.
@@ -216,7 +216,9 @@ def match_series_to_contrasts(
     # A ProtocolName shared by every acquired series of the study names the exam, as GE's does ("BRAIN TUMOR
     # CONTRAST" on the pre-contrast T1 too), not the series: there the rules read the SeriesDescription alone.
     # Siemens and Philips name each series' protocol ("t1_mprage_sag_post"), which still counts.
-    protocols = {item.series_uid: item.protocol.strip().lower() for item in series if not item.synthetic}
+    # Counted over the acquired MR series that have one (a SEG or a screen save without one says nothing).
+    protocols = {item.series_uid: item.protocol.strip().lower() for item in series
+                 if not item.synthetic and item.modality in ("MR", "") and item.protocol.strip()}
     exam_protocol = next(iter(protocols.values())) if len(protocols) > 1 and len(set(protocols.values())) == 1 else None
     candidates: dict[str, list[DicomSeries]] = {}
     for item in series:
@@ -228,8 +230,12 @@ def match_series_to_contrasts(
         if item.modality not in ("MR", ""):  # a segmentation, structure set, report... named "T1 tumour contours"
             _logger.info("%s: modality %s, not an MR image, not used as an input", item.label, item.modality)
             continue
-        names_exam = exam_protocol is not None and item.description.strip() != ""
-        text = (item.description if names_exam else f"{item.description} {item.protocol}").lower()
+        text = f"{item.description} {item.protocol}".lower()
+        if exam_protocol is not None and item.protocol.strip().lower() == exam_protocol:
+            # the description alone, if any rule reads it ("Ax pre" names nothing: then with the protocol)
+            description = item.description.lower()
+            if any(re.search(pattern, description) for _, pattern in rules):
+                text = description
         contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
         if contrast == "T1" and item.contrast_agent.strip():
             contrast = "T1Gd"

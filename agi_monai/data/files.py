@@ -240,10 +240,12 @@ def refuse_output_in_input(folder: str | Path, source: str | Path | None) -> Non
     Raises:
         DataError: naming ``folder`` and ``source``.
     """
-    if source is None or not Path(source).is_dir():
+    if source is None:
         return
     folder, source = Path(folder).resolve(), Path(source).resolve()
-    if is_searched_input(folder, source):
+    if source.is_file() and folder == source:  # a datalist given as the output folder too
+        raise DataError(folder, "is the input file", "another folder for the outputs")
+    if source.is_dir() and is_searched_input(folder, source):
         raise DataError(folder, f"is the input folder or inside it ({source})",
                         "another folder: outputs there would be read as inputs by a later run")
 

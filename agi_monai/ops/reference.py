@@ -42,7 +42,7 @@ def check_group_roll_inputs(weight: torch.Tensor, offsets: torch.Tensor, scales:
             f"group_roll: the number of groups n = {groups} (offsets.size(1)) must divide C_in = {weight.shape[1]} "
             f"(weight.size(1)); weight has shape {list(weight.shape)}"
         )
-    if not weight.is_floating_point():
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"group_roll: weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
     if offsets.dtype != weight.dtype or scales.dtype != weight.dtype:
         raise TypeError(

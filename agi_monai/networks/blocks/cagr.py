@@ -86,15 +86,14 @@ class ChannelLayerNorm(nn.Module):
 
     @torch.jit.unused
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """``gelu(self(x))`` (exact GELU). On CUDA one fused kernel, ``agi_monai.ops.layer_norm_gelu``: as two
-        ATen ops the pair cost more than the grouped convolution before it at full resolution, and GELU
-        saved a second full-size tensor (docs/benchmarks.md). On CPU ATen's vectorised ops are faster."""
-        if x.device.type in FUSED_NORM_DEVICE_TYPES and fused_layer_norm_gelu_available(x.device):
-            norm = self.norm
-            # Computed in float whatever x's dtype, as _eager_forward does under autocast.
-            y = layer_norm_gelu(x.movedim(1, -1), norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
-            return y.movedim(-1, 1)
-        return F.gelu(self._eager_forward(x))
+        """``gelu(self(x))`` (exact GELU) as one fused kernel, ``agi_monai.ops.layer_norm_gelu`` (which falls back
+        to ATen's two ops where the extension has no kernels for x's device). On CUDA the two ATen ops cost more
+        than the grouped convolution before them at full resolution, and GELU saved a second full-size tensor
+        (docs/benchmarks.md); :class:`RoutingFeatures` calls this where ``FUSED_NORM_DEVICE_TYPES`` says so."""
+        norm = self.norm
+        # Computed in float whatever x's dtype, as _eager_forward does under autocast.
+        y = layer_norm_gelu(x.movedim(1, -1), norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+        return y.movedim(-1, 1)
 
 
 class CrossGroupAttention(nn.Module):
@@ -133,20 +132,18 @@ class CrossGroupAttention(nn.Module):
 
 
 class RoutingFeatures(nn.Sequential):
-    """The routing function's [grouped 3×3 conv → LayerNorm → GELU] × ``num_convs``, at full resolution.
+    """The routing function's [grouped 3×3 conv → LayerNorm → GELU] × ``num_convs`` at full resolution
+    (:meth:`build`), an ``nn.Sequential`` whose eager forward runs each stock ChannelLayerNorm and the GELU after it
+    as one fused kernel where that exists (CUDA, ``FUSED_NORM_DEVICE_TYPES``).
 
-    Eagerly each LayerNorm and the GELU after it run as one call, :meth:`ChannelLayerNorm.forward_gelu`
-    (one fused kernel on CUDA); the GELU modules stay in the sequence for TorchScript, which runs them one
-    by one, and for the state-dict layout.
-
-    Args:
-        spatial_dims: 2 or 3.
-        channels: C (input and output).
-        groups: n, the convolutions' groups.
-        num_convs: number of [conv → LayerNorm → GELU] triples.
+    A pair with a hook on either module (which must see the LayerNorm's own output), or a module replaced by
+    another, runs layer by layer as in ``nn.Sequential``, with the same results; so does TorchScript.
     """
 
-    def __init__(self, spatial_dims: int, channels: int, groups: int, num_convs: int) -> None:
+    @classmethod
+    def build(cls, spatial_dims: int, channels: int, groups: int, num_convs: int) -> "RoutingFeatures":
+        """[grouped 3×3 conv (``groups`` groups, no bias) → ChannelLayerNorm → GELU] × ``num_convs``, ``channels`` →
+        ``channels``, for ``spatial_dims`` = 2 or 3."""
         layers: list[nn.Module] = []
         for _ in range(num_convs):
             layers += [
@@ -154,7 +151,7 @@ class RoutingFeatures(nn.Sequential):
                 ChannelLayerNorm(channels),
                 nn.GELU(),
             ]
-        super().__init__(*layers)
+        return cls(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -166,9 +163,38 @@ class RoutingFeatures(nn.Sequential):
     @torch.jit.unused
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = list(self)
-        for conv, norm in zip(layers[0::3], layers[1::3]):
-            x = norm.forward_gelu(conv(x))
+        index = 0
+        while index < len(layers):
+            if index + 1 < len(layers) and _fusable(layers[index], layers[index + 1], x):
+                x = layers[index].forward_gelu(x)
+                index += 2
+            else:
+                x = layers[index](x)
+                index += 1
         return x
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _fusable(norm: nn.Module, activation: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``activation(norm(x))`` may run as one fused kernel: a ChannelLayerNorm then an exact GELU, no hooks
+    that would miss the LayerNorm's output (global module hooks included: torch.nn's registries), on a device
+    where the fused kernel is used."""
+    global_hooks = any(
+        getattr(torch.nn.modules.module, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                     "_global_backward_pre_hooks")
+    )
+    return (
+        x.device.type in FUSED_NORM_DEVICE_TYPES
+        and fused_layer_norm_gelu_available(x.device)
+        and type(norm) is ChannelLayerNorm
+        and type(activation) is nn.GELU
+        and activation.approximate == "none"
+        and not (global_hooks or _has_hooks(norm) or _has_hooks(norm.norm) or _has_hooks(activation))
+    )
 
 
 class RoutingFunction(nn.Module):
@@ -188,7 +214,7 @@ class RoutingFunction(nn.Module):
         super().__init__()
         self.groups = groups
         self.spatial_dims = spatial_dims
-        self.features = RoutingFeatures(spatial_dims, channels, groups, num_convs)
+        self.features = RoutingFeatures.build(spatial_dims, channels, groups, num_convs)
         # Global average pool over the spatial axes of the channels-last view (see forward).
         self.pool_dims: list[int] = list(range(1, spatial_dims + 1))
         self.offset_head = nn.Linear(channels, groups * spatial_dims)
