@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agi_monai.data import DataError, atomic_output, check_output_folder, failure_reason, stopping_cleanly_on_sigterm
-from agi_monai.data.files import remove_stale_temporaries, temporary_path, walk_folders
+from agi_monai.data.files import refuse_output_in_input, remove_stale_temporaries, temporary_path, walk_folders
 
 
 def test_sigterm_inside_an_atomic_write_removes_the_temporary_file_and_exits_143(tmp_path):
@@ -131,6 +131,22 @@ def test_output_folder_that_cannot_serve_is_named_with_why(tmp_path, problem):
         check_output_folder(folder, cases)
     assert str(raised.value) == f"{folder}: {expected}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases", "file"] and list(cases.iterdir()) == []
+
+
+def test_output_inside_the_input_is_refused_without_touching_anything(tmp_path):
+    # checked before a model loads (the Deploy app), so it must create nothing
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text("{}")
+    with pytest.raises(DataError, match=r"out: is the input folder or inside it"):
+        refuse_output_in_input(cases / "out", cases)
+    with pytest.raises(DataError, match=r"datalist.json: is the input file \(expected another folder for the outputs\)"):
+        refuse_output_in_input(datalist, datalist)
+    refuse_output_in_input(tmp_path / "out", cases)  # beside the input: fine
+    refuse_output_in_input(tmp_path / "out", datalist)
+    refuse_output_in_input(cases / "out", None)
+    assert not (cases / "out").exists() and not (tmp_path / "out").exists()
 
 
 def test_read_only_output_folder_is_refused(tmp_path):
