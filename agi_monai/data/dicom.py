@@ -230,13 +230,11 @@ def match_series_to_contrasts(
         if item.modality not in ("MR", ""):  # a segmentation, structure set, report... named "T1 tumour contours"
             _logger.info("%s: modality %s, not an MR image, not used as an input", item.label, item.modality)
             continue
-        text = f"{item.description} {item.protocol}".lower()
+        texts = [f"{item.description} {item.protocol}".lower()]
         if exam_protocol is not None and item.protocol.strip().lower() == exam_protocol:
-            # the description alone, if any rule reads it ("Ax pre" names nothing: then with the protocol)
-            description = item.description.lower()
-            if any(re.search(pattern, description) for _, pattern in rules):
-                text = description
-        contrast = next((name for name, pattern in rules if re.search(pattern, text)), None)
+            # the description alone first, if any rule reads it ("Ax pre" names nothing: then with the protocol)
+            texts.insert(0, item.description.lower())
+        text, contrast = next(((t, name) for t in texts for name, pattern in rules if re.search(pattern, t)), (texts[-1], None))
         if contrast == "T1" and item.contrast_agent.strip():
             contrast = "T1Gd"
         echoes = sum(1 for other in series if other.series_uid == item.series_uid and other.echo)
