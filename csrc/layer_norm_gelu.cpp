@@ -66,6 +66,11 @@ void check_layer_norm_gelu_grad(const at::Tensor& grad, const at::Tensor& input)
       " on ", grad.device(), ", expected ", dtype_name(input.scalar_type()), " on ", input.device());
 }
 
+std::tuple<at::Tensor, at::Tensor> parameter_grads(const at::Tensor& partial, at::ScalarType dtype) {
+  const at::Tensor sums = partial.sum(0).to(dtype);
+  return {sums[0].clone(), sums[1].clone()};
+}
+
 }  // namespace detail
 
 TORCH_LIBRARY_FRAGMENT(agi_monai, m) {

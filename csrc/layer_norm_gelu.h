@@ -26,6 +26,8 @@ namespace detail {
 // and the shape it expected.
 void check_layer_norm_gelu_inputs(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, double eps);
 void check_layer_norm_gelu_grad(const at::Tensor& grad, const at::Tensor& input);
+// The weight and bias gradients, in dtype, from a backward kernel's (blocks, [dgamma, dbeta], C) partial sums.
+std::tuple<at::Tensor, at::Tensor> parameter_grads(const at::Tensor& partial, at::ScalarType dtype);
 }  // namespace detail
 
 }  // namespace ops

@@ -113,8 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gelu_backward_cpu(
       }
     });
   });
-  const at::Tensor sums = partial.sum(0).to(x.scalar_type());
-  return {grad_input, sums[0].clone(), sums[1].clone()};
+  auto [grad_weight, grad_bias] = detail::parameter_grads(partial, x.scalar_type());
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace

@@ -54,6 +54,18 @@ __device__ __forceinline__ void warp_row_moments(
   *rstd = detail::rsqrt_of<acc_t>(warp_sum(squares) / static_cast<acc_t>(channels) + static_cast<acc_t>(eps));
 }
 
+// After a backward kernel's row loop: the block's row of partial, its warps' (2, C) gamma/beta sums added up.
+template <typename acc_t>
+__device__ __forceinline__ void write_block_partials(
+    const acc_t* shared, acc_t* __restrict__ partial, int64_t warps, int64_t channels) {
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < 2 * channels; i += blockDim.x) {
+    acc_t sum = 0;
+    for (int64_t w = 0; w < warps; ++w) sum += shared[w * 2 * channels + i];
+    partial[blockIdx.x * 2 * channels + i] = sum;
+  }
+}
+
 template <typename scalar_t>
 __global__ void layer_norm_gelu_forward_kernel(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta,
@@ -114,15 +126,41 @@ __global__ void layer_norm_gelu_backward_kernel(
           static_cast<scalar_t>(detail::norm_input_grad<acc_t>(d.dxhat, xhat, rstd, mean_dxhat, mean_dxhat_xhat));
     }
   }
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < 2 * channels; i += blockDim.x) {
-    acc_t sum = 0;
-    for (int64_t w = 0; w < warps; ++w) sum += shared[w * 2 * channels + i];
-    partial[blockIdx.x * 2 * channels + i] = sum;
-  }
+  write_block_partials(shared, partial, warps, channels);
 }
 
 constexpr int kMaxCachedPerLane = 16;
+
+// gamma and beta of the lane's entries lane, lane + 32, ... (zero past C).
+template <typename scalar_t, typename acc_t, int kPerLane>
+__device__ __forceinline__ void load_lane_parameters(
+    const scalar_t* __restrict__ gamma, const scalar_t* __restrict__ beta, int64_t channels, int lane, acc_t* g,
+    acc_t* b) {
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int64_t c = lane + j * kWarp;
+    g[j] = c < channels ? static_cast<acc_t>(gamma[c]) : acc_t(0);
+    b[j] = c < channels ? static_cast<acc_t>(beta[c]) : acc_t(0);
+  }
+}
+
+// warp_row_moments of a row held in registers (v: the lane's entries, zero past C).
+template <typename acc_t, int kPerLane>
+__device__ __forceinline__ void lane_row_moments(
+    const acc_t* v, int64_t channels, int lane, double eps, acc_t* mean, acc_t* rstd) {
+  acc_t sum = 0;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) sum += v[j];
+  const acc_t m = warp_sum(sum) / static_cast<acc_t>(channels);
+  acc_t squares = 0;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const acc_t d = lane + j * kWarp < channels ? v[j] - m : acc_t(0);
+    squares += d * d;
+  }
+  *mean = m;
+  *rstd = detail::rsqrt_of<acc_t>(warp_sum(squares) / static_cast<acc_t>(channels) + static_cast<acc_t>(eps));
+}
 
 // Row in registers: kPerLane entries a lane, entries past C read as zero and never written.
 template <typename scalar_t, int kPerLane>
@@ -133,31 +171,17 @@ __global__ void layer_norm_gelu_forward_cached_kernel(
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = blockDim.x / kWarp;
   acc_t g[kPerLane], b[kPerLane];
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int64_t c = lane + j * kWarp;
-    g[j] = c < channels ? static_cast<acc_t>(gamma[c]) : acc_t(0);
-    b[j] = c < channels ? static_cast<acc_t>(beta[c]) : acc_t(0);
-  }
+  load_lane_parameters<scalar_t, acc_t, kPerLane>(gamma, beta, channels, lane, g, b);
   for (int64_t row = blockIdx.x * warps + threadIdx.x / kWarp; row < rows; row += gridDim.x * warps) {
     const scalar_t* xr = x + row * channels;
     acc_t v[kPerLane];
-    acc_t sum = 0;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int64_t c = lane + j * kWarp;
       v[j] = c < channels ? static_cast<acc_t>(xr[c]) : acc_t(0);
-      sum += v[j];
     }
-    const acc_t mean = warp_sum(sum) / static_cast<acc_t>(channels);
-    acc_t squares = 0;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const acc_t d = lane + j * kWarp < channels ? v[j] - mean : acc_t(0);
-      squares += d * d;
-    }
-    const acc_t rstd =
-        detail::rsqrt_of<acc_t>(warp_sum(squares) / static_cast<acc_t>(channels) + static_cast<acc_t>(eps));
+    acc_t mean, rstd;
+    lane_row_moments<acc_t, kPerLane>(v, channels, lane, eps, &mean, &rstd);
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int64_t c = lane + j * kWarp;
@@ -177,34 +201,21 @@ __global__ void layer_norm_gelu_backward_cached_kernel(
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = blockDim.x / kWarp, warp = threadIdx.x / kWarp;
   acc_t g[kPerLane], b[kPerLane], d_gamma[kPerLane], d_beta[kPerLane];
+  load_lane_parameters<scalar_t, acc_t, kPerLane>(gamma, beta, channels, lane, g, b);
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int64_t c = lane + j * kWarp;
-    g[j] = c < channels ? static_cast<acc_t>(gamma[c]) : acc_t(0);
-    b[j] = c < channels ? static_cast<acc_t>(beta[c]) : acc_t(0);
-    d_gamma[j] = d_beta[j] = 0;
-  }
+  for (int j = 0; j < kPerLane; ++j) d_gamma[j] = d_beta[j] = 0;
   for (int64_t row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
     const scalar_t* xr = x + row * channels;
     const scalar_t* dyr = dy + row * channels;
     acc_t xhat[kPerLane], dxhat[kPerLane];
-    acc_t sum = 0;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int64_t c = lane + j * kWarp;
-      xhat[j] = c < channels ? static_cast<acc_t>(xr[c]) : acc_t(0);
+      xhat[j] = c < channels ? static_cast<acc_t>(xr[c]) : acc_t(0);  // x until the loop below
       dxhat[j] = c < channels ? static_cast<acc_t>(dyr[c]) : acc_t(0);  // dy until the loop below
-      sum += xhat[j];
     }
-    const acc_t mean = warp_sum(sum) / static_cast<acc_t>(channels);
-    acc_t squares = 0;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const acc_t d = lane + j * kWarp < channels ? xhat[j] - mean : acc_t(0);
-      squares += d * d;
-    }
-    const acc_t rstd =
-        detail::rsqrt_of<acc_t>(warp_sum(squares) / static_cast<acc_t>(channels) + static_cast<acc_t>(eps));
+    acc_t mean, rstd;
+    lane_row_moments<acc_t, kPerLane>(xhat, channels, lane, eps, &mean, &rstd);
     acc_t sum_dxhat = 0, sum_dxhat_xhat = 0;
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
@@ -235,25 +246,19 @@ __global__ void layer_norm_gelu_backward_cached_kernel(
       shared[warp * 2 * channels + channels + c] = d_beta[j];
     }
   }
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < 2 * channels; i += blockDim.x) {
-    acc_t total = 0;
-    for (int64_t w = 0; w < warps; ++w) total += shared[w * 2 * channels + i];
-    partial[blockIdx.x * 2 * channels + i] = total;
-  }
+  write_block_partials(shared, partial, warps, channels);
 }
 
-// Calls body(std::integral_constant<int, kPerLane>) with the smallest power of two kPerLane >= ceil(C / 32),
-// or returns false (C > 32 * kMaxCachedPerLane: the streaming kernels). (Not a templated lambda: torch < 2.13
-// builds extensions as C++17.)
+// Calls body(std::integral_constant<int, kPerLane>) with the smallest power of two kPerLane >= ceil(C / 32) where
+// C <= 32 * kMaxCachedPerLane (wider rows keep the streaming kernels). (A generic lambda, not a templated one:
+// torch < 2.13 builds extensions as C++17.)
 template <typename Body>
-bool dispatch_cached(int64_t channels, Body&& body) {
-  if (channels <= kWarp) return body(std::integral_constant<int, 1>{}), true;
-  if (channels <= 2 * kWarp) return body(std::integral_constant<int, 2>{}), true;
-  if (channels <= 4 * kWarp) return body(std::integral_constant<int, 4>{}), true;
-  if (channels <= 8 * kWarp) return body(std::integral_constant<int, 8>{}), true;
-  if (channels <= kMaxCachedPerLane * kWarp) return body(std::integral_constant<int, kMaxCachedPerLane>{}), true;
-  return false;
+void with_cached_width(int64_t channels, Body&& body) {
+  if (channels <= kWarp) body(std::integral_constant<int, 1>{});
+  else if (channels <= 2 * kWarp) body(std::integral_constant<int, 2>{});
+  else if (channels <= 4 * kWarp) body(std::integral_constant<int, 4>{});
+  else if (channels <= 8 * kWarp) body(std::integral_constant<int, 8>{});
+  else if (channels <= kMaxCachedPerLane * kWarp) body(std::integral_constant<int, kMaxCachedPerLane>{});
 }
 
 // Enough blocks to fill the device (a few per SM); grid-stride loops cover the remaining rows.
@@ -276,17 +281,13 @@ at::Tensor layer_norm_gelu_cuda(const at::Tensor& input, const at::Tensor& weigh
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned int blocks = row_blocks(rows, kWarpsPerBlock, 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_gelu_cuda", [&] {
-    const bool cached = dispatch_cached(channels, [&](auto per_lane) {
-      constexpr int kPerLane = decltype(per_lane)::value;
-      layer_norm_gelu_forward_cached_kernel<scalar_t, kPerLane><<<blocks, kWarpsPerBlock * kWarp, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), rows, channels, eps);
+    auto kernel = &layer_norm_gelu_forward_kernel<scalar_t>;
+    with_cached_width(channels, [&](auto per_lane) {
+      kernel = &layer_norm_gelu_forward_cached_kernel<scalar_t, decltype(per_lane)::value>;
     });
-    if (!cached) {
-      layer_norm_gelu_forward_kernel<scalar_t><<<blocks, kWarpsPerBlock * kWarp, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-          out.mutable_data_ptr<scalar_t>(), rows, channels, eps);
-    }
+    kernel<<<blocks, kWarpsPerBlock * kWarp, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), rows, channels, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -314,24 +315,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_gelu_backward_cuda(
   if (rows > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_gelu_backward_cuda", [&] {
-      const bool cached = dispatch_cached(channels, [&](auto per_lane) {
-        constexpr int kPerLane = decltype(per_lane)::value;
-        layer_norm_gelu_backward_cached_kernel<scalar_t, kPerLane><<<blocks, warps * kWarp, warps * row_bytes, stream>>>(
-            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-            b.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-            partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), rows, channels, eps);
+      auto kernel = &layer_norm_gelu_backward_kernel<scalar_t>;
+      with_cached_width(channels, [&](auto per_lane) {
+        kernel = &layer_norm_gelu_backward_cached_kernel<scalar_t, decltype(per_lane)::value>;
       });
-      if (!cached) {
-        layer_norm_gelu_backward_kernel<scalar_t><<<blocks, warps * kWarp, warps * row_bytes, stream>>>(
-            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-            b.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-            partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), rows, channels, eps);
-      }
+      kernel<<<blocks, warps * kWarp, warps * row_bytes, stream>>>(
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+          b.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+          partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), rows, channels, eps);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const at::Tensor sums = partial.sum(0).to(x.scalar_type());
-  return {grad_input, sums[0].clone(), sums[1].clone()};
+  auto [grad_weight, grad_bias] = detail::parameter_grads(partial, x.scalar_type());
+  return {grad_input, grad_weight, grad_bias};
 }
 
 }  // namespace
