@@ -773,7 +773,7 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
 
     reference_contrast = choose_reference(bundle.inputs)
     earlier = [p for p in summary.present
-               if not synthesis_output_paths(summary.case_id_of(p), bundle.target, p.parent)[1].exists()]
+               if not synthesis_output_paths(summary.case_id_of(p), bundle.target, summary.output_dir)[1].exists()]
     failures = []
     for nifti in tqdm(list(summary.written) + earlier, desc="writing DICOM", unit="case", disable=not progress):
         case_id = summary.case_id_of(nifti)
@@ -782,7 +782,7 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
         try:
             write_derived_series(
                 sitk.ReadImage(str(nifti)),
-                synthesis_output_paths(case_id, bundle.target, nifti.parent)[1],
+                synthesis_output_paths(case_id, bundle.target, summary.output_dir)[1],
                 series_description=f"SYNTHETIC {bundle.target} {bundle.name}"[:64],
                 derivation_description=(
                     f"Synthetic {bundle.target} made by AGI-Net bundle {bundle.name} (agi-monai {__version__}) from "

@@ -29,7 +29,7 @@ import torch
 from monai.inferers import SliceInferer
 
 from agi_monai.cli import main
-from agi_monai.data import synthetic_description, write_dicom_series
+from agi_monai.data import parse_filename, synthetic_description, write_dicom_series
 from agi_monai.evaluation import evaluate_volume, volume_dataset
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, SUMMARY_MD, read_csv
 from agi_monai.networks import AGINet
@@ -181,13 +181,29 @@ def test_a_bids_dataset_is_synthesized_into_its_derivatives(flair_bundle, cases,
     shutil.copy(cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz", anat / "sub-01_ses-1_acq-mprage_T1w.nii.gz")
     shutil.copy(cases / GLI.name / "BraTS-GLI-00001-000-t2w.nii.gz", anat / "sub-01_ses-1_acq-tse_run-1_T2w.nii.gz")
     output = bids / "derivatives" / "agi-monai"
-    args = ["synthesize", str(bids), "--target", "FLAIR", "--output_dir", str(output), "--bundle", str(flair_bundle), *FAST]
+    args = ["synthesize", str(bids), "--target", "FLAIR", "--output_dir", str(output), "--bundle", str(flair_bundle),
+            "--dicom", "--report", str(output / "report.json"), *FAST]
     assert main(args) == 0
-    assert [p.name for p in output.iterdir()] == ["sub-01_ses-1_FLAIR.nii.gz"]
-    assert_on_input_grid(output / "sub-01_ses-1_FLAIR.nii.gz", anat / "sub-01_ses-1_acq-tse_run-1_T2w.nii.gz")
+    # a BIDS derivative (before: flat sub-01_ses-1_FLAIR.nii.gz and no dataset_description.json): the synthesis in
+    # the session's anat/ folder under a BIDS name, its DICOM series beside it (left out by .bidsignore)
+    synthesized = output / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_desc-synthetic_FLAIR.nii.gz"
+    series = synthesized.with_name("sub-01_ses-1_desc-synthetic_FLAIR_dicom")
+    files = sorted(str(p.relative_to(output)) for p in output.rglob("*") if p.parent != series)
+    assert files == [".bidsignore", "dataset_description.json", "report.json", "sub-01", "sub-01/ses-1",
+                     "sub-01/ses-1/anat", str(synthesized.relative_to(output)), str(series.relative_to(output))]
+    assert_on_input_grid(synthesized, anat / "sub-01_ses-1_acq-tse_run-1_T2w.nii.gz")
+    assert len(list(series.iterdir())) == nib.load(synthesized).shape[2]
+    description = json.loads((output / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["BIDSVersion"] == "1.9.0"
+    assert description["GeneratedBy"][0]["Name"] == "agi-monai"
+    assert (output / ".bidsignore").read_text() == "*_dicom/\n"
+    report = json.loads((output / "report.json").read_text())
+    assert report["cases"] == [{"case_id": "sub-01_ses-1", "status": "written", "output": str(synthesized),
+                                "dicom": str(series)}]
+    assert parse_filename(synthesized.name) == ("sub-01_ses-1", "FLAIR")  # read back: the session's FLAIR
     capsys.readouterr()
     assert main(args) == 0
-    assert "0 of 1 cases written (FLAIR, NIfTI)" in capsys.readouterr().out.strip().splitlines()[-1]
+    assert "0 of 1 cases written (FLAIR, NIfTI + DICOM)" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
 def test_a_failing_case_is_named_the_others_are_written_and_the_exit_status_is_1(flair_bundle, cases, tmp_path):

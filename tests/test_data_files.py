@@ -240,3 +240,110 @@ def test_a_report_may_replace_an_earlier_report_only(tmp_path):
     (tmp_path / "notes.json").write_text('{"task": "mine"}')
     with pytest.raises(DataError, match="exists and is not a report of an earlier run"):
         check_report_path(tmp_path / "notes.json")
+
+
+BIDS_NAMES = {  # target -> the output's name for case sub-01_ses-2 in a BIDS derivative
+    "T1": "sub-01_ses-2_desc-synthetic_T1w", "T2": "sub-01_ses-2_desc-synthetic_T2w",
+    "PD": "sub-01_ses-2_desc-synthetic_PDw", "FLAIR": "sub-01_ses-2_desc-synthetic_FLAIR",
+    "T1Gd": "sub-01_ses-2_ce-gadolinium_desc-synthetic_T1w", "seg": "sub-01_ses-2_desc-tumor_dseg",
+}
+
+
+@pytest.mark.parametrize("target", sorted(BIDS_NAMES))
+def test_outputs_in_a_bids_derivative_take_bids_names_and_read_back(tmp_path, target):
+    from agi_monai.data import case_id_of_output, is_bids_derivative, parse_filename, synthesis_output_paths
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "raw", "BIDSVersion": "1.9.0"}')
+    derivative = bids / "derivatives" / "agi-monai"  # need not exist yet: the name is decided before it is made
+    assert is_bids_derivative(derivative) and not is_bids_derivative(bids) and not is_bids_derivative(tmp_path)
+    nifti, series = synthesis_output_paths("sub-01_ses-2", target, derivative)
+    anat = derivative / "sub-01" / "ses-2" / "anat"
+    assert (nifti, series) == (anat / f"{BIDS_NAMES[target]}.nii.gz", anat / f"{BIDS_NAMES[target]}_dicom")
+    assert case_id_of_output(nifti, target) == "sub-01_ses-2"
+    # discovery reads a synthesized contrast back as the session's contrast (a label map is no contrast)
+    assert parse_filename(nifti.name) == (None if target == "seg" else ("sub-01_ses-2", target))
+    no_session = synthesis_output_paths("sub-01", target, derivative)[0]
+    assert no_session.parent == derivative / "sub-01" / "anat" and case_id_of_output(no_session, target) == "sub-01"
+    # the flat name: a case that is no BIDS subject in a derivative, any case elsewhere
+    for case_id, folder in [("BraTS-GLI-00001-000", derivative), ("sub-01_ses-2", tmp_path / "out")]:
+        flat = synthesis_output_paths(case_id, target, folder)
+        assert flat == (folder / f"{case_id}_{target}.nii.gz", folder / f"{case_id}_{target}_dicom")
+        assert case_id_of_output(flat[0], target) == case_id
+    # a derivative dataset of its own (outside a raw dataset) says so in its dataset_description.json
+    standalone = tmp_path / "synthesized"
+    standalone.mkdir()
+    (standalone / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0"}')
+    assert not is_bids_derivative(standalone)  # a raw dataset (no DatasetType): outputs are not written into one
+    (standalone / "dataset_description.json").write_text('{"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}')
+    assert synthesis_output_paths("sub-01_ses-2", target, standalone)[0].parent == standalone / "sub-01" / "ses-2" / "anat"
+
+
+def test_a_bids_derivative_folder_is_described_once_and_derivatives_itself_is_refused(tmp_path, caplog):
+    import json
+
+    from agi_monai import __version__
+
+    bids = tmp_path / "bids"
+    (bids / "sub-01" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text('{"Name": "raw", "BIDSVersion": "1.9.0"}')
+    with pytest.raises(DataError, match=r"is the derivatives/ folder of a BIDS dataset itself \(expected a pipeline's "
+                                        r"folder inside it, e\.g\. .*derivatives/agi-monai\)"):
+        check_output_folder(bids / "derivatives", bids)
+    assert not (bids / "derivatives").exists()
+    output = bids / "derivatives" / "agi-monai"
+    check_output_folder(output, bids)
+    assert sorted(p.name for p in output.iterdir()) == [".bidsignore", "dataset_description.json"]
+    description = json.loads((output / "dataset_description.json").read_text())
+    assert description == {
+        "Name": "agi-monai synthesized MR contrasts", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "agi-monai", "Version": __version__,
+                         "Description": "AGI-Net synthesis of a missing MR contrast (research use only)"}],
+    }
+    # a user's own description and .bidsignore are left as they are
+    (output / "dataset_description.json").write_text('{"Name": "mine", "DatasetType": "derivative"}')
+    (output / ".bidsignore").write_text("extra/\n")
+    # a killed run's temporary output in a subject's anat/ folder is removed by the next run's check
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    anat = output / "sub-01" / "ses-2" / "anat"
+    anat.mkdir(parents=True)
+    left = anat / f".tmp-{socket.gethostname()}-{ended.pid}-sub-01_ses-2_desc-synthetic_FLAIR.nii.gz"
+    left.write_bytes(b"half a volume")
+    with caplog.at_level(logging.WARNING, logger="agi_monai.data.files"):
+        check_output_folder(output, bids)
+    assert not left.exists() and f"left in {anat}: {left.name}" in caplog.text
+    assert (output / "dataset_description.json").read_text() == '{"Name": "mine", "DatasetType": "derivative"}'
+    assert (output / ".bidsignore").read_text() == "extra/\n"
+    # outside a BIDS dataset nothing is added
+    check_output_folder(tmp_path / "flat")
+    assert list((tmp_path / "flat").iterdir()) == []
+
+
+def test_monai_saveimage_with_the_case_layout_writes_where_the_cli_looks(tmp_path):
+    # the bundles' writer (MONAI SaveImaged with CaseOutputLayout, after NameAfterCased): the label map of a BIDS
+    # case in a derivative, with the prediction's geometry
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SaveImaged
+
+    from agi_monai.data import AtomicNibabelWriter, CaseOutputLayout, NameAfterCased, synthesis_output_paths
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text("{}")
+    output = bids / "derivatives" / "segmentation"
+    affine = np.diag([0.9, 1.1, 3.0, 1.0])
+    labels = MetaTensor(torch.randint(0, 4, (1, 6, 5, 4)).float(), affine=torch.as_tensor(affine))
+    save = SaveImaged("pred", folder_layout=CaseOutputLayout(output, "seg"), output_dtype=np.uint8, resample=False,
+                      print_log=False, writer=AtomicNibabelWriter)
+    for case_id in ("sub-07", "case 3"):
+        save(NameAfterCased("pred")({"pred": labels.clone(), "case_id": case_id}))
+        written = synthesis_output_paths(case_id, "seg", output)[0]
+        np.testing.assert_array_equal(np.asarray(nib.load(written).dataobj), labels[0].numpy().astype(np.uint8))
+        np.testing.assert_allclose(nib.load(written).affine, affine, atol=1e-6)
+    assert sorted(str(p.relative_to(output)) for p in output.rglob("*.nii.gz")) == [
+        "case 3_seg.nii.gz", "sub-07/anat/sub-07_desc-tumor_dseg.nii.gz"]

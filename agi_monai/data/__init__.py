@@ -60,10 +60,12 @@ _SUBMODULES: dict[str, tuple[str, ...]] = {
     ),
     "files": (
         "AtomicNibabelWriter",
+        "CaseOutputLayout",
         "atomic_output",
         "check_output_folder",
         "case_id_of_output",
         "check_report_path",
+        "is_bids_derivative",
         "stopping_cleanly_on_sigterm",
         "synthesis_output_paths",
         "write_json",

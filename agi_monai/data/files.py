@@ -18,13 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from monai.data import NibabelWriter
+from monai.data import FolderLayoutBase, NibabelWriter
 
 from agi_monai.data.errors import DataError
 
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
     "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input", "check_report_path",
+    "is_bids_derivative", "CaseOutputLayout", "synthesis_output_paths", "case_id_of_output", "refuse_output_in_input",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -220,16 +221,106 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+#: A BIDS case ID (:func:`agi_monai.data.parse_case_file` names a BIDS case by its subject and session).
+_BIDS_CASE = re.compile(r"sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?")
+
+#: What follows the case in an output's BIDS name, per target: the entities (in the specification's order; ``desc``
+#: says the image is synthetic, BIDS having no entity for it; a T1Gd is a ``T1w`` with a ``ce`` entity, as
+#: discovery reads it) and the suffix. Targets not listed (e.g. the demo's ``T1Gd_agi-net``) keep the flat name.
+_BIDS_OUTPUT_ENDINGS = {
+    "T1": "_desc-synthetic_T1w", "T2": "_desc-synthetic_T2w", "PD": "_desc-synthetic_PDw",
+    "FLAIR": "_desc-synthetic_FLAIR", "T1Gd": "_ce-gadolinium_desc-synthetic_T1w", "seg": "_desc-tumor_dseg",
+}
+
+#: BIDS's version whose derivative layout the outputs follow (``dataset_description.json``'s ``BIDSVersion``).
+BIDS_VERSION = "1.9.0"
+
+
+def _bids_dataset_type(folder: Path) -> str | None:
+    """``DatasetType`` of ``folder``'s ``dataset_description.json`` ("raw" when it does not say), None without one
+    or when it cannot be read as a JSON object."""
+    try:
+        description = json.loads((folder / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(description.get("DatasetType", "raw")) if isinstance(description, dict) else None
+
+
+def is_bids_derivative(folder: str | Path) -> bool:
+    """Whether outputs written into ``folder`` take BIDS derivative names: it lies inside the ``derivatives/`` of a
+    BIDS dataset (a folder holding ``dataset_description.json``), or its own ``dataset_description.json`` says
+    ``"DatasetType": "derivative"``."""
+    folder = Path(folder).resolve()
+    if _bids_dataset_type(folder) == "derivative":
+        return True
+    return any(inner.name == "derivatives" and (inner.parent / "dataset_description.json").is_file()
+               for inner in folder.parents)
+
+
 def synthesis_output_paths(case_id: str, target: str, output_dir: str | Path) -> tuple[Path, Path]:
-    """A case's outputs: ``<case>_<target>.nii.gz`` and the DICOM series folder ``<case>_<target>_dicom``
-    (the one spelling: the CLI, the bundles' folder inference and the Deploy app use it)."""
+    """A case's outputs: ``<case>_<target>.nii.gz`` and the DICOM series folder ``<case>_<target>_dicom`` (the one
+    spelling: the CLI, the bundles' folder inference and the Deploy app use it, the bundles through
+    :class:`CaseOutputLayout`). In a BIDS derivative folder (:func:`is_bids_derivative`) a BIDS case's outputs take
+    BIDS names in its subject's (and session's) ``anat/`` folder, e.g. ``sub-01/ses-2/anat/sub-01_ses-2_desc-synthetic_FLAIR.nii.gz``
+    and ``..._FLAIR_dicom`` beside it (which the folder's ``.bidsignore`` leaves out: DICOM is not BIDS)."""
     output_dir = Path(output_dir)
-    return output_dir / f"{case_id}_{target}.nii.gz", output_dir / f"{case_id}_{target}_dicom"
+    ending = _BIDS_OUTPUT_ENDINGS.get(target)
+    if ending is not None and _BIDS_CASE.fullmatch(case_id) and is_bids_derivative(output_dir):
+        stem = output_dir.joinpath(*case_id.split("_"), "anat", f"{case_id}{ending}")
+    else:
+        stem = output_dir / f"{case_id}_{target}"
+    return stem.with_name(f"{stem.name}.nii.gz"), stem.with_name(f"{stem.name}_dicom")
 
 
 def case_id_of_output(output: str | Path, target: str) -> str:
-    """The case ID of a NIfTI output ``<case>_<target>.nii.gz`` (:func:`synthesis_output_paths`'s inverse)."""
-    return Path(output).name[: -len(f"_{target}.nii.gz")]
+    """The case ID of a NIfTI output (:func:`synthesis_output_paths`'s inverse): ``<case>_<target>.nii.gz``, or a
+    BIDS case's ``<case><entities>_<suffix>.nii.gz``."""
+    name = Path(output).name
+    ending = _BIDS_OUTPUT_ENDINGS.get(target)
+    if ending is not None and name.endswith(f"{ending}.nii.gz"):
+        case_id = name[: -len(f"{ending}.nii.gz")]
+        if _BIDS_CASE.fullmatch(case_id):
+            return case_id
+    return name[: -len(f"_{target}.nii.gz")]
+
+
+class CaseOutputLayout(FolderLayoutBase):
+    """MONAI ``SaveImage``'s ``folder_layout`` naming a case's output by :func:`synthesis_output_paths` (the subject
+    being the item's file name, which :class:`agi_monai.data.NameAfterCased` sets to ``<case_id>.nii.gz``), so that
+    the bundles write where the CLI, the Deploy app and ``FolderSynthesis`` look. (MONAI's ``FolderLayout`` writes
+    ``<subject>_<postfix>`` flat, which is one of the two names here.)
+
+    Args:
+        output_dir: the output folder.
+        target: the synthesized contrast (or label map), the name's suffix.
+    """
+
+    def __init__(self, output_dir: str | Path, target: str) -> None:
+        self.output_dir, self.target = Path(output_dir), target
+
+    def filename(self, subject: str = "subject", idx: Any = None, **kwargs: Any) -> Path:
+        name = Path(str(subject)).name
+        case_id = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name
+        path = synthesis_output_paths(case_id, self.target, self.output_dir)[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def _describe_bids_derivative(folder: Path) -> None:
+    """Writes the ``dataset_description.json`` a BIDS derivative needs (``DatasetType``, ``GeneratedBy``) and a
+    ``.bidsignore`` for the DICOM series folders, each unless already there (a user's or an earlier run's are left
+    as they are)."""
+    from agi_monai import __version__
+
+    if not (folder / "dataset_description.json").exists():
+        write_json({
+            "Name": "agi-monai synthesized MR contrasts", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "agi-monai", "Version": __version__,
+                             "Description": "AGI-Net synthesis of a missing MR contrast (research use only)"}],
+        }, folder / "dataset_description.json")
+    if not (folder / ".bidsignore").exists():
+        with atomic_output(folder / ".bidsignore") as temporary:
+            temporary.write_text("*_dicom/\n", encoding="utf-8")
 
 
 def refuse_output_in_input(folder: str | Path, source: str | Path | None) -> None:
@@ -253,8 +344,10 @@ def refuse_output_in_input(folder: str | Path, source: str | Path | None) -> Non
 def check_output_folder(folder: str | Path, source: str | Path | None = None) -> Path:
     """Creates ``folder`` and writes (and removes) a file in it, so that a batch run fails before its first case, not
     after computing every case (a read-only file system, a file in the path, no permission). Also refuses ``folder``
-    when it is the input folder ``source`` or inside it: a later run would read its outputs as inputs. Then removes
-    the temporary outputs a killed earlier run left there (:func:`remove_stale_temporaries`).
+    when it is the input folder ``source`` or inside it: a later run would read its outputs as inputs. A BIDS
+    derivative folder (:func:`is_bids_derivative`) gets its ``dataset_description.json`` and ``.bidsignore`` when it
+    has none; a BIDS dataset's ``derivatives/`` itself is refused (BIDS wants a folder per pipeline in it). Then
+    removes the temporary outputs a killed earlier run left there (:func:`remove_stale_temporaries`).
 
     Args:
         folder: the output folder (``output_dir``); created with its parents.
@@ -270,12 +363,18 @@ def check_output_folder(folder: str | Path, source: str | Path | None = None) ->
     refuse_output_in_input(folder, source)
     if folder.exists() and not folder.is_dir():
         raise DataError(folder, "is a file", "a folder for the outputs")
+    if folder.name == "derivatives" and (folder.parent / "dataset_description.json").is_file():
+        raise DataError(folder, "is the derivatives/ folder of a BIDS dataset itself",
+                        f"a pipeline's folder inside it, e.g. {folder / 'agi-monai'}")
     try:
         _create_and_write_in(folder)
+        if is_bids_derivative(folder):
+            _describe_bids_derivative(folder)
     except OSError as error:
         raise DataError(folder, f"cannot be written ({error.strerror or error})",
                         "a folder this user can create and write files in") from error
-    remove_stale_temporaries(folder)
+    for outputs in [folder, *(sorted(folder.glob("sub-*/anat")) + sorted(folder.glob("sub-*/ses-*/anat")))]:
+        remove_stale_temporaries(outputs)  # a BIDS derivative's outputs are in its subjects' anat/ folders
     return folder
 
 

@@ -47,7 +47,7 @@ from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from agi_monai.data.contrasts import choose_reference
 from agi_monai.data.errors import DataError
-from agi_monai.data.files import AtomicNibabelWriter
+from agi_monai.data.files import AtomicNibabelWriter, CaseOutputLayout
 from agi_monai.data.foreground import foreground_mask
 from agi_monai.data.registration import register_rigid, resample_to_reference, same_grid
 from agi_monai.data.volumes import load_volume, metatensor_to_sitk, sitk_to_metatensor
@@ -503,13 +503,14 @@ def restore_geometry_transforms(
 ) -> Compose:
     """Postprocessing that puts predictions made on preprocessed items back on the reference contrast's
     original grid (``Invertd`` of the orientation and pad/crop), and writes them as NIfTI when
-    ``output_dir`` is given (``<case_id>_<output_postfix>.nii.gz``).
+    ``output_dir`` is given (``<case_id>_<output_postfix>.nii.gz``, or a BIDS name in a BIDS derivative folder:
+    :func:`agi_monai.data.synthesis_output_paths`).
 
     Args:
         preprocessing: the chain the items came from (:func:`preprocessing_transforms`).
         keys: prediction keys, each (C, H, W, D) like ``orig_key``.
         output_dir: where to write (atomically); None to only restore the geometry.
-        output_postfix: appended to the output file names.
+        output_postfix: what the output names say after the case: the synthesized contrast.
         orig_key: the preprocessed key whose history is inverted.
         description: the written files' NIfTI header description (:class:`AtomicNibabelWriter`), e.g.
             :func:`synthetic_description`'s.
@@ -521,12 +522,10 @@ def restore_geometry_transforms(
         steps.append(NameAfterCased(keys))
         save = SaveImaged(
             keys,
-            output_dir=str(output_dir),
-            output_postfix=output_postfix,
-            separate_folder=False,
             resample=False,
             print_log=False,
             writer=AtomicNibabelWriter,
+            folder_layout=CaseOutputLayout(output_dir, output_postfix),
         )
         save.set_options(init_kwargs={"description": description})
         steps.append(save)
