@@ -64,7 +64,9 @@ from agi_monai.bundle.experiment import (
 )
 from agi_monai.bundle.run_folder import replacing_earlier_run
 from agi_monai.cli import run_script
-from agi_monai.data import build_inference_dataset, restore_geometry_transforms, synthetic_description, write_json
+from agi_monai.data import (
+    build_inference_dataset, restore_geometry_transforms, synthesis_output_paths, synthetic_description, write_json,
+)
 from agi_monai.evaluation import slice_protocol, synthesis_panel
 from agi_monai.networks import AGINet, ResUNet
 
@@ -150,7 +152,7 @@ def main(
             description=synthetic_description(TARGET, INPUTS, f"the agi-monai demo ({name})"),
         )(item)
 
-    written = {name: output / f"{case_id}_{TARGET}_{folder}.nii.gz" for name, (_, folder) in NETWORKS.items()}
+    written = {name: synthesis_output_paths(case_id, f"{TARGET}_{folder}", output)[0] for name, (_, folder) in NETWORKS.items()}
     missing = [str(path) for path in written.values() if not path.is_file()]
     if missing:
         raise RuntimeError(f"the synthesis was not written to {missing}")
