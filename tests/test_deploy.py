@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -283,3 +285,99 @@ def test_an_overwrite_keeps_or_replaces_a_cases_outputs_as_a_whole(inputs, tmp_p
     with pytest.raises(DataError, match=f"{series}: output already exists"):
         synthesis.write_synthesis_outputs(case, prediction, synthesizer, output, dicom=False)
     assert digest(output) == alone
+
+
+# The app in a subprocess whose writer, 5 slices into the second case's DICOM series, touches a file and waits there
+# (at most a minute): the test sends the signal once that file appears, so it always lands mid-write.
+_STOPPED_MID_WRITE = """
+import sys, time
+from pathlib import Path
+import agi_monai.data.dicom as dicom
+from agi_monai.deploy.app import main
+
+reached, write_slice, series = Path(sys.argv[1]), dicom._slice_dataset, []
+def waiting(header, image, index, pixels):
+    series.append(index) if index == 0 else None
+    if len(series) == 2 and index == 5:
+        reached.touch()
+        for _ in range(1200):
+            time.sleep(0.05)
+    return write_slice(header, image, index, pixels)
+dicom._slice_dataset = waiting
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def earlier_outputs(exported, inputs, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("earlier") / "out"
+    assert main(["-i", str(inputs), "-o", str(output), "-m", str(exported / "models" / "model.ts"), "--device", "cpu"]) == 0
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_write_stops_at_once_leaving_complete_outputs_and_the_case_as_it_was(
+    exported, inputs, earlier_outputs, tmp_path, stop
+):
+    # before: Holoscan's own handler took both signals and stopped the scheduler only between computes (one compute
+    # writes every case), then ended the process with status 1 three seconds later, mid-write: a half-written
+    # .tmp-<host>-<pid>- series and the overwritten case's earlier outputs left under temporary names
+    import shutil
+
+    output = tmp_path / "out"
+    shutil.copytree(earlier_outputs, output)
+    earlier = digest(output)
+    reached = tmp_path / "reached"
+    command = [sys.executable, "-c", _STOPPED_MID_WRITE, str(reached), "-i", str(inputs), "-o", str(output), "-m",
+               str(exported / "models" / "model.ts"), "--device", "cpu", "--overwrite"]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not reached.exists():
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        being_written = sorted(p.name for p in output.iterdir() if p.name.startswith(".tmp-"))
+        assert len(being_written) == 3, being_written  # the new series, the earlier NIfTI and series set aside
+        process.send_signal(getattr(signal, stop))
+        stdout, stderr = process.communicate(timeout=60)  # the waiting writer ends at the signal, not in a minute
+    finally:
+        process.kill()
+    assert process.returncode == (143 if stop == "SIGTERM" else 130), stderr[-3000:]
+    said = ("terminated by signal 15: stopping; the outputs written so far are complete" if stop == "SIGTERM" else
+            "python -m agi_monai.deploy: interrupted; the outputs written so far are complete")
+    assert stderr.count(said) == 1 and "Traceback" not in stderr + stdout, stderr[-3000:]
+    assert "cases written" not in stdout  # no summary of a run that did not end
+    now = digest(output)
+    assert not [name for name in now if name.startswith(".tmp-")]
+    # the second case is its earlier self, byte for byte; the first one holds its new, complete NIfTI and series
+    second = {name for name in earlier if name.startswith("aurora-example_")}
+    assert {name: now[name] for name in second} == {name: earlier[name] for name in second} and set(now) == set(earlier)
+    first = output / "TCGA-FG-6692_FLAIR_dicom"
+    old_uid = pydicom.dcmread(next((earlier_outputs / first.name).iterdir())).SeriesInstanceUID
+    assert {pydicom.dcmread(p).SeriesInstanceUID for p in first.iterdir()} - {old_uid}  # a new series
+    assert len({pydicom.dcmread(p).SeriesInstanceUID for p in first.iterdir()}) == 1
+    nib.load(output / "TCGA-FG-6692_FLAIR.nii.gz").get_fdata()  # complete
+
+
+def test_the_writer_gives_a_bids_case_bids_names_in_a_derivative(inputs, tmp_path):
+    # the app's writer names outputs through synthesis_output_paths, as the CLI does: in a BIDS dataset's
+    # derivatives/<pipeline>, a BIDS case's NIfTI and series go to its subject's anat/ folder
+    from types import SimpleNamespace
+
+    import agi_monai.deploy.synthesis as synthesis
+    from agi_monai.data import DataError, load_volume
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "raw", "BIDSVersion": "1.9.0"}')
+    output = bids / "derivatives" / "agi-monai"
+    case = {"case_id": "sub-01", "T1": str(inputs / "nifti" / "aurora-example" / "t1.nii.gz"),
+            "T2": str(inputs / "nifti" / "aurora-example" / "t2.nii.gz")}
+    synthesizer = SimpleNamespace(target="FLAIR", inputs=["T1", "T2"], name="brats_t1_t2_to_flair", reference="T2")
+    image = load_volume(case["T2"])
+    nifti, series = synthesis.write_synthesis_outputs(case, image / image.max(), synthesizer, output)
+    anat = output / "sub-01" / "anat"
+    assert (nifti, series) == (anat / "sub-01_desc-synthetic_FLAIR.nii.gz", anat / "sub-01_desc-synthetic_FLAIR_dicom")
+    assert nib.load(nifti).shape == image.shape[1:] and len(list(series.iterdir())) == image.shape[3]
+    with pytest.raises(DataError, match="output already exists"):  # a rerun finds them where they are
+        synthesis.refuse_existing_outputs("sub-01", "FLAIR", output)

@@ -6,23 +6,29 @@ synthesized contrast out as float32 NIfTI and as a derived DICOM MR series.
 
 ``-i``/``-o``/``-m`` default to MONAI Deploy's ``HOLOSCAN_INPUT_PATH``/``HOLOSCAN_OUTPUT_PATH``/``HOLOSCAN_MODEL_PATH``
 (the MAP contract). Exit status: 0 when every case was written, 1 when any case failed (the others are written
-and the failed ones are named), 2 for a bad argument or a model that cannot be loaded.
+and the failed ones are named), 2 for a bad argument or a model that cannot be loaded, 143 after SIGTERM (what
+``docker stop`` sends to a MAP container) and 130 after Ctrl-C: the run stops as soon as the Python call running
+returns (:meth:`SynthesisApp.run_stoppably`), with the outputs written until then complete, no temporary file left
+and, with ``--overwrite``, the case being written as it was before the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
 
 from agi_monai.bundle.registry import BundleError
 from agi_monai.data import DataError, canonical_contrast, check_output_folder, check_report_path, synthesis_output_paths
-from agi_monai.data.files import refuse_output_in_input
-from agi_monai.deploy.operators import CaseDiscoveryOperator, SynthesisOperator, SyntheticImageWriterOperator
+from agi_monai.data.files import refuse_output_in_input, stopping_cleanly_on_sigterm
+from agi_monai.deploy.operators import CaseDiscoveryOperator, GraphStop, SynthesisOperator, SyntheticImageWriterOperator
 from agi_monai.bundle import SynthesisSummary
 from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs
 
@@ -34,7 +40,8 @@ from monai.deploy.core.arg_parser import set_up_logging  # noqa: E402
 __all__ = ["SynthesisApp", "main"]
 
 _PROGRAM = "python -m agi_monai.deploy"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 130: Ctrl-C; SIGTERM: 143 (128 + 15)
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class SynthesisApp(Application):
@@ -63,6 +70,7 @@ class SynthesisApp(Application):
         self.overwrite = overwrite
         self.dicom_mapping = dicom_mapping
         self.writer: SyntheticImageWriterOperator | None = None
+        self.graph_stop = GraphStop()  # for run_stoppably()
         super().__init__([_PROGRAM])  # Holoscan would otherwise parse the host process's sys.argv
 
     @property
@@ -73,23 +81,84 @@ class SynthesisApp(Application):
     def compose(self) -> None:
         cases = CaseDiscoveryOperator(
             self, CountCondition(self, 1), name="cases", input_path=self.app_context.input_path,
-            inputs=self.synthesizer.inputs, dicom_mapping=self.dicom_mapping,
+            inputs=self.synthesizer.inputs, dicom_mapping=self.dicom_mapping, graph_stop=self.graph_stop,
         )
         synthesis = SynthesisOperator(
             self, name="synthesis", synthesizer=self.synthesizer, output_dir=self.app_context.output_path,
-            overwrite=self.overwrite,
+            overwrite=self.overwrite, graph_stop=self.graph_stop,
         )
         self.writer = SyntheticImageWriterOperator(
             self, name="writer", output_dir=self.app_context.output_path, synthesizer=self.synthesizer,
-            dicom=self.dicom, overwrite=self.overwrite,
+            dicom=self.dicom, overwrite=self.overwrite, graph_stop=self.graph_stop,
         )
         self.add_flow(cases, synthesis, {("cases", "cases")})
         self.add_flow(synthesis, self.writer, {("results", "results")})
+
+    def run_stoppably(self) -> None:
+        """``run()``, stopped cleanly by SIGTERM or Ctrl-C: raises ``SystemExit(143)`` (with the one line of
+        :func:`agi_monai.data.stopping_cleanly_on_sigterm`) or ``KeyboardInterrupt`` once the compute that was
+        running has ended (:class:`agi_monai.deploy.operators.GraphStop`: its case left as it was).
+
+        Holoscan runs the graph's computes in threads of its own, where Python runs no signal handler, and installs
+        C++ handlers for both signals that stop the scheduler only between computes (one compute here goes over
+        every case) and end the process with status 1 three seconds later, mid-write. So the two signals are
+        blocked in every thread of the run (threads inherit the mask of the thread that starts them) and taken in
+        the main thread with ``sigtimedwait``, where their Python handlers are called; Python's handlers are put
+        back in place of Holoscan's afterwards. Outside the main thread: plain ``run()``.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            self.run()
+            return
+        with stopping_cleanly_on_sigterm():
+            before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                running = self.run_async()
+                try:
+                    while not running.done():
+                        received = signal.sigtimedwait(_STOP_SIGNALS, 0.1)
+                        if received is not None:
+                            _handle(received.si_signo)  # raises SystemExit(143) or KeyboardInterrupt
+                except BaseException as stop:
+                    self.graph_stop.stop(KeyboardInterrupt if isinstance(stop, KeyboardInterrupt) else SystemExit)
+                    wait([running])  # the compute that was running cleans up; signals meanwhile are dropped
+                    while signal.sigtimedwait(_STOP_SIGNALS, 0) is not None:
+                        pass
+                    raise
+                finally:
+                    self.shutdown_async_executor()
+                running.result()  # the run's own error, if any
+            finally:
+                for signum in _STOP_SIGNALS:  # Python's handlers again, in place of Holoscan's
+                    handler = signal.getsignal(signum)
+                    if handler is not None:
+                        signal.signal(signum, handler)
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one still pending is handled now
+
+
+def _handle(signum: int) -> None:
+    """Call the Python handler of ``signum``, as Python would on its delivery (SIG_DFL of SIGINT: Ctrl-C)."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
+    elif handler != signal.SIG_IGN:
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments, load the bundle, run :class:`SynthesisApp`; returns the exit status."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        with stopping_cleanly_on_sigterm():
+            return _run(args)
+    except SystemExit as stop:  # SIGTERM; stopping_cleanly_on_sigterm said so in one line
+        return stop.code if isinstance(stop.code, int) else EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"{_PROGRAM}: interrupted; the outputs written so far are complete (a rerun without --overwrite does "
+              "the rest)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     set_up_logging(args.log_level)
     context = AppContext({k: str(v) for k, v in vars(args).items() if k in ("input", "output", "model", "workdir") and v})
@@ -108,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_PROGRAM}: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     app = SynthesisApp(context, synthesizer, dicom=args.dicom, overwrite=args.overwrite, dicom_mapping=args.dicom_mapping)
-    app.run()
+    app.run_stoppably()
     outputs = app.outputs
     for failure in outputs.failures:
         print(f"  - {failure}", flush=True)

@@ -6,6 +6,11 @@ Three operators joined in memory (Holoscan ``emit``/``receive``, one compute eac
 ``CaseDiscoveryOperator`` -> ``"cases"`` (:class:`agi_monai.data.Discovery`) -> ``SynthesisOperator`` ->
 ``"results"`` (:class:`SynthesisResults`) -> ``SyntheticImageWriterOperator``.
 
+Stopping (SIGTERM, Ctrl-C): Holoscan calls ``compute`` from a thread of its own, where Python runs no signal handler,
+so :func:`agi_monai.deploy.app.main` waits for the signals in the main thread and, when one comes, has
+:meth:`GraphStop.stop` raise the same exception in the compute that is running: as in the CLI, the case being
+written is left as it was (temporary files removed, an overwrite's earlier outputs restored) and nothing more is done.
+
 Our own inference operator rather than the SDK's ``MonaiBundleInferenceOperator``: that one feeds a single
 ``Image`` to the bundle and casts every image output to ``uint8`` in ``_send_output``, where a synthesized MR
 image is float32 in [0, 1]; and it would bypass our contrast matching and registration, which the bundle's
@@ -14,8 +19,10 @@ image is float32 in [0, 1]; and it would bypass our contrast matching and regist
 
 from __future__ import annotations
 
+import ctypes
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +36,49 @@ from agi_monai.deploy.synthesis import BundleSynthesizer, SynthesisOutputs, refu
 import_deploy_sdk()
 from monai.deploy.core import Fragment, Operator, OperatorSpec  # noqa: E402  (after the SDK is on the path)
 
-__all__ = ["CaseDiscoveryOperator", "SynthesisOperator", "SynthesisResults", "SyntheticImageWriterOperator"]
+__all__ = [
+    "CaseDiscoveryOperator", "GraphStop", "SynthesisOperator", "SynthesisResults", "SyntheticImageWriterOperator",
+]
 
 _logger = logging.getLogger(__name__)
+
+
+class GraphStop:
+    """Stops a running graph from the main thread: :meth:`stop` raises ``SystemExit`` (SIGTERM) or
+    ``KeyboardInterrupt`` (Ctrl-C) in the thread running an operator's compute (at its next bytecode, as the signal
+    handler would in the main thread: the ``finally`` of :func:`agi_monai.data.files.atomic_output` and the restoring
+    ``except`` of :func:`agi_monai.deploy.write_synthesis_outputs` run), and the computes after it do nothing: the
+    graph ends with nothing more emitted or written.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: int | None = None  # the thread running a compute now
+        self.stopped_by: type[BaseException] | None = None
+
+    def run(self, compute: Callable[[], None]) -> None:
+        """An operator's compute, unless the graph was stopped; the stop's exception ends it quietly."""
+        with self._lock:
+            if self.stopped_by is not None:
+                return
+            self._thread = threading.get_ident()
+        try:
+            compute()
+        except (SystemExit, KeyboardInterrupt):
+            if self.stopped_by is None:  # not ours
+                raise
+        finally:
+            with self._lock:
+                # (an exception stop() sent that has not been raised yet, the compute having just ended, is dropped)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread), None)
+                self._thread = None
+
+    def stop(self, exception: type[BaseException]) -> None:
+        """Stop the graph: ``exception`` (``SystemExit`` or ``KeyboardInterrupt``) is raised in the running compute."""
+        with self._lock:
+            self.stopped_by = exception
+            if self._thread is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread), ctypes.py_object(exception))
 
 
 @dataclass
@@ -54,6 +101,7 @@ class CaseDiscoveryOperator(Operator):
         inputs: the contrasts each case must have (the bundle's inputs).
         dicom_mapping: explicit contrast -> series selector (UID, number or description) for DICOM studies whose
             descriptions the rules do not match.
+        graph_stop: the application's :class:`GraphStop` (None: its own, which nothing stops).
     """
 
     def __init__(
@@ -63,9 +111,11 @@ class CaseDiscoveryOperator(Operator):
         input_path: str | Path,
         inputs: Sequence[str],
         dicom_mapping: Mapping[str, str] | None = None,
+        graph_stop: GraphStop | None = None,
         **kwargs: Any,
     ) -> None:
         # Holoscan calls setup() from the base constructor: attributes first
+        self.graph_stop = graph_stop or GraphStop()
         self.input_path = Path(input_path)
         self.inputs = list(inputs)
         self.dicom_mapping = dict(dicom_mapping) if dicom_mapping else None
@@ -75,6 +125,9 @@ class CaseDiscoveryOperator(Operator):
         spec.output("cases")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        self.graph_stop.run(lambda: self._compute(op_output))
+
+    def _compute(self, op_output: Any) -> None:
         discovery = discover_cases(self.input_path, required=self.inputs, dicom_mapping=self.dicom_mapping)
         _logger.info("%s", discovery.summary(self.input_path))
         op_output.emit(discovery, "cases")
@@ -92,6 +145,7 @@ class SynthesisOperator(Operator):
         output_dir: where the writer puts the outputs; a case whose outputs (NIfTI or DICOM folder) exist there
             fails at once, without being synthesized (unless ``overwrite``). None: no check.
         overwrite: the writer replaces existing outputs.
+        graph_stop: the application's :class:`GraphStop` (None: its own, which nothing stops).
     """
 
     def __init__(
@@ -101,8 +155,10 @@ class SynthesisOperator(Operator):
         synthesizer: BundleSynthesizer,
         output_dir: str | Path | None = None,
         overwrite: bool = False,
+        graph_stop: GraphStop | None = None,
         **kwargs: Any,
     ) -> None:
+        self.graph_stop = graph_stop or GraphStop()
         self.synthesizer = synthesizer
         self.output_dir = output_dir
         self.overwrite = overwrite
@@ -113,6 +169,9 @@ class SynthesisOperator(Operator):
         spec.output("results")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        self.graph_stop.run(lambda: self._compute(op_input, op_output))
+
+    def _compute(self, op_input: Any, op_output: Any) -> None:
         discovery: Discovery = op_input.receive("cases")
         results = SynthesisResults(failures=list(discovery.failures))
         for case in discovery.cases:
@@ -138,6 +197,7 @@ class SyntheticImageWriterOperator(Operator):
         synthesizer: the loaded bundle (target, inputs and name for the file names and DICOM descriptions).
         dicom: also write the DICOM series.
         overwrite: replace existing outputs.
+        graph_stop: the application's :class:`GraphStop` (None: its own, which nothing stops).
     """
 
     def __init__(
@@ -148,8 +208,10 @@ class SyntheticImageWriterOperator(Operator):
         synthesizer: BundleSynthesizer,
         dicom: bool = True,
         overwrite: bool = False,
+        graph_stop: GraphStop | None = None,
         **kwargs: Any,
     ) -> None:
+        self.graph_stop = graph_stop or GraphStop()
         self.output_dir = Path(output_dir)
         self.synthesizer = synthesizer
         self.dicom = dicom
@@ -161,6 +223,9 @@ class SyntheticImageWriterOperator(Operator):
         spec.input("results")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        self.graph_stop.run(lambda: self._compute(op_input))
+
+    def _compute(self, op_input: Any) -> None:
         results: SynthesisResults = op_input.receive("results")
         self.outputs.failures.extend(results.failures)
         for case, prediction in results.predictions:
