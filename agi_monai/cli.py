@@ -156,12 +156,11 @@ def synthesize(
             raise cause from error
         _require_cases(discovery, source)
         cases = {case["case_id"]: case for case in discovery.cases}
-        if not overwrite:
-            _refuse_partial_outputs(discovery, output, chosen.target)
+        _refuse_unusable_outputs(discovery, output, chosen.target, overwrite)
         earlier: dict[str, Any] = {}  # case ID -> EarlierCaseOutputs
         try:
             if overwrite:
-                _set_earlier_outputs_aside(earlier, cases, output, chosen.target)
+                _set_earlier_outputs_aside(earlier, [case["case_id"] for case in discovery.cases], output, chosen.target)
             summary = _run(workflow)
             if dicom:
                 _write_dicom_outputs(summary, cases, chosen, overwrite, progress, earlier)
@@ -711,19 +710,25 @@ def _innermost(error: BaseException) -> str:
     return f"{type(error).__name__}: {text if len(text) <= 400 else text[:400] + ' ...'}"
 
 
-def _refuse_partial_outputs(discovery: Any, output: Path, target: str) -> None:
-    """Without ``--overwrite``, a case whose DICOM folder exists without its NIfTI becomes a failure naming it:
-    with ``--dicom`` completing the case would replace that folder, and without, the new NIfTI would sit beside a
-    series made from another. (A case with its NIfTI but not its DICOM folder, a run stopped between the two, is
-    counted as present by the bundle's ``FolderSynthesis(overwrite=False)`` and gets its DICOM from that NIfTI:
-    :func:`_write_dicom_outputs`.)"""
-    from agi_monai.data import Failure
-    from agi_monai.data import synthesis_output_paths
+def _refuse_unusable_outputs(discovery: Any, output: Path, target: str, overwrite: bool) -> None:
+    """Moves to the failures each case whose outputs cannot be written, naming why: a file or folder under an
+    output's name that no synthesis wrote (an acquired scan or series: never replaced, nor set aside and removed,
+    with or without ``--overwrite``; :func:`agi_monai.data.refuse_foreign_outputs`), and, without ``--overwrite``,
+    a DICOM folder without its NIfTI: with ``--dicom`` completing the case would replace that folder, and without,
+    the new NIfTI would sit beside a series made from another. (A case with its NIfTI but not its DICOM folder, a run
+    stopped between the two, is counted as present by the bundle's ``FolderSynthesis(overwrite=False)`` and gets its
+    DICOM from that NIfTI: :func:`_write_dicom_outputs`.)"""
+    from agi_monai.data import DataError, Failure, failure_reason, refuse_foreign_outputs, synthesis_output_paths
 
     kept = []
     for case in discovery.cases:
         nifti, series = synthesis_output_paths(case["case_id"], target, output)
-        if series.exists() and not nifti.exists():
+        try:
+            refuse_foreign_outputs(nifti, series)
+        except DataError as error:
+            discovery.failures.append(Failure(case["case_id"], failure_reason(error)))
+            continue
+        if not overwrite and series.exists() and not nifti.exists():
             discovery.failures.append(Failure(
                 case["case_id"], f"output already exists: {series} (without its NIfTI {nifti.name}; pass --overwrite "
                                  "to replace it)",
@@ -743,14 +748,14 @@ def _run(workflow: Any) -> Any:
     return summaries[0]
 
 
-def _set_earlier_outputs_aside(earlier: dict[str, Any], cases: Mapping[str, Any], output: Path, target: str) -> None:
+def _set_earlier_outputs_aside(earlier: dict[str, Any], case_ids: Sequence[str], output: Path, target: str) -> None:
     """Adds to ``earlier`` (as it goes, so that the caller can put them back after an error) an
     :class:`agi_monai.data.files.EarlierCaseOutputs` for each case with a NIfTI or a DICOM folder in ``output``
     already: an ``--overwrite`` run replaces a case's outputs as a whole, or keeps the earlier ones as a whole."""
     from agi_monai.data.files import EarlierCaseOutputs
     from agi_monai.data import synthesis_output_paths
 
-    for case_id in cases:
+    for case_id in case_ids:
         nifti, series = synthesis_output_paths(case_id, target, output)
         if nifti.exists() or series.exists():
             earlier[case_id] = EarlierCaseOutputs(nifti, series)

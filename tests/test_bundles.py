@@ -413,9 +413,9 @@ def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_sa
     for overwrite in (False, True):
         summary, out, _ = run(cases[1:2], overwrite=overwrite, progress=False)
         assert summary.written == summary.present == [] and (tmp_path / "b_PD.nii.gz").read_bytes() == b"an acquired scan"
-        assert out[1] == (f"  - b: {tmp_path / 'b_PD.nii.gz'} exists and is not a synthesized image (its NIfTI header is "
-                          "not marked SYNTHETIC): expected another --output_dir, or that file moved away (it is left as "
-                          "it was)")
+        assert out[1] == (f"  - b: {tmp_path / 'b_PD.nii.gz'}: exists and was not written by a synthesis (its NIfTI "
+                          "header is not marked SYNTHETIC), so it is left as it was (expected another --output_dir, or "
+                          "that file moved away)")
 
     # every case left out before the run (the CLI's existing outputs, discovery's bad cases): no bar over nothing
     summary, out, bar = run([], skipped=[Failure("d", "missing T2")])

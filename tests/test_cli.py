@@ -410,10 +410,33 @@ def test_an_output_never_replaces_an_input_and_a_case_id_with_a_slash_names_one_
         result = run_cli("synthesize", "--t1", t1, "--t2", t2, "--bundle", flair_bundle, "--output_dir", folder,
                          *extra, *FAST)
         assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-        assert (f"BraTS-GLI-00001-000: {folder / 'BraTS-GLI-00001-000_FLAIR.nii.gz'} exists and is not a synthesized "
-                "image (its NIfTI header is not marked SYNTHETIC): expected another --output_dir, or that file moved "
-                "away (it is left as it was)") in result.stdout + result.stderr
+        assert (f"BraTS-GLI-00001-000: {folder / 'BraTS-GLI-00001-000_FLAIR.nii.gz'}: exists and was not written by a "
+                "synthesis (its NIfTI header is not marked SYNTHETIC), so it is left as it was (expected another "
+                "--output_dir, or that file moved away)") in result.stdout + result.stderr
         assert digest(folder) == before
+
+    # an acquired series in a folder named like the DICOM output (P01_FLAIR_dicom): before, --overwrite set it aside
+    # and removed it (with --dicom replaced by the synthetic series; without, "removed, the DICOM series an earlier
+    # run made"); now the case fails naming it, with or without an earlier synthesized NIfTI beside it
+    acquired = tmp_path / "acquired"
+    acquired.mkdir()
+    shutil.copy(t1, acquired / "P01_T1.nii.gz")
+    shutil.copy(t2, acquired / "P01_T2.nii.gz")
+    write_dicom_series(sitk.ReadImage(str(t2)), acquired / "P01_FLAIR_dicom", "AX FLAIR", "P01", 3)
+    for earlier_nifti in (False, True):
+        if earlier_nifti:
+            assert main(["synthesize", "--t1", str(t1), "--t2", str(t2), "--case_id", "P01", "--bundle",
+                         str(flair_bundle), "--output_dir", str(tmp_path / "earlier"), *FAST]) == 0
+            shutil.copy(tmp_path / "earlier" / "P01_FLAIR.nii.gz", acquired)
+        before = digest(acquired)
+        for extra in (["--overwrite"], ["--overwrite", "--dicom"], ["--dicom"]):
+            result = run_cli("synthesize", "--t1", acquired / "P01_T1.nii.gz", "--t2", acquired / "P01_T2.nii.gz",
+                             "--bundle", flair_bundle, "--output_dir", acquired, *extra, *FAST)
+            assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+            assert (f"P01: {acquired / 'P01_FLAIR_dicom'}: exists and was not written by a synthesis (its DICOM "
+                    "files' Manufacturer is not agi-monai), so it is left as it was (expected another --output_dir, "
+                    "or that folder moved away)") in result.stdout, result.stdout[-3000:]
+            assert digest(acquired) == before
 
     # a case ID holding a path separator (a PatientID like MRN/0042) names one file in the output folder, DICOM too;
     # before, it named a file in a subfolder and the DICOM step failed with a KeyError

@@ -347,3 +347,33 @@ def test_monai_saveimage_with_the_case_layout_writes_where_the_cli_looks(tmp_pat
         np.testing.assert_allclose(nib.load(written).affine, affine, atol=1e-6)
     assert sorted(str(p.relative_to(output)) for p in output.rglob("*.nii.gz")) == [
         "case 3_seg.nii.gz", "sub-07/anat/sub-07_desc-tumor_dseg.nii.gz"]
+
+
+def test_an_acquired_file_or_series_under_an_outputs_name_is_never_set_aside(tmp_path):
+    # before: EarlierCaseOutputs (--overwrite in the CLI and the Deploy app) renamed any folder named like the DICOM
+    # output aside and removed it once the new outputs were written, an acquired series included
+    import numpy as np
+    import SimpleITK as sitk
+
+    from agi_monai.data import DataError, refuse_foreign_outputs, write_dicom_series
+    from agi_monai.data.dicom import write_derived_series
+    from agi_monai.data.files import EarlierCaseOutputs
+
+    volume = sitk.GetImageFromArray(np.random.default_rng(0).random((4, 8, 8)).astype(np.float32))
+    nifti, series = tmp_path / "P01_FLAIR.nii.gz", tmp_path / "P01_FLAIR_dicom"
+    write_dicom_series(volume, series, "AX FLAIR", "P01", 3)  # as a scanner's export: not agi-monai's
+    acquired = sorted(p.read_bytes() for p in series.iterdir())
+    with pytest.raises(DataError, match=r"P01_FLAIR_dicom: exists and was not written by a synthesis \(its DICOM files' "
+                                        r"Manufacturer is not agi-monai\), so it is left as it was"):
+        EarlierCaseOutputs(nifti, series)
+    assert sorted(p.read_bytes() for p in series.iterdir()) == acquired and sorted(tmp_path.iterdir()) == [series]
+    nifti.write_bytes(b"an acquired scan")
+    with pytest.raises(DataError, match=r"P01_FLAIR.nii.gz: exists and was not written by a synthesis \(its NIfTI"):
+        refuse_foreign_outputs(nifti, tmp_path / "absent_dicom")
+    # a synthesis's own series (write_derived_series marks every file) and a missing output pass
+    nifti.unlink()
+    write_derived_series(volume, series, series_description="SYNTHETIC FLAIR", derivation_description="test",
+                         case_id="P01", overwrite=True)
+    refuse_foreign_outputs(nifti, series)
+    EarlierCaseOutputs(nifti, series).restore()
+    assert sorted(tmp_path.iterdir()) == [series]

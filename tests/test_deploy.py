@@ -381,3 +381,25 @@ def test_the_writer_gives_a_bids_case_bids_names_in_a_derivative(inputs, tmp_pat
     assert nib.load(nifti).shape == image.shape[1:] and len(list(series.iterdir())) == image.shape[3]
     with pytest.raises(DataError, match="output already exists"):  # a rerun finds them where they are
         synthesis.refuse_existing_outputs("sub-01", "FLAIR", output)
+
+
+def test_an_acquired_series_named_like_the_output_is_never_replaced(inputs, tmp_path):
+    # before: with --overwrite the writer set an acquired <case>_<target>_dicom folder aside and removed it
+    from types import SimpleNamespace
+
+    import agi_monai.deploy.synthesis as synthesis
+    from agi_monai.data import DataError, load_volume
+
+    case = {"case_id": "P01", "T1": str(inputs / "nifti" / "aurora-example" / "t1.nii.gz"),
+            "T2": str(inputs / "nifti" / "aurora-example" / "t2.nii.gz")}
+    synthesizer = SimpleNamespace(target="FLAIR", inputs=["T1", "T2"], name="brats_t1_t2_to_flair", reference="T2")
+    image = load_volume(case["T2"])
+    output = tmp_path / "out"
+    write_dicom_series(sitk.ReadImage(case["T2"]), output / "P01_FLAIR_dicom", "AX FLAIR", "P01", 3)
+    before = digest(output)
+    for overwrite in (False, True):  # refused before synthesis (the operator) and at writing
+        with pytest.raises(DataError, match="P01_FLAIR_dicom: exists and was not written by a synthesis"):
+            synthesis.refuse_existing_outputs("P01", "FLAIR", output, overwrite)
+        with pytest.raises(DataError, match="P01_FLAIR_dicom: exists and was not written by a synthesis"):
+            synthesis.write_synthesis_outputs(case, image / image.max(), synthesizer, output, overwrite=overwrite)
+        assert digest(output) == before

@@ -25,10 +25,11 @@ from agi_monai.bundle.experiment import infer_case
 from agi_monai.data import (
     CONTRASTS,
     LABELS,
+    DataError,
     Failure,
     case_id_of_output,
     failure_reason,
-    is_synthetic_nifti,
+    refuse_foreign_outputs,
     spacing_mismatch,
     stopping_cleanly_on_sigterm,
     synthesis_output_paths,
@@ -221,9 +222,11 @@ class FolderSynthesis:
                       and os.path.realpath(value) == os.path.realpath(output)), None)
         if clash is not None:
             return f"its output {output} would be its {clash} input file: expected another --output_dir (it is left as it was)"
-        if self.task == "synthesis" and output.exists() and not is_synthetic_nifti(output):
-            return (f"{output} exists and is not a synthesized image (its NIfTI header is not marked SYNTHETIC): "
-                    "expected another --output_dir, or that file moved away (it is left as it was)")
+        if self.task == "synthesis":
+            try:
+                refuse_foreign_outputs(output)
+            except DataError as error:
+                return str(error)
         return ""
 
     def _synthesize(self, index: int) -> None:

@@ -25,7 +25,7 @@ from agi_monai.data.errors import DataError
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
     "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input", "check_report_path",
-    "is_bids_derivative", "CaseOutputLayout", "synthesis_output_paths", "case_id_of_output", "refuse_output_in_input",
+    "is_bids_derivative", "CaseOutputLayout", "refuse_foreign_outputs", "synthesis_output_paths", "case_id_of_output", "refuse_output_in_input",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -116,6 +116,46 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
+def _is_synthetic_series(folder: Path) -> bool:
+    """Whether the DICOM folder ``folder`` holds a series a synthesis wrote: its first DICOM file's Manufacturer is
+    :data:`agi_monai.data.dicom.SYNTHETIC_MANUFACTURER` (:func:`agi_monai.data.dicom.write_derived_series` writes
+    it into every file). False for a folder without a readable DICOM file."""
+    import pydicom
+
+    from agi_monai.data.dicom import SYNTHETIC_MANUFACTURER
+
+    for path in sorted(folder.iterdir()):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Manufacturer"])
+        except Exception:  # not DICOM (pydicom raises several types): look at the next file
+            continue
+        return str(header.get("Manufacturer", "")) == SYNTHETIC_MANUFACTURER
+    return False
+
+
+def refuse_foreign_outputs(*outputs: str | Path) -> None:
+    """Raises when an output's name holds something no synthesis wrote — an acquired scan or series named like an
+    output — so that nothing replaces it (nor sets it aside and removes it, as ``--overwrite`` does with an earlier
+    run's outputs): a NIfTI output (``.nii.gz``) must be marked SYNTHETIC (:func:`agi_monai.data.is_synthetic_nifti`),
+    a DICOM series folder must hold agi-monai's files. Outputs that do not exist pass.
+
+    Raises:
+        DataError: naming the file or folder, why it is not taken for an output, and what was expected.
+    """
+    from agi_monai.data.transforms import is_synthetic_nifti
+
+    for output in map(Path, outputs):
+        if not output.exists():
+            continue
+        if output.name.endswith(".nii.gz"):
+            if not (output.is_file() and is_synthetic_nifti(output)):
+                raise DataError(output, "exists and was not written by a synthesis (its NIfTI header is not marked "
+                                "SYNTHETIC), so it is left as it was", "another --output_dir, or that file moved away")
+        elif not (output.is_dir() and _is_synthetic_series(output)):
+            raise DataError(output, "exists and was not written by a synthesis (its DICOM files' Manufacturer is not "
+                            "agi-monai), so it is left as it was", "another --output_dir, or that folder moved away")
+
+
 class EarlierCaseOutputs:
     """A case's outputs from an earlier run — its NIfTI and the DICOM series made from it — set aside before a run
     writes new ones over them (``--overwrite``): the series folder renamed, the NIfTI hard-linked (an atomic write
@@ -132,6 +172,7 @@ class EarlierCaseOutputs:
 
     def __init__(self, nifti: Path, series: Path) -> None:
         self.nifti, self.series = Path(nifti), Path(series)
+        refuse_foreign_outputs(self.nifti, self.series)  # before anything is moved
         self.nifti_inode = self.nifti.stat().st_ino if self.nifti.exists() else None  # an atomic replace: a new one
         self.nifti_kept = temporary_path(self.nifti.with_name(f"earlier-{self.nifti.name}")) if self.nifti.exists() else None
         self.series_kept = temporary_path(self.series.with_name(f"earlier-{self.series.name}")) if self.series.exists() else None

@@ -143,7 +143,8 @@ class SynthesisOperator(Operator):
         fragment: the application.
         synthesizer: the loaded bundle.
         output_dir: where the writer puts the outputs; a case whose outputs (NIfTI or DICOM folder) exist there
-            fails at once, without being synthesized (unless ``overwrite``). None: no check.
+            fails at once, without being synthesized (unless ``overwrite``; a file or folder there that no synthesis
+            wrote, always). None: no check.
         overwrite: the writer replaces existing outputs.
         graph_stop: the application's :class:`GraphStop` (None: its own, which nothing stops).
     """
@@ -176,8 +177,8 @@ class SynthesisOperator(Operator):
         results = SynthesisResults(failures=list(discovery.failures))
         for case in discovery.cases:
             try:
-                if self.output_dir is not None and not self.overwrite:
-                    refuse_existing_outputs(str(case["case_id"]), self.synthesizer.target, self.output_dir)
+                if self.output_dir is not None:
+                    refuse_existing_outputs(str(case["case_id"]), self.synthesizer.target, self.output_dir, self.overwrite)
                 results.predictions.append((case, self.synthesizer(case)))
             except Exception as error:  # one bad case must not stop the others; the reason is reported
                 results.failures.append(Failure(str(case["case_id"]), failure_reason(error)))

@@ -43,7 +43,7 @@ from agi_monai.data import (
     synthetic_description,
 )
 from agi_monai.data.dicom import write_derived_series
-from agi_monai.data.files import EarlierCaseOutputs, synthesis_output_paths
+from agi_monai.data.files import EarlierCaseOutputs, refuse_foreign_outputs, synthesis_output_paths
 from agi_monai.engines import clip_prediction, expected_bundle_weights, load_weights
 
 __all__ = ["BundleSynthesizer", "SynthesisOutputs", "refuse_existing_outputs", "write_synthesis_outputs"]
@@ -193,17 +193,20 @@ class SynthesisOutputs:
     failures: list[Failure] = field(default_factory=list)
 
 
-def refuse_existing_outputs(case_id: str, target: str, output_dir: str | Path) -> None:
-    """Raises when an output of the case exists: checked before a case is synthesized (nothing computed for a
+def refuse_existing_outputs(case_id: str, target: str, output_dir: str | Path, overwrite: bool = False) -> None:
+    """Raises when the case's outputs cannot be written: one exists (unless ``overwrite``), or a file or folder
+    under an output's name was not written by a synthesis (never replaced:
+    :func:`agi_monai.data.refuse_foreign_outputs`). Checked before a case is synthesized (nothing computed for a
     result that would not be written) and again before it is written.
 
     Raises:
-        DataError: naming the existing outputs.
+        DataError: naming the outputs.
     """
     nifti, series = synthesis_output_paths(case_id, target, output_dir)
+    refuse_foreign_outputs(nifti, series)
     # the series too without DICOM output: a new NIfTI beside an earlier run's series would look like one case
     existing = [str(p) for p in (nifti, series) if p.exists()]
-    if existing:
+    if existing and not overwrite:
         raise DataError(", ".join(existing), "output already exists", "a new output, or --overwrite to replace it")
 
 
@@ -232,8 +235,7 @@ def write_synthesis_outputs(
     """
     case_id = str(case["case_id"])
     nifti, series = synthesis_output_paths(case_id, synthesizer.target, output_dir)
-    if not overwrite:
-        refuse_existing_outputs(case_id, synthesizer.target, output_dir)
+    refuse_existing_outputs(case_id, synthesizer.target, output_dir, overwrite)
     writer = AtomicNibabelWriter(
         output_dtype=np.float32, description=synthetic_description(synthesizer.target, synthesizer.inputs, synthesizer.name)
     )
