@@ -192,15 +192,38 @@ def test_nifti_writer_marks_its_file_with_the_description_and_keeps_geometry(tmp
         AtomicNibabelWriter(description="x" * 81)
 
 
+def write_synthesized_outputs(nifti: Path, series: Path | None = None, seed: int = 0) -> None:
+    """A small synthesized NIfTI (marked SYNTHETIC) and, given ``series``, the derived DICOM series made from it: what a
+    run leaves (an output of another kind is never set aside: see the test below)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from agi_monai.data import synthetic_description
+    from agi_monai.data.dicom import write_derived_series
+
+    import nibabel as nib
+
+    volume = sitk.GetImageFromArray(np.random.default_rng(seed).random((3, 6, 6)).astype(np.float32))
+    image = nib.Nifti1Image(sitk.GetArrayFromImage(volume).T, np.eye(4))
+    image.header["descrip"] = synthetic_description("FLAIR", ["T1", "T2"], "test")
+    nib.save(image, nifti)
+    if series is not None:
+        write_derived_series(volume, series, series_description="SYNTHETIC FLAIR", derivation_description="test",
+                             case_id="c1", overwrite=True)
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_earlier_case_outputs_survive_a_leftover_of_a_killed_process_of_the_same_number(tmp_path):
     # a restarted container gets its host name and process number again: the set-aside names of a run killed there
     # are this process's names (before: OSError "Directory not empty", and a hard link left behind)
     from agi_monai.data.files import EarlierCaseOutputs
 
     nifti, series = tmp_path / "c1_FLAIR.nii.gz", tmp_path / "c1_FLAIR_dicom"
-    nifti.write_bytes(b"earlier NIfTI")
-    series.mkdir()
-    (series / "IM_0001.dcm").write_bytes(b"earlier slice")
+    write_synthesized_outputs(nifti, series)
+    earlier_outputs = contents(tmp_path)
     for leftover in (temporary_path(tmp_path / "earlier-c1_FLAIR_dicom"), temporary_path(tmp_path / "earlier-c1_FLAIR.nii.gz")):
         leftover.mkdir() if leftover.name.endswith("dicom") else leftover.write_bytes(b"killed run")
     (temporary_path(tmp_path / "earlier-c1_FLAIR_dicom") / "IM_0001.dcm").write_bytes(b"killed run")
@@ -209,7 +232,7 @@ def test_earlier_case_outputs_survive_a_leftover_of_a_killed_process_of_the_same
         temporary.write_bytes(b"new NIfTI")
     assert earlier.nifti_replaced()
     earlier.restore()
-    assert nifti.read_bytes() == b"earlier NIfTI" and (series / "IM_0001.dcm").read_bytes() == b"earlier slice"
+    assert contents(tmp_path) == earlier_outputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c1_FLAIR.nii.gz", "c1_FLAIR_dicom"]
 
 
@@ -217,8 +240,8 @@ def test_earlier_case_outputs_of_a_linked_series_folder_leave_nothing_behind(tmp
     from agi_monai.data.files import EarlierCaseOutputs
 
     store = tmp_path / "store"
-    store.mkdir()
-    (store / "IM_0001.dcm").write_bytes(b"earlier slice")
+    write_synthesized_outputs(tmp_path / "first.nii.gz", store)
+    stored = contents(store)
     output = tmp_path / "out"
     output.mkdir()
     nifti, series = output / "c1_FLAIR.nii.gz", output / "c1_FLAIR_dicom"
@@ -228,7 +251,7 @@ def test_earlier_case_outputs_of_a_linked_series_folder_leave_nothing_behind(tmp
         temporary.write_bytes(b"new NIfTI")
     earlier.settle()  # a new NIfTI without a new series: the earlier (linked) series goes, the store stays
     assert sorted(p.name for p in output.iterdir()) == ["c1_FLAIR.nii.gz"]  # before: the set-aside link was left
-    assert (store / "IM_0001.dcm").read_bytes() == b"earlier slice"
+    assert contents(store) == stored
 
 
 def test_a_report_may_replace_an_earlier_report_only(tmp_path):
@@ -377,3 +400,20 @@ def test_an_acquired_file_or_series_under_an_outputs_name_is_never_set_aside(tmp
     refuse_foreign_outputs(nifti, series)
     EarlierCaseOutputs(nifti, series).restore()
     assert sorted(tmp_path.iterdir()) == [series]
+
+
+def test_an_output_reached_through_a_link_in_the_input_is_inside_it(tmp_path):
+    # before: only the resolved paths were compared, while the search for cases follows linked folders, so a later run
+    # read the synthesized image back as an input contrast
+    cases, elsewhere = tmp_path / "cases", tmp_path / "elsewhere"
+    (cases / "a").mkdir(parents=True)
+    (elsewhere / "out").mkdir(parents=True)
+    (cases / "linked").symlink_to(elsewhere)
+    for output in (elsewhere / "out", cases / "linked" / "out", elsewhere, elsewhere / "out" / "new"):
+        with pytest.raises(DataError, match=f"is inside the input folder {cases}, through its link {cases / 'linked'}"):
+            check_output_folder(output, cases)
+    assert not (elsewhere / "out" / "new").exists()
+    check_output_folder(tmp_path / "other", cases)  # outside the input and its links
+    # a link to a BIDS dataset: its derivatives/ is still where outputs go
+    (elsewhere / "dataset_description.json").write_text("{}")
+    check_output_folder(elsewhere / "derivatives" / "agi-monai", cases)

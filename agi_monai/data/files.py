@@ -36,12 +36,12 @@ _logger = logging.getLogger(__name__)
 _BIDS_NOT_RAW = ("derivatives", "sourcedata", "code")
 
 
-def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
+def walk_folders(root: str | Path, quiet: bool = False) -> Iterator[tuple[str, list[str]]]:
     """``(folder, file names)`` of ``root`` and every folder below it, top-down (subfolders and names sorted),
     following symbolic links to folders (a dataset folder of links to a shared store is common on clusters; ``os.walk``'s default drops them
     silently) but entering each real folder once, so a link that loops back ends nowhere. The ``derivatives/``,
     ``sourcedata/`` and ``code/`` folders of a BIDS dataset (one holding ``dataset_description.json``) are left out,
-    with a log line; point ``root`` at one of them to search it."""
+    with a log line (none when ``quiet``); point ``root`` at one of them to search it."""
     seen: set[tuple[int, int]] = set()
     for folder, folders, names in os.walk(root, followlinks=True):
         try:
@@ -54,8 +54,9 @@ def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
             continue
         seen.add((status.st_dev, status.st_ino))
         if "dataset_description.json" in names and any(name in _BIDS_NOT_RAW for name in folders):
-            _logger.info("%s: a BIDS dataset; its %s folders are not searched for raw images", folder,
-                         ", ".join(sorted(name for name in folders if name in _BIDS_NOT_RAW)))
+            if not quiet:
+                _logger.info("%s: a BIDS dataset; its %s folders are not searched for raw images", folder,
+                             ", ".join(sorted(name for name in folders if name in _BIDS_NOT_RAW)))
             folders[:] = [name for name in folders if name not in _BIDS_NOT_RAW]
         folders.sort()
         yield folder, sorted(names)
@@ -380,6 +381,14 @@ def refuse_output_in_input(folder: str | Path, source: str | Path | None) -> Non
     if source.is_dir() and is_searched_input(folder, source):
         raise DataError(folder, f"is the input folder or inside it ({source})",
                         "another folder: outputs there would be read as inputs by a later run")
+    # the search for cases follows linked folders: an output reached through a link in the input is inside it too
+    for searched, _ in walk_folders(source, quiet=True):
+        searched_path = Path(searched)
+        if searched_path.is_symlink() or searched_path.resolve() != searched_path:
+            target = searched_path.resolve()
+            if (target == folder or target in folder.parents) and is_searched_input(folder, target):
+                raise DataError(folder, f"is inside the input folder {source}, through its link {searched_path}",
+                                "another folder: outputs there would be read as inputs by a later run")
 
 
 def check_output_folder(folder: str | Path, source: str | Path | None = None) -> Path:
