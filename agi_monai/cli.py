@@ -209,20 +209,21 @@ def convert_dicom(input_dir: str, output_dir: str, overwrite: bool = False, prog
 
     Args:
         input_dir: folder holding DICOM files (searched recursively).
-        output_dir: where the NIfTI files go (created); not the input folder.
+        output_dir: where the NIfTI files go (created); not the input folder nor inside it.
         overwrite: replace existing NIfTI files; without it a case whose output exists fails, naming the file.
         progress: show a progress bar.
     """
     from tqdm import tqdm
 
-    from agi_monai.data import CONTRASTS, LABELS, DataError, Failure, convert_dicom_to_nifti, discover_cases
+    from agi_monai.data import (
+        CONTRASTS, LABELS, DataError, Failure, check_output_folder, convert_dicom_to_nifti, discover_cases,
+    )
 
     started = time.perf_counter()
     overwrite, progress = _flag(overwrite, "overwrite"), _flag(progress, "progress")
     source = _existing_path(input_dir, "input_dir", "a folder of DICOM files")
-    output = Path(str(output_dir)).resolve()
-    if output == source:
-        raise UsageError(f"output_dir {output_dir}: is the input folder; expected another folder")
+    # not in the input (a later synthesize over it would find each contrast twice), created and written to now
+    output = check_output_folder(Path(str(output_dir)), source)
     discovery = discover_cases(source)
     dicom_cases = [c for c in discovery.cases if any(_is_dicom_value(c[k]) for k in c if k in CONTRASTS + LABELS)]
     failures = list(discovery.failures)
@@ -282,7 +283,13 @@ def evaluate(
     output = Path(workflow.parser.get_parsed_content("output_dir"))
     before = _snapshot(output)
     _initialize(workflow, chosen, overrides)
-    results = workflow.run()
+    # the evaluator loads them when it starts, where MONAI's StatsHandler logs the refusal with a traceback
+    _require_weights(chosen.weights, chosen)
+    _check_weights(workflow.parser, chosen.weights, chosen, overrides)
+    try:
+        results = workflow.run()
+    except Exception as error:  # the weights are loaded, and the cases read, while it runs: as _initialize reports
+        _raise_bad_input(error, workflow, chosen, overrides)
     workflow.finalize()
     changed = sorted(p for p, stamp in _snapshot(output).items() if before.get(p) != stamp)
     # failed cases: on what 'run' returned, or on the engine at MONAI's train-property id for the evaluator
@@ -644,13 +651,22 @@ def _initialize(workflow: Any, bundle: Any, overrides: Mapping[str, Any]) -> Non
     try:
         workflow.initialize()
     except Exception as error:  # MONAI wraps the expression's error: find load_weights' DataError in the chain
-        cause = _data_error_in(error)
-        if cause is None:  # e.g. an override the network cannot be built with
+        if _data_error_in(error) is None:  # e.g. an override the network cannot be built with
             raise _not_initialisable(bundle, error) from error
-        weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
-        if Path(cause.source) != weights:  # not about the weights (e.g. the output folder): as it is
-            raise cause from error
-        raise _weights_refused(cause, bundle, overrides) from None
+        _raise_bad_input(error, workflow, bundle, overrides)
+
+
+def _raise_bad_input(error: BaseException, workflow: Any, bundle: Any, overrides: Mapping[str, Any]) -> None:
+    """Raises the :class:`agi_monai.data.DataError` in ``error``'s chain without MONAI's wrapping (one line, no
+    traceback), weights it names reported with what this command needs (:func:`_weights_refused`); ``error`` as it
+    is when it holds none (a defect to see with its traceback)."""
+    cause = _data_error_in(error)
+    if cause is None:
+        raise error
+    weights = Path(workflow.parser.get_parsed_content("ckpt_dir")) / "model.pt"
+    if Path(cause.source) != weights:  # not about the weights (e.g. the output folder, a split): as it is
+        raise cause from error
+    raise _weights_refused(cause, bundle, overrides) from None
 
 
 def _data_error_in(error: BaseException) -> Any:

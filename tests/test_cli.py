@@ -718,9 +718,29 @@ def test_convert_dicom_writes_one_nifti_per_series(tmp_path, capsys):
     assert f"TCGA-FG-6692: output already exists: {tmp_path / 'nifti' / 'TCGA-FG-6692-T2.nii.gz'}" in capsys.readouterr().out
     assert digest(tmp_path / "nifti") == converted
     assert digest(tmp_path / "dicom") == before
+    # an output folder inside the input (before: accepted, and a later synthesize over the input found each contrast
+    # twice, as DICOM and as NIfTI)
+    inside = tmp_path / "dicom" / "nifti"
+    assert main(["convert-dicom", str(tmp_path / "dicom"), str(inside), "--progress=False"]) == 2
+    assert f"convert-dicom: error: {inside}: is the input folder or inside it" in capsys.readouterr().err
+    assert not inside.exists() and digest(tmp_path / "dicom") == before
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate_refuses_weights_and_a_dataset_that_cannot_serve_in_one_line(flair_bundle, tmp_path, capsys):
+    # before: both came out of the evaluator's run as MONAI's wrapped errors, 60-400 lines with tracebacks
+    args = ["evaluate", str(flair_bundle), str(DATA / "brats2023-gli"), "--output_dir", str(tmp_path / "eval"),
+            "--num_workers", "0"]
+    assert main(args) == 2  # the bundle's weights are narrow: without the --network_def#channels they were made with
+    err = capsys.readouterr().err
+    assert err.startswith(f"agi-monai evaluate: error: {flair_bundle / 'models' / 'model.pt'}: does not fit AGINet of "
+                          "this config") and "(--network_def#... flags: none)" in err and "Traceback" not in err
+    assert main([*args[:2], str(DATA / "ixi-sim"), *args[3:], *FAST[:4]]) == 2  # no case has a FLAIR to compare with
+    err = capsys.readouterr().err
+    assert err.startswith(f"agi-monai evaluate: error: {DATA / 'ixi-sim'}: no case of the 'test' split has T1, T2, "
+                          "FLAIR") and "Traceback" not in err
 
 
 def test_evaluate_runs_the_bundles_evaluation(flair_bundle, tmp_path):
