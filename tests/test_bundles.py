@@ -750,6 +750,44 @@ def test_non_finite_training_guard_tolerates_a_skipped_step_and_stops_on_non_fin
     )):
         trainer.run(range(3), max_epochs=2)
     assert checkpoints == []
+
+    # weights broken by a step make the next one fail before any loss is seen (a too high learning rate: the
+    # discriminator's NaN logits in the generator's BCE, NaN offsets refused by group_roll): before, that error ended
+    # the run, naming neither the weights nor what to do; an error with finite weights is raised as it is
+    network = torch.nn.Linear(2, 1)
+
+    def breaks_then_fails(engine, batch):
+        if engine.state.iteration == 2:
+            raise RuntimeError("group_roll: offsets must be finite, got NaN or Inf in offsets of shape [2, 8, 2]\nmore")
+        network.weight.data.fill_(float("nan"))
+        return {"g_loss": 0.5, "d_loss": 0.7}
+
+    trainer = Engine(breaks_then_fails)
+    StopOnNonFiniteTraining({"generator": network}, tmp_path).attach(trainer)
+    with pytest.raises(NonFiniteTrainingError) as stopped:
+        trainer.run(range(3), max_epochs=1)
+    assert str(stopped.value) == (
+        "training stopped at iteration 2 of 3 (epoch 1 of 1): the weights of the generator ('weight' first) are no "
+        "longer finite, and then RuntimeError: group_roll: offsets must be finite, got NaN or Inf in offsets of shape "
+        f"[2, 8, 2]. Nothing of epoch 1 was validated or saved; --resume_ckpt latest continues from "
+        f"{tmp_path / 'training_checkpoint_epoch=1.pt'}. A lower --learning_rate usually avoids this"
+    )
+    # finite weights whose activations overflow (seen with --learning_rate 1 on real slices): the BCE's refusal
+    def overflows(engine, batch):
+        raise RuntimeError("all elements of input should be between 0 and 1")
+
+    trainer = Engine(overflows)
+    StopOnNonFiniteTraining({"generator": torch.nn.Linear(2, 1)}, tmp_path / "none").attach(trainer)
+    with pytest.raises(NonFiniteTrainingError, match=re.escape(
+        "training stopped at iteration 1 of 3 (epoch 1 of 1): a forward pass gave values that are not finite though "
+        "the weights still are (they overflowed): RuntimeError: all elements of input should be between 0 and 1. "
+        "Nothing of epoch 1 was validated or saved; no training checkpoint was written"
+    )):
+        trainer.run(range(3), max_epochs=1)
+    trainer = Engine(lambda engine, batch: 1 / 0)
+    StopOnNonFiniteTraining({"generator": torch.nn.Linear(2, 1)}, tmp_path).attach(trainer)
+    with pytest.raises(ZeroDivisionError):
+        trainer.run(range(3), max_epochs=1)
     with pytest.raises(ValueError, match="patience 0: expected a positive number of iterations"):
         StopOnNonFiniteTraining({"network": network}, tmp_path, patience=0)
 

@@ -151,6 +151,12 @@ class NonFiniteTrainingError(RuntimeError):
     what ``--resume_ckpt latest`` continues from."""
 
 
+#: What the errors of a step fed with NaN say: the rolled kernels' offsets check (csrc/group_roll.cpp and the reference
+#: in agi_monai/ops/reference.py) and torch's binary cross-entropy, whose input, a sigmoid's output, is out of [0, 1]
+#: only when it is NaN.
+_NON_FINITE_FAILURES = ("offsets must be finite", "all elements of input should be between 0 and 1")
+
+
 class StopOnNonFiniteTraining:
     """Stops a training run with :class:`NonFiniteTrainingError` as soon as a network's weights are no longer finite
     (NaN or Inf), or its losses have not been finite for ``patience`` iterations in a row, before any later
@@ -197,6 +203,27 @@ class StopOnNonFiniteTraining:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception_raised)
+
+    def _exception_raised(self, engine: Engine, error: BaseException) -> None:
+        """A step that diverged can fail before any loss is seen: weights broken by the step before, or finite ones
+        whose activations overflow (a too high learning rate), give NaN offsets, which the rolled kernels refuse, or
+        NaN discriminator probabilities, which the BCE loss refuses. Such a failure is reported as the divergence it
+        is, with what to do; any other error is raised as it is. (Ignite hands an exception to these handlers instead
+        of raising it; listed first, this one runs first.)"""
+        if isinstance(error, NonFiniteTrainingError) or not isinstance(error, Exception):
+            raise error
+        broken = self._non_finite_weights()
+        if broken:
+            what = f"{broken}, and then"
+        elif any(marker in str(error) for marker in _NON_FINITE_FAILURES):
+            what = "a forward pass gave values that are not finite though the weights still are (they overflowed):"
+        else:
+            raise error
+        raise NonFiniteTrainingError(
+            f"training stopped at {_position(engine)}: {what} {type(error).__name__}: {_first_line(error)}. "
+            f"{self._after(engine)}"
+        ) from None  # its type and first line are in the message; as a cause, the run's last line would name it instead
 
     def _iteration_completed(self, engine: Engine) -> None:
         losses = self._losses(engine.state.output)
@@ -250,6 +277,11 @@ class StopOnNonFiniteTraining:
         )
         remedy = "A lower --learning_rate" + (", or mixed precision off (--amp False)," if getattr(engine, "amp", False) else "")
         return f"Nothing of epoch {engine.state.epoch} was validated or saved; {resume}. {remedy} usually avoids this"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else ""
 
 
 def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:
