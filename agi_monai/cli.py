@@ -218,6 +218,7 @@ def convert_dicom(input_dir: str, output_dir: str, overwrite: bool = False, prog
     from agi_monai.data import (
         CONTRASTS, LABELS, DataError, Failure, check_output_folder, convert_dicom_to_nifti, discover_cases,
     )
+    from agi_monai.data.dicom import is_dicom_source
 
     started = time.perf_counter()
     overwrite, progress = _flag(overwrite, "overwrite"), _flag(progress, "progress")
@@ -225,14 +226,14 @@ def convert_dicom(input_dir: str, output_dir: str, overwrite: bool = False, prog
     # not in the input (a later synthesize over it would find each contrast twice), created and written to now
     output = check_output_folder(Path(str(output_dir)), source)
     discovery = discover_cases(source)
-    dicom_cases = [c for c in discovery.cases if any(_is_dicom_value(c[k]) for k in c if k in CONTRASTS + LABELS)]
+    dicom_cases = [c for c in discovery.cases if any(is_dicom_source(c[k]) for k in c if k in CONTRASTS + LABELS)]
     failures = list(discovery.failures)
     if not dicom_cases and not failures:
         raise UsageError(f"input_dir {input_dir}: no DICOM series found (expected DICOM files in it or below it)")
     written: list[Path] = []
     converted = 0
     for case in tqdm(dicom_cases, desc="converting", unit="case", disable=not progress):
-        targets = [output / f"{case['case_id']}-{k}.nii.gz" for k in case if k in CONTRASTS + LABELS and _is_dicom_value(case[k])]
+        targets = [output / f"{case['case_id']}-{k}.nii.gz" for k in case if k in CONTRASTS + LABELS and is_dicom_source(case[k])]
         existing = [str(p) for p in targets if p.exists()]
         if existing and not overwrite:
             failures.append(Failure(case["case_id"], f"output already exists: {', '.join(existing)} (pass --overwrite to replace it)"))
@@ -789,7 +790,7 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
 
     from agi_monai import __version__
     from agi_monai.data import DataError, Failure, choose_reference, failure_reason
-    from agi_monai.data.dicom import write_derived_series
+    from agi_monai.data.dicom import is_dicom_source, write_derived_series
     from agi_monai.data import synthesis_output_paths
 
     reference_contrast = choose_reference(bundle.inputs)
@@ -799,7 +800,7 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
     for nifti in tqdm(list(summary.written) + earlier, desc="writing DICOM", unit="case", disable=not progress):
         case_id = summary.case_id_of(nifti)
         reference = cases[case_id][reference_contrast]
-        is_dicom = _is_dicom_value(reference)
+        is_dicom = is_dicom_source(reference)
         try:
             write_derived_series(
                 sitk.ReadImage(str(nifti)),
@@ -836,11 +837,6 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
     for failure in failures:
         print(f"  - {failure}", flush=True)
     summary.failures.extend(failures)
-
-
-def _is_dicom_value(value: Any) -> bool:
-    """A case entry that is a DICOM series: a list of files, or a folder."""
-    return isinstance(value, (list, tuple)) or (isinstance(value, str) and Path(value).is_dir())
 
 
 def _snapshot(folder: Path) -> dict[Path, int]:

@@ -1,6 +1,7 @@
 """DICOM: series written from the shipped NIfTI (axial and oblique) come back with the same geometry,
 are matched to contrasts, discovered as cases and converted to NIfTI."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +51,17 @@ def _canonical(image: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(image, "LPS")
 
 
-def _assert_same_geometry_and_voxels(read_back: sitk.Image, original: sitk.Image, voxel_tolerance: float = 0.0) -> None:
+def _assert_same_grid(read_back: sitk.Image, original: sitk.Image) -> None:
     read_back, original = _canonical(read_back), _canonical(original)
     assert read_back.GetSize() == original.GetSize()
     np.testing.assert_allclose(read_back.GetOrigin(), original.GetOrigin(), atol=TOLERANCE)
     np.testing.assert_allclose(read_back.GetSpacing(), original.GetSpacing(), atol=TOLERANCE)
     np.testing.assert_allclose(read_back.GetDirection(), original.GetDirection(), atol=TOLERANCE)
+
+
+def _assert_same_geometry_and_voxels(read_back: sitk.Image, original: sitk.Image, voxel_tolerance: float = 0.0) -> None:
+    _assert_same_grid(read_back, original)
+    read_back, original = _canonical(read_back), _canonical(original)
     np.testing.assert_allclose(
         sitk.GetArrayFromImage(read_back), sitk.GetArrayFromImage(original), atol=voxel_tolerance
     )
@@ -182,14 +188,20 @@ def test_dicom_folder_discovered_as_a_case_and_converted(native_study, tmp_path)
 # ------------------------------------------------------------------------------- enhanced (multi-frame) MR
 
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+ENHANCED_STUDY = "1.2.826.0.1.3680043.8.498.2"
 
 
-def write_enhanced_mr(image: sitk.Image, path: Path, description: str, frame_order: list[int] | None = None,
-                      per_frame_rescale: bool = False, orientations: dict[int, list[float]] | None = None,
-                      agent: str = "") -> Path:
+def write_enhanced_mr(image: sitk.Image | dict[float, sitk.Image], path: Path, description: str,
+                      frame_order: list[int] | None = None, per_frame_rescale: bool = False,
+                      orientations: dict[int, list[float]] | None = None, agent: str = "",
+                      echoes_in_blocks: bool = False) -> Path:
     """An Enhanced MR Image Storage file of ``image`` (written independently of agi_monai): one frame per slice,
     its position in its own PlanePositionSequence, stored in ``frame_order`` (slice indices), scaled by one shared
-    rescale or by each frame's own (as Philips files are). ``orientations`` overrides chosen frames' orientation."""
+    rescale or by each frame's own (as Philips files are). ``orientations`` overrides chosen frames' orientation.
+
+    ``image`` may be several echoes, echo time (ms) -> image on one grid (a dual-echo PD/T2 sequence, as Philips and
+    Siemens XA export it): one file holding every echo's frames, each with its EffectiveEchoTime in its own
+    MREchoSequence, stored slice by slice with the echoes interleaved (as acquired), or echo after echo."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as DicomSequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -200,19 +212,27 @@ def write_enhanced_mr(image: sitk.Image, path: Path, description: str, frame_ord
             setattr(dataset, keyword, value)
         return dataset
 
-    values = sitk.GetArrayFromImage(image).astype(np.float64)  # (z, y, x)
-    direction, spacing = np.asarray(image.GetDirection()).reshape(3, 3), image.GetSpacing()
-    order = list(range(values.shape[0])) if frame_order is None else frame_order
-    low, high = (values.min(axis=(1, 2)), values.max(axis=(1, 2))) if per_frame_rescale else (
-        np.full(len(values), values.min()), np.full(len(values), values.max()))
-    slopes = np.maximum(high - low, 1e-6) / 65535
+    echoes = image if isinstance(image, dict) else {None: image}
+    grid = next(iter(echoes.values()))
+    values = {echo_time: sitk.GetArrayFromImage(volume).astype(np.float64) for echo_time, volume in echoes.items()}
+    direction, spacing = np.asarray(grid.GetDirection()).reshape(3, 3), grid.GetSpacing()
+    order = list(range(grid.GetSize()[2])) if frame_order is None else frame_order
+    frame_keys = ([(echo_time, index) for echo_time in echoes for index in order] if echoes_in_blocks else
+                  [(echo_time, index) for index in order for echo_time in echoes])  # (echo time, slice index)
+    if per_frame_rescale:
+        low = {key: values[key[0]][key[1]].min() for key in frame_keys}
+        high = {key: values[key[0]][key[1]].max() for key in frame_keys}
+    else:
+        low = dict.fromkeys(frame_keys, min(v.min() for v in values.values()))
+        high = dict.fromkeys(frame_keys, max(v.max() for v in values.values()))
+    slopes = {key: max(high[key] - low[key], 1e-6) / 65535 for key in frame_keys}
     dataset = Dataset()
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = ENHANCED_MR
     dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     dataset.Modality, dataset.PatientID, dataset.SeriesDescription = "MR", "ENHANCED-1", description
-    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2", generate_uid()
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = ENHANCED_STUDY, generate_uid()
     if agent:
         dataset.ContrastBolusAgentSequence = DicomSequence([item(CodeMeaning=agent)])
     shared = item(
@@ -221,21 +241,24 @@ def write_enhanced_mr(image: sitk.Image, path: Path, description: str, frame_ord
     )
     if not per_frame_rescale:
         shared.PixelValueTransformationSequence = DicomSequence(
-            [item(RescaleSlope=slopes[0], RescaleIntercept=low[0], RescaleType="US")])
+            [item(RescaleSlope=slopes[frame_keys[0]], RescaleIntercept=low[frame_keys[0]], RescaleType="US")])
     frames, stored = [], []
-    for index in order:
+    for echo_time, index in frame_keys:
+        key = (echo_time, index)
         group = item(PlanePositionSequence=DicomSequence(
-            [item(ImagePositionPatient=list(image.TransformIndexToPhysicalPoint((0, 0, index))))]))
+            [item(ImagePositionPatient=list(grid.TransformIndexToPhysicalPoint((0, 0, index))))]))
+        if echo_time is not None:
+            group.MREchoSequence = DicomSequence([item(EffectiveEchoTime=echo_time)])
         if per_frame_rescale:
             group.PixelValueTransformationSequence = DicomSequence(
-                [item(RescaleSlope=slopes[index], RescaleIntercept=low[index], RescaleType="US")])
+                [item(RescaleSlope=slopes[key], RescaleIntercept=low[key], RescaleType="US")])
         if orientations and index in orientations:
             group.PlaneOrientationSequence = DicomSequence([item(ImageOrientationPatient=orientations[index])])
         frames.append(group)
-        stored.append(np.rint((values[index] - low[index]) / slopes[index]))
+        stored.append(np.rint((values[echo_time][index] - low[key]) / slopes[key]))
     dataset.SharedFunctionalGroupsSequence = DicomSequence([shared])
     dataset.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
-    dataset.NumberOfFrames = len(order)
+    dataset.NumberOfFrames = len(frame_keys)
     dataset.set_pixel_data(np.stack(stored).astype(np.uint16), photometric_interpretation="MONOCHROME2", bits_stored=16)
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset.save_as(path, enforce_file_format=True)
@@ -346,6 +369,127 @@ def test_a_dual_echo_pd_t2_series_is_split_into_its_echoes(tmp_path):
     described_as_t2 = [type(s)(**{**s.__dict__, "description": "AX T2 TSE", "protocol": ""}) for s in (pd_echo, t2_echo)]
     with pytest.raises(DataError, match=r"several series match one contrast \(T2: 'AX T2 TSE' echo 1 \(TE 15 ms\)"):
         match_series_to_contrasts(described_as_t2)
+
+
+ECHO_TIMES = {"PD": 15.0, "T2": 90.0}
+
+
+def write_multi_echo_study(folder: Path, echoes_in_blocks: bool = False) -> Path:
+    """The IXI-like subject as an enhanced dual-echo export: its PD and T2 (which share one axial grid) as the two
+    echoes of one multi-frame file ``pdt2.dcm``, per-frame rescale as Philips writes it, beside its T1 as a classic
+    series (``t1/``) of the same patient and study; returns the multi-frame file."""
+    echoes = {echo_time: sitk.ReadImage(str(IXI / f"IXI901-SIM-0001-{contrast}.nii.gz"))
+              for contrast, echo_time in ECHO_TIMES.items()}
+    path = write_enhanced_mr(echoes, folder / "pdt2.dcm", "PD+T2 TSE", per_frame_rescale=True,
+                             echoes_in_blocks=echoes_in_blocks)
+    write_dicom_series(sitk.ReadImage(str(IXI / "IXI901-SIM-0001-T1.nii.gz")), folder / "t1", "T1 SE", "ENHANCED-1", 2,
+                       study_uid=ENHANCED_STUDY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def multi_echo_study(tmp_path_factory) -> Path:
+    """A study folder made by :func:`write_multi_echo_study` (echoes interleaved slice by slice)."""
+    folder = tmp_path_factory.mktemp("multi-echo") / "study"
+    write_multi_echo_study(folder)
+    return folder
+
+
+def _assert_echo_reads_as(source, contrast: str) -> None:
+    original = sitk.ReadImage(str(IXI / f"IXI901-SIM-0001-{contrast}.nii.gz"))
+    largest = float(sitk.GetArrayViewFromImage(original).max())
+    _assert_same_geometry_and_voxels(metatensor_to_sitk(load_volume(source)), sitk.Cast(original, sitk.sitkFloat32),
+                                     voxel_tolerance=largest / 65535)
+
+
+@pytest.mark.parametrize("echoes_in_blocks", [False, True])
+def test_a_dual_echo_enhanced_file_is_split_into_its_echoes(tmp_path, echoes_in_blocks):
+    # before: discovery found one series, read whole it was refused ("holds 144 frames at 72 slice positions"), and
+    # the case had no T2
+    path = write_multi_echo_study(tmp_path / "study", echoes_in_blocks)
+    pd_echo, t2_echo, t1 = find_dicom_series(tmp_path / "study")
+    assert (pd_echo.echo, pd_echo.echo_time, t2_echo.echo, t2_echo.echo_time) == (1, 15.0, 2, 90.0)
+    assert pd_echo.files == t2_echo.files == (str(path),) and pd_echo.echo_in_frames and not t1.echo_in_frames
+    assert pd_echo.label == f"'PD+T2 TSE' echo 1 (TE 15 ms) (series , {path.parent})"
+    (case,) = discover_cases(tmp_path / "study", required=["T1", "PD", "T2"]).cases
+    assert case["case_id"] == "ENHANCED-1" and len(case["T1"]) == 96
+    assert {contrast: case[contrast] for contrast in ECHO_TIMES} == {
+        contrast: {"files": [str(path)], "echo_time": echo_time} for contrast, echo_time in ECHO_TIMES.items()}
+    for contrast in ECHO_TIMES:
+        _assert_echo_reads_as(case[contrast], contrast)
+    # a selector names one echo as for a classic dual-echo series
+    selectors = {"PD": "PD+T2 TSE echo 1", "T2": "PD+T2 TSE echo 2"}
+    assert match_series_to_contrasts([pd_echo, t2_echo, t1], mapping=selectors) == {"PD": pd_echo, "T2": t2_echo, "T1": t1}
+    # the file given whole: refused, naming its echoes and how to select one
+    with pytest.raises(DataError) as raised:
+        load_volume([str(path)])
+    assert str(raised.value).startswith(f'{path}: holds frames of 2 echoes (EffectiveEchoTime 15, 90 ms) (expected one '
+                                        'echo: {"files": [...], "echo_time": <ms>} selects its frames')
+
+
+def test_an_echo_selection_survives_a_datalist_monai_datasets_and_conversion(multi_echo_study, tmp_path):
+    from monai.data import CacheDataset, PersistentDataset
+
+    from agi_monai.bundle.data import load_split
+    from agi_monai.data import LoadVolumed, write_datalist
+
+    (case,) = discover_cases(multi_echo_study, required=["T1", "PD", "T2"]).cases
+    # written relative to the datalist's folder, read back absolute: the selection kept
+    datalist = write_datalist({"test": [case]}, multi_echo_study.parent / "datalist.json")
+    written = json.loads(datalist.read_text())["test"][0]
+    assert written["T2"] == {"files": ["study/pdt2.dcm"], "echo_time": 90.0}
+    (read_back,) = discover_cases(datalist, required=["T1", "PD", "T2"], split="test").cases
+    assert read_back == case
+    # a training run's datalist check finds the echo's file (before: it looked for files named "files", "echo_time")
+    assert load_split(datalist, "test", ["T1", "PD", "T2"], require_files=True) == [case]
+    for dataset in (PersistentDataset([read_back], LoadVolumed(["PD", "T2"]), cache_dir=tmp_path / "cache"),
+                    CacheDataset([read_back], LoadVolumed(["PD", "T2"]), progress=False)):
+        item = dataset[0]
+        assert tuple(item["PD"].shape) == tuple(item["T2"].shape) == (1, 128, 128, 72)
+        assert not np.allclose(item["PD"], item["T2"])
+    converted = convert_dicom_to_nifti(read_back, tmp_path / "nifti")
+    _assert_echo_reads_as(converted["T2"], "T2")
+
+
+@pytest.mark.parametrize("selector, problem", [
+    (lambda path, t1: {"files": [path], "echo_time": 50}, "has no frame of echo time 50 ms (its frames' "
+                                                          "EffectiveEchoTime: 15, 90 ms) (expected the echo_time of"),
+    (lambda path, t1: {"files": [path], "echo": 2}, "is selected by the keys 'files', 'echo' (expected {\"files\""),
+    (lambda path, t1: {"files": [path], "echo_time": "90"}, "has echo_time '90' (expected a number of milliseconds"),
+    (lambda path, t1: {"files": t1, "echo_time": 90.0}, "is a classic DICOM file (one frame), where echo_time 90 "
+                                                        "selects frames"),
+], ids=["an echo time no frame has", "an unknown key", "an echo time not a number", "classic files"])
+def test_a_wrong_echo_selection_is_refused_naming_the_file(multi_echo_study, tmp_path, selector, problem):
+    t1 = [str(name) for name in sorted((multi_echo_study / "t1").iterdir())]
+    source = selector(str(multi_echo_study / "pdt2.dcm"), t1)
+    with pytest.raises(DataError) as raised:
+        load_volume(source)
+    assert raised.value.source == source["files"][0] and problem in str(raised.value), str(raised.value)
+    # in a datalist: that case is skipped, named with the reason
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps([{"case_id": "P1", "T1": t1, "T2": source}]))
+    discovery = discover_cases(datalist, validate=True)
+    assert not discovery.cases and [str(failure) for failure in discovery.failures] == [f"P1: {raised.value}"]
+
+
+def test_synthesize_reads_the_echoes_of_one_enhanced_file(multi_echo_study, tmp_path):
+    # (T2, PD) -> T1 on a study whose T2 and PD are one dual-echo file: a T1 on the T2 echo's grid, and with --dicom a
+    # series in the study of the input
+    from agi_monai.cli import main
+    from test_cli import FAST, make_bundle
+
+    bundle = make_bundle(tmp_path / "bundles", "ixi_t2_pd_to_t1", 2)
+    output = tmp_path / "out"
+    assert main(["synthesize", str(multi_echo_study), "--bundle", str(bundle), "--output_dir", str(output), "--dicom",
+                 *FAST]) == 0
+    assert sorted(p.name for p in output.iterdir()) == ["ENHANCED-1_T1.nii.gz", "ENHANCED-1_T1_dicom"]
+    t2 = sitk.ReadImage(str(IXI / "IXI901-SIM-0001-T2.nii.gz"))
+    synthesized = sitk.ReadImage(str(output / "ENHANCED-1_T1.nii.gz"))
+    series = sorted((output / "ENHANCED-1_T1_dicom").iterdir())
+    for image in (synthesized, metatensor_to_sitk(load_volume([str(p) for p in series]))):
+        _assert_same_grid(image, t2)
+    header = pydicom.dcmread(series[0])
+    assert (header.StudyInstanceUID, header.PatientID, len(series)) == (ENHANCED_STUDY, "ENHANCED-1", 72)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -217,6 +217,40 @@ def test_explicit_json_datalist(tmp_path):
         discover_cases(tmp_path / "nowhere")
 
 
+def test_a_case_listed_in_two_splits_is_read_once_and_named(tmp_path, caplog):
+    # before: read over every split (synthesis), the case failed as "duplicate case ID, several files for one
+    # contrast: T1 in a, a" (the same file twice)
+    gli = {"case_id": "gli", "T1": str(BRATS_GLI / "BraTS-GLI-00001-000-t1n.nii.gz"),
+           "T2": str(BRATS_GLI / "BraTS-GLI-00001-000-t2w.nii.gz")}
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": [gli], "validation": [gli], "test": [{**gli, "T2": gli["T1"]}]}))
+    with caplog.at_level("WARNING", logger="agi_monai.data.discovery"):
+        discovery = discover_cases(path, split="training")
+        assert [case["case_id"] for case in discovery.cases] == ["gli"] and not caplog.records
+        discovery = discover_cases(path)
+    assert discovery.cases == [] and [f.case_id for f in discovery.failures] == ["gli"]  # other files under one ID
+    assert discovery.failures[0].reason == ("duplicate case ID, several files for one contrast: "
+                                            f"T1 in {gli['T1']}, {gli['T1']}; T2 in {gli['T2']}, {gli['T1']}")
+    assert caplog.messages[0] == (f"{path}: case gli is listed in 'training' and in 'validation' with the same files "
+                                  "(read once; a case in two splits is in both the training and the evaluation data)")
+    path.write_text(json.dumps({"training": [gli], "test": [gli]}))
+    assert [case["T2"] for case in discover_cases(path).cases] == [gli["T2"]]
+
+
+def test_a_duplicate_dicom_series_is_named_by_its_folder_not_every_file(tmp_path):
+    # before: the message listed every file of the series (1377 characters for 26 slices)
+    import SimpleITK as sitk
+
+    from agi_monai.data import write_dicom_series
+
+    volume = sitk.ReadImage(str(BRATS_GLI / "BraTS-GLI-00001-000-t2f.nii.gz"))[:, :, 70:76]
+    write_dicom_series(volume, tmp_path / "P01" / "flair", "AX FLAIR", "P01", 3)
+    sitk.WriteImage(volume, str(tmp_path / "P01-FLAIR.nii.gz"))  # the same series converted beside it
+    (failure,) = discover_cases(tmp_path).failures
+    assert failure.reason == (f"duplicate case ID, several files for one contrast: FLAIR in {tmp_path / 'P01-FLAIR.nii.gz'}, "
+                              f"{tmp_path / 'P01' / 'flair'} (6 DICOM files)")
+
+
 def test_linked_case_folders_are_found_and_a_link_loop_ends(tmp_path):
     # a dataset folder of links to a shared store (common on clusters): before, os.walk skipped linked folders and
     # their cases were left out without a word

@@ -222,10 +222,15 @@ def test_inputs_and_outputs_that_cannot_serve_are_refused_before_any_case(export
 def test_a_rerun_refuses_existing_outputs_without_synthesizing_again(exported, inputs, tmp_path, capsys, monkeypatch):
     from agi_monai.deploy.synthesis import BundleSynthesizer
 
+    from agi_monai.data import synthetic_description
+
     output = tmp_path / "out"
     output.mkdir()
     existing = output / "aurora-example_FLAIR.nii.gz"
-    existing.write_bytes(b"an earlier result")
+    earlier = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))  # an earlier run's (a synthesis's mark)
+    earlier.header["descrip"] = synthetic_description("FLAIR", ["T1", "T2"], "brats_t1_t2_to_flair")
+    nib.save(earlier, existing)
+    before = existing.read_bytes()
 
     def synthesized(self, case):
         raise AssertionError(f"{case['case_id']} was synthesized although its output exists")
@@ -234,7 +239,7 @@ def test_a_rerun_refuses_existing_outputs_without_synthesizing_again(exported, i
     assert main(["-i", str(inputs / "nifti"), "-o", str(output), "-m", str(exported / "models" / "model.ts"), "--no-dicom"]) == 1
     printed = capsys.readouterr().out
     assert f"aurora-example: {existing}: output already exists (expected a new output, or --overwrite" in printed
-    assert "was synthesized" not in printed and existing.read_bytes() == b"an earlier result"
+    assert "was synthesized" not in printed and existing.read_bytes() == before
 
 
 def test_output_inside_the_input_is_refused(exported, inputs, capsys):

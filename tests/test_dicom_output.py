@@ -111,6 +111,13 @@ def test_derived_series_has_the_reference_geometry_and_values(native_reference, 
         pixels = dataset.pixel_array.astype(np.float64) * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
         np.testing.assert_allclose(pixels, values[index], atol=step / 2 * 1.001)
         assert dataset.pixel_array.dtype == np.uint16 and dataset.PixelRepresentation == 0 and dataset.BitsStored == 16
+        # the display window, as a viewer applies it (before: a width below 1 with the default LINEAR function,
+        # which PS3.3 forbids and pydicom refuses): the image's range onto the display's
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+        displayed = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset)
+        if np.ptp(pixels) > 0:  # a linear, increasing map of the values, not a threshold
+            assert len(np.unique(displayed)) == len(np.unique(pixels)) and np.corrcoef(displayed.ravel(), pixels.ravel())[0, 1] > 0.9999
 
 
 def test_derived_series_tags(native_reference, tmp_path):

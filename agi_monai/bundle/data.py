@@ -14,7 +14,7 @@ from typing import Any
 from torch.utils.data import DataLoader, DistributedSampler
 
 from agi_monai.data import DataError, Failure, PatchDataset, canonical_contrast, discover_cases
-from agi_monai.data.volumes import missing_file_error
+from agi_monai.data.volumes import missing_file_error, source_paths
 
 __all__ = ["DATALIST_NAME", "check_batches", "check_spatial_size", "check_splits", "load_split"]
 
@@ -92,10 +92,11 @@ def _missing_file(case: Mapping[str, Any], contrasts: Sequence[str]) -> DataErro
             missing = missing_file_error(source)
             if missing is not None:
                 return missing
-        else:  # the files of a DICOM series
-            gone = [name for name in source if not Path(name).exists()]
+        else:  # the files of a DICOM series, or of one echo of multi-frame files
+            files = source_paths(source)
+            gone = [name for name in files if not Path(name).exists()]
             if gone:
-                return DataError(gone[0], f"file not found ({len(gone)} of the {len(source)} files of the "
+                return DataError(gone[0], f"file not found ({len(gone)} of the {len(files)} files of the "
                                  f"{contrast} DICOM series are missing)", "every file of the series")
     return None
 

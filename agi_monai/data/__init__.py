@@ -110,6 +110,7 @@ _SUBMODULES: dict[str, tuple[str, ...]] = {
     ),
     "volumes": (
         "check_volume",
+        "echo_frames",
         "load_volume",
         "metatensor_to_sitk",
         "sitk_to_metatensor",

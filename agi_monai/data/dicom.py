@@ -32,7 +32,9 @@ from pydicom.valuerep import format_number_as_ds
 from agi_monai.data.contrasts import canonical_contrast
 from agi_monai.data.errors import DataError
 from agi_monai.data.files import atomic_output, temporary_path, walk_folders
-from agi_monai.data.volumes import load_volume, metatensor_to_sitk
+from agi_monai.data.volumes import (
+    VolumeSource, echo_frames, frame_echo_times, load_volume, metatensor_to_sitk, source_paths
+)
 
 _logger = logging.getLogger(__name__)
 #: The Manufacturer tag of the series :func:`write_derived_series` writes: how a later run knows them.
@@ -88,11 +90,19 @@ class DicomSeries:
     echo: int = 0
     echo_time: float | None = None
     modality: str = "MR"
+    #: the echo is frames of enhanced multi-frame files that also hold other echoes' frames, not files of its own
+    echo_in_frames: bool = False
 
     @property
     def synthetic(self) -> bool:
         """Written by :func:`write_derived_series` (a synthesized contrast, not an acquired one)."""
         return self.manufacturer == SYNTHETIC_MANUFACTURER
+
+    @property
+    def volume_source(self) -> list[str] | dict[str, object]:
+        """A case's entry for the series (what :func:`load_volume` reads): its files, or, for an echo of multi-frame
+        files, those files and the echo's time, which selects its frames (:func:`echo_frames`)."""
+        return echo_frames(self.files, self.echo_time) if self.echo_in_frames else list(self.files)
 
     @property
     def label(self) -> str:
@@ -136,10 +146,12 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
                 manufacturer=str(header.get("Manufacturer", "")),
                 modality=str(header.get("Modality", "")),
             )
-            echoes = _files_by_echo_time(files)
+            multiframe = int(header.get("NumberOfFrames") or 1) > 1
+            echoes = _files_by_frame_echo_time(files, header) if multiframe else _files_by_echo_time(files)
             if len(echoes) > 1:  # one volume per echo: stacked together, the slices of two echoes interleave
                 for echo, echo_time in enumerate(sorted(echoes), start=1):
-                    found.append(DicomSeries(files=echoes[echo_time], echo=echo, echo_time=echo_time, **tags))
+                    found.append(DicomSeries(files=echoes[echo_time], echo=echo, echo_time=echo_time,
+                                             echo_in_frames=multiframe, **tags))
             else:
                 found.append(DicomSeries(files=files, **tags))
     return sorted(found, key=lambda series: (str(Path(series.files[0]).parent), _number(series.series_number)))
@@ -160,6 +172,24 @@ def _files_by_echo_time(files: Sequence[str]) -> dict[float, tuple[str, ...]]:
                                 "is not split by echo", name, value)
             return {}
         groups.setdefault(echo_time, []).append(name)
+    return {echo_time: tuple(names) for echo_time, names in groups.items()}
+
+
+def _files_by_frame_echo_time(files: Sequence[str], first: pydicom.Dataset) -> dict[float, tuple[str, ...]]:
+    """The enhanced multi-frame files of one series grouped by the EffectiveEchoTime of their frames (a file holding
+    two echoes is in both groups); {} unless every frame has one (the series is then read whole, and refused there if
+    it holds several frames per position). ``first``: the header of ``files[0]``, already read."""
+    groups: dict[float, list[str]] = {}
+    for name in files:
+        try:
+            header = first if name == files[0] else pydicom.dcmread(name, stop_before_pixels=True, force=True)
+            echo_times = frame_echo_times(header)
+        except Exception:  # pydicom raises several types for unreadable files; reading the series names the problem
+            return {}
+        if not echo_times or None in echo_times:
+            return {}
+        for echo_time in dict.fromkeys(echo_times):  # the file's echoes, in their order
+            groups.setdefault(echo_time, []).append(name)
     return {echo_time: tuple(names) for echo_time, names in groups.items()}
 
 
@@ -261,7 +291,7 @@ def convert_dicom_to_nifti(case: Mapping[str, object], output_dir: str | Path) -
     case_id = str(case.get("case_id", "case"))
     converted = dict(case)
     for key, value in case.items():
-        if not _is_dicom_source(value):
+        if not is_dicom_source(value):
             continue
         image = metatensor_to_sitk(load_volume(value))  # the same checks as for training
         path = Path(output_dir) / f"{case_id}-{key}.nii.gz"
@@ -421,7 +451,7 @@ def write_derived_series(
     folder: str | Path,
     series_description: str,
     derivation_description: str,
-    reference: str | Path | Sequence[str | Path] | None = None,
+    reference: VolumeSource | None = None,
     case_id: str = "SYNTHETIC",
     overwrite: bool = False,
 ) -> list[Path]:
@@ -429,9 +459,9 @@ def write_derived_series(
 
     The series is a new one (new SeriesInstanceUID and SOPInstanceUIDs) with ImageType DERIVED\\SECONDARY and
     the given descriptions. With a ``reference`` (a file of the input series the volume was synthesized on,
-    or that series' files, or its folder) the patient, study and frame-of-reference tags are copied from it
-    (:data:`_CARRIED_OVER_TAGS`) and the series number is the reference's plus
-    :data:`DERIVED_SERIES_NUMBER_OFFSET`. Without one (NIfTI input), a new study is made whose patient is
+    or that series' files, or its folder, or the case entry of one echo of multi-frame files) the patient, study and
+    frame-of-reference tags are copied from it (:data:`_CARRIED_OVER_TAGS`) and the series number is the
+    reference's plus :data:`DERIVED_SERIES_NUMBER_OFFSET`. Without one (NIfTI input), a new study is made whose patient is
     marked synthetic: PatientName ``SYNTHETIC^<case_id>``, PatientID ``case_id``, new Study and Frame of
     Reference UIDs.
 
@@ -476,6 +506,9 @@ def write_derived_series(
     low, high = intercept, intercept + slope * _UINT16_MAX
     header.WindowCenter = _ds((low + high) / 2)
     header.WindowWidth = _ds(max(high - low, 1e-6))
+    # the window spans the image's values, [0, 1] at most: LINEAR (the default) requires a width >= 1 (PS3.3
+    # C.11.2.1.2) and a viewer applying it shows such a window thresholded; LINEAR_EXACT takes any width > 0
+    header.VOILUTFunction = "LINEAR_EXACT"
 
     with _atomic_folder(folder, overwrite) as temporary:
         written = []
@@ -490,7 +523,7 @@ def _series_header(
     image: sitk.Image,
     series_description: str,
     derivation_description: str,
-    reference: str | Path | Sequence[str | Path] | None,
+    reference: VolumeSource | None,
     case_id: str,
 ) -> Dataset:
     """The tags every slice of a derived series shares."""
@@ -573,8 +606,11 @@ def _quantize_uint16(values: np.ndarray) -> tuple[np.ndarray, float, float]:
     return stored.astype(np.uint16), intercept, slope
 
 
-def _reference_file(reference: str | Path | Sequence[str | Path]) -> Path:
-    """The first file of a reference series given as a file, its files, or a folder holding one series."""
+def _reference_file(reference: VolumeSource) -> Path:
+    """The first file of a reference series given as a file, its files, a folder holding one series, or one echo of
+    multi-frame files (whose files hold the study's tags as any series' do)."""
+    if isinstance(reference, Mapping):
+        reference = source_paths(reference)
     if isinstance(reference, (str, Path)):
         path = Path(reference)
         if not path.is_dir():
@@ -629,7 +665,11 @@ def _number(text: str) -> float:
         return float("inf")
 
 
-def _is_dicom_source(value: object) -> bool:
+def is_dicom_source(value: object) -> bool:
+    """Whether a case entry is a DICOM series: its files, its folder, or one echo of multi-frame files (a mapping,
+    :func:`agi_monai.data.volumes.echo_frames`); a NIfTI file is not."""
+    if isinstance(value, Mapping):
+        return True
     if isinstance(value, (list, tuple)):
         return bool(value) and all(isinstance(v, str) for v in value)
     return isinstance(value, (str, Path)) and Path(value).is_dir()

@@ -1,5 +1,6 @@
 """Case discovery: a folder (NIfTI and/or DICOM) or a JSON datalist -> cases, each a MONAI datalist item
-``{"case_id", "patient_id", <contrast>: <NIfTI path or DICOM series file list>, ...}``.
+``{"case_id", "patient_id", <contrast>: <NIfTI path or DICOM series file list>, ...}`` (one echo of enhanced
+multi-frame files that hold several: ``{"files": [...], "echo_time": <ms>}``, :func:`agi_monai.data.volumes.echo_frames`).
 
 NIfTI files are matched by name (:func:`agi_monai.data.parse_filename`); the case is the file-name prefix.
 A file named only by its contrast (``t1.nii.gz``, ``mav.nii.gz``) belongs to the one prefixed case of its
@@ -31,7 +32,7 @@ from agi_monai.data.contrasts import (
 from agi_monai.data.dicom import DicomSeries, find_dicom_series, match_series_to_contrasts
 from agi_monai.data.errors import DataError, Failure, format_failures
 from agi_monai.data.files import walk_folders
-from agi_monai.data.volumes import load_volume
+from agi_monai.data.volumes import load_volume, source_paths, with_source_paths
 
 __all__ = ["Discovery", "discover_cases", "file_safe_case_id"]
 
@@ -110,7 +111,7 @@ def discover_cases(
         entries = grouped[case_id]
         duplicates = {c: files for c, files in entries.items() if c in CONTRASTS + LABELS and len(files) > 1}
         if duplicates:
-            detail = "; ".join(f"{c} in {', '.join(map(str, files))}" for c, files in duplicates.items())
+            detail = "; ".join(f"{c} in {', '.join(map(_describe_source, files))}" for c, files in duplicates.items())
             failures.append(Failure(case_id, f"duplicate case ID, several files for one contrast: {detail}"))
             continue
         case = {key: files[0] for key, files in entries.items()}
@@ -168,7 +169,7 @@ def _scan_folder(
             failures.append(Failure(case_id, str(error)))
             continue
         for contrast, item in matched.items():
-            grouped[case_id][contrast].append(list(item.files))
+            grouped[case_id][contrast].append(item.volume_source)
         grouped[case_id]["patient_id"] = [series[0].patient_id]
     return grouped, failures, ignored
 
@@ -210,11 +211,13 @@ def _read_datalist(
         if split is not None:
             if split not in content:
                 raise DataError(path, f"has no {split!r} list (keys: {', '.join(content)})", f"a {split!r} key")
-            items = content[split]
+            items, splits = content[split], [split] * len(content[split]) if isinstance(content[split], list) else []
         else:
-            items = [item for value in content.values() if isinstance(value, list) for item in value]
+            lists = {name: value for name, value in content.items() if isinstance(value, list)}
+            items = [item for value in lists.values() for item in value]
+            splits = [name for name, value in lists.items() for _ in value]
     elif split is None:
-        items = content
+        items, splits = content, ["its list"] * len(content) if isinstance(content, list) else []
     else:
         raise DataError(path, f"is a plain list, so it has no {split!r} split", "a dict of lists")
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
@@ -222,7 +225,8 @@ def _read_datalist(
 
     grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     failures = []
-    for index, item in enumerate(items):
+    listed: dict[str, tuple[dict[str, Any], str]] = {}  # case ID -> its entries and split, as first listed
+    for index, (item, listed_in) in enumerate(zip(items, splits)):
         case: dict[str, Any] = {}
         try:
             for key, value in item.items():
@@ -233,16 +237,34 @@ def _read_datalist(
         except DataError as error:
             failures.append(Failure(str(item.get("case_id", f"{path.name}[{index}]")), str(error)))
             continue
-        case_id = file_safe_case_id(case.pop("case_id", None) or _case_id_from_paths(case) or f"{path.stem}-{index:04d}")
+        given_id = case.pop("case_id", None) or _case_id_from_paths(case) or f"{path.stem}-{index:04d}"
+        case_id = file_safe_case_id(given_id)
+        if case_id in listed and listed[case_id][0] == {**case, "case_id": given_id}:  # e.g. in two splits: one case
+            first = listed[case_id][1]
+            where = f"twice in {first}" if first == listed_in else f"in {first!r} and in {listed_in!r}"
+            _logger.warning("%s: case %s is listed %s with the same files (read once; a case in two splits is in both "
+                            "the training and the evaluation data)", path, case_id, where)
+            continue
+        listed.setdefault(case_id, ({**case, "case_id": given_id}, listed_in))
         for key, value in case.items():
             grouped[case_id][key].append(value)
     return grouped, failures
 
 
-def _resolve(value: Any, base: Path) -> str | list[str]:
-    if isinstance(value, list):
-        return [os.path.normpath(base / name) for name in value]  # a DICOM series' files
-    return os.path.normpath(base / str(value))
+def _describe_source(source: Any) -> str:
+    """A case entry in a message: a file or folder as it is, a DICOM series by its folder and file count (not every
+    file: a 200-slice series would make a line of 10,000 characters)."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    files = source_paths(source)
+    folder = os.path.commonpath(files) if len(files) > 1 else files[0]
+    echo = f", echo time {source['echo_time']:g} ms" if isinstance(source, Mapping) else ""
+    return f"{folder} ({len(files)} DICOM file{'s' if len(files) > 1 else ''}{echo})"
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    """A datalist entry (a file or folder, a DICOM series' files, or one echo's) with its paths taken from ``base``."""
+    return with_source_paths(value, lambda name: os.path.normpath(base / name))
 
 
 def _case_id_from_paths(case: Mapping[str, Any]) -> str | None:

@@ -13,6 +13,7 @@ from agi_monai.data.contrasts import CONTRASTS, LABELS
 from agi_monai.data.discovery import Discovery, discover_cases
 from agi_monai.data.errors import DataError, format_failures
 from agi_monai.data.files import write_json
+from agi_monai.data.volumes import with_source_paths
 
 __all__ = ["SPLIT_NAMES", "split_cases", "write_datalist", "prepare_datalist", "preparation_summary"]
 
@@ -130,7 +131,7 @@ def _patient_counts(sizes: Sequence[float], available: int) -> list[int]:
 
 def _relative(value: Any, base: Path) -> Any:
     """Relative to ``base`` when the file lies below it, else absolute."""
-    if isinstance(value, list):
-        return [_relative(item, base) for item in value]
+    if isinstance(value, (list, Mapping)):  # a DICOM series' files, or one echo's (echo_frames)
+        return with_source_paths(value, lambda name: _relative(name, base))
     path = Path(os.path.abspath(value))
     return os.path.relpath(path, base) if path.is_relative_to(base) else str(path)

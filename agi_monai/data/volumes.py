@@ -5,8 +5,9 @@ conversions between ``MetaTensor`` (RAS affine, MONAI) and ``SimpleITK.Image`` (
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -20,16 +21,46 @@ from monai.transforms import EnsureChannelFirst, LoadImage
 from agi_monai.data.errors import DataError, MissingFileError
 
 __all__ = [
-    "VolumeSource", "load_volume", "check_volume", "missing_file_error", "sitk_to_metatensor", "metatensor_to_sitk"
+    "VolumeSource", "load_volume", "check_volume", "missing_file_error", "sitk_to_metatensor", "metatensor_to_sitk",
+    "echo_frames", "source_paths", "with_source_paths", "frame_echo_times",
 ]
 
-VolumeSource = str | Path | Sequence[str]
-"""A NIfTI file, a folder holding one DICOM series, or the files of one DICOM series."""
+VolumeSource = str | Path | Sequence[str] | Mapping[str, object]
+"""A NIfTI file, a folder holding one DICOM series, the files of one DICOM series, or one echo of enhanced multi-frame
+files that hold several (:func:`echo_frames`)."""
 
 # NIfTI/MONAI affines map voxels to RAS+ world coordinates, ITK/DICOM to LPS: flip x and y.
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
 _NIFTI_LOADER = LoadImage(reader=NibabelReader, image_only=True, dtype=np.float32)
 _ORTHONORMAL_TOLERANCE = 1e-4
+
+
+def echo_frames(files: Sequence[str], echo_time: float) -> dict[str, object]:
+    """The volume source of one echo of enhanced multi-frame files holding several echoes (a dual-echo PD/T2 sequence
+    exported as one file): ``{"files": [...], "echo_time": <ms>}``, the frames whose ``EffectiveEchoTime`` (per-frame
+    ``MREchoSequence``) is ``echo_time``. A mapping, not a frame list: it reads as what it selects, stays right when a
+    file is exported again with its frames in another order, and survives JSON datalists and MONAI datasets as it is."""
+    return {"files": [str(name) for name in files], "echo_time": float(echo_time)}
+
+
+def source_paths(source: VolumeSource) -> list[str]:
+    """The files or folder a volume source names (a NIfTI file, a series folder, a series' files, an echo's files)."""
+    if isinstance(source, Mapping):
+        return _echo_selection(source)[0]
+    if isinstance(source, (list, tuple)):
+        return [str(name) for name in source]
+    return [str(source)]
+
+
+def with_source_paths(source: VolumeSource, change: Callable[[str], str]) -> VolumeSource:
+    """``source`` with each path it names replaced by ``change(path)``, in the same form: how a datalist's entries are
+    made relative to it or absolute."""
+    if isinstance(source, Mapping):
+        files, echo_time = _echo_selection(source)
+        return echo_frames([change(name) for name in files], echo_time)
+    if isinstance(source, (list, tuple)):
+        return [change(str(name)) for name in source]
+    return change(str(source))
 
 
 def load_volume(source: VolumeSource) -> MetaTensor:
@@ -40,15 +71,18 @@ def load_volume(source: VolumeSource) -> MetaTensor:
     geometry, handles oblique series, and gives the same RAS affine.
 
     Args:
-        source: a ``.nii``/``.nii.gz`` file, a folder holding exactly one DICOM series, or a list of the
-            files of one DICOM series.
+        source: a ``.nii``/``.nii.gz`` file, a folder holding exactly one DICOM series, a list of the
+            files of one DICOM series, or one echo of enhanced multi-frame files (:func:`echo_frames`).
 
     Raises:
         DataError: naming the file, when it is missing (a :class:`MissingFileError`, see
             :func:`missing_file_error`), unreadable, truncated, not NIfTI despite its name, not 3D, contains NaN/Inf,
-            or is constant (see :func:`check_volume`).
+            or is constant (see :func:`check_volume`); an echo selection that is malformed, names classic files, or
+            an echo time none of its frames has.
     """
-    if isinstance(source, (str, Path)) and not Path(source).is_dir():
+    if isinstance(source, Mapping):
+        volume = _load_dicom_series(*_echo_selection(source))
+    elif isinstance(source, (str, Path)) and not Path(source).is_dir():
         volume = _load_nifti(Path(source))
     else:
         volume = _load_dicom_series(source)
@@ -115,7 +149,24 @@ def _load_nifti(path: Path) -> MetaTensor:
     return volume
 
 
-def _load_dicom_series(source: str | Path | Sequence[str]) -> MetaTensor:
+def _echo_selection(source: Mapping[str, object]) -> tuple[list[str], float]:
+    """The files and echo time of an :func:`echo_frames` source, checked."""
+    files, echo_time = source.get("files"), source.get("echo_time")
+    named = isinstance(files, (list, tuple)) and bool(files) and all(isinstance(name, (str, Path)) for name in files)
+    where = str(files[0]) if named else "<echo selection>"
+    expected = ('{"files": [the multi-frame files], "echo_time": <ms>}, the frames of one echo (as discovery writes '
+                "it)")
+    if set(source) != {"files", "echo_time"}:
+        raise DataError(where, f"is selected by the keys {', '.join(map(repr, source))}", expected)
+    if not named:
+        raise DataError(where, f"has files {files!r}", f"a non-empty list of file names: {expected}")
+    if isinstance(echo_time, bool) or not isinstance(echo_time, (int, float)) or not math.isfinite(echo_time):
+        raise DataError(where, f"has echo_time {echo_time!r}", "a number of milliseconds, the EffectiveEchoTime of "
+                                                               "the frames to read")
+    return [str(name) for name in files], float(echo_time)
+
+
+def _load_dicom_series(source: str | Path | Sequence[str], echo_time: float | None = None) -> MetaTensor:
     if isinstance(source, (str, Path)):
         folder = str(source)
         series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
@@ -129,9 +180,15 @@ def _load_dicom_series(source: str | Path | Sequence[str]) -> MetaTensor:
             raise DataError("<empty file list>", "no DICOM files given", "the files of one DICOM series")
     label = str(Path(files[0]).parent) if len(files) > 1 else files[0]
     multiframe = _is_multiframe(files[0])
+    if echo_time is not None:
+        if not multiframe:
+            raise DataError(files[0], f"is a classic DICOM file (one frame), where echo_time {echo_time:g} selects "
+                                      "frames", "enhanced multi-frame files; a classic series' echo is the list of "
+                                                "its files")
+        label = f"{label} (echo time {echo_time:g} ms)"
     try:
         if multiframe:  # checked frame by frame as it is read
-            image = _read_multiframe_series(files, label)
+            image = _read_multiframe_series(files, label, echo_time)
         else:
             _check_series_slices(files, label)  # before ITK stacks them: its own errors name no file
             reader = sitk.ImageSeriesReader()
@@ -234,7 +291,19 @@ def _is_multiframe(path: str) -> bool:
     return int(header.get("NumberOfFrames") or 1) > 1
 
 
-def _read_multiframe_series(files: Sequence[str], label: str) -> sitk.Image:
+def frame_echo_times(header: pydicom.Dataset) -> list[float | None]:
+    """The EffectiveEchoTime (ms) of each frame of an enhanced MR file, from its MREchoSequence (per frame, else
+    shared); None for a frame without one."""
+    shared = (header.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+    echo_times = []
+    for group in header.get("PerFrameFunctionalGroupsSequence") or []:
+        items = group.get("MREchoSequence") or shared.get("MREchoSequence") or [pydicom.Dataset()]
+        value = items[0].get("EffectiveEchoTime")
+        echo_times.append(None if value is None or value == "" else float(value))
+    return echo_times
+
+
+def _read_multiframe_series(files: Sequence[str], label: str, echo_time: float | None = None) -> sitk.Image:
     """The frames of multi-frame DICOM files as one volume, placed by their own functional groups.
 
     Why not GDCM's reading alone: ``ImageSeriesReader`` makes a 4D image of one such file (the series then failed
@@ -243,7 +312,8 @@ def _read_multiframe_series(files: Sequence[str], label: str) -> sitk.Image:
     frame's rescale to every frame, where Philips files scale each frame differently. GDCM still decodes the pixels
     (every transfer syntax); the frames are then sorted along the slice normal, rescaled frame by frame, and checked:
     one orientation, spacing and size, one frame per position (not several echoes or time points), frames stacked
-    along their normal, no missing frame.
+    along their normal, no missing frame. With ``echo_time``, only the frames of that EffectiveEchoTime are read (one
+    echo of files holding several); without it, frames of several echo times are refused, naming them.
     """
     frames = []  # (position, orientation, pixel spacing, frame values, file, frame number)
     patients = set()
@@ -260,10 +330,22 @@ def _read_multiframe_series(files: Sequence[str], label: str) -> sitk.Image:
         if len(per_frame) != count:
             raise DataError(name, f"has {count} frames and {len(per_frame)} per-frame functional groups",
                             "one group per frame, giving its position (an enhanced MR image)")
+        echo_times = frame_echo_times(header)
+        echoes = sorted({value for value in echo_times if value is not None})
+        listed = f"{', '.join(f'{value:g}' for value in echoes)} ms" if echoes else "none"
+        if echo_time is None and len(echoes) > 1:
+            raise DataError(name, f"holds frames of {len(echoes)} echoes (EffectiveEchoTime {listed})",
+                            'one echo: {"files": [...], "echo_time": <ms>} selects its frames (discovery lists '
+                            "each echo as a series)")
+        if echo_time is not None and echo_time not in echoes:
+            raise DataError(name, f"has no frame of echo time {echo_time:g} ms (its frames' EffectiveEchoTime: "
+                                  f"{listed})", "the echo_time of one of its echoes, in ms")
         # GDCM returns the stored frames in their order, all scaled by the first frame's rescale: undone below
         decoded = sitk.GetArrayFromImage(sitk.ReadImage(name, sitk.sitkFloat64)).reshape(count, header.Rows, header.Columns)
         first_slope, first_intercept = _rescale(per_frame[0], shared, header)
         for number, group in enumerate(per_frame, start=1):
+            if echo_time is not None and echo_times[number - 1] != echo_time:
+                continue  # another echo's frame
             where = f"{name}, frame {number}"
             slope, intercept = _rescale(group, shared, header)
             stored = (decoded[number - 1] - first_intercept) / first_slope

@@ -42,7 +42,7 @@ from agi_monai.data import (
     spacing_mismatch,
     synthetic_description,
 )
-from agi_monai.data.dicom import write_derived_series
+from agi_monai.data.dicom import is_dicom_source, write_derived_series
 from agi_monai.data.files import EarlierCaseOutputs, refuse_foreign_outputs, synthesis_output_paths
 from agi_monai.engines import clip_prediction, expected_bundle_weights, load_weights
 
@@ -242,7 +242,7 @@ def write_synthesis_outputs(
     writer.set_data_array(prediction, channel_dim=0)
     writer.set_metadata(prediction.meta, resample=False)
     reference = case.get(synthesizer.reference)
-    from_dicom = isinstance(reference, (list, tuple)) or (isinstance(reference, (str, Path)) and Path(reference).is_dir())
+    from_dicom = is_dicom_source(reference)
     earlier = EarlierCaseOutputs(nifti, series) if overwrite else None  # without overwrite nothing exists (refused)
     try:
         writer.write(nifti)
