@@ -501,7 +501,7 @@ def test_a_report_never_replaces_an_input_or_an_output_and_is_checked_before_any
         (datalist, t1, "does not end in .json"),
         (datalist, output / "BraTS-GLI-00001-000_FLAIR.nii.gz", "does not end in .json"),
         (datalist, datalist, "exists and is not a report of an earlier run (it is left as it was)"),
-        (datalist, tmp_path / "file" / "report.json", "cannot be written (File exists)"),  # mkdir of a file
+        (datalist, tmp_path / "file" / "report.json", "cannot be written (Not a directory)"),  # under a file
         (datalist, output / "BraTS-GLI-00001-000_FLAIR_dicom" / "report.json", f"is in a folder below the output folder {output}"),
     ]:
         status = main(["synthesize", str(source), "--bundle", str(flair_bundle), "--output_dir", str(output),
@@ -510,6 +510,11 @@ def test_a_report_never_replaces_an_input_or_an_output_and_is_checked_before_any
         assert status == 2 and f"error: {report}: {problem}" in error and expected in error, error
         assert not output.exists()  # refused before any case
     assert datalist.read_text().startswith("[{") and t1.stat().st_size > 1000
+    # a start that fails after the report's check (weights that do not fit) creates no folder for it (before: made)
+    report = tmp_path / "reports" / "run1" / "report.json"
+    assert main(["synthesize", str(datalist), "--bundle", str(flair_bundle), "--output_dir", str(output),
+                 "--report", str(report)]) == 2
+    assert "does not fit AGINet" in capsys.readouterr().err and not (tmp_path / "reports").exists()
 
 
 def test_a_missing_file_of_one_case_is_an_argument_error(flair_bundle, cases, tmp_path, capsys):

@@ -433,7 +433,8 @@ def check_report_path(path: str | Path, source: str | Path | None = None, output
     something or cannot be written: it must end in ``.json`` (never an image, an input or an output), must not be an
     existing file other than an earlier report (a datalist, an input's sidecar), nor lie in the searched part of the
     input folder ``source`` (:func:`is_searched_input`), nor in a folder below ``output_dir`` (a case's DICOM series
-    folder: ``output_dir`` itself is fine); its folder is created and written to, as :func:`check_output_folder` does.
+    folder: ``output_dir`` itself is fine); a file is written to (and removed from) the nearest of its folders that
+    exists, which must be a folder: nothing is created, so a run that fails later leaves nothing behind.
 
     Returns:
         ``path``, resolved.
@@ -455,10 +456,20 @@ def check_report_path(path: str | Path, source: str | Path | None = None, output
         raise DataError(path, f"is in a folder below the output folder {Path(output_dir).resolve()} (a case's DICOM "
                         "series is replaced as a whole)", f"{expected}, e.g. in the output folder itself")
     try:
-        _create_and_write_in(path.parent)
+        _write_in_nearest_folder(path.parent)
     except OSError as error:
         raise DataError(path, f"cannot be written ({error.strerror or error})", expected) from error
     return path
+
+
+def _write_in_nearest_folder(folder: Path) -> None:
+    """Writes and removes a file in the nearest existing one of ``folder`` and its parents (where the missing ones
+    would be created); raises the system's OSError, e.g. when that is a file."""
+    nearest = next(path for path in (folder, *folder.parents) if path.exists())
+    if not nearest.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(nearest))
+    with tempfile.NamedTemporaryFile(dir=nearest, prefix=".tmp-write-check-"):
+        pass
 
 
 def _create_and_write_in(folder: Path) -> None:
