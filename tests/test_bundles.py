@@ -395,6 +395,21 @@ def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_sa
     assert out == [f"synthesized 2 of 3 cases into {tmp_path}, 1 already present (skipped), 0 failed"]
     assert "3/3 [" in bar and bar.rstrip().endswith("1 already present (skipped), 0 failed]"), bar
 
+    # a SliceInferer's case shows a bar over its slices too (before: a case of minutes left the bar at 0/1)
+    from monai.inferers import SliceInferer
+
+    summary = FolderSynthesis(Dataset(cases[:1]), FirstChannel(), SliceInferer(roi_size=(8, 8), sw_batch_size=3,
+                              spatial_dim=2), write, tmp_path / "slices", "PD")()
+    assert summary.written == [tmp_path / "slices" / "a_PD.nii.gz"]
+    bar = capsys.readouterr().err
+    assert "\ra:   0%|          | 0/4 [" in bar and "slice/s]" in bar, bar  # drawn, then cleared (leave=False)
+    from agi_monai.bundle.experiment import infer_case
+
+    batches = []  # what the bar is updated with: each batch's slices
+    infer_case(FirstChannel(), SliceInferer(roi_size=(8, 8), sw_batch_size=3, spatial_dim=2), cases[0]["image"],
+               on_batch=batches.append)
+    assert batches == [3, 1]
+
     # a rerun over the same folder: every output is there, nothing is read or written, and the bar and line say so
     summary, out, bar = run(cases, overwrite=False)
     assert summary.written == [] and len(summary.present) == 3

@@ -231,19 +231,27 @@ def infer_case(
     image: torch.Tensor,
     device: str | torch.device = "cpu",
     amp: bool = False,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
     """``network`` in eval mode, without gradients, on one case's (C, spatial...) ``image``, through ``inferer``
     (e.g. a MONAI ``SliceInferer``) called with a batch of one on ``device``: the (C', spatial...) output as a
     plain float32 tensor on the CPU.
 
     A ``MetaTensor`` input loses its metadata first: tracking it costs time in every layer and nothing here needs
-    it. ``amp`` autocasts (mixed precision) on ``device``'s type.
+    it. ``amp`` autocasts (mixed precision) on ``device``'s type. ``on_batch`` is called with the size of every
+    batch the inferer hands the network (a ``SliceInferer``'s: its number of slices), e.g. a progress bar's update.
     """
     network.eval()
     plain = convert_to_tensor(image, track_meta=False)
     autocast = torch.autocast(torch.device(device).type) if amp else nullcontext()
+    forward: Callable[[torch.Tensor], Any] = network
+    if on_batch is not None:
+        def forward(batch: torch.Tensor) -> Any:
+            output = network(batch)
+            on_batch(batch.shape[0])
+            return output
     with torch.inference_mode(), autocast:
-        output = inferer(plain[None].to(device), network)
+        output = inferer(plain[None].to(device), forward)
     return convert_to_tensor(output, track_meta=False)[0].float().cpu()
 
 

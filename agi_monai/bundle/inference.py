@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from monai.data import Dataset, MetaTensor
-from monai.inferers import Inferer
+from monai.inferers import Inferer, SliceInferer
 from tqdm import tqdm
 
 from agi_monai.bundle.experiment import infer_case
@@ -234,5 +234,10 @@ class FolderSynthesis:
         mismatch = spacing_mismatch(item["image"], self.training_spacing)
         if mismatch:
             _logger.warning("%s: %s", item.get("case_id", index), mismatch)
-        item["pred"] = MetaTensor(infer_case(self.network, self.inferer, item["image"], self.device, self.amp))
+        # a case takes minutes on a CPU at the paper's widths: a bar over its slices, under the one over cases
+        slices = item["image"].shape[-1] if isinstance(self.inferer, SliceInferer) else 0
+        with tqdm(total=slices, desc=str(item.get("case_id", index)), unit="slice", leave=False,
+                  disable=not (self.progress and slices)) as bar:
+            prediction = infer_case(self.network, self.inferer, item["image"], self.device, self.amp, bar.update)
+        item["pred"] = MetaTensor(prediction)
         self.postprocessing(item)
