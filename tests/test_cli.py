@@ -206,6 +206,30 @@ def test_a_bids_dataset_is_synthesized_into_its_derivatives(flair_bundle, cases,
     assert "0 of 1 cases written (FLAIR, NIfTI + DICOM)" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("unit", ["micron", "meter"])
+def test_an_input_whose_header_is_not_in_mm_gets_an_output_on_its_physical_grid(flair_bundle, cases, tmp_path, unit):
+    # before: the output took the input's affine numbers but was marked mm, so ITK tools (which read the input in mm)
+    # put it on a grid a thousand times larger (micron) or smaller (metre) than the input's
+    folder = tmp_path / "cases" / "u"
+    folder.mkdir(parents=True)
+    for name in ("t1n", "t2w"):
+        image = nib.load(cases / GLI.name / f"BraTS-GLI-00001-000-{name}.nii.gz")
+        scale = {"micron": 1000.0, "meter": 0.001}[unit]  # the same 1 mm grid, written in that unit
+        zoom = np.diag([scale, scale, scale, 1.0])
+        converted = nib.Nifti1Image(np.asarray(image.dataobj), zoom @ image.affine)
+        converted.header.set_xyzt_units(unit, "sec")
+        nib.save(converted, folder / f"u-{name}.nii.gz")
+    assert main(["synthesize", str(tmp_path / "cases"), "--bundle", str(flair_bundle), "--output_dir",
+                 str(tmp_path / "out"), *FAST]) == 0
+    written = sitk.ReadImage(str(tmp_path / "out" / "u_FLAIR.nii.gz"))
+    reference = sitk.ReadImage(str(folder / "u-t2w.nii.gz"))  # SimpleITK converts the header's unit to mm
+    np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), rtol=1e-5)
+    np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert written.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(written.GetSpacing(), [1.0, 1.0, 1.0], rtol=1e-5)  # the 1 mm grid it was
+
+
 def test_a_failing_case_is_named_the_others_are_written_and_the_exit_status_is_1(flair_bundle, cases, tmp_path):
     folder = tmp_path / "cases"
     shutil.copytree(cases / GLI.name, folder / GLI.name)

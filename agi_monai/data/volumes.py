@@ -146,6 +146,29 @@ def _load_nifti(path: Path) -> MetaTensor:
     # NIfTI stores a 3D volume with a trailing time axis of length 1 as 4D; that is still 3D
     while volume.ndim > 3 and volume.shape[-1] == 1:
         volume = volume[..., 0]
+    return _in_millimetres(volume)
+
+
+#: Millimetres per NIfTI spatial unit other than mm (``xyzt_units & 7``: 1 metre, 3 micron; 0, unknown, is read as mm).
+_MM_PER_NIFTI_UNIT = {1: 1000.0, 3: 0.001}
+_NIFTI_UNITS_MM = 2
+
+
+def _in_millimetres(volume: MetaTensor) -> MetaTensor:
+    """``volume`` with its affines in mm, where its header gives them in metres or microns: SimpleITK reads such a file
+    in mm, and every writer here marks its output mm, so an output with the input's affine as it was would lie on
+    another grid (a thousandth of its size, for a micron header) in every ITK-based tool."""
+    units = int(volume.meta.get("xyzt_units", 0))
+    factor = _MM_PER_NIFTI_UNIT.get(units & 7)
+    if factor is None:
+        return volume
+    scale = np.diag([factor, factor, factor, 1.0])
+    for key in ("affine", "original_affine"):
+        if key in volume.meta:
+            affine = volume.meta[key]
+            volume.meta[key] = (torch.as_tensor(scale, dtype=affine.dtype) @ affine if isinstance(affine, torch.Tensor)
+                                else scale @ np.asarray(affine))
+    volume.meta["xyzt_units"] = (units & ~7) | _NIFTI_UNITS_MM
     return volume
 
 
