@@ -11,14 +11,16 @@ failed ones are named), 2 for a bad argument (the message names it; no traceback
 SIGTERM (the outputs written until then are complete; temporary files are removed).
 """
 
-# no "from __future__ import annotations", and Optional[str] rather than "str | None" in the commands: Fire's
-# --help prints the annotations, and these read "Optional[str]" there
+# no "from __future__ import annotations" in the commands: Fire's --help prints their annotations (through
+# _as_fire_shows_types, as "Optional[str]")
 import contextlib
 import inspect
 import logging
 import sys
 import tempfile
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -403,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = " ".join([_PROGRAM, *([command] if command else [])])
     try:
         with help_to_stdout, stopping_cleanly_on_sigterm():
-            result = fire.Fire(COMMANDS, command=fire_args, name=_PROGRAM, serialize=lambda _: None)
+            result = fire.Fire({name: _as_fire_shows_types(command) for name, command in COMMANDS.items()},
+                               command=fire_args, name=_PROGRAM, serialize=lambda _: None)
     except (UsageError, DataError, BundleError) as error:
         print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
@@ -426,7 +429,9 @@ def run_script(component: Any, name: str) -> None:
     from agi_monai.data import DataError
 
     try:
-        fire.Fire(component, command=_command_line_as_typed(component, sys.argv[1:]), name=name,
+        shown = ({key: _as_fire_shows_types(value) for key, value in component.items()} if isinstance(component, Mapping)
+                 else _as_fire_shows_types(component))
+        fire.Fire(shown, command=_command_line_as_typed(component, sys.argv[1:]), name=name,
                   serialize=lambda result: None)
     except (UsageError, DataError, BundleError) as error:
         print(f"{name}: error: {error}", file=sys.stderr, flush=True)
@@ -440,6 +445,28 @@ def run_script(component: Any, name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
+
+def _as_fire_shows_types(command: Any) -> Any:
+    """``command`` as Fire's ``--help`` should show its parameter types: a copy whose annotations are the evaluated
+    types (the scripts' are strings, from ``from __future__ import annotations``: shown quoted) with ``Optional[X]``
+    of a parameter defaulting to None as ``X``, since Fire adds ``Optional[...]`` itself there (it showed
+    ``Optional[Optional]``: Fire names a type by its ``__qualname__``). Anything else is returned as it is."""
+    if not isinstance(command, types.FunctionType):
+        return command
+    try:
+        hints = typing.get_type_hints(command)
+    except Exception:  # a name the annotations use that is not importable here: Fire shows them as they are
+        return command
+    defaults = {name: parameter.default for name, parameter in inspect.signature(command).parameters.items()}
+    for name, hint in hints.items():
+        arguments = typing.get_args(hint)
+        if defaults.get(name, inspect.Parameter.empty) is None and type(None) in arguments and len(arguments) == 2:
+            hints[name] = next(argument for argument in arguments if argument is not type(None))
+    shown = types.FunctionType(command.__code__, command.__globals__, command.__name__, command.__defaults__,
+                               command.__closure__)
+    shown.__kwdefaults__, shown.__doc__, shown.__annotations__ = command.__kwdefaults__, command.__doc__, hints
+    return shown
 
 
 def _command_line_as_typed(component: Any, args: list[str]) -> list[str]:

@@ -681,6 +681,8 @@ def test_help_of_each_command(command, flags, capsys):
     assert f"agi-monai {command}" in text
     for flag in flags:
         assert flag in text, f"{flag} missing from the help of {command}:\n{text}"
+    # the types as written (before: "Optional[Optional]" for every optional flag, Fire naming a type by __qualname__)
+    assert "Optional[Optional]" not in text and ("Type: Optional[str]" in text) == (command not in ("bundles", "convert-dicom")), text
 
 
 # ------------------------------------------------------------------------------------------------- export
