@@ -251,6 +251,24 @@ def test_a_duplicate_dicom_series_is_named_by_its_folder_not_every_file(tmp_path
                               f"{tmp_path / 'P01' / 'flair'} (6 DICOM files)")
 
 
+def test_a_datalist_case_of_dicom_series_without_an_id_is_named_by_its_patient(tmp_path):
+    # as discovery names a folder's DICOM cases, and as `synthesize --t1 <series> --t2 <series>` writes such a case
+    # (before: after the series folders' parent, or "datalist-0000" for file lists)
+    import SimpleITK as sitk
+
+    from agi_monai.data import write_dicom_series
+
+    volume = sitk.ReadImage(str(BRATS_GLI / "BraTS-GLI-00001-000-t2w.nii.gz"))[:, :, 70:74]
+    for number, name in enumerate(("t1", "t2"), 1):
+        write_dicom_series(volume, tmp_path / "export" / name, f"AX {name.upper()}", "TCGA-FG-6692", number)
+    folders = {"T1": str(tmp_path / "export" / "t1"), "T2": str(tmp_path / "export" / "t2")}
+    files = {c: sorted(str(f) for f in Path(folder).iterdir()) for c, folder in folders.items()}
+    for entries in (folders, files):
+        (tmp_path / "datalist.json").write_text(json.dumps([entries]))
+        (case,) = discover_cases(tmp_path / "datalist.json").cases
+        assert case["case_id"] == "TCGA-FG-6692"
+
+
 def test_linked_case_folders_are_found_and_a_link_loop_ends(tmp_path):
     # a dataset folder of links to a shared store (common on clusters): before, os.walk skipped linked folders and
     # their cases were left out without a word

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from tqdm import tqdm
 
 from agi_monai.data.contrasts import (
@@ -268,11 +269,26 @@ def _resolve(value: Any, base: Path) -> Any:
 
 
 def _case_id_from_paths(case: Mapping[str, Any]) -> str | None:
+    """A datalist case's ID when it gives none: its first contrast's file-name prefix (else its folder's name), or,
+    for a DICOM series, the PatientID, as discovery names a folder's DICOM cases (else the series folder's parent)."""
     for key, value in case.items():
-        if key in CONTRASTS and isinstance(value, str):
+        if key not in CONTRASTS:
+            continue
+        if isinstance(value, str) and not Path(value).is_dir():
             parsed = parse_filename(Path(value).name)
             return (parsed[0] if parsed and parsed[0] else Path(value).parent.name) or None
+        files = source_paths(value)
+        first = next(iter(sorted(Path(files[0]).iterdir())), None) if Path(files[0]).is_dir() else Path(files[0])
+        return _patient_id(first) or Path(files[0]).parent.name or None
     return None
+
+
+def _patient_id(path: Path | None) -> str:
+    """The PatientID of a DICOM file, "" when it has none or is not DICOM."""
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", "")).strip()
+    except Exception:  # not a DICOM file (pydicom raises several types), or no file
+        return ""
 
 
 def _validated(cases: list[dict[str, Any]], failures: list[Failure], progress: bool) -> list[dict[str, Any]]:
