@@ -300,11 +300,17 @@ from pathlib import Path
 import agi_monai.data.dicom as dicom
 from agi_monai.deploy.app import main
 
+
 reached, write_slice, series = Path(sys.argv[1]), dicom._slice_dataset, []
 def waiting(header, image, index, pixels):
     series.append(index) if index == 0 else None
     if len(series) == 2 and index == 5:
         reached.touch()
+        # a C call holding the GIL (as SimpleITK's do), then one releasing it for seconds (a forward pass): the main
+        # thread, waiting for the GIL, is not in sigtimedwait, so the kernel hands the signal to another thread
+        # (torch's OpenMP pool); Holoscan's handler there, if still installed, forced exit 1 after 3 s, mid-write
+        sum(range(60_000_000))
+        time.sleep(6)
         for _ in range(1200):
             time.sleep(0.05)
     return write_slice(header, image, index, pixels)
@@ -336,13 +342,16 @@ def test_a_signal_mid_write_stops_at_once_leaving_complete_outputs_and_the_case_
     reached = tmp_path / "reached"
     command = [sys.executable, "-c", _STOPPED_MID_WRITE, str(reached), "-i", str(inputs), "-o", str(output), "-m",
                str(exported / "models" / "model.ts"), "--device", "cpu", "--overwrite"]
-    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    threads = {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}  # threads the kernel may hand the signal to
+    process = subprocess.Popen(command, cwd=ROOT, env={**ENV, **threads}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
         while not reached.exists():
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
         being_written = sorted(p.name for p in output.iterdir() if p.name.startswith(".tmp-"))
         assert len(being_written) == 3, being_written  # the new series, the earlier NIfTI and series set aside
+        time.sleep(0.5)  # the writer is in its C call: the main thread waits for the GIL, out of sigtimedwait
         process.send_signal(getattr(signal, stop))
         stdout, stderr = process.communicate(timeout=60)  # the waiting writer ends at the signal, not in a minute
     finally:

@@ -20,7 +20,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
@@ -102,37 +103,58 @@ class SynthesisApp(Application):
         Holoscan runs the graph's computes in threads of its own, where Python runs no signal handler, and installs
         C++ handlers for both signals that stop the scheduler only between computes (one compute here goes over
         every case) and end the process with status 1 three seconds later, mid-write. So the two signals are
-        blocked in every thread of the run (threads inherit the mask of the thread that starts them) and taken in
-        the main thread with ``sigtimedwait``, where their Python handlers are called; Python's handlers are put
-        back in place of Holoscan's afterwards. Outside the main thread: plain ``run()``.
+        blocked (:func:`_stop_signals_blocked`: in every thread started meanwhile, as threads inherit the mask) and
+        taken in the main thread with ``sigtimedwait``, where their Python handlers are called; and Python's
+        handlers are put back in place of Holoscan's as the run goes, so that a thread started before the signals
+        were blocked (which the kernel may pick for a process's signal) hands it to Python too. Outside the main
+        thread: plain ``run()``.
         """
         if threading.current_thread() is not threading.main_thread():
             self.run()
             return
-        with stopping_cleanly_on_sigterm():
-            before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        with stopping_cleanly_on_sigterm(), _stop_signals_blocked():
+            running = self.run_async()
             try:
-                running = self.run_async()
-                try:
-                    while not running.done():
-                        received = signal.sigtimedwait(_STOP_SIGNALS, 0.1)
-                        if received is not None:
-                            _handle(received.si_signo)  # raises SystemExit(143) or KeyboardInterrupt
-                except BaseException as stop:
-                    self.graph_stop.stop(KeyboardInterrupt if isinstance(stop, KeyboardInterrupt) else SystemExit)
-                    wait([running])  # the compute that was running cleans up; signals meanwhile are dropped
-                    while signal.sigtimedwait(_STOP_SIGNALS, 0) is not None:
-                        pass
-                    raise
-                finally:
-                    self.shutdown_async_executor()
-                running.result()  # the run's own error, if any
+                while not running.done():
+                    _python_handlers_again()
+                    received = signal.sigtimedwait(_STOP_SIGNALS, 0.1)
+                    if received is not None:
+                        _handle(received.si_signo)  # raises SystemExit(143) or KeyboardInterrupt
+            except BaseException as stop:
+                self.graph_stop.stop(KeyboardInterrupt if isinstance(stop, KeyboardInterrupt) else SystemExit)
+                wait([running])  # the compute that was running cleans up; signals meanwhile are dropped
+                while signal.sigtimedwait(_STOP_SIGNALS, 0) is not None:
+                    pass
+                raise
             finally:
-                for signum in _STOP_SIGNALS:  # Python's handlers again, in place of Holoscan's
-                    handler = signal.getsignal(signum)
-                    if handler is not None:
-                        signal.signal(signum, handler)
-                signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one still pending is handled now
+                self.shutdown_async_executor()
+            running.result()  # the run's own error, if any
+
+
+@contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """SIGTERM and SIGINT blocked in the main thread, and so in every thread it starts meanwhile (torch's OpenMP
+    pool, Holoscan's), from before the model loads: a signal then waits for :meth:`SynthesisApp.run_stoppably` or
+    for the end of the block, where Python's handlers (put back in place of Holoscan's) take it. Nothing outside
+    the main thread, where the mask cannot be set for the process's signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        _python_handlers_again()
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one still pending is handled now
+
+
+def _python_handlers_again() -> None:
+    """Python's handlers of the two signals installed again, in place of the C++ ones Holoscan installs when a graph
+    starts (``signal.getsignal`` still gives Python's, the last one Python set)."""
+    for signum in _STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None:
+            signal.signal(signum, handler)
 
 
 def _handle(signum: int) -> None:
@@ -148,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the arguments, load the bundle, run :class:`SynthesisApp`; returns the exit status."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        with stopping_cleanly_on_sigterm():
+        with stopping_cleanly_on_sigterm(), _stop_signals_blocked():  # blocked before the model's threads start
             return _run(args)
     except SystemExit as stop:  # SIGTERM; stopping_cleanly_on_sigterm said so in one line
         return stop.code if isinstance(stop.code, int) else EXIT_FAILED
