@@ -305,6 +305,19 @@ def test_synthesized_file_missing_or_on_another_grid_is_named(tmp_path):
         AttachSynthesizedd(tmp_path, "t1ce")(case)
 
 
+def test_a_synthesized_file_with_a_bids_name_is_found(tmp_path):
+    # a synthesis bundle run into a BIDS dataset's derivatives/ names its outputs the BIDS way (before: looked for
+    # <case_id>_T1Gd.nii.gz only, and reported the file not found)
+    (case,) = discover_cases(TCGA.parent, required=["T1Gd", "T1", "T2", "FLAIR", "seg"]).cases
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "dataset_description.json").write_text("{}")
+    derivative = tmp_path / "bids" / "derivatives" / "agi-monai"
+    written = _synthesized_file(derivative / "sub-01" / "anat")
+    bids_name = written.rename(written.with_name("sub-01_ce-gadolinium_desc-synthetic_T1w.nii.gz"))
+    item = AttachSynthesizedd(derivative, "T1Gd")({**case, "case_id": "sub-01"})
+    assert item["synthesized"] == str(bids_name)
+
+
 # ------------------------------------------------------------------------------------------------- bundle
 
 

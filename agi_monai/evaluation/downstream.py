@@ -79,6 +79,7 @@ from agi_monai.data import (
     metatensor_to_sitk,
     preprocessing_transforms,
     same_grid,
+    synthesis_output_paths,
     write_json,
 )
 from agi_monai.engines.checkpoint import expected_bundle_weights, load_weights
@@ -306,10 +307,11 @@ class AttachSynthesizedd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         item = dict(data)
-        path = self.folder / f"{item['case_id']}_{self.contrast}.nii.gz"
+        path = synthesis_output_paths(str(item["case_id"]), self.contrast, self.folder)[0]
         if not path.is_file():
             raise DataError(path, "not found", f"the synthesized {self.contrast} of case {item['case_id']}, as the "
-                            f"synthesis bundle's inference.json names it (<case_id>_{self.contrast}.nii.gz)")
+                            f"synthesis bundle's inference.json names it (<case_id>_{self.contrast}.nii.gz, or its "
+                            "BIDS name in a BIDS derivative)")
         synthesized, reference = load_volume(path), load_volume(item[self.reference])
         if not same_grid(metatensor_to_sitk(synthesized), metatensor_to_sitk(reference)):
             raise DataError(
