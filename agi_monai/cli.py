@@ -110,7 +110,9 @@ def synthesize(
         raise UsageError(f"--batch_size: got {batch_size!r}, expected a positive number of slices")
     if output_dir is None:
         raise UsageError("--output_dir is required: the folder the synthesized images are written to")
-    output = Path(str(output_dir)).resolve()  # checked (writable, not inside the input) by inference.json's initialize
+    # checked (writable, not inside the input) by inference.json's initialize; absolute, not resolved: a linked
+    # <bids>/derivatives/<pipeline> is still a BIDS derivative (is_bids_derivative)
+    output = Path(str(output_dir)).absolute()
     report_path = Path(str(report)).resolve() if report is not None else None
     with tempfile.TemporaryDirectory(prefix="agi-monai-") as scratch:
         source = _input_source(input_dir, files, case_id, Path(scratch))
@@ -226,7 +228,7 @@ def convert_dicom(input_dir: str, output_dir: str, overwrite: bool = False, prog
     overwrite, progress = _flag(overwrite, "overwrite"), _flag(progress, "progress")
     source = _existing_path(input_dir, "input_dir", "a folder of DICOM files")
     # not in the input (a later synthesize over it would find each contrast twice), created and written to now
-    output = check_output_folder(Path(str(output_dir)), source)
+    output = check_output_folder(Path(str(output_dir)), source, synthesis=False)
     discovery = discover_cases(source)
     dicom_cases = [c for c in discovery.cases if any(is_dicom_source(c[k]) for k in c if k in CONTRASTS + LABELS)]
     failures = list(discovery.failures)

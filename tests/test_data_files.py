@@ -339,9 +339,11 @@ def test_a_bids_derivative_folder_is_described_once_and_derivatives_itself_is_re
     assert not left.exists() and f"left in {anat}: {left.name}" in caplog.text
     assert (output / "dataset_description.json").read_text() == '{"Name": "mine", "DatasetType": "derivative"}'
     assert (output / ".bidsignore").read_text() == "extra/\n"
-    # outside a BIDS dataset nothing is added
+    # outside a BIDS dataset nothing is added, nor for outputs that are no synthesis (convert-dicom's NIfTI)
     check_output_folder(tmp_path / "flat")
     assert list((tmp_path / "flat").iterdir()) == []
+    check_output_folder(bids / "derivatives" / "nifti", bids, synthesis=False)
+    assert list((bids / "derivatives" / "nifti").iterdir()) == []
 
 
 def test_monai_saveimage_with_the_case_layout_writes_where_the_cli_looks(tmp_path):
@@ -417,3 +419,22 @@ def test_an_output_reached_through_a_link_in_the_input_is_inside_it(tmp_path):
     # a link to a BIDS dataset: its derivatives/ is still where outputs go
     (elsewhere / "dataset_description.json").write_text("{}")
     check_output_folder(elsewhere / "derivatives" / "agi-monai", cases)
+
+
+def test_a_pipeline_folder_linked_to_scratch_storage_is_still_a_bids_derivative(tmp_path):
+    # review: is_bids_derivative resolved the links first, so <bids>/derivatives/agi-monai -> /scratch/... lost the
+    # BIDS names and its dataset_description.json
+    from agi_monai.data import is_bids_derivative, synthesis_output_paths
+
+    bids, scratch = tmp_path / "bids", tmp_path / "scratch" / "agi-monai"
+    (bids / "derivatives").mkdir(parents=True)
+    scratch.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text("{}")
+    linked = bids / "derivatives" / "agi-monai"
+    linked.symlink_to(scratch, target_is_directory=True)
+    assert is_bids_derivative(linked) and not is_bids_derivative(scratch)
+    assert check_output_folder(linked, bids) == scratch
+    assert (scratch / "dataset_description.json").is_file()  # so the resolved folder says it is one too
+    assert is_bids_derivative(scratch)
+    for folder in (linked, scratch):
+        assert synthesis_output_paths("sub-01", "FLAIR", folder)[0] == folder / "sub-01" / "anat" / "sub-01_desc-synthetic_FLAIR.nii.gz"

@@ -290,13 +290,14 @@ def _bids_dataset_type(folder: Path) -> str | None:
 
 def is_bids_derivative(folder: str | Path) -> bool:
     """Whether outputs written into ``folder`` take BIDS derivative names: it lies inside the ``derivatives/`` of a
-    BIDS dataset (a folder holding ``dataset_description.json``), or its own ``dataset_description.json`` says
+    BIDS dataset (a folder holding ``dataset_description.json``), as given or once its links are resolved (a
+    pipeline's folder linked to scratch storage), or its own ``dataset_description.json`` says
     ``"DatasetType": "derivative"``."""
-    folder = Path(folder).resolve()
-    if _bids_dataset_type(folder) == "derivative":
+    given = Path(folder).absolute()
+    if _bids_dataset_type(given) == "derivative":
         return True
     return any(inner.name == "derivatives" and (inner.parent / "dataset_description.json").is_file()
-               for inner in folder.parents)
+               for path in dict.fromkeys([given, given.resolve()]) for inner in path.parents)
 
 
 def synthesis_output_paths(case_id: str, target: str, output_dir: str | Path) -> tuple[Path, Path]:
@@ -384,14 +385,14 @@ def refuse_output_in_input(folder: str | Path, source: str | Path | None) -> Non
     # the search for cases follows linked folders: an output reached through a link in the input is inside it too
     for searched, _ in walk_folders(source, quiet=True):
         searched_path = Path(searched)
-        if searched_path.is_symlink() or searched_path.resolve() != searched_path:
+        if searched_path.is_symlink():  # (the folders below a link lie below its target: checked with it)
             target = searched_path.resolve()
             if (target == folder or target in folder.parents) and is_searched_input(folder, target):
                 raise DataError(folder, f"is inside the input folder {source}, through its link {searched_path}",
                                 "another folder: outputs there would be read as inputs by a later run")
 
 
-def check_output_folder(folder: str | Path, source: str | Path | None = None) -> Path:
+def check_output_folder(folder: str | Path, source: str | Path | None = None, synthesis: bool = True) -> Path:
     """Creates ``folder`` and writes (and removes) a file in it, so that a batch run fails before its first case, not
     after computing every case (a read-only file system, a file in the path, no permission). Also refuses ``folder``
     when it is the input folder ``source`` or inside it: a later run would read its outputs as inputs. A BIDS
@@ -402,6 +403,8 @@ def check_output_folder(folder: str | Path, source: str | Path | None = None) ->
     Args:
         folder: the output folder (``output_dir``); created with its parents.
         source: the input, when it is a folder (a datalist file's folder is not read as cases, so it is allowed).
+        synthesis: the outputs are syntheses (a BIDS derivative folder is described as holding them); False for
+            other outputs (``convert-dicom``'s NIfTI conversions).
 
     Returns:
         ``folder``, resolved.
@@ -409,16 +412,16 @@ def check_output_folder(folder: str | Path, source: str | Path | None = None) ->
     Raises:
         DataError: naming ``folder``, what is wrong (the system's reason) and what was expected.
     """
-    folder = Path(folder).resolve()
+    given, folder = Path(folder).absolute(), Path(folder).resolve()  # (given: a linked pipeline folder in derivatives/)
     refuse_output_in_input(folder, source)
     if folder.exists() and not folder.is_dir():
         raise DataError(folder, "is a file", "a folder for the outputs")
-    if folder.name == "derivatives" and (folder.parent / "dataset_description.json").is_file():
+    if any(path.name == "derivatives" and (path.parent / "dataset_description.json").is_file() for path in (given, folder)):
         raise DataError(folder, "is the derivatives/ folder of a BIDS dataset itself",
                         f"a pipeline's folder inside it, e.g. {folder / 'agi-monai'}")
     try:
         _create_and_write_in(folder)
-        if is_bids_derivative(folder):
+        if synthesis and is_bids_derivative(given):
             _describe_bids_derivative(folder)
     except OSError as error:
         raise DataError(folder, f"cannot be written ({error.strerror or error})",

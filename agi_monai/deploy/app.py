@@ -185,7 +185,8 @@ def _run(args: argparse.Namespace) -> int:
     set_up_logging(args.log_level)
     context = AppContext({k: str(v) for k, v in vars(args).items() if k in ("input", "output", "model", "workdir") and v})
     try:
-        source, output = Path(context.input_path).resolve(), Path(context.output_path).resolve()
+        # the output absolute, not resolved: a linked <bids>/derivatives/<pipeline> is still a BIDS derivative
+        source, output = Path(context.input_path).resolve(), Path(context.output_path).absolute()
         _check_input(source)
         refuse_output_in_input(output, source)  # before the model loads (check_output_folder writes, after it)
         if args.report is not None:
