@@ -284,16 +284,20 @@ def test_outputs_in_a_bids_derivative_take_bids_names_and_read_back(tmp_path, ta
     nifti, series = synthesis_output_paths("sub-01_ses-2", target, derivative)
     anat = derivative / "sub-01" / "ses-2" / "anat"
     assert (nifti, series) == (anat / f"{BIDS_NAMES[target]}.nii.gz", anat / f"{BIDS_NAMES[target]}_dicom")
-    assert case_id_of_output(nifti, target) == "sub-01_ses-2"
+    assert case_id_of_output(nifti, target, derivative) == "sub-01_ses-2"
     # discovery reads a synthesized contrast back as the session's contrast (a label map is no contrast)
     assert parse_filename(nifti.name) == (None if target == "seg" else ("sub-01_ses-2", target))
     no_session = synthesis_output_paths("sub-01", target, derivative)[0]
-    assert no_session.parent == derivative / "sub-01" / "anat" and case_id_of_output(no_session, target) == "sub-01"
+    assert no_session.parent == derivative / "sub-01" / "anat" and case_id_of_output(no_session, target, derivative) == "sub-01"
     # the flat name: a case that is no BIDS subject in a derivative, any case elsewhere
     for case_id, folder in [("BraTS-GLI-00001-000", derivative), ("sub-01_ses-2", tmp_path / "out")]:
         flat = synthesis_output_paths(case_id, target, folder)
         assert flat == (folder / f"{case_id}_{target}.nii.gz", folder / f"{case_id}_{target}_dicom")
-        assert case_id_of_output(flat[0], target) == case_id
+        assert case_id_of_output(flat[0], target, folder) == case_id
+    # a flat name that ends like a BIDS one (a case ID "sub-01_desc-synthetic"): read by where it lies (review)
+    odd_id = "sub-01" + BIDS_NAMES[target][len("sub-01_ses-2"):].rsplit("_", 1)[0]  # e.g. sub-01_desc-synthetic
+    odd = synthesis_output_paths(odd_id, target, derivative)[0]
+    assert odd.parent == derivative and case_id_of_output(odd, target, derivative) == odd_id
     # a derivative dataset of its own (outside a raw dataset) says so in its dataset_description.json
     standalone = tmp_path / "synthesized"
     standalone.mkdir()

@@ -57,7 +57,7 @@ class SynthesisSummary:
 
     def case_id_of(self, output: Path) -> str:
         """The case ID of one of its outputs ``<case>_<target>.nii.gz`` (written or present)."""
-        return case_id_of_output(output, self.target)
+        return case_id_of_output(output, self.target, self.output_dir)
 
     def write_report(self, path: str | Path, dicom_series: Callable[[str], Path] | None = None,
                      **description: Any) -> Path:

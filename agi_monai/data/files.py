@@ -25,7 +25,8 @@ from agi_monai.data.errors import DataError
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
     "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input", "check_report_path",
-    "is_bids_derivative", "CaseOutputLayout", "refuse_foreign_outputs", "synthesis_output_paths", "case_id_of_output", "refuse_output_in_input",
+    "is_bids_derivative", "CaseOutputLayout", "refuse_foreign_outputs", "synthesis_output_paths", "case_id_of_output",
+    "refuse_output_in_input",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-#: A BIDS case ID (:func:`agi_monai.data.parse_case_file` names a BIDS case by its subject and session).
+#: A BIDS case ID (:func:`agi_monai.data.parse_filename` names a BIDS case by its subject and session).
 _BIDS_CASE = re.compile(r"sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?")
 
 #: What follows the case in an output's BIDS name, per target: the entities (in the specification's order; ``desc``
@@ -315,16 +316,15 @@ def synthesis_output_paths(case_id: str, target: str, output_dir: str | Path) ->
     return stem.with_name(f"{stem.name}.nii.gz"), stem.with_name(f"{stem.name}_dicom")
 
 
-def case_id_of_output(output: str | Path, target: str) -> str:
-    """The case ID of a NIfTI output (:func:`synthesis_output_paths`'s inverse): ``<case>_<target>.nii.gz``, or a
-    BIDS case's ``<case><entities>_<suffix>.nii.gz``."""
-    name = Path(output).name
+def case_id_of_output(output: str | Path, target: str, output_dir: str | Path) -> str:
+    """The case ID of a NIfTI output in ``output_dir`` (:func:`synthesis_output_paths`'s inverse): ``<case>_<target>.nii.gz``
+    directly in it, or a BIDS case's ``<case><entities>_<suffix>.nii.gz`` in a subject's folder below it (where the
+    file lies tells which: a flat name may itself end like a BIDS one)."""
+    output = Path(output)
     ending = _BIDS_OUTPUT_ENDINGS.get(target)
-    if ending is not None and name.endswith(f"{ending}.nii.gz"):
-        case_id = name[: -len(f"{ending}.nii.gz")]
-        if _BIDS_CASE.fullmatch(case_id):
-            return case_id
-    return name[: -len(f"_{target}.nii.gz")]
+    if output.parent != Path(output_dir) and ending is not None and output.name.endswith(f"{ending}.nii.gz"):
+        return output.name[: -len(f"{ending}.nii.gz")]
+    return output.name[: -len(f"_{target}.nii.gz")]
 
 
 class CaseOutputLayout(FolderLayoutBase):
