@@ -213,7 +213,12 @@ class StopOnNonFiniteTraining:
         of raising it; listed first, this one runs first.)"""
         if isinstance(error, NonFiniteTrainingError) or not isinstance(error, Exception):
             raise error
-        broken = self._non_finite_weights()
+        try:
+            broken: str | None = self._non_finite_weights()
+        except RuntimeError:  # the weights cannot be read (a CUDA error is sticky): the error as it is, below
+            broken = None
+        if broken is None:
+            raise error
         if broken:
             what = f"{broken}, and then"
         elif any(marker in str(error) for marker in _NON_FINITE_FAILURES):
