@@ -295,10 +295,14 @@ def test_an_overwrite_keeps_or_replaces_a_cases_outputs_as_a_whole(inputs, tmp_p
 # The app in a subprocess whose writer, 5 slices into the second case's DICOM series, touches a file and waits there
 # (at most a minute): the test sends the signal once that file appears, so it always lands mid-write.
 _STOPPED_MID_WRITE = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import agi_monai.data.dicom as dicom
 from agi_monai.deploy.app import main
+
+# Ctrl-C's default: a background job of a non-interactive shell (scripts/test.sh's half, so CI) starts with SIGINT
+# ignored, which the app then rightly ignores too
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 reached, write_slice, series = Path(sys.argv[1]), dicom._slice_dataset, []
