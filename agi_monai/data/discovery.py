@@ -212,22 +212,20 @@ def _read_datalist(
         if split is not None:
             if split not in content:
                 raise DataError(path, f"has no {split!r} list (keys: {', '.join(content)})", f"a {split!r} key")
-            items, splits = content[split], [split] * len(content[split]) if isinstance(content[split], list) else []
+            lists = {split: content[split]}
         else:
             lists = {name: value for name, value in content.items() if isinstance(value, list)}
-            items = [item for value in lists.values() for item in value]
-            splits = [name for name, value in lists.items() for _ in value]
     elif split is None:
-        items, splits = content, ["its list"] * len(content) if isinstance(content, list) else []
+        lists = {"its list": content}
     else:
         raise DataError(path, f"is a plain list, so it has no {split!r} split", "a dict of lists")
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+    if not all(isinstance(items, list) and all(isinstance(item, dict) for item in items) for items in lists.values()):
         raise DataError(path, "does not hold a list of case dictionaries", 'e.g. [{"T1": "a.nii.gz", ...}]')
 
     grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     failures = []
     listed: dict[str, tuple[dict[str, Any], str]] = {}  # case ID -> its entries and split, as first listed
-    for index, (item, listed_in) in enumerate(zip(items, splits)):
+    for index, (listed_in, item) in enumerate((name, item) for name, items in lists.items() for item in items):
         case: dict[str, Any] = {}
         try:
             for key, value in item.items():
@@ -240,13 +238,14 @@ def _read_datalist(
             continue
         given_id = case.pop("case_id", None) or _case_id_from_paths(case) or f"{path.stem}-{index:04d}"
         case_id = file_safe_case_id(given_id)
-        if case_id in listed and listed[case_id][0] == {**case, "case_id": given_id}:  # e.g. in two splits: one case
+        entries = {**case, "case_id": given_id}
+        if case_id in listed and listed[case_id][0] == entries:  # e.g. in two splits: one case
             first = listed[case_id][1]
             where = f"twice in {first}" if first == listed_in else f"in {first!r} and in {listed_in!r}"
             _logger.warning("%s: case %s is listed %s with the same files (read once; a case in two splits is in both "
                             "the training and the evaluation data)", path, case_id, where)
             continue
-        listed.setdefault(case_id, ({**case, "case_id": given_id}, listed_in))
+        listed.setdefault(case_id, (entries, listed_in))
         for key, value in case.items():
             grouped[case_id][key].append(value)
     return grouped, failures

@@ -344,9 +344,7 @@ class CaseOutputLayout(FolderLayoutBase):
     def filename(self, subject: str = "subject", idx: Any = None, **kwargs: Any) -> Path:
         name = Path(str(subject)).name
         case_id = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name
-        path = synthesis_output_paths(case_id, self.target, self.output_dir)[0]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+        return synthesis_output_paths(case_id, self.target, self.output_dir)[0]  # (its folder: atomic_output's)
 
 
 def _describe_bids_derivative(folder: Path) -> None:

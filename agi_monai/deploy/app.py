@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
             canonical_contrast(contrast)  # raises DataError naming the contrasts it knows
         synthesizer = BundleSynthesizer(context.model_path, device=args.device, overrides=_overrides(args.override))
         # created and written to now, not after every case has been synthesized
-        check_output_folder(output, source if source.is_dir() else None)
+        check_output_folder(output)  # (refused inside the input above: the input is not walked again)
     except (BundleError, DataError) as error:
         print(f"{_PROGRAM}: error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
