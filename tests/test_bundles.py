@@ -162,7 +162,7 @@ def test_paper_training_settings():
     assert parser["batch_size"] == 16 and parser["learning_rate"] == 1e-4 and parser["l1_weight"] == 100.0
     assert parser["g_optimizer"]["betas"] == [0.5, 0.999] == parser["d_optimizer"]["betas"]
     assert parser["discriminator_def"]["_target_"] == "monai.networks.nets.PatchDiscriminator"
-    assert parser["adversarial_loss"]["_target_"] == "monai.losses.PatchAdversarialLoss"
+    assert parser["adversarial_loss"]["_target_"] == "agi_monai.engines.BCEWithLogitsAdversarialLoss"
 
 
 # ----------------------------------------------------------------------------------------------- metadata

@@ -5,6 +5,7 @@ equal to MONAI's metric functions."""
 import logging
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from torch.utils.data import Subset
 
 from agi_monai.engines import (
     AtomicCheckpointSaver,
+    BCEWithLogitsAdversarialLoss,
     Pix2PixTrainer,
     StructuralSimilarityIndex,
     clip_prediction,
@@ -361,6 +363,62 @@ def test_amp_on_cuda(slices):
     assert trainer.amp and trainer.g_scaler.is_enabled() and trainer.g_scaler.get_scale() > 0
     assert all(math.isfinite(value) for value in l1) and sum(l1[-5:]) / 5 < 0.5 * l1[0], l1
     assert trainer.state.output["pred"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_with_logits_adversarial_loss_equals_monai_bce_loss_and_gives_nan_for_nan_logits(reduction):
+    from monai.losses import PatchAdversarialLoss
+
+    torch.manual_seed(0)
+    ours, monai_bce = BCEWithLogitsAdversarialLoss(reduction), PatchAdversarialLoss(reduction, criterion="bce")
+    # one PatchGAN map, and a multi-scale discriminator's list of maps
+    # float64: in float32 MONAI's 1 - sigmoid loses digits at logits of ~10, where the logits form does not
+    logits_map = torch.randn(2, 1, 6, 6, dtype=torch.float64) * 4
+    for logits in (logits_map, [logits_map, torch.randn(2, 1, 3, 3, dtype=torch.float64)]):
+        for real, for_discriminator in ((True, True), (False, True), (True, False)):
+            leaves = [t.clone().requires_grad_() for t in (logits if isinstance(logits, list) else [logits])]
+            inputs = leaves if isinstance(logits, list) else leaves[0]
+            got = ours(inputs, target_is_real=real, for_discriminator=for_discriminator)
+            want = monai_bce([t.detach().clone() for t in leaves] if isinstance(logits, list) else leaves[0].detach(),
+                             target_is_real=real, for_discriminator=for_discriminator)
+            got_list, want_list = (got, want) if reduction == "none" else ([got], [want])
+            for g, w in zip(got_list, want_list):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+            # and the gradient MONAI's sigmoid + BCELoss gives
+            expected = [t.detach().clone().requires_grad_() for t in leaves]
+            monai_total = monai_bce(expected if isinstance(logits, list) else expected[0], real, for_discriminator)
+            sum(l.sum() for l in (monai_total if reduction == "none" else [monai_total])).backward()
+            sum(g.sum() for g in got_list).backward()
+            for leaf, reference in zip(leaves, expected):
+                torch.testing.assert_close(leaf.grad, reference.grad, rtol=1e-10, atol=1e-12)
+
+    # a diverged discriminator's NaN logits: a NaN loss (which StopOnNonFiniteTraining reports) on every device,
+    # where MONAI's BCELoss refuses the NaN probability (on CUDA a device-side assertion that ends the process)
+    nan_logits = torch.full((1, 1, 4, 4), float("nan"))
+    loss = ours(nan_logits, target_is_real=True, for_discriminator=False)
+    assert all(torch.isnan(value).all() for value in (loss if reduction == "none" else [loss]))
+    with pytest.raises(RuntimeError, match="all elements of input should be between 0 and 1"):
+        monai_bce(nan_logits, target_is_real=True, for_discriminator=False)
+
+
+def test_trainer_whose_discriminator_diverges_reports_non_finite_losses_instead_of_failing(slices, tmp_path):
+    from agi_monai.bundle import NonFiniteTrainingError, StopOnNonFiniteTraining
+
+    networks = make_networks()
+    trainer = make_trainer(loader_of(slices, range(40, 46)), networks)
+    StopOnNonFiniteTraining(
+        {name: networks[name] for name in ("generator", "discriminator")}, tmp_path, patience=1
+    ).attach(trainer)
+    # the discriminator's weights become NaN after the first step, as a too high learning rate makes them
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(once=1),
+        lambda engine: next(networks["discriminator"].parameters()).data.fill_(float("nan")),
+    )
+    with pytest.raises(NonFiniteTrainingError, match=re.escape(
+        "training stopped at iteration 2 of 3 (epoch 1 of 1): the losses are not finite (g_loss nan, d_loss nan"
+    )) as stopped:
+        trainer.run()
+    assert "and the discriminator ('initial_conv" in str(stopped.value)
 
 
 def evaluator_recipe() -> dict:

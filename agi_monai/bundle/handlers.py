@@ -151,9 +151,11 @@ class NonFiniteTrainingError(RuntimeError):
     what ``--resume_ckpt latest`` continues from."""
 
 
-#: What the errors of a step fed with NaN say: the rolled kernels' offsets check (csrc/group_roll.cpp and the reference
-#: in agi_monai/ops/reference.py) and torch's binary cross-entropy, whose input, a sigmoid's output, is out of [0, 1]
-#: only when it is NaN.
+#: What the errors of a step fed with NaN say: the rolled kernels' offsets check on CPU (csrc/group_roll.cpp and the
+#: reference in agi_monai/ops/reference.py) and torch's binary cross-entropy on probabilities (MONAI's
+#: ``PatchAdversarialLoss(criterion="bce")``, when a config names it instead of the default
+#: ``BCEWithLogitsAdversarialLoss``, whose NaN logits give a NaN loss), whose input, a sigmoid's output, is out of
+#: [0, 1] only when it is NaN.
 _NON_FINITE_FAILURES = ("offsets must be finite", "all elements of input should be between 0 and 1")
 
 
@@ -207,8 +209,8 @@ class StopOnNonFiniteTraining:
 
     def _exception_raised(self, engine: Engine, error: BaseException) -> None:
         """A step that diverged can fail before any loss is seen: weights broken by the step before, or finite ones
-        whose activations overflow (a too high learning rate), give NaN offsets, which the rolled kernels refuse, or
-        NaN discriminator probabilities, which the BCE loss refuses. Such a failure is reported as the divergence it
+        whose activations overflow (a too high learning rate), give NaN offsets, which the rolled kernels refuse on
+        CPU, or NaN discriminator probabilities, which MONAI's BCE loss on probabilities refuses. Such a failure is reported as the divergence it
         is, with what to do; any other error is raised as it is. (Ignite hands an exception to these handlers instead
         of raising it; listed first, this one runs first.)"""
         if isinstance(error, NonFiniteTrainingError) or not isinstance(error, Exception):

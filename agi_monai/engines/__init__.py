@@ -48,11 +48,12 @@ from agi_monai.engines.evaluation import (
     synthesis_evaluator,
     synthesis_metrics,
 )
-from agi_monai.engines.pix2pix import Pix2PixKeys, Pix2PixTrainer, training_checkpoint_dict
+from agi_monai.engines.pix2pix import BCEWithLogitsAdversarialLoss, Pix2PixKeys, Pix2PixTrainer, training_checkpoint_dict
 from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "BCEWithLogitsAdversarialLoss",
     "Pix2PixKeys",
     "Pix2PixTrainer",
     "ReportingCheckpointLoader",

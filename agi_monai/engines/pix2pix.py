@@ -19,7 +19,27 @@ from torch.optim import Optimizer
 
 from agi_monai.engines.utils import SynthesisPrepareBatch
 
-__all__ = ["Pix2PixKeys", "Pix2PixTrainer", "training_checkpoint_dict"]
+__all__ = ["BCEWithLogitsAdversarialLoss", "Pix2PixKeys", "Pix2PixTrainer", "training_checkpoint_dict"]
+
+
+class BCEWithLogitsAdversarialLoss(PatchAdversarialLoss):
+    """``monai.losses.PatchAdversarialLoss(criterion="bce")`` — pix2pix's vanilla GAN loss, same arguments, targets,
+    multi-scale lists and reduction — computed from the logits in one ``BCEWithLogitsLoss`` instead of MONAI's
+    sigmoid followed by ``BCELoss``. The loss is the same (except for ``|logit| > 100``, where ``BCELoss`` clips its
+    logarithm); why not MONAI's as it is: on CUDA, ``BCELoss`` given a NaN probability fails a device-side assertion,
+    which leaves the CUDA context unusable, so a diverging run would end with "device-side assert triggered" instead
+    of :class:`agi_monai.bundle.NonFiniteTrainingError` naming the checkpoint to resume from. Here a NaN logit gives
+    a NaN loss on every device, which that handler reports. (``BCEWithLogitsLoss`` is also one that autocast
+    accepts.)
+
+    Args:
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``, as ``PatchAdversarialLoss``.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction, criterion="bce")
+        self.activation = None  # the sigmoid is inside the loss function
+        self.loss_fct = nn.BCEWithLogitsLoss(reduction=reduction)
 
 
 class Pix2PixKeys:
@@ -53,7 +73,7 @@ class Pix2PixTrainer(Trainer):
 
     Mixed precision (``amp=True``) runs the networks under ``torch.autocast`` with one ``GradScaler`` per network,
     on CUDA only; on other devices the flag is ignored with a warning. The losses are computed in float32
-    (MONAI's BCE adversarial loss is a sigmoid + ``BCELoss``, which autocast refuses).
+    (whatever ``adversarial_loss`` is given: MONAI's own BCE one is a sigmoid + ``BCELoss``, which autocast refuses).
 
     To resume, checkpoint :func:`training_checkpoint_dict` with ``CheckpointSaver`` and restore it with
     ``CheckpointLoader``; the Ignite state (iteration, epoch) is part of it.
@@ -69,7 +89,8 @@ class Pix2PixTrainer(Trainer):
         epoch_length: iterations per epoch, default ``len(train_data_loader)``.
         l1_weight: λ of the L1 term (pix2pix and the paper: 100).
         adversarial_loss: ``loss(logits, target_is_real, for_discriminator)``; default
-            ``monai.losses.PatchAdversarialLoss(criterion="bce")``, pix2pix's vanilla GAN loss.
+            :class:`BCEWithLogitsAdversarialLoss`, pix2pix's vanilla GAN loss (``monai.losses.PatchAdversarialLoss
+            (criterion="bce")`` computed from the logits).
         image_key: batch key of the stacked inputs.
         target_key: batch key of the contrast to synthesize.
         amp: mixed precision on CUDA.
@@ -161,7 +182,7 @@ class Pix2PixTrainer(Trainer):
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
         self.l1_weight = float(l1_weight)
-        self.adversarial_loss = PatchAdversarialLoss(criterion="bce") if adversarial_loss is None else adversarial_loss
+        self.adversarial_loss = BCEWithLogitsAdversarialLoss() if adversarial_loss is None else adversarial_loss
         self.optim_set_to_none = optim_set_to_none
         # one scaler per network: the two losses have unrelated magnitudes, and an overflow in one backward
         # must not skip the other network's step; bfloat16 has float32's range and needs no scaling
