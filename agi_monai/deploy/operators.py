@@ -37,7 +37,8 @@ import_deploy_sdk()
 from monai.deploy.core import Fragment, Operator, OperatorSpec  # noqa: E402  (after the SDK is on the path)
 
 __all__ = [
-    "CaseDiscoveryOperator", "GraphStop", "SynthesisOperator", "SynthesisResults", "SyntheticImageWriterOperator",
+    "CaseDiscoveryOperator", "GraphStop", "StoppableOperator", "SynthesisOperator", "SynthesisResults",
+    "SyntheticImageWriterOperator",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -89,7 +90,27 @@ class SynthesisResults:
     failures: list[Failure] = field(default_factory=list)
 
 
-class CaseDiscoveryOperator(Operator):
+class StoppableOperator(Operator):
+    """An operator whose compute :class:`GraphStop` can stop: subclasses implement ``_compute(op_input, op_output)``.
+
+    Args:
+        fragment: the application.
+        graph_stop: the application's :class:`GraphStop` (None: its own, which nothing stops).
+    """
+
+    def __init__(self, fragment: Fragment, *args: Any, graph_stop: GraphStop | None = None, **kwargs: Any) -> None:
+        # Holoscan calls setup() from the base constructor: a subclass sets its attributes before calling this
+        self.graph_stop = graph_stop or GraphStop()
+        super().__init__(fragment, *args, **kwargs)
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        self.graph_stop.run(lambda: self._compute(op_input, op_output))
+
+    def _compute(self, op_input: Any, op_output: Any) -> None:
+        raise NotImplementedError
+
+
+class CaseDiscoveryOperator(StoppableOperator):
     """Source operator: the cases of the input folder (NIfTI files named by contrast and/or DICOM series matched to
     contrasts by SeriesDescription/ProtocolName, :func:`agi_monai.data.discover_cases`) that have the bundle's inputs.
 
@@ -101,7 +122,7 @@ class CaseDiscoveryOperator(Operator):
         inputs: the contrasts each case must have (the bundle's inputs).
         dicom_mapping: explicit contrast -> series selector (UID, number or description) for DICOM studies whose
             descriptions the rules do not match.
-        graph_stop: the application's :class:`GraphStop` (None: its own, which nothing stops).
+        kwargs: ``graph_stop`` (:class:`StoppableOperator`) and Holoscan's operator arguments.
     """
 
     def __init__(
@@ -111,29 +132,23 @@ class CaseDiscoveryOperator(Operator):
         input_path: str | Path,
         inputs: Sequence[str],
         dicom_mapping: Mapping[str, str] | None = None,
-        graph_stop: GraphStop | None = None,
         **kwargs: Any,
     ) -> None:
-        # Holoscan calls setup() from the base constructor: attributes first
-        self.graph_stop = graph_stop or GraphStop()
         self.input_path = Path(input_path)
         self.inputs = list(inputs)
         self.dicom_mapping = dict(dicom_mapping) if dicom_mapping else None
-        super().__init__(fragment, *args, **kwargs)
+        super().__init__(fragment, *args, **kwargs)  # after the attributes setup() may read
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.output("cases")
 
-    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        self.graph_stop.run(lambda: self._compute(op_output))
-
-    def _compute(self, op_output: Any) -> None:
+    def _compute(self, op_input: Any, op_output: Any) -> None:
         discovery = discover_cases(self.input_path, required=self.inputs, dicom_mapping=self.dicom_mapping)
         _logger.info("%s", discovery.summary(self.input_path))
         op_output.emit(discovery, "cases")
 
 
-class SynthesisOperator(Operator):
+class SynthesisOperator(StoppableOperator):
     """Inference operator: the bundle's synthesis (:class:`agi_monai.deploy.BundleSynthesizer`) for every case, float32
     on each case's reference grid. A case that fails is recorded with its reason and the others go on.
 
@@ -146,7 +161,7 @@ class SynthesisOperator(Operator):
             fails at once, without being synthesized (unless ``overwrite``; a file or folder there that no synthesis
             wrote, always). None: no check.
         overwrite: the writer replaces existing outputs.
-        graph_stop: the application's :class:`GraphStop` (None: its own, which nothing stops).
+        kwargs: ``graph_stop`` (:class:`StoppableOperator`) and Holoscan's operator arguments.
     """
 
     def __init__(
@@ -156,10 +171,8 @@ class SynthesisOperator(Operator):
         synthesizer: BundleSynthesizer,
         output_dir: str | Path | None = None,
         overwrite: bool = False,
-        graph_stop: GraphStop | None = None,
         **kwargs: Any,
     ) -> None:
-        self.graph_stop = graph_stop or GraphStop()
         self.synthesizer = synthesizer
         self.output_dir = output_dir
         self.overwrite = overwrite
@@ -168,9 +181,6 @@ class SynthesisOperator(Operator):
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("cases")
         spec.output("results")
-
-    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        self.graph_stop.run(lambda: self._compute(op_input, op_output))
 
     def _compute(self, op_input: Any, op_output: Any) -> None:
         discovery: Discovery = op_input.receive("cases")
@@ -186,7 +196,7 @@ class SynthesisOperator(Operator):
         op_output.emit(results, "results")
 
 
-class SyntheticImageWriterOperator(Operator):
+class SyntheticImageWriterOperator(StoppableOperator):
     """Sink operator: ``<case>_<target>.nii.gz`` (float32) and ``<case>_<target>_dicom/`` (a derived MR series) per
     case (:func:`agi_monai.deploy.write_synthesis_outputs`); a case whose output exists fails unless ``overwrite``.
 
@@ -198,7 +208,7 @@ class SyntheticImageWriterOperator(Operator):
         synthesizer: the loaded bundle (target, inputs and name for the file names and DICOM descriptions).
         dicom: also write the DICOM series.
         overwrite: replace existing outputs.
-        graph_stop: the application's :class:`GraphStop` (None: its own, which nothing stops).
+        kwargs: ``graph_stop`` (:class:`StoppableOperator`) and Holoscan's operator arguments.
     """
 
     def __init__(
@@ -209,10 +219,8 @@ class SyntheticImageWriterOperator(Operator):
         synthesizer: BundleSynthesizer,
         dicom: bool = True,
         overwrite: bool = False,
-        graph_stop: GraphStop | None = None,
         **kwargs: Any,
     ) -> None:
-        self.graph_stop = graph_stop or GraphStop()
         self.output_dir = Path(output_dir)
         self.synthesizer = synthesizer
         self.dicom = dicom
@@ -223,10 +231,7 @@ class SyntheticImageWriterOperator(Operator):
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("results")
 
-    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        self.graph_stop.run(lambda: self._compute(op_input))
-
-    def _compute(self, op_input: Any) -> None:
+    def _compute(self, op_input: Any, op_output: Any) -> None:
         results: SynthesisResults = op_input.receive("results")
         self.outputs.failures.extend(results.failures)
         for case, prediction in results.predictions:
