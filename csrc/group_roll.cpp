@@ -62,48 +62,53 @@ bool is_supported_float(at::ScalarType type) {
   return type == at::kHalf || type == at::kBFloat16 || type == at::kFloat || type == at::kDouble;
 }
 
+// Bad arguments raise ValueError (shapes, groups, devices, values) or TypeError (dtypes) in Python, as the
+// pure-PyTorch reference's checks do (agi_monai/ops/reference.py), so that callers catch the same errors whether
+// or not the extension is built.
 void check_group_roll_inputs(const at::Tensor& weight, const at::Tensor& offsets, const at::Tensor& scales) {
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       offsets.dim() == 3,
       "group_roll: offsets must have shape (B, n, S) with S = 2 (2D) or 3 (3D), got shape ", shape_of(offsets));
   const int64_t spatial = offsets.size(2);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       spatial == 2 || spatial == 3,
       "group_roll: offsets must have shape (B, n, S) with S = 2 (2D) or 3 (3D), got shape ", shape_of(offsets));
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       weight.dim() == 2 + spatial,
       "group_roll: weight must have shape (C_out, C_in", spatial == 3 ? ", kz" : "", ", ky, kx) to match offsets ",
       shape_of(offsets), " (S = ", spatial, "), got shape ", shape_of(weight));
   const int64_t batch = offsets.size(0);
   const int64_t groups = offsets.size(1);
-  TORCH_CHECK(groups >= 1, "group_roll: offsets must have at least one group (n >= 1), got shape ", shape_of(offsets));
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
+      groups >= 1, "group_roll: offsets must have at least one group (n >= 1), got shape ", shape_of(offsets));
+  TORCH_CHECK_VALUE(
       scales.dim() == 2 && scales.size(0) == batch && scales.size(1) == groups,
       "group_roll: scales must have shape (B, n) = (", batch, ", ", groups, ") to match offsets ", shape_of(offsets),
       ", got shape ", shape_of(scales));
   const int64_t in_channels = weight.size(1);
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       in_channels % groups == 0,
       "group_roll: the number of groups n = ", groups, " (offsets.size(1)) must divide C_in = ", in_channels,
       " (weight.size(1)); weight has shape ", shape_of(weight));
   for (int64_t d = 2; d < weight.dim(); ++d) {
-    TORCH_CHECK(weight.size(d) >= 1, "group_roll: weight must have non-empty kernel axes, got shape ", shape_of(weight));
+    TORCH_CHECK_VALUE(
+        weight.size(d) >= 1, "group_roll: weight must have non-empty kernel axes, got shape ", shape_of(weight));
   }
-  TORCH_CHECK(
+  TORCH_CHECK_TYPE(
       is_supported_float(weight.scalar_type()),
       "group_roll: weight must be float16, bfloat16, float32 or float64, got ", dtype_name(weight.scalar_type()));
-  TORCH_CHECK(
+  TORCH_CHECK_TYPE(
       offsets.scalar_type() == weight.scalar_type() && scales.scalar_type() == weight.scalar_type(),
       "group_roll: weight, offsets and scales must share one dtype, got weight ", dtype_name(weight.scalar_type()),
       ", offsets ", dtype_name(offsets.scalar_type()), ", scales ", dtype_name(scales.scalar_type()));
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       offsets.device() == weight.device() && scales.device() == weight.device(),
       "group_roll: weight, offsets and scales must be on one device, got weight on ", weight.device(), ", offsets on ",
       offsets.device(), ", scales on ", scales.device());
   // A non-finite offset has no roll; reject it rather than produce NaN kernels downstream. On CUDA the
   // check would synchronise the device at every call (20 times per AGI-Net training step), so there
   // the kernels instead propagate NaN (group_roll_math.h) and the caller sees NaN outputs.
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(
       !offsets.device().is_cpu() || offsets.numel() == 0 || at::isfinite(offsets).all().item<bool>(),
       "group_roll: offsets must be finite, got NaN or Inf in offsets of shape ", shape_of(offsets));
 }

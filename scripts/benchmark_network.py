@@ -24,10 +24,10 @@ import platform
 import statistics
 import time
 
-import fire
 import torch
 import torch.nn.functional as F
 
+from agi_monai.cli import UsageError, run_script
 from agi_monai.networks import CAGR, AGINet, ResUNet
 from agi_monai.networks.blocks import cagr
 from agi_monai.ops import extension_has_cuda
@@ -196,13 +196,23 @@ def main(
     ``compare_previous`` adds AGI-Net run with the previous code (see ``with_previous_code``);
     ``compile`` runs both networks under ``torch.compile`` (compiled during the warm-up rounds).
     """
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: expected cpu or cuda")
+    if amp not in (None, "bf16", "fp16"):
+        raise UsageError(f"--amp {amp}: expected bf16 or fp16 (leave it out for float32)")
+    for name, value, least in (("batch", batch, 1), ("size", size, 8), ("warmup", warmup, 0), ("repeats", repeats, 1),
+                               ("threads", threads, 1)):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise UsageError(f"--{name} {value}: expected a whole number >= {least}")
+    if size % 8:
+        raise UsageError(f"--size {size}: expected a multiple of 8 (the networks halve the image three times)")
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
         if not extension_has_cuda():
-            raise SystemExit("benchmark_network: the extension has no CUDA kernels; rebuild on this machine")
+            raise UsageError("--device cuda: the extension has no CUDA kernels; rebuild it on this machine")
     lines = [
         f"#### Train step, {machine(device)}: batch {batch}, 2×{size}² → 1, "
         f"{'AMP ' + amp if amp else 'float32'}{', channels-last' if channels_last else ''}"
@@ -255,4 +265,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_script(main, "benchmark_network.py")

@@ -28,6 +28,7 @@ import torch
 
 import agi_monai  # noqa: F401  (registers torch.ops.agi_monai)
 from agi_monai import ops
+from agi_monai.cli import UsageError, run_script
 
 # (label, weight shape (C_out, C_in, k…), batch B, groups n): the per-sample kernels that AGI-Net's CAGR
 # layers roll (ResUNet widths 64/128/256/512, n = 8, batch 16 at 256², B = 1 at inference; 3D B = 2).
@@ -214,35 +215,50 @@ def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype
         cuda_paths: the same for CUDA (AGI_MONAI_GROUP_ROLL_CUDA: taps = the first version;
             columns = column kernels with the fused routing-gradient reduction, the default since 2026-11-24).
     """
+    # every argument is checked before anything is timed (a bad --out used to fail after the whole run)
     if not ops.extension_available():
-        sys.exit(f"benchmark_op: the compiled extension is not available: {ops.extension_error()}")
+        raise UsageError(f"the compiled extension is not available: {ops.extension_error()}")
     if dtype not in DTYPES:
-        sys.exit(f"benchmark_op: dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if threads:
-        torch.set_num_threads(int(threads))
+        raise UsageError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}.get(device)
     if devices is None:
-        sys.exit(f"benchmark_op: device must be cpu, cuda or all, got {device!r}")
+        raise UsageError(f"--device {device}: expected cpu, cuda or all")
+    for name, value, least in (("warmup", warmup, 0), ("repeats", repeats, 1), ("threads", threads, 1)):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise UsageError(f"--{name} {value}: expected a whole number >= {least}")
+    if out and Path(out).suffix not in (".json", ".md"):
+        raise UsageError(f"--out {out}: expected a file name ending in .json or .md")
+    if shapes in (None, ""):
+        selected = SHAPES
+    else:  # fire turns "0,4" into a tuple and "3" into an int
+        indices = shapes if isinstance(shapes, (list, tuple)) else str(shapes).split(",")
+        if not all(str(i).strip().isdigit() and int(i) < len(SHAPES) for i in indices):
+            raise UsageError(f"--shapes {shapes}: expected comma-separated indices from 0 to {len(SHAPES) - 1} into "
+                             f"SHAPES ({'; '.join(f'{i}: {shape[0]}' for i, shape in enumerate(SHAPES))})")
+        selected = [SHAPES[int(i)] for i in indices]
+
+    def path_list(paths, variable: str, names: tuple[str, ...]) -> list[str]:  # fire turns "a,b" into a tuple
+        if paths in (None, ""):
+            return []
+        chosen = [str(p) for p in (paths if isinstance(paths, (list, tuple)) else str(paths).split(","))]
+        unknown = [p for p in chosen if p not in names]
+        if unknown:
+            raise UsageError(f"--{variable} {paths}: unknown {', '.join(unknown)}; expected some of {', '.join(names)}")
+        return chosen
+
+    extra_paths = {"cpu": path_list(cpu_paths, "cpu_paths", ("avx512", "avx2", "baseline", "taps", "columns")),
+                   "cuda": path_list(cuda_paths, "cuda_paths", ("taps", "columns"))}
+    if threads:
+        torch.set_num_threads(int(threads))
     notes = []
     if "cuda" in devices and not (torch.cuda.is_available() and ops.extension_has_cuda()):
         note = (f"CUDA skipped: torch.cuda.is_available()={torch.cuda.is_available()}, "
                 f"extension_has_cuda()={ops.extension_has_cuda()}")
         if device == "cuda":
-            sys.exit(f"benchmark_op: {note}")
+            raise UsageError(f"--device cuda: {note}")
         print(note, file=sys.stderr)
         notes.append(note)
         devices.remove("cuda")
-    if shapes in (None, ""):
-        selected = SHAPES
-    else:  # fire turns "0,4" into a tuple and "3" into an int
-        indices = shapes if isinstance(shapes, (list, tuple)) else str(shapes).split(",")
-        selected = [SHAPES[int(i)] for i in indices]
-    def path_list(paths) -> list[str]:  # fire turns "a,b" into a tuple
-        if paths in (None, ""):
-            return []
-        return [str(p) for p in (paths if isinstance(paths, (list, tuple)) else str(paths).split(","))]
-
-    extra_paths = {"cpu": path_list(cpu_paths), "cuda": path_list(cuda_paths)}
     info = machine_info()
     rows = []
     for dev in devices:
@@ -275,12 +291,8 @@ def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype
             path.write_text(table, encoding="utf-8")
         elif path.suffix == ".json":
             path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        else:
-            sys.exit(f"benchmark_op: --out must end in .json or .md, got {out!r}")
         print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    run_script(main, "benchmark_op.py")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -422,3 +423,60 @@ def _assert_synthesized(output: Path, reference: Path) -> None:
     np.testing.assert_allclose(written.affine, expected.affine, atol=1e-4)
     values = np.asarray(written.dataobj)
     assert values.dtype == np.float32 and 0.0 <= values.min() and values.max() <= 1.0 and values.std() > 0
+
+
+# ------------------------------------------------------------------------------------------------- benchmark scripts
+
+
+def _script_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("benchmark_op.py", ["--shapes", "9"], "--shapes 9: expected comma-separated indices from 0 to 4"),
+    ("benchmark_op.py", ["--repeats", "0"], "--repeats 0: expected a whole number >= 1"),
+    ("benchmark_op.py", ["--dtype", "int8"], "--dtype int8: expected one of float32, float64, float16, bfloat16"),
+    ("benchmark_op.py", ["--device", "tpu"], "--device tpu: expected cpu, cuda or all"),
+    ("benchmark_op.py", ["--out", "x.txt"], "--out x.txt: expected a file name ending in .json or .md"),
+    ("benchmark_op.py", ["--cpu_paths", "fastest"], "--cpu_paths fastest: unknown fastest; expected some of avx512"),
+    ("benchmark_network.py", ["--amp", "bfloat16"], "--amp bfloat16: expected bf16 or fp16"),
+    ("benchmark_network.py", ["--size", "60"], "--size 60: expected a multiple of 8"),
+    ("benchmark_network.py", ["--batch", "0"], "--batch 0: expected a whole number >= 1"),
+])
+def test_benchmark_scripts_refuse_a_bad_argument_in_one_line_before_timing_anything(
+    name, args, message, monkeypatch, capsys
+):
+    from agi_monai.cli import run_script
+
+    module = _script_module(name)
+    monkeypatch.setattr(module, "timed_interleaved" if name == "benchmark_network.py" else "bench_shape",
+                        lambda *a, **k: pytest.fail("timed before refusing the argument"))
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    with pytest.raises(SystemExit) as exited:
+        run_script(module.main, name)
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"{name}: error: {message}") and captured.err.count("\n") == 1, captured.err
+    assert not captured.out
+
+
+def test_benchmark_scripts_run_at_a_tiny_size(tmp_path):
+    # the benchmarks' own figures are in docs/benchmarks.md; this only shows both scripts run end to end
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_op.py"), "--shapes", "3", "--warmup", "0", "--repeats", "1", "--threads", "1",
+         "--out", str(tmp_path / "op.json")], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "op.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == ["CAGR 256→256 3×3, B=1, n=8"] and rows[0]["fwd_compiled_ms"] > 0
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_network.py"), "--batch", "1", "--size", "16", "--warmup", "0",
+         "--repeats", "1", "--compare_fold", "False", "--threads", "1", "--amp", "bf16"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "AMP bf16" in result.stdout and "AGI-Net / ResUNet train step on cpu:" in result.stdout

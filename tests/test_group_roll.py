@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,7 +27,7 @@ import torch
 
 import agi_monai  # noqa: F401  (loads the op library)
 from agi_monai import ops
-from agi_monai.ops import group_roll_reference
+from agi_monai.ops import group_roll, group_roll_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -676,11 +677,11 @@ def _bad_params(xfails):
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["plain", "autograd"])
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_inputs_compiled(case, requires_grad):
-    build, keywords, _ = BAD_INPUTS[case]
+    build, keywords, error = BAD_INPUTS[case]
     inputs = build()
     if requires_grad:
         inputs = [t.requires_grad_() if t.is_floating_point() else t for t in inputs]
-    with pytest.raises(RuntimeError) as excinfo:
+    with pytest.raises(error) as excinfo:  # the reference's exception type: callers catch one whatever runs
         compiled_op(*inputs)
     message = str(excinfo.value)
     assert message.startswith("group_roll: "), message
@@ -702,13 +703,70 @@ def test_bad_inputs_reference(case):
 @pytest.mark.parametrize("case", _bad_params(MESSAGE_XFAIL))
 def test_bad_inputs_same_message(case):
     """The reference promises the compiled op's exact message text."""
-    build, _, _ = BAD_INPUTS[case]
+    build, _, error = BAD_INPUTS[case]
     inputs = build()
-    with pytest.raises(RuntimeError) as compiled_error:
+    with pytest.raises(error) as compiled_error:
         compiled_op(*inputs)
-    with pytest.raises((ValueError, TypeError)) as reference_error:
+    with pytest.raises(error) as reference_error:
         group_roll_reference(*inputs)
     assert str(compiled_error.value).splitlines()[0] == str(reference_error.value)
+
+
+@requires_extension
+@pytest.mark.parametrize("case", [name for name in BAD_INPUTS if "inf" not in name and "nan" not in name])
+def test_bad_inputs_meta_same_error(case):
+    """The fake kernel (meta tensors, FakeTensor under torch.compile/export) checks what the kernels check, values
+    apart: an export traced with a wrong shape fails there, not when the program runs."""
+    build, _, error = BAD_INPUTS[case]
+    inputs = [t.to("meta") for t in build()]
+    with pytest.raises(error) as fake_error:
+        compiled_op(*inputs)
+    with pytest.raises(error) as reference_error:
+        group_roll_reference(*build())
+    assert str(fake_error.value).splitlines()[0] == str(reference_error.value)
+
+
+@requires_extension
+@pytest.mark.parametrize("meta", ["weight", "offsets", "scales"])
+def test_a_meta_argument_beside_cpu_ones_is_refused(meta):
+    # the dispatcher sends a mix of CPU and meta tensors to the fake kernel, which returned uninitialised CPU memory
+    inputs = dict(zip(("weight", "offsets", "scales"), make_inputs(2, 2, 4, 3, (3, 3))))
+    inputs[meta] = inputs[meta].to("meta")
+    devices = ", ".join(f"{name} on {tensor.device}" for name, tensor in inputs.items())
+    for op in (compiled_op, group_roll):
+        with pytest.raises(ValueError, match=re.escape(f"must be on one device, got {devices}")):
+            op(*inputs.values())
+
+
+@requires_extension
+def test_python_entry_point_is_scriptable():
+    class Roll(torch.nn.Module):
+        def forward(self, weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+            return group_roll(weight, offsets, scales)
+
+    scripted = torch.jit.script(Roll())
+    assert "agi_monai::group_roll" in str(scripted.inlined_graph)
+    inputs = make_inputs(3, 2, 4, 3, (3, 3), "mixed", seed=4)
+    tight(scripted(*inputs), group_roll_reference(*inputs))
+
+
+def test_reference_compiles_and_exports_without_a_graph_break():
+    # the reference's finiteness check reads values: traced, it is an assertion in the graph, not a graph break
+    # (which failed torch.compile(fullgraph=True) and torch.export of extension-free networks)
+    weight, offsets, scales = make_inputs(2, 2, 4, 3, (3, 3), "mixed", seed=5)
+    compiled = torch.compile(group_roll_reference, fullgraph=True, backend="aot_eager")
+    tight(compiled(weight, offsets, scales), group_roll_reference(weight, offsets, scales))
+    bad = offsets.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="group_roll: offsets must be finite"):
+        compiled(weight, bad, scales)
+
+    class Reference(torch.nn.Module):
+        def forward(self, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+            return group_roll_reference(weight, offsets, scales)
+
+    exported = torch.export.export(Reference(), (offsets, scales))
+    tight(exported.module()(offsets, scales), group_roll_reference(weight, offsets, scales))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1036,7 +1094,7 @@ def test_cuda_non_finite_offsets_give_nan_not_a_crash(cuda_path, bad):
 @requires_cuda
 def test_cuda_device_mismatch():
     weight, offsets, scales = make_inputs(2, 2, 4, 3, (3, 3))
-    with pytest.raises(RuntimeError, match="must be on one device"):
+    with pytest.raises(ValueError, match="must be on one device"):
         compiled_op(weight.cuda(), offsets, scales.cuda())
     with pytest.raises(ValueError, match="must be on one device"):
         group_roll_reference(weight.cuda(), offsets, scales.cuda())

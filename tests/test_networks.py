@@ -200,6 +200,30 @@ def test_bad_arguments_are_named():
     assert STAGES == ("down1", "down2", "down3", "body", "up1", "up2", "up3")
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_an_empty_batch_gives_an_empty_output_as_resunet_does(spatial_dims):
+    size = [16] * spatial_dims
+    empty = torch.zeros(0, 2, *size)
+    for net in (AGINet(spatial_dims, in_channels=2, channels=SMALL), ResUNet(spatial_dims, in_channels=2, channels=SMALL)):
+        assert net(empty).shape == (0, 1, *size)
+    cagr = CAGR(spatial_dims, 8, 4, stride=2)
+    assert cagr(torch.zeros(0, 8, *size)).shape == (0, 4, *[8] * spatial_dims)
+    assert torch.jit.script(cagr)(torch.zeros(0, 8, *size)).shape == (0, 4, *[8] * spatial_dims)
+
+
+@pytest.mark.parametrize("cagr_stages", [("down1",), ("down1", "down2", "down3", "body", "up1")])
+def test_extension_free_network_compiles_whole_and_exports(cagr_stages):
+    # portable=True is what a machine without the extension runs: its roll is the reference, whose finiteness
+    # check once broke the graph (torch.compile(fullgraph=True) and torch.export failed)
+    torch.manual_seed(3)
+    net = AGINet(in_channels=2, channels=SMALL, cagr_stages=cagr_stages, portable=True).eval()
+    x = torch.rand(2, 2, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+        torch.testing.assert_close(torch.compile(net, fullgraph=True, backend="aot_eager")(x), expected)
+        torch.testing.assert_close(torch.export.export(net, (x,)).module()(x), expected)
+
+
 @pytest.mark.parametrize("portable", [False, True])
 def test_torchscript_round_trip_in_a_fresh_process(tmp_path, portable):
     torch.manual_seed(6)

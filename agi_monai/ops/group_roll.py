@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from agi_monai.ops.reference import group_roll_reference
+from agi_monai.ops.reference import check_group_roll_inputs, group_roll_reference
 
 __all__ = ["extension_available", "extension_has_cuda", "extension_error", "group_roll"]
 
@@ -41,10 +41,11 @@ _LOADED = _load_library()
 
 if _LOADED:
     # Shape propagation for FakeTensor / torch.compile / torch.export (the op stays one graph node).
+    # It is also the op's meta kernel, so it checks what the CPU and CUDA kernels check, values apart (a CPU weight
+    # with meta offsets would otherwise get an uninitialised CPU result).
     @torch.library.register_fake("agi_monai::group_roll")
     def _group_roll_fake(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        torch._check(offsets.dim() == 3, lambda: f"group_roll: offsets must be (B, n, S), got {offsets.shape}")
-        torch._check(weight.dim() == 2 + offsets.shape[2], lambda: "group_roll: weight rank must be 2 + S")
+        check_group_roll_inputs(weight, offsets, scales, check_values=False)
         return weight.new_empty((offsets.shape[0], *weight.shape))
 
     @torch.library.register_fake("agi_monai::_group_roll_backward")
@@ -100,9 +101,24 @@ def group_roll(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor
     Returns:
         (B, C_out, C_in, k…): for group i (input channels i·C_in/n … (i+1)·C_in/n − 1),
         ``scales[b, i] · FloatRoll(weight[:, group i], offsets[b, i])`` with ``torch.roll``'s direction.
+
+    Raises:
+        ValueError: a shape, the groups, the devices, or non-finite offsets on CPU (message: the argument, the shape
+            it got and the one expected).
+        TypeError: an unsupported dtype, or dtypes that differ.
+
+    In TorchScript this is ``torch.ops.agi_monai.group_roll`` (the extension must be loaded where the script runs;
+    ``agi_monai.networks.CAGR(portable=True)`` scripts the pure-PyTorch reference instead).
     """
+    if torch.jit.is_scripting():
+        return torch.ops.agi_monai.group_roll(weight, offsets, scales)
+    return _group_roll_eager(weight, offsets, scales)
+
+
+def _group_roll_eager(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     device_type = weight.device.type
-    if _LOADED and (device_type == "cpu" or (device_type == "cuda" and extension_has_cuda())):
+    # (meta: the op's fake kernel, which checks the arguments as the kernels do)
+    if _LOADED and (device_type in ("cpu", "meta") or (device_type == "cuda" and extension_has_cuda())):
         return torch.ops.agi_monai.group_roll(weight, offsets, scales)
     if _LOADED:
         warn_fallback_once(device_type, f"the extension has no {device_type} kernels")

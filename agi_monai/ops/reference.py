@@ -13,8 +13,14 @@ import torch
 __all__ = ["check_group_roll_inputs", "fractional_roll_matrix", "group_roll_reference"]
 
 
-def check_group_roll_inputs(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> None:
-    """Same checks and messages as the compiled op (csrc/group_roll.cpp)."""
+def check_group_roll_inputs(
+    weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, check_values: bool = True
+) -> None:
+    """Same checks, messages and exception types (ValueError, TypeError) as the compiled op (csrc/group_roll.cpp).
+
+    ``check_values=False`` checks shapes, dtypes and devices only: the compiled op's fake kernel (FakeTensor,
+    ``torch.compile``, ``torch.export``, meta tensors), where values are not known.
+    """
     if offsets.dim() != 3 or offsets.shape[2] not in (2, 3):
         raise ValueError(
             f"group_roll: offsets must have shape (B, n, S) with S = 2 (2D) or 3 (3D), got shape {list(offsets.shape)}"
@@ -55,7 +61,11 @@ def check_group_roll_inputs(weight: torch.Tensor, offsets: torch.Tensor, scales:
             f"offsets on {offsets.device}, scales on {scales.device}"
         )
     # CPU only, like the compiled op: on a GPU the check would synchronise; there NaN propagates instead.
-    if offsets.device.type == "cpu" and offsets.numel() > 0 and not bool(torch.isfinite(offsets).all()):
+    if not check_values or offsets.device.type != "cpu" or offsets.numel() == 0:
+        return
+    if torch.compiler.is_compiling():  # traced (torch.compile, torch.export): a check in the graph, not a graph break
+        torch._assert_async(torch.isfinite(offsets).all(), "group_roll: offsets must be finite, got NaN or Inf")
+    elif not bool(torch.isfinite(offsets).all()):
         raise ValueError(f"group_roll: offsets must be finite, got NaN or Inf in offsets of shape {list(offsets.shape)}")
 
 

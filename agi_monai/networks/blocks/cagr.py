@@ -247,8 +247,6 @@ class GroupRoll(nn.Module):
     """
 
     def forward(self, weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return torch.ops.agi_monai.group_roll(weight, offsets, scales)
         return group_roll(weight, offsets, scales)
 
 
@@ -271,7 +269,8 @@ class CAGR(nn.Module):
         spatial_dims: 2 or 3.
         in_channels: C_in (divisible by ``groups``).
         out_channels: C_out.
-        kernel_size: k of the replaced convolution (same padding, k // 2).
+        kernel_size: k of the replaced convolution (padding k // 2: the input's size for odd k, one more per
+            axis for even k, as ``Conv(padding=k // 2)``).
         groups: n, channel groups with their own roll (the paper's best: 8).
         stride: stride of the replaced convolution.
         bias: bias of the replaced convolution (AGI-Net's ResUNet is bias-free).
@@ -324,8 +323,10 @@ class CAGR(nn.Module):
 
     def rolled_conv(self, x: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Convolves each sample of x with its own rolled, scaled kernel."""
-        kernels = self.roll(self.conv.weight, offsets.to(self.conv.weight.dtype), scales.to(self.conv.weight.dtype))
         batch = x.shape[0]
+        if batch == 0:  # nothing to fold into groups (a convolution refuses groups=0): the empty result's shape
+            return self.conv(x)
+        kernels = self.roll(self.conv.weight, offsets.to(self.conv.weight.dtype), scales.to(self.conv.weight.dtype))
         folded_x = x.reshape([1, batch * x.shape[1]] + list(x.shape[2:]))
         folded_w = kernels.reshape([batch * kernels.shape[1]] + list(kernels.shape[2:]))
         bias = self.conv.bias
