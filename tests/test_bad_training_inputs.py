@@ -483,6 +483,19 @@ def test_spatial_size_the_network_cannot_take_is_refused_before_any_slice_is_bui
     assert not fresh_cache.exists()
 
 
+@pytest.mark.parametrize("setting, value", [("val_interval", 0), ("val_interval", -1), ("val_interval", 1.5),
+                                            ("epochs", 1.5), ("epochs", 0)])
+def test_a_training_length_that_is_not_a_positive_whole_number_is_refused_first(tmp_path, setting, value):
+    # before: --val_interval 0 exited 0 having trained nothing, -1 made an epoch one pass over the data, 1.5 trained
+    # without end and never checkpointed, and --epochs 1.5 ran two epochs "of 1.5"
+    fresh_cache = tmp_path / "cache"
+    settings = overrides(IXI_SIM, fresh_cache)
+    settings[setting] = value
+    error = cause(failed_training(IXI, tmp_path, settings), ValueError)
+    assert str(error).startswith(f"--{setting} {value!r}: expected a positive whole number of ")
+    assert not fresh_cache.exists() and not (tmp_path / "models").exists()
+
+
 def test_resume_from_a_missing_file(cache, tmp_path):
     missing = tmp_path / "models" / "gone.pt"
     error = cause(failed_training(IXI, tmp_path, overrides(IXI_SIM, cache, resume_ckpt=str(missing))), FileNotFoundError)

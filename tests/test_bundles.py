@@ -655,11 +655,17 @@ def _resume(name: str, dataset: Path, tmp_path: Path, first: Path) -> None:
     first_ranking = torch.load(first, weights_only=True)["best_model_ranking"]["_saved"]
     assert len(first_ranking) == 1  # (score, name) of the best generator so far, saved as models/model.pt
     # "latest" finds the newest training checkpoint of models/ (here the only one, epoch 1)
+    # with a lower --learning_rate (the advice after a divergence): this run's, not the checkpoint's optimizer state's
     log = _bundle(
-        name, "run", _configs(name, "train.json"), *_train_args(tmp_path, dataset, "--epochs", "2", "--resume_ckpt", "latest")
+        name, "run", _configs(name, "train.json"),
+        *_train_args(tmp_path, dataset, "--epochs", "2", "--resume_ckpt", "latest", "--learning_rate", "5e-05"),
     )
     assert f"Restored all variables from {first}" in log
     assert "Epoch: 2/2, Iter: 1/2" in log and "Epoch: 1/2" not in log
+    for optimizer in ("g_optimizer", "d_optimizer"):
+        assert f"{optimizer}: learning rate 5e-05, this run's, instead of the checkpoint's 0.0001" in log, log[-3000:]
+        groups = torch.load(models / "training_checkpoint_epoch=2.pt", weights_only=True)[optimizer]["param_groups"]
+        assert [group["lr"] for group in groups] == [5e-05]
     assert "training done: iterations 3-4 of 4 (epoch 2 of 2)" in log
     # the earlier run's checkpoint is superseded (n_saved=1), not left beside the new one
     assert sorted(p.name for p in models.glob("training_checkpoint_*.pt")) == ["training_checkpoint_epoch=2.pt"]

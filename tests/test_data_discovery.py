@@ -251,6 +251,30 @@ def test_a_duplicate_dicom_series_is_named_by_its_folder_not_every_file(tmp_path
                               f"{tmp_path / 'P01' / 'flair'} (6 DICOM files)")
 
 
+def test_a_case_naming_one_image_for_two_contrasts_is_skipped_and_named(tmp_path):
+    # a path pasted twice (--t1 a --t2 a, or a datalist) gave a plausible synthesis from one contrast
+    t1, t2 = (DATA / "ixi-sim" / f"IXI901-SIM-0001-{c}.nii.gz" for c in ("T1", "T2"))
+    link = tmp_path / "link-to-t1.nii.gz"
+    link.symlink_to(t1)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps([
+        {"case_id": "same", "T1": str(t1), "T2": str(t1)},
+        {"case_id": "linked", "T1": str(t1), "T2": str(link)},
+        {"case_id": "fine", "T1": str(t1), "T2": str(t2)},
+    ]))
+    discovery = discover_cases(datalist, required=["T1", "T2"])
+    assert [case["case_id"] for case in discovery.cases] == ["fine"]
+    assert [str(failure) for failure in discovery.failures] == [
+        f"linked: T1 and T2 are the same image: {link} (expected a different image for each contrast)",
+        f"same: T1 and T2 are the same image: {t1} (expected a different image for each contrast)",
+    ]
+    # two echoes of the same enhanced DICOM files are two images
+    files = [str(t1)]
+    datalist.write_text(json.dumps([{"case_id": "echoes", "PD": {"files": files, "echo_time": 15.0},
+                                     "T2": {"files": files, "echo_time": 100.0}}]))
+    assert not discover_cases(datalist).failures
+
+
 def test_a_datalist_case_of_dicom_series_without_an_id_is_named_by_its_patient(tmp_path):
     # as discovery names a folder's DICOM cases, and as `synthesize --t1 <series> --t2 <series>` writes such a case
     # (before: after the series folders' parent, or "datalist-0000" for file lists)

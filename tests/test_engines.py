@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.data import DataLoader
 from monai.handlers import CheckpointLoader, CheckpointSaver, MeanAbsoluteError, StatsHandler, from_engine
 from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
@@ -180,6 +180,26 @@ def test_resume_reproduces_an_uninterrupted_run(slices, tmp_path, saver):
     expected_adam = uninterrupted["g_optimizer"].state_dict()["state"]
     actual_adam = resumed["g_optimizer"].state_dict()["state"]
     assert all(torch.equal(actual_adam[i]["exp_avg"], expected_adam[i]["exp_avg"]) for i in expected_adam)
+
+
+def test_checkpoint_loader_sets_this_runs_learning_rates_and_refuses_bad_ones(tmp_path, caplog):
+    from agi_monai.engines import ReportingCheckpointLoader
+
+    saved = make_networks(g_lr=1e-3)
+    torch.save({name: saved[name].state_dict() for name in ("generator", "g_optimizer")}, tmp_path / "checkpoint.pt")
+    networks = make_networks(g_lr=2e-4)
+    load_dict = {name: networks[name] for name in ("generator", "g_optimizer")}
+    engine = Engine(lambda engine, batch: None)  # any Ignite engine: the loader restores nothing of it here
+    with caplog.at_level("INFO"):
+        ReportingCheckpointLoader(str(tmp_path / "checkpoint.pt"), load_dict, learning_rates={"g_optimizer": 2e-4})(engine)
+    assert [group["lr"] for group in networks["g_optimizer"].param_groups] == [2e-4]
+    assert "g_optimizer: learning rate 0.0002, this run's, instead of the checkpoint's 0.001" in caplog.text
+    ReportingCheckpointLoader(str(tmp_path / "checkpoint.pt"), load_dict)(engine)  # MONAI's behaviour: the saved one
+    assert [group["lr"] for group in networks["g_optimizer"].param_groups] == [1e-3]
+    with pytest.raises(ValueError, match=r"learning_rates\['generator'\]: expected the name of an optimizer"):
+        ReportingCheckpointLoader(str(tmp_path / "checkpoint.pt"), load_dict, learning_rates={"generator": 1e-4})
+    with pytest.raises(ValueError, match=r"learning_rates\['g_optimizer'\] = 0: expected a positive learning rate"):
+        ReportingCheckpointLoader(str(tmp_path / "checkpoint.pt"), load_dict, learning_rates={"g_optimizer": 0})
 
 
 def test_checkpoints_are_replaced_atomically(slices, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 """
 
 from agi_monai.bundle.command_line import check_command_line, report_failures
-from agi_monai.bundle.data import check_batches, check_spatial_size, check_splits, load_split
+from agi_monai.bundle.data import check_batches, check_spatial_size, check_splits, check_training_length, load_split
 from agi_monai.bundle.handlers import (
     EvaluatorProgressBar,
     NonFiniteTrainingError,
@@ -29,6 +29,7 @@ __all__ = [
     "check_command_line",
     "check_spatial_size",
     "check_splits",
+    "check_training_length",
     "load_split",
     "log_iterations",
     "loss_terms",

@@ -141,6 +141,18 @@ def check_spatial_size(spatial_size: Any, spatial_dims: int) -> None:
         )
 
 
+def check_training_length(epochs: Any, val_interval: Any) -> None:
+    """Raises unless ``--epochs`` and ``--val_interval`` (the iterations of an epoch: validation and checkpoint come
+    after each) are positive whole numbers. ``train.json``'s first ``initialize`` step: before, ``--val_interval 0``
+    exited 0 having trained nothing, ``-1`` made an epoch one pass over the data, ``1.5`` trained without end and
+    never validated or checkpointed, and ``--epochs 1.5`` ran two epochs reported as "of 1.5"."""
+    meanings = {"epochs": "epochs to train", "val_interval": "training iterations per epoch (each epoch ends with a "
+                "validation and a checkpoint)"}
+    for name, value in (("epochs", epochs), ("val_interval", val_interval)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--{name} {value!r}: expected a positive whole number of {meanings[name]}")
+
+
 def check_batches(dataloader: DataLoader, split: str) -> None:
     """Raises when an epoch of ``dataloader`` has no batch (``train.json``'s ``initialize``, after the dataset is
     built, before training).

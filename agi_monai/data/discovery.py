@@ -116,6 +116,10 @@ def discover_cases(
             failures.append(Failure(case_id, f"duplicate case ID, several files for one contrast: {detail}"))
             continue
         case = {key: files[0] for key, files in entries.items()}
+        shared = _shared_sources(case)
+        if shared:
+            failures.append(Failure(case_id, f"{shared} (expected a different image for each contrast)"))
+            continue
         missing = [c for c in required if c not in case]
         if missing:
             found = ", ".join(c for c in case if c in CONTRASTS + LABELS) or "nothing"
@@ -249,6 +253,22 @@ def _read_datalist(
         for key, value in case.items():
             grouped[case_id][key].append(value)
     return grouped, failures
+
+
+def _shared_sources(case: Mapping[str, Any]) -> str | None:
+    """What two contrasts of ``case`` name one image by (a path pasted twice, e.g. ``--t1 a.nii.gz --t2 a.nii.gz``,
+    gave a plausible synthesis from one contrast), or None. Links are followed; two echoes of the same DICOM files
+    are two images."""
+    seen: dict[tuple[Any, ...], str] = {}
+    for key, source in case.items():
+        if key not in CONTRASTS + LABELS:
+            continue
+        identity = (tuple(os.path.realpath(name) for name in source_paths(source)),
+                    source.get("echo_time") if isinstance(source, Mapping) else None)
+        if identity in seen:
+            return f"{seen[identity]} and {key} are the same image: {_describe_source(source)}"
+        seen[identity] = key
+    return None
 
 
 def _describe_source(source: Any) -> str:

@@ -135,21 +135,43 @@ class ReportingCheckpointLoader(CheckpointLoader):
     shapes, as :func:`load_weights` names them). MONAI's loader raises torch's own errors, which name no file, or
     one listing every key of the file.
 
+    A resumed run trains with its own learning rates (``learning_rates``), as with every other setting of its
+    config: an optimizer's state dict carries its parameter groups' ``lr``, which MONAI's loader restores, so that
+    ``--learning_rate`` was echoed and then ignored on a resume — where it matters most, a resume with a lower one
+    after a divergence. A rate that differs from the checkpoint's is logged.
+
     Args:
         load_path, load_dict, kwargs: as for ``monai.handlers.CheckpointLoader``.
         expected: what the file should be, for the messages; default: a checkpoint of ``load_dict``'s entries
             saved by a run with the same ``network_def``.
+        learning_rates: ``{name in load_dict: learning rate}`` set on those optimizers' parameter groups once the
+            checkpoint is restored. Leave it out where a scheduler in ``load_dict`` drives the learning rate.
 
     Raises:
         MissingFileError: ``load_path`` does not exist (a ``FileNotFoundError``).
         DataError: it cannot be read or restored into ``load_dict``.
+        ValueError: ``learning_rates`` names no optimizer of ``load_dict``, or a rate that is not positive.
     """
 
-    def __init__(self, load_path: str, load_dict: dict, expected: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        load_path: str,
+        load_dict: dict,
+        expected: str | None = None,
+        learning_rates: Mapping[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(load_path, load_dict, **kwargs)
         self.expected = expected or (
             f"a checkpoint of {', '.join(load_dict)} saved by a run with the same network_def and inputs"
         )
+        self.learning_rates = dict(learning_rates or {})
+        for name, rate in self.learning_rates.items():
+            if not isinstance(load_dict.get(name), torch.optim.Optimizer):
+                raise ValueError(f"learning_rates[{name!r}]: expected the name of an optimizer in load_dict "
+                                 f"({', '.join(load_dict)})")
+            if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+                raise ValueError(f"learning_rates[{name!r}] = {rate!r}: expected a positive learning rate")
 
     def __call__(self, engine: Engine) -> None:
         path = Path(self.load_path)
@@ -161,6 +183,14 @@ class ReportingCheckpointLoader(CheckpointLoader):
             if max_epochs is not None and engine.state.epoch > max_epochs:  # restored, but past this run's end
                 raise _past_last_epoch(path, engine.state.epoch, max_epochs) from error
             raise DataError(path, _checkpoint_problem(path, self.load_dict, error), self.expected) from error
+        for name, rate in self.learning_rates.items():
+            groups = self.load_dict[name].param_groups
+            restored = sorted({group["lr"] for group in groups})
+            if restored != [rate]:
+                _logger.info("%s: learning rate %g, this run's, instead of the checkpoint's %s", name, rate,
+                             " / ".join(f"{value:g}" for value in restored))
+            for group in groups:
+                group["lr"] = rate
 
 
 def _past_last_epoch(path: Path, epoch: int, max_epochs: int) -> DataError:
