@@ -655,6 +655,13 @@ def _resume(name: str, dataset: Path, tmp_path: Path, first: Path) -> None:
     first_ranking = torch.load(first, weights_only=True)["best_model_ranking"]["_saved"]
     assert len(first_ranking) == 1  # (score, name) of the best generator so far, saved as models/model.pt
     # "latest" finds the newest training checkpoint of models/ (here the only one, epoch 1)
+    # what an interrupted run logged after that checkpoint (its iterations 3-4, then lost): the resumed run's logging
+    # of those iterations replaces it in TensorBoard (purge_step) instead of zig-zagging beside it
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "eval")) as lost:
+        for step in (3, 4):
+            lost.add_scalar("g_loss", 999.0, step)
     # with a lower --learning_rate (the advice after a divergence): this run's, not the checkpoint's optimizer state's
     log = _bundle(
         name, "run", _configs(name, "train.json"),
@@ -666,6 +673,12 @@ def _resume(name: str, dataset: Path, tmp_path: Path, first: Path) -> None:
         assert f"{optimizer}: learning rate 5e-05, this run's, instead of the checkpoint's 0.0001" in log, log[-3000:]
         groups = torch.load(models / "training_checkpoint_epoch=2.pt", weights_only=True)[optimizer]["param_groups"]
         assert [group["lr"] for group in groups] == [5e-05]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "eval"))
+    events.Reload()
+    g_loss = [(event.step, event.value) for event in events.Scalars("g_loss")]
+    assert [step for step, _ in g_loss] == [1, 2, 3, 4] and 999.0 not in [value for _, value in g_loss], g_loss
     assert "training done: iterations 3-4 of 4 (epoch 2 of 2)" in log
     # the earlier run's checkpoint is superseded (n_saved=1), not left beside the new one
     assert sorted(p.name for p in models.glob("training_checkpoint_*.pt")) == ["training_checkpoint_epoch=2.pt"]

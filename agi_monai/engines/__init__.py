@@ -40,6 +40,7 @@ from agi_monai.engines.checkpoint import (
     find_resume_checkpoint,
     latest_training_checkpoint,
     load_weights,
+    resume_purge_step,
     set_aside_earlier_run,
 )
 from agi_monai.engines.evaluation import (
@@ -65,6 +66,7 @@ __all__ = [
     "find_resume_checkpoint",
     "latest_training_checkpoint",
     "load_weights",
+    "resume_purge_step",
     "set_aside_earlier_run",
     "synthesis_evaluator",
     "synthesis_metrics",

@@ -239,6 +239,19 @@ def check_resume_checkpoint(resume_path: str | Path, epochs: int, epoch_length: 
         raise _past_last_epoch(path, epoch, epochs)
 
 
+def resume_purge_step(resume_path: str | Path) -> int | None:
+    """The first iteration a run resuming from ``resume_path`` trains (its checkpoint's iteration + 1), None for a
+    run that starts afresh: ``train.json`` gives it to TensorBoard's ``SummaryWriter(purge_step=...)``, which hides
+    the events an interrupted run logged after that checkpoint; the resumed run logs those iterations again, and the
+    curves zig-zagged over both. (Read memory-mapped: the optimizer states are not loaded.
+    :func:`check_resume_checkpoint` has checked the file.)"""
+    if not resume_path:
+        return None
+    checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True, mmap=True)
+    state = checkpoint.get("trainer") if isinstance(checkpoint, Mapping) else None
+    return int(state["iteration"]) + 1 if isinstance(state, Mapping) and "iteration" in state else None
+
+
 #: :func:`load_weights`'s default ``expected``: what a bundle's ``inference.json`` loads.
 _BUNDLE_WEIGHTS = "the weights this bundle's train.json writes (models/model.pt), of a run with the same network_def"
 
