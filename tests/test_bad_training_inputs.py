@@ -225,7 +225,7 @@ def test_a_missing_file_reads_the_same_as_the_datalist_is_read_and_as_its_volume
     # one function (missing_file_error) words both: load_split's check (require_files, before any slice is built)
     # and load_volume's, where a file removed since the datalist was read shows
     missing = tmp_path / name
-    case = {"T1": str(IXI_SIM / "IXI901-SIM-0001-T1.nii.gz"), "T2": str(missing), "PD": str(missing)}
+    case = {"T1": str(IXI_SIM / "IXI901-SIM-0001-T1.nii.gz"), "T2": str(missing), "PD": str(tmp_path / f"pd-{name}")}
     datalist = write_datalist(tmp_path / "datalist.json", training=[case])
     with pytest.raises(DataError) as raised:
         load_split(datalist, "training", CONTRASTS, allow_empty=False, require_files=True)
