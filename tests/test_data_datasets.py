@@ -2,6 +2,7 @@
 channel order and shapes, cached so that later builds and epochs are fast, skipping bad cases."""
 
 import json
+import os
 import pickle
 import shutil
 import time
@@ -29,6 +30,7 @@ from agi_monai.data import (
     slice_dataset,
     write_dicom_series,
 )
+from agi_monai.data.transforms import PREPROCESSING_VERSION
 
 DATA = Path(__file__).parent / "data"
 BRATS_CONTRASTS = ["T1", "T2", "FLAIR", "T1Gd"]
@@ -299,3 +301,172 @@ def test_slice_transform_is_applied_on_access(brats_slices):
     assert not torch.allclose(plain["image"][0], moved["image"][0])
     torch.testing.assert_close(plain["image"][1:], moved["image"][1:])
     assert np.isclose(np.linalg.norm(shift.shift), 2.0)
+
+
+# --- the caches are used only while a case's files are those they were built from --------------------------------
+
+
+def _copied_case(source: Path, destination: Path) -> dict:
+    """A shipped case copied into ``destination`` (so that its files can be replaced), as discovery finds it."""
+    shutil.copytree(source, destination)
+    (case,) = discover_cases(destination, required=["T1", "T2", "FLAIR"]).cases
+    return case
+
+
+def _replace_with_flipped(path: str) -> None:
+    """Writes the image at ``path`` again under the same name, its voxels flipped left-right (a different image on
+    the same grid, as a skull stripping or registration run again in place gives)."""
+    image = nib.load(path)
+    flipped = nib.Nifti1Image(np.ascontiguousarray(np.asarray(image.dataobj)[::-1]), image.affine, image.header)
+    nib.save(flipped, path)
+
+
+def _reference_target(case: dict) -> torch.Tensor:
+    """The T1 (target) slices built from the files as they are now, without any cache."""
+    fresh = slice_dataset([case], ["T2", "FLAIR"], "T1", (240, 240), progress=False)
+    return torch.stack([fresh[i]["target"] for i in range(len(fresh))])
+
+
+def _targets(dataset: SliceDataset) -> torch.Tensor:
+    return torch.stack([dataset[i]["target"] for i in range(len(dataset))])
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])  # .nii: the new file has exactly the old one's size
+def test_a_slice_cache_entry_is_built_again_when_a_file_is_replaced_under_the_same_name(tmp_path, caplog, suffix):
+    case = _copied_case(DATA / "brats2023-mets" / "aurora-example", tmp_path / "aurora-example")
+    if suffix == ".nii":
+        t1 = tmp_path / "aurora-example" / "t1.nii"
+        nib.save(nib.load(case["T1"]), t1)
+        Path(case["T1"]).unlink()
+        case["T1"] = str(t1)
+    cache = tmp_path / "cache"
+    first = slice_dataset([case], ["T2", "FLAIR"], "T1", (240, 240), cache_dir=cache, progress=False)
+    (record_file,) = cache.rglob("*.json")
+    before = Path(case["T1"]).stat()
+
+    _replace_with_flipped(case["T1"])  # same name, new content
+    assert suffix == ".nii.gz" or Path(case["T1"]).stat().st_size == before.st_size
+    expected = _reference_target(case)
+    assert not torch.equal(expected, _targets(first))  # the old slices really differ from the new image's
+    with caplog.at_level("INFO", logger="agi_monai.data.datasets"):
+        again = slice_dataset([case], ["T2", "FLAIR"], "T1", (240, 240), cache_dir=cache, progress=False)
+    assert torch.equal(_targets(again), expected)  # the new T1's slices, not the cached ones
+    (line,) = [r.getMessage() for r in caplog.records if "built again" in r.getMessage() and "aurora" in r.getMessage()]
+    assert line.startswith(f"aurora-example: T1 changed since it was cached ({Path(case['T1']).resolve()}")
+    assert "1 stale volumes built again" in caplog.text and "read from" not in caplog.text
+    # replaced, not added beside: one slice file, its record listing every file the case names, resolved
+    assert len(list(cache.rglob("*.npy"))) == 1
+    recorded = json.loads(record_file.read_text())["sources"]
+    assert sorted(recorded) == ["FLAIR", "T1", "T1Gd", "T2"]
+    now = Path(case["T1"]).stat()
+    assert [entry[:3] for entry in recorded["T1"]] == [[str(Path(case["T1"]).resolve()), now.st_size, now.st_mtime_ns]]
+    assert now.st_mtime_ns != before.st_mtime_ns
+
+    # built from the current files, the entry is read again by the next build
+    caplog.clear()
+    with caplog.at_level("INFO", logger="agi_monai.data.datasets"):
+        third = SliceDataset(_exploding_volumes([case]), storage_dir=record_file.parent, progress=False)
+    assert torch.equal(_targets(third), expected) and "read from" in caplog.text and "built again" not in caplog.text
+
+
+def test_a_file_touched_but_unchanged_keeps_its_cached_slices(tmp_path, caplog):
+    case = _copied_case(DATA / "brats2023-mets" / "aurora-example", tmp_path / "aurora-example")
+    cache = tmp_path / "cache"
+    first = slice_dataset([case], ["T2", "FLAIR"], "T1", (240, 240), cache_dir=cache, progress=False)
+    (record_file,) = cache.rglob("*.json")
+    status = Path(case["T1"]).stat()
+    os.utime(case["T1"], ns=(status.st_atime_ns, status.st_mtime_ns + 5_000_000_000))  # e.g. `touch`, `cp` again
+    with caplog.at_level("INFO", logger="agi_monai.data.datasets"):
+        again = SliceDataset(_exploding_volumes([case]), storage_dir=record_file.parent, progress=False)
+    assert torch.equal(_targets(again), _targets(first))
+    assert "read from" in caplog.text and "built again" not in caplog.text
+    # the record now holds the new time: the next check is a stat again, no hash
+    assert json.loads(record_file.read_text())["sources"]["T1"][0][2] == status.st_mtime_ns + 5_000_000_000
+
+
+def test_a_slice_file_of_an_earlier_version_without_a_record_of_its_files_is_built_again(tmp_path, caplog):
+    case = _copied_case(DATA / "brats2023-mets" / "aurora-example", tmp_path / "aurora-example")
+    cache = tmp_path / "cache"
+    first = slice_dataset([case], ["T2", "FLAIR"], "T1", (240, 240), cache_dir=cache, progress=False)
+    (record_file,) = cache.rglob("*.json")
+    record = json.loads(record_file.read_text())
+    del record["sources"]  # as an earlier version wrote it
+    record_file.write_text(json.dumps(record))
+    with caplog.at_level("INFO", logger="agi_monai.data.datasets"):
+        again = slice_dataset([case], ["T2", "FLAIR"], "T1", (240, 240), cache_dir=cache, progress=False)
+    assert "aurora-example: cached without a record of its files (by an earlier version)" in caplog.text
+    assert torch.equal(_targets(again), _targets(first)) and "sources" in json.loads(record_file.read_text())
+    # an entry of an earlier preprocessing (before the coverage restriction): built again too
+    record = json.loads(record_file.read_text())
+    record["preprocessing_version"] = 1
+    record_file.write_text(json.dumps(record))
+    with caplog.at_level("INFO", logger="agi_monai.data.datasets"):
+        slice_dataset([case], ["T2", "FLAIR"], "T1", (240, 240), cache_dir=cache, progress=False)
+    assert f"aurora-example: built by an earlier preprocessing (version 1, now {PREPROCESSING_VERSION})" in caplog.text
+    assert json.loads(record_file.read_text())["preprocessing_version"] == PREPROCESSING_VERSION
+
+
+def test_a_volume_cache_entry_is_built_again_when_a_file_is_replaced_under_the_same_name(tmp_path, caplog):
+    case = _copied_case(DATA / "brats2023-mets" / "aurora-example", tmp_path / "aurora-example")
+    preprocessing = preprocessing_transforms(["T2", "FLAIR"], "T1", spatial_size=(240, 240))
+    cache = tmp_path / "volumes"
+    old = build_volume_dataset([case], preprocessing, cache)[0]["target"]
+    (entry,) = cache.glob("*.pt")
+    _replace_with_flipped(case["T1"])
+    with caplog.at_level("INFO", logger="agi_monai.data.datasets"):
+        cached = build_volume_dataset([case], preprocessing, cache)[0]["target"]
+    uncached = build_volume_dataset([case], preprocessing)[0]["target"]
+    assert not torch.equal(torch.as_tensor(old), torch.as_tensor(uncached))
+    assert torch.equal(torch.as_tensor(cached), torch.as_tensor(uncached))
+    assert "aurora-example: T1 changed since it was cached" in caplog.text
+    assert list(cache.glob("*.pt")) == [entry]  # replaced in place, no stale file left beside it
+    assert entry.with_suffix(".sources.json").is_file()
+
+    # an entry of an earlier version (no record): built again; a touched file keeps the entry
+    entry.with_suffix(".sources.json").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="agi_monai.data.datasets"):
+        build_volume_dataset([case], preprocessing, cache)[0]
+    assert "cached without a record of its files" in caplog.text
+    status = Path(case["T1"]).stat()
+    os.utime(case["T1"], ns=(status.st_atime_ns, status.st_mtime_ns + 5_000_000_000))
+    caplog.clear()
+
+    def no_loading(self, data):
+        raise AssertionError("the volume should come from the cache")
+
+    with caplog.at_level("INFO", logger="agi_monai.data.datasets"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LoadVolumed, "__call__", no_loading)
+        touched = build_volume_dataset([case], preprocessing, cache)[0]["target"]
+    assert torch.equal(torch.as_tensor(touched), torch.as_tensor(uncached)) and "built again" not in caplog.text
+
+
+def test_each_file_of_a_dicom_series_is_checked(tmp_path):
+    from agi_monai.data.datasets import _check_sources, _source_record
+
+    def record(sources):  # as an entry's record holds them
+        return {"sources": sources, "preprocessing_version": PREPROCESSING_VERSION}
+
+    t2 = sitk.ReadImage(str(DATA / "tcga-lgg" / "TCGA-FG-6692-native" / "t2.nii.gz"))
+    files = sorted(str(f) for f in write_dicom_series(t2, tmp_path / "t2", "AX T2 FSE", "TCGA-FG-6692", 1))
+    # the three ways a case names a series: its folder, its files, one echo of its files
+    item = {"case_id": "TCGA-FG-6692", "T2": str(tmp_path / "t2"), "T1": files,
+            "PD": {"files": files, "echo_time": 9.0}}
+    recorded = _source_record(item)
+    assert [len(recorded[key]) for key in ("T2", "T1", "PD")] == [len(files)] * 3
+    assert _check_sources(record(recorded), item) == (None, None)
+
+    # one slice's file written again with another pixel value (same size; its time set apart from the build's, as
+    # a later run's would be)
+    data = Path(files[10]).read_bytes()
+    Path(files[10]).write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    status = Path(files[10]).stat()
+    os.utime(files[10], ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000_000))
+    reason, _ = _check_sources(record(recorded), item)  # keys in order: PD (an echo's files) first
+    assert reason == f"PD changed since it was cached ({Path(files[10]).resolve()}: modified, other content)"
+    assert _check_sources(record({**recorded, "PD": _source_record(item)["PD"]}), item)[0].startswith("T1 changed")
+
+    # a file added to the series folder
+    recorded = _source_record(item)
+    shutil.copy(files[0], tmp_path / "t2" / "extra.dcm")
+    assert _check_sources(record(recorded), item)[0] == "T2 changed since it was cached (other files: 1 added, 0 gone)"

@@ -145,3 +145,47 @@ def test_motion_beyond_range_is_rejected(ixi_pair):
         match=r"T1.nii.gz: registration needed .* mm \(expected scans of one subject within 30 deg and 10 mm\)",
     ):
         register_rigid(reference, _moved(moving, shift_mm=(0, 0, 20)), moving_name="T1.nii.gz", max_translation_mm=10)
+
+
+def test_coverage_mask_is_the_moving_field_of_view_on_the_reference_grid():
+    """The native T1 (its own 5.5 mm slab and matrix) on the native T2 grid by header: 1 exactly at the T2 voxels
+    whose centre falls inside the T1's voxel grid (computed here point by point with numpy), whatever the T1's
+    intensities there (its air is 0 inside its field of view)."""
+    from agi_monai.data.registration import coverage_mask
+
+    reference, moving = _read(NATIVE / "t2.nii.gz"), _read(NATIVE / "t1.nii.gz")
+    covered = sitk.GetArrayFromImage(coverage_mask(moving, reference)).transpose(2, 1, 0)  # (x, y, z) like the index
+    assert covered.dtype == np.uint8 and covered.shape == reference.GetSize()
+
+    def matrix(image: sitk.Image) -> np.ndarray:  # index -> LPS point
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+        affine[:3, 3] = image.GetOrigin()
+        return affine
+
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in reference.GetSize()], indexing="ij"), -1).reshape(-1, 3)
+    inside_moving = (np.linalg.inv(matrix(moving)) @ matrix(reference) @ np.c_[index, np.ones(len(index))].T)[:3].T
+    expected = np.all((inside_moving >= -0.5) & (inside_moving <= np.array(moving.GetSize()) - 0.5), axis=1)
+    assert 0.5 < expected.mean() < 1.0  # the T1 slab covers part of the T2 grid only
+    assert np.count_nonzero(covered.reshape(-1) != expected) <= 1e-4 * expected.size  # points on the border itself
+    # what linear resampling fills (its zeros outside the field of view) is exactly this coverage
+    ones = sitk.Image(moving.GetSize(), sitk.sitkFloat32) + 1.0
+    ones.CopyInformation(moving)
+    linear = sitk.GetArrayFromImage(resample_to_reference(ones, reference)).transpose(2, 1, 0)
+    np.testing.assert_array_equal(linear > 0, covered > 0)
+
+
+def test_coverage_mask_of_a_skull_stripped_slab_ignores_its_zeros(tmp_path):
+    """A BraTS FLAIR cut to slices 40-89 of its 155, on its own T2's grid: covered are exactly those 50 slices,
+    the zeros around the brain (skull-stripped) included, which an intensity-based guess would call uncovered."""
+    import nibabel as nib
+
+    from agi_monai.data.registration import coverage_mask
+
+    case = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
+    nib.save(nib.load(case / "BraTS-GLI-00001-000-t2f.nii.gz").slicer[:, :, 40:90], tmp_path / "slab.nii.gz")
+    reference, moving = _read(case / "BraTS-GLI-00001-000-t2w.nii.gz"), _read(tmp_path / "slab.nii.gz")
+    covered = sitk.GetArrayFromImage(coverage_mask(moving, reference))  # (z, y, x)
+    assert covered[40:90].all() and not covered[:40].any() and not covered[90:].any()
+    intensities = sitk.GetArrayFromImage(resample_to_reference(moving, reference))
+    assert np.count_nonzero(intensities[40:90] == 0) > 0.5 * covered.sum()  # mostly air, yet inside the slab

@@ -126,8 +126,9 @@ class FolderSynthesis:
         exit_on_failure: after the summary, exit the process with status 1 when a case failed or there was no case
             (``inference.json`` sets it, so that ``python -m monai.bundle run`` tells a scheduler or a pipeline;
             ``agi-monai synthesize``, which goes on to write DICOM, turns it off and sets its own exit status).
-        training_spacing: the in-plane spacing (mm) of the bundle's training data; a case whose reference grid is
-            more than 25 % off gets a warning (:func:`agi_monai.data.spacing_mismatch`), and is synthesized.
+        training_spacing: the spacing (mm) of the bundle's training data: H, W for a 2D bundle (in plane only, it
+            works slice by slice), H, W, D for a 3D one (every axis); a case whose reference grid is more than 25 %
+            off on a compared axis gets a warning (:func:`agi_monai.data.spacing_mismatch`), and is synthesized.
         report: a JSON file to write the outcome of every case into, for a pipeline
             (:meth:`SynthesisSummary.write_report`; ``inference.json``'s ``report_path``); None: none.
     """

@@ -4,14 +4,22 @@ Volumes come from :func:`agi_monai.data.preprocessing_transforms`; with a ``cach
 once (loading, registration, normalization) and kept on disk by MONAI's ``PersistentDataset``. The slice
 dataset then holds the axial slices with enough foreground, in memory or (with a ``cache_dir``) in
 memory-mapped files (``storage_dir``), so an epoch is only indexing and a restart reads no volume again.
+
+Both caches are named by each case's datalist item (its file paths) and checked against the files: an entry records
+the resolved path, size, modification time (``st_mtime_ns``) and SHA-256 of every file its case names (a DICOM
+series' files one by one), and is used only while they still match; a file replaced under the same name (skull
+stripping or registration run again in place) makes its case be built again, with one log line saying why.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,19 +27,189 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import Dataset, PersistentDataset
-from monai.data.utils import pickle_hashing
+from monai.data.utils import SUPPORTED_PICKLE_MOD, pickle_hashing
 from monai.transforms import Compose
+from monai.utils import convert_to_tensor, look_up_option
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from agi_monai.data.contrasts import CONTRASTS, LABELS
 from agi_monai.data.discovery import discover_cases
 from agi_monai.data.errors import DataError, Failure, format_failures
 from agi_monai.data.files import atomic_output, write_json
-from agi_monai.data.transforms import preprocessing_transforms
+from agi_monai.data.transforms import PREPROCESSING_VERSION, preprocessing_transforms
+from agi_monai.data.volumes import source_paths
 
 __all__ = ["build_volume_dataset", "SliceDataset", "slice_dataset", "build_slice_dataset", "build_inference_dataset"]
 
 _logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a cache entry was built from. An entry is named by its datalist item (file paths) as before, so an entry of an
+# earlier version is found, has no record of its files and is built again; a record lists, per contrast or label the
+# item names, each file it reads as [resolved path, size, st_mtime_ns, sha256]. Checking an entry costs one stat (and
+# a realpath) per file; the SHA-256 is read only when a file's size and path are the same but its times differ (a
+# `touch`, a copy, a deterministic step run again): same content, the entry is kept and its record refreshed.
+
+
+def _source_files(source: Any) -> list[str]:
+    """The files a volume source reads, resolved: a NIfTI file, a DICOM series' files, the files directly in a series
+    folder (what GDCM reads there), an echo's files."""
+    files: list[str] = []
+    for name in source_paths(source):
+        if os.path.isdir(name):
+            folder = os.path.realpath(name)
+            with os.scandir(folder) as entries:
+                files.extend(sorted(os.path.join(folder, entry.name) for entry in entries if entry.is_file()))
+        else:
+            files.append(os.path.realpath(name))
+    return files
+
+
+def _file_state(path: str) -> list[Any]:
+    """[path, size, st_mtime_ns] of a file; [path, None, None] when it is missing."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return [path, None, None]
+    return [path, status.st_size, status.st_mtime_ns]
+
+
+def _source_state(item: Mapping[str, Any]) -> dict[str, list[list[Any]] | None]:
+    """The state of every file each contrast or label of a datalist item names (None: a source that names no file,
+    which never matches)."""
+    state: dict[str, list[list[Any]] | None] = {}
+    for key, source in item.items():
+        if key not in CONTRASTS + LABELS:
+            continue
+        try:
+            state[key] = [_file_state(path) for path in _source_files(source)]
+        except (DataError, OSError, TypeError):  # a malformed echo selection, a folder removed meanwhile
+            state[key] = None
+    return state
+
+
+def _sha256(path: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _source_record(item: Mapping[str, Any]) -> dict[str, Any]:
+    """What an entry built from ``item`` now records: each file's state and content hash, taken before the files are
+    read (a file replaced while it is read then shows as changed at the next check)."""
+    state = _source_state(item)
+    return {key: None if files is None else [[*entry, _sha256(entry[0]) if entry[1] is not None else None]
+                                             for entry in files]
+            for key, files in state.items()}
+
+
+def _check_sources(record: Mapping[str, Any], item: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """(Why an entry with ``record`` no longer matches ``item``'s files or this version's preprocessing, None when it
+    does; a refreshed ``sources`` to write when only times changed and the content is the same, else None)."""
+    recorded = record.get("sources")
+    if not isinstance(recorded, dict):
+        return "cached without a record of its files (by an earlier version)", None
+    version = record.get("preprocessing_version", 1)
+    if version != PREPROCESSING_VERSION:
+        return f"built by an earlier preprocessing (version {version}, now {PREPROCESSING_VERSION})", None
+    try:
+        return _compare_sources(recorded, _source_state(item))
+    except (IndexError, TypeError, ValueError):  # a record edited or damaged by hand
+        return "its record of the files it was built from cannot be read", None
+
+
+def _compare_sources(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    refreshed: dict[str, Any] = {}
+    touched = False
+    for key in sorted(set(recorded) | set(current), key=str):
+        old, new = recorded.get(key), current.get(key)
+        if key not in current:
+            return f"{key} was cached but the case no longer names it", None
+        if key not in recorded or old is None or new is None:
+            return f"{key} changed since it was cached (another source)", None
+        if [entry[0] for entry in old] != [entry[0] for entry in new]:
+            return f"{key} changed since it was cached (other files: {_files_changed(old, new)})", None
+        kept = []
+        for was, now in zip(old, new):
+            if now[1] is None:
+                return f"{key} changed since it was cached ({now[0]} is missing)", None
+            if was[1] != now[1]:
+                return f"{key} changed since it was cached ({now[0]}: size {was[1]} -> {now[1]} bytes)", None
+            if was[2] != now[2]:
+                if was[3] is None or _sha256(now[0]) != was[3]:
+                    return f"{key} changed since it was cached ({now[0]}: modified, other content)", None
+                touched = True
+            kept.append([*now, was[3]])
+        refreshed[key] = kept
+    return None, refreshed if touched else None
+
+
+def _files_changed(old: list[list[Any]], new: list[list[Any]]) -> str:
+    before, after = {entry[0] for entry in old}, {entry[0] for entry in new}
+    if len(before) == len(after) == 1:
+        return f"{next(iter(before))} -> {next(iter(after))}"
+    return f"{len(after - before)} added, {len(before - after)} gone"
+
+
+def _case_name(item: Mapping[str, Any]) -> str:
+    if "case_id" in item:
+        return str(item["case_id"])
+    return next((str(value) for key, value in item.items() if key in CONTRASTS + LABELS), "a case")
+
+
+class _SourceCheckedPersistentDataset(PersistentDataset):
+    """MONAI's ``PersistentDataset`` whose entries are used only while the files they were built from are unchanged.
+
+    The entry is still named by MONAI's ``hash_func`` of the item (its paths), not by a ``hash_func`` that hashes the
+    files' states too: with the states in the name, a changed file would be a silent cache miss (no line saying which
+    case was built again, nor why), the stale ``.pt`` would stay on disk for ever, and a mere ``touch`` would rebuild
+    the case. Instead each entry ``<hash>.pt`` has a record ``<hash>.sources.json`` (:func:`_source_record`), checked
+    before the entry is read; a stale entry is built again and replaced atomically (``atomic_output``; MONAI's own
+    write does not replace an existing file), its record written after it.
+    """
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        if self.cache_dir is None or not isinstance(item_transformed, Mapping):
+            return super()._cachecheck(item_transformed)
+        name = f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}"
+        entry, record_file = self.cache_dir / f"{name}.pt", self.cache_dir / f"{name}.sources.json"
+        if entry.is_file():
+            reason, refreshed = _check_sources(_read_record(record_file), item_transformed)
+            if reason is None:
+                if refreshed is not None:
+                    write_json({"case_id": _case_name(item_transformed), "sources": refreshed,
+                                "preprocessing_version": PREPROCESSING_VERSION}, record_file)
+                return super()._cachecheck(item_transformed)  # MONAI reads the entry (and rebuilds a corrupt one)
+            _logger.info("%s: %s; its preprocessed volume in %s is built again", _case_name(item_transformed), reason,
+                         self.cache_dir)
+        sources = _source_record(item_transformed)
+        record_file.unlink(missing_ok=True)  # no record claims the entry while it is replaced
+        volume = self._pre_transform(deepcopy(item_transformed))
+        with atomic_output(entry) as temporary:
+            torch.save(
+                convert_to_tensor(volume, convert_numeric=False, track_meta=self.track_meta), temporary,
+                pickle_module=look_up_option(self.pickle_module, SUPPORTED_PICKLE_MOD),
+                pickle_protocol=self.pickle_protocol,
+            )
+        write_json({"case_id": _case_name(item_transformed), "sources": sources,
+                    "preprocessing_version": PREPROCESSING_VERSION}, record_file)
+        return volume
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A cache entry's JSON record; {} when there is none or it cannot be read (the entry is then built again)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def build_volume_dataset(
@@ -42,8 +220,11 @@ def build_volume_dataset(
     Without ``cache_dir`` the items are ``MetaTensor`` volumes whose geometry ``Invertd`` can restore (use
     this for inference: :func:`agi_monai.data.restore_geometry_transforms`). With ``cache_dir`` they are
     computed once and stored by MONAI's ``PersistentDataset`` as plain tensors, the cheap way to feed
-    :class:`SliceDataset` again and again. The cache is keyed by each case's files: use one ``cache_dir``
-    per preprocessing configuration (scenario and spatial size).
+    :class:`SliceDataset` again and again. An entry is named by the case's datalist item (its file paths) and used
+    only while every file the case names has the resolved path, size and modification time it had when the entry
+    was built (or, its times changed, the same SHA-256); otherwise the case is preprocessed again, the entry replaced
+    atomically and one line logged saying which file changed. The preprocessing itself is not in the name: use one
+    ``cache_dir`` per preprocessing configuration (scenario and spatial size).
 
     Args:
         cases: datalist items (:func:`agi_monai.data.discover_cases`).
@@ -52,7 +233,7 @@ def build_volume_dataset(
     """
     if cache_dir is None:
         return Dataset(list(cases), transform=preprocessing)
-    return PersistentDataset(list(cases), transform=preprocessing, cache_dir=Path(cache_dir))
+    return _SourceCheckedPersistentDataset(list(cases), transform=preprocessing, cache_dir=Path(cache_dir))
 
 
 def slice_dataset(
@@ -78,7 +259,8 @@ def slice_dataset(
     ``T1_T2_to_PD_256x256/slices`` (``slices-<hash>`` when ``preprocessing_options`` are given: the files are
     keyed by the items, so one folder must never serve two preprocessing configurations). Each volume is
     preprocessed once, by the first build; later builds (a resumed run, the next network of a comparison) read
-    its slices from its file. The volumes themselves are not kept: at the paper's scale they would take more
+    its slices from its file as long as the case's files are unchanged (:class:`SliceDataset`), else build it
+    again. The volumes themselves are not kept: at the paper's scale they would take more
     disk than the slices (89 GB for 500 BraTS 3-to-1 cases in float32).
 
     Args:
@@ -189,9 +371,17 @@ class SliceDataset(torch.utils.data.Dataset):
     need that: 500 BraTS cases keep about 120 slices each, 5 channels of 240² for a 3-to-1 scenario (inputs,
     target, mask), about 69 GB in float32 (35 GB in float16); on disk the operating system's page cache holds
     what fits, and the data-loading processes share it. A dataset built again with the same ``storage_dir``
-    (a resumed training run) reads the slices of every stored volume without loading the volume. Like
-    ``PersistentDataset``'s, the files are keyed by the items (file paths), not by the files' contents: use
-    a fresh folder when the images change.
+    (a resumed training run, or a fresh one with the same ``cache_dir``) reads the slices of every stored volume
+    without loading the volume, provided the volume's files are those it was built from: each record lists every
+    file the case's datalist item names (a DICOM series' files one by one) with its resolved path, size,
+    modification time (``st_mtime_ns``) and SHA-256, taken before the volume was read. An image replaced under the
+    same name (skull stripping or registration run again in place), moved behind a link, or missing makes that
+    volume be built again and its files replaced atomically, with one log line naming the case and the file; a file
+    only touched or copied again (same size and content, other times) keeps its slices, and the record is
+    refreshed. Checking costs one ``stat`` per file (the hash is read only when the times differ). A record
+    without this list (written by an earlier version), or of another ``PREPROCESSING_VERSION`` (what the
+    preprocessing code makes of the files), counts as stale. The preprocessing settings are in the folder's name
+    (:func:`slice_dataset`).
 
     A case whose preprocessing raises a :class:`DataError` is skipped and listed in :attr:`failures` (and
     tried again by the next build).
@@ -231,19 +421,22 @@ class SliceDataset(torch.utils.data.Dataset):
         self._mapped: dict[int, np.ndarray] = {}  # this process's memory maps, by volume
         files = self._storage_files(volumes, mask_key, min_foreground_fraction, storage_dtype)
         built: dict[int, _SlicedVolume] = {}
+        self._stale = 0  # stored volumes of other files than the case's, built again (counted by _stored)
         for index, path in enumerate(files):
-            record = None if path is None else self._stored(path)
+            record = None if path is None else self._stored(path, volumes.data[index])
             if record is not None:
                 built[index] = record
+        stale = self._stale
         stored = len(built)
         pending = [index for index in range(len(volumes)) if index not in built]
         loader = DataLoader(
-            _ReportingDataset(volumes, pending), batch_size=None, num_workers=num_workers, collate_fn=_identity
+            _ReportingDataset(volumes, pending, record_sources=self.storage_dir is not None), batch_size=None,
+            num_workers=num_workers, collate_fn=_identity,
         )
         # (tqdm first: zip then asks it once more, and the bar counts the last volume); no bar when every volume is
         # stored already
         bar = tqdm(loader, desc="preprocessing volumes", unit="volume", disable=not progress or not pending)
-        for item, index in zip(bar, pending):
+        for (item, sources), index in zip(bar, pending):
             if isinstance(item, Failure):
                 self.failures.append(item)
                 continue
@@ -255,12 +448,13 @@ class SliceDataset(torch.utils.data.Dataset):
             stack = stack[..., kept].permute(3, 0, 1, 2).to(storage_dtype).contiguous()
             box = _foreground_box(torch.as_tensor(item[mask_key])[0] > 0)
             volume = _SlicedVolume(str(item.get("case_id", index)), kept.tolist(), box, stack=stack)
-            built[index] = volume if files[index] is None else self._store(volume, files[index])
+            built[index] = volume if files[index] is None else self._store(volume, files[index], sources)
         self._volumes = [built[index] for index in sorted(built)]
         self._ends = list(torch.cumsum(torch.tensor([len(v.slice_indices) for v in self._volumes] or [0]), 0).tolist())
         summary = (
             f"{len(self)} slices from {len(self._volumes)} volumes"
-            f"{f' ({stored} read from {self.storage_dir})' if stored else ''}, {len(self.failures)} volumes skipped"
+            f"{f' ({stored} read from {self.storage_dir})' if stored else ''}"
+            f"{f', {stale} stale volumes built again' if stale else ''}, {len(self.failures)} volumes skipped"
         )
         if self.failures:
             _logger.warning("%s\n%s", summary, format_failures(self.failures, "volumes"))
@@ -287,23 +481,37 @@ class SliceDataset(torch.utils.data.Dataset):
                     "storage_dtype": str(storage_dtype)}
         return [self.storage_dir / f"{pickle_hashing({'item': item, **settings}).decode()}.npy" for item in items]
 
-    def _store(self, volume: _SlicedVolume, path: Path) -> _SlicedVolume:
-        """Writes a volume's slices (the ``.npy``, then the ``.json`` that marks it complete) and forgets the tensor."""
+    def _store(self, volume: _SlicedVolume, path: Path, sources: dict[str, Any]) -> _SlicedVolume:
+        """Writes a volume's slices (the ``.npy``, then the ``.json`` that marks it complete and lists the files it was
+        built from, ``sources``: :func:`_source_record`), each replacing an earlier one atomically, and forgets the
+        tensor. An earlier record is removed first, so that no record ever describes another ``.npy``."""
+        record_file = path.with_suffix(".json")
+        record_file.unlink(missing_ok=True)
         with atomic_output(path) as temporary:
             np.save(temporary, volume.stack.numpy())
         write_json({"case_id": volume.case_id, "slice_indices": volume.slice_indices, "channels": self._channels,
-                    "foreground_box": volume.foreground_box}, path.with_suffix(".json"))
+                    "foreground_box": volume.foreground_box, "sources": sources,
+                    "preprocessing_version": PREPROCESSING_VERSION}, record_file)
         return _SlicedVolume(volume.case_id, volume.slice_indices, volume.foreground_box, path=path)
 
-    def _stored(self, path: Path) -> _SlicedVolume | None:
-        """The volume a complete record describes; None when there is none, or it is of an earlier version (without
-        ``foreground_box``): the volume is then built again, in place."""
+    def _stored(self, path: Path, item: Mapping[str, Any]) -> _SlicedVolume | None:
+        """The volume a complete record describes; None when there is none, it is of an earlier version (without
+        ``foreground_box`` or ``sources``), or the files of ``item`` (its datalist item) are no longer those it was
+        built from (logged, naming the case and the file): the volume is then built again, in place."""
         record_file = path.with_suffix(".json")
         if not record_file.is_file():
             return None
-        record = json.loads(record_file.read_text(encoding="utf-8"))
+        record = _read_record(record_file)
         if "foreground_box" not in record:
             return None
+        reason, refreshed = _check_sources(record, item)
+        if reason is not None:
+            self._stale += 1
+            _logger.info("%s: %s; its slices in %s are built again", record.get("case_id", _case_name(item)), reason,
+                         self.storage_dir)
+            return None
+        if refreshed is not None:
+            write_json({**record, "sources": refreshed}, record_file)
         self._channels = self._channels or list(record["channels"])
         box = [(int(low), int(high)) for low, high in record["foreground_box"]]
         return _SlicedVolume(str(record["case_id"]), list(record["slice_indices"]), box, path=path)
@@ -360,17 +568,23 @@ class _ReportingDataset(torch.utils.data.Dataset):
     """Returns a :class:`Failure` instead of raising when a case's preprocessing hits a :class:`DataError`
     (MONAI's ``Compose`` wraps it in a ``RuntimeError``), so one bad case does not stop the others."""
 
-    def __init__(self, volumes: Dataset | Sequence[Mapping[str, Any]], indices: Sequence[int]) -> None:
+    def __init__(
+        self, volumes: Dataset | Sequence[Mapping[str, Any]], indices: Sequence[int], record_sources: bool = False
+    ) -> None:
         self.volumes = volumes
         self.indices = list(indices)  # the volumes to load (those without a slice file)
+        self.record_sources = record_sources  # return each volume's datalist item's files (_source_record) with it
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> Any:
+    def __getitem__(self, position: int) -> tuple[Any, dict[str, Any] | None]:
+        """(the volume or its :class:`Failure`, the files it is read from when ``record_sources``, else None)"""
         index = self.indices[position]
+        # the files' state is taken before they are read: one replaced meanwhile shows as changed at the next build
+        sources = _source_record(self.volumes.data[index]) if self.record_sources else None
         try:
-            return self.volumes[index]
+            return self.volumes[index], sources
         except Exception as error:
             cause: BaseException | None = error
             while cause is not None and not isinstance(cause, DataError):
@@ -379,7 +593,7 @@ class _ReportingDataset(torch.utils.data.Dataset):
                 raise
             case = getattr(self.volumes, "data", None)
             case_id = str(case[index].get("case_id", index)) if case is not None else str(index)
-            return Failure(case_id, str(cause))
+            return Failure(case_id, str(cause)), None
 
 
 def _identity(item: Any) -> Any:

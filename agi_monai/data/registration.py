@@ -23,6 +23,7 @@ __all__ = [
     "RigidRegistration",
     "register_rigid",
     "resample_to_reference",
+    "coverage_mask",
     "normalized_mutual_information",
     "field_of_view_overlap",
     "same_grid",
@@ -173,6 +174,19 @@ def resample_to_reference(
     return sitk.Resample(moving, reference, transform, _INTERPOLATORS[interpolation], 0.0, moving.GetPixelID())
 
 
+def coverage_mask(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
+    """Where ``moving`` has data on the grid of ``reference``: 1 at the reference voxels whose centre ``transform``
+    (header alignment when None) maps inside ``moving``'s field of view, 0 elsewhere (UInt8, the reference's grid).
+
+    The coverage comes from the geometry, never from the intensities (a scan has zeros inside its field of view
+    too): an image of ones resampled exactly as :func:`resample_to_reference` resamples ``moving``, whose zero
+    default value marks the voxels it filled for lack of data. Nearest and linear interpolation take the same
+    voxels as inside (ITK's continuous-index buffer test), so this is the coverage of either."""
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    return resample_to_reference(ones, reference, transform, "nearest")
+
+
 def normalized_mutual_information(
     first: np.ndarray, second: np.ndarray, mask: np.ndarray | None = None, bins: int = 64
 ) -> float:
@@ -243,11 +257,7 @@ def _foreground_dice(
 ) -> float:
     """Dice of the foregrounds of the reference and the resampled moving image, counted only where the
     moving image had data (a scan covering less of the head is not penalised)."""
-    inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    inside.CopyInformation(moving)
-    covered = (
-        sitk.GetArrayViewFromImage(resample_to_reference(inside, reference, registration.transform, "nearest")) > 0
-    )
+    covered = sitk.GetArrayViewFromImage(coverage_mask(moving, reference, registration.transform)) > 0
     # SimpleITK arrays are (z, y, x): fill holes in the planes of the reference's slices
     first, second = (
         foreground_mask(sitk.GetArrayViewFromImage(image), slice_axis=0) & covered for image in (reference, resampled)

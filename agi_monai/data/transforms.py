@@ -6,7 +6,8 @@ The chain (:func:`preprocessing_transforms`), in order:
 1. :class:`LoadVolumed` - read and check each contrast (NIfTI or DICOM series).
 2. :class:`ScaleIntensityToPercentiled` - per volume, [0, max = 99.5th percentile] -> [0, 1], clipped.
 3. :class:`AlignToReferenced` - resample every contrast onto the reference contrast's grid, with a rigid
-   registration when the grids differ.
+   registration when the grids differ; where a resampled contrast has no data (outside its field of view) is
+   kept as a coverage mask (``"coverage"``).
 4. ``ConcatItemsd`` - inputs stacked as channels in scenario order (``"image"``); the target as ``"target"``.
 5. :class:`AddForegroundMaskd` - the foreground of the inputs (``"mask"``).
 6. ``Orientationd`` (RAS: axial slices along the last axis), then to the in-plane size: ``ResizeWithPadOrCropd``
@@ -14,17 +15,21 @@ The chain (:func:`preprocessing_transforms`), in order:
    to at least that size and ``DivisiblePadd`` to a multiple of 8, so that no part of a larger slice is lost.
    These are the only spatial changes after step 3, and ``Invertd`` undoes them
    (:func:`restore_geometry_transforms`), putting a prediction back on the reference contrast's grid.
+7. :class:`RestrictToCoveraged` - the mask cut down to what every contrast covers (training: whole slices;
+   evaluation: voxels), or, for inference, a warning for an input that covers too little; ``"coverage"`` is removed.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -49,7 +54,7 @@ from agi_monai.data.contrasts import choose_reference
 from agi_monai.data.errors import DataError
 from agi_monai.data.files import AtomicNibabelWriter, CaseOutputLayout
 from agi_monai.data.foreground import foreground_mask
-from agi_monai.data.registration import register_rigid, resample_to_reference, same_grid
+from agi_monai.data.registration import coverage_mask, register_rigid, resample_to_reference, same_grid
 from agi_monai.data.volumes import load_volume, metatensor_to_sitk, sitk_to_metatensor
 
 __all__ = [
@@ -58,6 +63,7 @@ __all__ = [
     "AlignToReferenced",
     "CheckStackedContrastsd",
     "AddForegroundMaskd",
+    "RestrictToCoveraged",
     "NameAfterCased",
     "RandShiftChanneld",
     "RandRigidMisalignChanneld",
@@ -68,8 +74,19 @@ __all__ = [
     "synthetic_description",
 ]
 
+#: The version of what :func:`preprocessing_transforms` makes of the same files and settings, recorded with every
+#: cache entry (agi_monai/data/datasets.py): an entry of another version is built again. Raise it when the output
+#: changes. 2: slices and voxels outside a contrast's field of view leave the mask (:class:`RestrictToCoveraged`).
+PREPROCESSING_VERSION = 2
+
 REGISTRATION_KEY = "registration"
 """Item key holding, per contrast, the 4x4 RAS matrix mapping reference world points to that contrast's."""
+
+COVERAGE_KEY = "coverage"
+"""Item key holding, between :class:`AlignToReferenced` and :class:`RestrictToCoveraged`, one 0/1 channel per
+resampled contrast: where it has data on the reference grid (its names in the tensor's ``meta["contrasts"]``)."""
+
+_logger = logging.getLogger(__name__)
 
 
 def _source(volume: Any, key: Hashable) -> str:
@@ -173,6 +190,13 @@ class AlignToReferenced(MapTransform):
     The transform of each key is kept in ``item["registration"][key]`` (4x4, RAS world, reference ->
     that contrast; identity when no resampling was needed).
 
+    A resampled contrast is 0 where the reference grid lies outside its field of view. Which voxels those are is
+    kept in ``item[coverage_key]``: a (K, H, W, D) uint8 ``MetaTensor`` on the reference grid, one channel per
+    resampled contrast (label keys excepted), 1 where it has data (:func:`agi_monai.data.registration.coverage_mask`:
+    from the geometry, as the intensities have zeros inside a field of view too), its contrasts named in
+    ``meta["contrasts"]``. Absent when nothing was resampled (every contrast covers the whole grid).
+    :class:`RestrictToCoveraged` uses it and removes it.
+
     Args:
         keys: the contrast (and label) keys to align, the reference included.
         reference_key: the contrast whose grid the others take.
@@ -180,6 +204,7 @@ class AlignToReferenced(MapTransform):
         label_keys: keys holding label maps.
         registration_options: keyword arguments for :func:`agi_monai.data.register_rigid`.
         allow_missing_keys: skip keys absent from the item.
+        coverage_key: where to put the coverage; None to keep none.
     """
 
     def __init__(
@@ -190,6 +215,7 @@ class AlignToReferenced(MapTransform):
         label_keys: Sequence[str] = (),
         registration_options: Mapping[str, Any] | None = None,
         allow_missing_keys: bool = False,
+        coverage_key: str | None = COVERAGE_KEY,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if registration not in ("rigid", "header"):
@@ -198,12 +224,14 @@ class AlignToReferenced(MapTransform):
         self.registration = registration
         self.label_keys = tuple(label_keys)
         self.registration_options = dict(registration_options or {})
+        self.coverage_key = coverage_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         item = dict(data)
         reference = item[self.reference_key]
         reference_image = metatensor_to_sitk(reference)
         matrices = dict(item.get(REGISTRATION_KEY, {}))
+        covered: dict[str, np.ndarray] = {}
         for key in self.key_iterator(item):
             matrices[key] = np.eye(4)
             if key == self.reference_key:
@@ -220,6 +248,10 @@ class AlignToReferenced(MapTransform):
                 transform, matrices[key] = result.transform, result.matrix_ras
             interpolation = "nearest" if key in self.label_keys else "linear"
             resampled = resample_to_reference(moving_image, reference_image, transform, interpolation)
+            if self.coverage_key is not None and key not in self.label_keys:
+                # SimpleITK arrays are (z, y, x), the MetaTensors (x, y, z)
+                coverage = coverage_mask(moving_image, reference_image, transform)
+                covered[str(key)] = sitk.GetArrayFromImage(coverage).transpose(2, 1, 0)
             aligned = sitk_to_metatensor(resampled)
             meta = copy.deepcopy(reference.meta)
             meta.update(
@@ -229,6 +261,14 @@ class AlignToReferenced(MapTransform):
                 aligned.as_tensor(), meta=meta, applied_operations=copy.deepcopy(reference.applied_operations)
             )
         item[REGISTRATION_KEY] = matrices
+        if covered:
+            meta = copy.deepcopy(reference.meta)
+            meta["contrasts"] = list(covered)
+            item[self.coverage_key] = MetaTensor(
+                torch.from_numpy(np.ascontiguousarray(np.stack(list(covered.values())))),
+                meta=meta,
+                applied_operations=copy.deepcopy(reference.applied_operations),
+            )
         return item
 
 
@@ -261,6 +301,117 @@ class AddForegroundMaskd(MapTransform):
             )
         item[self.mask_key] = mask_tensor
         return item
+
+
+class RestrictToCoveraged(MapTransform):
+    """What to do about contrasts that do not cover the whole reference grid (a FLAIR slab of 40 slices on a
+    64-slice T2 grid, an input cropped in plane): :class:`AlignToReferenced` zero-filled them there, and its
+    ``"coverage"`` says where. Takes that key out of the item, after the spatial transforms (so that it is cut,
+    padded and oriented like the mask, slices along the last axis), and:
+
+    - ``"slices"`` (training, validation): clears the mask of every axial slice whose foreground some contrast
+      (an input or the target) leaves uncovered by more than ``1 - min_slice_coverage``, and of every voxel outside
+      the common coverage. :class:`agi_monai.data.SliceDataset` then drops those slices (they hold brain in the
+      inputs and zeros in the target, or the reverse: a generator trained on them learns to output black); the
+      3D patch sampler draws patch centres only inside the mask's bounding box. One warning per case counts them
+      and names the contrasts.
+    - ``"voxels"`` (evaluation): clears the mask outside the voxels every contrast covers, so that metrics
+      measure no zero-filled voxel; one warning per case counts the voxels left out and names the contrasts.
+    - ``"warn"`` (inference: the mask is left as it is): warns, naming the case and the input, when an input
+      covers less than ``min_input_coverage`` of the foreground: the synthesis there is extrapolation.
+
+    An item without ``"coverage"`` (every contrast on the reference grid, e.g. BraTS) is returned unchanged.
+
+    Args:
+        keys: the coverage key (one).
+        mask_key: the foreground mask (1, H, W, D).
+        mode: ``"slices"``, ``"voxels"`` or ``"warn"``.
+        target: the target contrast (named as such in the warnings), if any.
+        min_slice_coverage: ``"slices"``: the share of a slice's foreground every contrast must cover.
+        min_input_coverage: ``"warn"``: the share of the foreground an input must cover not to be warned about.
+    """
+
+    modes = ("slices", "voxels", "warn")
+
+    def __init__(
+        self,
+        keys: KeysCollection = COVERAGE_KEY,
+        mask_key: str = "mask",
+        mode: str = "slices",
+        target: str | None = None,
+        min_slice_coverage: float = 0.99,
+        min_input_coverage: float = 0.9,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        if mode not in self.modes:
+            raise ValueError(f"RestrictToCoveraged: mode {mode!r} (expected one of {', '.join(self.modes)})")
+        self.mask_key = mask_key
+        self.mode = mode
+        self.target = target
+        self.min_slice_coverage = min_slice_coverage
+        self.min_input_coverage = min_input_coverage
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        item = dict(data)
+        key = self.keys[0]
+        if key not in item:  # nothing was resampled: every contrast covers the whole grid
+            return item
+        coverage = item.pop(key)
+        names = list(coverage.meta.get("contrasts", [])) if isinstance(coverage, MetaTensor) else []
+        covered = torch.as_tensor(coverage).bool()  # (K, H, W, D)
+        if len(names) != covered.shape[0]:
+            raise ValueError(f"RestrictToCoveraged: {key!r} has {covered.shape[0]} channels, names {names}")
+        mask = item[self.mask_key]
+        foreground = torch.as_tensor(mask)[0] > 0
+        total = int(foreground.sum())
+        if not total:
+            return item
+        case = str(item.get("case_id") or _source(item.get("image"), "case"))
+        shares = {name: int((foreground & inside).sum()) / total for name, inside in zip(names, covered)}
+        if self.mode == "warn":
+            for name, share in shares.items():
+                if share < self.min_input_coverage:
+                    _logger.warning(
+                        "%s: %s covers only %.0f%% of the head/brain on the reference grid (expected at least %.0f%%):"
+                        " the synthesis outside its field of view is extrapolation from the other inputs",
+                        case, name, 100 * share, 100 * self.min_input_coverage,
+                    )
+            return item
+        common = covered.all(dim=0)
+        keep = common.clone()
+        if self.mode == "slices":
+            per_slice = foreground.sum(dim=(0, 1))
+            lacking = {
+                name: (foreground & ~inside).sum(dim=(0, 1)) > (1.0 - self.min_slice_coverage) * per_slice
+                for name, inside in zip(names, covered)
+            }
+            dropped = torch.stack(list(lacking.values())).any(dim=0) & (per_slice > 0)
+            keep[..., dropped] = False
+            if bool(dropped.any()):
+                _logger.warning(
+                    "%s: %d of the %d slices holding foreground dropped for lack of coverage (mask cleared, so no "
+                    "training or validation slice is taken from them): %s",
+                    case, int(dropped.sum()), int((per_slice > 0).sum()),
+                    "; ".join(
+                        f"{self._named(name)} does not cover the foreground of {int(slices.sum())} of them "
+                        f"(it covers {100 * shares[name]:.0f}% of the case's foreground)"
+                        for name, slices in lacking.items() if bool(slices.any())
+                    ),
+                )
+        outside = int((foreground & ~keep).sum())
+        if self.mode == "voxels" and outside:
+            _logger.warning(
+                "%s: the mask keeps the %d of its %d voxels covered by every contrast, %d left out (outside the field "
+                "of view of %s): metrics measure no zero-filled voxel",
+                case, total - outside, total, outside,
+                ", ".join(f"{self._named(name)}, which covers {100 * share:.0f}%"
+                          for name, share in shares.items() if share < 1.0),
+            )
+        item[self.mask_key] = mask * keep[None].to(torch.as_tensor(mask).dtype)
+        return item
+
+    def _named(self, contrast: str) -> str:
+        return f"{contrast} (the target)" if contrast == self.target else contrast
 
 
 class NameAfterCased(MapTransform):
@@ -432,6 +583,9 @@ def preprocessing_transforms(
     crop: bool = True,
     size_multiple: int = 8,
     clip_target: bool = True,
+    coverage: str | None = None,
+    min_slice_coverage: float = 0.99,
+    min_input_coverage: float = 0.9,
 ) -> Compose:
     """The deterministic chain from a case (contrast -> file) to network-ready volumes, shared by training
     and inference.
@@ -460,6 +614,14 @@ def preprocessing_transforms(
         size_multiple: ``crop=False``: what each in-plane size is padded to a multiple of (the networks' 8).
         clip_target: clip the target to [0, 1] like the inputs (training). False keeps its values above its
             99.5th percentile (above 1): what BraSyn's evaluation normalises by its own percentiles.
+        coverage: what to do where a contrast resampled onto the reference grid does not cover it
+            (:class:`RestrictToCoveraged`): ``"slices"`` (training; the default with a ``target``) clears the mask
+            of the slices whose foreground some contrast leaves uncovered, so that slice datasets drop them;
+            ``"voxels"`` (evaluation: :func:`agi_monai.evaluation.volume_dataset`) clears the mask outside the
+            voxels every contrast covers; ``"warn"`` (the default without a ``target``: inference) only warns
+            about an input covering less than ``min_input_coverage`` of the foreground.
+        min_slice_coverage: ``coverage="slices"``: the share of a slice's foreground each contrast must cover.
+        min_input_coverage: ``coverage="warn"``: the share of the foreground below which an input is warned about.
     """
     inputs = list(inputs)
     if target is not None and target in inputs:
@@ -471,7 +633,23 @@ def preprocessing_transforms(
         )
     images = inputs + ([target] if target else [])
     labels = list(labels)
+    coverage = coverage or ("slices" if target else "warn")
+    if coverage not in RestrictToCoveraged.modes:
+        raise ValueError(f"coverage={coverage!r}; expected one of {', '.join(RestrictToCoveraged.modes)}")
     outputs = ["image"] + (["target"] if target else []) + ["mask"] + labels
+
+    def spatial(keys: list[str], allow_missing_keys: bool = False) -> list[Any]:
+        return [
+            Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=allow_missing_keys),
+            *(
+                [ResizeWithPadOrCropd(keys, spatial_size=(*spatial_size, -1), allow_missing_keys=allow_missing_keys)]
+                if crop else [
+                    SpatialPadd(keys, spatial_size=(*spatial_size, -1), allow_missing_keys=allow_missing_keys),
+                    DivisiblePadd(keys, k=(size_multiple, size_multiple, 1), allow_missing_keys=allow_missing_keys),
+                ]
+            ),
+        ]
+
     stacking = [ConcatItemsd(inputs, "image")] + ([ConcatItemsd([target], "target")] if target else [])
     return Compose(
         [
@@ -482,13 +660,11 @@ def preprocessing_transforms(
             *stacking,
             DeleteItemsd(images),
             AddForegroundMaskd("image", "mask", mask_threshold),
-            Orientationd(outputs, axcodes="RAS", labels=None),
-            *(
-                [ResizeWithPadOrCropd(outputs, spatial_size=(*spatial_size, -1))] if crop else [
-                    SpatialPadd(outputs, spatial_size=(*spatial_size, -1)),
-                    DivisiblePadd(outputs, k=(size_multiple, size_multiple, 1)),
-                ]
-            ),
+            *spatial(outputs),
+            # the coverage (present only when a contrast was resampled) is cut and oriented like the mask, in
+            # transforms of its own so that a missing key is never skipped silently among the others
+            *spatial([COVERAGE_KEY], allow_missing_keys=True),
+            RestrictToCoveraged(COVERAGE_KEY, "mask", coverage, target, min_slice_coverage, min_input_coverage),
         ]
     )
 
@@ -533,25 +709,34 @@ def restore_geometry_transforms(
 
 
 def spacing_mismatch(image: Any, training_spacing: Sequence[float] | None, tolerance: float = 0.25) -> str | None:
-    """What to warn about when a preprocessed image's in-plane spacing is not the training data's: the networks
-    work on the acquired grid (no resampling, as in the paper), so a 0.5 mm scan shows them anatomy at twice the
-    scale they learned. None when within ``tolerance`` (relative) on both axes, or without a training spacing.
+    """What to warn about when a preprocessed image's spacing is not the training data's: the networks work on the
+    acquired grid (no resampling, as in the paper), so a 0.5 mm scan shows them anatomy at twice the scale they
+    learned. A 2D bundle's ``training_spacing`` has two entries and only the in-plane axes are compared (it works
+    slice by slice); a 3D bundle's has three, and the through-plane axis is compared too (its kernels span slices:
+    5.5 mm clinical slices are not the 1 mm isotropic volumes it learned from). None when within ``tolerance``
+    (relative) on every compared axis, or without a training spacing.
 
     Args:
         image: the preprocessed ``"image"`` (C, H, W, D), a ``MetaTensor`` in RAS.
-        training_spacing: the bundle's ``training_spacing`` (mm, H then W), or None.
+        training_spacing: the bundle's ``training_spacing`` (mm: H, W for 2D bundles; H, W, D for 3D ones), or None.
         tolerance: the relative difference tolerated.
     """
     if training_spacing is None or not isinstance(image, MetaTensor):
         return None
-    spacing = _spacing(image)[:2]
-    expected = np.asarray(training_spacing, dtype=np.float64)[:2]
+    expected = np.asarray(training_spacing, dtype=np.float64).ravel()
+    if expected.size not in (2, 3) or np.any(expected <= 0):
+        raise ValueError(
+            f"training_spacing {list(training_spacing)}: expected two positive spacings in mm (H, W: a 2D bundle) "
+            "or three (H, W, D: a 3D bundle)"
+        )
+    spacing = _spacing(image)[: expected.size]
     if np.all(np.abs(spacing - expected) <= tolerance * expected):
         return None
+    axes = "in-plane spacing" if expected.size == 2 else "spacing"
+    shown, trained = (" x ".join(f"{value:.3g}" for value in values) for values in (spacing, expected))
     return (
-        f"in-plane spacing {spacing[0]:.3g} x {spacing[1]:.3g} mm, the bundle's training data {expected[0]:.3g} x "
-        f"{expected[1]:.3g} mm: the network sees the anatomy at another scale than it learned (expect a poorer "
-        "synthesis; resample the inputs to the training spacing first)"
+        f"{axes} {shown} mm, the bundle's training data {trained} mm: the network sees the anatomy at another scale "
+        "than it learned (expect a poorer synthesis; resample the inputs to the training spacing first)"
     )
 
 

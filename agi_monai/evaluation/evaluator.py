@@ -59,8 +59,15 @@ def volume_dataset(
     :func:`~agi_monai.evaluation.evaluate_volume` clips it for ``slice2d`` (the paper's [0, 1] images) and
     gives it whole to ``brasyn3d``, whose percentiles inside the brain must come from the real intensities (on
     BraTS the volume's 99.5th percentile is about the brain's 97th, so clipping at it flattened the top 3 % of
-    the brain, the enhancing tumour of a T1Gd among them, before BraSyn's normalisation)."""
-    options = {"clip_target": False, **preprocessing_options}
+    the brain, the enhancing tumour of a T1Gd among them, before BraSyn's normalisation).
+
+    The mask keeps only the voxels every contrast covers (``coverage="voxels"``,
+    :class:`agi_monai.data.transforms.RestrictToCoveraged`): a contrast resampled onto the reference grid is zero
+    outside its field of view, and the zeros of a target (or the guesses from a zero-filled input) there would be
+    scored as if they were the case's anatomy. Each case with voxels left out gets a
+    warning counting them and naming the contrast. Unmasked protocols (``mask_key=None``) still measure whole
+    slices or volumes, those voxels included."""
+    options = {"clip_target": False, "coverage": "voxels", **preprocessing_options}
     return build_volume_dataset(data, preprocessing_transforms(inputs, target, spatial_size, **options))
 
 

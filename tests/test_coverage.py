@@ -1,0 +1,128 @@
+"""Contrasts whose field of view covers only part of the reference grid (zero-filled there by the resampling):
+training drops the slices they leave uncovered, evaluation measures only the voxels every contrast covers, and
+inference warns about an input covering too little of the head. On the shipped BraTS case, cut to partial
+coverage with nibabel's slicer (which keeps each cut file's affine: it lies where it lay in the scanner)."""
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from agi_monai.data import build_inference_dataset, build_slice_dataset, discover_cases, patch_dataset
+from agi_monai.evaluation import volume_dataset
+
+DATA = Path(__file__).parent / "data"
+BRATS = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
+FILES = {"T1": "t1n", "T2": "t2w", "FLAIR": "t2f"}
+HEADER = {"registration": "header"}  # the cut files lie exactly on the original grid: no registration to wait for
+TRANSFORMS_LOGGER = "agi_monai.data.transforms"
+
+
+def _case(folder: Path, case_id: str, slices: slice, cuts: dict[str, tuple[slice, slice, slice]]) -> Path:
+    """``case_id``'s T1, T2 and FLAIR as the axial ``slices`` of the shipped case, each contrast in ``cuts`` cut
+    further to its own (x, y, z) region of those."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for contrast, token in FILES.items():
+        image = nib.load(BRATS / f"BraTS-GLI-00001-000-{token}.nii.gz").slicer[:, :, slices]
+        if contrast in cuts:
+            image = image.slicer[cuts[contrast]]
+        nib.save(image, folder / f"{case_id}-{token}.nii.gz")
+    return folder
+
+
+def _covered(item_image, path: Path) -> torch.Tensor:
+    """(H, W, D) bool: the preprocessed grid's voxels whose centre lies inside ``path``'s voxel grid, from the two
+    affines alone (independently of the code under test)."""
+    shape = item_image.shape[1:]
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = np.asarray(item_image.affine, dtype=np.float64) @ np.c_[index, np.ones(len(index))].T
+    image = nib.load(path)
+    voxel = (np.linalg.inv(image.affine) @ world)[:3].T
+    inside = np.all((voxel >= -0.5) & (voxel <= np.array(image.shape) - 0.5), axis=1)
+    return torch.from_numpy(inside.reshape(shape))
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == TRANSFORMS_LOGGER and r.levelno >= logging.WARNING]
+
+
+@pytest.fixture(scope="module")
+def slab(tmp_path_factory) -> dict[str, Path]:
+    """80 axial slices; in "slab" the FLAIR covers only their lower 50 (its own 50-slice grid)."""
+    root = tmp_path_factory.mktemp("coverage")
+    whole = (slice(None), slice(None), slice(None))
+    return {
+        "intact": _case(root / "intact", "intact-01", slice(40, 120), {}),
+        "slab": _case(root / "slab", "slab-01", slice(40, 120), {"FLAIR": (*whole[:2], slice(0, 50))}),
+    }
+
+
+def test_training_drops_the_slices_the_target_does_not_cover(slab, caplog):
+    caplog.set_level(logging.WARNING, TRANSFORMS_LOGGER)
+    intact = build_slice_dataset(slab["intact"], ["T1", "T2"], "FLAIR", (240, 240), progress=False, **HEADER)
+    assert _warnings(caplog) == []  # every contrast on one grid: nothing to say
+    partial = build_slice_dataset(slab["slab"], ["T1", "T2"], "FLAIR", (240, 240), progress=False, **HEADER)
+    kept = [partial[i] for i in range(len(partial))]
+    # the FLAIR's 50 slices are the first 50 of the (RAS, inferior first) preprocessed volume
+    assert kept and max(item["slice_index"] for item in kept) < 50
+    assert len(partial) == sum(intact[i]["slice_index"] < 50 for i in range(len(intact)))
+    for item in kept:  # no slice pairs brain in the inputs with a zero-filled target
+        inside = item["mask"][0] > 0
+        assert float((item["target"][0][inside] > 0).float().mean()) > 0.9, item["slice_index"]
+    (message,) = _warnings(caplog)
+    assert message.startswith("slab-01: 30 of the 80 slices holding foreground dropped for lack of coverage")
+    assert "FLAIR (the target) does not cover the foreground of 30 of them" in message
+
+
+def test_3d_patches_are_centred_in_the_slices_the_target_covers(slab):
+    patches = patch_dataset(
+        discover_cases(slab["slab"]).cases, ["T1", "T2"], "FLAIR", (240, 240), patch_size=(32, 32, 32),
+        progress=False, **HEADER,
+    )
+    (low, high) = patches.slices.foreground_box(0)[2]
+    assert 0 <= low <= high < 50  # patch centres are drawn in this box
+    for index in range(len(patches)):
+        assert int(patches[index]["patch_origin"][2]) + 16 < 50
+
+
+def test_evaluation_measures_only_the_voxels_every_contrast_covers(tmp_path, caplog):
+    """A FLAIR (the target) of 150 of the grid's 240 columns, cutting the brain: the evaluation mask is the intact
+    case's mask where the FLAIR has data, and the evaluation says how many voxels it left out."""
+    caplog.set_level(logging.WARNING, TRANSFORMS_LOGGER)
+    whole = slice(None)
+    intact = _case(tmp_path / "intact", "intact-01", slice(60, 100), {})
+    cut = _case(tmp_path / "cut", "cut-01", slice(60, 100), {"FLAIR": (slice(0, 150), whole, whole)})
+    measured = {
+        name: volume_dataset(discover_cases(folder).cases, ["T1", "T2"], "FLAIR", (240, 240), **HEADER)[0]
+        for name, folder in (("intact", intact), ("cut", cut))
+    }
+    covered = _covered(measured["cut"]["mask"], cut / "cut-01-t2f.nii.gz")
+    before = measured["intact"]["mask"][0] > 0
+    after = measured["cut"]["mask"][0] > 0
+    assert 0.5 < float((before & covered).sum() / before.sum()) < 0.95  # the cut takes part of the brain
+    assert torch.equal(after, before & covered)
+    left_out = int((before & ~covered).sum())
+    (message,) = _warnings(caplog)
+    assert message.startswith(f"cut-01: the mask keeps the {int(after.sum())} of its {int(before.sum())} voxels")
+    assert f"{left_out} left out (outside the field of view of FLAIR (the target), which covers" in message
+
+
+def test_inference_warns_about_an_input_covering_part_of_the_head(tmp_path, caplog):
+    """A T1 of 160 of the reference T2's 240 rows (67 % of the slice area): synthesized, with a warning naming the
+    case, the input and the share of the head it covers; the intact case gets none."""
+    caplog.set_level(logging.WARNING, TRANSFORMS_LOGGER)
+    whole = slice(None)
+    intact = _case(tmp_path / "intact", "intact-01", slice(60, 100), {})
+    build_inference_dataset(intact, ["T1", "T2"], (240, 240), **HEADER)[0]
+    assert _warnings(caplog) == []
+    cut = _case(tmp_path / "cut", "cut-01", slice(60, 100), {"T1": (whole, slice(0, 160), whole)})
+    item = build_inference_dataset(cut, ["T1", "T2"], (240, 240), **HEADER)[0]
+    mask = item["mask"][0] > 0
+    share = float((mask & _covered(item["image"], cut / "cut-01-t1n.nii.gz")).sum() / mask.sum())
+    assert share < 0.9
+    (message,) = _warnings(caplog)
+    assert message.startswith(f"cut-01: T1 covers only {100 * share:.0f}% of the head/brain on the reference grid")
+    assert "the synthesis outside its field of view is extrapolation" in message
