@@ -211,8 +211,8 @@ class StopOnNonFiniteTraining:
         """A step that diverged can fail before any loss is seen: weights broken by the step before, or finite ones
         whose activations overflow (a too high learning rate), give NaN offsets, which the rolled kernels refuse on
         CPU, or NaN discriminator probabilities, which MONAI's BCE loss on probabilities refuses. Such a failure is
-        reported as the divergence it is, with what to do; any other error is raised as it is. (Ignite hands an exception to these handlers instead
-        of raising it; listed first, this one runs first.)"""
+        reported as the divergence it is, with what to do; any other error is raised as it is. (Ignite hands an
+        exception to these handlers instead of raising it; listed first, this one runs first.)"""
         if isinstance(error, NonFiniteTrainingError) or not isinstance(error, Exception):
             raise error
         try:
