@@ -39,6 +39,14 @@ class UsageError(Exception):
     """A bad command-line argument: the message says which, what was given and what is expected."""
 
 
+def check_whole_numbers(**minimums: tuple[Any, int]) -> None:
+    """Raises :class:`UsageError` for the first ``--name`` whose value, given as ``name=(value, least)``, is not a
+    whole number of at least ``least`` (None: not given, accepted); the scripts' count arguments."""
+    for name, (value, least) in minimums.items():
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise UsageError(f"--{name} {value}: expected a whole number >= {least}")
+
+
 # ------------------------------------------------------------------------------------------------ commands
 
 

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from agi_monai.cli import UsageError, run_script
+from agi_monai.cli import UsageError, check_whole_numbers, run_script
 from agi_monai.networks import CAGR, AGINet, ResUNet
 from agi_monai.networks.blocks import cagr
 from agi_monai.ops import extension_has_cuda
@@ -200,10 +200,8 @@ def main(
         raise UsageError(f"--device {device}: expected cpu or cuda")
     if amp not in (None, "bf16", "fp16"):
         raise UsageError(f"--amp {amp}: expected bf16 or fp16 (leave it out for float32)")
-    for name, value, least in (("batch", batch, 1), ("size", size, 8), ("warmup", warmup, 0), ("repeats", repeats, 1),
-                               ("threads", threads, 1)):
-        if value is not None and (not isinstance(value, int) or value < least):
-            raise UsageError(f"--{name} {value}: expected a whole number >= {least}")
+    check_whole_numbers(batch=(batch, 1), size=(size, 8), warmup=(warmup, 0), repeats=(repeats, 1),
+                        threads=(threads, 1))
     if size % 8:
         raise UsageError(f"--size {size}: expected a multiple of 8 (the networks halve the image three times)")
     if threads:

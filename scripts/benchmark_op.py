@@ -28,7 +28,7 @@ import torch
 
 import agi_monai  # noqa: F401  (registers torch.ops.agi_monai)
 from agi_monai import ops
-from agi_monai.cli import UsageError, run_script
+from agi_monai.cli import UsageError, check_whole_numbers, run_script
 
 # (label, weight shape (C_out, C_in, k…), batch B, groups n): the per-sample kernels that AGI-Net's CAGR
 # layers roll (ResUNet widths 64/128/256/512, n = 8, batch 16 at 256², B = 1 at inference; 3D B = 2).
@@ -223,9 +223,7 @@ def main(device: str = "cpu", out: str | None = "docs/benchmarks_op.json", dtype
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu", "cuda"]}.get(device)
     if devices is None:
         raise UsageError(f"--device {device}: expected cpu, cuda or all")
-    for name, value, least in (("warmup", warmup, 0), ("repeats", repeats, 1), ("threads", threads, 1)):
-        if value is not None and (not isinstance(value, int) or value < least):
-            raise UsageError(f"--{name} {value}: expected a whole number >= {least}")
+    check_whole_numbers(warmup=(warmup, 0), repeats=(repeats, 1), threads=(threads, 1))
     if out and Path(out).suffix not in (".json", ".md"):
         raise UsageError(f"--out {out}: expected a file name ending in .json or .md")
     if shapes in (None, ""):
