@@ -77,15 +77,19 @@ def test_training_drops_the_slices_the_target_does_not_cover(slab, caplog):
     assert "FLAIR (the target) does not cover the foreground of 30 of them" in message
 
 
-def test_3d_patches_are_centred_in_the_slices_the_target_covers(slab):
+def test_3d_patches_lie_in_the_slices_the_target_covers(slab):
     patches = patch_dataset(
         discover_cases(slab["slab"]).cases, ["T1", "T2"], "FLAIR", (240, 240), patch_size=(32, 32, 32),
-        progress=False, **HEADER,
+        samples_per_volume=40, progress=False, **HEADER,
     )
     (low, high) = patches.slices.foreground_box(0)[2]
-    assert 0 <= low <= high < 50  # patch centres are drawn in this box
+    assert 0 <= low <= high < 50 and high - low + 1 >= 32  # the FLAIR's 50 slices hold a 32-slice patch
+    last_slices = set()
     for index in range(len(patches)):
-        assert int(patches[index]["patch_origin"][2]) + 16 < 50
+        last = int(patches[index]["patch_origin"][2]) + 31
+        assert last < 50, last  # no patch reaches the zero-filled FLAIR slices
+        last_slices.add(last)
+    assert len(last_slices) > 5  # positions still vary
 
 
 def test_evaluation_measures_only_the_voxels_every_contrast_covers(tmp_path, caplog):

@@ -60,11 +60,15 @@ def test_patches_are_regions_of_the_volume_around_the_brain(stored, volume):
         assert item["image"].shape == (3, 32, 24, 40) and item["target"].shape == item["mask"].shape == (1, 32, 24, 40)
         for key, expected in volume.items():
             torch.testing.assert_close(item[key], expected[:, h : h + 32, w : w + 24, d : d + 40].float())
-        # the centre lies inside the brain's bounding box (the patch is clamped to the volume only at its edges)
+        # along each axis the patch lies inside the brain's bounding box, or holds all of it where the box is
+        # shorter than the patch (clamped to the volume only at its edges)
         for axis, (start, size, extent) in enumerate(zip((h, w, d), (32, 24, 40), mask.shape)):
-            centre = start + size // 2
+            low, high = int(nonzero[axis][0]), int(nonzero[axis][-1])
             clamped = start in (0, extent - size)
-            assert clamped or nonzero[axis][0] <= centre <= nonzero[axis][-1]
+            if high - low + 1 >= size:
+                assert clamped or low <= start <= start + size - 1 <= high, (axis, start, low, high)
+            else:
+                assert clamped or start <= low <= high <= start + size - 1, (axis, start, low, high)
     assert len(origins) > 1  # random positions
 
     # the bundles' set_determinism makes the positions repeatable

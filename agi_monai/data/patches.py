@@ -27,9 +27,11 @@ class PatchDataset(torch.utils.data.Dataset):
 
     Items: each key of ``slices`` (``"image"`` (C, h, w, d), ``"target"`` (1, h, w, d), ``"mask"``...),
     ``"case_id"`` and ``"patch_origin"`` (the patch's first voxel (h, w, d) in the volume). With ``patch_size``,
-    item ``i`` is a random patch of volume ``i // samples_per_volume`` whose centre lies in the bounding box of the
-    volume's foreground (:meth:`SliceDataset.foreground_box`, the brain mask's: patches hold brain, not the air
-    around it); an axis shorter than the patch is zero-padded at its end. Positions come from torch's random
+    item ``i`` is a random patch of volume ``i // samples_per_volume`` placed by the bounding box of the
+    volume's foreground (:meth:`SliceDataset.foreground_box`, the brain mask's, which leaves out what some contrast
+    does not cover): along each axis the patch lies inside the box, or, where the box is shorter than the patch,
+    holds all of it, so patches hold brain, not the air around it or zero-filled slices; an axis of the volume
+    shorter than the patch is zero-padded at its end. Positions come from torch's random
     generator: ``monai.utils.set_determinism`` makes them repeatable, and each DataLoader worker draws
     its own. Without ``patch_size``, item ``i`` is volume ``i`` whole (for a sliding-window validation).
 
@@ -91,8 +93,13 @@ class PatchDataset(torch.utils.data.Dataset):
         sizes = (height, width, depth)
         starts = []
         for (low, high), size, patch in zip(box, sizes, self.patch_size):
-            centre = int(torch.randint(low, high + 1, ()).item())
-            starts.append(min(max(centre - patch // 2, 0), max(size - patch, 0)))
+            # A patch lies inside the box along an axis where the box is at least as long, and holds the whole box
+            # along one where it is shorter: so a patch never reaches past the foreground into what the mask left
+            # out (slices a contrast does not cover, zero-filled by the resampling) unless the box is smaller than
+            # a patch. Either way the start is drawn uniformly among those positions.
+            first, last = sorted((low, high - patch + 1))
+            start = int(torch.randint(first, last + 1, ()).item())
+            starts.append(min(max(start, 0), max(size - patch, 0)))
         (h0, w0, d0), (ph, pw, pd) = starts, self.patch_size
         region = as_float_tensor(stored[d0 : d0 + pd, :, h0 : h0 + ph, w0 : w0 + pw])
         short = [patch - got for patch, got in zip((pw, ph, pd), (region.shape[3], region.shape[2], region.shape[0]))]
