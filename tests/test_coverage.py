@@ -112,6 +112,9 @@ def test_evaluation_measures_only_the_voxels_every_contrast_covers(tmp_path, cap
     (message,) = _warnings(caplog)
     assert message.startswith(f"cut-01: the mask keeps the {int(after.sum())} of its {int(before.sum())} voxels")
     assert f"{left_out} left out (outside the field of view of FLAIR (the target), which covers" in message
+    # the one-call inference items with a target (the demo's, the robustness sweep's) are measured the same way
+    measured_items = build_inference_dataset(cut, ["T1", "T2"], (240, 240), target="FLAIR", **HEADER)
+    assert torch.equal(measured_items[0]["mask"], measured["cut"]["mask"])
 
 
 def test_inference_warns_about_an_input_covering_part_of_the_head(tmp_path, caplog):

@@ -339,11 +339,14 @@ def build_inference_dataset(
     """One call from a folder or a JSON datalist to preprocessed 3D inference items (``"image"``, ``"mask"``,
     and ``"target"`` when given, for evaluation), whose geometry
     ``restore_geometry_transforms(dataset.transform, ...)`` restores. Cases lacking an input are skipped
-    (logged). Arguments as for :func:`build_slice_dataset`.
+    (logged). Arguments as for :func:`build_slice_dataset`; with a ``target`` the mask keeps only the voxels every
+    contrast covers (``coverage="voxels"``, as :func:`agi_monai.evaluation.volume_dataset`: these items are measured,
+    so a partly covered slice keeps its covered voxels), unless ``coverage`` is given.
     """
     required = [*inputs, *([target] if target else []), *preprocessing_options.get("labels", ())]
     cases = discover_cases(source, required=required, split=split).cases
-    return build_volume_dataset(cases, preprocessing_transforms(inputs, target, spatial_size, **preprocessing_options))
+    options = {"coverage": "voxels" if target else "warn", **preprocessing_options}
+    return build_volume_dataset(cases, preprocessing_transforms(inputs, target, spatial_size, **options))
 
 
 @dataclass
