@@ -988,7 +988,12 @@ def _two_process_training(name: str, *args: str) -> str:
 
 def test_multi_gpu_train_with_two_gloo_cpu_processes(tmp_path):
     pytest.importorskip("agi_monai.engines")
-    _two_process_training("ixi_t1_t2_to_pd", *_train_args(tmp_path, DATA / "ixi-sim"))
+    log = _two_process_training("ixi_t1_t2_to_pd", *_train_args(tmp_path, DATA / "ixi-sim"))
+    # the ranks share the preprocessing: one preprocessed the case into the cache; the other rank, and both
+    # validation sets (the same case), read it from there
+    summaries = [line for line in log.splitlines() if "slices from 1 volumes" in line]
+    assert len(summaries) == 4, summaries
+    assert sum("(1 read from " not in line for line in summaries) == 1, summaries
     AGINet(in_channels=2, channels=[8, 16, 16, 32]).load_state_dict(  # saved once, without DDP's "module."
         torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     )

@@ -5,6 +5,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -470,3 +472,48 @@ def test_each_file_of_a_dicom_series_is_checked(tmp_path):
     recorded = _source_record(item)
     shutil.copy(files[0], tmp_path / "t2" / "extra.dcm")
     assert _check_sources(record(recorded), item)[0] == "T2 changed since it was cached (other files: 1 added, 0 gone)"
+
+
+_RANK_BUILD = """
+import json, sys
+import torch.distributed as dist
+from monai.data import Dataset
+from agi_monai.data import SliceDataset, build_volume_dataset, preprocessing_transforms
+
+dist.init_process_group("gloo")
+cases, storage, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+preprocessing = preprocessing_transforms(["T2", "FLAIR"], "T1", spatial_size=(240, 240))
+built = []
+real_build = SliceDataset._build
+def recording_build(self, volumes, pending, *args):  # which volumes this rank preprocessed itself
+    built.extend(pending)
+    return real_build(self, volumes, pending, *args)
+SliceDataset._build = recording_build
+dataset = SliceDataset(build_volume_dataset(cases, preprocessing), storage_dir=storage, progress=False)
+result = {"case_ids": dataset.case_ids, "failures": [f.case_id for f in dataset.failures], "built": built,
+          "first": dataset[0]["image"].sum().item()}
+json.dump(result, open(f"{out}/rank{dist.get_rank()}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_of_a_distributed_run_share_the_preprocessing_into_one_cache(brats_cases, tmp_path):
+    """Two gloo processes (as multi_gpu_train.json runs) build one dataset of three cases, one of them bad, into one
+    cache: each preprocesses the cases it owns (index mod 2), reads the other's, and both hold the same volumes and
+    list the same failure (the bad case, tried by both)."""
+    broken = dict(brats_cases[0], case_id="broken", T2=str(tmp_path / "gone-t2w.nii.gz"))
+    cases = [brats_cases[0], brats_cases[2], broken]
+    script = tmp_path / "rank_build.py"
+    script.write_text(_RANK_BUILD)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               json.dumps(cases), str(tmp_path / "slices"), str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, seen in enumerate(ranks):
+        assert seen["case_ids"] == ["BraTS-GLI-00001-000", "aurora-example"] and seen["failures"] == ["broken"]
+    # rank 0 owns cases 0 and 2 (the bad one), rank 1 case 1, and then tries the bad case itself
+    assert sorted(ranks[0]["built"]) == [0, 2] and sorted(ranks[1]["built"]) == [1, 2]
+    assert ranks[0]["first"] == ranks[1]["first"]
+    assert len(list((tmp_path / "slices").glob("*.npy"))) == 2

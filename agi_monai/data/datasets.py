@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -432,6 +433,46 @@ class SliceDataset(torch.utils.data.Dataset):
         stale = self._stale
         stored = len(built)
         pending = [index for index in range(len(volumes)) if index not in built]
+        ranks = _cache_sharing_ranks() if self.storage_dir is not None else None
+        if ranks is not None:
+            # Several processes of one distributed run (multi_gpu_train.json) build the same dataset into one
+            # cache: each preprocesses only the volumes whose index it owns (index mod world size, so that ranks
+            # that saw the cache at different moments still agree), waits for the others, then reads theirs.
+            # Without this every rank would preprocess every volume. A volume another rank could not build (a bad
+            # case) is tried here as well, so that every rank lists the same failures.
+            rank, world = ranks
+            mine = [index for index in pending if index % world == rank]
+            self._build(volumes, mine, files, built, mask_key, min_foreground_fraction, storage_dtype, num_workers,
+                        progress)
+            _wait_for_all_ranks()
+            for index in pending:
+                if index not in built and files[index] is not None:
+                    record = self._stored(files[index], volumes.data[index])
+                    if record is not None:
+                        built[index] = record
+            self._stale = stale  # (a volume another rank rebuilt is not stale twice)
+            stored += sum(index not in mine and index in built for index in pending)
+            pending = [index for index in pending if index not in built and index not in mine]
+        self._build(volumes, pending, files, built, mask_key, min_foreground_fraction, storage_dtype, num_workers,
+                    progress)
+        self._volumes = [built[index] for index in sorted(built)]
+        self._ends = list(torch.cumsum(torch.tensor([len(v.slice_indices) for v in self._volumes] or [0]), 0).tolist())
+        summary = (
+            f"{len(self)} slices from {len(self._volumes)} volumes"
+            f"{f' ({stored} read from {self.storage_dir})' if stored else ''}"
+            f"{f', {stale} stale volumes built again' if stale else ''}, {len(self.failures)} volumes skipped"
+        )
+        if self.failures:
+            _logger.warning("%s\n%s", summary, format_failures(self.failures, "volumes"))
+        else:
+            _logger.info(summary)
+
+    def _build(
+        self, volumes: Any, pending: list[int], files: list[Path | None], built: dict[int, _SlicedVolume],
+        mask_key: str, min_foreground_fraction: float, storage_dtype: torch.dtype, num_workers: int, progress: bool,
+    ) -> None:
+        """Preprocesses the volumes ``pending`` into ``built`` (stored where ``files`` says), failures into
+        :attr:`failures`."""
         loader = DataLoader(
             _ReportingDataset(volumes, pending, record_sources=self.storage_dir is not None), batch_size=None,
             num_workers=num_workers, collate_fn=_identity,
@@ -452,17 +493,6 @@ class SliceDataset(torch.utils.data.Dataset):
             box = _foreground_box(torch.as_tensor(item[mask_key])[0] > 0)
             volume = _SlicedVolume(str(item.get("case_id", index)), kept.tolist(), box, stack=stack)
             built[index] = volume if files[index] is None else self._store(volume, files[index], sources)
-        self._volumes = [built[index] for index in sorted(built)]
-        self._ends = list(torch.cumsum(torch.tensor([len(v.slice_indices) for v in self._volumes] or [0]), 0).tolist())
-        summary = (
-            f"{len(self)} slices from {len(self._volumes)} volumes"
-            f"{f' ({stored} read from {self.storage_dir})' if stored else ''}"
-            f"{f', {stale} stale volumes built again' if stale else ''}, {len(self.failures)} volumes skipped"
-        )
-        if self.failures:
-            _logger.warning("%s\n%s", summary, format_failures(self.failures, "volumes"))
-        else:
-            _logger.info(summary)
 
     def _storage_files(
         self, volumes: Any, mask_key: str, min_foreground_fraction: float, storage_dtype: torch.dtype
@@ -565,6 +595,32 @@ class SliceDataset(torch.utils.data.Dataset):
         item["case_id"] = volume.case_id
         item["slice_index"] = volume.slice_indices[position]
         return self.transform(item) if self.transform is not None else item
+
+
+def _cache_sharing_ranks() -> tuple[int, int] | None:
+    """(rank, world size) when this process is one of several of an initialised ``torch.distributed`` run, else
+    None."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() < 2:
+        return None
+    return distributed.get_rank(), distributed.get_world_size()
+
+
+#: How long a rank waits for the others to preprocess their share of a dataset. The run's own process group keeps
+#: its timeout (NCCL's 10 minutes by default), which a large dataset's preprocessing would exceed; a rank that fails
+#: meanwhile ends the others through torchrun, not through this timeout.
+CACHE_WAIT_TIMEOUT = timedelta(hours=24)
+
+
+def _wait_for_all_ranks() -> None:
+    """A barrier of every rank with :data:`CACHE_WAIT_TIMEOUT`, on a CPU (gloo) group of its own: one that any
+    backend of the run's group can hold, made and destroyed here."""
+    distributed = torch.distributed
+    group = distributed.new_group(backend="gloo", timeout=CACHE_WAIT_TIMEOUT)
+    try:
+        distributed.barrier(group=group)
+    finally:
+        distributed.destroy_process_group(group)
 
 
 class _ReportingDataset(torch.utils.data.Dataset):
