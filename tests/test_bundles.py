@@ -922,6 +922,30 @@ def test_training_summary_line_for_a_run_a_resumed_run_and_a_finished_one(tmp_pa
     )
 
 
+def test_the_summary_is_the_last_line_of_a_run_after_ignites_own(tmp_path, capsys):
+    import logging
+
+    from ignite.engine import Engine
+
+    from agi_monai.bundle import run_training
+
+    trainer = Engine(lambda engine, batch: None)
+    ignite_lines = logging.StreamHandler(sys.stdout)  # (the captured stdout: one stream keeps the order)
+    trainer.logger.addHandler(ignite_lines)
+    trainer.logger.setLevel(logging.INFO)
+    try:
+        TrainingSummary(tmp_path).attach(trainer)
+        trainer.set_data(range(2))
+        trainer.state.max_epochs, trainer.state.epoch_length = 1, 2
+        run_training(trainer, tmp_path)
+    finally:
+        trainer.logger.removeHandler(ignite_lines)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("Engine run finished"), lines
+    assert lines[-1].startswith("training done: iterations 1-2 of 2 (epoch 1 of 1) in "), lines
+    assert sum("training done" in line for line in lines) == 1
+
+
 def test_loss_lines_every_log_interval_and_at_each_epochs_first_iteration():
     from ignite.engine import Engine, Events
 

@@ -87,10 +87,16 @@ class EvaluatorProgressBar(ProgressBar):
         super().attach(engine, *args, **kwargs)
 
 
+#: Attribute of a trainer run by :func:`run_training` holding the :class:`TrainingSummary` lines it prints at the end.
+DEFERRED_SUMMARIES = "deferred_training_summaries"
+
+
 class TrainingSummary:
     """Prints the one line a training run ends with: the iterations and epochs this run trained and its time,
     the best validation score so far and the file holding that generator, and the checkpoint a later run
-    resumes from. (Ignite's last line, "Engine run finished. Time taken", says none of it.)
+    resumes from. (Ignite's "Engine run finished. Time taken" says none of it.) Under :func:`run_training` (the
+    bundles' ``run``) the line is printed when ``trainer.run()`` has returned, after Ignite's line; otherwise at
+    ``COMPLETED``.
 
     A train handler (``train#handlers``): attached to the trainer, it counts from the first epoch this run
     starts, after a resume has restored the trainer's state.
@@ -143,7 +149,11 @@ class TrainingSummary:
         latest = latest_training_checkpoint(self.ckpt_dir)
         if latest is not None:
             parts.append(f"--resume_ckpt latest continues from {latest}")
-        print("; ".join(parts), flush=True)
+        deferred = getattr(engine, DEFERRED_SUMMARIES, None)
+        if deferred is not None:  # run_training prints it once the run has returned
+            deferred.append("; ".join(parts))
+        else:
+            print("; ".join(parts), flush=True)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -302,9 +312,15 @@ def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:
         trainer: the bundle's trainer (``@train#trainer``), its handlers attached.
         ckpt_dir: the bundle's checkpoint folder (``training_checkpoint_epoch=<n>.pt``).
     """
+    # A TrainingSummary's line waits for the run to return: Ignite logs "Engine run finished" after the COMPLETED
+    # handlers, and the summary is to be the run's last line.
+    deferred: list[str] = []
+    setattr(trainer, DEFERRED_SUMMARIES, deferred)
     try:
         with stopping_cleanly_on_sigterm():
             trainer.run()
+        for line in deferred:
+            print(line, flush=True)
     except (KeyboardInterrupt, SystemExit) as stop:
         latest = latest_training_checkpoint(ckpt_dir)
         resume = (
