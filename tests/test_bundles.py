@@ -291,6 +291,20 @@ def test_command_line_check_names_every_unknown_override():
     )
 
 
+def test_command_line_check_refuses_a_truth_value_fire_reads_as_a_string():
+    train, evaluate = _configs("brats_t1_t2_to_flair", "evaluate.json")
+    both = f"['{train}','{evaluate}']"
+    for accepted in ("False", "True", "0", "1", None):  # (None: a bare flag, which Fire reads as True)
+        check_command_line([MONAI_BUNDLE_MAIN, "run", "--config_file", both, "--brain_mask",
+                            *([accepted] if accepted else [])])
+    with pytest.raises(ValueError) as raised:
+        check_command_line([MONAI_BUNDLE_MAIN, "run", "--config_file", both, "--brain_mask", "false", "--compile", "no"])
+    assert str(raised.value).startswith(
+        "command line: --brain_mask false is not True or False (the command line reads Python's spelling only: "
+        "'false' stays a string, which counts as true); --compile no is not True or False"
+    )
+
+
 def test_resunet_baseline_is_one_override_away():
     from monai.bundle import verify_net_in_out
 

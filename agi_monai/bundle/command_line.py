@@ -75,6 +75,15 @@ def _options(arguments: Sequence[str]) -> dict[str, str | None]:
     return options
 
 
+def _reads_as_true_or_false(value: str | None) -> bool:
+    """Whether Fire reads ``value`` (None: a flag without a value) as a truth value: ``True``/``False``, or ``1``/``0``.
+    ``--brain_mask false`` gives the string ``'false'``, which an expression such as ``'mask' if @brain_mask else
+    None`` takes as true."""
+    from fire.parser import DefaultParseValue
+
+    return value is None or DefaultParseValue(value) in (True, False)  # (1 == True and 0 == False)
+
+
 def _file_list(value: str | None) -> list[str]:
     """``a.json`` or ``['a.json','b.json']`` (how the README passes several configs) as a list of paths."""
     if not value:
@@ -144,16 +153,22 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     config_files = _file_list(options.get("config_file"))
     if not config_files:
         return
-    settings: list[str] = []
+    defaults: dict[str, object] = {}  # each top-level setting's value in the configs, the last file's winning
     for path in config_files:
-        settings += [key for key in ConfigParser.load_config_file(path) if key not in settings]
+        defaults.update(ConfigParser.load_config_file(path))
+    settings = list(defaults)
     known |= set(settings)
     if options.get("tracking"):
         known |= set(TRACKING_SETTINGS)
     problems = []
-    for name in options:
+    for name, value in options.items():
         key = name.split("#", 1)[0]
         if key in known:
+            if isinstance(defaults.get(name), bool) and not _reads_as_true_or_false(value):
+                problems.append(
+                    f"--{name} {value} is not True or False (the command line reads Python's spelling only: "
+                    f"{value!r} stays a string, which counts as true)"
+                )
             continue
         close = difflib.get_close_matches(key, settings, n=1, cutoff=0.6)
         hint = f"did you mean --{close[0]}?" if close else "the bundle's docs/README.md lists its settings"
