@@ -11,6 +11,7 @@ end-to-end numbers test the wiring, not a segmenter.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
-from monai.data import Dataset
+from monai.data import Dataset, MetaTensor
 from monai.inferers import SimpleInferer
 from monai.utils import optional_import
 
@@ -100,6 +101,20 @@ def test_a_label_outside_the_convention_is_named_with_its_file():
     assert "fit label_convention brats2018 or brats2015" in str(error.value)
     with pytest.raises(ValueError, match="label_convention 'brats2020': expected one of"):
         BratsRegionsd("seg", "brats2020")
+
+
+def test_a_brats2023_map_read_as_brats2015_is_warned_about(caplog):
+    """Its values fit BRATS 2015 (3 = non-enhancing core there): the enhancing tumour would be lost, with a word."""
+    caplog.set_level(logging.WARNING, "agi_monai.evaluation.downstream")
+    label = MetaTensor(torch.tensor([0.0, 1, 2, 3]).reshape(1, 4, 1, 1), meta={"filename_or_obj": "case-seg.nii.gz"})
+    regions = BratsRegionsd("seg", "brats2015")({"seg": label})["label"]
+    assert regions[2].sum() == 0  # no ET
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith("case-seg.nii.gz: label 3 but no 4 under label_convention brats2015")
+    caplog.clear()
+    BratsRegionsd("seg", "brats2015")({"seg": label.clone().fill_(4)})  # enhancing present: nothing to say
+    BratsRegionsd("seg", "brats2023")({"seg": label})
+    assert caplog.records == []
 
 
 BRATS2015 = ROOT.parent / "shared" / "data" / "brats2015-deepmedic" / "brats_2013_pat0004_1" / "OTMultiClass.nii.gz"

@@ -188,7 +188,8 @@ class BratsRegionsd(MapTransform):
     after ``MapLabelValue`` for BRATS 2015), written to ``output_key``.
 
     The label values are checked against the convention first: a BraTS 2023 map (ET = 3) read as BraTS 2018
-    (ET = 4) would otherwise lose its enhancing tumour silently.
+    (ET = 4) would otherwise lose its enhancing tumour silently. Read as BRATS 2015, whose values it fits, it is
+    warned about (label 3 without any 4).
 
     Args:
         keys: the label map key (one), (1, H, W, D).
@@ -221,6 +222,14 @@ class BratsRegionsd(MapTransform):
                 f"holds label values {[_number(v) for v in unexpected]} outside the {self.convention.name} convention",
                 f"values {list(self.convention.labels)} ({self.convention.description})"
                 + (f"; these labels fit label_convention {' or '.join(others)}" if others else ""),
+            )
+        if self.convention.name == "brats2015" and 3 in values and 4 not in values:
+            # the values cannot tell the two apart: a BraTS 2023 map (3 = enhancing) fits brats2015 (3 = non-enhancing
+            # core), and read so its enhancing tumour is lost; a BRATS 2015 case without enhancement is legitimate
+            source = label.meta.get("filename_or_obj", key) if isinstance(label, MetaTensor) else key
+            _logger.warning(
+                "%s: label 3 but no 4 under label_convention brats2015: 3 is counted as non-enhancing core, so ET is "
+                "empty; if this is a BraTS 2023 map (3 = enhancing tumour), use label_convention brats2023", source,
             )
         plain = torch.as_tensor(label).round().to(torch.int16)
         if self.remap is not None:
