@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from agi_monai.data import build_inference_dataset, build_slice_dataset, discover_cases, patch_dataset
+from agi_monai.data import (
+    build_inference_dataset,
+    build_slice_dataset,
+    build_volume_dataset,
+    discover_cases,
+    patch_dataset,
+    preprocessing_transforms,
+)
+from agi_monai.data.errors import failure_reason
 from agi_monai.evaluation import volume_dataset
 
 DATA = Path(__file__).parent / "data"
@@ -133,3 +141,27 @@ def test_inference_warns_about_an_input_covering_part_of_the_head(tmp_path, capl
     (message,) = _warnings(caplog)
     assert message.startswith(f"cut-01: T1 covers only {100 * share:.0f}% of the head/brain on the reference grid")
     assert "the synthesis outside its field of view is extrapolation" in message
+
+
+def test_a_label_map_that_does_not_cover_the_brain_is_refused_with_its_file(tmp_path):
+    """The shipped TCGA case's tumour label (an expert fusion on the images' grid) cut to its first 86 of 155 axial
+    slices, through the tumour: where it does not reach, "no tumour" would be scored as drawn. The whole label
+    passes."""
+    case = DATA / "tcga-lgg" / "TCGA-FG-6692"
+    files = {"T1": "OtherEXampleFromTCIA_t1_bet.nii.gz", "T2": "OtherEXampleFromTCIA_t2_bet.nii.gz",
+             "FLAIR": "OtherEXampleFromTCIA_fla_bet.nii.gz"}
+    cut = tmp_path / "mav-cut.nii.gz"
+    nib.save(nib.load(case / "mav.nii.gz").slicer[:, :, :86], cut)
+    item = {"case_id": "TCGA-FG-6692", **{c: str(case / f) for c, f in files.items()}}
+    chain = dict(labels=("seg",), **HEADER)
+    whole = build_volume_dataset([{**item, "seg": str(case / "mav.nii.gz")}],
+                                 preprocessing_transforms(["T1", "T2"], "FLAIR", (240, 240), **chain))[0]
+    assert int((whole["seg"] > 0).sum()) > 0
+    for coverage in ("slices", "voxels", "warn"):
+        chain_cut = preprocessing_transforms(["T1", "T2"], "FLAIR", (240, 240), coverage=coverage, **chain)
+        with pytest.raises(RuntimeError) as refused:  # (MONAI's Compose wraps what a transform raises)
+            build_volume_dataset([{**item, "seg": str(cut)}], chain_cut)[0]
+        reason = failure_reason(refused.value)
+        assert reason.startswith(f"{cut}: the label map covers only "), reason
+        share = int(reason.split("covers only ")[1].split("%")[0])
+        assert 40 <= share <= 75, share  # 86 of 155 slices, the brain not centred in them

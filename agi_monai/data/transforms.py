@@ -77,7 +77,8 @@ __all__ = [
 #: The version of what :func:`preprocessing_transforms` makes of the same files and settings, recorded with every
 #: cache entry (agi_monai/data/datasets.py): an entry of another version is built again. Raise it when the output
 #: changes. 2: slices and voxels outside a contrast's field of view leave the mask (:class:`RestrictToCoveraged`).
-PREPROCESSING_VERSION = 2
+#: 3: a label map that does not cover the brain is refused (an entry made with one would still be served).
+PREPROCESSING_VERSION = 3
 
 REGISTRATION_KEY = "registration"
 """Item key holding, per contrast, the 4x4 RAS matrix mapping reference world points to that contrast's."""
@@ -192,9 +193,10 @@ class AlignToReferenced(MapTransform):
 
     A resampled contrast is 0 where the reference grid lies outside its field of view. Which voxels those are is
     kept in ``item[coverage_key]``: a (K, H, W, D) uint8 ``MetaTensor`` on the reference grid, one channel per
-    resampled contrast (label keys excepted), 1 where it has data (:func:`agi_monai.data.registration.coverage_mask`:
+    resampled contrast or label map, 1 where it has data (:func:`agi_monai.data.registration.coverage_mask`:
     from the geometry, as the intensities have zeros inside a field of view too), its contrasts named in
-    ``meta["contrasts"]``. Absent when nothing was resampled (every contrast covers the whole grid).
+    ``meta["contrasts"]`` (the label keys among them also in ``meta["labels"]``). Absent when nothing was resampled
+    (every contrast covers the whole grid).
     :class:`RestrictToCoveraged` uses it and removes it.
 
     Args:
@@ -248,7 +250,7 @@ class AlignToReferenced(MapTransform):
                 transform, matrices[key] = result.transform, result.matrix_ras
             interpolation = "nearest" if key in self.label_keys else "linear"
             resampled = resample_to_reference(moving_image, reference_image, transform, interpolation)
-            if self.coverage_key is not None and key not in self.label_keys:
+            if self.coverage_key is not None:
                 # SimpleITK arrays are (z, y, x), the MetaTensors (x, y, z)
                 coverage = coverage_mask(moving_image, reference_image, transform)
                 covered[str(key)] = sitk.GetArrayFromImage(coverage).transpose(2, 1, 0)
@@ -264,6 +266,7 @@ class AlignToReferenced(MapTransform):
         if covered:
             meta = copy.deepcopy(reference.meta)
             meta["contrasts"] = list(covered)
+            meta["labels"] = [str(key) for key in self.label_keys if str(key) in covered]
             item[self.coverage_key] = MetaTensor(
                 torch.from_numpy(np.ascontiguousarray(np.stack(list(covered.values())))),
                 meta=meta,
@@ -320,7 +323,9 @@ class RestrictToCoveraged(MapTransform):
     - ``"warn"`` (inference: the mask is left as it is): warns, naming the case and the input, when an input
       covers less than ``min_input_coverage`` of the foreground: the synthesis there is extrapolation.
 
-    An item without ``"coverage"`` (every contrast on the reference grid, e.g. BraTS) is returned unchanged.
+    A label map (``meta["labels"]`` of the coverage) covering less than ``min_slice_coverage`` of the foreground is a
+    :class:`DataError` naming its file, in every mode. An item without ``"coverage"`` (every contrast on the
+    reference grid, e.g. BraTS) is returned unchanged.
 
     Args:
         keys: the coverage key (one).
@@ -365,6 +370,22 @@ class RestrictToCoveraged(MapTransform):
         foreground = torch.as_tensor(mask)[0] > 0
         total = int(foreground.sum())
         if not total:
+            return item
+        labels = set(coverage.meta.get("labels", [])) if isinstance(coverage, MetaTensor) else set()
+        for name, inside in zip(names, covered):
+            # A label map is ground truth: where it does not reach, "no tumour" would be scored as if it had been
+            # drawn. No mode can make up for it, so the case is refused.
+            share = int((foreground & inside).sum()) / total
+            if name in labels and share < self.min_slice_coverage:
+                raise DataError(
+                    _source(item.get(name), name),
+                    f"the label map covers only {100 * share:.0f}% of the head/brain on the images' grid",
+                    f"a label map covering at least {100 * self.min_slice_coverage:.0f}% of it (drawn on the images' "
+                    "grid, or on one that holds the whole brain)",
+                )
+        kept_channels = [index for index, name in enumerate(names) if name not in labels]
+        names, covered = [names[index] for index in kept_channels], covered[kept_channels]
+        if not names:
             return item
         case = str(item.get("case_id") or _source(item.get("image"), "case"))
         shares = {name: int((foreground & inside).sum()) / total for name, inside in zip(names, covered)}
