@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import SimpleITK as sitk
 
 from agi_monai.data import DataError, normalized_mutual_information, register_rigid, resample_to_reference
@@ -189,3 +190,36 @@ def test_coverage_mask_of_a_skull_stripped_slab_ignores_its_zeros(tmp_path):
     assert covered[40:90].all() and not covered[:40].any() and not covered[90:].any()
     intensities = sitk.GetArrayFromImage(resample_to_reference(moving, reference))
     assert np.count_nonzero(intensities[40:90] == 0) > 0.5 * covered.sum()  # mostly air, yet inside the slab
+
+
+def test_a_contrast_stored_in_another_axis_order_is_reordered_exactly_not_registered(tmp_path):
+    """The shipped BraTS-GLI case with its T1 saved in another storage order (nibabel: P, S, R instead of the file's
+    L, P, S, i.e. sagittal slices, two axes flipped): the same voxel centres, so the chain resamples it by the header
+    (identity transform) and the preprocessed volumes equal those of the case as shipped (to rounding). Registering
+    it moved the T1 by 0.2-0.6 mm and blurred it."""
+    import nibabel as nib
+
+    from agi_monai.data import build_volume_dataset, preprocessing_transforms, same_grid, same_voxel_centres
+
+    case = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
+    files = {c: case / f"BraTS-GLI-00001-000-{t}.nii.gz" for c, t in (("T1", "t1n"), ("T2", "t2w"), ("FLAIR", "t2f"))}
+    original = nib.load(files["T1"])
+    to_psr = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(original.affine), nib.orientations.axcodes2ornt(("P", "S", "R"))
+    )
+    reordered = tmp_path / "t1-psr.nii.gz"
+    nib.save(original.as_reoriented(to_psr), reordered)
+    assert nib.aff2axcodes(nib.load(reordered).affine) == ("P", "S", "R")
+    first, second = sitk.ReadImage(str(reordered)), sitk.ReadImage(str(files["FLAIR"]))
+    assert same_voxel_centres(first, second) and not same_grid(first, second)
+    shifted = sitk.Image(second)
+    shifted.SetOrigin([o + 0.5 for o in second.GetOrigin()])  # half a voxel off: other centres
+    assert not same_voxel_centres(first, shifted)
+
+    chain = preprocessing_transforms(["T1", "T2"], "FLAIR", (240, 240), reference="T2")  # rigid registration
+    shipped = build_volume_dataset([{"case_id": "c", **{k: str(v) for k, v in files.items()}}], chain)[0]
+    stored = build_volume_dataset([{"case_id": "c", **{k: str(v) for k, v in files.items()}, "T1": str(reordered)}],
+                                  chain)[0]
+    np.testing.assert_array_equal(stored["registration"]["T1"], np.eye(4))
+    for key in ("image", "target", "mask"):  # (the linear resampling at exact voxel centres: rounding only)
+        torch.testing.assert_close(torch.as_tensor(stored[key]), torch.as_tensor(shipped[key]), rtol=0, atol=1e-9)

@@ -85,6 +85,7 @@ _SUBMODULES: dict[str, tuple[str, ...]] = {
         "register_rigid",
         "resample_to_reference",
         "same_grid",
+        "same_voxel_centres",
     ),
     "splits": (
         "SPLIT_NAMES",

@@ -27,6 +27,7 @@ __all__ = [
     "normalized_mutual_information",
     "field_of_view_overlap",
     "same_grid",
+    "same_voxel_centres",
 ]
 
 _RAS_FROM_LPS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -225,6 +226,28 @@ def same_grid(first: sitk.Image, second: sitk.Image, tolerance_mm: float = 1e-3)
         and np.allclose(first.GetOrigin(), second.GetOrigin(), atol=tolerance_mm)
         and np.allclose(first.GetDirection(), second.GetDirection(), atol=1e-6)
     )
+
+
+def same_voxel_centres(first: sitk.Image, second: sitk.Image, tolerance_mm: float = 1e-3) -> bool:
+    """Whether two images hold the same voxel centres, in any storage order: each axis of one runs along an axis of
+    the other (either way) with the same spacing and size, and their fields of view coincide. True for one volume
+    saved in RAS and in LPS order, or axial and sagittal (:func:`same_grid` is the case of the same order). Resampling
+    one onto the other by the headers then moves no voxel: it only reorders them."""
+    if first.GetDimension() != second.GetDimension():
+        return False
+    dimension = first.GetDimension()
+    directions = [np.asarray(image.GetDirection(), dtype=float).reshape(dimension, dimension) for image in (first, second)]
+    for axis in range(dimension):
+        alignment = np.abs(directions[0][:, axis] @ directions[1])  # |cos| with each axis of the other
+        other = int(np.argmax(alignment))
+        if (
+            alignment[other] < 1 - 1e-6
+            or first.GetSize()[axis] != second.GetSize()[other]
+            or abs(first.GetSpacing()[axis] - second.GetSpacing()[other]) > tolerance_mm
+        ):
+            return False
+    (low_a, high_a), (low_b, high_b) = _bounding_box(first), _bounding_box(second)
+    return bool(np.allclose(low_a, low_b, atol=tolerance_mm) and np.allclose(high_a, high_b, atol=tolerance_mm))
 
 
 def _centre(image: sitk.Image) -> tuple[float, ...]:

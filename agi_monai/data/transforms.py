@@ -54,7 +54,13 @@ from agi_monai.data.contrasts import choose_reference
 from agi_monai.data.errors import DataError
 from agi_monai.data.files import AtomicNibabelWriter, CaseOutputLayout
 from agi_monai.data.foreground import foreground_mask
-from agi_monai.data.registration import coverage_mask, register_rigid, resample_to_reference, same_grid
+from agi_monai.data.registration import (
+    coverage_mask,
+    register_rigid,
+    resample_to_reference,
+    same_grid,
+    same_voxel_centres,
+)
 from agi_monai.data.volumes import load_volume, metatensor_to_sitk, sitk_to_metatensor
 
 __all__ = [
@@ -77,7 +83,8 @@ __all__ = [
 #: The version of what :func:`preprocessing_transforms` makes of the same files and settings, recorded with every
 #: cache entry (agi_monai/data/datasets.py): an entry of another version is built again. Raise it when the output
 #: changes. 2: slices and voxels outside a contrast's field of view leave the mask (:class:`RestrictToCoveraged`).
-#: 3: a label map that does not cover the brain is refused (an entry made with one would still be served).
+#: 3: a label map that does not cover the brain is refused (an entry made with one would still be served), and a
+#: contrast stored in another axis order on the same voxel centres is reordered, not registered.
 PREPROCESSING_VERSION = 3
 
 REGISTRATION_KEY = "registration"
@@ -242,15 +249,18 @@ class AlignToReferenced(MapTransform):
             moving_image = metatensor_to_sitk(moving)
             if same_grid(moving_image, reference_image):
                 continue
+            # the same grid stored in another axis order (RAS and LPS, axial and sagittal): the contrasts were saved
+            # co-registered, as on one grid; registering them would only add a sub-millimetre error and blur
+            reordered = same_voxel_centres(moving_image, reference_image)
             transform = None
-            if self.registration == "rigid" and key not in self.label_keys:
+            if self.registration == "rigid" and key not in self.label_keys and not reordered:
                 result = register_rigid(
                     reference_image, moving_image, moving_name=_source(moving, key), **self.registration_options
                 )
                 transform, matrices[key] = result.transform, result.matrix_ras
             interpolation = "nearest" if key in self.label_keys else "linear"
             resampled = resample_to_reference(moving_image, reference_image, transform, interpolation)
-            if self.coverage_key is not None:
+            if self.coverage_key is not None and not reordered:
                 # SimpleITK arrays are (z, y, x), the MetaTensors (x, y, z)
                 coverage = coverage_mask(moving_image, reference_image, transform)
                 covered[str(key)] = sitk.GetArrayFromImage(coverage).transpose(2, 1, 0)
