@@ -21,12 +21,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.transforms import Orientation
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from agi_monai.cli import run_script
-from agi_monai.data import load_volume
+from agi_monai.data import DataError, load_volume
 from agi_monai.evaluation import brain_mask, slice_protocol, synthesis_panel
 from agi_monai.evaluation.figures import robustness_plot
 from agi_monai.evaluation.tables import (
@@ -40,6 +41,10 @@ from agi_monai.evaluation.tables import (
 )
 
 METRICS = ("psnr_db", "ssim_pct", "mae_x100")
+#: how far a prediction's affine may differ from the target's (mm; NIfTI stores affines in float32)
+GRID_TOLERANCE_MM = 1e-3
+#: how far outside [0, 1] a prediction's values may lie (rounding of the bundles' clipped outputs when written)
+PREDICTION_ROUNDING = 1e-3
 
 
 def _pairs(value: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
@@ -68,8 +73,15 @@ def _summary(path: str | Path) -> dict[str, Any]:
     file = path / SUMMARY_JSON if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"{file}: no such file (expected an evaluation folder or its {SUMMARY_JSON})")
-    summary = json.loads(file.read_text(encoding="utf-8"))
-    if "protocols" not in summary:
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(file, f"is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}",
+                        f"the {SUMMARY_JSON} an evaluation writes") from None
+    except UnicodeDecodeError as error:
+        raise DataError(file, f"is not UTF-8 text ({error.reason} at byte {error.start})",
+                        f"the {SUMMARY_JSON} an evaluation writes") from None
+    if not isinstance(summary, dict) or "protocols" not in summary:
         raise ValueError(f"{file}: not an evaluation summary (no 'protocols' entry)")
     return summary
 
@@ -131,10 +143,10 @@ def robustness(
         title: the plots' title.
         xlabel: the x axis label.
     """
-    rows = read_csv(sweep)
+    wanted = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+    rows = read_csv(sweep, numbers=[level, *wanted], text=[group])
     if not rows:
         raise ValueError(f"{sweep}: no rows")
-    wanted = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
     present = [m for m in wanted if m in rows[0]]
     if not present:
         raise ValueError(f"{sweep}: none of the metric columns {wanted}; its columns are {list(rows[0])}")
@@ -158,7 +170,8 @@ def panel(
     """The synthesis panel (the paper's Fig. 5) of one axial slice, from volumes on one grid.
 
     Inputs and target are raw files, normalised here as the bundles do (x / the volume's 99.5th percentile,
-    clipped to [0, 1]); predictions are the bundles' outputs, already in [0, 1]. The row labels carry each
+    clipped to [0, 1]); predictions are the bundles' outputs, already in [0, 1]. A volume on another grid than the
+    target's (shape, or affine in RAS) or a prediction outside [0, 1] is refused. The row labels carry each
     prediction's whole-volume metrics under the 2D protocol (:func:`agi_monai.evaluation.slice_protocol`, brain
     mask = the inputs' foreground, or the target's when no input is given).
 
@@ -171,12 +184,12 @@ def panel(
         slice_index: the axial slice (last axis); default the one where the mask covers the most.
         title: the figure's title (default: the target file and slice).
     """
-    real = _normalised(target)
-    synthesized = {name: _volume(path) for name, path in _pairs(predictions).items()}
-    sources = {name: _normalised(path) for name, path in _pairs(inputs).items()} if inputs else {}
-    for name, volume in {**synthesized, **sources}.items():
-        if volume.shape != real.shape:
-            raise ValueError(f"{name} has shape {tuple(volume.shape)}, the target {tuple(real.shape)}; expected one grid")
+    real, grid = _normalised(target)
+    synthesized = {name: _prediction(path, real.shape, grid) for name, path in _pairs(predictions).items()}
+    sources = {}
+    for name, path in (_pairs(inputs) if inputs else {}).items():
+        sources[name], affine = _normalised(path)
+        _check_grid(path, sources[name].shape, affine, real.shape, grid)
     mask = brain_mask(torch.stack(list(sources.values())) if sources else real)
     metrics = {name: slice_protocol(volume, real, mask).metrics for name, volume in synthesized.items()}
     z = int(mask.float().sum(dim=(0, 1)).argmax()) if slice_index is None else int(slice_index)
@@ -190,19 +203,51 @@ def panel(
     return str(path)
 
 
-def _volume(path: str) -> torch.Tensor:
-    """A NIfTI file or DICOM series as an (H, W, D) float tensor in RAS (the bundles' orientation)."""
+def _volume(path: str) -> tuple[torch.Tensor, np.ndarray]:
+    """A NIfTI file or DICOM series as an (H, W, D) float tensor in RAS (the bundles' orientation), and its affine."""
     volume = Orientation(axcodes="RAS", labels=None)(load_volume(path))
-    return volume.as_tensor()[0].float()
+    return volume.as_tensor()[0].float(), np.asarray(volume.affine, dtype=np.float64)
 
 
-def _normalised(path: str) -> torch.Tensor:
-    """:func:`_volume` / its 99.5th percentile, clipped to [0, 1]: the bundles' intensity normalisation."""
-    volume = _volume(path)
+def _normalised(path: str) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`_volume` / its 99.5th percentile, clipped to [0, 1] (the bundles' intensity normalisation), and its
+    affine."""
+    volume, affine = _volume(path)
     upper = float(percentile(volume, 99.5))
     if upper <= 0:
         raise ValueError(f"{path}: its 99.5th intensity percentile is {upper:g}; expected a positive MR magnitude image")
-    return (volume / upper).clamp(0.0, 1.0)
+    return (volume / upper).clamp(0.0, 1.0), affine
+
+
+def _prediction(path: str, shape: Sequence[int], affine: np.ndarray) -> torch.Tensor:
+    """A synthesized volume (:func:`_volume`) checked to lie on the target's grid and in [0, 1].
+
+    The bundles clip their outputs to [0, 1], so a volume beyond it by more than rounding is not one of their
+    predictions (a raw image, values in the hundreds, was accepted and gave a figure whose error map contradicted
+    its metrics): it is refused rather than clipped, since clipping would hide that wrong file behind plausible
+    numbers. The rounding that is accepted is clipped here, so the error map is drawn from the values the 2D
+    protocol measures (it clips the prediction too)."""
+    volume, grid = _volume(path)
+    _check_grid(path, volume.shape, grid, shape, affine)
+    low, high = float(volume.min()), float(volume.max())
+    if not (-PREDICTION_ROUNDING <= low and high <= 1 + PREDICTION_ROUNDING):  # also NaN
+        raise DataError(path, f"has intensities in [{low:g}, {high:g}]",
+                        "a synthesized volume in [0, 1], as the bundles write it (not a raw image)")
+    return volume.clamp(0.0, 1.0)
+
+
+def _check_grid(path: str, shape: Sequence[int], affine: np.ndarray, expected_shape: Sequence[int],
+                expected_affine: np.ndarray) -> None:
+    """Raises :class:`DataError` when the volume at ``path`` (shape and affine in RAS) is not on the target's grid:
+    another shape, or an affine differing by more than :data:`GRID_TOLERANCE_MM` (a volume of another subject or
+    orientation can have the target's shape)."""
+    if tuple(shape) != tuple(expected_shape) or not np.allclose(affine, expected_affine, atol=GRID_TOLERANCE_MM):
+        raise DataError(path, f"is on another grid: shape {tuple(shape)}, affine in RAS {_affine_text(affine)}",
+                        f"the target's grid: shape {tuple(expected_shape)}, affine in RAS {_affine_text(expected_affine)}")
+
+
+def _affine_text(affine: np.ndarray) -> str:
+    return np.array2string(affine[:3], precision=3, suppress_small=True, max_line_width=10**6).replace("\n", "")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ end-to-end comparison on the shipped cases (training, evaluate.json, baselines, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from agi_monai.bundle.experiment import (
 from agi_monai.bundle.run_folder import RECORD_NAME, replacing_earlier_run
 from agi_monai.data import DataError, discover_cases
 from agi_monai.evaluation import brain_mask, slice_protocol
-from agi_monai.evaluation.tables import read_csv
+from agi_monai.evaluation.tables import CASES_CSV, read_csv, write_csv
 from agi_monai.networks import AGINet, ResUNet
 from test_demo import assert_runs_recorded
 
@@ -159,6 +160,27 @@ def test_a_rerun_removes_exactly_the_files_the_scripts_earlier_run_wrote(tmp_pat
         with replacing_earlier_run(folder, "demo.py", say=lines.append):
             pass
     assert _files(folder).keys() == before.keys()
+
+def _compare_script():
+    spec = importlib.util.spec_from_file_location("compare", REPO / "scripts" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_unperturbed_check_matches_case_ids_that_look_like_numbers(tmp_path):
+    """evaluate.json's per-case table read back keeps ``00042`` and ``42`` as written (they were read as the
+    numbers 42 and 42.0: a KeyError), so the sweep's level 0 is checked against its case."""
+    ids = ["00042", "42", "1e3"]
+    write_csv([{"case_id": case, "slice2d_psnr_db": 20.0 + i} for i, case in enumerate(ids)], tmp_path / CASES_CSV)
+    rows = [{"network": "AGI-Net", "perturbation": 0.0, "protocol": "slice2d", "case_id": case, "psnr_db": 20.0 + i}
+            for i, case in enumerate(ids)]
+    check = _compare_script()._check_unperturbed
+    assert check(rows, {"AGI-Net": tmp_path}) == 0.0
+    with pytest.raises(RuntimeError, match="differs from evaluate.json's by 1.0000 dB"):
+        check([{**rows[0], "psnr_db": 21.0}], {"AGI-Net": tmp_path})
+
 
 @pytest.mark.slow
 def test_compare_trains_both_networks_at_one_budget_and_reports(tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ SUMMARY_MD = "metrics_summary.md"
 #: Column headers of the metrics, in the paper's units.
 METRIC_LABELS = {"psnr_db": "PSNR (dB)", "ssim_pct": "SSIM (%)", "mae_x100": "MAE (x100)"}
 STATISTICS = ("mean", "std", "median", "min", "max")
+#: the per-case tables' identifier column: read back as written, never as a number
+IDENTIFIER_COLUMN = "case_id"
 
 
 def case_row(case_id: str, results: Mapping[str, ProtocolResult]) -> dict[str, Any]:
@@ -140,10 +142,16 @@ def summary_markdown(summary: Mapping[str, Any], title: str | None = None) -> st
 
 def comparison_markdown(summaries: Mapping[str, Mapping[str, Any]], protocol: str | None = None) -> str:
     """Runs side by side (e.g. ``{"AGI-Net": summary, "ResUNet": summary}``): one table per protocol, one row per
-    run, ``mean ± std`` of each metric; refuses to put runs measured under different protocol settings in one
-    table."""
+    run, ``mean ± std`` of each metric; refuses to put runs measured under different protocol settings, or runs
+    synthesizing different targets or from different inputs (their descriptions), in one table; runs over
+    different cases, or with failed cases, are compared under a note saying which evaluated how many.
+
+    Raises:
+        DataError: a protocol no summary holds; runs of different protocol settings, targets or inputs.
+    """
+    _check_one_task(summaries)
     names = [protocol] if protocol else list(dict.fromkeys(p for s in summaries.values() for p in s["protocols"]))
-    lines: list[str] = []
+    lines = _cases_note(summaries)
     for name in names:
         entries = {run: s["protocols"][name] for run, s in summaries.items() if name in s["protocols"]}
         if not entries:
@@ -162,6 +170,60 @@ def comparison_markdown(summaries: Mapping[str, Mapping[str, Any]], protocol: st
         lines += ["", f"{record['normalization']}; mask: {record['mask_policy']}; SSIM: {record['ssim']}; "
                       f"{record['aggregation']}. Values: mean ± std (median) over cases.", ""]
     return "\n".join(lines)
+
+
+def _task(description: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run synthesizes, from its summary's description (evaluate.json writes ``target`` and ``inputs``):
+    ``{"target": ..., "inputs": [...]}``, the inputs sorted (their channel order does not change the task); only the
+    entries the description records."""
+    task = {}
+    if "target" in description:
+        task["target"] = str(description["target"])
+    if "inputs" in description:
+        inputs = description["inputs"]
+        task["inputs"] = sorted(str(i) for i in (inputs if isinstance(inputs, (list, tuple)) else [inputs]))
+    return task
+
+
+def _check_one_task(summaries: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raises :class:`DataError` naming two runs that record different targets or inputs (a run that does not record
+    one, e.g. an input-as-target baseline without ``inputs``, is not checked on it)."""
+    tasks = {run: _task(summary.get("description") or {}) for run, summary in summaries.items()}
+    for key, difference in (("target", "synthesize different targets"), ("inputs", "synthesize from different inputs")):
+        recorded = {run: task[key] for run, task in tasks.items() if key in task}
+        runs = list(recorded)
+        for other in runs[1:]:
+            first = runs[0]
+            if recorded[other] != recorded[first]:
+                shown = {run: ", ".join(v) if isinstance(v, list) else v for run, v in recorded.items()}
+                raise DataError(f"runs {first!r} and {other!r}",
+                                f"{difference} ({first}: {shown[first]}; {other}: {shown[other]})",
+                                "runs of one target from the same inputs in one comparison")
+
+
+def _cases_note(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A note above the tables when the runs' means are not over the same cases (their ``case_ids``, or their
+    numbers of cases for summaries without ids) or a run had failed cases: each run's numbers of evaluated and
+    failed cases; no lines otherwise."""
+    if all("case_ids" in summary for summary in summaries.values()):
+        different = len({frozenset(map(str, summary["case_ids"])) for summary in summaries.values()}) > 1
+    else:
+        different = len({summary["cases"] for summary in summaries.values()}) > 1
+    failed = {run: summary["failed"] for run, summary in summaries.items() if summary.get("failed")}
+    if not different and not failed:
+        return []
+
+    def counts(run: str, summary: Mapping[str, Any]) -> str:
+        text = f"{run}: {summary['cases']} case{'' if summary['cases'] == 1 else 's'}"
+        if "failed" not in summary:  # an older summary: its failures are not known
+            return text
+        ids = [str(failure["case_id"]) for failure in summary["failed"]]
+        shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+        return text + (f", {len(ids)} failed ({shown})" if ids else ", none failed")
+
+    opening = ("the runs were evaluated on different cases, so their means are not over the same cases"
+               if different else "some cases failed and are left out of the means")
+    return [f"Note: {opening}: " + "; ".join(counts(run, s) for run, s in summaries.items()) + ".", ""]
 
 
 def cases_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
@@ -239,32 +301,53 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path, columns: Sequ
     return path
 
 
-def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a CSV written by :func:`write_csv` (or any CSV), numbers parsed as float.
+def read_csv(path: str | Path, numbers: Collection[str] = (), text: Collection[str] = ()) -> list[dict[str, Any]]:
+    """The rows of a CSV written by :func:`write_csv` (or any CSV). A column is read as numbers (float) when every
+    filled cell of it is one (empty cells stay ""), except the identifier columns, ``case_id`` and ``text``, which stay strings exactly as
+    written (a case ``00042`` or ``1e3`` is not the number 42 or 1000), as does every column with a cell that is
+    not a number; ``numbers`` are columns that must be numbers (those present: a cell that is not is an error).
 
     Raises:
-        ValueError: the file is missing, empty, or a row has more or fewer cells than the header.
+        ValueError: the file is missing, empty or not UTF-8 text, a row has more or fewer cells than the header, or
+            a cell of ``numbers`` is not a number; the message names the file, line and column.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file (expected a CSV of metrics)")
-    with path.open(newline="", encoding="utf-8") as stream:
-        reader = csv.DictReader(stream)
-        if not reader.fieldnames:
-            raise ValueError(f"{path}: empty file (expected a header row)")
-        rows = []
-        for number, row in enumerate(reader, start=2):
-            if None in row or None in row.values():
-                raise ValueError(f"{path}: line {number} has a different number of cells than the header")
-            rows.append({key: _parse(value) for key, value in row.items()})
+    try:
+        with path.open(newline="", encoding="utf-8") as stream:
+            reader = csv.DictReader(stream)
+            if not reader.fieldnames:
+                raise ValueError(f"{path}: empty file (expected a header row)")
+            rows = []
+            for number, row in enumerate(reader, start=2):
+                if None in row or None in row.values():
+                    raise ValueError(f"{path}: line {number} has a different number of cells than the header")
+                rows.append(row)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"{path}: not a readable CSV ({error}) (expected UTF-8 comma-separated text)") from None
+    identifiers = {IDENTIFIER_COLUMN, *text}
+    for column in reader.fieldnames:
+        cells = [_number_or_none(row[column]) for row in rows]
+        if column in numbers:
+            for number, (row, cell) in enumerate(zip(rows, cells), start=2):
+                if cell is None:
+                    raise ValueError(f"{path}: line {number}, column {column!r}: {row[column]!r} is not a number "
+                                     f"(expected a number in every cell of {column!r})")
+        # an empty cell (a value that does not apply to that row, e.g. the imputed value of the "real" condition)
+        # stays "" in a column of numbers
+        filled = [(row, cell) for row, cell in zip(rows, cells) if row[column] != ""]
+        if column not in identifiers and filled and all(cell is not None for _, cell in filled):
+            for row, cell in filled:
+                row[column] = cell
     return rows
 
 
-def _parse(value: str) -> Any:
+def _number_or_none(cell: str) -> float | None:
     try:
-        return float(value)
+        return float(cell)
     except ValueError:
-        return value
+        return None
 
 
 def write_evaluation(
