@@ -149,6 +149,8 @@ def tokens(scenario: Scenario) -> dict[str, Any]:
         "channel_def": {str(i): c for i, c in enumerate(inputs)},
         "channel_text": ", ".join(f"{i}: {c}" for i, c in enumerate(inputs)),
         "paper_results": scenario.paper,
+        # the paper's batch of 2D slices; 3D patches of 96^3 are 24x larger each
+        "batch_size": 2 if scenario.spatial_dims == 3 else 16,
     }
 
 
