@@ -446,6 +446,14 @@ def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_sa
                           "header is not marked SYNTHETIC), so it is left as it was (expected another --output_dir, or "
                           "that file moved away)")
 
+    # cases left out before the run count in the bar as in the summary line (before: "2/2 ... 1 failed" beside
+    # "synthesized 2 of 3 cases")
+    for path in tmp_path.glob("*_PD.nii.gz"):
+        path.unlink()
+    summary, out, bar = run(cases[:2], skipped=[Failure("d", "missing T2")])
+    assert out[0] == f"synthesized 2 of 3 cases into {tmp_path}, 1 failed"
+    assert "3/3 [" in bar and bar.rstrip().endswith("1 failed]"), bar
+
     # every case left out before the run (the CLI's existing outputs, discovery's bad cases): no bar over nothing
     summary, out, bar = run([], skipped=[Failure("d", "missing T2")])
     assert bar == "" and out == [f"synthesized 0 of 1 cases into {tmp_path}, 1 failed", "  - d: missing T2"]

@@ -176,9 +176,12 @@ class FolderSynthesis:
         summary = SynthesisSummary(self.output_dir, failures=list(self.skipped), task=self.task, target=self.target)
         cases = self.dataset.data
         label = _TASK_WORDS[self.task][0] + (f" {self.target}" if self.task == "synthesis" else "")
-        # no bar over nothing (tqdm shows "0case"): when every case was left out before, the summary says why
+        # no bar over nothing (tqdm shows "0case"): when every case was left out before, the summary says why. The
+        # cases left out before count as done, so that the bar's total and its "failed" count the same cases as the
+        # summary line
         with stopping_cleanly_on_sigterm(), tqdm(
-            total=len(cases), desc=label, unit="case", disable=not self.progress or not cases
+            total=len(self.skipped) + len(cases), initial=len(self.skipped), desc=label, unit="case",
+            disable=not self.progress or not cases,
         ) as bar:
             for index in range(len(cases)):
                 self._run_case(index, summary)
