@@ -575,6 +575,11 @@ def test_a_media_export_with_a_dicomdir_is_discovered(tmp_path):
     # GE's ProtocolName is the exam's, the same for every series: "t1" or "w/wo contrast" there say nothing of one
     ("AX T2 FLAIR|ROUTINE BRAIN W/WO T1", "FLAIR"), ("AX T1 POST|BRAIN W/WO CONTRAST", "T1Gd"),
     ("T1 +C|BRAIN WITH AND WITHOUT CONTRAST", "T1Gd"),
+    # T2*-weighted gradient echoes (for blood products) are no T2 (before, all of these were); T1 gradient echoes are T1
+    ("T2*", None), ("AX T2* GRE", None), ("t2_fl2d_tra_hemo", None), ("T2 FFE", None), ("T2_STAR", None),
+    ("Ax T2 star GRE", None), ("t2_medic_tra", None), ("Ax GRE T2", None), ("Ax SWAN", None),
+    ("AX T1 3D GRE", "T1"), ("T1 FFE", "T1"), ("t1_fl2d_tra", "T1"), ("T1W_3D_FFE", "T1"), ("t1_fl3d_tra_CE", "T1Gd"),
+    ("t1_se_tra_KM", "T1Gd"), ("t1_se_tra_ohne_KM", "T1"),  # Kontrastmittel: Siemens' German contrast agent
 ])
 def test_contrast_rules_on_vendor_series_names(native_study, description, contrast):
     (template,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]
@@ -630,3 +635,27 @@ def test_an_exam_protocol_name_still_counts_where_descriptions_are_empty(native_
                                "protocol": "BRAIN T2 TSE"})
              for i, description in enumerate(["", "AX T1 SE"])]
     assert match_series_to_contrasts(study) == {"T2": study[0], "T1": study[1]}
+
+
+def test_appledouble_files_beside_a_dicom_series_do_not_hide_it(tmp_path):
+    # a study copied on a Mac has a "._<file>" beside every file; sorted first, the five tried for being DICOM were all
+    # AppleDouble files, and the folder's series were left out without a word
+    volume = sitk.ReadImage(str(NATIVE / "t2.nii.gz"))[:, :, 10:14]
+    files = write_dicom_series(volume, tmp_path / "P01" / "t2", "AX T2 FSE", "P01", 2)
+    for path in files:
+        (Path(path).parent / f"._{Path(path).name}").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    discovery = discover_cases(tmp_path, required=["T2"])
+    (case,) = discovery.cases
+    assert case["case_id"] == "P01" and sorted(case["T2"]) == sorted(str(path) for path in files)
+    assert len(discovery.hidden) == 4
+
+
+def test_a_t2_star_series_is_not_taken_for_the_t2(native_study):
+    # a usual tumour protocol has a T2* gradient echo beside the T2 FSE: before, the study failed as two T2 series;
+    # and in a study with only the T2*, the T2 was synthesized from it without a word
+    (template,) = [s for s in find_dicom_series(native_study) if s.description == "AX T2 FSE"]
+    study = [type(template)(**{**template.__dict__, "series_uid": f"1.2.{i}", "series_number": str(i + 2),
+                               "description": description})
+             for i, description in enumerate(["AX T2 FSE", "AX T2* GRE", "AX T1 SE"])]
+    assert match_series_to_contrasts(study) == {"T2": study[0], "T1": study[2]}
+    assert match_series_to_contrasts(study[1:]) == {"T1": study[2]}

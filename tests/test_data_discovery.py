@@ -49,6 +49,27 @@ BRATS_GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
         ("sub-01_T2starw.nii.gz", None),
         ("sub-01_desc-brain_mask.nii.gz", None),
         ("sub-01_dwi.nii.gz", None),
+        # a contrast in two words is one contrast (before: T2_FLAIR gave a case P01_T2 holding a FLAIR, T1_CE and
+        # T1+C were ignored, the warning calling them T1)
+        ("P01_T2_FLAIR.nii.gz", ("P01", "FLAIR")),
+        ("P01_T2-FLAIR.nii.gz", ("P01", "FLAIR")),
+        ("P01_T1_post.nii.gz", ("P01", "T1Gd")),
+        ("P01_T1-Gd.nii.gz", ("P01", "T1Gd")),
+        ("P01_T1_CE_bet.nii.gz", ("P01", "T1Gd")),
+        ("P01-t1-ce.nii.gz", ("P01", "T1Gd")),
+        ("P01_T1_gad.nii.gz", ("P01", "T1Gd")),
+        ("P01_T1w_ce.nii.gz", ("P01", "T1Gd")),
+        ("P01_T1_KM.nii.gz", ("P01", "T1Gd")),  # Kontrastmittel
+        ("P01_T1+C.nii.gz", ("P01", "T1Gd")),
+        ("P01_T1C+.nii.gz", ("P01", "T1Gd")),
+        ("P01_T1_pre.nii.gz", ("P01", "T1")),
+        ("T2_FLAIR.nii.gz", ("", "FLAIR")),
+        # two contrasts that make none together: which is it? (before: a T2 of case P01-PD, a seg of case P01_T1)
+        ("P01-PD-T2.nii.gz", None),
+        ("P01_T1_seg.nii.gz", None),
+        ("P01_seg_t1.nii.gz", None),
+        ("P01-PD-T2_FLAIR.nii.gz", None),
+        ("P01_T2_star.nii.gz", None),  # T2*: no contrast of ours
     ],
 )
 def test_filename_rules(filename, expected):
@@ -57,6 +78,7 @@ def test_filename_rules(filename, expected):
 
 def test_aliases_contrast_names_reference_and_patients():
     assert parse_filename("sub-01_mprage.nii.gz", aliases={"mprage": "T1"}) == ("sub-01", "T1")
+    assert parse_filename("P01_T1_mprage.nii.gz", aliases={"mprage": "T1"}) == ("P01", "T1")  # one contrast twice
     assert canonical_contrast("t1ce") == "T1Gd" and canonical_contrast("flair") == "FLAIR"
     with pytest.raises(DataError, match="'?dwi'?: is not a known contrast"):
         canonical_contrast("dwi")
@@ -65,6 +87,9 @@ def test_aliases_contrast_names_reference_and_patients():
     assert patient_id("IXI012-HH-1211") == "IXI012"
     assert patient_id("aurora-example") == "aurora-example"
     assert patient_id("sub-01_ses-2") == "sub-01" and patient_id("sub-01") == "sub-01"
+    assert patient_id("TCGA-FG-6692-native") == "TCGA-FG-6692" and patient_id("LGG_TCGA-FG-6692") == "TCGA-FG-6692"
+    assert patient_id("OtherEXampleFromTCIA", "TCGA-FG-6692") == "TCGA-FG-6692"  # the case's folder names it
+    assert patient_id("IXI012-HH-1211", "TCGA-FG-6692") == "IXI012" and patient_id("P01", "site1") == "P01"
 
 
 def test_discovery_of_the_shipped_folders():
@@ -84,6 +109,11 @@ def test_discovery_of_the_shipped_folders():
     assert cases["BraTS-GLI-00001-000"]["T1Gd"].endswith("BraTS-GLI-00001-000-t1c.nii.gz")
     assert cases["BraTS-GLI-00001-000"]["patient_id"] == "BraTS-GLI-00001"
     assert cases["IXI901-SIM-0001"]["patient_id"] == "IXI901"
+    # one subject twice (native scans, and BraTS-Toolkit's outputs named OtherEXampleFromTCIA_* in its barcode's
+    # folder): one patient, which a split keeps together (before: patients "OtherEXampleFromTCIA" and
+    # "TCGA-FG-6692-native", in different splits for most seeds)
+    assert cases["OtherEXampleFromTCIA"]["patient_id"] == cases["TCGA-FG-6692-native"]["patient_id"] == "TCGA-FG-6692"
+    assert cases["aurora-example"]["patient_id"] == "aurora-example"
 
 
 def test_missing_contrast_is_reported_by_name_and_skipped():
@@ -162,13 +192,103 @@ def test_nifti_files_naming_no_contrast_are_counted_and_a_misnamed_one_is_named(
     assert discovery.ignored == [str(folder / n) for n in ("P01_T2_TSE_AX.nii.gz", "brainmask.nii.gz",
                                                            "sub-01_mod-T1w_defacemask.nii.gz")]
     assert discovery.summary().splitlines()[0] == (
-        f"0 cases found, 1 skipped, 3 NIfTI files ignored, their names naming no contrast ({folder / 'P01_T2_TSE_AX.nii.gz'}, "
-        f"{folder / 'brainmask.nii.gz'}, {folder / 'sub-01_mod-T1w_defacemask.nii.gz'})"
+        f"0 cases found, 1 skipped, 3 NIfTI files ignored, their names ending in no one contrast "
+        f"({folder / 'P01_T2_TSE_AX.nii.gz'}, {folder / 'brainmask.nii.gz'}, {folder / 'sub-01_mod-T1w_defacemask.nii.gz'})"
     )
     warnings = [r.getMessage() for r in caplog.records if "ignored, although" in r.getMessage()]
     assert warnings == [f"{folder / 'P01_T2_TSE_AX.nii.gz'}: ignored, although its name holds T2: the contrast must end "
-                        "the name (expected <case>-<contrast>.nii.gz, e.g. P01-T2.nii.gz: rename or link the file, or "
-                        "list the case in a JSON datalist)"]
+                        "the name (expected <case>-<contrast>.nii.gz, e.g. P01-T2.nii.gz if it is the T2 image: rename "
+                        "or link the file, or list the case in a JSON datalist)"]
+
+
+def test_contrasts_in_two_words_are_read_and_two_contrasts_at_a_names_end_are_named(tmp_path, caplog):
+    # before: P01_T2_FLAIR.nii.gz made a case "P01_T2" holding a FLAIR (and P01 had none), P01-PD-T2 a case "P01-PD"
+    # holding a T2, P01_T1_CE was ignored with "its name holds T1 ... e.g. P01-T2.nii.gz" (renamed, a T1Gd became a
+    # T1 or a T2), P01_T1+C was dropped without a word
+    folder = tmp_path / "P01"
+    folder.mkdir()
+    files = {"P01_T1.nii.gz": "t1n", "P01_T2.nii.gz": "t2w", "P01_T2_FLAIR.nii.gz": "t2f", "P01_T1+C.nii.gz": "t1c",
+             "P01-PD-T2.nii.gz": "t2w", "P01_T1_seg.nii.gz": "t1n", "P01_T1_CE_AX.nii.gz": "t1c",
+             "P01_T2_star_AX.nii.gz": "t2w"}
+    for name, contrast in files.items():
+        (folder / name).symlink_to(BRATS_GLI / f"BraTS-GLI-00001-000-{contrast}.nii.gz")
+    with caplog.at_level("WARNING", logger="agi_monai.data.discovery"):
+        discovery = discover_cases(tmp_path, required=["T1", "T2", "FLAIR", "T1Gd"])
+    assert discovery.failures == []
+    (case,) = discovery.cases
+    assert case["case_id"] == "P01" and case["FLAIR"] == str(folder / "P01_T2_FLAIR.nii.gz")
+    assert case["T1Gd"] == str(folder / "P01_T1+C.nii.gz")
+    assert sorted(Path(path).name for path in discovery.ignored) == [
+        "P01-PD-T2.nii.gz", "P01_T1_CE_AX.nii.gz", "P01_T1_seg.nii.gz", "P01_T2_star_AX.nii.gz"]
+    assert sorted(caplog.messages) == [
+        f"{folder / 'P01-PD-T2.nii.gz'}: ignored, its name ends in two contrasts, PD then T2, that name no one contrast "
+        "together: which is it? (expected <case>-<contrast>.nii.gz ending in one contrast: rename or link the file, or "
+        "list the case in a JSON datalist)",
+        f"{folder / 'P01_T1_CE_AX.nii.gz'}: ignored, although its name holds T1Gd: the contrast must end the name "
+        "(expected <case>-<contrast>.nii.gz, e.g. P01-T1Gd.nii.gz if it is the T1Gd image: rename or link the file, or "
+        "list the case in a JSON datalist)",
+        f"{folder / 'P01_T1_seg.nii.gz'}: ignored, its name ends in two contrasts, T1 then seg, that name no one "
+        "contrast together: which is it? (expected <case>-<contrast>.nii.gz ending in one contrast: rename or link the "
+        "file, or list the case in a JSON datalist)",
+    ]  # and none for the T2* (P01_T2_star_AX): no contrast of ours, not to be renamed to a T2
+
+
+def test_hidden_files_and_folders_are_not_read_as_cases_and_are_counted(tmp_path):
+    # what a Mac leaves on a copied dataset: an AppleDouble "._<name>" file beside every image, .DS_Store; and a
+    # trash folder or a file server's snapshot holding second copies. Before: ._BraTS-GLI-00001-000-t1n.nii.gz made
+    # a case "._BraTS-GLI-00001-000"; in aurora-example (files named by contrast only) ._t1.nii.gz made "." the
+    # folder's one prefixed case, which t1.nii.gz then joined too (a duplicate T1); the copies made every real case
+    # a "duplicate case ID"
+    apple_double = b"\x00\x05\x16\x07AppleDouble"
+    gli = tmp_path / "BraTS-GLI-00001-000"
+    aurora = tmp_path / "aurora-example"
+    gli.mkdir()
+    aurora.mkdir()
+    for image in sorted(BRATS_GLI.iterdir()):
+        (gli / image.name).symlink_to(image)
+        (gli / f"._{image.name}").write_bytes(apple_double)
+    for image in sorted((DATA / "brats2023-mets" / "aurora-example").iterdir()):
+        (aurora / image.name).symlink_to(image)
+        (aurora / f"._{image.name}").write_bytes(apple_double)
+    (tmp_path / ".DS_Store").write_bytes(b"Bud1")
+    (tmp_path / ".Trash-1000" / "files").mkdir(parents=True)
+    (tmp_path / ".Trash-1000" / "files" / "BraTS-GLI-00001-000").symlink_to(gli, target_is_directory=True)
+    (tmp_path / "aurora-example" / ".snapshot").symlink_to(aurora, target_is_directory=True)
+    discovery = discover_cases(tmp_path, required=["T1", "T2", "FLAIR", "T1Gd"])
+    assert [case["case_id"] for case in discovery.cases] == ["BraTS-GLI-00001-000", "aurora-example"]
+    assert discovery.failures == [] and discovery.ignored == []
+    assert discovery.cases[1]["T1"] == str(aurora / "t1.nii.gz")
+    assert discovery.hidden == [str(tmp_path / ".DS_Store"), str(tmp_path / ".Trash-1000"),
+                                *(str(gli / f"._{image.name}") for image in sorted(BRATS_GLI.iterdir())),
+                                str(aurora / "._flair.nii.gz"), str(aurora / "._t1.nii.gz"), str(aurora / "._t1c.nii.gz"),
+                                str(aurora / "._t2.nii.gz"), str(aurora / ".snapshot")]
+    assert discovery.summary().splitlines()[0] == (
+        f"2 cases found, 0 skipped, 11 hidden files or folders ignored ({tmp_path / '.DS_Store'}, "
+        f"{tmp_path / '.Trash-1000'}, {gli / '._BraTS-GLI-00001-000-t1c.nii.gz'}, ...)")
+
+
+def test_image_files_of_other_formats_are_counted_and_named(tmp_path, caplog):
+    # the BRATS 2015 download (MetaImage .mha, one folder per image): before, "0 cases found" and not a word on why
+    root = tmp_path / "BRATS2015_Training"
+    expected = []
+    for number, (name, token) in enumerate([("MR_Flair", "t2f"), ("MR_T1", "t1n"), ("MR_T1c", "t1c"), ("MR_T2", "t2w")]):
+        stem = f"VSD.Brain.XX.O.{name}.{54501 + number}"
+        (root / "HGG" / "brats_2013_pat0001_1" / stem).mkdir(parents=True)
+        image = sitk.ReadImage(str(BRATS_GLI / f"BraTS-GLI-00001-000-{token}.nii.gz"))[:, :, 70:72]
+        sitk.WriteImage(image, str(root / "HGG" / "brats_2013_pat0001_1" / stem / f"{stem}.mha"))
+        expected.append(str(root / "HGG" / "brats_2013_pat0001_1" / stem / f"{stem}.mha"))
+    sitk.WriteImage(image, str(tmp_path / "P02-T2.nrrd"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING", logger="agi_monai.data.discovery"):
+        discovery = discover_cases(tmp_path)
+    assert discovery.cases == [] and discovery.failures == [] and discovery.ignored == []
+    assert discovery.other_formats == [str(tmp_path / "P02-T2.nrrd"), *expected]
+    assert discovery.summary(tmp_path) == (
+        f"0 cases found in {tmp_path}, 0 skipped, 5 image files ignored, of formats not read ({tmp_path / 'P02-T2.nrrd'}, "
+        f"{expected[0]}, {expected[1]}, ...; expected NIfTI (.nii, .nii.gz) or DICOM: convert them, e.g. with SimpleITK)")
+    assert caplog.messages == [
+        f"{tmp_path}: 5 image files ignored, of formats not read ({tmp_path / 'P02-T2.nrrd'}, {expected[0]}, "
+        f"{expected[1]}, ...; expected NIfTI (.nii, .nii.gz) or DICOM: convert them, e.g. with SimpleITK)"]
 
 
 def test_validation_skips_bad_volumes_and_goes_on(tmp_path):

@@ -442,3 +442,20 @@ def test_a_pipeline_folder_linked_to_scratch_storage_is_still_a_bids_derivative(
     assert is_bids_derivative(scratch)
     for folder in (linked, scratch):
         assert synthesis_output_paths("sub-01", "FLAIR", folder)[0] == folder / "sub-01" / "anat" / "sub-01_desc-synthetic_FLAIR.nii.gz"
+
+
+def test_the_folder_walk_leaves_out_hidden_files_and_folders_and_says_which(tmp_path):
+    # AppleDouble "._<image>" files, .DS_Store, a trash folder and a file server's .snapshot/ were searched as input
+    # (a fake case per image, every real case a duplicate); our own temporary outputs are ".tmp-*" as well
+    root = tmp_path / ".cache" / "dataset"  # a hidden root (under a hidden folder) is searched all the same
+    (root / "P01" / ".snapshot" / "hourly.0").mkdir(parents=True)
+    (root / ".Trash-1000" / "files").mkdir(parents=True)
+    for name in ("P01-t1.nii.gz", "._P01-t1.nii.gz", ".DS_Store", ".snapshot/hourly.0/P01-t1.nii.gz"):
+        (root / "P01" / name).write_bytes(b"")
+    (root / ".Trash-1000" / "files" / "P02-t1.nii.gz").write_bytes(b"")
+    hidden = []
+    walked = list(walk_folders(root, hidden=hidden))
+    assert walked == [(str(root), []), (str(root / "P01"), ["P01-t1.nii.gz"])]
+    assert hidden == [str(root / ".Trash-1000"), str(root / "P01" / ".DS_Store"), str(root / "P01" / "._P01-t1.nii.gz"),
+                      str(root / "P01" / ".snapshot")]
+    assert list(walk_folders(root)) == walked  # without a list to fill, the same walk

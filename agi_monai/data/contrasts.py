@@ -12,6 +12,10 @@ separators being ``-``, ``_`` or ``.``. This covers, for example:
 - BraTS-Toolkit output: ``OtherEXampleFromTCIA_fla_bet.nii.gz`` (``bet`` is a processing tag)
 - DeepMedic examples: ``Flair_subtrMeanDivStd.nii.gz``, ``OTMultiClass.nii.gz``
 - a bare name in a case folder: ``t1.nii.gz`` (the case is named after the folder)
+- a contrast written in two words: ``P01_T2_FLAIR.nii.gz``, ``P01_T1-Gd.nii.gz``, ``P01_T1+C.nii.gz``, ``P01_T1w_ce``
+
+A name ending in two contrasts that make no one contrast together (``P01-PD-T2.nii.gz``, ``P01_T1_seg.nii.gz``) is
+read as none (:func:`ambiguous_ending`): cutting off the last would give a case ``P01-PD`` holding a T2.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "parse_filename",
     "strip_image_extension",
     "contrasts_in_name",
+    "ambiguous_ending",
     "choose_reference",
     "patient_id",
 ]
@@ -54,7 +59,12 @@ CONTRAST_ALIASES: dict[str, str] = {
 _PROCESSING_TAGS: frozenset[str] = frozenset({"bet", "brain", "skullstripped", "subtrmeandivstd", "n4", "reg"})
 
 _IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
-_SEPARATORS = re.compile(r"[-_.]")
+# the parts of a name: what lies between separators ("+" too: "T1+C", "T1C+" mean contrast-enhanced)
+_TOKENS = re.compile(r"[^-_.+]+")
+
+# Words that, after a T1 token, say it was acquired after a contrast agent (T1w_ce, T1_KM: Kontrastmittel).
+# A T1 token joined with the next one into a known name (T1_post -> t1post, T1+C -> t1c) needs none of these.
+_CONTRAST_AGENT_WORDS: frozenset[str] = frozenset({"c", "ce", "gd", "gad", "post", "contrast", "km"})
 
 # A BIDS name (https://bids-specification.readthedocs.io, "modality agnostic files"): sub-<label>, then
 # <key>-<value> entities (ses, acq, ce, rec, run, ...), then the suffix naming the contrast (T1w, T2w, PDw, FLAIR)
@@ -69,6 +79,9 @@ _PATIENT_RULES: tuple[re.Pattern[str], ...] = (
     re.compile(r"^(BraTS-[A-Za-z]+-\d+)-\d+$"),  # BraTS 2023: BraTS-GLI-<patient>-<timepoint>
     re.compile(r"^(IXI\d+)(?:-.*)?$"),  # IXI: IXI<number>-<site>-<scan id>
     re.compile(r"^(sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+$"),  # BIDS: the sessions of one subject
+    # TCGA/TCIA: the barcode's participant (TCGA-<site>-<participant>) anywhere in the name, e.g. the native scans
+    # "TCGA-FG-6692-native" and the BraTS-space copy in a folder "TCGA-FG-6692"
+    re.compile(r"(?<![A-Za-z0-9])(TCGA-[A-Za-z0-9]{2}-[A-Za-z0-9]{4})(?![A-Za-z0-9])"),
 )
 
 
@@ -104,10 +117,13 @@ def strip_image_extension(filename: str) -> str | None:
 def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """Split an image file name into ``(case prefix, canonical contrast)``.
 
-    The contrast is the last token that is not a processing tag; the prefix is everything before it
-    (an empty prefix means the case is named after its folder). A BIDS name (``sub-01_ses-2_acq-tse_T2w.nii.gz``)
-    is read by its entities: the case is the subject and session (``sub-01_ses-2``), the contrast the suffix,
-    a T1w with a ``ce-`` entity (contrast agent) is T1Gd, and the other entities (acq, rec, run...) name no case.
+    The contrast is the last token that is not a processing tag, or the last two when together they name one
+    (``T2_FLAIR``, ``T1-Gd``, ``T1+C``, ``T1w_ce``); the prefix is everything before it (an empty prefix means the
+    case is named after its folder). A name ending in two contrasts that name no one together (``P01-PD-T2``,
+    ``P01_T1_seg``) is read as none (:func:`ambiguous_ending` says which). A BIDS name
+    (``sub-01_ses-2_acq-tse_T2w.nii.gz``) is read by its entities: the case is the subject and session
+    (``sub-01_ses-2``), the contrast the suffix, a T1w with a ``ce-`` entity (contrast agent) is T1Gd, and the other
+    entities (acq, rec, run...) name no case.
 
     Args:
         filename: a file name (not a path), e.g. ``"IXI012-HH-1211-T1.nii.gz"``.
@@ -122,33 +138,102 @@ def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> t
     bids = _BIDS_NAME.match(stem)
     if bids is not None:
         return _parse_bids_name(*bids.groups(), aliases)
-    tokens = _SEPARATORS.split(stem)
-    while len(tokens) > 1 and tokens[-1].lower() in _PROCESSING_TAGS:
+    ending = _contrast_ending(stem, aliases)
+    if ending is None or ending[2] is not None:
+        return None
+    start, contrast, _ = ending
+    # the prefix keeps the original separators: the stem up to the separator before the contrast
+    return stem[: max(start - 1, 0)], contrast
+
+
+def ambiguous_ending(filename: str, aliases: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """The two contrasts that end a NIfTI file name without naming one contrast together (``P01-PD-T2.nii.gz`` ->
+    ``("PD", "T2")``, ``P01_T1_seg.nii.gz`` -> ``("T1", "seg")``), for which :func:`parse_filename` reads none: a
+    PD/T2 image, or a T2 of case ``P01-PD``? A segmentation drawn on the T1, or a T1 of case ``P01_T1``? None for
+    any other name."""
+    stem = strip_image_extension(filename)
+    if stem is None or _BIDS_NAME.match(stem):
+        return None
+    ending = _contrast_ending(stem, aliases)
+    return None if ending is None or ending[2] is None else (ending[2], ending[1])
+
+
+def _contrast_ending(stem: str, aliases: Mapping[str, str] | None) -> tuple[int, str, str | None] | None:
+    """Where the contrast that ends ``stem`` starts, the contrast, and the contrast of the token just before it when
+    that one names another contrast (the name is then ambiguous); None when the name does not end in a contrast."""
+    tokens = [(match.start(), match.group()) for match in _TOKENS.finditer(stem)]
+    while len(tokens) > 1 and tokens[-1][1].lower() in _PROCESSING_TAGS:
         tokens.pop()
+    if not tokens:
+        return None
+    last = _contrast_of(tokens[-1][1], aliases)
+    compound = _compound_contrast(tokens[-2][1], tokens[-1][1], aliases) if len(tokens) > 1 else None
+    if compound is not None:
+        tokens, contrast = tokens[:-1], compound
+    elif last is not None:
+        contrast = last
+    else:
+        return None
+    before = _contrast_of(tokens[-2][1], aliases) if len(tokens) > 1 else None
+    return tokens[-1][0], contrast, before
+
+
+def _contrast_of(token: str, aliases: Mapping[str, str] | None) -> str | None:
     try:
-        contrast = canonical_contrast(tokens[-1], aliases)
+        return canonical_contrast(token, aliases)
     except DataError:
         return None
-    # the prefix keeps the original separators: cut the stem just before the contrast token
-    position = sum(len(token) + 1 for token in tokens[:-1])
-    prefix = stem[: max(position - 1, 0)]
-    return prefix, contrast
+
+
+def _compound_contrast(first: str, second: str, aliases: Mapping[str, str] | None) -> str | None:
+    """The one contrast two consecutive tokens name together, the first being a contrast: a known name written with
+    a separator (``T2_FLAIR`` -> t2flair, ``T1-Gd``, ``T1+C``), a T1 followed by a contrast-agent word (``T1w_ce``,
+    ``T1_KM``), or the same contrast twice (``T1_MPRAGE`` with ``aliases={"mprage": "T1"}``); else None."""
+    contrast = _contrast_of(first, aliases)
+    if contrast is None:
+        return None
+    joined = _contrast_of(first + second, aliases)
+    if joined is not None:
+        return joined
+    if contrast == "T1" and second.lower() in _CONTRAST_AGENT_WORDS:
+        return "T1Gd"
+    return contrast if _contrast_of(second, aliases) == contrast else None
 
 
 def contrasts_in_name(filename: str, aliases: Mapping[str, str] | None = None) -> list[str]:
-    """The contrasts that any part of a NIfTI file name names (``P01_T2_TSE_AX.nii.gz`` -> ``["T2"]``), in order,
-    once each: what :func:`parse_filename` did not read as the contrast of a name that does not end with one. None
-    for a BIDS name, whose suffix alone names its contrast (``sub-01_mod-T1w_defacemask`` is a mask)."""
+    """The contrasts that any part of a NIfTI file name names (``P01_T2_TSE_AX.nii.gz`` -> ``["T2"]``,
+    ``P01_T1_CE_AX.nii.gz`` -> ``["T1Gd"]``: two words read as one contrast as at a name's end), in order, once each:
+    what :func:`parse_filename` did not read as the contrast of a name that does not end with one. None for a BIDS
+    name, whose suffix alone names its contrast (``sub-01_mod-T1w_defacemask`` is a mask), and no T2 for a T2*
+    (``P01_T2_star_AX``, a gradient-echo contrast of its own)."""
+    return list(dict.fromkeys(contrast for _, contrast in _named_contrasts(filename, aliases)))
+
+
+def _named_contrasts(filename: str, aliases: Mapping[str, str] | None) -> list[tuple[int, str]]:
+    """Where each contrast named among a NIfTI file name's parts starts, and which it is (see
+    :func:`contrasts_in_name`)."""
     stem = strip_image_extension(filename) or ""
     if _BIDS_NAME.match(stem):
         return []
+    tokens = [(match.start(), match.group()) for match in _TOKENS.finditer(stem)]
     named = []
-    for token in _SEPARATORS.split(stem):
-        try:
-            named.append(canonical_contrast(token, aliases))
-        except DataError:
+    index = 0
+    while index < len(tokens):
+        start, token = tokens[index]
+        following = tokens[index + 1][1] if index + 1 < len(tokens) else ""
+        if following.lower() == "star":  # T2_star: T2*-weighted, not a T2
+            index += 2
             continue
-    return list(dict.fromkeys(named))
+        compound = _compound_contrast(token, following, aliases) if following else None
+        if compound is not None:
+            named.append((start, compound))
+            index += 2
+            continue
+        contrast = _contrast_of(token, aliases)
+        if contrast is not None:
+            named.append((start, contrast))
+        index += 1
+    return named
 
 
 def _parse_bids_name(subject: str, entities: str, suffix: str, aliases: Mapping[str, str] | None) -> tuple[str, str] | None:
@@ -174,14 +259,19 @@ def choose_reference(contrasts: Sequence[str]) -> str:
     raise DataError(", ".join(contrasts) or "<none>", "has no image contrast to use as reference", str(CONTRASTS))
 
 
-def patient_id(case_id: str) -> str:
+def patient_id(case_id: str, folder: str = "") -> str:
     """The patient a case belongs to, so that splits keep all of a patient's cases together.
 
     BraTS 2023 ``BraTS-GLI-00001-000`` -> ``BraTS-GLI-00001`` (the last number is the time point);
-    IXI ``IXI012-HH-1211`` -> ``IXI012``; anything else is its own patient.
+    IXI ``IXI012-HH-1211`` -> ``IXI012``; BIDS ``sub-01_ses-2`` -> ``sub-01``; a TCGA barcode anywhere in the ID
+    (``TCGA-FG-6692-native``) -> ``TCGA-FG-6692``. A case ID that names none of these takes the patient that its
+    ``folder``'s name names, if any (files ``OtherEXampleFromTCIA_t1.nii.gz``, BraTS-Toolkit's outputs, in a folder
+    ``TCGA-FG-6692``: the same subject as ``TCGA-FG-6692-native``, which a split must not put apart); anything else
+    is its own patient.
     """
-    for rule in _PATIENT_RULES:
-        match = rule.match(case_id)
-        if match:
-            return match.group(1)
+    for name in (case_id, folder):
+        for rule in _PATIENT_RULES:
+            match = rule.search(name)
+            if match:
+                return match.group(1)
     return case_id

@@ -57,14 +57,20 @@ DICOM_CONTRAST_RULES: tuple[tuple[str | None, str], ...] = (
     # is x as a word also between underscores ("AX_PD_TSE", "t1_se_tra_ce"), where \b sees none; the other \b
     # words (tse, tfe...) keep \b: between underscores they also name STIR, Dixon and B1-map series.
     (None, r"localizer|scout|survey|calibration|(?<![a-z0-9])loc(?![a-z0-9])|dwi|adc|diffusion|dti|perfusion|swi|tof|"
-           r"mra|(?<![a-z0-9])mip(?![a-z0-9])"),
+           r"mra|(?<![a-z0-9])mip(?![a-z0-9])|"
+           # T2*-weighted (gradient echo, for blood products; SWAN is GE's SWI): not a T2, which the "t2" rule below
+           # took them for. A gradient-echo word only with a T2: "AX T1 3D GRE", "T1 FFE", "t1_fl2d_tra" are T1s.
+           r"t2[\s_-]*(?:\*|star(?![a-z]))|(?<![a-z0-9])swan(?![a-z0-9])|"
+           r"(?<![a-z0-9])t2w?(?![a-z0-9]).*(?<![a-z0-9])(?:gre|ffe|fl[23]d|medic|merge|hemo)(?![a-z0-9])|"
+           r"(?<![a-z0-9])(?:gre|ffe|fl[23]d|medic|merge|hemo)(?![a-z0-9]).*(?<![a-z0-9])t2w?(?![a-z0-9])"),
     # a "T1 FLAIR" (GE's T1-weighted inversion recovery) is a T1; "t1" elsewhere (an exam's protocol name) is not
     ("FLAIR", r"^(?!.*t1[\W_]*(?:w[\W_]*)?flair)(?:.*)(?:flair|t2f|dark[\s_-]?fluid)"),
-    # contrast after a T1 ("ce" a word: "T1-CE", "t1_se_tra_ce"), unless said to be without it ("T1_WO_CE", "T1 w/o
-    # contrast", "pre-contrast"; not an exam's "w/wo contrast" or "with and without contrast", in the protocol name
-    # of every series)
-    ("T1Gd", r"^(?!.*(?<![a-z0-9/])(?<!and[\W_])(?:w/o|wo|without|no|non|pre)[\W_]*(?:ce|contrast|gd|gad)(?![a-z0-9]))"
-             r"(?:.*t1.*(?:gd|gad|contrast|post|\+\s*c|c\+|(?<![a-z0-9])ce(?![a-z0-9]))|.*t1c|.*t1ce|.*mprage.*post)"),
+    # contrast after a T1 ("ce" a word: "T1-CE", "t1_se_tra_ce"; "KM", German Kontrastmittel: "t1_se_tra_KM"), unless
+    # said to be without it ("T1_WO_CE", "T1 w/o contrast", "pre-contrast", "ohne KM"; not an exam's "w/wo contrast"
+    # or "with and without contrast", in the protocol name of every series)
+    ("T1Gd", r"^(?!.*(?<![a-z0-9/])(?<!and[\W_])(?:w/o|wo|without|no|non|pre|ohne)[\W_]*(?:ce|contrast|gd|gad|km)"
+             r"(?![a-z0-9]))(?:.*t1.*(?:gd|gad|contrast|post|\+\s*c|c\+|(?<![a-z0-9])(?:ce|km)(?![a-z0-9]))|.*t1c|"
+             r".*t1ce|.*mprage.*post)"),
     ("T1", r"t1|mprage|spgr|bravo|\btfe\b|\btfl\b"),
     ("PD", r"(?<![a-z0-9])pd(?![a-z0-9])|pdw|proton[\s_-]?density|pd[\s_-]?w"),
     ("T2", r"t2|\btse\b|\bfse\b"),

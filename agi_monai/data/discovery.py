@@ -28,7 +28,8 @@ import pydicom
 from tqdm import tqdm
 
 from agi_monai.data.contrasts import (
-    CONTRASTS, LABELS, canonical_contrast, contrasts_in_name, parse_filename, patient_id, strip_image_extension
+    CONTRASTS, LABELS, ambiguous_ending, canonical_contrast, contrasts_in_name, parse_filename, patient_id,
+    strip_image_extension
 )
 from agi_monai.data.dicom import DicomSeries, find_dicom_series, match_series_to_contrasts
 from agi_monai.data.errors import DataError, Failure, format_failures
@@ -40,6 +41,11 @@ __all__ = ["Discovery", "discover_cases", "file_safe_case_id"]
 _logger = logging.getLogger(__name__)
 _CASE_KEYS = ("case_id", "patient_id")
 
+# Image formats that discovery does not read (MetaImage: the BRATS 2015 download; NRRD; Analyze; FreeSurfer; MINC):
+# counted and named, so that a folder of them does not give "0 cases found" without a word on why.
+_OTHER_IMAGE_FORMATS = (".mha", ".mhd", ".nrrd", ".nhdr", ".hdr", ".hdr.gz", ".img", ".img.gz", ".mgz", ".mgh", ".mnc")
+_OTHER_FORMATS_EXPECTED = "expected NIfTI (.nii, .nii.gz) or DICOM: convert them, e.g. with SimpleITK"
+
 
 @dataclass
 class Discovery:
@@ -48,24 +54,39 @@ class Discovery:
     Attributes:
         cases: usable cases, sorted by case ID (MONAI datalist items).
         failures: skipped cases and why.
-        ignored: NIfTI files of a searched folder whose names name no contrast (``brainmask.nii.gz``,
-            ``P01_T2_AX.nii.gz``), so that a user can tell why a file was not used.
+        ignored: NIfTI files of a searched folder whose names end in no one contrast (``brainmask.nii.gz``,
+            ``P01_T2_AX.nii.gz``, ``P01-PD-T2.nii.gz``), so that a user can tell why a file was not used.
+        other_formats: image files of formats discovery does not read (``.mha``, ``.nrrd``, ``.mgz``...).
+        hidden: hidden files and folders (names starting with ``.``: ``._<image>`` AppleDouble files, ``.DS_Store``,
+            ``.Trash-1000/``, ``.snapshot/``), not searched (:func:`agi_monai.data.files.walk_folders`).
     """
 
     cases: list[dict[str, Any]] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    other_formats: list[str] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
 
     def summary(self, source: str | Path = "") -> str:
-        """One line: how many cases were found and skipped (and NIfTI files ignored), then the skipped cases, one per
-        line."""
+        """One line: how many cases were found and skipped (and files ignored, by why), then the skipped cases, one
+        per line."""
         where = f" in {source}" if source else ""
         line = f"{len(self.cases)} cases found{where}, {len(self.failures)} skipped"
         if self.ignored:
-            shown = ", ".join(self.ignored[:3]) + (", ..." if len(self.ignored) > 3 else "")
-            line += f", {len(self.ignored)} NIfTI files ignored, their names naming no contrast ({shown})"
+            line += (f", {len(self.ignored)} NIfTI files ignored, their names ending in no one contrast "
+                     f"({_first(self.ignored)})")
+        if self.other_formats:
+            line += (f", {len(self.other_formats)} image files ignored, of formats not read "
+                     f"({_first(self.other_formats)}; {_OTHER_FORMATS_EXPECTED})")
+        if self.hidden:
+            line += f", {len(self.hidden)} hidden files or folders ignored ({_first(self.hidden)})"
         details = format_failures(self.failures)
         return f"{line}\n{details}" if details else line
+
+
+def _first(paths: Sequence[str], count: int = 3) -> str:
+    """The first ``count`` of ``paths``, for a summary line."""
+    return ", ".join(paths[:count]) + (", ..." if len(paths) > count else "")
 
 
 def discover_cases(
@@ -102,10 +123,12 @@ def discover_cases(
         raise DataError(source, "does not exist", "a folder of NIfTI/DICOM files or a JSON datalist")
     required = [canonical_contrast(name) for name in required]
     ignored: list[str] = []
+    other_formats: list[str] = []
+    hidden: list[str] = []
     if source.is_file():
         grouped, failures = _read_datalist(source, split, aliases)
     else:
-        grouped, failures, ignored = _scan_folder(source, aliases, dicom_mapping)
+        grouped, failures = _scan_folder(source, aliases, dicom_mapping, ignored, other_formats, hidden)
 
     cases = []
     for case_id in sorted(grouped):
@@ -133,7 +156,12 @@ def discover_cases(
         cases = _validated(cases, failures, progress)
     for failure in failures:
         _logger.warning("skipped %s", failure)
-    return Discovery(cases, failures, ignored)
+    if other_formats:  # said here too: the datalist scripts print no summary, and a folder of .mha gave 0 cases unexplained
+        _logger.warning("%s: %d image files ignored, of formats not read (%s; %s)", source, len(other_formats),
+                        _first(other_formats), _OTHER_FORMATS_EXPECTED)
+    if hidden:
+        _logger.info("%s: %d hidden files or folders ignored (%s)", source, len(hidden), _first(hidden))
+    return Discovery(cases, failures, ignored, other_formats, hidden)
 
 
 def file_safe_case_id(case_id: str) -> str:
@@ -148,11 +176,13 @@ def file_safe_case_id(case_id: str) -> str:
 
 
 def _scan_folder(
-    root: Path, aliases: Mapping[str, str] | None, dicom_mapping: Mapping[str, str] | None
-) -> tuple[dict[str, dict[str, list[Any]]], list[Failure], list[str]]:
+    root: Path, aliases: Mapping[str, str] | None, dicom_mapping: Mapping[str, str] | None, ignored: list[str],
+    other_formats: list[str], hidden: list[str]
+) -> tuple[dict[str, dict[str, list[Any]]], list[Failure]]:
+    """The cases below ``root``, and those that failed; appends what it leaves out to ``ignored`` (NIfTI files whose
+    names end in no one contrast), ``other_formats`` and ``hidden`` (see :class:`Discovery`)."""
     grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
-    ignored: list[str] = []
-    for folder, names in sorted(walk_folders(root)):
+    for folder, names in sorted(walk_folders(root, hidden=hidden)):
         parsed = []
         for name in names:
             found = parse_filename(name, aliases)
@@ -161,11 +191,18 @@ def _scan_folder(
             elif strip_image_extension(name) is not None:  # a NIfTI file naming no contrast
                 ignored.append(str(Path(folder) / name))
                 _warn_if_misnamed(ignored[-1], aliases)
+            elif name.lower().endswith(_OTHER_IMAGE_FORMATS):
+                other_formats.append(str(Path(folder) / name))
         prefixes = {prefix for _, prefix, _ in parsed if prefix}
         # a file named only by its contrast (t1.nii.gz, mav.nii.gz) joins the folder's one named case, if any
         unnamed_case = prefixes.pop() if len(prefixes) == 1 else Path(folder).name
         for name, prefix, contrast in parsed:
-            grouped[prefix or unnamed_case][contrast].append(str(Path(folder) / name))
+            case_id = prefix or unnamed_case
+            grouped[case_id][contrast].append(str(Path(folder) / name))
+            # a case whose ID names no patient takes its folder's (OtherEXampleFromTCIA_* in TCGA-FG-6692/)
+            from_folder = patient_id(case_id, Path(folder).name)
+            if from_folder != patient_id(case_id) and not grouped[case_id]["patient_id"]:
+                grouped[case_id]["patient_id"].append(from_folder)
     failures: list[Failure] = []
     for case_id, series in _dicom_studies(root).items():
         try:
@@ -176,17 +213,29 @@ def _scan_folder(
         for contrast, item in matched.items():
             grouped[case_id][contrast].append(item.volume_source)
         grouped[case_id]["patient_id"] = [series[0].patient_id]
-    return grouped, failures, ignored
+    return grouped, failures
 
 
 def _warn_if_misnamed(path: str, aliases: Mapping[str, str] | None) -> None:
     """A warning for an ignored NIfTI file with a contrast among the parts of its name, just not as the last
-    (``P01_T2_TSE_AX.nii.gz``): probably meant as that contrast. (``brainmask.nii.gz``, with none, is only counted.)"""
-    named = contrasts_in_name(Path(path).name, aliases)
+    (``P01_T2_TSE_AX.nii.gz``): probably meant as that contrast; or with two at its end that name no one contrast
+    (``P01-PD-T2.nii.gz``). (``brainmask.nii.gz``, with none, is only counted.) The example names the contrast the
+    name holds (``P01_T1_CE_AX.nii.gz``: ``P01-T1Gd.nii.gz``): a fixed ``P01-T2.nii.gz`` led users to rename a
+    contrast-enhanced T1 to something else."""
+    name = Path(path).name
+    ambiguous = ambiguous_ending(name, aliases)
+    if ambiguous:
+        _logger.warning("%s: ignored, its name ends in two contrasts, %s then %s, that name no one contrast together: "
+                        "which is it? (expected <case>-<contrast>.nii.gz ending in one contrast: rename or link the "
+                        "file, or list the case in a JSON datalist)", path, *ambiguous)
+        return
+    named = contrasts_in_name(name, aliases)
     if named:
+        examples = " or ".join(f"P01-{contrast}.nii.gz" for contrast in named)
+        which = f"if it is the {named[0]} image" if len(named) == 1 else "whichever it is"
         _logger.warning("%s: ignored, although its name holds %s: the contrast must end the name (expected "
-                        "<case>-<contrast>.nii.gz, e.g. P01-T2.nii.gz: rename or link the file, or list the case in a "
-                        "JSON datalist)", path, ", ".join(named))
+                        "<case>-<contrast>.nii.gz, e.g. %s %s: rename or link the file, or list the case in a JSON "
+                        "datalist)", path, ", ".join(named), examples, which)
 
 
 def _dicom_studies(root: Path) -> dict[str, list[DicomSeries]]:

@@ -37,12 +37,20 @@ _logger = logging.getLogger(__name__)
 _BIDS_NOT_RAW = ("derivatives", "sourcedata", "code")
 
 
-def walk_folders(root: str | Path, quiet: bool = False) -> Iterator[tuple[str, list[str]]]:
+def walk_folders(
+    root: str | Path, quiet: bool = False, hidden: list[str] | None = None
+) -> Iterator[tuple[str, list[str]]]:
     """``(folder, file names)`` of ``root`` and every folder below it, top-down (subfolders and names sorted),
     following symbolic links to folders (a dataset folder of links to a shared store is common on clusters; ``os.walk``'s default drops them
     silently) but entering each real folder once, so a link that loops back ends nowhere. The ``derivatives/``,
     ``sourcedata/`` and ``code/`` folders of a BIDS dataset (one holding ``dataset_description.json``) are left out,
-    with a log line (none when ``quiet``); point ``root`` at one of them to search it."""
+    with a log line (none when ``quiet``); point ``root`` at one of them to search it.
+
+    Hidden entries below ``root`` (names starting with ``.``, files and folders) are left out too: what a Mac leaves
+    on a copied dataset (``._<name>`` AppleDouble files of every image, ``.DS_Store``), a trash folder
+    (``.Trash-1000/``) or a file server's ``.snapshot/`` hold no images to read, or second copies of every case (and
+    this package's own temporary outputs are ``.tmp-*``). Their paths are appended to ``hidden`` when one is given,
+    so that a caller can say what it left out; ``root`` itself is searched whatever its name."""
     seen: set[tuple[int, int]] = set()
     for folder, folders, names in os.walk(root, followlinks=True):
         try:
@@ -54,6 +62,10 @@ def walk_folders(root: str | Path, quiet: bool = False) -> Iterator[tuple[str, l
             folders[:] = []
             continue
         seen.add((status.st_dev, status.st_ino))
+        if hidden is not None:
+            hidden.extend(os.path.join(folder, name) for name in sorted(folders + names) if name.startswith("."))
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        names = [name for name in names if not name.startswith(".")]
         if "dataset_description.json" in names and any(name in _BIDS_NOT_RAW for name in folders):
             if not quiet:
                 _logger.info("%s: a BIDS dataset; its %s folders are not searched for raw images", folder,
