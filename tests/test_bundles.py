@@ -32,7 +32,7 @@ from agi_monai.bundle import (
     FolderSynthesis, NonFiniteTrainingError, StopOnNonFiniteTraining, TrainingSummary, check_command_line, load_split,
     loss_terms, report_failures, slice_names,
 )
-from agi_monai.data import Failure, synthetic_description
+from agi_monai.data import Failure, nifti_is_complete, synthetic_description
 from agi_monai.networks import AGINet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -445,6 +445,17 @@ def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_sa
         assert out[1] == (f"  - b: {tmp_path / 'b_PD.nii.gz'}: exists and was not written by a synthesis (its NIfTI "
                           "header is not marked SYNTHETIC), so it is left as it was (expected another --output_dir, or "
                           "that file moved away)")
+
+    # an output of ours cut short from outside (its header still marked) is not "present": it is written again
+    earlier = nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 32), dtype=np.float32), np.eye(4))
+    earlier.header["descrip"] = synthetic_description("PD", ["T1", "T2"], "an earlier run")
+    nib.save(earlier, tmp_path / "b_PD.nii.gz")
+    whole = (tmp_path / "b_PD.nii.gz").read_bytes()
+    (tmp_path / "b_PD.nii.gz").write_bytes(whole[: len(whole) // 2])  # its header still reads SYNTHETIC
+    assert not nifti_is_complete(tmp_path / "b_PD.nii.gz") and nifti_is_complete(tmp_path / "a_PD.nii.gz")
+    summary, out, bar = run(cases, overwrite=False)
+    assert summary.written == [tmp_path / "b_PD.nii.gz"] and len(summary.present) == 2
+    assert written_by(tmp_path / "b_PD.nii.gz") == "this run"
 
     # cases left out before the run count in the bar as in the summary line (before: "2/2 ... 1 failed" beside
     # "synthesized 2 of 3 cases")

@@ -29,6 +29,7 @@ from agi_monai.data import (
     Failure,
     case_id_of_output,
     failure_reason,
+    nifti_is_complete,
     refuse_foreign_outputs,
     spacing_mismatch,
     stopping_cleanly_on_sigterm,
@@ -207,8 +208,12 @@ class FolderSynthesis:
             summary.failures.append(failure)
             return
         if not self.overwrite and output.exists():
-            summary.present.append(output)
-            return
+            if nifti_is_complete(output):
+                summary.present.append(output)
+                return
+            # a synthesis of ours (_output_refusal checked its mark) cut short from outside: written again
+            _logger.warning("%s: %s is cut short (fewer bytes than its header announces); synthesized again",
+                            case_id, output)
         try:
             self._synthesize(index)
         except Exception as error:  # one bad case must not stop the others; the reason is reported

@@ -66,6 +66,7 @@ _SUBMODULES: dict[str, tuple[str, ...]] = {
         "case_id_of_output",
         "check_report_path",
         "is_bids_derivative",
+        "nifti_is_complete",
         "refuse_foreign_outputs",
         "stopping_cleanly_on_sigterm",
         "synthesis_output_paths",

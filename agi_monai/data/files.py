@@ -25,6 +25,7 @@ from agi_monai.data.errors import DataError
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
     "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input", "check_report_path",
+    "nifti_is_complete",
     "is_bids_derivative", "CaseOutputLayout", "refuse_foreign_outputs", "synthesis_output_paths", "case_id_of_output",
     "refuse_output_in_input",
 ]
@@ -73,6 +74,31 @@ def walk_folders(
             folders[:] = [name for name in folders if name not in _BIDS_NOT_RAW]
         folders.sort()
         yield folder, sorted(names)
+
+
+def nifti_is_complete(path: str | Path) -> bool:
+    """Whether the NIfTI file ``path`` holds every byte its header announces (header, extensions and voxels), read
+    without decompressing the voxels: for ``.nii.gz`` the gzip trailer's uncompressed size (ISIZE, modulo 2^32), for
+    ``.nii`` the file's size. A file cut short (a disk that filled, a copy interrupted: damage from outside, as this
+    package writes atomically) is False, as is one whose header cannot be read. Any other file is True."""
+    import nibabel as nib
+    import numpy as np
+
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return True
+    try:
+        image = nib.load(str(path))
+        header = image.header  # (its vox_offset reads 0 once loaded: the array proxy keeps the file's)
+        expected = int(image.dataobj.offset) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+        if name.endswith(".nii"):
+            return path.stat().st_size >= expected
+        with path.open("rb") as stream:
+            stream.seek(-4, os.SEEK_END)
+            return int.from_bytes(stream.read(4), "little") == expected % 2**32
+    except Exception:  # unreadable header, a file shorter than a gzip trailer: not a complete NIfTI either way
+        return False
 
 
 def is_searched_input(folder: Path, root: Path) -> bool:
