@@ -488,8 +488,11 @@ def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(unt
     good = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
     cases = tmp_path / "cases"
     (cases / "good").mkdir(parents=True)
-    for f in good.iterdir():
-        (cases / "good" / f.name).symlink_to(f)
+    for f in good.iterdir():  # as a registration tool writes them: "aligned to another file", no qform
+        image = nib.load(f)
+        image.set_sform(image.affine, code=2)
+        image.set_qform(image.affine, code=0)
+        nib.save(image, cases / "good" / f.name)
     (cases / "bad").mkdir()
     for f in good.glob("*-t2[wf].nii.gz"):
         (cases / "bad" / f.name.replace("BraTS-GLI-00001-000", "BraTS-GLI-99999-000")).symlink_to(f)
@@ -513,6 +516,7 @@ def test_inference_writes_each_case_on_its_input_grid_and_reports_a_bad_case(unt
     reference = nib.load(good / "BraTS-GLI-00001-000-t2w.nii.gz")  # T2: the reference input's grid
     assert written.shape == reference.shape
     np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
+    assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (2, 0)  # the inputs'
     values = np.asarray(written.dataobj)
     assert values.dtype == np.float32 and values.min() >= 0.0 and values.max() <= 1.0 and values.max() > 0.0
     assert written.header["descrip"].item() == b"SYNTHETIC T1Gd from T1,T2,FLAIR by brats_t1_t2_flair_to_t1gd"

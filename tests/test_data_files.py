@@ -187,6 +187,21 @@ def test_nifti_writer_marks_its_file_with_the_description_and_keeps_geometry(tmp
     np.testing.assert_allclose(np.asarray(written.dataobj), image[0].numpy(), atol=1e-7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case_T1Gd.nii.gz"]
 
+    # an input's sform/qform codes are kept (here: aligned to another file, no qform), with its affine
+    source = nib.Nifti1Image(np.arange(120, dtype=np.float32).reshape(6, 5, 4), affine)
+    source.set_sform(affine, code=2)
+    source.set_qform(affine, code=0)
+    nib.save(source, tmp_path / "aligned.nii.gz")
+    from agi_monai.data import load_volume
+
+    loaded = load_volume(tmp_path / "aligned.nii.gz")
+    writer.set_data_array(loaded, channel_dim=0)
+    writer.set_metadata(loaded.meta, resample=False)
+    writer.write(tmp_path / "codes_T1Gd.nii.gz")
+    written = nib.load(tmp_path / "codes_T1Gd.nii.gz")
+    assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (2, 0)
+    np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+
     assert len(synthetic_description("T1Gd", ["T1", "T2", "FLAIR"], "x" * 100)) == 80  # cut to the header's field
     with pytest.raises(ValueError, match="expected at most 80 bytes"):
         AtomicNibabelWriter(description="x" * 81)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monai.data import FolderLayoutBase, NibabelWriter
 
 from agi_monai.data.errors import DataError
@@ -82,7 +83,6 @@ def nifti_is_complete(path: str | Path) -> bool:
     ``.nii`` the file's size. A file cut short (a disk that filled, a copy interrupted: damage from outside, as this
     package writes atomically) is False, as is one whose header cannot be read. Any other file is True."""
     import nibabel as nib
-    import numpy as np
 
     path = Path(path)
     name = path.name.lower()
@@ -561,7 +561,8 @@ def write_json(data: Any, path: str | Path) -> Path:
 
 class AtomicNibabelWriter(NibabelWriter):
     """MONAI's NIfTI writer (for ``SaveImage(d)``, ``writer=AtomicNibabelWriter``) writing atomically, with the
-    spatial units in mm (as the inputs'; MONAI leaves them "unknown") and an optional ``description`` in the
+    spatial units in mm (as the inputs'; MONAI leaves them "unknown"), the sform/qform codes of the input whose
+    metadata it is given (MONAI writes 1/1), and an optional ``description`` in the
     header's ``descrip`` field: what marks a synthesized volume as synthetic wherever the file goes (``fslhd``,
     ``nib-ls``, ITK-SNAP's info show it), as the DICOM series' SeriesDescription and DerivationDescription do.
 
@@ -575,9 +576,19 @@ class AtomicNibabelWriter(NibabelWriter):
             raise ValueError(f"NIfTI description {description!r}: expected at most 80 bytes (the header's descrip)")
         super().__init__(**kwargs)
         self.description = description
+        self.form_codes: dict[str, int] = {}
+
+    def set_metadata(self, meta_dict: Any = None, resample: bool = True, **options: Any) -> None:
+        # the input's sform/qform codes (MONAI's NIfTI reader keeps them in the metadata), which MONAI's writer
+        # replaces by 1/1: an input "aligned to another file" (sform code 2) or without a qform (code 0) keeps them
+        self.form_codes = {
+            name: int(meta_dict[name]) for name in ("sform_code", "qform_code")
+            if meta_dict is not None and meta_dict.get(name) is not None
+        }
+        super().set_metadata(meta_dict, resample=resample, **options)
 
     def create_backend_obj(self, data_array: Any, affine: Any = None, dtype: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        # an instance method where MONAI has a classmethod: the description is this writer's
+        # an instance method where MONAI has a classmethod: the description and codes are this writer's
         image = super().create_backend_obj(data_array, affine=affine, dtype=dtype, **kwargs)
         image.header.set_xyzt_units("mm", "sec")  # MONAI's affines are in mm; nibabel's default says "unknown"
         if self.description:
@@ -585,5 +596,18 @@ class AtomicNibabelWriter(NibabelWriter):
         return image
 
     def write(self, filename: str | Path, verbose: bool = False, **obj_kwargs: Any) -> None:
+        # MONAI's NibabelWriter.write, but with the input's sform/qform codes where MONAI sets both to 1 (after
+        # create_backend_obj, so they cannot be set there), and through a temporary file renamed on success
+        import nibabel as nib
+        from monai.data.utils import to_affine_nd
+        from monai.utils import convert_data_type
+
         with atomic_output(filename) as temporary:
-            super().write(temporary, verbose=verbose, **obj_kwargs)
+            super(NibabelWriter, self).write(temporary, verbose=verbose)  # (ImageWriter's: the log line)
+            self.data_obj = self.create_backend_obj(self.data_obj, affine=self.affine, dtype=self.output_dtype, **obj_kwargs)
+            if self.affine is None:
+                self.affine = np.eye(4)
+            affine = to_affine_nd(r=3, affine=convert_data_type(self.affine, np.ndarray)[0])
+            self.data_obj.set_sform(affine, code=self.form_codes.get("sform_code", 1))
+            self.data_obj.set_qform(affine, code=self.form_codes.get("qform_code", 1))
+            nib.save(self.data_obj, temporary)
