@@ -33,6 +33,8 @@ __all__ = ["UsageError", "main", "synthesize", "convert_dicom", "evaluate", "exp
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 130: the shell's status for Ctrl-C
 _PROGRAM = "agi-monai"
 _FILE_FLAGS = {"t1": "T1", "t2": "T2", "pd": "PD", "flair": "FLAIR", "t1gd": "T1Gd"}
+# the inference.json setting --batch_size sets: the slices per forward pass of a 2D bundle, the patches of a 3D one
+_BATCH_SIZE_SETTINGS = ("slices_per_batch", "patches_per_batch")
 
 
 class UsageError(Exception):
@@ -96,7 +98,8 @@ def synthesize(
         t1gd: the contrast-enhanced T1 of one case.
         case_id: the case's name for files given with --t1/...; default: from the file names.
         device: torch device, e.g. cpu, cuda, cuda:1. Default: cuda:0 if available, else cpu.
-        batch_size: axial slices per forward pass (the bundle's slices_per_batch, 16).
+        batch_size: axial slices per forward pass (a 2D bundle's slices_per_batch, 16), or 3D patches per forward
+            pass (a 3D bundle's patches_per_batch, 4).
         overwrite: replace existing outputs; without it a case whose outputs exist is skipped (counted as already
             present: a rerun over a folder does the rest; with --dicom, a NIfTI without its DICOM series, from a run
             stopped between the two, gets its series), and one with a DICOM series but no NIfTI fails, naming it.
@@ -115,7 +118,7 @@ def synthesize(
     files = {_FILE_FLAGS[flag]: value for flag, value in given.items() if value is not None}
     overwrite, dicom, progress = _flag(overwrite, "overwrite"), _flag(dicom, "dicom"), _flag(progress, "progress")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise UsageError(f"--batch_size: got {batch_size!r}, expected a positive number of slices")
+        raise UsageError(f"--batch_size: got {batch_size!r}, expected a positive number of slices (3D: patches)")
     if output_dir is None:
         raise UsageError("--output_dir is required: the folder the synthesized images are written to")
     # checked (writable, not inside the input) by inference.json's initialize; absolute, not resolved: a linked
@@ -153,7 +156,7 @@ def synthesize(
 
         workflow = _workflow(
             chosen, ["inference.json"], overrides, dataset_dir=str(source), output_dir=str(output),
-            device=_device_expression(device), **({"slices_per_batch": batch_size} if batch_size else {}),
+            device=_device_expression(device), **({_batch_size_setting(chosen): batch_size} if batch_size else {}),
             **({} if progress else {"evaluator#progress": False}),
             # the DICOM outputs come after the bundle's run, and this command sets the exit status
             **{"evaluator#overwrite": overwrite, "evaluator#exit_on_failure": False},
@@ -408,12 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0].replace("_", "-") in COMMANDS:
         args[0] = args[0].replace("_", "-")
     command = args[0] if args and args[0] in COMMANDS else ""
-    fire_args = _fire_help(args)
-    fire_args = _command_line_as_typed(COMMANDS, fire_args)
-    # Fire writes help to stderr; asked-for help belongs on stdout (so that it pages and greps)
-    help_to_stdout = contextlib.redirect_stderr(sys.stdout) if fire_args[-2:] == ["--", "--help"] else contextlib.nullcontext()
     name = " ".join([_PROGRAM, *([command] if command else [])])
     try:
+        fire_args = _command_line_as_typed(COMMANDS, _fire_help(args))
+        # Fire writes help to stderr; asked-for help belongs on stdout (so that it pages and greps)
+        help_to_stdout = (contextlib.redirect_stderr(sys.stdout) if fire_args[-2:] == ["--", "--help"]
+                          else contextlib.nullcontext())
         with help_to_stdout, stopping_cleanly_on_sigterm():
             result = fire.Fire({name: _as_fire_shows_types(command) for name, command in COMMANDS.items()},
                                command=fire_args, name=_PROGRAM, serialize=lambda _: None)
@@ -490,13 +493,23 @@ def _command_line_as_typed(component: Any, args: list[str]) -> list[str]:
 def _strings_as_typed(command: Callable[..., int], args: list[str]) -> list[str]:
     """``args`` with the values of ``command``'s string parameters (folders, files, names, IDs) quoted, so that Fire,
     which reads every value as a Python literal, keeps them as typed: unquoted, a folder ``2024_01`` became the
-    number 202401 and ``--output_dir 1_0`` the folder ``10``. Fire gives a flag (``--name``, without ``=``) the next
-    argument unless that is a flag too; the other arguments fill the positional parameters not given as flags, in
-    order. Config overrides (``--network_def#channels [8,8,8,8]``) are literals and stay as they are."""
+    number 202401 and ``--output_dir 1_0`` the folder ``10``. The values of its bool parameters are read by
+    :func:`_flag` (true/false, yes/no, 1/0, any case) and given as ``True``/``False``: Fire keeps ``false`` a string,
+    which counts as true (``--validate false`` validated); anything else raises :class:`UsageError`. Fire gives a flag
+    (``--name``, without ``=``) the next argument unless that is a flag too; the other arguments fill the positional
+    parameters not given as flags, in order. Config overrides (``--network_def#channels [8,8,8,8]``) are literals and
+    stay as they are."""
     parameters = inspect.signature(command).parameters
     # (the scripts' annotations are strings: they import annotations from __future__)
     string_types = (str, Optional[str], "str", "Optional[str]", "str | None")
     strings = {name for name, parameter in parameters.items() if parameter.annotation in string_types}
+    booleans = {name for name, parameter in parameters.items() if parameter.annotation in (bool, "bool")}
+
+    def as_typed(name: str, value: str) -> str:
+        if name in strings:
+            return repr(value)
+        return str(_flag(value, name)) if name in booleans else value
+
     named = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in args if arg.startswith("--")}
     positional = [name for name, parameter in parameters.items()
                   if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and name not in named]
@@ -509,16 +522,16 @@ def _strings_as_typed(command: Callable[..., int], args: list[str]) -> list[str]
             break
         if arg.startswith("--"):
             flag, equals, value = arg[2:].partition("=")
-            is_string = flag.replace("-", "_") in strings
+            name = flag.replace("-", "_")
             if equals:
-                typed.append(f"--{flag}={value!r}" if is_string else arg)
+                typed.append(f"--{flag}={as_typed(name, value)}")
             else:
                 typed.append(arg)
                 if index + 1 < len(args) and not args[index + 1].startswith("--"):
                     index += 1
-                    typed.append(repr(args[index]) if is_string else args[index])
+                    typed.append(as_typed(name, args[index]))
         else:
-            typed.append(repr(arg) if positional and positional.pop(0) in strings else arg)
+            typed.append(as_typed(positional.pop(0), arg) if positional else arg)
         index += 1
     return typed
 
@@ -542,6 +555,19 @@ def _flag(value: Any, name: str) -> bool:
     if text in ("true", "yes", "1", "false", "no", "0"):
         return text in ("true", "yes", "1")
     raise UsageError(f"--{name}: got {value!r}, expected true or false")
+
+
+def _batch_size_setting(bundle: Any) -> str:
+    """The setting of the bundle's ``inference.json`` that ``--batch_size`` sets (:data:`_BATCH_SIZE_SETTINGS`): read
+    from the config, since a setting it does not have would be added as a key that nothing reads."""
+    from monai.bundle import ConfigParser
+
+    config_file = bundle.config_dir / "inference.json"
+    config = ConfigParser.load_config_file(str(config_file))
+    setting = next((name for name in _BATCH_SIZE_SETTINGS if name in config), None)
+    if setting is None:
+        raise UsageError(f"--batch_size: {config_file} has none of {', '.join(_BATCH_SIZE_SETTINGS)} to set")
+    return setting
 
 
 def _canonical(name: Any, flag: str) -> str:

@@ -9,7 +9,7 @@ with a bad volume, are reported and left out; the time points of one patient sta
 
 from __future__ import annotations
 
-from agi_monai.cli import run_script
+from agi_monai.cli import check_whole_numbers, run_script
 from agi_monai.data import preparation_summary, prepare_datalist
 
 BRATS_CONTRASTS = ("T1", "T2", "FLAIR", "T1Gd")
@@ -22,10 +22,12 @@ def main(root: str, output: str, sizes: tuple[float, ...] = PAPER_SIZES, seed: i
     Args:
         root: folder holding the BraTS case folders.
         output: the JSON datalist to write (atomically); paths in it are relative to its folder.
-        sizes: training, validation, test patient counts (or fractions summing to 1).
+        sizes: training, validation, test: whole numbers of patients (e.g. 500,40,40), or fractions summing to 1
+            (e.g. 0.8,0.1,0.1); anything else is refused before any volume is read.
         seed: seed of the patient shuffle.
-        validate: read every volume and leave out cases with a bad one.
+        validate: (true/false, yes/no, 1/0) read every volume and leave out cases with a bad one.
     """
+    check_whole_numbers(seed=(seed, 0))
     splits, discovery = prepare_datalist(root, output, BRATS_CONTRASTS, sizes, seed, validate)
     print(preparation_summary(splits, discovery, output, "cases"))
 

@@ -407,6 +407,47 @@ def test_folder_and_id_arguments_stay_as_typed(flair_bundle, cases, tmp_path):
     ]
 
 
+def test_yes_no_arguments_are_read_before_fire_sees_them(capsys):
+    # Fire keeps "false" and "no" as strings, which count as true: prepare_ixi.py --validate false read every volume
+    from agi_monai.cli import UsageError, _strings_as_typed, synthesize
+
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_ixi.py"))["main"]  # annotated "bool" (a string)
+    for given, read in [("false", "False"), ("No", "False"), ("0", "False"), ("TRUE", "True"), ("yes", "True")]:
+        assert _strings_as_typed(prepare, ["--validate", given, "--sizes", "1,0,0"]) == ["--validate", read, "--sizes", "1,0,0"]
+        assert _strings_as_typed(synthesize, [f"--dicom={given}", "a"]) == [f"--dicom={read}", "'a'"]
+    assert _strings_as_typed(prepare, ["r", "o.json", "1,0,0", "0", "no"]) == ["'r'", "'o.json'", "1,0,0", "0", "False"]
+    with pytest.raises(UsageError, match="^--validate: got 'maybe', expected true or false$"):
+        _strings_as_typed(prepare, ["--validate", "maybe"])
+    # refused before any work, in one line (main: before, this raised out of main with a traceback)
+    assert main(["synthesize", "in", "--dicom=nope"]) == 2
+    assert capsys.readouterr().err == "agi-monai synthesize: error: --dicom: got 'nope', expected true or false\n"
+
+
+@pytest.mark.parametrize("bundle, setting", [("brats_t1_t2_flair_to_t1gd_3d", "patches_per_batch"),
+                                             ("brats_t1_t2_to_flair", "slices_per_batch")])
+def test_batch_size_sets_the_batch_setting_the_bundle_has(cases, tmp_path, monkeypatch, capsys, bundle, setting):
+    # before: --batch_size always set slices_per_batch, which the 3D bundle's inference.json does not have: its
+    # sliding window kept patches_per_batch (4) and the flag did nothing
+    from monai.bundle import ConfigParser
+
+    import agi_monai.cli as cli
+
+    given: dict = {}
+
+    def workflow(chosen, configs, overrides, **settings):  # the settings, without weights or a run
+        given.update(settings)
+        raise cli.UsageError("stopped before the run")
+
+    monkeypatch.setattr(cli, "_workflow", workflow)
+    argv = ["synthesize", str(cases), "--bundle", bundle, "--output_dir", str(tmp_path / "o"), "--batch_size", "2"]
+    assert main(argv) == 2 and "stopped before the run" in capsys.readouterr().err
+    assert {key: value for key, value in given.items() if key.endswith("_per_batch")} == {setting: 2}
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
+    parser.update({setting: given[setting], "bundle_root": str(ROOT / "bundles" / bundle)})
+    assert parser.get_parsed_content("inferer").sw_batch_size == 2
+
+
 def test_the_bundle_choice_sees_the_discovery_overrides(bundles, tmp_path):
     # a DICOM study whose T2 series has a description no rule knows: --discovery#dicom_mapping names it; before, only
     # a run with --bundle used the mapping, and the bundle choice stopped with "no cases found"
@@ -493,7 +534,7 @@ def test_missing_weights_name_the_file_and_how_to_train(cases, tmp_path, capsys)
     [
         (["--bundle", "brats_t1_t2_to_nothing"], "bundle 'brats_t1_t2_to_nothing' is neither a bundle folder nor one of: brats_t1_flair_t1gd_to_t2, brats_t1_flair_to_t2, "),
         (["--device", "gpu"], "--device gpu: not a torch device; expected cpu, cuda or cuda:N"),
-        (["--batch_size", "0"], "--batch_size: got 0, expected a positive number of slices"),
+        (["--batch_size", "0"], "--batch_size: got 0, expected a positive number of slices (3D: patches)"),
         (["--overwrite", "maybe"], "--overwrite: got 'maybe', expected true or false"),
         (["--outptu_dir", "x"], "--outptu_dir: not an option of this command and not a config id of "),
         (["--target", "T2"], "--target T2: bundle brats_t1_t2_to_flair synthesizes FLAIR, not T2"),

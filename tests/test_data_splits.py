@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from agi_monai.data import DataError, discover_cases, split_cases, write_datalist
+import agi_monai.data.splits as splits_module
+from agi_monai.data import DataError, discover_cases, preparation_summary, prepare_datalist, split_cases, write_datalist
 
 REPO = Path(__file__).parents[1]
 DATA = Path(__file__).parent / "data"
@@ -48,8 +49,34 @@ def test_fractions_and_too_few_patients():
     assert [len(splits[name]) for name in ("training", "validation", "test")] == [8, 1, 1]
     with pytest.raises(DataError, match=r"asks for 577 patients \[500, 37, 40\] but only 10 have every contrast"):
         split_cases(_cases(10), (500, 37, 40))
-    with pytest.raises(ValueError, match="fractions must sum to 1"):
+    with pytest.raises(ValueError, match="as fractions they sum to 0.7, not 1"):
         split_cases(_cases(10), (0.5, 0.1, 0.1))
+
+
+@pytest.mark.parametrize(
+    "sizes, problem",
+    [
+        ((0.7, 0.2, 0.2), "0.7,0.2,0.2: not whole numbers, and as fractions they sum to 1.1, not 1"),  # was 0/0/0
+        ((-3, 10, 10), "-3,10,10: holds a negative number"),  # was 10 patients in both training and test
+        ((1.2, -0.1, -0.1), "1.2,-0.1,-0.1: holds a negative number"),  # was 3 of 3 in training, -0 and -0
+        ((20, 5.5, 2), "20,5.5,2: not whole numbers, and as fractions they sum to 27.5, not 1"),  # was 20/5/2
+        ((0.7, 0.2), "0.7,0.2: not 3 numbers (training, validation, test)"),
+        ((0, 0, 0), "0,0,0: all 0"),
+        ("abc", "'abc': not 3 numbers (training, validation, test)"),
+        ((True, False, False), "True,False,False: not 3 numbers (training, validation, test)"),
+    ],
+)
+def test_sizes_that_are_neither_fractions_nor_counts_are_refused(sizes, problem):
+    with pytest.raises(ValueError) as raised:
+        split_cases(_cases(30), sizes)
+    assert str(raised.value).startswith(f"sizes {problem}; expected three numbers >= 0, either fractions summing to 1")
+
+
+def test_fractions_never_deal_out_more_patients_than_there_are():
+    sizes = {size: [len(cases) for cases in split_cases(_cases(3), size).values()]
+             for size in [(0, 0.5, 0.5), (1, 0, 0), (0.0, 0.0, 1.0), (2.0, 1, 0)]}
+    # (0, 0.5, 0.5): both halves of 3 rounded up gave -1 training patients; (1, 0, 0) sums to 1: every patient trains
+    assert sizes == {(0, 0.5, 0.5): [0, 2, 1], (1, 0, 0): [3, 0, 0], (0.0, 0.0, 1.0): [0, 0, 3], (2.0, 1, 0): [2, 1, 0]}
 
 
 def test_written_datalist_reads_back_with_relative_paths(tmp_path):
@@ -57,7 +84,7 @@ def test_written_datalist_reads_back_with_relative_paths(tmp_path):
     shutil.copytree(DATA / "tcga-lgg", tmp_path / "brats" / "tcga")
     cases = discover_cases(tmp_path / "brats", required=["T1", "T2", "FLAIR", "T1Gd"]).cases
     cases.append(discover_cases(DATA / "brats2023-mets").cases[0])  # outside the datalist's folder
-    splits = split_cases(cases, (2, 1, 1), seed=0)
+    splits = split_cases(cases, (1, 1, 1), seed=0)  # 3 patients: the two TCGA cases are one (its barcode)
     path = write_datalist(splits, tmp_path / "brats" / "datalist.json", {"seed": 0})
     content = json.loads(path.read_text(encoding="utf-8"))
     assert content["_info"] == {"seed": 0} and not list(path.parent.glob(".tmp-*"))
@@ -123,10 +150,11 @@ def test_prepare_ixi_on_an_official_layout(tmp_path):
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8"},
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == (
-        "prepare_ixi.py: error: split: asks for 577 patients [500, 37, 40] but only 10 have every contrast "
+    assert result.stderr.strip().splitlines()[-1] == (  # 11: known before reading a volume (IXI005's is bad)
+        "prepare_ixi.py: error: split: asks for 577 patients [500, 37, 40] but only 11 have every contrast "
         "(expected at least 577)"
     )
+    assert "checking volumes" not in result.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -148,3 +176,119 @@ def test_prepare_brats_keeps_time_points_together(tmp_path):
     patients = [{case["patient_id"] for case in content[name]} for name in ("training", "validation", "test")]
     assert [len(p) for p in patients] == [4, 1, 1] and not (patients[0] & patients[1] or patients[0] & patients[2])
     assert set(content["training"][0]) == {"case_id", "patient_id", "T1", "T1Gd", "T2", "FLAIR", "seg"}
+
+
+def _brats_layout(root: Path, patients: int) -> Path:
+    for patient in range(patients):
+        case = f"BraTS-GLI-{patient:05d}-000"
+        for token in ("t1n", "t1c", "t2w", "t2f"):
+            _volume(root / case / f"{case}-{token}.nii.gz", patient)
+    return root
+
+
+def _run_failing(script: str, *arguments: str) -> subprocess.CompletedProcess:
+    """The script run as :func:`_run` runs it, expected to refuse its arguments: exit status 2, no traceback."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *arguments], capture_output=True, encoding="utf-8", cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def no_volume_read(monkeypatch):
+    """prepare_datalist with discovery and the reading of volumes replaced by failures: what is refused with them never
+    gets that far. ``discover`` lets discovery run."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("reached")
+
+    monkeypatch.setattr(splits_module, "validate_cases", never)
+    monkeypatch.setattr(splits_module, "discover_cases", never)
+    return lambda: monkeypatch.setattr(splits_module, "discover_cases", discover_cases)
+
+
+def test_arguments_and_output_are_refused_before_any_volume_is_read(tmp_path, no_volume_read):
+    # before: every volume was read first (31 min for BraTS), then "sizes needs 3 numbers", or a traceback for an
+    # output that is a folder (IsADirectoryError) or below a file (FileExistsError)
+    root = _brats_layout(tmp_path / "brats", 3)
+    contrasts = ("T1", "T2", "FLAIR", "T1Gd")
+    with pytest.raises(ValueError, match=r"^sizes 0.7,0.2: not 3 numbers"):
+        prepare_datalist(root, tmp_path / "a.json", contrasts, (0.7, 0.2))
+    with pytest.raises(DataError) as raised:
+        prepare_datalist(root, tmp_path, contrasts, (1, 0, 0))
+    assert str(raised.value) == (
+        f"{tmp_path}: is a folder (expected the name of a JSON file in a folder that exists or can be created, and can "
+        "be written to)"
+    )
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=f"^{tmp_path}/file/list/a.json: cannot be created: {tmp_path}/file is a file"):
+        prepare_datalist(root, tmp_path / "file" / "list" / "a.json", contrasts, (1, 0, 0))
+    no_volume_read()  # discovery counts the patients; too few is known before their volumes are read
+    with pytest.raises(DataError, match=r"asks for 4 patients \[2, 1, 1\] but only 3 have every contrast"):
+        prepare_datalist(root, tmp_path / "a.json", contrasts, (2, 1, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brats", "file"]
+
+
+def test_the_scripts_refuse_bad_sizes_and_outputs_in_one_line(tmp_path):
+    root = _brats_layout(tmp_path / "brats", 3)
+    result = _run_failing("prepare_brats.py", "--root", str(root), "--output", str(tmp_path / "a.json"),
+                          "--sizes=-3,10,10")
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "prepare_brats.py: error: sizes -3,10,10: holds a negative number; expected three numbers >= 0"
+    )
+    result = _run_failing("prepare_ixi.py", "--root", str(root), "--output", str(tmp_path), "--sizes", "1,0,0")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"prepare_ixi.py: error: {tmp_path}: is a folder")
+    assert "checking volumes" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brats"]
+
+
+def test_a_download_without_a_usable_case_writes_no_datalist(tmp_path):
+    # before: a BRATS 2015 download (.mha files) gave an empty datalist and exit status 0
+    root = tmp_path / "BRATS2015_Training"
+    for name in ("VSD.Brain.XX.O.MR_T1.54502", "VSD.Brain.XX.O.MR_Flair.54501"):
+        (root / "HGG" / "pat0001" / name).mkdir(parents=True)
+        (root / "HGG" / "pat0001" / name / f"{name}.mha").write_bytes(b"ObjectType = Image\n")
+    output = tmp_path / "brats.json"
+    result = _run_failing("prepare_brats.py", "--root", str(root), "--output", str(output), "--sizes", "0.8,0.1,0.1")
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"prepare_brats.py: error: {root}: no usable case with every one of T1, T2, FLAIR, T1Gd (expected NIfTI files "
+        "named by case and contrast (e.g. <case>-t1.nii.gz) or DICOM series below it); discovery: 0 cases found, "
+    )
+    assert not output.exists()
+    # every case skipped, by discovery or for a bad volume: the same, the skipped cases listed before it
+    _brats_layout(tmp_path / "bad", 1)
+    (tmp_path / "bad" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t1n.nii.gz").write_text("not an image")
+    with pytest.raises(DataError, match=r"no usable case .* discovery: 0 cases found, 1 skipped \(the skipped cases "):
+        prepare_datalist(tmp_path / "bad", output, ("T1", "T2", "FLAIR", "T1Gd"), (1, 0, 0), progress=False)
+    assert not output.exists()
+
+
+def test_ignored_files_are_counted_in_the_summary_and_listed_in_the_datalist(tmp_path):
+    root = _brats_layout(tmp_path / "brats", 2)
+    _volume(root / "BraTS-GLI-00000-000" / "brainmask.nii.gz", 0)  # names no contrast
+    output = tmp_path / "brats.json"
+    splits, discovery = prepare_datalist(root, output, ("T1", "T2", "FLAIR", "T1Gd"), (1, 0, 0), progress=False)
+    assert preparation_summary(splits, discovery, output) == (
+        f"{output}: 2/0/0 training/validation/test cases of 2 usable, 0 skipped, 1 files ignored (listed in the "
+        "datalist's _info.ignored)"
+    )
+    ignored = json.loads(output.read_text(encoding="utf-8"))["_info"]["ignored"]
+    assert ignored == [str(root / "BraTS-GLI-00000-000" / "brainmask.nii.gz")]
+
+
+def test_validate_false_in_any_spelling_reads_no_volume(tmp_path):
+    # before: Fire kept "false" and "no" as strings, which count as true: every volume was read
+    root = _brats_layout(tmp_path / "brats", 2)
+    (root / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t2w.nii.gz").write_text("not an image")
+    for spelling in ("false", "no"):
+        stdout = _run("prepare_brats.py", "--root", str(root), "--output", str(tmp_path / "a.json"), "--sizes", "1,0,0",
+                      "--validate", spelling)
+        assert stdout.strip().endswith("2/0/0 training/validation/test cases of 2 usable, 0 skipped"), stdout
+    stdout = _run("prepare_brats.py", "--root", str(root), "--output", str(tmp_path / "a.json"), "--sizes", "1,0,0",
+                  "--validate=YES")
+    assert stdout.strip().endswith("1/0/0 training/validation/test cases of 1 usable, 1 skipped"), stdout
+    result = _run_failing("prepare_brats.py", "--root", str(root), "--output", str(tmp_path / "b.json"),
+                          "--validate", "maybe")
+    assert result.stderr.strip().splitlines()[-1] == "prepare_brats.py: error: --validate: got 'maybe', expected true or false"

@@ -153,7 +153,7 @@ def discover_cases(
         cases.append(case)
 
     if validate:
-        cases = _validated(cases, failures, progress)
+        cases = validate_cases(cases, failures, progress)
     for failure in failures:
         _logger.warning("skipped %s", failure)
     if other_formats:  # said here too: the datalist scripts print no summary, and a folder of .mha gave 0 cases unexplained
@@ -359,7 +359,9 @@ def _patient_id(path: Path | None) -> str:
         return ""
 
 
-def _validated(cases: list[dict[str, Any]], failures: list[Failure], progress: bool) -> list[dict[str, Any]]:
+def validate_cases(cases: list[dict[str, Any]], failures: list[Failure], progress: bool) -> list[dict[str, Any]]:
+    """The ``cases`` whose every contrast and label loads (:func:`agi_monai.data.load_volume`: the checks of every bad
+    volume), with a progress bar; the others are appended to ``failures`` with the reason."""
     kept = []
     for case in tqdm(cases, desc="checking volumes", unit="case", disable=not progress):
         try:

@@ -495,15 +495,16 @@ def check_report_path(path: str | Path, source: str | Path | None = None, output
         raise DataError(path, f"is in a folder below the output folder {Path(output_dir).resolve()} (a case's DICOM "
                         "series is replaced as a whole)", f"{expected}, e.g. in the output folder itself")
     try:
-        _write_in_nearest_folder(path.parent)
+        write_in_nearest_folder(path.parent)
     except OSError as error:
         raise DataError(path, f"cannot be written ({error.strerror or error})", expected) from error
     return path
 
 
-def _write_in_nearest_folder(folder: Path) -> None:
+def write_in_nearest_folder(folder: Path) -> None:
     """Writes and removes a file in the nearest existing one of ``folder`` and its parents (where the missing ones
-    would be created); raises the system's OSError, e.g. when that is a file."""
+    would be created), creating nothing; raises the system's OSError, e.g. ``NotADirectoryError`` (its ``filename``
+    the path) when that is a file: whether an output below ``folder`` can be written, checked before any work."""
     nearest = next(path for path in (folder, *folder.parents) if path.exists())
     if not nearest.is_dir():
         raise NotADirectoryError(20, "Not a directory", str(nearest))

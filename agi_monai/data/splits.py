@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import numbers
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -10,14 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from agi_monai.data.contrasts import CONTRASTS, LABELS
-from agi_monai.data.discovery import Discovery, discover_cases
+from agi_monai.data.discovery import Discovery, discover_cases, validate_cases
 from agi_monai.data.errors import DataError, format_failures
-from agi_monai.data.files import write_json
+from agi_monai.data.files import write_in_nearest_folder, write_json
 from agi_monai.data.volumes import with_source_paths
 
 __all__ = ["SPLIT_NAMES", "split_cases", "write_datalist", "prepare_datalist", "preparation_summary"]
 
 SPLIT_NAMES: tuple[str, str, str] = ("training", "validation", "test")
+_SIZES_EXPECTED = (
+    "three numbers >= 0, either fractions summing to 1 (e.g. 0.8,0.1,0.1) or whole numbers of patients, not all 0 "
+    "(e.g. 500,40,40)"
+)
+
+_logger = logging.getLogger(__name__)
 
 
 def split_cases(
@@ -31,18 +39,16 @@ def split_cases(
 
     Args:
         cases: datalist items.
-        sizes: three patient counts (e.g. the paper's IXI ``(500, 37, 40)``; patients beyond their sum are
-            left out), or three fractions summing to 1 (validation and test rounded, training the rest).
+        sizes: three fractions >= 0 summing to 1 within 1e-6 (validation and test rounded, training the rest;
+            ``(1, 0, 0)`` is every patient in training), or else three whole numbers >= 0 of patients, not all 0
+            (e.g. the paper's IXI ``(500, 37, 40)``; patients beyond their sum are left out).
         seed: seed of the shuffle.
 
     Raises:
+        ValueError: ``sizes`` are neither, naming them.
         DataError: there are fewer patients than the counts ask for.
     """
-    if len(sizes) != len(SPLIT_NAMES):
-        raise ValueError(f"sizes needs {len(SPLIT_NAMES)} numbers (training, validation, test), got {list(sizes)}.")
-    by_patient: dict[str, list[dict[str, Any]]] = {}
-    for case in cases:
-        by_patient.setdefault(str(case.get("patient_id", case.get("case_id"))), []).append(dict(case))
+    by_patient = _by_patient(cases)
     patients = sorted(by_patient)
     random.Random(seed).shuffle(patients)
     counts = _patient_counts(sizes, len(patients))
@@ -81,10 +87,30 @@ def prepare_datalist(
     """Discover the cases under ``root`` that have every ``required`` contrast, check their volumes, split
     them by patient and write the datalist to ``output``. Bad cases are skipped and reported, not fatal.
 
+    What can be refused without reading a volume is refused before the first is read (reading every volume of
+    BraTS takes half an hour): ``sizes``, an ``output`` that cannot be written, no usable case, and more patients
+    asked for than discovery found.
+
     Returns:
         The splits and the discovery (whose ``failures`` list the skipped cases).
+
+    Raises:
+        ValueError: ``sizes`` are neither fractions nor counts (:func:`split_cases`).
+        DataError: ``output`` cannot be written, ``root`` holds no usable case, or fewer patients than ``sizes`` ask
+            for; nothing is written.
     """
-    discovery = discover_cases(root, required=required, validate=validate, progress=progress)
+    _sizes_are_fractions(sizes)  # refuses sizes that are neither fractions nor counts
+    output = _writable_output(output)
+    discovery = discover_cases(root, required=required, progress=progress)
+    _require_usable_cases(discovery, root, required)
+    # the volumes can only leave out more patients: too few now is too few after reading them
+    _patient_counts(sizes, len(_by_patient(discovery.cases)))
+    if validate:
+        checked = len(discovery.failures)
+        discovery.cases = validate_cases(discovery.cases, discovery.failures, progress)
+        for failure in discovery.failures[checked:]:  # as discover_cases logs the cases it skips
+            _logger.warning("skipped %s", failure)
+        _require_usable_cases(discovery, root, required)
     splits = split_cases(discovery.cases, sizes, seed)
     used = sum(len(cases) for cases in splits.values())
     info = {
@@ -95,6 +121,7 @@ def prepare_datalist(
         "cases_found": len(discovery.cases),
         "cases_left_out": len(discovery.cases) - used,
         "skipped": [str(failure) for failure in discovery.failures],
+        "ignored": list(discovery.ignored),
     }
     write_datalist(splits, output, info)
     return splits, discovery
@@ -109,12 +136,46 @@ def preparation_summary(
         f"{output}: {counts} {'/'.join(splits)} {unit} of {len(discovery.cases)} usable, "
         f"{len(discovery.failures)} skipped"
     )
+    if discovery.ignored:
+        line += f", {len(discovery.ignored)} files ignored (listed in the datalist's _info.ignored)"
     details = format_failures(discovery.failures, unit)
     return f"{details}\n{line}" if details else line
 
 
+def _by_patient(cases: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The cases of each patient (``case["patient_id"]``, else the case ID)."""
+    by_patient: dict[str, list[dict[str, Any]]] = {}
+    for case in cases:
+        by_patient.setdefault(str(case.get("patient_id", case.get("case_id"))), []).append(dict(case))
+    return by_patient
+
+
+def _sizes_are_fractions(sizes: Any) -> bool:
+    """Whether ``sizes`` are fractions (else patient counts); a ValueError naming them when they are neither: a typo
+    must not become another split (0.7,0.2,0.2 read as counts gave an empty datalist, -3,10,10 put patients in both
+    training and test)."""
+    numbers_given = (
+        isinstance(sizes, Sequence) and not isinstance(sizes, str)
+        and all(isinstance(size, numbers.Real) and not isinstance(size, bool) and math.isfinite(size) for size in sizes)
+    )
+    if not numbers_given or len(sizes) != len(SPLIT_NAMES):
+        problem = f"not {len(SPLIT_NAMES)} numbers (training, validation, test)"
+    elif any(size < 0 for size in sizes):
+        problem = "holds a negative number"
+    elif math.isclose(sum(sizes), 1.0, abs_tol=1e-6):
+        return True
+    elif not all(float(size).is_integer() for size in sizes):
+        problem = f"not whole numbers, and as fractions they sum to {sum(sizes):g}, not 1"
+    elif sum(sizes) == 0:
+        problem = "all 0"
+    else:
+        return False
+    shown = ",".join(map(str, sizes)) if isinstance(sizes, Sequence) and not isinstance(sizes, str) else repr(sizes)
+    raise ValueError(f"sizes {shown}: {problem}; expected {_SIZES_EXPECTED}")
+
+
 def _patient_counts(sizes: Sequence[float], available: int) -> list[int]:
-    if all(float(size).is_integer() and size >= 1 for size in sizes) or sum(sizes) > 1 + 1e-9:
+    if not _sizes_are_fractions(sizes):
         counts = [int(size) for size in sizes]
         if sum(counts) > available:
             raise DataError(
@@ -123,10 +184,38 @@ def _patient_counts(sizes: Sequence[float], available: int) -> list[int]:
                 f"at least {sum(counts)}",
             )
         return counts
-    if not math.isclose(sum(sizes), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions must sum to 1, got {list(sizes)}.")
-    validation, test = (round(fraction * available) for fraction in sizes[1:])
+    validation = min(round(sizes[1] * available), available)
+    # two halves both rounded up (0,0.5,0.5 of 3 patients) would leave training -1
+    test = min(round(sizes[2] * available), available - validation)
     return [available - validation - test, validation, test]
+
+
+def _writable_output(output: str | Path) -> Path:
+    """``output`` when a datalist can be written there: not a folder, and the nearest of its folders that exists (the
+    others are created when it is written) is a folder a file can be written to (one is, and removed: nothing is
+    created now, so a run refused later leaves nothing behind)."""
+    path = Path(output)
+    expected = "the name of a JSON file in a folder that exists or can be created, and can be written to"
+    if path.is_dir():
+        raise DataError(path, "is a folder", expected)
+    try:
+        write_in_nearest_folder(Path(os.path.abspath(path)).parent)
+    except NotADirectoryError as error:
+        raise DataError(path, f"cannot be created: {error.filename} is a file, not a folder", expected) from None
+    except OSError as error:
+        raise DataError(path, f"cannot be written ({error.strerror or error})", expected) from None
+    return path
+
+
+def _require_usable_cases(discovery: Discovery, root: str | Path, required: Sequence[str]) -> None:
+    """No usable case is an error, not an empty datalist (e.g. a download in a format that is not read)."""
+    if not discovery.cases:
+        listed = " (the skipped cases are listed above)" if discovery.failures else ""
+        raise DataError(
+            root, f"no usable case with every one of {', '.join(required)}",
+            "NIfTI files named by case and contrast (e.g. <case>-t1.nii.gz) or DICOM series below it",
+            f"discovery: {discovery.summary().splitlines()[0]}{listed}",
+        )
 
 
 def _relative(value: Any, base: Path) -> Any:
