@@ -100,7 +100,8 @@ def main(
         "ckpt_path": str(checkpoint),
         "synthesis_bundle": str(synthesis.root) if uses_generator else "",
         "synthesis_checkpoint": synthesis_checkpoint,
-        "synthesis_overrides": dict(synthesis_overrides or {}),
+        # as JSON text: MONAI's parser would build a nested "_target_" (a whole network_def) into an object
+        "synthesis_overrides": json.dumps(dict(synthesis_overrides or {})),
         "synthesized_dir": synthesized_dir,
         "mean_value": mean_value,
         **dict(segmentation_overrides or {}),

@@ -395,6 +395,21 @@ def _run(*args: str, timeout: int = 600) -> str:
     return output
 
 
+def test_the_synthesizer_takes_overrides_as_json_text_with_a_whole_network(tmp_path):
+    """How downstream_dice.py passes --synthesis_overrides through the segmentation bundle's config: as JSON text,
+    so that a whole network_def (a nested "_target_") reaches the synthesis bundle's parser unbuilt (before: the
+    segmentation config built it into a Conv2d, which json could not record: "not JSON serializable")."""
+    from agi_monai.evaluation.downstream import load_synthesizer
+
+    conv = torch.nn.Conv2d(3, 1, kernel_size=1)
+    torch.save(conv.state_dict(), tmp_path / "generator.pt")
+    network = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 1, "kernel_size": 1}
+    synthesizer = load_synthesizer(ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd", tmp_path / "generator.pt",
+                                   json.dumps({"network_def": network}))
+    assert isinstance(synthesizer.network, torch.nn.Conv2d)
+    torch.testing.assert_close(synthesizer.network.weight, conv.weight)
+
+
 def _flags(overrides: dict) -> list[str]:
     return [text for key, value in overrides.items() for text in (f"--{key}", json.dumps(value))]
 

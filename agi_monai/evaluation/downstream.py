@@ -40,6 +40,7 @@ the protocol in words), ``downstream_summary.md`` (the table) and, from ``script
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -410,7 +411,7 @@ class SliceSynthesizer:
 def load_synthesizer(
     bundle: str | Path,
     checkpoint: str | Path | None = None,
-    overrides: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | str | None = None,
     device: str | torch.device = "cpu",
     amp: bool = False,
 ) -> SliceSynthesizer:
@@ -421,7 +422,9 @@ def load_synthesizer(
         bundle: the synthesis bundle's folder (e.g. ``bundles/brats_t1_t2_flair_to_t1gd``).
         checkpoint: the generator's state dict; default the bundle's ``models/model.pt``.
         overrides: config overrides, e.g. ``{"network_def#channels": [8, 16, 16, 32]}`` (they must match the
-            checkpoint).
+            checkpoint), or the same as JSON text: how ``scripts/downstream_dice.py`` passes them through the
+            segmentation bundle's config, whose parser would otherwise build a nested ``"_target_"`` (a whole
+            ``network_def``) into an object before it reached here.
         device: where the generator runs.
         amp: autocast on CUDA.
 
@@ -432,6 +435,7 @@ def load_synthesizer(
             ``overrides`` (:func:`agi_monai.engines.load_weights`: the file and the differing tensors named).
     """
     info = read_bundle(bundle)
+    overrides = json.loads(overrides) if isinstance(overrides, str) else overrides
     checkpoint = Path(checkpoint) if checkpoint else info.weights
     parser = ConfigParser()
     parser.read_config(str(info.config_dir / "inference.json"))
