@@ -294,14 +294,21 @@ def test_command_line_check_names_every_unknown_override():
 def test_command_line_check_refuses_a_truth_value_fire_reads_as_a_string():
     train, evaluate = _configs("brats_t1_t2_to_flair", "evaluate.json")
     both = f"['{train}','{evaluate}']"
-    for accepted in ("False", "True", "0", "1", None):  # (None: a bare flag, which Fire reads as True)
+    # (None: a bare flag, which Fire reads as True; MONAI's expressions and references are for it to evaluate)
+    for accepted in ("False", "True", "0", "1", None, "$torch.cuda.is_available()", "@amp"):
         check_command_line([MONAI_BUNDLE_MAIN, "run", "--config_file", both, "--brain_mask",
                             *([accepted] if accepted else [])])
+    check_command_line([MONAI_BUNDLE_MAIN, "run", "--config_file", both, "--amp", "False",
+                        "--train#dataloader#shuffle", "True"])
     with pytest.raises(ValueError) as raised:
-        check_command_line([MONAI_BUNDLE_MAIN, "run", "--config_file", both, "--brain_mask", "false", "--compile", "no"])
-    assert str(raised.value).startswith(
-        "command line: --brain_mask false is not True or False (the command line reads Python's spelling only: "
-        "'false' stays a string, which counts as true); --compile no is not True or False"
+        check_command_line([MONAI_BUNDLE_MAIN, "run", "--config_file", both, "--brain_mask", "false", "--compile",
+                            "maybe", "--amp", "false", "--train#dataloader#shuffle", "no", "--epoch", "1"])
+    spelling = "the command line reads Python's spelling only, so {} would stay a string, which counts as true"
+    assert str(raised.value) == (
+        f"command line: --epoch is not a setting of {train} + {evaluate} (did you mean --epochs?). MONAI would add it "
+        f"as a new key that nothing reads. --brain_mask false: {spelling.format(repr('false'))} (expected True or "
+        f"False); --compile maybe is not True or False; --amp false: {spelling.format(repr('false'))} (expected True "
+        f"or False); --train#dataloader#shuffle no: {spelling.format(repr('no'))} (expected True or False)."
     )
 
 

@@ -62,6 +62,7 @@ BRATS_GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
         ("P01_T1_KM.nii.gz", ("P01", "T1Gd")),  # Kontrastmittel
         ("P01_T1+C.nii.gz", ("P01", "T1Gd")),
         ("P01_T1C+.nii.gz", ("P01", "T1Gd")),
+        ("P01_T1+.nii.gz", ("P01", "T1Gd")), ("P01-T1w+.nii.gz", ("P01", "T1Gd")),  # "+": enhanced, not a separator
         ("P01_T1_pre.nii.gz", ("P01", "T1")),
         ("T2_FLAIR.nii.gz", ("", "FLAIR")),
         # two contrasts that make none together: which is it? (before: a T2 of case P01-PD, a seg of case P01_T1)

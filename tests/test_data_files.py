@@ -111,6 +111,10 @@ def test_output_folder_is_created_and_written_to_before_any_case(tmp_path):
     assert [folder for folder, _ in walk_folders(bids)] == [str(bids), str(bids / "sub-01")]
     with pytest.raises(DataError, match="is the input folder or inside it"):  # not without dataset_description.json
         check_output_folder(tmp_path / "cases" / "derivatives" / "agi-monai", tmp_path / "cases")
+    # a hidden folder of the input is not searched for cases either, so outputs may go there
+    hidden = tmp_path / "cases" / ".synth" / "run1"
+    assert check_output_folder(hidden, tmp_path / "cases") == hidden.resolve()
+    assert hidden.is_dir() and not any(".synth" in folder for folder, _ in walk_folders(tmp_path / "cases"))
 
 
 @pytest.mark.parametrize("problem", ["inside the input", "the input itself", "is a file", "parent is a file"])

@@ -75,13 +75,28 @@ def _options(arguments: Sequence[str]) -> dict[str, str | None]:
     return options
 
 
-def _reads_as_true_or_false(value: str | None) -> bool:
-    """Whether Fire reads ``value`` (None: a flag without a value) as a truth value: ``True``/``False``, or ``1``/``0``.
-    ``--brain_mask false`` gives the string ``'false'``, which an expression such as ``'mask' if @brain_mask else
-    None`` takes as true."""
+#: What a user means as a truth value but Fire, which reads MONAI's command line, keeps as a string (true, whatever
+#: it says, wherever it is tested).
+_TRUTH_WORDS = frozenset({"true", "false", "yes", "no", "on", "off"})
+
+
+def _truth_value_problem(name: str, value: str | None, default: object) -> str:
+    """What is wrong with ``--name value`` as a truth value, or "": a truth word Fire keeps as a string (``--amp
+    false``, ``--train#dataloader#shuffle no``: any setting, as an expression default such as ``amp``'s or a nested
+    one is a yes/no setting too), or, for a setting whose default is True or False, a value Fire reads as neither
+    (``--compile maybe``). ``True``/``False``, ``1``/``0``, a bare flag (True) and MONAI's expressions and references
+    (``$...``, ``@...``, ``%...``) are accepted."""
     from fire.parser import DefaultParseValue
 
-    return value is None or DefaultParseValue(value) in (True, False)  # (1 == True and 0 == False)
+    if value is None or value.startswith(("$", "@", "%")):
+        return ""
+    parsed = DefaultParseValue(value)
+    if isinstance(parsed, str) and parsed.strip().lower() in _TRUTH_WORDS:
+        return (f"--{name} {value}: the command line reads Python's spelling only, so {value!r} would stay a string, "
+                f"which counts as true (expected True or False)")
+    if isinstance(default, bool) and parsed not in (True, False):  # (1 == True and 0 == False)
+        return f"--{name} {value} is not True or False"
+    return ""
 
 
 def _file_list(value: str | None) -> list[str]:
@@ -160,20 +175,21 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     known |= set(settings)
     if options.get("tracking"):
         known |= set(TRACKING_SETTINGS)
-    problems = []
+    unknown, wrong_values = [], []
     for name, value in options.items():
         key = name.split("#", 1)[0]
         if key in known:
-            if isinstance(defaults.get(name), bool) and not _reads_as_true_or_false(value):
-                problems.append(
-                    f"--{name} {value} is not True or False (the command line reads Python's spelling only: "
-                    f"{value!r} stays a string, which counts as true)"
-                )
+            problem = _truth_value_problem(name, value, defaults.get(name))
+            if problem:
+                wrong_values.append(problem)
             continue
         close = difflib.get_close_matches(key, settings, n=1, cutoff=0.6)
         hint = f"did you mean --{close[0]}?" if close else "the bundle's docs/README.md lists its settings"
-        problems.append(f"--{name} is not a setting of {' + '.join(config_files)} ({hint})")
+        unknown.append(f"--{name} is not a setting of {' + '.join(config_files)} ({hint})")
+    problems = []
+    if unknown:
+        problems.append("; ".join(unknown) + ". MONAI would add it as a new key that nothing reads")
+    if wrong_values:
+        problems.append("; ".join(wrong_values))
     if problems:
-        raise ValueError(
-            "command line: " + "; ".join(problems) + ". MONAI would add it as a new key that nothing reads."
-        )
+        raise ValueError("command line: " + ". ".join(problems) + ".")

@@ -59,12 +59,13 @@ CONTRAST_ALIASES: dict[str, str] = {
 _PROCESSING_TAGS: frozenset[str] = frozenset({"bet", "brain", "skullstripped", "subtrmeandivstd", "n4", "reg"})
 
 _IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
-# the parts of a name: what lies between separators ("+" too: "T1+C", "T1C+" mean contrast-enhanced)
-_TOKENS = re.compile(r"[^-_.+]+")
+# the parts of a name: what lies between separators, and a "+" (with a "C" after it) of its own: "T1+", "T1+C",
+# "T1C+" mean contrast-enhanced, so the "+" must not vanish as a separator would (which read "T1+" as the T1)
+_TOKENS = re.compile(r"\+c(?![^-_.+])|\+|[^-_.+]+", re.IGNORECASE)
 
-# Words that, after a T1 token, say it was acquired after a contrast agent (T1w_ce, T1_KM: Kontrastmittel).
-# A T1 token joined with the next one into a known name (T1_post -> t1post, T1+C -> t1c) needs none of these.
-_CONTRAST_AGENT_WORDS: frozenset[str] = frozenset({"c", "ce", "gd", "gad", "post", "contrast", "km"})
+# Words that, after a T1 (or T1Gd) token, say it was acquired after a contrast agent (T1w_ce, T1_KM: Kontrastmittel,
+# T1+, T1C+). A T1 token joined with the next one into a known name (T1_post -> t1post) needs none of these.
+_CONTRAST_AGENT_WORDS: frozenset[str] = frozenset({"c", "ce", "gd", "gad", "post", "contrast", "km", "+", "+c"})
 
 # A BIDS name (https://bids-specification.readthedocs.io, "modality agnostic files"): sub-<label>, then
 # <key>-<value> entities (ses, acq, ce, rec, run, ...), then the suffix naming the contrast (T1w, T2w, PDw, FLAIR)
@@ -195,7 +196,7 @@ def _compound_contrast(first: str, second: str, aliases: Mapping[str, str] | Non
     joined = _contrast_of(first + second, aliases)
     if joined is not None:
         return joined
-    if contrast == "T1" and second.lower() in _CONTRAST_AGENT_WORDS:
+    if contrast in ("T1", "T1Gd") and second.lower() in _CONTRAST_AGENT_WORDS:
         return "T1Gd"
     return contrast if _contrast_of(second, aliases) == contrast else None
 

@@ -103,13 +103,16 @@ def nifti_is_complete(path: str | Path) -> bool:
 
 def is_searched_input(folder: Path, root: Path) -> bool:
     """Whether ``folder`` (both resolved) is ``root`` or inside it, in a part that :func:`walk_folders` searches:
-    outputs there would be read as inputs by a later run. (The ``derivatives/``, ``sourcedata/`` and ``code/``
-    folders of a BIDS dataset are left out: BIDS puts outputs in ``derivatives/``.)"""
+    outputs there would be read as inputs by a later run. (Hidden folders, and the ``derivatives/``, ``sourcedata/``
+    and ``code/`` folders of a BIDS dataset, are left out: BIDS puts outputs in ``derivatives/``.)"""
     below = [folder, *folder.parents]
     if root not in below:
         return False
+    inside = below[: below.index(root)]  # the folders from ``folder`` up to, not including, ``root``
+    if any(inner.name.startswith(".") for inner in inside):  # hidden: not searched either
+        return False
     return not any(inner.name in _BIDS_NOT_RAW and (inner.parent / "dataset_description.json").is_file()
-                   for inner in below[: below.index(root)])
+                   for inner in inside)
 
 
 def _host_prefix() -> str:
