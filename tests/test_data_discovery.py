@@ -66,10 +66,10 @@ BRATS_GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
         ("P01_T1_pre.nii.gz", ("P01", "T1")),
         ("T2_FLAIR.nii.gz", ("", "FLAIR")),
         # two contrasts that make none together: which is it? (before: a T2 of case P01-PD, a seg of case P01_T1)
-        ("P01-PD-T2.nii.gz", None),
-        ("P01_T1_seg.nii.gz", None),
-        ("P01_seg_t1.nii.gz", None),
-        ("P01-PD-T2_FLAIR.nii.gz", None),
+        ("P01-PD-T2.nii.gz", ("P01-PD", "T2")),  # (read by the last contrast, with a warning: see below)
+        ("P01_T1_seg.nii.gz", ("P01_T1", "seg")),
+        ("P01_seg_t1.nii.gz", ("P01_seg", "T1")),
+        ("P01-PD-T2_FLAIR.nii.gz", ("P01-PD", "FLAIR")),
         ("P01_T2_star.nii.gz", None),  # T2*: no contrast of ours
     ],
 )
@@ -203,34 +203,32 @@ def test_nifti_files_naming_no_contrast_are_counted_and_a_misnamed_one_is_named(
 
 
 def test_contrasts_in_two_words_are_read_and_two_contrasts_at_a_names_end_are_named(tmp_path, caplog):
-    # before: P01_T2_FLAIR.nii.gz made a case "P01_T2" holding a FLAIR (and P01 had none), P01-PD-T2 a case "P01-PD"
-    # holding a T2, P01_T1_CE was ignored with "its name holds T1 ... e.g. P01-T2.nii.gz" (renamed, a T1Gd became a
-    # T1 or a T2), P01_T1+C was dropped without a word
+    # before: P01_T2_FLAIR.nii.gz made a case "P01_T2" holding a FLAIR (and P01 had none), P01_T1_CE was ignored
+    # with "its name holds T1 ... e.g. P01-T2.nii.gz" (renamed, a T1Gd became a T1 or a T2), P01_T1+C was dropped
+    # without a word; P01-PD-T2 made a case "P01-PD" holding a T2 without a word (it still does, as case IDs such as
+    # "missing-t2" need, but with a warning)
     folder = tmp_path / "P01"
     folder.mkdir()
     files = {"P01_T1.nii.gz": "t1n", "P01_T2.nii.gz": "t2w", "P01_T2_FLAIR.nii.gz": "t2f", "P01_T1+C.nii.gz": "t1c",
-             "P01-PD-T2.nii.gz": "t2w", "P01_T1_seg.nii.gz": "t1n", "P01_T1_CE_AX.nii.gz": "t1c",
-             "P01_T2_star_AX.nii.gz": "t2w"}
+             "P01_T1_CE_AX.nii.gz": "t1c", "P01_T2_star_AX.nii.gz": "t2w"}
+    (tmp_path / "P02").mkdir()
+    (tmp_path / "P02" / "P02-PD-T2.nii.gz").symlink_to(BRATS_GLI / "BraTS-GLI-00001-000-t2w.nii.gz")
     for name, contrast in files.items():
         (folder / name).symlink_to(BRATS_GLI / f"BraTS-GLI-00001-000-{contrast}.nii.gz")
     with caplog.at_level("WARNING", logger="agi_monai.data.discovery"):
         discovery = discover_cases(tmp_path, required=["T1", "T2", "FLAIR", "T1Gd"])
-    assert discovery.failures == []
+    assert [failure.case_id for failure in discovery.failures] == ["P02-PD"]  # a T2 only
     (case,) = discovery.cases
     assert case["case_id"] == "P01" and case["FLAIR"] == str(folder / "P01_T2_FLAIR.nii.gz")
     assert case["T1Gd"] == str(folder / "P01_T1+C.nii.gz")
-    assert sorted(Path(path).name for path in discovery.ignored) == [
-        "P01-PD-T2.nii.gz", "P01_T1_CE_AX.nii.gz", "P01_T1_seg.nii.gz", "P01_T2_star_AX.nii.gz"]
-    assert sorted(caplog.messages) == [
-        f"{folder / 'P01-PD-T2.nii.gz'}: ignored, its name ends in two contrasts, PD then T2, that name no one contrast "
-        "together: which is it? (expected <case>-<contrast>.nii.gz ending in one contrast: rename or link the file, or "
-        "list the case in a JSON datalist)",
+    assert sorted(Path(path).name for path in discovery.ignored) == ["P01_T1_CE_AX.nii.gz", "P01_T2_star_AX.nii.gz"]
+    assert sorted(m for m in caplog.messages if not m.startswith("skipped")) == [
         f"{folder / 'P01_T1_CE_AX.nii.gz'}: ignored, although its name holds T1Gd: the contrast must end the name "
         "(expected <case>-<contrast>.nii.gz, e.g. P01-T1Gd.nii.gz if it is the T1Gd image: rename or link the file, or "
         "list the case in a JSON datalist)",
-        f"{folder / 'P01_T1_seg.nii.gz'}: ignored, its name ends in two contrasts, T1 then seg, that name no one "
-        "contrast together: which is it? (expected <case>-<contrast>.nii.gz ending in one contrast: rename or link the "
-        "file, or list the case in a JSON datalist)",
+        f"{tmp_path / 'P02' / 'P02-PD-T2.nii.gz'}: read as the T2 of case P02-PD, though its name ends in two "
+        "contrasts, PD then T2, that name no one contrast together (if it is not, rename or link the file, or list "
+        "the case in a JSON datalist)",
     ]  # and none for the T2* (P01_T2_star_AX): no contrast of ours, not to be renamed to a T2
 
 

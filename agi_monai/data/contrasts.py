@@ -120,8 +120,9 @@ def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> t
 
     The contrast is the last token that is not a processing tag, or the last two when together they name one
     (``T2_FLAIR``, ``T1-Gd``, ``T1+C``, ``T1w_ce``); the prefix is everything before it (an empty prefix means the
-    case is named after its folder). A name ending in two contrasts that name no one together (``P01-PD-T2``,
-    ``P01_T1_seg``) is read as none (:func:`ambiguous_ending` says which). A BIDS name
+    case is named after its folder). A name ending in two contrasts that name no one together (``P01-PD-T2``: a T2
+    of case ``P01-PD``, or a PD/T2 image of ``P01``?) is read by that rule, the last one being the contrast, as case
+    IDs such as ``missing-t2`` need; :func:`ambiguous_ending` says which two, for a warning. A BIDS name
     (``sub-01_ses-2_acq-tse_T2w.nii.gz``) is read by its entities: the case is the subject and session
     (``sub-01_ses-2``), the contrast the suffix, a T1w with a ``ce-`` entity (contrast agent) is T1Gd, and the other
     entities (acq, rec, run...) name no case.
@@ -140,7 +141,7 @@ def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> t
     if bids is not None:
         return _parse_bids_name(*bids.groups(), aliases)
     ending = _contrast_ending(stem, aliases)
-    if ending is None or ending[2] is not None:
+    if ending is None:
         return None
     start, contrast, _ = ending
     # the prefix keeps the original separators: the stem up to the separator before the contrast
@@ -149,9 +150,9 @@ def parse_filename(filename: str, aliases: Mapping[str, str] | None = None) -> t
 
 def ambiguous_ending(filename: str, aliases: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """The two contrasts that end a NIfTI file name without naming one contrast together (``P01-PD-T2.nii.gz`` ->
-    ``("PD", "T2")``, ``P01_T1_seg.nii.gz`` -> ``("T1", "seg")``), for which :func:`parse_filename` reads none: a
-    PD/T2 image, or a T2 of case ``P01-PD``? A segmentation drawn on the T1, or a T1 of case ``P01_T1``? None for
-    any other name."""
+    ``("PD", "T2")``, ``P01_T1_seg.nii.gz`` -> ``("T1", "seg")``), which :func:`parse_filename` reads as the last one
+    of a case named with the first: a PD/T2 image, or a T2 of case ``P01-PD``? A segmentation drawn on the T1, or the
+    seg of case ``P01_T1``? None for any other name."""
     stem = strip_image_extension(filename)
     if stem is None or _BIDS_NAME.match(stem):
         return None

@@ -188,6 +188,13 @@ def _scan_folder(
             found = parse_filename(name, aliases)
             if found is not None:
                 parsed.append((name, *found))
+                ambiguous = ambiguous_ending(name, aliases)
+                if ambiguous:
+                    _logger.warning(
+                        "%s: read as the %s of case %s, though its name ends in two contrasts, %s then %s, that name no"
+                        " one contrast together (if it is not, rename or link the file, or list the case in a JSON "
+                        "datalist)", Path(folder) / name, found[1], found[0] or Path(folder).name, *ambiguous,
+                    )
             elif strip_image_extension(name) is not None:  # a NIfTI file naming no contrast
                 ignored.append(str(Path(folder) / name))
                 _warn_if_misnamed(ignored[-1], aliases)
@@ -218,17 +225,10 @@ def _scan_folder(
 
 def _warn_if_misnamed(path: str, aliases: Mapping[str, str] | None) -> None:
     """A warning for an ignored NIfTI file with a contrast among the parts of its name, just not as the last
-    (``P01_T2_TSE_AX.nii.gz``): probably meant as that contrast; or with two at its end that name no one contrast
-    (``P01-PD-T2.nii.gz``). (``brainmask.nii.gz``, with none, is only counted.) The example names the contrast the
+    (``P01_T2_TSE_AX.nii.gz``): probably meant as that contrast. (``brainmask.nii.gz``, with none, is only counted.) The example names the contrast the
     name holds (``P01_T1_CE_AX.nii.gz``: ``P01-T1Gd.nii.gz``): a fixed ``P01-T2.nii.gz`` led users to rename a
     contrast-enhanced T1 to something else."""
     name = Path(path).name
-    ambiguous = ambiguous_ending(name, aliases)
-    if ambiguous:
-        _logger.warning("%s: ignored, its name ends in two contrasts, %s then %s, that name no one contrast together: "
-                        "which is it? (expected <case>-<contrast>.nii.gz ending in one contrast: rename or link the "
-                        "file, or list the case in a JSON datalist)", path, *ambiguous)
-        return
     named = contrasts_in_name(name, aliases)
     if named:
         examples = " or ".join(f"P01-{contrast}.nii.gz" for contrast in named)
