@@ -146,7 +146,7 @@ def test_inference_warns_about_an_input_covering_part_of_the_head(tmp_path, capl
 def test_a_label_map_that_does_not_cover_the_brain_is_refused_with_its_file(tmp_path):
     """The shipped TCGA case's tumour label (an expert fusion on the images' grid) cut to its first 86 of 155 axial
     slices, through the tumour: where it does not reach, "no tumour" would be scored as drawn. The whole label
-    passes."""
+    passes, and so does one cropped around the tumour (labelling nothing on its grid's faces)."""
     case = DATA / "tcga-lgg" / "TCGA-FG-6692"
     files = {"T1": "OtherEXampleFromTCIA_t1_bet.nii.gz", "T2": "OtherEXampleFromTCIA_t2_bet.nii.gz",
              "FLAIR": "OtherEXampleFromTCIA_fla_bet.nii.gz"}
@@ -163,5 +163,17 @@ def test_a_label_map_that_does_not_cover_the_brain_is_refused_with_its_file(tmp_
             build_volume_dataset([{**item, "seg": str(cut)}], chain_cut)[0]
         reason = failure_reason(refused.value)
         assert reason.startswith(f"{cut}: the label map covers only "), reason
+        assert "labels the edge of its own field of view" in reason
         share = int(reason.split("covers only ")[1].split("%")[0])
         assert 40 <= share <= 75, share  # 86 of 155 slices, the brain not centred in them
+
+    # the label drawn on a grid cropped around all it labels (a margin of 2 voxels): whole, so it is taken, and it
+    # labels on the images' grid what the full label does
+    labelled = np.nonzero(np.asarray(nib.load(case / "mav.nii.gz").dataobj))
+    box = tuple(slice(max(int(axis.min()) - 2, 0), int(axis.max()) + 3) for axis in labelled)
+    cropped = tmp_path / "mav-cropped.nii.gz"
+    nib.save(nib.load(case / "mav.nii.gz").slicer[box], cropped)
+    assert all(s.stop - s.start < n for s, n in zip(box, nib.load(case / "mav.nii.gz").shape))
+    taken = build_volume_dataset([{**item, "seg": str(cropped)}],
+                                 preprocessing_transforms(["T1", "T2"], "FLAIR", (240, 240), **chain))[0]
+    assert torch.equal(torch.as_tensor(taken["seg"]), torch.as_tensor(whole["seg"]))

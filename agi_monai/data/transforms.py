@@ -97,6 +97,12 @@ resampled contrast: where it has data on the reference grid (its names in the te
 _logger = logging.getLogger(__name__)
 
 
+def _labels_its_faces(label: Any) -> bool:
+    """Whether a label map (C, H, W, D) holds a nonzero label on any of the six faces of its own grid."""
+    values = torch.as_tensor(label)[0] != 0
+    return any(bool(values.select(axis, index).any()) for axis in range(3) for index in (0, -1))
+
+
 def _source(volume: Any, key: Hashable) -> str:
     return volume.meta.get("filename_or_obj", str(key)) if isinstance(volume, MetaTensor) else str(key)
 
@@ -241,6 +247,7 @@ class AlignToReferenced(MapTransform):
         reference_image = metatensor_to_sitk(reference)
         matrices = dict(item.get(REGISTRATION_KEY, {}))
         covered: dict[str, np.ndarray] = {}
+        cut_labels: list[str] = []  # label maps labelling the faces of their own grid
         for key in self.key_iterator(item):
             matrices[key] = np.eye(4)
             if key == self.reference_key:
@@ -264,6 +271,8 @@ class AlignToReferenced(MapTransform):
                 # SimpleITK arrays are (z, y, x), the MetaTensors (x, y, z)
                 coverage = coverage_mask(moving_image, reference_image, transform)
                 covered[str(key)] = sitk.GetArrayFromImage(coverage).transpose(2, 1, 0)
+                if key in self.label_keys and _labels_its_faces(moving):
+                    cut_labels.append(str(key))
             aligned = sitk_to_metatensor(resampled)
             meta = copy.deepcopy(reference.meta)
             meta.update(
@@ -276,7 +285,10 @@ class AlignToReferenced(MapTransform):
         if covered:
             meta = copy.deepcopy(reference.meta)
             meta["contrasts"] = list(covered)
+            # a label map drawn on a smaller grid is whole if it labels nothing on that grid's faces (a grid cropped to
+            # the brain); one labelling its faces was cut where the structure goes on (the faces of a slab)
             meta["labels"] = [str(key) for key in self.label_keys if str(key) in covered]
+            meta["labels_cut"] = [key for key in meta["labels"] if key in cut_labels]
             item[self.coverage_key] = MetaTensor(
                 torch.from_numpy(np.ascontiguousarray(np.stack(list(covered.values())))),
                 meta=meta,
@@ -333,8 +345,9 @@ class RestrictToCoveraged(MapTransform):
     - ``"warn"`` (inference: the mask is left as it is): warns, naming the case and the input, when an input
       covers less than ``min_input_coverage`` of the foreground: the synthesis there is extrapolation.
 
-    A label map (``meta["labels"]`` of the coverage) covering less than ``min_slice_coverage`` of the foreground is a
-    :class:`DataError` naming its file, in every mode. An item without ``"coverage"`` (every contrast on the
+    A label map (``meta["labels"]`` of the coverage) covering less than ``min_slice_coverage`` of the foreground and
+    labelling the faces of its own grid (``meta["labels_cut"]``: cut through what it labels) is a :class:`DataError`
+    naming its file, in every mode. An item without ``"coverage"`` (every contrast on the
     reference grid, e.g. BraTS) is returned unchanged.
 
     Args:
@@ -382,16 +395,19 @@ class RestrictToCoveraged(MapTransform):
         if not total:
             return item
         labels = set(coverage.meta.get("labels", [])) if isinstance(coverage, MetaTensor) else set()
+        cut = set(coverage.meta.get("labels_cut", [])) if isinstance(coverage, MetaTensor) else set()
         for name, inside in zip(names, covered):
-            # A label map is ground truth: where it does not reach, "no tumour" would be scored as if it had been
-            # drawn. No mode can make up for it, so the case is refused.
+            # A label map is ground truth: where a cut one does not reach, "no tumour" would be scored as if it had
+            # been drawn. No mode can make up for it, so the case is refused. (One labelling nothing on its grid's
+            # faces, e.g. drawn on a grid cropped to the brain, holds all it labels.)
             share = int((foreground & inside).sum()) / total
-            if name in labels and share < self.min_slice_coverage:
+            if name in cut and share < self.min_slice_coverage:
                 raise DataError(
                     _source(item.get(name), name),
-                    f"the label map covers only {100 * share:.0f}% of the head/brain on the images' grid",
-                    f"a label map covering at least {100 * self.min_slice_coverage:.0f}% of it (drawn on the images' "
-                    "grid, or on one that holds the whole brain)",
+                    f"the label map covers only {100 * share:.0f}% of the head/brain on the images' grid, and labels "
+                    "the edge of its own field of view (it was cut where the labelled structure goes on)",
+                    f"a label map covering at least {100 * self.min_slice_coverage:.0f}% of it, or labelling nothing on "
+                    "the faces of its own grid (drawn on the images' grid, or on one holding all it labels)",
                 )
         kept_channels = [index for index, name in enumerate(names) if name not in labels]
         names, covered = [names[index] for index in kept_channels], covered[kept_channels]
