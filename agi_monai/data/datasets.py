@@ -425,12 +425,7 @@ class SliceDataset(torch.utils.data.Dataset):
         self._mapped: dict[int, np.ndarray] = {}  # this process's memory maps, by volume
         files = self._storage_files(volumes, mask_key, min_foreground_fraction, storage_dtype)
         built: dict[int, _SlicedVolume] = {}
-        self._stale = 0  # stored volumes of other files than the case's, built again (counted by _stored)
-        for index, path in enumerate(files):
-            record = None if path is None else self._stored(path, volumes.data[index])
-            if record is not None:
-                built[index] = record
-        stale = self._stale
+        stale = self._read_stored(range(len(files)), files, volumes, built)
         stored = len(built)
         pending = [index for index in range(len(volumes)) if index not in built]
         ranks = _cache_sharing_ranks() if self.storage_dir is not None else None
@@ -445,14 +440,11 @@ class SliceDataset(torch.utils.data.Dataset):
             self._build(volumes, mine, files, built, mask_key, min_foreground_fraction, storage_dtype, num_workers,
                         progress)
             _wait_for_all_ranks()
-            for index in pending:
-                if index not in built and files[index] is not None:
-                    record = self._stored(files[index], volumes.data[index])
-                    if record is not None:
-                        built[index] = record
-            self._stale = stale  # (a volume another rank rebuilt is not stale twice)
-            stored += sum(index not in mine and index in built for index in pending)
-            pending = [index for index in pending if index not in built and index not in mine]
+            others = [index for index in pending if index % world != rank]  # (its own failures are not retried)
+            before = len(built)
+            self._read_stored(others, files, volumes, built)  # (its stale count: counted in the first reading)
+            stored += len(built) - before
+            pending = [index for index in others if index not in built]
         self._build(volumes, pending, files, built, mask_key, min_foreground_fraction, storage_dtype, num_workers,
                     progress)
         self._volumes = [built[index] for index in sorted(built)]
@@ -527,27 +519,42 @@ class SliceDataset(torch.utils.data.Dataset):
                     "preprocessing_version": PREPROCESSING_VERSION}, record_file)
         return _SlicedVolume(volume.case_id, volume.slice_indices, volume.foreground_box, path=path)
 
-    def _stored(self, path: Path, item: Mapping[str, Any]) -> _SlicedVolume | None:
-        """The volume a complete record describes; None when there is none, it is of an earlier version (without
+    def _read_stored(
+        self, indices: Sequence[int], files: list[Path | None], volumes: Any, built: dict[int, _SlicedVolume]
+    ) -> int:
+        """Puts into ``built`` the volumes among ``indices`` stored complete and up to date; returns how many were
+        stored stale (built from other files than their case's now: logged, to be built again)."""
+        stale = 0
+        for index in indices:
+            if files[index] is None:
+                continue
+            volume, is_stale = self._stored(files[index], volumes.data[index])
+            stale += is_stale
+            if volume is not None:
+                built[index] = volume
+        return stale
+
+    def _stored(self, path: Path, item: Mapping[str, Any]) -> tuple[_SlicedVolume | None, bool]:
+        """The volume a complete record describes, or None when there is none, it is of an earlier version (without
         ``foreground_box`` or ``sources``), or the files of ``item`` (its datalist item) are no longer those it was
-        built from (logged, naming the case and the file): the volume is then built again, in place."""
+        built from (logged, naming the case and the file: the volume is then built again, in place); and whether it
+        was that last, stale."""
         record_file = path.with_suffix(".json")
         if not record_file.is_file():
-            return None
+            return None, False
         record = _read_record(record_file)
         if "foreground_box" not in record:
-            return None
+            return None, False
         reason, refreshed = _check_sources(record, item)
         if reason is not None:
-            self._stale += 1
             _logger.info("%s: %s; its slices in %s are built again", record.get("case_id", _case_name(item)), reason,
                          self.storage_dir)
-            return None
+            return None, True
         if refreshed is not None:
             write_json({**record, "sources": refreshed}, record_file)
         self._channels = self._channels or list(record["channels"])
         box = [(int(low), int(high)) for low, high in record["foreground_box"]]
-        return _SlicedVolume(str(record["case_id"]), list(record["slice_indices"]), box, path=path)
+        return _SlicedVolume(str(record["case_id"]), list(record["slice_indices"]), box, path=path), False
 
     def __getstate__(self) -> dict[str, Any]:
         # memory maps are reopened by each process (spawned DataLoader workers), never pickled as arrays
