@@ -396,11 +396,11 @@ class RestrictToCoveraged(MapTransform):
             return item
         labels = set(coverage.meta.get("labels", [])) if isinstance(coverage, MetaTensor) else set()
         cut = set(coverage.meta.get("labels_cut", [])) if isinstance(coverage, MetaTensor) else set()
-        for name, inside in zip(names, covered):
+        shares = {name: int((foreground & inside).sum()) / total for name, inside in zip(names, covered)}
+        for name, share in shares.items():
             # A label map is ground truth: where a cut one does not reach, "no tumour" would be scored as if it had
             # been drawn. No mode can make up for it, so the case is refused. (One labelling nothing on its grid's
             # faces, e.g. drawn on a grid cropped to the brain, holds all it labels.)
-            share = int((foreground & inside).sum()) / total
             if name in cut and share < self.min_slice_coverage:
                 raise DataError(
                     _source(item.get(name), name),
@@ -413,8 +413,8 @@ class RestrictToCoveraged(MapTransform):
         names, covered = [names[index] for index in kept_channels], covered[kept_channels]
         if not names:
             return item
+        shares = {name: shares[name] for name in names}
         case = str(item.get("case_id") or _source(item.get("image"), "case"))
-        shares = {name: int((foreground & inside).sum()) / total for name, inside in zip(names, covered)}
         if self.mode == "warn":
             for name, share in shares.items():
                 if share < self.min_input_coverage:
