@@ -592,7 +592,7 @@ class AtomicNibabelWriter(NibabelWriter):
         super().set_metadata(meta_dict, resample=resample, **options)
 
     def create_backend_obj(self, data_array: Any, affine: Any = None, dtype: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        # an instance method where MONAI has a classmethod: the description and codes are this writer's
+        # an instance method where MONAI has a classmethod: the description is this writer's
         image = super().create_backend_obj(data_array, affine=affine, dtype=dtype, **kwargs)
         image.header.set_xyzt_units("mm", "sec")  # MONAI's affines are in mm; nibabel's default says "unknown"
         if self.description:
