@@ -55,7 +55,7 @@ class Discovery:
         cases: usable cases, sorted by case ID (MONAI datalist items).
         failures: skipped cases and why.
         ignored: NIfTI files of a searched folder whose names end in no one contrast (``brainmask.nii.gz``,
-            ``P01_T2_AX.nii.gz``, ``P01-PD-T2.nii.gz``), so that a user can tell why a file was not used.
+            ``P01_T2_AX.nii.gz``), so that a user can tell why a file was not used.
         other_formats: image files of formats discovery does not read (``.mha``, ``.nrrd``, ``.mgz``...).
         hidden: hidden files and folders (names starting with ``.``: ``._<image>`` AppleDouble files, ``.DS_Store``,
             ``.Trash-1000/``, ``.snapshot/``), not searched (:func:`agi_monai.data.files.walk_folders`).
@@ -225,9 +225,9 @@ def _scan_folder(
 
 def _warn_if_misnamed(path: str, aliases: Mapping[str, str] | None) -> None:
     """A warning for an ignored NIfTI file with a contrast among the parts of its name, just not as the last
-    (``P01_T2_TSE_AX.nii.gz``): probably meant as that contrast. (``brainmask.nii.gz``, with none, is only counted.) The example names the contrast the
-    name holds (``P01_T1_CE_AX.nii.gz``: ``P01-T1Gd.nii.gz``): a fixed ``P01-T2.nii.gz`` led users to rename a
-    contrast-enhanced T1 to something else."""
+    (``P01_T2_TSE_AX.nii.gz``): probably meant as that contrast. (``brainmask.nii.gz``, with none, is only counted.)
+    The example names the contrast the name holds (``P01_T1_CE_AX.nii.gz``: ``P01-T1Gd.nii.gz``): a fixed
+    ``P01-T2.nii.gz`` led users to rename a contrast-enhanced T1 to something else."""
     name = Path(path).name
     named = contrasts_in_name(name, aliases)
     if named:
