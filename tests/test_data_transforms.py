@@ -244,3 +244,24 @@ def test_spacing_mismatch_checks_its_training_spacing():
     for wrong in ([1.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0]):
         with pytest.raises(ValueError, match="expected two positive spacings in mm"):
             spacing_mismatch(image, wrong)
+
+
+def test_outputs_take_the_reference_contrasts_form_codes(tmp_path):
+    """The output lies on the reference's grid, so its sform/qform codes are the reference's, also when the first
+    input (whose metadata the stacked image carries) shares that grid but says it maps to another space."""
+    files = {}
+    for contrast, suffix, codes in (("T1", "t1n", (1, 1)), ("T2", "t2w", (2, 0))):
+        image = nib.load(BRATS_GLI / f"BraTS-GLI-00001-000-{suffix}.nii.gz").slicer[:, :, 76:80]
+        image.set_sform(image.affine, code=codes[0])
+        image.set_qform(image.affine, code=codes[1])
+        files[contrast] = tmp_path / f"case-{suffix}.nii.gz"
+        nib.save(image, files[contrast])
+    preprocessing = preprocessing_transforms(["T1", "T2"], None, spatial_size=(240, 240), reference="T2")
+    item = preprocessing({"case_id": "case", **{k: str(v) for k, v in files.items()}})
+    item["pred"] = MetaTensor(
+        item["image"][:1].clone(), meta=item["image"].meta, applied_operations=item["image"].applied_operations
+    )
+    restore_geometry_transforms(preprocessing, "pred", output_dir=tmp_path / "out", output_postfix="synth")(item)
+    written = nib.load(tmp_path / "out" / "case_synth.nii.gz")
+    assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (2, 0)
+    assert [int(nib.load(f).header["sform_code"]) for f in files.values()] == [1, 2]  # inputs unchanged

@@ -38,6 +38,9 @@ _logger = logging.getLogger(__name__)
 #: (sourcedata/) and scripts; searched for cases, they would give every subject a second case or duplicate contrasts.
 _BIDS_NOT_RAW = ("derivatives", "sourcedata", "code")
 
+FORM_CODE_KEYS = ("sform_code", "qform_code")
+"""The NIfTI header codes saying which space a volume's affine maps to; MONAI's reader keeps them in the metadata."""
+
 
 def walk_folders(
     root: str | Path, quiet: bool = False, hidden: list[str] | None = None
@@ -586,7 +589,7 @@ class AtomicNibabelWriter(NibabelWriter):
         # the input's sform/qform codes (MONAI's NIfTI reader keeps them in the metadata), which MONAI's writer
         # replaces by 1/1: an input "aligned to another file" (sform code 2) or without a qform (code 0) keeps them
         self.form_codes = {
-            name: int(meta_dict[name]) for name in ("sform_code", "qform_code")
+            name: int(meta_dict[name]) for name in FORM_CODE_KEYS
             if meta_dict is not None and meta_dict.get(name) is not None
         }
         super().set_metadata(meta_dict, resample=resample, **options)
