@@ -136,13 +136,13 @@ def test_prepare_ixi_on_an_official_layout(tmp_path):
         "--root",
         str(root),
         "--output",
-        str(tmp_path / "again.json"),
+        str(output),  # preparing again replaces the datalist
         "--sizes",
         "6,2,2",
         "--seed",
         "3",
     )
-    assert json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))["test"] == content["test"]
+    assert json.loads(output.read_text(encoding="utf-8"))["test"] == content["test"]
     # the paper's sizes need 577 subjects: one line and exit status 2, no traceback, no file
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "prepare_ixi.py"), "--root", str(root), "--output", str(tmp_path / "x")],
@@ -225,6 +225,16 @@ def test_arguments_and_output_are_refused_before_any_volume_is_read(tmp_path, no
     (tmp_path / "file").write_text("")
     with pytest.raises(DataError, match=f"^{tmp_path}/file/list/a.json: cannot be created: {tmp_path}/file is a file"):
         prepare_datalist(root, tmp_path / "file" / "list" / "a.json", contrasts, (1, 0, 0))
+    # an existing file is replaced only if it is a datalist: not an image or a bundle's config named by mistake
+    (tmp_path / "file").write_bytes(b"\x1f\x8b\x08")
+    with pytest.raises(DataError, match=f"^{tmp_path}/file: exists and is not JSON: it is not replaced"):
+        prepare_datalist(root, tmp_path / "file", contrasts, (1, 0, 0))
+    config = tmp_path / "train.json"
+    config.write_text('{"network_def": {}}')
+    with pytest.raises(DataError, match="exists and is JSON without any of the keys of a datalist"):
+        prepare_datalist(root, config, contrasts, (1, 0, 0))
+    assert (tmp_path / "file").read_bytes() == b"\x1f\x8b\x08" and config.read_text() == '{"network_def": {}}'
+    config.unlink()
     no_volume_read()  # discovery counts the patients; too few is known before their volumes are read
     with pytest.raises(DataError, match=r"asks for 4 patients \[2, 1, 1\] but only 3 have every contrast"):
         prepare_datalist(root, tmp_path / "a.json", contrasts, (2, 1, 1))

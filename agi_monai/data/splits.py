@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
@@ -198,6 +199,11 @@ def _writable_output(output: str | Path) -> Path:
     expected = "the name of a JSON file in a folder that exists or can be created, and can be written to"
     if path.is_dir():
         raise DataError(path, "is a folder", expected)
+    if path.exists():
+        # a datalist is replaced (preparing again); any other file (an image, a bundle's config) is not lost
+        problem = _not_a_datalist(path)
+        if problem:
+            raise DataError(path, f"exists and {problem}: it is not replaced", "a new file, or a datalist to replace")
     try:
         write_in_nearest_folder(Path(os.path.abspath(path)).parent)
     except NotADirectoryError as error:
@@ -205,6 +211,19 @@ def _writable_output(output: str | Path) -> Path:
     except OSError as error:
         raise DataError(path, f"cannot be written ({error.strerror or error})", expected) from None
     return path
+
+
+def _not_a_datalist(path: Path) -> str | None:
+    """Why the existing file ``path`` is not a datalist (a JSON object with ``_info`` or a split), or None."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "is not JSON"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if not isinstance(content, dict) or not {"_info", *SPLIT_NAMES} & set(content):
+        return f"is JSON without any of the keys of a datalist (_info, {', '.join(SPLIT_NAMES)})"
+    return None
 
 
 def _require_usable_cases(discovery: Discovery, root: str | Path, required: Sequence[str]) -> None:
