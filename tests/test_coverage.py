@@ -177,3 +177,29 @@ def test_a_label_map_that_does_not_cover_the_brain_is_refused_with_its_file(tmp_
     taken = build_volume_dataset([{**item, "seg": str(cropped)}],
                                  preprocessing_transforms(["T1", "T2"], "FLAIR", (240, 240), **chain))[0]
     assert torch.equal(torch.as_tensor(taken["seg"]), torch.as_tensor(whole["seg"]))
+
+
+def test_3d_validation_measures_only_the_slices_the_target_covers(slab):
+    """The 3D bundle validates whole volumes; its postprocessing (``CropToMaskSlabd``) cuts prediction and target to
+    the mask's slices, so the zero-filled FLAIR slices of a partly covered case are not scored."""
+    from agi_monai.engines import CropToMaskSlabd
+
+    whole = patch_dataset(
+        discover_cases(slab["slab"]).cases, ["T1", "T2"], "FLAIR", (240, 240), patch_size=None, progress=False,
+        **HEADER,
+    )[0]
+    assert whole["target"].shape[-1] == 80
+    covered = _covered(whole["target"], slab["slab"] / "slab-01-t2f.nii.gz").reshape(-1, 80).all(dim=0)
+    assert int(covered.sum()) == 50 and not covered[50:].any()  # the preprocessed grid's first 50 slices
+    item = {"pred": whole["image"][:1], "label": whole["target"], "mask": whole["mask"]}
+    measured = CropToMaskSlabd(["pred", "label"])(item)
+    brain = torch.nonzero((whole["mask"][0] > 0).reshape(-1, 80).any(dim=0)).flatten()
+    first, last = int(brain[0]), int(brain[-1])
+    assert last < 50 and measured["label"].shape == measured["pred"].shape == (1, 240, 240, last - first + 1)
+    torch.testing.assert_close(measured["label"], whole["target"][..., first : last + 1])
+    # a mask on fewer slices than SSIM's window is widened inside the volume; an empty one leaves the volume whole
+    thin = torch.zeros_like(whole["mask"])
+    thin[..., 78] = whole["mask"][..., 30]
+    assert CropToMaskSlabd(["label"])({"label": whole["target"], "mask": thin})["label"].shape[-1] == 11
+    empty = CropToMaskSlabd(["label"])({"label": whole["target"], "mask": torch.zeros_like(whole["mask"])})
+    assert empty["label"].shape[-1] == 80

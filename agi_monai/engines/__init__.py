@@ -44,6 +44,7 @@ from agi_monai.engines.checkpoint import (
     set_aside_earlier_run,
 )
 from agi_monai.engines.evaluation import (
+    CropToMaskSlabd,
     StructuralSimilarityIndex,
     clip_prediction,
     synthesis_evaluator,
@@ -54,6 +55,7 @@ from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "CropToMaskSlabd",
     "BCEWithLogitsAdversarialLoss",
     "Pix2PixKeys",
     "Pix2PixTrainer",

@@ -11,14 +11,14 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import IgniteMetricHandler, MeanAbsoluteError, PeakSignalToNoiseRatio, from_engine
 from monai.inferers import Inferer, SimpleInferer
 from monai.metrics import SSIMMetric
-from monai.transforms import ScaleIntensityRanged
+from monai.transforms import MapTransform, ScaleIntensityRanged
 from monai.utils import CommonKeys as Keys
 from monai.utils import MetricReduction
 from torch import nn
 
 from agi_monai.engines.utils import SynthesisPrepareBatch
 
-__all__ = ["StructuralSimilarityIndex", "clip_prediction", "synthesis_evaluator", "synthesis_metrics"]
+__all__ = ["CropToMaskSlabd", "StructuralSimilarityIndex", "clip_prediction", "synthesis_evaluator", "synthesis_metrics"]
 
 
 class StructuralSimilarityIndex(IgniteMetricHandler):
@@ -90,6 +90,41 @@ def clip_prediction(pred_key: str = Keys.PRED, low: float = 0.0, high: float = 1
     """Postprocessing clipping ``pred_key`` to ``[low, high]`` (the range the metrics assume) and nothing else:
     an identity intensity range with ``clip=True``, because MONAI has no plain clipping transform."""
     return ScaleIntensityRanged(keys=pred_key, a_min=low, a_max=high, b_min=low, b_max=high, clip=True)
+
+
+class CropToMaskSlabd(MapTransform):
+    """Postprocessing of a 3D validation (items (C, H, W, D)): cut ``keys`` to the axial slices where ``mask_key`` has
+    foreground, widened where needed to ``min_slices`` (SSIM's window) inside the volume; whole volumes when the
+    mask is empty. The mask leaves out the slices some contrast does not cover (``RestrictToCoveraged``
+    of :mod:`agi_monai.data.transforms`), which the resampling zero-filled: measured, a partly covered case would be scored on
+    them. It leaves out the air above and below the head too, as the 2D validation keeps only slices with
+    foreground. (MONAI's ``CropForegroundd`` crops all axes and returns nothing for an empty mask.)
+
+    Args:
+        keys: the keys to cut, e.g. ``["pred", "label"]``.
+        mask_key: the foreground mask, (1, H, W, D).
+        min_slices: the fewest slices kept (SSIM's 3D window needs 11).
+    """
+
+    def __init__(self, keys: Sequence[str] = (Keys.PRED, Keys.LABEL), mask_key: str = "mask", min_slices: int = 11):
+        super().__init__(keys)
+        self.mask_key = mask_key
+        self.min_slices = min_slices
+
+    def __call__(self, data: Any) -> dict:
+        item = dict(data)
+        mask = torch.as_tensor(item[self.mask_key])
+        depth = mask.shape[-1]
+        slices = torch.nonzero(mask.reshape(-1, depth).any(dim=0)).flatten()
+        if not len(slices):
+            return item
+        first, end = int(slices[0]), int(slices[-1]) + 1
+        short = max(self.min_slices - (end - first), 0)
+        first = max(min(first - short // 2, depth - max(self.min_slices, end - first)), 0)
+        end = min(max(end, first + self.min_slices), depth)
+        for key in self.key_iterator(item):
+            item[key] = item[key][..., first:end]
+        return item
 
 
 def synthesis_evaluator(
