@@ -349,6 +349,29 @@ def test_opcheck(shape, requires_grad):
     torch.library.opcheck(torch.ops.agi_monai.group_roll.default, tuple(inputs))
 
 
+@requires_extension
+@pytest.mark.parametrize("kernel", [(3, 3), (3, 2, 3)], ids=["2d", "3d"])
+def test_fake_kernels_give_the_real_kernels_strides(kernel):
+    """Inductor checks a real result against the fake kernel's strides: a channels-last weight (a network converted
+    with ``.to(memory_format=torch.channels_last)``) made the backward's fake keep its strides, while the kernels
+    return contiguous gradients ("expected ... stride 9==1" in a compiled training step; opcheck does not see it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    weight, offsets, scales = make_inputs(2, 2, 4, 3, kernel, "mixed")
+    layout = torch.channels_last if len(kernel) == 2 else torch.channels_last_3d
+    weight = weight.to(memory_format=layout)
+    offsets, scales = offsets.transpose(0, 1).contiguous().transpose(0, 1), scales.t().contiguous().t()  # strided
+    grad = torch.ones(2, *weight.shape, dtype=weight.dtype)
+    real = torch.ops.agi_monai._group_roll_backward(grad, weight, offsets, scales)
+    real_out = torch.ops.agi_monai.group_roll(weight, offsets, scales)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_inputs = [mode.from_tensor(t) for t in (grad, weight, offsets, scales)]
+        fake = torch.ops.agi_monai._group_roll_backward(*fake_inputs)
+        fake_out = torch.ops.agi_monai.group_roll(*fake_inputs[1:])
+    assert [t.stride() for t in fake] == [t.stride() for t in real]
+    assert fake_out.stride() == real_out.stride()
+
+
 # --------------------------------------------------------------------------------------------------
 # float16 / bfloat16 on CPU: float accumulation, then one rounding.
 # --------------------------------------------------------------------------------------------------

@@ -183,8 +183,14 @@ def test_bad_arguments_are_named():
         CAGR(2, 16, 16, groups=0)
     with pytest.raises(ValueError, match=r"CAGR: expected input of shape \(B, 8, H, W\), got \[2, 6, 4, 4\]"):
         CAGR(2, 8, 8)(torch.zeros(2, 6, 4, 4))
+    with pytest.raises(ValueError, match="kernel_size=0 and stride=1 must be positive"):
+        CAGR(2, 8, 8, kernel_size=0)
     with pytest.raises(ValueError, match="unknown cagr_stages"):
         AGINet(cagr_stages=("down1", "middle"))
+    with pytest.raises(ValueError, match=r"unknown cagr_stages \['bodyy', 1\]"):  # not a TypeError from sorting
+        AGINet(cagr_stages=("bodyy", 1))
+    # read once: an iterator of stages gives those stages (it gave none, a plain ResUNet, silently)
+    assert AGINet(channels=(8, 16, 32, 64), groups=4, cagr_stages=iter(["body"])).cagr_stages == ("body",)
     with pytest.raises(ValueError, match=r"cagr_stages='body': expected a sequence of stage names, e.g. \['body'\]"):
         AGINet(cagr_stages="body")
     with pytest.raises(ValueError, match="spatial_dims must be 2 or 3, got 4"):

@@ -50,7 +50,9 @@ if _LOADED:
 
     @torch.library.register_fake("agi_monai::_group_roll_backward")
     def _group_roll_backward_fake(grad, weight, offsets, scales):
-        return torch.empty_like(weight), torch.empty_like(offsets), torch.empty_like(scales)
+        # contiguous, as the kernels return them (empty_like would keep a channels-last weight's strides, which
+        # Inductor then checks the real gradient against)
+        return weight.new_empty(weight.shape), offsets.new_empty(offsets.shape), scales.new_empty(scales.shape)
 
 
 def extension_available() -> bool:

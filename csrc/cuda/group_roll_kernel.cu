@@ -42,11 +42,14 @@ using detail::kMaxTaps;
 using detail::RollShape;
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+// The most threads one launch has: the step of a grid-stride loop.
+constexpr int64_t kMaxGridThreads = kMaxBlocks * kThreads;
 
 inline unsigned int blocks_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   // Grid-stride loops cover the rest.
-  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t(1) << 20));
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), kMaxBlocks));
 }
 
 // One thread per (sample, group, kernel position): entry ((b * n + g) * K + k) * taps + t.
@@ -244,28 +247,30 @@ Taps build_taps(const at::Tensor& offsets, const at::Tensor& scales, const RollS
 
 // Runs the given lambda with `index_t` (int32_t when 32-bit indices suffice, else int64_t) and
 // `num_taps` (4 in 2D, 8 in 3D) defined, like AT_DISPATCH_* does for scalar_t (C++17-compatible).
-#define AGI_DISPATCH_INDEX_AND_TAPS(NUMEL, SPATIAL, ...)                        \
-  [&] {                                                                         \
-    const bool small_index = (NUMEL) < std::numeric_limits<int32_t>::max();     \
-    if ((SPATIAL) == 2) {                                                       \
-      constexpr int num_taps = 4;                                               \
-      if (small_index) {                                                        \
-        using index_t = int32_t;                                                \
-        __VA_ARGS__();                                                          \
-      } else {                                                                  \
-        using index_t = int64_t;                                                \
-        __VA_ARGS__();                                                          \
-      }                                                                         \
-    } else {                                                                    \
-      constexpr int num_taps = 8;                                               \
-      if (small_index) {                                                        \
-        using index_t = int32_t;                                                \
-        __VA_ARGS__();                                                          \
-      } else {                                                                  \
-        using index_t = int64_t;                                                \
-        __VA_ARGS__();                                                          \
-      }                                                                         \
-    }                                                                           \
+// NUMEL is the largest tensor the kernel indexes; 32 bits suffice when a grid-stride loop's last step past
+// it still fits (else the counter wraps negative and passes the `< total` test).
+#define AGI_DISPATCH_INDEX_AND_TAPS(NUMEL, SPATIAL, ...)                                     \
+  [&] {                                                                                      \
+    const bool small_index = (NUMEL) + kMaxGridThreads < std::numeric_limits<int32_t>::max(); \
+    if ((SPATIAL) == 2) {                                                                    \
+      constexpr int num_taps = 4;                                                            \
+      if (small_index) {                                                                     \
+        using index_t = int32_t;                                                             \
+        __VA_ARGS__();                                                                       \
+      } else {                                                                               \
+        using index_t = int64_t;                                                             \
+        __VA_ARGS__();                                                                       \
+      }                                                                                      \
+    } else {                                                                                 \
+      constexpr int num_taps = 8;                                                            \
+      if (small_index) {                                                                     \
+        using index_t = int32_t;                                                             \
+        __VA_ARGS__();                                                                       \
+      } else {                                                                               \
+        using index_t = int64_t;                                                             \
+        __VA_ARGS__();                                                                       \
+      }                                                                                      \
+    }                                                                                        \
   }()
 
 // grad_w = Σ_b transposed roll of grad (both implementations).
@@ -274,7 +279,8 @@ void grad_weight_taps(const at::Tensor& gr, const at::Tensor& o, const at::Tenso
                       const RollShape& s, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const Taps taps = build_taps<scalar_t>(o, sc, s, /*transpose=*/true, stream);
-  AGI_DISPATCH_INDEX_AND_TAPS(grad_w.numel(), s.spatial, [&] {
+  // indexed by grad, B times larger than grad_w
+  AGI_DISPATCH_INDEX_AND_TAPS(gr.numel(), s.spatial, [&] {
     group_roll_grad_weight_kernel<scalar_t, index_t, num_taps><<<blocks_for(grad_w.numel()), kThreads, 0, stream>>>(
         gr.const_data_ptr<scalar_t>(), taps.index.const_data_ptr<int32_t>(), taps.weight.const_data_ptr<acc_t>(),
         grad_w.mutable_data_ptr<scalar_t>(), s);
@@ -320,7 +326,7 @@ void grad_routing_columns(const at::Tensor& gr, const at::Tensor& w, const at::T
         static_cast<index_t>(grid.channels_per_block));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     constexpr int kWarpsPerBlock = kThreads / 32;
-    const int64_t reduce_blocks = std::min<int64_t>((s.batch * s.groups + kWarpsPerBlock - 1) / kWarpsPerBlock, 1 << 20);
+    const int64_t reduce_blocks = std::min<int64_t>((s.batch * s.groups + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks);
     group_roll_grad_routing_reduce_kernel<scalar_t, num_taps><<<reduce_blocks, kThreads, 0, stream>>>(
         partials.const_data_ptr<acc_t>(), sc.const_data_ptr<scalar_t>(), grad_o.mutable_data_ptr<scalar_t>(),
         grad_s.mutable_data_ptr<scalar_t>(), s, grid.columns, static_cast<int64_t>(grid.blocks.y));

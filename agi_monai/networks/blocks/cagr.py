@@ -299,6 +299,8 @@ class CAGR(nn.Module):
             raise ValueError(f"CAGR: spatial_dims must be 2 or 3, got {spatial_dims}")
         if groups < 1 or in_channels < 1 or in_channels % groups != 0:
             raise ValueError(f"CAGR: groups={groups} must be positive and divide in_channels={in_channels}")
+        if kernel_size < 1 or stride < 1:
+            raise ValueError(f"CAGR: kernel_size={kernel_size} and stride={stride} must be positive")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.stride = stride

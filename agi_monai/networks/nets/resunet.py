@@ -64,7 +64,8 @@ class ResUNet(nn.Module):
             )
         if isinstance(cagr_stages, str):  # "body" would otherwise read as the stages 'b', 'o', 'd', 'y'
             raise ValueError(f"ResUNet: cagr_stages={cagr_stages!r}: expected a sequence of stage names, e.g. [{cagr_stages!r}]")
-        unknown = sorted(set(cagr_stages) - set(STAGES))
+        cagr_stages = tuple(cagr_stages)  # read once: an iterator would be empty the second time
+        unknown = [stage for stage in cagr_stages if stage not in STAGES]
         if unknown:
             raise ValueError(f"ResUNet: unknown cagr_stages {unknown}; expected a subset of {STAGES}")
         self.spatial_dims = spatial_dims
