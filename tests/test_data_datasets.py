@@ -4,6 +4,7 @@ channel order and shapes, cached so that later builds and epochs are fast, skipp
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from monai.data import Dataset
 
 from agi_monai.data import (
+    DataError,
     LoadVolumed,
     RandShiftChanneld,
     SliceDataset,
@@ -142,6 +144,25 @@ def test_float16_slice_files_are_half_the_size_and_read_back_as_float32(brats_ca
     torch.testing.assert_close(rounded["image"], item["image"], rtol=0, atol=2.0**-11)  # [0, 1] in float16
     with pytest.raises(ValueError, match="bfloat16 cannot be stored in a file"):
         SliceDataset(volumes, storage_dir=tmp_path / "bf16", storage_dtype=torch.bfloat16, progress=False)
+
+
+def test_a_full_cache_folder_is_named_with_the_room_needed(brats_cases, tmp_path, monkeypatch):
+    # before: "OSError: 2162688 requested and 2097120 written", numpy's words for a full disk, naming nothing
+    def full_disk(file, array, *args, **kwargs):
+        Path(file).write_bytes(b"part of the slices")
+        raise OSError("2162688 requested and 2097120 written")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    preprocessing = preprocessing_transforms(["T2", "FLAIR"], "T1", spatial_size=(240, 240))
+    storage = tmp_path / "slices"
+    with pytest.raises(DataError) as raised:
+        SliceDataset(build_volume_dataset(brats_cases[:1], preprocessing), storage_dir=storage, progress=False)
+    message = str(raised.value)
+    assert message.startswith(f"{storage}/") and ".npy: could not be written (OSError: 2162688 requested and " \
+        "2097120 written; " in message, message
+    assert re.search(r"MB free on its file system\) \(expected room for BraTS-GLI-00001-000's preprocessed slices "
+                     r"\([0-9]+ MB\) in the cache folder \(cache_dir\)\)$", message), message
+    assert list(storage.iterdir()) == []  # no partial file, no record
 
 
 def test_a_failed_volume_is_not_stored_and_the_next_build_tries_it_again(brats_cases, tmp_path):

@@ -27,10 +27,15 @@ from agi_monai.engines import (
     BCEWithLogitsAdversarialLoss,
     Pix2PixTrainer,
     StructuralSimilarityIndex,
+    check_resume_checkpoint,
     clip_prediction,
+    hold_checkpoint_folder,
+    release_checkpoint_folder,
+    set_aside_earlier_run,
     synthesis_evaluator,
     training_checkpoint_dict,
 )
+from agi_monai.data import DataError
 from agi_monai.networks import AGINet
 
 DATA = Path(__file__).parent / "data"
@@ -557,3 +562,143 @@ def test_ddp_with_gloo_keeps_ranks_in_step(slices, tmp_path):
             if "running_" not in key and "num_batches_tracked" not in key:  # BatchNorm buffers are per rank
                 assert torch.equal(value, rank1[name][key]), f"{name}.{key}"
         assert any(not torch.equal(rank0[name][k], initial_state[k]) for k in initial_state), f"{name} did not train"
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    # a full disk: torch's writer said only "[enforce fail at inline_container.cc:672] . unexpected pos 703488 vs
+    # 703376", naming no file
+    previous = {"model": {"weight": torch.ones(2)}}
+    torch.save(previous, tmp_path / "checkpoint.pt")
+    engine = Engine(lambda engine, batch: None)
+    AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 1)}, save_final=True,
+                          final_filename="checkpoint.pt").attach(engine)
+
+    def full_disk(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 703488 vs 703376")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(DataError) as raised:
+        engine.run([0], max_epochs=1)
+    assert re.fullmatch(
+        re.escape(f"{tmp_path / 'checkpoint.pt'}: could not be written (RuntimeError: [enforce fail at "
+                  "inline_container.cc:672] ") + r"\. unexpected pos 703488 vs 703376; [0-9]+ MB free on its file "
+        r"system\) \(expected a folder with room for the checkpoint \(the previous one is kept\)\)",
+        str(raised.value),
+    ), str(raised.value)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary left
+    assert torch.equal(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]["weight"], torch.ones(2))
+
+
+def _training_checkpoint(path: Path, scenario: dict | None = None, epoch: int = 2) -> Path:
+    """A file with what check_resume_checkpoint reads of a training checkpoint."""
+    state = {"trainer": {"epoch_length": 3, "iteration": 3 * epoch, "epoch": epoch}}
+    if scenario is not None:
+        state["scenario"] = scenario
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def test_a_checkpoint_of_another_scenario_is_refused(tmp_path, caplog):
+    # a (T1, T2) -> FLAIR checkpoint resumed by a (T2, FLAIR) -> T1 run (same shapes), or by one with the inputs in
+    # another order, trained on silently and kept the first scenario's best model and score as its own
+    saved = {"inputs": ["T1", "T2"], "target": "FLAIR"}
+    path = _training_checkpoint(tmp_path / "models" / "training_checkpoint_epoch=2.pt", saved)
+    check_resume_checkpoint(path, 3, 3, "a training checkpoint", tmp_path / "models", saved)
+    check_resume_checkpoint(path, 3, 3, "a training checkpoint", None, {"inputs": ["t1", "T2w"], "target": "flair"})
+    for inputs, target in ((["T2", "FLAIR"], "T1"), (["T2", "T1"], "FLAIR")):
+        with pytest.raises(DataError) as raised:
+            check_resume_checkpoint(path, 3, 3, "a training checkpoint", None, {"inputs": inputs, "target": target})
+        assert str(raised.value).startswith(
+            f"{path}: was saved by a (T1, T2) -> FLAIR run, this run is ({', '.join(inputs)}) -> {target} (expected a "
+            "checkpoint of this bundle's scenario, inputs in the same order"
+        )
+    older = _training_checkpoint(tmp_path / "older" / "training_checkpoint_epoch=2.pt")  # saved before the record
+    with caplog.at_level(logging.WARNING, logger="agi_monai.engines.checkpoint"):
+        check_resume_checkpoint(older, 3, 3, "a training checkpoint", None, saved)
+    assert f"{older} records no scenario (saved by an earlier version)" in caplog.text
+
+
+def test_a_resume_that_would_replace_another_runs_files_is_refused(tmp_path):
+    # resuming a run set aside (earlier_run_*) into models/ of a newer run deleted that run's checkpoint and replaced
+    # its better model.pt; an older checkpoint of models/ would have done the same to its later ones
+    models = tmp_path / "models"
+    latest = _training_checkpoint(models / "training_checkpoint_epoch=3.pt", epoch=3)
+    older = _training_checkpoint(models / "training_checkpoint_epoch=1.pt", epoch=1)
+    (models / "model.pt").write_bytes(b"the newer run's best generator")
+    earlier = _training_checkpoint(models / "earlier_run_20261125-100000" / "training_checkpoint_epoch=2.pt")
+    check_resume_checkpoint(latest, 5, 3, "a training checkpoint", models)  # continuing the run in place
+    with pytest.raises(DataError) as raised:
+        check_resume_checkpoint(earlier, 5, 3, "a training checkpoint", models)
+    assert str(raised.value) == (
+        f"{earlier}: is not in {models}, which holds training_checkpoint_epoch=1.pt, training_checkpoint_epoch=3.pt, "
+        "model.pt of another run or a later point: resumed, this run's saves would replace them (expected "
+        "--resume_ckpt latest (continues training_checkpoint_epoch=3.pt))"
+    )
+    with pytest.raises(DataError, match="is not the latest training checkpoint of"):
+        check_resume_checkpoint(older, 5, 3, "a training checkpoint", models)
+    # a checkpoint copied from elsewhere into an empty folder, or beside nothing of another run, resumes
+    check_resume_checkpoint(earlier, 5, 3, "a training checkpoint", tmp_path / "fresh")
+    only_model = tmp_path / "only_model"
+    only_model.mkdir()
+    (only_model / "model.pt").write_bytes(b"weights put there by hand")
+    with pytest.raises(DataError, match=r"which holds model.pt of another run .* \(expected .* moved away or emptied"):
+        check_resume_checkpoint(earlier, 5, 3, "a training checkpoint", only_model)
+
+
+def test_one_training_run_per_checkpoint_folder(tmp_path):
+    # two runs in one bundle_root set each other's files aside and mixed their checkpoints; the second is now refused
+    models = tmp_path / "models"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom agi_monai.engines import hold_checkpoint_folder\n"
+         f"hold_checkpoint_folder({str(models)!r}); print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataError) as raised:
+            hold_checkpoint_folder(models)
+        assert str(raised.value).startswith(f"{models}: is in use by another training run (a process holds its lock")
+        assert str(raised.value).endswith("(expected one training run per checkpoint folder: wait for that one to "
+                                          "end, or give this one another --bundle_root (or --ckpt_dir))")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert hold_checkpoint_folder(models) == models  # a killed run's hold goes with it
+    assert hold_checkpoint_folder(models) == models  # and a second run of this process takes it again
+    release_checkpoint_folder(models)
+    assert os.listdir(models) == []  # no lock file among the checkpoints
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a folder without write permission")
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    models.chmod(0o500)
+    try:
+        with pytest.raises(DataError, match=r"models: cannot be written \(no write permission"):
+            hold_checkpoint_folder(models)
+    finally:
+        models.chmod(0o700)
+
+
+def test_starting_afresh_sets_the_earlier_runs_tensorboard_events_aside_too(tmp_path):
+    # before: the fresh run's validation curve went on the earlier run's in eval/ (steps 1, 2, 1, 2), another
+    # scenario's included
+    from torch.utils.tensorboard import SummaryWriter
+
+    models, log_dir = tmp_path / "models", tmp_path / "eval"
+    _training_checkpoint(models / "training_checkpoint_epoch=2.pt")
+    log_dir.mkdir()
+    earlier = log_dir / "events.out.tfevents.1764000000.otherhost.4242.0"
+    earlier.write_bytes(b"the earlier run's curves")
+    writer = SummaryWriter(log_dir=str(log_dir))  # this run's, made before its first iteration
+    writer.add_scalar("val_psnr", 7.0, 1)
+    writer.flush()
+    (own,) = [p for p in log_dir.iterdir() if p != earlier]
+    folder = set_aside_earlier_run(models, log_dir=log_dir)
+    writer.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["eval", "training_checkpoint_epoch=2.pt"]
+    assert [p.name for p in (folder / "eval").iterdir()] == [earlier.name]
+    assert [p.name for p in log_dir.iterdir()] == [own.name]

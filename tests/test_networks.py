@@ -187,6 +187,10 @@ def test_bad_arguments_are_named():
         CAGR(2, 8, 8, kernel_size=0)
     with pytest.raises(ValueError, match="unknown cagr_stages"):
         AGINet(cagr_stages=("down1", "middle"))
+    with pytest.raises(ValueError, match=r"AGINet: channels=\(4, 8, 8, 16\) with groups=8: the width of each CAGR "
+                                         r"stage must be a multiple of groups, not down1 \(4\)$"):
+        AGINet(channels=(4, 8, 8, 16))
+    AGINet(channels=(4, 8, 8, 16), cagr_stages=("down2", "body"))  # the stages with CAGR decide
     with pytest.raises(ValueError, match=r"unknown cagr_stages \['bodyy', 1\]"):  # not a TypeError from sorting
         AGINet(cagr_stages=("bodyy", 1))
     # read once: an iterator of stages gives those stages (it gave none, a plain ResUNet, silently)

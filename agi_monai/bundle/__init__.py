@@ -5,7 +5,14 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 """
 
 from agi_monai.bundle.command_line import check_command_line, report_failures
-from agi_monai.bundle.data import check_batches, check_spatial_size, check_splits, check_training_length, load_split
+from agi_monai.bundle.data import (
+    check_batches,
+    check_networks,
+    check_spatial_size,
+    check_splits,
+    check_training_length,
+    load_split,
+)
 from agi_monai.bundle.handlers import (
     EvaluatorProgressBar,
     NonFiniteTrainingError,
@@ -27,6 +34,7 @@ __all__ = [
     "TrainingSummary",
     "check_batches",
     "check_command_line",
+    "check_networks",
     "check_spatial_size",
     "check_splits",
     "check_training_length",

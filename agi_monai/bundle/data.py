@@ -7,10 +7,12 @@ least one batch (:func:`check_batches`)."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from agi_monai.data import DataError, Failure, PatchDataset, canonical_contrast, discover_cases
@@ -141,16 +143,34 @@ def check_spatial_size(spatial_size: Any, spatial_dims: int) -> None:
         )
 
 
-def check_training_length(epochs: Any, val_interval: Any) -> None:
+def check_training_length(epochs: Any, val_interval: Any, learning_rate: Any = None) -> None:
     """Raises unless ``--epochs`` and ``--val_interval`` (the iterations of an epoch: validation and checkpoint come
-    after each) are positive whole numbers. ``train.json``'s first ``initialize`` step: before, ``--val_interval 0``
-    exited 0 having trained nothing, ``-1`` made an epoch one pass over the data, ``1.5`` trained without end and
-    never validated or checkpointed, and ``--epochs 1.5`` ran two epochs reported as "of 1.5"."""
+    after each) are positive whole numbers, and ``--learning_rate`` (when given) a positive finite number.
+    ``train.json``'s first ``initialize`` step: before, ``--val_interval 0`` exited 0 having trained nothing, ``-1``
+    made an epoch one pass over the data, ``1.5`` trained without end and never validated or checkpointed,
+    ``--epochs 1.5`` ran two epochs reported as "of 1.5", ``--learning_rate -1`` failed in torch ("Invalid learning
+    rate: -1", naming no setting) and ``0`` trained nothing on a fresh start but was refused on a resume, after the
+    preprocessing."""
     meanings = {"epochs": "epochs to train", "val_interval": "training iterations per epoch (each epoch ends with a "
                 "validation and a checkpoint)"}
     for name, value in (("epochs", epochs), ("val_interval", val_interval)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"--{name} {value!r}: expected a positive whole number of {meanings[name]}")
+    if learning_rate is not None and not (
+        isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
+        and math.isfinite(learning_rate) and learning_rate > 0
+    ):
+        raise ValueError(f"--learning_rate {learning_rate!r}: expected a positive number (the paper's is 1e-4)")
+
+
+def check_networks(*networks: Any) -> None:
+    """``train.json``'s step before the datasets: resolving it builds the config's networks, so that a setting they
+    refuse (``--network_def#channels`` not a multiple of ``groups``, a stage name...) fails before the preprocessing
+    (hours at the paper's scale) rather than when the trainer is built after it. Raises unless each is a
+    ``torch.nn.Module``."""
+    for network in networks:
+        if not isinstance(network, torch.nn.Module):
+            raise TypeError(f"expected a torch.nn.Module from the config's network settings, got {type(network).__name__}")
 
 
 def check_batches(dataloader: DataLoader, split: str) -> None:

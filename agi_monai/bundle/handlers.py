@@ -18,7 +18,7 @@ from monai.utils import ImageMetaKey
 from torch import nn
 
 from agi_monai.data import stopping_cleanly_on_sigterm
-from agi_monai.engines import latest_training_checkpoint
+from agi_monai.engines import latest_training_checkpoint, release_checkpoint_folder
 
 __all__ = [
     "EvaluatorProgressBar",
@@ -329,6 +329,8 @@ def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:
         )
         print(f"training interrupted at {_position(trainer)}; {resume}", flush=True)
         raise SystemExit(130 if isinstance(stop, KeyboardInterrupt) else stop.code) from None
+    finally:
+        release_checkpoint_folder(ckpt_dir)  # held since the config's initialize (hold_checkpoint_folder)
 
 
 def _position(engine: Engine) -> str:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from agi_monai.data.contrasts import CONTRASTS, LABELS
 from agi_monai.data.discovery import discover_cases
 from agi_monai.data.errors import DataError, Failure, format_failures
-from agi_monai.data.files import atomic_output, write_json
+from agi_monai.data.files import atomic_output, free_space, write_json
 from agi_monai.data.transforms import PREPROCESSING_VERSION, preprocessing_transforms
 from agi_monai.data.volumes import source_paths
 
@@ -512,8 +512,15 @@ class SliceDataset(torch.utils.data.Dataset):
         tensor. An earlier record is removed first, so that no record ever describes another ``.npy``."""
         record_file = path.with_suffix(".json")
         record_file.unlink(missing_ok=True)
-        with atomic_output(path) as temporary:
-            np.save(temporary, volume.stack.numpy())
+        try:
+            with atomic_output(path) as temporary:
+                np.save(temporary, volume.stack.numpy())
+        except OSError as error:  # numpy says "N requested and M written" for a full disk
+            size = volume.stack.numel() * volume.stack.element_size() / 1e6
+            raise DataError(
+                path, f"could not be written ({type(error).__name__}: {error}; {free_space(path.parent)})",
+                f"room for {volume.case_id}'s preprocessed slices ({size:.0f} MB) in the cache folder (cache_dir)",
+            ) from error
         write_json({"case_id": volume.case_id, "slice_indices": volume.slice_indices, "channels": self._channels,
                     "foreground_box": volume.foreground_box, "sources": sources,
                     "preprocessing_version": PREPROCESSING_VERSION}, record_file)

@@ -25,7 +25,7 @@ from agi_monai.data.errors import DataError
 
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
-    "walk_folders", "write_json", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input", "check_report_path",
+    "walk_folders", "write_json", "free_space", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input", "check_report_path",
     "nifti_is_complete",
     "is_bids_derivative", "CaseOutputLayout", "refuse_foreign_outputs", "synthesis_output_paths", "case_id_of_output",
     "refuse_output_in_input",
@@ -289,6 +289,15 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def free_space(folder: str | Path) -> str:
+    """How much room is left where ``folder`` lies, for the message of a write that failed (most often a full disk,
+    which torch's and numpy's writers report as "unexpected pos ..." or "N requested and M written")."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e6:.0f} MB free on its file system"
+    except OSError:
+        return "free space unknown"
 
 
 @contextmanager

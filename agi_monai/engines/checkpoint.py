@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,8 +22,14 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from agi_monai.data.contrasts import canonical_contrast
 from agi_monai.data.errors import DataError, MissingFileError
-from agi_monai.data.files import atomic_output, remove_stale_temporaries
+from agi_monai.data.files import atomic_output, free_space, remove_stale_temporaries
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, runs are not locked
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -29,8 +37,10 @@ __all__ = [
     "check_resume_checkpoint",
     "expected_bundle_weights",
     "find_resume_checkpoint",
+    "hold_checkpoint_folder",
     "latest_training_checkpoint",
     "load_weights",
+    "release_checkpoint_folder",
     "set_aside_earlier_run",
 ]
 
@@ -38,6 +48,12 @@ _logger = logging.getLogger(__name__)
 
 #: ``resume_ckpt`` value meaning "the newest training checkpoint in ``ckpt_dir``, if any".
 LATEST = "latest"
+
+#: The best generator's file in ``ckpt_dir`` and its TorchScript export.
+_MODEL_NAMES = ("model.pt", "model.ts")
+
+#: The training checkpoint's entry recording the run's inputs and target (:func:`training_checkpoint_dict`).
+SCENARIO_KEY = "scenario"
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -62,8 +78,15 @@ class _AtomicDiskSaver(DiskSaver):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         name = self.filename if self.filename is not None else filename
         if idist.get_rank() == self.save_on_rank:  # as DiskSaver checks: other ranks write no temporary to rename
-            with atomic_output(self.dirname / name) as temporary:
-                super().__call__(checkpoint, temporary.name, metadata)
+            try:
+                with atomic_output(self.dirname / name) as temporary:
+                    super().__call__(checkpoint, temporary.name, metadata)
+            except (OSError, RuntimeError) as error:  # torch's writer says "unexpected pos ..." for a full disk
+                reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+                raise DataError(
+                    self.dirname / name, f"could not be written ({reason}; {free_space(self.dirname)})",
+                    "a folder with room for the checkpoint (the previous one is kept)",
+                ) from error
         for old in self._superseded:
             if old != name:  # a fixed name was just replaced in place
                 try:
@@ -198,20 +221,35 @@ def _past_last_epoch(path: Path, epoch: int, max_epochs: int) -> DataError:
                      f"--epochs greater than {epoch}, to train on from it")
 
 
-def check_resume_checkpoint(resume_path: str | Path, epochs: int, epoch_length: int, expected: str) -> None:
+def check_resume_checkpoint(
+    resume_path: str | Path,
+    epochs: int,
+    epoch_length: int,
+    expected: str,
+    ckpt_dir: str | Path | None = None,
+    scenario: Mapping[str, Any] | None = None,
+) -> None:
     """``train.json``'s first ``initialize`` step: what can be checked of the checkpoint a run resumes from before
     any dataset is built (the trainer, and so the networks to load it into, come after the preprocessing: hours at
     the paper's scale). It must be readable, and this run's ``--val_interval`` (the epoch length) must be the one it
     was saved with: Ignite restores the saved epoch length and would silently keep it, so that the run's epochs,
     checkpoints and validations followed the old value while its log showed the new one. Its epoch must not be past
-    this run's last. Whether its networks fit the config is checked when it is loaded
-    (:class:`ReportingCheckpointLoader`, which also names what a file other than a training checkpoint holds).
+    this run's last. Its scenario (inputs in order, target: :func:`training_checkpoint_dict` records them) must be
+    this run's: a (T1, T2) -> FLAIR generator has the shapes of a (T2, FLAIR) -> T1 one, and resumed it kept its best
+    model and score as the new scenario's. And ``ckpt_dir`` must hold nothing of another run, since the resumed run's
+    saves replace what is there: a resume of the latest checkpoint of ``ckpt_dir`` is the one allowed in a folder
+    holding training files (a checkpoint from elsewhere, e.g. an ``earlier_run_*`` folder, or an older one of
+    ``ckpt_dir``, would replace a newer run's best model and checkpoints). Whether its networks fit the config is
+    checked when it is loaded (:class:`ReportingCheckpointLoader`, which also names what a file other than a
+    training checkpoint holds).
 
     Args:
         resume_path: the checkpoint (``@resume_path``: :func:`find_resume_checkpoint`'s); ``""`` for none.
         epochs: this run's ``--epochs``.
         epoch_length: this run's iterations per epoch (``--val_interval``).
         expected: what the file should be, for the messages (the loader's ``expected``).
+        ckpt_dir: the run's checkpoint folder (``@ckpt_dir``); None to leave it unchecked.
+        scenario: this run's ``{"inputs": [...], "target": ...}``; None to leave it unchecked.
 
     Raises:
         DataError: naming the file, what does not fit and the setting that would.
@@ -227,6 +265,10 @@ def check_resume_checkpoint(resume_path: str | Path, epochs: int, epoch_length: 
     state = checkpoint.get("trainer") if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not state.get("epoch_length"):
         return  # not a training checkpoint: the loader says what it holds
+    if scenario is not None:
+        _check_scenario(path, checkpoint.get(SCENARIO_KEY), scenario)
+    if ckpt_dir is not None:
+        _check_folder_for_resume(path, Path(ckpt_dir))
     saved_length = int(state["epoch_length"])
     if saved_length != epoch_length:
         raise DataError(
@@ -237,6 +279,57 @@ def check_resume_checkpoint(resume_path: str | Path, epochs: int, epoch_length: 
     epoch = int(state["epoch"]) if "epoch" in state else int(state.get("iteration", 0)) // saved_length
     if epoch > epochs:
         raise _past_last_epoch(path, epoch, epochs)
+
+
+def scenario_record(inputs: Sequence[str], target: str) -> dict[str, Any]:
+    """What a training checkpoint records of its run's scenario: the canonical names (``t1ce`` and ``T1Gd`` are one
+    contrast), inputs in order (the generator's channels)."""
+
+    def name(contrast: str) -> str:
+        try:
+            return canonical_contrast(str(contrast))
+        except DataError:  # the config's own checks name an unknown contrast
+            return str(contrast)
+
+    return {"inputs": [name(c) for c in inputs], "target": name(target)}
+
+
+def _scenario_text(scenario: Mapping[str, Any]) -> str:
+    return f"({', '.join(map(str, scenario.get('inputs', [])))}) -> {scenario.get('target')}"
+
+
+def _check_scenario(path: Path, saved: Any, scenario: Mapping[str, Any]) -> None:
+    if not isinstance(saved, Mapping):  # saved before checkpoints recorded it
+        _logger.warning("%s records no scenario (saved by an earlier version): not checked against %s", path,
+                        _scenario_text(scenario))
+        return
+    wanted = scenario_record(scenario["inputs"], scenario["target"])
+    found = scenario_record(saved.get("inputs", []), saved.get("target"))
+    if found != wanted:
+        raise DataError(
+            path, f"was saved by a {_scenario_text(found)} run, this run is {_scenario_text(wanted)}",
+            "a checkpoint of this bundle's scenario, inputs in the same order (its generator and best score are "
+            "that scenario's)",
+        )
+
+
+def _check_folder_for_resume(path: Path, ckpt_dir: Path) -> None:
+    """Refuses a resume whose saves would replace another run's files in ``ckpt_dir``."""
+    latest = latest_training_checkpoint(ckpt_dir)
+    if latest is not None and latest.resolve() == path.resolve():
+        return
+    others = [p.name for _, p in sorted(_training_checkpoints(ckpt_dir))]
+    others += [name for name in _MODEL_NAMES if (ckpt_dir / name).is_file()]
+    if not others:
+        return  # an empty folder: the resumed run writes there, replacing nothing
+    what = "is not the latest training checkpoint of" if latest is not None and path.parent.resolve() == \
+        ckpt_dir.resolve() else "is not in"
+    raise DataError(
+        path, f"{what} {ckpt_dir}, which holds {', '.join(others)} of another run or a later point: resumed, this "
+              "run's saves would replace them",
+        f"--resume_ckpt latest (continues {latest.name})" if latest is not None else
+        f"{ckpt_dir} moved away or emptied first, or another --bundle_root",
+    )
 
 
 def resume_purge_step(resume_path: str | Path) -> int | None:
@@ -417,6 +510,56 @@ def _interval_file_pattern(checkpoint: Checkpoint) -> re.Pattern[str]:
     return re.compile(rf"{prefix}{re.escape(name)}_{re.escape(checkpoint.score_name)}=-?[0-9.]+{re.escape(checkpoint.ext)}")
 
 
+_held_folders: dict[Path, int] = {}  # folder -> its open descriptor, whose lock is held until the process ends
+
+
+def hold_checkpoint_folder(ckpt_dir: str | Path) -> Path:
+    """``train.json``'s step after the checks of its settings, before the datasets: makes ``ckpt_dir`` this run's.
+
+    It must be a folder this process can write (created if missing): a read-only one was found at the first save,
+    after the preprocessing and a whole epoch. And no other training run may hold it: two runs in one folder set
+    each other's files aside, superseded each other's checkpoints and both named the same ``model.pt`` as theirs.
+    A run holds an exclusive ``flock`` on the folder itself until its process ends (a killed run's lock goes with
+    it: nothing stale to clear, and no lock file among the checkpoints). Under ``torchrun`` only rank 0 calls this.
+    Where the file system has no locks (some network file systems) the run goes on unlocked, with a warning.
+
+    Raises:
+        DataError: ``ckpt_dir`` cannot be written, or another run holds it.
+    """
+    folder = Path(os.path.abspath(ckpt_dir))
+    if folder in _held_folders:  # a second run in this process (the previous one has ended)
+        return folder
+    expected = "a folder this run can write its checkpoints to"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(folder, f"cannot be created ({error.strerror or error})", expected) from None
+    if not os.access(folder, os.W_OK | os.X_OK):  # a read-only file system included (EROFS)
+        raise DataError(folder, "cannot be written (no write permission, or a read-only file system)", expected)
+    descriptor = os.open(folder, os.O_RDONLY)
+    if fcntl is not None:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise DataError(
+                folder, f"is in use by another training run (a process holds its lock: `fuser -v {folder}` names it)",
+                "one training run per checkpoint folder: wait for that one to end, or give this one another "
+                "--bundle_root (or --ckpt_dir)",
+            ) from None
+        except OSError as error:
+            _logger.warning("%s: cannot be locked (%s): nothing stops a second run from using it", folder, error)
+    _held_folders[folder] = descriptor
+    return folder
+
+
+def release_checkpoint_folder(ckpt_dir: str | Path) -> None:
+    """Ends :func:`hold_checkpoint_folder`'s hold before the process does (a run in a notebook or a test)."""
+    descriptor = _held_folders.pop(Path(os.path.abspath(ckpt_dir)), None)
+    if descriptor is not None:
+        os.close(descriptor)  # closing the only descriptor of the open file releases its flock
+
+
 def find_resume_checkpoint(resume_ckpt: str | Path, ckpt_dir: str | Path, file_prefix: str = "training") -> str:
     """The checkpoint a training config resumes from (``""``: none).
 
@@ -467,7 +610,8 @@ def set_aside_earlier_run(
     ckpt_dir: str | Path,
     trainer: Engine | None = None,
     file_prefix: str = "training",
-    model_names: Sequence[str] = ("model.pt", "model.ts"),
+    model_names: Sequence[str] = _MODEL_NAMES,
+    log_dir: str | Path | None = None,
 ) -> Path | None:
     """Before a run that starts afresh: moves an earlier run's training checkpoints, best generator (or weights
     put there by hand) and its TorchScript export from ``ckpt_dir`` into ``ckpt_dir/earlier_run_<date>-<time>/`` and
@@ -483,14 +627,17 @@ def set_aside_earlier_run(
             was, so that ``--resume_ckpt latest`` still finds the earlier run. Without it, now.
         file_prefix: the training checkpoints' prefix.
         model_names: the best generator's file and its exports.
+        log_dir: the TensorBoard folder (``@output_dir``): its event files written by other processes go along, into
+            the set-aside folder's ``<log_dir name>/`` (TensorBoard drew the two runs as one curve, scenario and all).
     """
     if trainer is not None:
-        _on_first_iteration(trainer, lambda: set_aside_earlier_run(ckpt_dir, None, file_prefix, model_names))
+        _on_first_iteration(trainer, lambda: set_aside_earlier_run(ckpt_dir, None, file_prefix, model_names, log_dir))
         return None
     ckpt_dir = Path(ckpt_dir)
     earlier = [p for _, p in sorted(_training_checkpoints(ckpt_dir, file_prefix))]
     earlier += [ckpt_dir / name for name in model_names if (ckpt_dir / name).is_file()]
-    if not earlier:
+    events = _earlier_event_files(Path(log_dir)) if log_dir is not None else []
+    if not earlier and not events:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder, number = ckpt_dir / f"earlier_run_{stamp}", 1
@@ -500,8 +647,20 @@ def set_aside_earlier_run(
     folder.mkdir()
     for path in earlier:
         os.replace(path, folder / path.name)  # same file system: a rename, nothing copied
+    if events:
+        (folder / events[0].parent.name).mkdir()
+        for path in events:
+            shutil.move(path, folder / path.parent.name / path.name)  # the log folder may be on another file system
+    moved = [p.name for p in earlier] + ([f"{len(events)} TensorBoard event file(s)"] if events else [])
     _logger.warning(
         "starting afresh: moved the earlier run's %s to %s (--resume_ckpt latest would have continued it)",
-        ", ".join(p.name for p in earlier), folder,
+        ", ".join(moved), folder,
     )
     return folder
+
+
+def _earlier_event_files(log_dir: Path) -> list[Path]:
+    """TensorBoard event files of ``log_dir`` that other processes wrote: ``events.out.tfevents.<time>.<host>.<pid>.
+    <n>`` names its writer (torch's ``SummaryWriter``), and this run's writer has made its own already."""
+    own = f".{socket.gethostname()}.{os.getpid()}."
+    return sorted(p for p in log_dir.glob("events.out.tfevents.*") if p.is_file() and own not in p.name)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
+from agi_monai.engines.checkpoint import SCENARIO_KEY, scenario_record
 from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = ["BCEWithLogitsAdversarialLoss", "Pix2PixKeys", "Pix2PixTrainer", "training_checkpoint_dict"]
@@ -282,7 +283,19 @@ def _raise_if_channels_differ(network: nn.Module, image: torch.Tensor, error: Ru
         ) from error
 
 
-def training_checkpoint_dict(trainer: Pix2PixTrainer, best_model_saver: Any | None = None) -> dict[str, Any]:
+class _Record:
+    """A fixed mapping saved in a checkpoint (Ignite saves objects with a ``state_dict``)."""
+
+    def __init__(self, state: Mapping[str, Any]) -> None:
+        self.state = dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.state)
+
+
+def training_checkpoint_dict(
+    trainer: Pix2PixTrainer, best_model_saver: Any | None = None, scenario: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything a :class:`Pix2PixTrainer` run needs to resume, for ``CheckpointSaver(save_dict=...)`` and
     ``CheckpointLoader(load_dict=...)``: ``generator``, ``discriminator``, ``g_optimizer``, ``d_optimizer``,
     ``g_scaler``, ``d_scaler`` (empty state when AMP is off) and ``trainer`` (Ignite's iteration, epoch,
@@ -292,6 +305,10 @@ def training_checkpoint_dict(trainer: Pix2PixTrainer, best_model_saver: Any | No
     With ``best_model_saver`` (the validation's :class:`agi_monai.engines.AtomicCheckpointSaver` of the best
     generator), also ``best_model_ranking``, the scores of the generators saved so far: a resumed run then
     replaces ``models/model.pt`` only with a better one, not with whatever its first validation gives.
+
+    With ``scenario`` (``{"inputs": [...], "target": ...}``), also ``scenario``, saved only: a resume checks it
+    before any work (:func:`agi_monai.engines.check_resume_checkpoint`); the loader leaves it out, so that
+    checkpoints saved without it still load.
 
     In a bundle config the saver and loader cannot be train handlers (they would reference the trainer inside
     its own arguments); attach them once the trainer exists, e.g.
@@ -315,4 +332,6 @@ def training_checkpoint_dict(trainer: Pix2PixTrainer, best_model_saver: Any | No
         )
     if ranking is not None:
         objects["best_model_ranking"] = ranking
+    if scenario is not None:
+        objects[SCENARIO_KEY] = _Record(scenario_record(scenario["inputs"], scenario["target"]))
     return objects

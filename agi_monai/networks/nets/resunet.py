@@ -73,6 +73,15 @@ class ResUNet(nn.Module):
         conv = Conv[Conv.CONV, spatial_dims]
         up_conv = Conv[Conv.CONVTRANS, spatial_dims]
         c0, c1, c2, c3 = channels
+        if self.cagr_stages and groups < 1:
+            raise ValueError(f"{type(self).__name__}: groups={groups} must be positive")
+        widths = dict(zip(STAGES, (c0, c1, c2, c3, c2, c1, c0)))
+        indivisible = [f"{stage} ({widths[stage]})" for stage in self.cagr_stages if widths[stage] % groups]
+        if indivisible:  # else CAGR's own error, naming neither the stage nor these arguments
+            raise ValueError(
+                f"{type(self).__name__}: channels={tuple(channels)} with groups={groups}: the width of each CAGR stage "
+                f"must be a multiple of groups, not {', '.join(indivisible)}"
+            )
 
         def res_blocks(stage: str, width: int) -> list[nn.Module]:
             return [
