@@ -265,6 +265,25 @@ def test_multi_gpu_train_reports_the_datalist_before_building_slices(cases, tmp_
     assert not (tmp_path / "cache").exists() and holds_nothing(tmp_path / "run" / "models")
 
 
+def test_multi_gpu_train_without_torchrun_says_how_to_launch_it(cases, tmp_path, monkeypatch):
+    # before: "environment variable RANK expected, but not set" from init_process_group
+    from monai.bundle import ConfigWorkflow
+
+    datalist = write_datalist(tmp_path / "datalist.json", training=[cases["good"]], validation=[cases["good"]])
+    settings = write_json(overrides(datalist, tmp_path / "cache"), tmp_path / "overrides.json")
+    configs = [str(IXI / "configs" / name) for name in ("train.json", "multi_gpu_train.json")] + [str(settings)]
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    workflow = ConfigWorkflow(config_file=configs, workflow_type="train", bundle_root=str(tmp_path / "run"))
+    with pytest.raises(Exception) as raised:
+        workflow.initialize()
+    assert str(raised.value.__cause__).startswith(  # MONAI's "Failed to evaluate ConfigExpression" wraps it
+        "multi_gpu_train.json runs one process per GPU, started by torchrun, which sets RANK, LOCAL_RANK, WORLD_SIZE, "
+        "MASTER_ADDR, MASTER_PORT (not set here): run `torchrun --standalone --nproc_per_node=<GPUs> -m monai.bundle"
+    )
+    assert not (tmp_path / "cache").exists()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -484,6 +503,21 @@ def test_resume_from_a_checkpoint_of_another_scenario_is_refused_before_any_slic
         "of this bundle's scenario, inputs in the same order (its generator and best score are that scenario's))"
     )
     assert not fresh_cache.exists()
+
+
+def test_a_resume_keeps_a_best_model_its_checkpoint_did_not_record(trained, cache, tmp_path):
+    # a run stopped between an epoch's model.pt and its checkpoint (killed, a full disk) left a better model.pt than
+    # the checkpoint's ranking knew: before, the resumed run replaced it with its first generator beating that ranking
+    copy_run(trained, tmp_path)
+    model = tmp_path / "models" / "model.pt"
+    later = AGINet(in_channels=2, channels=WIDTHS).state_dict()  # as if epoch 2's validation wrote it, then stopped
+    torch.save(later, model)
+    unrecorded = model.read_bytes()
+    train_bundle(IXI, tmp_path, overrides(IXI_SIM, cache, resume_ckpt="latest", epochs=2))
+    kept = tmp_path / "models" / f"model_after_{Path(CHECKPOINT).stem}.pt"
+    assert kept.read_bytes() == unrecorded
+    assert {p.name for p in (tmp_path / "models").iterdir()} == {
+        "model.pt", kept.name, "training_checkpoint_epoch=2.pt"}
 
 
 def test_resume_by_the_name_the_summary_prints(trained, tmp_path, monkeypatch):

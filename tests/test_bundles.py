@@ -1039,6 +1039,32 @@ def test_interrupted_training_ends_with_where_it_stood_and_what_resumes(tmp_path
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_fresh_start_interrupted_before_its_first_checkpoint_names_the_run_it_set_aside(tmp_path, capsys):
+    from ignite.engine import Engine
+
+    from agi_monai.bundle import run_training
+    from agi_monai.engines import set_aside_earlier_run
+
+    (tmp_path / "training_checkpoint_epoch=2.pt").write_bytes(b"")  # the earlier run's
+
+    def step(engine, batch):
+        if engine.state.iteration == 2:
+            raise KeyboardInterrupt
+
+    trainer = Engine(step)
+    trainer.set_data(range(3))
+    trainer.state.max_epochs, trainer.state.epoch_length = 1, 3
+    set_aside_earlier_run(tmp_path, trainer)  # at the first iteration, as train.json does
+    with pytest.raises(SystemExit):
+        run_training(trainer, tmp_path)
+    (kept,) = tmp_path.glob("earlier_run_*")
+    # before: only "no training checkpoint yet: a rerun starts afresh", and a rerun with --resume_ckpt latest did
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "training interrupted at iteration 2 of 3 (epoch 1 of 1); no training checkpoint yet: a rerun starts afresh "
+        f"(it set the earlier run aside: --resume_ckpt {kept / 'training_checkpoint_epoch=2.pt'} continues that one)"
+    )
+
+
 @pytest.mark.slow
 def _two_process_training(name: str, *args: str) -> str:
     """``multi_gpu_train.json`` over ``train.json`` under torchrun with 2 gloo CPU processes; returns the log."""

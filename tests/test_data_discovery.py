@@ -329,6 +329,9 @@ def test_explicit_json_datalist(tmp_path):
     assert test_case["case_id"] == "x" and test_case["FLAIR"] == str(tmp_path / "relative" / "x-t2f.nii.gz")
     with pytest.raises(DataError, match="has no 'validation' list"):
         discover_cases(path, split="validation")
+    (tmp_path / "empty.json").write_text("{}")  # before: "has no 'training' list (keys: )"
+    with pytest.raises(DataError, match=r"empty.json: has no 'training' list \(an empty JSON object\)"):
+        discover_cases(tmp_path / "empty.json", split="training")
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(DataError, match="broken.json: cannot be read as JSON"):
         discover_cases(tmp_path / "broken.json")

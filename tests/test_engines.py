@@ -24,12 +24,14 @@ from torch.utils.data import Subset
 
 from agi_monai.engines import (
     AtomicCheckpointSaver,
+    BestModelDigest,
     BCEWithLogitsAdversarialLoss,
     Pix2PixTrainer,
     StructuralSimilarityIndex,
     check_resume_checkpoint,
     clip_prediction,
     hold_checkpoint_folder,
+    keep_unrecorded_best_model,
     release_checkpoint_folder,
     set_aside_earlier_run,
     synthesis_evaluator,
@@ -702,3 +704,27 @@ def test_starting_afresh_sets_the_earlier_runs_tensorboard_events_aside_too(tmp_
     assert sorted(p.name for p in folder.iterdir()) == ["eval", "training_checkpoint_epoch=2.pt"]
     assert [p.name for p in (folder / "eval").iterdir()] == [earlier.name]
     assert [p.name for p in log_dir.iterdir()] == [own.name]
+
+
+def test_a_best_model_written_after_the_resumed_checkpoint_is_kept(tmp_path, caplog):
+    # each epoch writes model.pt, then its checkpoint; a run stopped between the two left a better model.pt than the
+    # checkpoint's ranking knew, which the resumed run then replaced with a worse one
+    best_model_saver = AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 1)}, save_key_metric=True,
+                                             key_metric_filename="model.pt")
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"epoch 1's generator")
+    state = {"trainer": {"epoch_length": 3, "iteration": 3, "epoch": 1},
+             "best_model_digest": BestModelDigest(best_model_saver).state_dict()}
+    checkpoint = tmp_path / "training_checkpoint_epoch=1.pt"
+    torch.save(state, checkpoint)
+    assert keep_unrecorded_best_model(checkpoint, tmp_path) is None  # model.pt is the one the checkpoint recorded
+    model.write_bytes(b"epoch 2's better generator")  # then epoch 2's checkpoint failed (a full disk)
+    with caplog.at_level(logging.WARNING, logger="agi_monai.engines.checkpoint"):
+        kept = keep_unrecorded_best_model(checkpoint, tmp_path)
+    assert kept == tmp_path / "model_after_training_checkpoint_epoch=1.pt"
+    assert kept.read_bytes() == b"epoch 2's better generator" and model.read_bytes() == kept.read_bytes()
+    assert f"{model} was written after training_checkpoint_epoch=1.pt, by a validation whose checkpoint was not" in (
+        caplog.text)
+    older = tmp_path / "older.pt"  # a checkpoint saved before the digest was recorded: nothing to compare
+    torch.save({"trainer": state["trainer"]}, older)
+    assert keep_unrecorded_best_model(older, tmp_path) is None and keep_unrecorded_best_model("", tmp_path) is None

@@ -4,7 +4,7 @@ between the pix2pix engine's outputs and MONAI's handlers. Logic lives here, tes
 (``tests/test_bundles.py``); the configs only wire it.
 """
 
-from agi_monai.bundle.command_line import check_command_line, report_failures
+from agi_monai.bundle.command_line import check_command_line, check_distributed_launch, report_failures
 from agi_monai.bundle.data import (
     check_batches,
     check_networks,
@@ -34,6 +34,7 @@ __all__ = [
     "TrainingSummary",
     "check_batches",
     "check_command_line",
+    "check_distributed_launch",
     "check_networks",
     "check_spatial_size",
     "check_splits",

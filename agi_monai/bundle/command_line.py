@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Sequence
 
 from agi_monai.data.errors import failure_reason
 
-__all__ = ["check_command_line", "report_failures"]
+__all__ = ["check_command_line", "check_distributed_launch", "report_failures"]
 
 # MONAI's experiment-tracking settings: overrides that ``--tracking`` reads although no config holds them
 # (``monai.bundle.scripts.run``'s docstring lists them).
@@ -141,6 +142,22 @@ def report_failures() -> None:
     :func:`check_command_line`'s included, is reported this way."""
     if sys.argv and _is_bundle_command(sys.argv[0]) and not getattr(sys.excepthook, "reports_cause_last", False):
         sys.excepthook = _report_cause_last(sys.excepthook)
+
+
+#: What torchrun (torch.distributed.run) sets in each process it starts, and ``multi_gpu_train.json`` reads.
+_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_distributed_launch() -> None:
+    """``multi_gpu_train.json``'s step before its process group: raises, saying how to launch it, unless torchrun
+    started this process (before: "environment variable RANK expected, but not set" from ``init_process_group``)."""
+    missing = [name for name in _LAUNCH_VARIABLES if name not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"multi_gpu_train.json runs one process per GPU, started by torchrun, which sets {', '.join(missing)} "
+            "(not set here): run `torchrun --standalone --nproc_per_node=<GPUs> -m monai.bundle run training "
+            "--config_file \"['configs/train.json','configs/multi_gpu_train.json']\" ...`, or train.json alone on one GPU"
+        )
 
 
 def check_command_line(argv: Sequence[str] | None = None) -> None:

@@ -316,6 +316,7 @@ def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:
     # handlers, and the summary is to be the run's last line.
     deferred: list[str] = []
     setattr(trainer, DEFERRED_SUMMARIES, deferred)
+    started = time.time()
     try:
         with stopping_cleanly_on_sigterm():
             trainer.run()
@@ -325,12 +326,22 @@ def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:
         latest = latest_training_checkpoint(ckpt_dir)
         resume = (
             f"--resume_ckpt latest continues from {latest} (the iterations after it are lost)" if latest is not None
-            else "no training checkpoint yet: a rerun starts afresh"
+            else "no training checkpoint yet: a rerun starts afresh" + _set_aside_since(Path(ckpt_dir), started)
         )
         print(f"training interrupted at {_position(trainer)}; {resume}", flush=True)
         raise SystemExit(130 if isinstance(stop, KeyboardInterrupt) else stop.code) from None
     finally:
         release_checkpoint_folder(ckpt_dir)  # held since the config's initialize (hold_checkpoint_folder)
+
+
+def _set_aside_since(ckpt_dir: Path, started: float) -> str:
+    """What a run stopped before its first checkpoint says of the earlier run it set aside (the one to resume, if
+    starting afresh was a mistake)."""
+    folders = [p for p in ckpt_dir.glob("earlier_run_*") if p.is_dir() and p.stat().st_mtime >= started - 1]
+    checkpoint = latest_training_checkpoint(max(folders, key=lambda p: p.stat().st_mtime)) if folders else None
+    if checkpoint is None:
+        return ""
+    return f" (it set the earlier run aside: --resume_ckpt {checkpoint} continues that one)"
 
 
 def _position(engine: Engine) -> str:

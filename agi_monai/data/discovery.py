@@ -264,7 +264,8 @@ def _read_datalist(
     if isinstance(content, dict):
         if split is not None:
             if split not in content:
-                raise DataError(path, f"has no {split!r} list (keys: {', '.join(content)})", f"a {split!r} key")
+                keys = f"keys: {', '.join(content)}" if content else "an empty JSON object"
+                raise DataError(path, f"has no {split!r} list ({keys})", f"a {split!r} key")
             lists = {split: content[split]}
         else:
             lists = {name: value for name, value in content.items() if isinstance(value, list)}

@@ -34,11 +34,13 @@ keys are ``pred`` and ``label``).
 
 from agi_monai.engines.checkpoint import (
     AtomicCheckpointSaver,
+    BestModelDigest,
     ReportingCheckpointLoader,
     check_resume_checkpoint,
     expected_bundle_weights,
     find_resume_checkpoint,
     hold_checkpoint_folder,
+    keep_unrecorded_best_model,
     latest_training_checkpoint,
     load_weights,
     release_checkpoint_folder,
@@ -57,6 +59,7 @@ from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "BestModelDigest",
     "CropToMaskSlabd",
     "BCEWithLogitsAdversarialLoss",
     "Pix2PixKeys",
@@ -69,6 +72,7 @@ __all__ = [
     "expected_bundle_weights",
     "find_resume_checkpoint",
     "hold_checkpoint_folder",
+    "keep_unrecorded_best_model",
     "latest_training_checkpoint",
     "load_weights",
     "release_checkpoint_folder",

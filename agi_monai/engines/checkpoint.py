@@ -4,6 +4,7 @@ reader of a network's weights file (the same failures)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,11 +34,13 @@ except ImportError:  # Windows: no flock, runs are not locked
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "BestModelDigest",
     "ReportingCheckpointLoader",
     "check_resume_checkpoint",
     "expected_bundle_weights",
     "find_resume_checkpoint",
     "hold_checkpoint_folder",
+    "keep_unrecorded_best_model",
     "latest_training_checkpoint",
     "load_weights",
     "release_checkpoint_folder",
@@ -54,6 +57,9 @@ _MODEL_NAMES = ("model.pt", "model.ts")
 
 #: The training checkpoint's entry recording the run's inputs and target (:func:`training_checkpoint_dict`).
 SCENARIO_KEY = "scenario"
+
+#: The training checkpoint's entry recording the best generator's file as the checkpoint was written.
+BEST_MODEL_DIGEST_KEY = "best_model_digest"
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -292,6 +298,61 @@ def scenario_record(inputs: Sequence[str], target: str) -> dict[str, Any]:
             return str(contrast)
 
     return {"inputs": [name(c) for c in inputs], "target": name(target)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class BestModelDigest:
+    """Saved in a training checkpoint (``state_dict`` only): the best generator's file name and SHA-256 as the
+    checkpoint is written, which comes after that epoch's ``model.pt`` (:func:`keep_unrecorded_best_model` reads it).
+
+    Args:
+        best_model_saver: the validation's :class:`AtomicCheckpointSaver` of the best generator.
+    """
+
+    def __init__(self, best_model_saver: AtomicCheckpointSaver) -> None:
+        ranking = best_model_saver.key_metric_ranking
+        if ranking is None:
+            raise ValueError("best_model_saver: expected an AtomicCheckpointSaver with save_key_metric=True")
+        handler = ranking.save_handler
+        self.path = Path(handler.dirname) / handler.filename
+
+    def state_dict(self) -> dict[str, str]:
+        return {"file": self.path.name, "sha256": _sha256(self.path) if self.path.is_file() else ""}
+
+
+def keep_unrecorded_best_model(resume_path: str | Path, ckpt_dir: str | Path) -> Path | None:
+    """``train.json``'s step after the resume checks: keeps a copy of a best generator written after the checkpoint
+    the run resumes from. Each epoch writes ``model.pt`` (when its validation is the best yet) before its training
+    checkpoint; a run stopped between the two (killed, a full disk) left a better ``model.pt`` than the checkpoint's
+    ranking knows, and the resumed run replaced it with the first generator beating that ranking, a worse one. The
+    copy, ``model_after_<checkpoint name>.pt`` beside it, says which checkpoint it came after (warned about); None
+    when ``model.pt`` is the one the checkpoint recorded (:class:`BestModelDigest`), or there is nothing to compare.
+    """
+    if not resume_path:
+        return None
+    checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True, mmap=True)
+    record = checkpoint.get(BEST_MODEL_DIGEST_KEY) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(record, Mapping) or not record.get("file"):
+        return None  # saved before checkpoints recorded it
+    model = Path(ckpt_dir) / str(record["file"])
+    if not model.is_file() or _sha256(model) == record.get("sha256"):
+        return None
+    kept = model.with_name(f"{model.stem}_after_{Path(resume_path).stem}{model.suffix}")
+    with atomic_output(kept) as temporary:
+        shutil.copyfile(model, temporary)
+    _logger.warning(
+        "%s was written after %s, by a validation whose checkpoint was not (the run stopped between the two saves): "
+        "kept as %s, since the resumed run replaces %s with its first generator better than the checkpoint's best",
+        model, Path(resume_path).name, kept, model.name,
+    )
+    return kept
 
 
 def _scenario_text(scenario: Mapping[str, Any]) -> str:

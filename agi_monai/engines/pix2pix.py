@@ -17,7 +17,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
-from agi_monai.engines.checkpoint import SCENARIO_KEY, scenario_record
+from agi_monai.engines.checkpoint import BEST_MODEL_DIGEST_KEY, SCENARIO_KEY, BestModelDigest, scenario_record
 from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = ["BCEWithLogitsAdversarialLoss", "Pix2PixKeys", "Pix2PixTrainer", "training_checkpoint_dict"]
@@ -306,9 +306,11 @@ def training_checkpoint_dict(
     generator), also ``best_model_ranking``, the scores of the generators saved so far: a resumed run then
     replaces ``models/model.pt`` only with a better one, not with whatever its first validation gives.
 
-    With ``scenario`` (``{"inputs": [...], "target": ...}``), also ``scenario``, saved only: a resume checks it
-    before any work (:func:`agi_monai.engines.check_resume_checkpoint`); the loader leaves it out, so that
-    checkpoints saved without it still load.
+    With ``scenario`` (``{"inputs": [...], "target": ...}``: the saver's dict), also records that are saved only (the
+    loader's dict leaves them out, so that checkpoints saved without them still load): ``scenario``, which a resume
+    checks before any work (:func:`agi_monai.engines.check_resume_checkpoint`), and, with ``best_model_saver``,
+    ``best_model_digest`` (:class:`agi_monai.engines.BestModelDigest`, read by
+    :func:`agi_monai.engines.keep_unrecorded_best_model`).
 
     In a bundle config the saver and loader cannot be train handlers (they would reference the trainer inside
     its own arguments); attach them once the trainer exists, e.g.
@@ -334,4 +336,6 @@ def training_checkpoint_dict(
         objects["best_model_ranking"] = ranking
     if scenario is not None:
         objects[SCENARIO_KEY] = _Record(scenario_record(scenario["inputs"], scenario["target"]))
+        if best_model_saver is not None:
+            objects[BEST_MODEL_DIGEST_KEY] = BestModelDigest(best_model_saver)
     return objects
