@@ -385,7 +385,7 @@ def test_bad_cases_among_good_ones_are_named_and_training_goes_on(trained, cases
     # the good case trained the generator: two iterations, then the best model and the training checkpoint
     assert trained["run"].iterations == 2
     models = trained["root"] / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["model.pt", CHECKPOINT]
+    assert sorted(p.name for p in models.iterdir()) == ["model.pt", CHECKPOINT, "training_runs.json"]
     AGINet(in_channels=2, channels=WIDTHS).load_state_dict(torch.load(models / "model.pt", weights_only=True))
     # and no input was touched, the bad ones included
     assert trained["after"] == trained["before"]
@@ -443,7 +443,7 @@ def test_starting_afresh_over_an_earlier_run_keeps_that_run_aside(trained, cases
     models = tmp_path / "models"
     (models / "model.ts").write_bytes(b"an export of the earlier model.pt")
     earlier = tree_digest(models)
-    assert set(earlier) == {CHECKPOINT, "model.pt", "model.ts"}
+    assert set(earlier) == {CHECKPOINT, "model.pt", "model.ts", "training_runs.json"}
     # a start that fails (here: no such dataset) moves nothing
     failed_training(IXI, tmp_path, overrides(tmp_path / "no-such-folder", cache))
     # nor does one that fails at its first iteration, after the trainer was built (here: a discriminator that does
@@ -461,10 +461,13 @@ def test_starting_afresh_over_an_earlier_run_keeps_that_run_aside(trained, cases
         logging.getLogger("agi_monai").removeHandler(records)
     (kept,) = models.glob("earlier_run_*")
     assert tree_digest(kept) == earlier
-    moved = f"starting afresh: moved the earlier run's {CHECKPOINT}, model.pt, model.ts to {kept} (--resume_ckpt latest"
+    moved = (f"starting afresh: moved the earlier run's {CHECKPOINT}, model.pt, model.ts, training_runs.json to {kept} "
+             "(--resume_ckpt latest")
     assert any(line.startswith(moved) for line in records.lines), records.lines
     assert not any("superseded" in line or "resuming" in line for line in records.lines), records.lines
-    assert {p.name for p in models.iterdir() if p.is_file()} == {CHECKPOINT, "model.pt"}  # the new run's own
+    assert {p.name for p in models.iterdir() if p.is_file()} == {CHECKPOINT, "model.pt", "training_runs.json"}  # its own
+    (run,) = json.loads((models / "training_runs.json").read_text())["runs"]  # the earlier run's list went with it
+    assert run["settings"]["resume_from"] == "" and run["settings"]["inputs"] == ["T1", "T2"]
     assert find_resume_checkpoint("latest", models) == str(models / CHECKPOINT)  # not the one set aside
 
 
@@ -517,7 +520,7 @@ def test_a_resume_keeps_a_best_model_its_checkpoint_did_not_record(trained, cach
     kept = tmp_path / "models" / f"model_after_{Path(CHECKPOINT).stem}.pt"
     assert kept.read_bytes() == unrecorded
     assert {p.name for p in (tmp_path / "models").iterdir()} == {
-        "model.pt", kept.name, "training_checkpoint_epoch=2.pt"}
+        "model.pt", kept.name, "training_checkpoint_epoch=2.pt", "training_runs.json"}
 
 
 def test_resume_by_the_name_the_summary_prints(trained, tmp_path, monkeypatch):

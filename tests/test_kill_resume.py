@@ -10,6 +10,7 @@ epoch 2 / iteration 3 and ends at iteration 6 with only the newest training chec
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -57,7 +58,7 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
     assert not (models / "training_checkpoint_epoch=2.pt").exists()  # killed before epoch 2 completed
 
     # only complete files: the best generator and epoch 1's training checkpoint, no temporary file beside them
-    assert sorted(p.name for p in models.iterdir()) == ["model.pt", first.name]
+    assert sorted(p.name for p in models.iterdir()) == ["model.pt", first.name, "training_runs.json"]
     state = torch.load(first, weights_only=True)
     assert state["trainer"]["iteration"] == ITERATIONS_PER_EPOCH  # Ignite keeps the iteration; the epoch follows
     assert {"generator", "discriminator", "g_optimizer", "d_optimizer", "best_model_ranking"} <= set(state)
@@ -69,7 +70,14 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
     assert resumed.returncode == 0, text[-4000:]
     assert f"Restored all variables from {first}" in text
     assert f"Epoch: 2/{EPOCHS}, Iter: 1/{ITERATIONS_PER_EPOCH}" in text and f"Epoch: 1/{EPOCHS}" not in text
-    assert sorted(p.name for p in models.iterdir()) == ["model.pt", f"training_checkpoint_epoch={EPOCHS}.pt"]
+    assert sorted(p.name for p in models.iterdir()) == [
+        "model.pt", f"training_checkpoint_epoch={EPOCHS}.pt", "training_runs.json"]
+    # the list of runs says what produced the files: the killed run, then the one resuming from its checkpoint
+    runs = json.loads((models / "training_runs.json").read_text())["runs"]
+    assert [run["settings"]["resume_from"] for run in runs] == ["", str(first)]
+    assert [run["first_iteration"] for run in runs] == [1, ITERATIONS_PER_EPOCH + 1]
+    assert "--resume_ckpt latest" in runs[1]["command"] and runs[0]["networks"]["generator"]["class"] == (
+        "agi_monai.networks.nets.resunet.AGINet")
     final = torch.load(models / f"training_checkpoint_epoch={EPOCHS}.pt", weights_only=True)
     assert final["trainer"]["iteration"] == EPOCHS * ITERATIONS_PER_EPOCH
     # training went on from epoch 1's weights: the generator differs from the killed run's checkpoint

@@ -20,6 +20,7 @@ import difflib
 import inspect
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -118,6 +119,14 @@ def _is_bundle_command(program: str) -> bool:
     """Whether this process is ``python -m monai.bundle`` (its argv[0] is that package's ``__main__.py``)."""
     path = Path(program)
     return path.name == "__main__.py" and path.parent.name == "bundle" and path.parent.parent.name == "monai"
+
+
+def bundle_command_line() -> str | None:
+    """This process's command as typed, ``python -m monai.bundle run ...`` with its overrides; None in a process that
+    is not ``python -m monai.bundle`` (a workflow run from Python: MONAI Label, MONAI Deploy, tests)."""
+    if not sys.argv or not _is_bundle_command(sys.argv[0]):
+        return None
+    return shlex.join(["python", "-m", "monai.bundle", *sys.argv[1:]])
 
 
 def _report_cause_last(previous_hook):

@@ -25,7 +25,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from agi_monai.data.contrasts import canonical_contrast
 from agi_monai.data.errors import DataError, MissingFileError
-from agi_monai.data.files import atomic_output, free_space, remove_stale_temporaries
+from agi_monai.data.files import atomic_output, free_space, remove_stale_temporaries, write_json
 
 try:
     import fcntl
@@ -43,6 +43,7 @@ __all__ = [
     "keep_unrecorded_best_model",
     "latest_training_checkpoint",
     "load_weights",
+    "record_training_run",
     "release_checkpoint_folder",
     "set_aside_earlier_run",
 ]
@@ -621,6 +622,59 @@ def release_checkpoint_folder(ckpt_dir: str | Path) -> None:
         os.close(descriptor)  # closing the only descriptor of the open file releases its flock
 
 
+#: The file in ``ckpt_dir`` listing the runs that trained there (:func:`record_training_run`).
+RUNS_FILE = "training_runs.json"
+
+
+def record_training_run(
+    trainer: Engine, ckpt_dir: str | Path, settings: Mapping[str, Any], networks: Mapping[str, torch.nn.Module]
+) -> None:
+    """``train.json``'s step after :func:`set_aside_earlier_run`: when the run has completed its first iteration (so
+    after an earlier run's files, this list among them, were set aside, and only for a run that trains), appends to
+    ``ckpt_dir/training_runs.json`` what produced its checkpoints and ``model.pt``: when and where it started, the
+    command line (``python -m monai.bundle run ...`` with its overrides: what to give the evaluation, inference and
+    export commands of the same network; null for a run started from Python, e.g. by MONAI Label), ``settings``, each network's class and parameter count, and the versions of
+    agi_monai, torch and MONAI. A resumed run adds its own entry (``resume_from``). Under ``torchrun`` only rank 0.
+
+    Args:
+        trainer: the run's trainer.
+        ckpt_dir: the bundle's ``models`` folder.
+        settings: JSON-able settings of the run (values that are not are written as text).
+        networks: ``{name: network}``, e.g. the generator and the discriminator.
+    """
+    import monai
+
+    import agi_monai
+    from agi_monai.bundle.command_line import bundle_command_line  # (agi_monai.bundle imports this module)
+
+    def record() -> None:
+        path = Path(ckpt_dir) / RUNS_FILE
+        runs = []
+        if path.is_file():
+            try:
+                runs = list(json.loads(path.read_text(encoding="utf-8")).get("runs", []))
+            except (OSError, ValueError, AttributeError) as error:
+                _logger.warning("%s: unreadable (%s): replaced by a list starting with this run", path, error)
+        runs.append({
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": socket.gethostname(),
+            "command": bundle_command_line(),
+            "working_folder": os.getcwd(),
+            "first_iteration": int(trainer.state.iteration),
+            "settings": json.loads(json.dumps(dict(settings), default=str)),
+            "networks": {
+                name: {"class": f"{type(network).__module__}.{type(network).__qualname__}",
+                       "parameters": sum(p.numel() for p in network.parameters())}
+                for name, network in networks.items()
+            },
+            "versions": {"agi_monai": getattr(agi_monai, "__version__", "unknown"), "torch": torch.__version__,
+                         "monai": monai.__version__},
+        })
+        write_json({"runs": runs}, path)
+
+    _on_first_iteration(trainer, record)
+
+
 def find_resume_checkpoint(resume_ckpt: str | Path, ckpt_dir: str | Path, file_prefix: str = "training") -> str:
     """The checkpoint a training config resumes from (``""``: none).
 
@@ -675,7 +729,7 @@ def set_aside_earlier_run(
     log_dir: str | Path | None = None,
 ) -> Path | None:
     """Before a run that starts afresh: moves an earlier run's training checkpoints, best generator (or weights
-    put there by hand) and its TorchScript export from ``ckpt_dir`` into ``ckpt_dir/earlier_run_<date>-<time>/`` and
+    put there by hand), its TorchScript export and its list of runs (:func:`record_training_run`) from ``ckpt_dir`` into ``ckpt_dir/earlier_run_<date>-<time>/`` and
     says so, because the new run's first saves would otherwise replace them (a forgotten ``--resume_ckpt latest``
     after days of training) and leave an export of other weights beside them. Returns that folder, or None when
     there was nothing to keep.
@@ -696,7 +750,7 @@ def set_aside_earlier_run(
         return None
     ckpt_dir = Path(ckpt_dir)
     earlier = [p for _, p in sorted(_training_checkpoints(ckpt_dir, file_prefix))]
-    earlier += [ckpt_dir / name for name in model_names if (ckpt_dir / name).is_file()]
+    earlier += [ckpt_dir / name for name in (*model_names, RUNS_FILE) if (ckpt_dir / name).is_file()]
     events = _earlier_event_files(Path(log_dir)) if log_dir is not None else []
     if not earlier and not events:
         return None
