@@ -659,3 +659,36 @@ def test_a_t2_star_series_is_not_taken_for_the_t2(native_study):
              for i, description in enumerate(["AX T2 FSE", "AX T2* GRE", "AX T1 SE"])]
     assert match_series_to_contrasts(study) == {"T2": study[0], "T1": study[2]}
     assert match_series_to_contrasts(study[1:]) == {"T1": study[2]}
+
+
+def test_an_anonymised_study_with_a_folder_per_series_is_one_case(tmp_path):
+    # before: an empty PatientID named each series after its own folder, so a PACS export (one folder per series)
+    # became one failing case per series ("ser5: missing T1 (found T2)", "ser6: missing T2 (found T1)")
+    for patient, study, uid in (("", "study1", "1.2.826.0.1.3680043.8.498.7"), ("a\\b", "study2", None)):
+        for number, (name, description) in enumerate([("t2", "AX T2 FSE"), ("t1", "AX T1 SE")], 5):
+            write_dicom_series(sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")), tmp_path / study / f"ser{number}",
+                               description, patient, number, study_uid=uid or "1.2.826.0.1.3680043.8.498.8")
+    found = discover_cases(tmp_path, required=["T1", "T2"])
+    assert found.failures == []
+    # the anonymous study after its folder; the multi-valued PatientID as written, made a file name (not "['a', 'b']")
+    assert sorted(case["case_id"] for case in found.cases) == ["a_b", "study1"]
+    study1 = next(case for case in found.cases if case["case_id"] == "study1")
+    assert study1["patient_id"] == "study1" and "ser5" in study1["T2"][0] and "ser6" in study1["T1"][0]
+    from agi_monai.data.discovery import file_safe_case_id
+
+    assert file_safe_case_id(".hidden") == "_hidden"  # a PatientID ".hidden" named hidden outputs
+
+
+def test_contrasts_given_one_by_one_from_two_patients_are_refused(tmp_path):
+    # before: --t1 of PATIENT-A and --t2 of PATIENT-B made one case named after A, whose DICOM output carried B's
+    # identity and study
+    for patient, name, description in (("PATIENT-A", "t1", "AX T1 SE"), ("PATIENT-B", "t2", "AX T2 FSE")):
+        write_dicom_series(sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")), tmp_path / name, description, patient)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps([{"T1": str(tmp_path / "t1"), "T2": str(tmp_path / "t2")}]))
+    found = discover_cases(datalist)
+    assert found.cases == [] and len(found.failures) == 1
+    assert found.failures[0].reason == (
+        "its DICOM series come from different patients (T1: PATIENT-A, T2: PATIENT-B) (expected every contrast of "
+        "one patient: their PatientIDs differ)"
+    )

@@ -477,3 +477,25 @@ def test_case_ids_that_are_not_file_names_become_one(tmp_path, caplog):
 def test_discovery_of_every_shared_folder(folder, case_count, contrasts):
     discovery = discover_cases(SHARED / folder, required=sorted(contrasts))
     assert len(discovery.cases) == case_count and discovery.failures == []
+
+
+def test_a_synthesized_nifti_beside_the_acquired_images_is_not_an_input(tmp_path):
+    # before: an earlier synthesis's FLAIR kept in the case folder was read as an acquired FLAIR, chose the 3-to-1
+    # bundle, and the new output's description hid that one of its inputs was synthetic
+    import nibabel as nib
+
+    case = tmp_path / "GLI1"
+    case.mkdir()
+    for token in ("t1n", "t2w"):
+        shutil.copy(BRATS_GLI / f"BraTS-GLI-00001-000-{token}.nii.gz", case / f"GLI1-{token}.nii.gz")
+    flair = nib.load(BRATS_GLI / "BraTS-GLI-00001-000-t2f.nii.gz")
+    flair.header["descrip"] = b"SYNTHETIC FLAIR from T1,T2 by brats_t1_t2_to_flair"
+    nib.save(flair, case / "GLI1_FLAIR.nii.gz")
+    found = discover_cases(tmp_path)
+    (only,) = found.cases
+    assert {key for key in only if key in ("T1", "T2", "FLAIR")} == {"T1", "T2"}
+    assert found.synthetic == [str(case / "GLI1_FLAIR.nii.gz")]
+    assert "1 synthesized NIfTI files not used as inputs" in found.summary()
+    flair.header["descrip"] = b"acquired"  # the same image, not marked: an input
+    nib.save(flair, case / "GLI1_FLAIR.nii.gz")
+    assert "FLAIR" in discover_cases(tmp_path).cases[0]

@@ -415,8 +415,17 @@ def test_an_acquired_file_or_series_under_an_outputs_name_is_never_set_aside(tmp
                                         r"Manufacturer is not agi-monai\), so it is left as it was"):
         EarlierCaseOutputs(nifti, series)
     assert sorted(p.read_bytes() for p in series.iterdir()) == acquired and sorted(tmp_path.iterdir()) == [series]
-    nifti.write_bytes(b"an acquired scan")
+    import nibabel as nib
+
+    acquired_scan = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    nib.save(acquired_scan, nifti)
     with pytest.raises(DataError, match=r"P01_FLAIR.nii.gz: exists and was not written by a synthesis \(its NIfTI"):
+        refuse_foreign_outputs(nifti, tmp_path / "absent_dicom")
+    # an output cut short inside its header: not called "not written by a synthesis" (unknown), still left alone
+    acquired_scan.header["descrip"] = b"SYNTHETIC FLAIR from T1,T2 by a test"
+    nib.save(acquired_scan, nifti)
+    nifti.write_bytes(nifti.read_bytes()[:40])
+    with pytest.raises(DataError, match=r"P01_FLAIR.nii.gz: exists but its NIfTI header cannot be read \(cut short\?\)"):
         refuse_foreign_outputs(nifti, tmp_path / "absent_dicom")
     # a synthesis's own series (write_derived_series marks every file) and a missing output pass
     nifti.unlink()

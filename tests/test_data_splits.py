@@ -235,6 +235,9 @@ def test_arguments_and_output_are_refused_before_any_volume_is_read(tmp_path, no
         prepare_datalist(root, config, contrasts, (1, 0, 0))
     assert (tmp_path / "file").read_bytes() == b"\x1f\x8b\x08" and config.read_text() == '{"network_def": {}}'
     config.unlink()
+    (tmp_path / "empty.json").write_text("")  # an empty file (mktemp's) holds nothing to lose: it is not refused here
+    assert splits_module._writable_output(tmp_path / "empty.json") == tmp_path / "empty.json"
+    (tmp_path / "empty.json").unlink()
     no_volume_read()  # discovery counts the patients; too few is known before their volumes are read
     with pytest.raises(DataError, match=r"asks for 4 patients \[2, 1, 1\] but only 3 have every contrast"):
         prepare_datalist(root, tmp_path / "a.json", contrasts, (2, 1, 1))

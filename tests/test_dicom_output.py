@@ -275,3 +275,18 @@ def test_every_derived_slice_has_the_mr_image_iods_required_attributes(native_re
             files_set.add(path)
         files_set.write(tmp_path / "export")
         assert (tmp_path / "export" / "DICOMDIR").is_file()
+
+
+def test_a_reference_without_a_frame_of_reference_gets_a_new_one(native_reference, tmp_path):
+    # FrameOfReferenceUID and StudyInstanceUID are Type 1: a reference lacking them gave a series without them
+    reference_files, reference = native_reference
+    stripped = tmp_path / "reference.dcm"
+    dataset = pydicom.dcmread(reference_files[0])
+    del dataset.FrameOfReferenceUID
+    dataset.save_as(stripped)
+    write_derived_series(synthetic_on(reference), tmp_path / "s", "SYNTHETIC FLAIR test", "made by a test",
+                         reference=str(stripped))
+    uids = {(d.FrameOfReferenceUID, d.StudyInstanceUID) for d in headers(tmp_path / "s")}
+    assert len(uids) == 1  # one new frame of reference for the whole series; the reference's study kept
+    ((frame, study),) = uids
+    assert frame and frame != pydicom.dcmread(reference_files[0]).FrameOfReferenceUID and study == dataset.StudyInstanceUID

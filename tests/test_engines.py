@@ -2,6 +2,7 @@
 a learning signal, resume that reproduces an uninterrupted run, atomic checkpoints, and validation metrics
 equal to MONAI's metric functions."""
 
+import gc
 import logging
 import math
 import os
@@ -9,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -585,7 +587,7 @@ def test_a_checkpoint_that_cannot_be_written_names_the_file_and_keeps_the_previo
     assert re.fullmatch(
         re.escape(f"{tmp_path / 'checkpoint.pt'}: could not be written (RuntimeError: [enforce fail at "
                   "inline_container.cc:672] ") + r"\. unexpected pos 703488 vs 703376; [0-9]+ MB free on its file "
-        r"system\) \(expected a folder with room for the checkpoint \(the previous one is kept\)\)",
+        r"system\) \(expected a writable folder with room for the checkpoint \(the previous one is kept\)\)",
         str(raised.value),
     ), str(raised.value)
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary left
@@ -649,61 +651,111 @@ def test_a_resume_that_would_replace_another_runs_files_is_refused(tmp_path):
         check_resume_checkpoint(earlier, 5, 3, "a training checkpoint", only_model)
 
 
+def _hold_in_another_process(folder: Path) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom agi_monai.engines import hold_checkpoint_folder\n"
+         f"hold = hold_checkpoint_folder({str(folder)!r}); print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _refused(folder: Path) -> bool:
+    try:
+        hold_checkpoint_folder(folder).release()
+        return False
+    except DataError as error:
+        assert "is in use by another training run" in str(error)
+        return True
+
+
 def test_one_training_run_per_checkpoint_folder(tmp_path):
     # two runs in one bundle_root set each other's files aside and mixed their checkpoints; the second is now refused
     models = tmp_path / "models"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom agi_monai.engines import hold_checkpoint_folder\n"
-         f"hold_checkpoint_folder({str(models)!r}); print('held', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True,
-    )
+    holder = _hold_in_another_process(models)
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(DataError) as raised:
             hold_checkpoint_folder(models)
         assert str(raised.value).startswith(f"{models}: is in use by another training run (a process holds its lock")
         assert str(raised.value).endswith("(expected one training run per checkpoint folder: wait for that one to "
                                           "end, or give this one another --bundle_root (or --ckpt_dir))")
+        (tmp_path / "link").symlink_to(models)  # the same folder by another path
+        with pytest.raises(DataError, match="is in use by another training run"):
+            hold_checkpoint_folder(tmp_path / "link")
     finally:
         holder.kill()
         holder.wait()
-    assert hold_checkpoint_folder(models) == models  # a killed run's hold goes with it
-    assert hold_checkpoint_folder(models) == models  # and a second run of this process takes it again
+    hold = hold_checkpoint_folder(models)  # a killed run's hold goes with it
+    assert hold.folder == models and os.listdir(models) == []  # no lock file among the checkpoints
+    # a second run of this process takes the folder over, by any path, and a release frees it for other processes
+    again = hold_checkpoint_folder(tmp_path / "link")
+    assert _hold_in_another_process_expecting_refusal(models)
     release_checkpoint_folder(models)
-    assert os.listdir(models) == []  # no lock file among the checkpoints
+    assert not _hold_in_another_process_expecting_refusal(models)
+    assert hold is not None and again is not None  # (released explicitly, not by being collected)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a folder without write permission")
-def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path):
+def _hold_in_another_process_expecting_refusal(folder: Path) -> bool:
+    result = subprocess.run(
+        [sys.executable, "-c", "from agi_monai.engines import hold_checkpoint_folder\n"
+         f"hold_checkpoint_folder({str(folder)!r})"], capture_output=True, text=True,
+    )
+    return result.returncode != 0 and "is in use by another training run" in result.stderr
+
+
+def test_a_hold_of_a_run_that_failed_before_training_goes_with_its_workflow(tmp_path):
+    # a run started from Python (a notebook, MONAI Label) that failed during initialize kept the folder locked for
+    # the life of the process; its hold is now released when the failed workflow, holding it, is collected
     models = tmp_path / "models"
-    models.mkdir()
-    models.chmod(0o500)
-    try:
-        with pytest.raises(DataError, match=r"models: cannot be written \(no write permission"):
-            hold_checkpoint_folder(models)
-    finally:
-        models.chmod(0o700)
+    workflow_state = {"hold": hold_checkpoint_folder(models)}
+    assert _hold_in_another_process_expecting_refusal(models)
+    workflow_state.clear()
+    gc.collect()
+    assert not _hold_in_another_process_expecting_refusal(models)
 
 
 def test_starting_afresh_sets_the_earlier_runs_tensorboard_events_aside_too(tmp_path):
     # before: the fresh run's validation curve went on the earlier run's in eval/ (steps 1, 2, 1, 2), another
-    # scenario's included
+    # scenario's included; then (a first fix telling runs apart by process) a multi-GPU run set its rank 1's files
+    # aside as "the earlier run's", and of two runs in one process neither's were
     from torch.utils.tensorboard import SummaryWriter
 
     models, log_dir = tmp_path / "models", tmp_path / "eval"
     _training_checkpoint(models / "training_checkpoint_epoch=2.pt")
-    log_dir.mkdir()
-    earlier = log_dir / "events.out.tfevents.1764000000.otherhost.4242.0"
-    earlier.write_bytes(b"the earlier run's curves")
-    writer = SummaryWriter(log_dir=str(log_dir))  # this run's, made before its first iteration
-    writer.add_scalar("val_psnr", 7.0, 1)
-    writer.flush()
-    (own,) = [p for p in log_dir.iterdir() if p != earlier]
+    earlier_writer = SummaryWriter(log_dir=str(log_dir))  # an earlier run of this very process
+    earlier_writer.add_scalar("val_psnr", 6.0, 1)
+    earlier_writer.close()
+    (earlier,) = log_dir.iterdir()
+    os.utime(earlier, (time.time() - 5, time.time() - 5))  # last written before this run started
+    hold = hold_checkpoint_folder(models)  # this run starts
+    writers = [SummaryWriter(log_dir=str(log_dir), filename_suffix=f".rank{rank}") for rank in (0, 1)]
+    for writer in writers:  # this run's writers, its other processes' included
+        writer.add_scalar("val_psnr", 7.0, 1)
+        writer.flush()
     folder = set_aside_earlier_run(models, log_dir=log_dir)
-    writer.close()
+    for writer in writers:
+        writer.close()
+    hold.release()
     assert sorted(p.name for p in folder.iterdir()) == ["eval", "training_checkpoint_epoch=2.pt"]
     assert [p.name for p in (folder / "eval").iterdir()] == [earlier.name]
-    assert [p.name for p in log_dir.iterdir()] == [own.name]
+    assert sorted(p.name.rsplit(".", 1)[1] for p in log_dir.iterdir()) == ["rank0", "rank1"]
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    if os.geteuid() == 0:  # root writes to a folder without write permission: a read-only file system, as access sees it
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == models else real_access(path, mode))
+    else:
+        models.chmod(0o500)
+    try:
+        with pytest.raises(DataError, match=r"models: cannot be written \(no write permission, or a read-only file "):
+            hold_checkpoint_folder(models)
+    finally:
+        models.chmod(0o700)
+
 
 
 def test_a_best_model_written_after_the_resumed_checkpoint_is_kept(tmp_path, caplog):
@@ -725,6 +777,14 @@ def test_a_best_model_written_after_the_resumed_checkpoint_is_kept(tmp_path, cap
     assert kept.read_bytes() == b"epoch 2's better generator" and model.read_bytes() == kept.read_bytes()
     assert f"{model} was written after training_checkpoint_epoch=1.pt, by a validation whose checkpoint was not" in (
         caplog.text)
+    model.write_bytes(b"another later generator")  # a second stop after the same checkpoint: a copy of its own
+    second = keep_unrecorded_best_model(checkpoint, tmp_path)
+    assert second.name == "model_after_training_checkpoint_epoch=1-2.pt"
+    assert kept.read_bytes() == b"epoch 2's better generator"
+    # a fresh start sets the copies aside with the run they belong to
+    folder = set_aside_earlier_run(tmp_path)
+    assert {kept.name, second.name, "model.pt", checkpoint.name} <= {p.name for p in folder.iterdir()}
+    checkpoint = folder / checkpoint.name
     older = tmp_path / "older.pt"  # a checkpoint saved before the digest was recorded: nothing to compare
     torch.save({"trainer": state["trainer"]}, older)
     assert keep_unrecorded_best_model(older, tmp_path) is None and keep_unrecorded_best_model("", tmp_path) is None

@@ -341,7 +341,10 @@ def _set_aside_since(ckpt_dir: Path, started: float) -> str:
     checkpoint = latest_training_checkpoint(max(folders, key=lambda p: p.stat().st_mtime)) if folders else None
     if checkpoint is None:
         return ""
-    return f" (it set the earlier run aside: --resume_ckpt {checkpoint} continues that one)"
+    # what this run wrote there (a best model.pt of its first validation) would be replaced: a resume is refused
+    written = sorted(p.name for p in ckpt_dir.iterdir() if p.is_file() and p.suffix in (".pt", ".ts", ".json"))
+    first = f"move {', '.join(written)} out of {ckpt_dir}, then " if written else ""
+    return f" (it set the earlier run aside: {first}--resume_ckpt {checkpoint} continues that one)"
 
 
 def _position(engine: Engine) -> str:

@@ -26,6 +26,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.misc import is_dicom
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
@@ -130,6 +131,14 @@ class DicomSeries:
         return bool(self.echo and one_echo and int(one_echo.group(2)) == self.echo and names(one_echo.group(1)))
 
 
+def _patient_id_text(value: object) -> str:
+    """A PatientID as text: "" when missing (discovery names such a study after its folder); a multi-valued one
+    (``a\\b``: invalid for this tag, but seen) as written, not as Python's list text ``['a', 'b']``."""
+    if isinstance(value, MultiValue):
+        return "\\".join(str(part) for part in value).strip()
+    return str(value).strip()
+
+
 def find_dicom_series(root: str | Path) -> list[DicomSeries]:
     """All DICOM series below ``root`` (recursively, through linked folders), ordered by folder and series number."""
     found: list[DicomSeries] = []
@@ -146,7 +155,7 @@ def find_dicom_series(root: str | Path) -> list[DicomSeries]:
                 description=str(header.get("SeriesDescription", "")),
                 protocol=str(header.get("ProtocolName", "")),
                 series_number=str(header.get("SeriesNumber", "")),
-                patient_id=str(header.get("PatientID", "")) or Path(folder).name,
+                patient_id=_patient_id_text(header.get("PatientID", "")),
                 study_uid=str(header.get("StudyInstanceUID", "")),
                 contrast_agent=_contrast_agent(header),
                 manufacturer=str(header.get("Manufacturer", "")),
@@ -544,6 +553,9 @@ def _series_header(
         for keyword in _CARRIED_OVER_TAGS:
             if keyword in reference_header:
                 header[keyword] = reference_header[keyword]
+        for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):  # Type 1: a reference without one gets a new one
+            if not str(header.get(keyword, "")).strip():
+                setattr(header, keyword, generate_uid())
         number = _number(str(reference_header.get("SeriesNumber", "")))
         header.SeriesNumber = DERIVED_SERIES_NUMBER_OFFSET + (int(number) if np.isfinite(number) else 0)
     else:

@@ -31,7 +31,7 @@ from agi_monai.data.contrasts import (
     CONTRASTS, LABELS, ambiguous_ending, canonical_contrast, contrasts_in_name, parse_filename, patient_id,
     strip_image_extension
 )
-from agi_monai.data.dicom import DicomSeries, find_dicom_series, match_series_to_contrasts
+from agi_monai.data.dicom import DicomSeries, find_dicom_series, is_dicom_source, match_series_to_contrasts
 from agi_monai.data.errors import DataError, Failure, format_failures
 from agi_monai.data.files import walk_folders
 from agi_monai.data.volumes import load_volume, source_paths, with_source_paths
@@ -59,6 +59,9 @@ class Discovery:
         other_formats: image files of formats discovery does not read (``.mha``, ``.nrrd``, ``.mgz``...).
         hidden: hidden files and folders (names starting with ``.``: ``._<image>`` AppleDouble files, ``.DS_Store``,
             ``.Trash-1000/``, ``.snapshot/``), not searched (:func:`agi_monai.data.files.walk_folders`).
+        synthetic: NIfTI files named by a contrast but marked synthesized in their header
+            (:func:`agi_monai.data.is_synthetic_nifti`): an earlier synthesis's output kept beside the acquired
+            images is not an acquired contrast (as a synthesized DICOM series is not).
     """
 
     cases: list[dict[str, Any]] = field(default_factory=list)
@@ -66,6 +69,7 @@ class Discovery:
     ignored: list[str] = field(default_factory=list)
     other_formats: list[str] = field(default_factory=list)
     hidden: list[str] = field(default_factory=list)
+    synthetic: list[str] = field(default_factory=list)
 
     def summary(self, source: str | Path = "") -> str:
         """One line: how many cases were found and skipped (and files ignored, by why), then the skipped cases, one
@@ -80,6 +84,8 @@ class Discovery:
                      f"({_first(self.other_formats)}; {_OTHER_FORMATS_EXPECTED})")
         if self.hidden:
             line += f", {len(self.hidden)} hidden files or folders ignored ({_first(self.hidden)})"
+        if self.synthetic:
+            line += f", {len(self.synthetic)} synthesized NIfTI files not used as inputs ({_first(self.synthetic)})"
         details = format_failures(self.failures)
         return f"{line}\n{details}" if details else line
 
@@ -125,10 +131,11 @@ def discover_cases(
     ignored: list[str] = []
     other_formats: list[str] = []
     hidden: list[str] = []
+    synthetic: list[str] = []
     if source.is_file():
         grouped, failures = _read_datalist(source, split, aliases)
     else:
-        grouped, failures = _scan_folder(source, aliases, dicom_mapping, ignored, other_formats, hidden)
+        grouped, failures = _scan_folder(source, aliases, dicom_mapping, ignored, other_formats, hidden, synthetic)
 
     cases = []
     for case_id in sorted(grouped):
@@ -142,6 +149,12 @@ def discover_cases(
         shared = _shared_sources(case)
         if shared:
             failures.append(Failure(case_id, f"{shared} (expected a different image for each contrast)"))
+            continue
+        patients = _dicom_patients(case)
+        if len(set(patients.values())) > 1:  # e.g. --t1 and --t2 series of two patients
+            named = ", ".join(f"{contrast}: {patient}" for contrast, patient in patients.items())
+            failures.append(Failure(case_id, f"its DICOM series come from different patients ({named}) (expected "
+                                             "every contrast of one patient: their PatientIDs differ)"))
             continue
         missing = [c for c in required if c not in case]
         if missing:
@@ -161,15 +174,18 @@ def discover_cases(
                         _first(other_formats), _OTHER_FORMATS_EXPECTED)
     if hidden:
         _logger.info("%s: %d hidden files or folders ignored (%s)", source, len(hidden), _first(hidden))
-    return Discovery(cases, failures, ignored, other_formats, hidden)
+    return Discovery(cases, failures, ignored, other_formats, hidden, synthetic)
 
 
 def file_safe_case_id(case_id: str) -> str:
     """``case_id`` usable as the start of a file name in one folder: path separators (``/``, ``\\``) and control
-    characters become ``_``, and so does an ID that is empty, ``.`` or ``..``; a changed ID is logged."""
+    characters become ``_``, and so does an ID that is empty, ``.`` or ``..``, and a leading ``.`` (which would hide
+    the outputs); a changed ID is logged."""
     safe = "".join("_" if char in "/\\" or not char.isprintable() else char for char in case_id)
     if safe in ("", ".", ".."):
         safe = "_" * max(len(safe), 1)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
     if safe != case_id:
         _logger.warning("case ID %r is not a file name; its outputs are named after %r", case_id, safe)
     return safe
@@ -177,16 +193,21 @@ def file_safe_case_id(case_id: str) -> str:
 
 def _scan_folder(
     root: Path, aliases: Mapping[str, str] | None, dicom_mapping: Mapping[str, str] | None, ignored: list[str],
-    other_formats: list[str], hidden: list[str]
+    other_formats: list[str], hidden: list[str], synthetic: list[str]
 ) -> tuple[dict[str, dict[str, list[Any]]], list[Failure]]:
     """The cases below ``root``, and those that failed; appends what it leaves out to ``ignored`` (NIfTI files whose
-    names end in no one contrast), ``other_formats`` and ``hidden`` (see :class:`Discovery`)."""
+    names end in no one contrast), ``other_formats``, ``hidden`` and ``synthetic`` (see :class:`Discovery`)."""
+    from agi_monai.data.transforms import is_synthetic_nifti  # (transforms imports MONAI's transforms: not at import)
+
     grouped: dict[str, dict[str, list[Any]]] = defaultdict(lambda: defaultdict(list))
     for folder, names in sorted(walk_folders(root, hidden=hidden)):
         parsed = []
         for name in names:
             found = parse_filename(name, aliases)
-            if found is not None:
+            if found is not None and is_synthetic_nifti(Path(folder) / name):
+                synthetic.append(str(Path(folder) / name))
+                _logger.warning("%s: synthesized (its NIfTI header says so), not used as an input", synthetic[-1])
+            elif found is not None:
                 parsed.append((name, *found))
                 ambiguous = ambiguous_ending(name, aliases)
                 if ambiguous:
@@ -219,7 +240,7 @@ def _scan_folder(
             continue
         for contrast, item in matched.items():
             grouped[case_id][contrast].append(item.volume_source)
-        grouped[case_id]["patient_id"] = [series[0].patient_id]
+        grouped[case_id]["patient_id"] = [series[0].patient_id or case_id]
     return grouped, failures
 
 
@@ -240,17 +261,23 @@ def _warn_if_misnamed(path: str, aliases: Mapping[str, str] | None) -> None:
 
 def _dicom_studies(root: Path) -> dict[str, list[DicomSeries]]:
     """DICOM series grouped by study; the case ID is the PatientID, plus the study UID's end when a
-    patient has several studies."""
+    patient has several studies. A study without a PatientID (anonymised exports) is named after the folder holding
+    its series (each series often sits in a folder of its own: the study is their common folder); series without a
+    StudyInstanceUID either are grouped by their folder."""
     studies: dict[tuple[str, str], list[DicomSeries]] = defaultdict(list)
     for series in find_dicom_series(root):
-        studies[(series.patient_id, series.study_uid)].append(series)
+        studies[(series.patient_id, series.study_uid or str(Path(series.files[0]).parent))].append(series)
     per_patient: dict[str, int] = defaultdict(int)
     for patient, _ in studies:
         per_patient[patient] += 1
     cases: dict[str, list[DicomSeries]] = defaultdict(list)
     for (patient, study), series in studies.items():
+        if not patient:
+            name = Path(os.path.commonpath([str(Path(item.files[0]).parent) for item in series])).name
+        else:
+            name = patient if per_patient[patient] == 1 else f"{patient}_{study.rsplit('.', 1)[-1]}"
         # two IDs made equal by file_safe_case_id share one entry: discover_cases reports the duplicate contrasts
-        cases[file_safe_case_id(patient if per_patient[patient] == 1 else f"{patient}_{study.rsplit('.', 1)[-1]}")] += series
+        cases[file_safe_case_id(name)] += series
     return dict(cases)
 
 
@@ -346,10 +373,25 @@ def _case_id_from_paths(case: Mapping[str, Any]) -> str | None:
         if isinstance(value, str) and not Path(value).is_dir():
             parsed = parse_filename(Path(value).name)
             return (parsed[0] if parsed and parsed[0] else Path(value).parent.name) or None
-        files = source_paths(value)
-        first = next(iter(sorted(Path(files[0]).iterdir())), None) if Path(files[0]).is_dir() else Path(files[0])
-        return _patient_id(first) or Path(files[0]).parent.name or None
+        return _patient_id(_first_dicom_file(value)) or Path(source_paths(value)[0]).parent.name or None
     return None
+
+
+def _dicom_patients(case: Mapping[str, Any]) -> dict[str, str]:
+    """The PatientID of each DICOM contrast of ``case`` that has one (from its first file)."""
+    patients = {}
+    for key, value in case.items():
+        if key in CONTRASTS and is_dicom_source(value):
+            patient = _patient_id(_first_dicom_file(value))
+            if patient:
+                patients[key] = patient
+    return patients
+
+
+def _first_dicom_file(source: Any) -> Path | None:
+    """The first file of a DICOM series entry (its files, or its folder)."""
+    files = source_paths(source)
+    return next(iter(sorted(Path(files[0]).iterdir())), None) if Path(files[0]).is_dir() else Path(files[0])
 
 
 def _patient_id(path: Path | None) -> str:

@@ -179,6 +179,17 @@ def _is_synthetic_series(folder: Path) -> bool:
     return False
 
 
+def nifti_header_is_readable(path: str | Path) -> bool:
+    """Whether nibabel reads ``path``'s NIfTI header (the data are not read)."""
+    import nibabel as nib
+
+    try:
+        nib.load(str(path)).header
+    except Exception:  # nibabel raises several types for a file cut short or not NIfTI
+        return False
+    return True
+
+
 def refuse_foreign_outputs(*outputs: str | Path) -> None:
     """Raises when an output's name holds something no synthesis wrote — an acquired scan or series named like an
     output — so that nothing replaces it (nor sets it aside and removes it, as ``--overwrite`` does with an earlier
@@ -194,6 +205,10 @@ def refuse_foreign_outputs(*outputs: str | Path) -> None:
         if not output.exists():
             continue
         if output.name.endswith(".nii.gz"):
+            if output.is_file() and not nifti_header_is_readable(output):  # e.g. cut short inside its header
+                raise DataError(output, "exists but its NIfTI header cannot be read (cut short?), so whether a "
+                                "synthesis wrote it is unknown and it is left as it was",
+                                "that file deleted or moved away if it is an earlier output, or another --output_dir")
             if not (output.is_file() and is_synthetic_nifti(output)):
                 raise DataError(output, "exists and was not written by a synthesis (its NIfTI header is not marked "
                                 "SYNTHETIC), so it is left as it was", "another --output_dir, or that file moved away")

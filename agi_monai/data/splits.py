@@ -199,8 +199,9 @@ def _writable_output(output: str | Path) -> Path:
     expected = "the name of a JSON file in a folder that exists or can be created, and can be written to"
     if path.is_dir():
         raise DataError(path, "is a folder", expected)
-    if path.exists():
-        # a datalist is replaced (preparing again); any other file (an image, a bundle's config) is not lost
+    if path.exists() and path.stat().st_size > 0:
+        # a datalist is replaced (preparing again), as is an empty file (mktemp's); any other file (an image, a
+        # bundle's config) is not lost
         problem = _not_a_datalist(path)
         if problem:
             raise DataError(path, f"exists and {problem}: it is not replaced", "a new file, or a datalist to replace")

@@ -13,6 +13,8 @@ import re
 import shutil
 import socket
 import time
+import traceback
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ except ImportError:  # Windows: no flock, runs are not locked
 __all__ = [
     "AtomicCheckpointSaver",
     "BestModelDigest",
+    "FolderHold",
     "ReportingCheckpointLoader",
     "check_resume_checkpoint",
     "expected_bundle_weights",
@@ -90,9 +93,11 @@ class _AtomicDiskSaver(DiskSaver):
                     super().__call__(checkpoint, temporary.name, metadata)
             except (OSError, RuntimeError) as error:  # torch's writer says "unexpected pos ..." for a full disk
                 reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+                # the traceback's frames hold torch's writer, whose open (deleted) temporary still takes its space
+                traceback.clear_frames(error.__traceback__)
                 raise DataError(
                     self.dirname / name, f"could not be written ({reason}; {free_space(self.dirname)})",
-                    "a folder with room for the checkpoint (the previous one is kept)",
+                    "a writable folder with room for the checkpoint (the previous one is kept)",
                 ) from error
         for old in self._superseded:
             if old != name:  # a fixed name was just replaced in place
@@ -231,7 +236,7 @@ def _past_last_epoch(path: Path, epoch: int, max_epochs: int) -> DataError:
 def check_resume_checkpoint(
     resume_path: str | Path,
     epochs: int,
-    epoch_length: int,
+    epoch_length: int | None,
     expected: str,
     ckpt_dir: str | Path | None = None,
     scenario: Mapping[str, Any] | None = None,
@@ -253,7 +258,8 @@ def check_resume_checkpoint(
     Args:
         resume_path: the checkpoint (``@resume_path``: :func:`find_resume_checkpoint`'s); ``""`` for none.
         epochs: this run's ``--epochs``.
-        epoch_length: this run's iterations per epoch (``--val_interval``).
+        epoch_length: this run's iterations per epoch (``--val_interval``); None where the data sets it (an epoch
+            is a pass over the data), to leave it unchecked.
         expected: what the file should be, for the messages (the loader's ``expected``).
         ckpt_dir: the run's checkpoint folder (``@ckpt_dir``); None to leave it unchecked.
         scenario: this run's ``{"inputs": [...], "target": ...}``; None to leave it unchecked.
@@ -277,7 +283,7 @@ def check_resume_checkpoint(
     if ckpt_dir is not None:
         _check_folder_for_resume(path, Path(ckpt_dir))
     saved_length = int(state["epoch_length"])
-    if saved_length != epoch_length:
+    if epoch_length is not None and saved_length != epoch_length:
         raise DataError(
             path, f"was saved by a run with epochs of {saved_length} iterations (--val_interval {saved_length}), "
                   f"this run's have {epoch_length}",
@@ -345,7 +351,10 @@ def keep_unrecorded_best_model(resume_path: str | Path, ckpt_dir: str | Path) ->
     model = Path(ckpt_dir) / str(record["file"])
     if not model.is_file() or _sha256(model) == record.get("sha256"):
         return None
-    kept = model.with_name(f"{model.stem}_after_{Path(resume_path).stem}{model.suffix}")
+    kept, number = model.with_name(f"{model.stem}_after_{Path(resume_path).stem}{model.suffix}"), 1
+    while kept.exists():  # a second stop after the same checkpoint: its copy is another generator
+        number += 1
+        kept = model.with_name(f"{model.stem}_after_{Path(resume_path).stem}-{number}{model.suffix}")
     with atomic_output(kept) as temporary:
         shutil.copyfile(model, temporary)
     _logger.warning(
@@ -572,25 +581,61 @@ def _interval_file_pattern(checkpoint: Checkpoint) -> re.Pattern[str]:
     return re.compile(rf"{prefix}{re.escape(name)}_{re.escape(checkpoint.score_name)}=-?[0-9.]+{re.escape(checkpoint.ext)}")
 
 
-_held_folders: dict[Path, int] = {}  # folder -> its open descriptor, whose lock is held until the process ends
+class FolderHold:
+    """A training run's hold on its checkpoint folder (:func:`hold_checkpoint_folder`): an open descriptor of the
+    folder with an exclusive ``flock``, closed (the lock released) by :meth:`release`, or when the hold is garbage
+    collected: a run started from Python that fails during its config's initialize (a bad setting, a bad dataset)
+    drops its workflow, and with it this hold, rather than keeping the folder for the life of a notebook or service.
+
+    Attributes:
+        folder: the checkpoint folder.
+        started: when the run took it (``time.time()``): files in the run's folders older than this are another run's.
+    """
+
+    def __init__(self, folder: Path, descriptor: int | None) -> None:
+        self.folder = folder
+        self.started = time.time()
+        self._release = weakref.finalize(self, os.close, descriptor) if descriptor is not None else None
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()  # closing the only descriptor of the open folder releases its flock
 
 
-def hold_checkpoint_folder(ckpt_dir: str | Path) -> Path:
+_holds: dict[tuple[int, int], weakref.ref[FolderHold]] = {}  # (device, inode) of a folder -> this process's hold
+
+
+def _folder_key(folder: Path) -> tuple[int, int]:
+    """The folder itself, however it is reached (a symbolic link, a relative path)."""
+    status = folder.stat()
+    return status.st_dev, status.st_ino
+
+
+def _current_hold(ckpt_dir: str | Path) -> FolderHold | None:
+    try:
+        reference = _holds.get(_folder_key(Path(ckpt_dir)))
+    except OSError:
+        return None
+    return reference() if reference is not None else None
+
+
+def hold_checkpoint_folder(ckpt_dir: str | Path) -> FolderHold:
     """``train.json``'s step after the checks of its settings, before the datasets: makes ``ckpt_dir`` this run's.
 
     It must be a folder this process can write (created if missing): a read-only one was found at the first save,
     after the preprocessing and a whole epoch. And no other training run may hold it: two runs in one folder set
     each other's files aside, superseded each other's checkpoints and both named the same ``model.pt`` as theirs.
-    A run holds an exclusive ``flock`` on the folder itself until its process ends (a killed run's lock goes with
-    it: nothing stale to clear, and no lock file among the checkpoints). Under ``torchrun`` only rank 0 calls this.
-    Where the file system has no locks (some network file systems) the run goes on unlocked, with a warning.
+    A run holds an exclusive ``flock`` on the folder itself until it ends (:func:`agi_monai.bundle.run_training`
+    releases it) or its process does (a killed run's lock goes with it: nothing stale to clear, and no lock file among
+    the checkpoints); a run from Python that fails before training releases it when its workflow is garbage
+    collected (:class:`FolderHold`). A second run of the same process takes the folder over from an earlier one.
+    Under ``torchrun`` only rank 0 calls this. Where there are no locks (Windows; network file systems that refuse
+    a folder's ``flock``) the run goes on unlocked, with a warning.
 
     Raises:
-        DataError: ``ckpt_dir`` cannot be written, or another run holds it.
+        DataError: ``ckpt_dir`` cannot be written, or another process's run holds it.
     """
     folder = Path(os.path.abspath(ckpt_dir))
-    if folder in _held_folders:  # a second run in this process (the previous one has ended)
-        return folder
     expected = "a folder this run can write its checkpoints to"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -598,8 +643,12 @@ def hold_checkpoint_folder(ckpt_dir: str | Path) -> Path:
         raise DataError(folder, f"cannot be created ({error.strerror or error})", expected) from None
     if not os.access(folder, os.W_OK | os.X_OK):  # a read-only file system included (EROFS)
         raise DataError(folder, "cannot be written (no write permission, or a read-only file system)", expected)
-    descriptor = os.open(folder, os.O_RDONLY)
+    earlier = _current_hold(folder)
+    if earlier is not None:  # an earlier run of this process (ended, or failed before training)
+        earlier.release()
+    descriptor = None
     if fcntl is not None:
+        descriptor = os.open(folder, os.O_RDONLY)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -611,15 +660,18 @@ def hold_checkpoint_folder(ckpt_dir: str | Path) -> Path:
             ) from None
         except OSError as error:
             _logger.warning("%s: cannot be locked (%s): nothing stops a second run from using it", folder, error)
-    _held_folders[folder] = descriptor
-    return folder
+    else:
+        _logger.warning("%s: no file locks on this system: nothing stops a second run from using it", folder)
+    hold = FolderHold(folder, descriptor)
+    _holds[_folder_key(folder)] = weakref.ref(hold)
+    return hold
 
 
 def release_checkpoint_folder(ckpt_dir: str | Path) -> None:
     """Ends :func:`hold_checkpoint_folder`'s hold before the process does (a run in a notebook or a test)."""
-    descriptor = _held_folders.pop(Path(os.path.abspath(ckpt_dir)), None)
-    if descriptor is not None:
-        os.close(descriptor)  # closing the only descriptor of the open file releases its flock
+    hold = _current_hold(ckpt_dir)
+    if hold is not None:
+        hold.release()
 
 
 #: The file in ``ckpt_dir`` listing the runs that trained there (:func:`record_training_run`).
@@ -729,7 +781,8 @@ def set_aside_earlier_run(
     log_dir: str | Path | None = None,
 ) -> Path | None:
     """Before a run that starts afresh: moves an earlier run's training checkpoints, best generator (or weights
-    put there by hand), its TorchScript export and its list of runs (:func:`record_training_run`) from ``ckpt_dir`` into ``ckpt_dir/earlier_run_<date>-<time>/`` and
+    put there by hand) with the copies :func:`keep_unrecorded_best_model` kept, its TorchScript export and its list of
+    runs (:func:`record_training_run`) from ``ckpt_dir`` into ``ckpt_dir/earlier_run_<date>-<time>/`` and
     says so, because the new run's first saves would otherwise replace them (a forgotten ``--resume_ckpt latest``
     after days of training) and leave an export of other weights beside them. Returns that folder, or None when
     there was nothing to keep.
@@ -742,16 +795,27 @@ def set_aside_earlier_run(
             was, so that ``--resume_ckpt latest`` still finds the earlier run. Without it, now.
         file_prefix: the training checkpoints' prefix.
         model_names: the best generator's file and its exports.
-        log_dir: the TensorBoard folder (``@output_dir``): its event files written by other processes go along, into
-            the set-aside folder's ``<log_dir name>/`` (TensorBoard drew the two runs as one curve, scenario and all).
+        log_dir: the TensorBoard folder (``@output_dir``): its event files last written before this run took its
+            folder (:class:`FolderHold`; without a hold, before this call) go along, into the set-aside folder's
+            ``<log_dir name>/`` (TensorBoard drew the two runs as one curve, scenario and all).
     """
+    hold = _current_hold(ckpt_dir)
+    started = hold.started if hold is not None else time.time()
     if trainer is not None:
-        _on_first_iteration(trainer, lambda: set_aside_earlier_run(ckpt_dir, None, file_prefix, model_names, log_dir))
+        _on_first_iteration(
+            trainer, lambda: _set_aside(Path(ckpt_dir), file_prefix, model_names, log_dir, started)
+        )
         return None
-    ckpt_dir = Path(ckpt_dir)
+    return _set_aside(Path(ckpt_dir), file_prefix, model_names, log_dir, started)
+
+
+def _set_aside(
+    ckpt_dir: Path, file_prefix: str, model_names: Sequence[str], log_dir: str | Path | None, started: float
+) -> Path | None:
     earlier = [p for _, p in sorted(_training_checkpoints(ckpt_dir, file_prefix))]
     earlier += [ckpt_dir / name for name in (*model_names, RUNS_FILE) if (ckpt_dir / name).is_file()]
-    events = _earlier_event_files(Path(log_dir)) if log_dir is not None else []
+    earlier += sorted(ckpt_dir.glob(f"{Path(model_names[0]).stem}_after_*.pt"))  # keep_unrecorded_best_model's
+    events = _earlier_event_files(Path(log_dir), started) if log_dir is not None else []
     if not earlier and not events:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -774,8 +838,8 @@ def set_aside_earlier_run(
     return folder
 
 
-def _earlier_event_files(log_dir: Path) -> list[Path]:
-    """TensorBoard event files of ``log_dir`` that other processes wrote: ``events.out.tfevents.<time>.<host>.<pid>.
-    <n>`` names its writer (torch's ``SummaryWriter``), and this run's writer has made its own already."""
-    own = f".{socket.gethostname()}.{os.getpid()}."
-    return sorted(p for p in log_dir.glob("events.out.tfevents.*") if p.is_file() and own not in p.name)
+def _earlier_event_files(log_dir: Path, started: float) -> list[Path]:
+    """TensorBoard event files of ``log_dir`` last written before this run ``started`` (it took its checkpoint
+    folder before any of its writers, its other processes' included, made their files): an earlier run's, whichever
+    process wrote them."""
+    return sorted(p for p in log_dir.glob("events.out.tfevents.*") if p.is_file() and p.stat().st_mtime < started)
