@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from agi_monai.data import DataError
+from agi_monai.engines import hold_checkpoint_folder
+
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "bundles" / "ixi_t1_t2_to_pd"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -48,6 +51,9 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
             while not first.exists() and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert first.exists(), f"no epoch-1 checkpoint (exit {process.poll()}):\n{log.read_text()[-3000:]}"
+            # the running training holds its models/ folder: a second run there is refused (here, in this process)
+            with pytest.raises(DataError, match="is in use by another training run"):
+                hold_checkpoint_folder(models)
             os.kill(process.pid, signal.SIGKILL)  # during epoch 2: no chance to clean up or finish a file
         finally:
             if process.poll() is None:

@@ -620,7 +620,9 @@ def _current_hold(ckpt_dir: str | Path) -> FolderHold | None:
 
 
 def hold_checkpoint_folder(ckpt_dir: str | Path) -> FolderHold:
-    """``train.json``'s step after the checks of its settings, before the datasets: makes ``ckpt_dir`` this run's.
+    """``train.json``'s ``ckpt_dir_hold``, resolved by an ``initialize`` step after the checks of its settings, before
+    the datasets: makes ``ckpt_dir`` this run's. (A config item, not the step itself: MONAI drops what ``initialize``
+    steps return, and the hold lasts as long as the workflow keeps it.)
 
     It must be a folder this process can write (created if missing): a read-only one was found at the first save,
     after the preprocessing and a whole epoch. And no other training run may hold it: two runs in one folder set
