@@ -523,6 +523,20 @@ def test_a_resume_keeps_a_best_model_its_checkpoint_did_not_record(trained, cach
         "model.pt", kept.name, "training_checkpoint_epoch=2.pt", "training_runs.json"}
 
 
+def test_a_resume_restores_the_validations_best_metric(trained, cache, tmp_path):
+    # before: MONAI's evaluator started the resumed run at "no best yet", logged its first validation as "Got new best
+    # metric" (worse than the run's best or not) and ended with that as the best value and epoch
+    checkpoint = copy_run(trained, tmp_path)
+    state = torch.load(checkpoint, weights_only=True)
+    ((score, _),) = state["best_model_ranking"]["_saved"]
+    assert state["validation_best"] == {"best_metric": pytest.approx(score), "best_metric_epoch": 1}
+    state["validation_best"] = {"best_metric": 1e9, "best_metric_epoch": 1}  # a best no validation beats
+    torch.save(state, checkpoint)
+    train_bundle(IXI, tmp_path, overrides(IXI_SIM, cache, resume_ckpt="latest", epochs=2))
+    resumed = torch.load(tmp_path / "models" / "training_checkpoint_epoch=2.pt", weights_only=True)
+    assert resumed["validation_best"] == {"best_metric": 1e9, "best_metric_epoch": 1}
+
+
 def test_resume_by_the_name_the_summary_prints(trained, tmp_path, monkeypatch):
     copy_run(trained, tmp_path)
     models = tmp_path / "models"

@@ -35,6 +35,7 @@ keys are ``pred`` and ``label``).
 from agi_monai.engines.checkpoint import (
     AtomicCheckpointSaver,
     BestModelDigest,
+    ValidationBest,
     ReportingCheckpointLoader,
     check_resume_checkpoint,
     expected_bundle_weights,
@@ -61,6 +62,7 @@ from agi_monai.engines.utils import SynthesisPrepareBatch
 __all__ = [
     "AtomicCheckpointSaver",
     "BestModelDigest",
+    "ValidationBest",
     "CropToMaskSlabd",
     "BCEWithLogitsAdversarialLoss",
     "Pix2PixKeys",

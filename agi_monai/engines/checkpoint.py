@@ -38,6 +38,7 @@ __all__ = [
     "AtomicCheckpointSaver",
     "BestModelDigest",
     "FolderHold",
+    "ValidationBest",
     "ReportingCheckpointLoader",
     "check_resume_checkpoint",
     "expected_bundle_weights",
@@ -64,6 +65,9 @@ SCENARIO_KEY = "scenario"
 
 #: The training checkpoint's entry recording the best generator's file as the checkpoint was written.
 BEST_MODEL_DIGEST_KEY = "best_model_digest"
+
+#: The training checkpoint's entry recording the validation's best key metric and its epoch.
+VALIDATION_BEST_KEY = "validation_best"
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -181,6 +185,8 @@ class ReportingCheckpointLoader(CheckpointLoader):
             saved by a run with the same ``network_def``.
         learning_rates: ``{name in load_dict: learning rate}`` set on those optimizers' parameter groups once the
             checkpoint is restored. Leave it out where a scheduler in ``load_dict`` drives the learning rate.
+        evaluator: the validation's evaluator, whose best key metric and epoch are restored from the checkpoint's
+            :class:`ValidationBest` record (a checkpoint without one leaves them as they are).
 
     Raises:
         MissingFileError: ``load_path`` does not exist (a ``FileNotFoundError``).
@@ -194,9 +200,11 @@ class ReportingCheckpointLoader(CheckpointLoader):
         load_dict: dict,
         expected: str | None = None,
         learning_rates: Mapping[str, float] | None = None,
+        evaluator: Engine | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(load_path, load_dict, **kwargs)
+        self.evaluator = evaluator
         self.expected = expected or (
             f"a checkpoint of {', '.join(load_dict)} saved by a run with the same network_def and inputs"
         )
@@ -226,6 +234,12 @@ class ReportingCheckpointLoader(CheckpointLoader):
                              " / ".join(f"{value:g}" for value in restored))
             for group in groups:
                 group["lr"] = rate
+        if self.evaluator is not None:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            record = checkpoint.get(VALIDATION_BEST_KEY) if isinstance(checkpoint, Mapping) else None
+            if isinstance(record, Mapping):
+                self.evaluator.state.best_metric = float(record["best_metric"])
+                self.evaluator.state.best_metric_epoch = int(record["best_metric_epoch"])
 
 
 def _past_last_epoch(path: Path, epoch: int, max_epochs: int) -> DataError:
@@ -332,6 +346,24 @@ class BestModelDigest:
 
     def state_dict(self) -> dict[str, str]:
         return {"file": self.path.name, "sha256": _sha256(self.path) if self.path.is_file() else ""}
+
+
+class ValidationBest:
+    """Saved in a training checkpoint (``state_dict`` only): the validation's best key metric and its epoch, which
+    MONAI's evaluator keeps in its state, outside Ignite's state dict. :class:`ReportingCheckpointLoader` with
+    ``evaluator`` restores them: a resumed run's first validation was logged as "Got new best metric" (and "best
+    value ... at epoch" at the end) even when worse than the run's best, while ``model.pt`` rightly stayed.
+
+    Args:
+        evaluator: the validation's ``monai.engines.SupervisedEvaluator``.
+    """
+
+    def __init__(self, evaluator: Engine) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict[str, float | int]:
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
 
 
 def keep_unrecorded_best_model(resume_path: str | Path, ckpt_dir: str | Path) -> Path | None:

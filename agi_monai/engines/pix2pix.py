@@ -17,7 +17,14 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
-from agi_monai.engines.checkpoint import BEST_MODEL_DIGEST_KEY, SCENARIO_KEY, BestModelDigest, scenario_record
+from agi_monai.engines.checkpoint import (
+    BEST_MODEL_DIGEST_KEY,
+    SCENARIO_KEY,
+    VALIDATION_BEST_KEY,
+    BestModelDigest,
+    ValidationBest,
+    scenario_record,
+)
 from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = ["BCEWithLogitsAdversarialLoss", "Pix2PixKeys", "Pix2PixTrainer", "training_checkpoint_dict"]
@@ -294,7 +301,10 @@ class _Record:
 
 
 def training_checkpoint_dict(
-    trainer: Pix2PixTrainer, best_model_saver: Any | None = None, scenario: Mapping[str, Any] | None = None
+    trainer: Pix2PixTrainer,
+    best_model_saver: Any | None = None,
+    scenario: Mapping[str, Any] | None = None,
+    validator: Any | None = None,
 ) -> dict[str, Any]:
     """Everything a :class:`Pix2PixTrainer` run needs to resume, for ``CheckpointSaver(save_dict=...)`` and
     ``CheckpointLoader(load_dict=...)``: ``generator``, ``discriminator``, ``g_optimizer``, ``d_optimizer``,
@@ -310,7 +320,8 @@ def training_checkpoint_dict(
     loader's dict leaves them out, so that checkpoints saved without them still load): ``scenario``, which a resume
     checks before any work (:func:`agi_monai.engines.check_resume_checkpoint`), and, with ``best_model_saver``,
     ``best_model_digest`` (:class:`agi_monai.engines.BestModelDigest`, read by
-    :func:`agi_monai.engines.keep_unrecorded_best_model`).
+    :func:`agi_monai.engines.keep_unrecorded_best_model`), and, with ``validator`` (the validation's evaluator),
+    ``validation_best`` (:class:`agi_monai.engines.ValidationBest`, restored by the loader's ``evaluator``).
 
     In a bundle config the saver and loader cannot be train handlers (they would reference the trainer inside
     its own arguments); attach them once the trainer exists, e.g.
@@ -338,4 +349,6 @@ def training_checkpoint_dict(
         objects[SCENARIO_KEY] = _Record(scenario_record(scenario["inputs"], scenario["target"]))
         if best_model_saver is not None:
             objects[BEST_MODEL_DIGEST_KEY] = BestModelDigest(best_model_saver)
+        if validator is not None:
+            objects[VALIDATION_BEST_KEY] = ValidationBest(validator)
     return objects

@@ -1,4 +1,4 @@
-"""The paper's ablations (arXiv 2411.14684, §4.4, Tables 7 and 9) as overrides of a bundle's ``train.json``.
+"""The paper's ablations (arXiv 2411.14684, §4.3) as overrides of a bundle's ``train.json``.
 
 Each ablation is ONE override of the generator's ``network_def`` (or none: the full AGI-Net), so it runs with any
 scenario bundle, from Python (``scripts/ablation.py``) or from the command line::
@@ -6,12 +6,15 @@ scenario bundle, from Python (``scripts/ablation.py``) or from the command line:
     python -m monai.bundle run --config_file bundles/brats_t1_t2_to_flair/configs/train.json \\
         --bundle_root runs/gr_only --dataset_dir /data/BraTS2023 --network_def#attention False
 
-- ``agi_net``: the full network (n = 8, CAGR in down1-3, body, up1): no override;
-- ``gr_only`` / ``ca_only``: Group-wise Rolling without Cross Group Attention / Cross Group Attention without
-  rolling (``network_def#attention`` / ``network_def#rolling`` false);
+- Table 5 (Group-wise Rolling and Cross Group Attention), :data:`TABLE5`, the default set of
+  ``scripts/ablation.py``: ``stages_none`` (the baseline, no GR and no CA: standard convolutions, the ResUNet),
+  ``gr_only`` (Group-wise Rolling without Cross Group Attention, ``network_def#attention`` false) and ``agi_net``
+  (GR + CA: the full network, n = 8, CAGR in down1-3, body, up1; no override);
+- ``ca_only``: Cross Group Attention without rolling (``network_def#rolling`` false) -- NOT in the paper (Table 5
+  has no CA-only row), an extra;
 - ``groups_<n>``, n in 1, 2, 4, 8, 16 (Table 7): ``network_def#groups``;
-- ``stages_none``, ``stages_down1``, ..., ``stages_up3`` (Table 9): CAGR in the stages up to and including the named
-  one (cumulative, as in the table), ``network_def#cagr_stages``; ``stages_none`` is the ResUNet's architecture.
+- ``stages_down1``, ..., ``stages_up3`` (Table 9): CAGR in the stages up to and including the named one
+  (cumulative, as in the table), ``network_def#cagr_stages``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from agi_monai.networks import STAGES, AGINet
 
-__all__ = ["ABLATIONS", "Ablation", "architecture", "select_ablations"]
+__all__ = ["ABLATIONS", "TABLE5", "Ablation", "architecture", "select_ablations"]
 
 NETWORK = "network_def#"
 
@@ -64,12 +67,15 @@ def _cli_value(value: Any) -> str:
 
 def _ablations() -> dict[str, Ablation]:
     table = [
-        Ablation("agi_net", "AGI-Net as in the paper: n = 8, CAGR in down1-3, body, up1", {}),
-        Ablation("gr_only", "Group-wise Rolling only (no Cross Group Attention)", {f"{NETWORK}attention": False}),
-        Ablation("ca_only", "Cross Group Attention only (no Group-wise Rolling)", {f"{NETWORK}rolling": False}),
+        Ablation("stages_none", "no GR, no CA: standard convolutions, the ResUNet (Table 5 baseline; Table 7's "
+                 "ResUNet row)", {f"{NETWORK}cagr_stages": []}),
+        Ablation("gr_only", "Group-wise Rolling only, no Cross Group Attention (Table 5, GR)",
+                 {f"{NETWORK}attention": False}),
+        Ablation("agi_net", "GR + CA: AGI-Net as in the paper, n = 8, CAGR in down1-3, body, up1 (Table 5, GR+CA)", {}),
+        Ablation("ca_only", "Cross Group Attention only, no Group-wise Rolling (NOT in the paper: an extra)",
+                 {f"{NETWORK}rolling": False}),
     ]
     table += [Ablation(f"groups_{n}", f"n = {n} channel groups (Table 7)", {f"{NETWORK}groups": n}) for n in (1, 2, 4, 8, 16)]
-    table.append(Ablation("stages_none", "no CAGR: the ResUNet (Table 9, first row)", {f"{NETWORK}cagr_stages": []}))
     table += [
         Ablation(
             f"stages_{stage}", f"CAGR in {', '.join(STAGES[: i + 1])} (Table 9, +{stage})",
@@ -80,8 +86,12 @@ def _ablations() -> dict[str, Ablation]:
     return {ablation.name: ablation for ablation in table}
 
 
-#: Every ablation by name, in the paper's order: components, groups (Table 7), stages (Table 9).
+#: Every ablation by name: Table 5's rows (baseline, GR, GR+CA), CA only (not in the paper), groups (Table 7),
+#: stages (Table 9).
 ABLATIONS: dict[str, Ablation] = _ablations()
+
+#: The paper's Table 5 (GR and CA), row by row: no CAGR (the baseline), GR only, GR + CA (the full AGI-Net).
+TABLE5: tuple[str, ...] = ("stages_none", "gr_only", "agi_net")
 
 
 def select_ablations(names: str | Sequence[str]) -> list[Ablation]:

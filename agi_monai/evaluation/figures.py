@@ -8,6 +8,7 @@ atomically as PNG:
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,14 @@ def _label(name: str, values: Mapping[str, float] | None) -> str:
         prefix, suffix = _UNITS.get(key, (f"{key} ", ""))
         parts.append(f"{prefix}{value:.2f}{suffix}")
     return "\n".join([name, *parts])
+
+
+def _title(figure: Figure, title: str, width_inches: float, fontsize: float = 10.0) -> None:
+    """``title`` above the whole figure, wrapped to lines that fit its width (an axes' one-line title was cut at
+    the figure's edge: "... 2 iteratio")."""
+    # about 0.6 em per character in matplotlib's default sans-serif font; 10 % margin
+    characters = max(10, int(0.9 * width_inches * 72 / (0.6 * fontsize)))
+    figure.suptitle(textwrap.fill(title, characters, break_on_hyphens=False), fontsize=fontsize)
 
 
 def _save(figure: Figure, path: str | Path, dpi: int) -> Path:
@@ -230,7 +239,7 @@ def robustness_plot(
     ax.grid(alpha=0.3)
     ax.legend()
     if title:
-        ax.set_title(title)
+        _title(figure, title, width_inches)
     return _save(figure, path, dpi)
 
 
@@ -276,5 +285,5 @@ def ablation_plot(
     ax.set_xlim(min(0.0, float(values.min())), float(values.max()) * 1.15 if values.max() > 0 else 1.0)
     ax.grid(axis="x", alpha=0.3)
     if title:
-        ax.set_title(title)
+        _title(figure, title, width_inches)
     return _save(figure, path, dpi)

@@ -369,3 +369,56 @@ def write_evaluation(
         "summary": write_json(summary, output_dir / SUMMARY_JSON),
         "markdown": write_text(summary_markdown(summary, "Synthesis metrics"), output_dir / SUMMARY_MD),
     }
+
+
+# ------------------------------------------------------------------------------------ the scripts' run settings
+
+#: what the scripts' tables say when the test cases are the training cases
+FOLDER_SPLIT_NOTE = "test = training cases (a folder, not a datalist with splits): a pipeline check, not a result"
+
+
+def split_note(dataset: str | Path | None) -> str | None:
+    """:data:`FOLDER_SPLIT_NOTE` when ``dataset`` is a plain folder of cases (no ``datalist.json`` in it): then
+    :func:`agi_monai.bundle.load_split` gives every case to every split, so the test cases are the training cases;
+    None for a datalist (or None)."""
+    if dataset is None:
+        return None
+    path = Path(dataset)
+    return FOLDER_SPLIT_NOTE if path.is_dir() and not (path / "datalist.json").is_file() else None
+
+
+def check_protocol_names(protocols: Sequence[str], option: str = "--protocols") -> list[str]:
+    """``protocols`` as a list, refused (``ValueError`` naming ``option``) when empty or naming an unknown one."""
+    from agi_monai.evaluation.protocols import PROTOCOL_NAMES
+
+    names = [str(p) for p in protocols]
+    unknown = [p for p in names if p not in PROTOCOL_NAMES]
+    if unknown or not names:
+        raise ValueError(f"{option} {','.join(names)}: expected some of {list(PROTOCOL_NAMES)}")
+    return names
+
+
+def remove_earlier_outputs(
+    folder: str | Path, names: Iterable[str], script: str, say: Any = None
+) -> list[Path]:
+    """At the start of a run, before any network is trained or weights replaced: removes the files ``names``
+    (relative to ``folder``) that an earlier run wrote and this one writes again at its end (the top-level tables,
+    figures, JSON), so that a run that fails part way leaves no earlier table beside replaced weights. Says so in
+    one line (``say``, default printed) when it removed any.
+
+    Returns:
+        The removed files.
+    """
+    folder = Path(folder)
+    removed = []
+    for name in dict.fromkeys(names):
+        path = folder / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    if removed:
+        (say or (lambda line: print(line, flush=True)))(
+            f"{script}: removed the earlier run's {', '.join(p.name for p in removed)} from {folder} before any "
+            "work (this run writes them again when it completes)"
+        )
+    return removed
