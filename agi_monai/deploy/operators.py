@@ -144,7 +144,8 @@ class CaseDiscoveryOperator(StoppableOperator):
 
     def _compute(self, op_input: Any, op_output: Any) -> None:
         discovery = discover_cases(self.input_path, required=self.inputs, dicom_mapping=self.dicom_mapping)
-        _logger.info("%s", discovery.summary(self.input_path))
+        # the counts only: discovery has warned about each skipped case, and the app lists them at the end
+        _logger.info("%s", discovery.summary(self.input_path).splitlines()[0])
         op_output.emit(discovery, "cases")
 
 
