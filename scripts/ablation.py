@@ -1,21 +1,26 @@
-"""The paper's ablations (Tables 7 and 9, GR only / CA only) at one budget: each one override of a bundle's
+"""The paper's ablations at one budget (by default Table 5's rows: no CAGR, GR only, GR + CA; also CA only, which
+the paper does not have, n groups of Table 7 and the CAGR stages of Table 9): each one override of a bundle's
 ``train.json`` (:data:`agi_monai.evaluation.ablation.ABLATIONS`), trained with the bundle's own recipe
 (:func:`agi_monai.bundle.experiment.train_bundle` with :func:`~agi_monai.bundle.experiment.budget_overrides`),
 evaluated with its ``evaluate.json`` on the test split, and tabulated with each network's parameters and FLOPs
 (counted as ``scripts/model_complexity.py`` counts them) beside the paper's where the paper gives them.
 
 By default it runs on the shipped cases (train on the two BraTS 2023 cases, test on TCGA-FG-6692, as the demo and
-``scripts/compare.py``); ``--dataset_dir`` takes a datalist with ``training``, ``validation`` and ``test`` splits.
+``scripts/compare.py``); ``--dataset_dir`` takes a datalist with ``training``, ``validation`` and ``test`` splits (a
+plain folder of cases is tested on its training cases: the tables then say it is a pipeline check, not a result).
+Every argument (protocols, each ablation's network at the given widths) is checked before any work.
 
     python scripts/ablation.py --show                                     # the ablations and their overrides
-    python scripts/ablation.py --ablations gr_only,ca_only,agi_net --iterations 300
+    python scripts/ablation.py --ablations stages_none,gr_only,agi_net --iterations 300   # the default: Table 5
     python scripts/ablation.py --ablations all --bundle ixi_t1_t2_to_pd --dataset_dir /data/IXI/datalist.json \\
         --iterations 20000 --channels 64,128,256,512 --device cuda
 
 Writes ``<output_dir>/ablation.csv``, ``ablation.md``, ``ablation.json`` and ``ablation_<protocol>_psnr_db.png`` (one
 bar per ablation); each run in ``<output_dir>/<name>/``
-(its ``overrides.json``, ``models/model.pt``, ``eval/``); a rerun into the same folder replaces the files the earlier
-run wrote there (``script_outputs.json``), and only those.
+(its ``overrides.json``, ``models/model.pt``, ``eval/``); a rerun into the same folder first removes the earlier
+run's top-level tables and figures (before any weights are replaced: a failed rerun leaves none of them beside new
+weights), and replaces the files the earlier run wrote in each run folder (``script_outputs.json``), and only those.
+In 3D bundles the FLOPs are those of one training patch (the sliding window's ``patch_size``).
 """
 
 from __future__ import annotations
@@ -43,10 +48,18 @@ from agi_monai.bundle.registry import find_bundle
 from agi_monai.bundle.run_folder import replacing_earlier_run
 from agi_monai.cli import run_script
 from agi_monai.data import write_json
-from agi_monai.evaluation.ablation import ABLATIONS, Ablation, architecture, select_ablations
+from agi_monai.evaluation.ablation import ABLATIONS, TABLE5, Ablation, architecture, select_ablations
 from agi_monai.evaluation.protocols import METRIC_NAMES
 from agi_monai.evaluation.figures import ablation_plot
-from agi_monai.evaluation.tables import SUMMARY_JSON, cases_markdown, write_csv, write_text
+from agi_monai.evaluation.tables import (
+    SUMMARY_JSON,
+    cases_markdown,
+    check_protocol_names,
+    remove_earlier_outputs,
+    split_note,
+    write_csv,
+    write_text,
+)
 
 # scripts/ is not a package: the complexity counting and the paper's tables are reused from model_complexity.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def paper_complexity(ablation: Ablation) -> tuple[float, float] | None:
     """(params M, GFLOPs) of the paper's Table 7 or 9 row with this ablation's architecture, or None (GR only and
-    CA only have no complexity row in the paper)."""
+    CA only have no complexity row in the paper; Table 5 gives none)."""
     for _, arguments, params, gflops in TABLE7 + TABLE9:
         if architecture(arguments) == ablation.architecture():
             return params, gflops
@@ -68,12 +81,38 @@ def ablation_overview() -> str:
     """The ablations, their overrides and the paper's complexity rows, as a markdown table."""
     rows = []
     for ablation in ABLATIONS.values():
-        paper = paper_complexity(ablation)
+        paper = paper_complexity(ablation) if len(shape) == 2 else None  # the paper's counts are 2D
         rows.append({
             "ablation": ablation.name, "what": ablation.description, "override": f"`{ablation.override_text()}`",
             "paper params (M) / GFLOPs": f"{paper[0]:.2f} / {paper[1]:.2f}" if paper else "-",
         })
     return cases_markdown(rows)
+
+
+def complexity_input(info: Any) -> tuple[int, ...]:
+    """The spatial shape the complexity is counted on: one ``spatial_size`` slice of a 2D bundle; one
+    ``patch_size`` patch (its training patch and sliding-window roi) of a 3D bundle."""
+    if info.spatial_dims == 3:
+        config = json.loads((info.config_dir / "train.json").read_text(encoding="utf-8"))
+        return tuple(int(s) for s in config["patch_size"])
+    return tuple(int(s) for s in info.spatial_size)
+
+
+def check_networks(bundle: Path, chosen: Sequence[Ablation], widths: Sequence[int]) -> None:
+    """Builds each ablation's generator at ``widths`` (cheap) and refuses, naming the ablation, one that cannot
+    be built (e.g. ``groups_16`` with a width of 8): before any ablation is trained."""
+    for ablation in chosen:
+        try:
+            bundle_network(bundle, {"network_def#channels": [int(c) for c in widths], **ablation.overrides})
+        except Exception as error:  # MONAI wraps the network's ValueError; the innermost one says what is wrong
+            cause, seen = error, {id(error)}
+            while (cause.__cause__ or cause.__context__) is not None and id(cause.__cause__ or cause.__context__) not in seen:
+                cause = cause.__cause__ or cause.__context__
+                seen.add(id(cause))
+            raise ValueError(
+                f"ablation {ablation.name} ({ablation.override_text()}) cannot be built with --channels "
+                f"{','.join(map(str, widths))}: {' '.join(str(cause).split())}"
+            ) from error
 
 
 def _metric_columns(summary: dict[str, Any]) -> dict[str, float]:
@@ -101,7 +140,7 @@ def _display(row: dict[str, Any], protocols: Sequence[str]) -> dict[str, str]:
 
 
 def main(
-    ablations: str | Sequence[str] = "gr_only,ca_only,agi_net",
+    ablations: str | Sequence[str] = ",".join(TABLE5),
     bundle: str = "brats_t1_t2_to_flair",
     output_dir: str = "outputs/ablation",
     dataset_dir: str | None = None,
@@ -121,7 +160,7 @@ def main(
     """Train, evaluate and tabulate the chosen ablations at one budget.
 
     Args:
-        ablations: names (comma-separated) from ``--show``, or ``all``.
+        ablations: names (comma-separated) from ``--show``, or ``all``; default the paper's Table 5 rows.
         bundle: the scenario bundle (name or folder).
         output_dir: where the runs and the tables go.
         dataset_dir: a datalist (``training``, ``validation``, ``test`` splits); default the shipped cases.
@@ -145,11 +184,23 @@ def main(
     check_budget(iterations, batch_size, crop_size or None, learning_rate)
     chosen = select_ablations(ablations)
     info = find_bundle(bundle)
-    protocols = [p.strip() for p in protocols.split(",")] if isinstance(protocols, str) else [str(p) for p in protocols]
+    protocols = check_protocol_names(
+        [p.strip() for p in protocols.split(",")] if isinstance(protocols, str) else [str(p) for p in protocols]
+    )
     device = resolve_device(device)
     widths, discriminator_width = budget_widths(device, channels, discriminator_channels)
+    check_networks(info.root, chosen, widths)
+    if dataset_dir and not Path(dataset_dir).exists():
+        raise ValueError(f"--dataset_dir {dataset_dir}: no such datalist or folder")
+    note = split_note(dataset_dir)
+    shape = complexity_input(info)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    # the earlier run's tables would otherwise stand beside weights this run replaces, should it fail part way
+    remove_earlier_outputs(
+        output, ["ablation.csv", "ablation.md", "ablation.json", *sorted(p.name for p in output.glob("ablation_*_psnr_db.png"))],
+        "ablation.py",
+    )
     datalist = Path(dataset_dir) if dataset_dir else shipped_datalist(
         data_dir, [*info.inputs, info.target], output / "datalist.json"
     )
@@ -167,8 +218,8 @@ def main(
             evaluation = evaluate_bundle(info.root, run.bundle_root, {"protocols": protocols})
         summary = json.loads((evaluation / SUMMARY_JSON).read_text(encoding="utf-8"))
         network = load_generator(info.root, run.weights, run.overrides_file)
-        params, gflops = complexity(network, in_channels, info.spatial_size[0])
-        paper = paper_complexity(ablation)
+        params, gflops = complexity(network, in_channels, shape, len(shape))
+        paper = paper_complexity(ablation) if len(shape) == 2 else None  # the paper's counts are 2D
         rows.append({
             "ablation": ablation.name, "override": ablation.override_text(),
             "params": sum(p.numel() for p in network.parameters()), "gflops": gflops,
@@ -181,15 +232,17 @@ def main(
     for protocol in protocols:
         ablation_plot(rows, output / f"ablation_{protocol}_psnr_db.png", metric=f"{protocol}_psnr_db",
                       title=f"{info.name}: {protocol} PSNR, {iterations} iterations")
-    size = "x".join(map(str, info.spatial_size))
+    size = "x".join(map(str, shape))
+    unit = "slice" if len(shape) == 2 else "patch (the bundle's patch_size)"
     lines = [
         f"# Ablations: {info.name} ({', '.join(info.inputs)}) -> {info.target}", "",
         f"{iterations} iterations of batch {batch_size}"
         + (f" ({crop_size}x{crop_size} crops)" if crop_size else "")
         + f", lr {learning_rate:g}, widths {tuple(widths)}, discriminator {discriminator_width}, seed {seed}, "
         f"on {device}; test cases: {rows[0]['cases']} ({datalist}).", "",
+        *([f"**{note}.**", ""] if note else []),
         cases_markdown([_display(row, protocols) for row in rows]),
-        f"params / GFLOPs: the trained networks, one 1x{in_channels}x{size} slice, FLOPs = 2 x multiply-adds "
+        f"params / GFLOPs: the trained networks, one 1x{in_channels}x{size} {unit}, FLOPs = 2 x multiply-adds "
         "(torch.utils.flop_counter, as scripts/model_complexity.py). 'params, paper widths': the same override at "
         "widths (64, 128, 256, 512). 'paper': Table 7/9 of arXiv 2411.14684 (2 inputs, 256x256) where the "
         "architecture has a row. Metrics: mean over the test cases, PSNR dB / SSIM % / MAE x100; protocols in "
@@ -202,7 +255,7 @@ def main(
         "budget": {"iterations": iterations, "batch_size": batch_size, "crop_size": crop_size,
                    "learning_rate": learning_rate, "channels": widths, "discriminator_channels": discriminator_width,
                    "intensity_augmentation": intensity_augmentation, "seed": seed},
-        "device": str(device), "dataset": str(datalist), "seconds": round(time.perf_counter() - started, 1),
+        "device": str(device), "dataset": str(datalist), "split_note": note, "seconds": round(time.perf_counter() - started, 1),
     }, output / "ablation.json")
     print(text)
     print(f"ablation: {len(rows)} runs in {output} in {time.perf_counter() - started:.0f} s")

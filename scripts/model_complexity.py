@@ -10,6 +10,7 @@ FLOPs = 2 × multiply-adds, counted by ``torch.utils.flop_counter`` for one 2×2
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,12 +32,19 @@ TABLE9_PAPER = [(17.06, 144.46), (17.12, 146.95), (17.47, 149.40), (18.81, 151.8
 TABLE9 = [(f"+{stage}", dict(cagr_stages=STAGES[: i + 1]), *TABLE9_PAPER[i]) for i, stage in enumerate(STAGES)]
 
 
-def complexity(network: torch.nn.Module, in_channels: int = 2, size: int = 256) -> tuple[float, float]:
-    """(parameters in millions, GFLOPs) of one forward pass on a (1, in_channels, size, size) input."""
+def complexity(
+    network: torch.nn.Module, in_channels: int = 2, size: int | Sequence[int] = 256, spatial_dims: int = 2
+) -> tuple[float, float]:
+    """(parameters in millions, GFLOPs) of one forward pass on a (1, in_channels, size, size) input, or with
+    ``spatial_dims`` 3 a (1, in_channels, size, size, size) one (a 3D network's patch); ``size`` may also give
+    each spatial side."""
+    shape = [int(s) for s in size] if isinstance(size, Sequence) else [int(size)] * spatial_dims
+    if len(shape) != spatial_dims:
+        raise ValueError(f"size {list(shape)}: expected {spatial_dims} spatial sides")
     params = sum(p.numel() for p in network.parameters()) / 1e6
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        network(torch.zeros(1, in_channels, size, size))
+        network(torch.zeros(1, in_channels, *shape))
     return params, counter.get_total_flops() / 1e9
 
 

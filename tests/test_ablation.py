@@ -5,6 +5,7 @@ trains, evaluates and tabulates a 2-entry set on the shipped cases."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -16,8 +17,10 @@ import pytest
 import torch
 
 from agi_monai.bundle.experiment import bundle_network
-from agi_monai.evaluation.ablation import ABLATIONS, architecture, select_ablations
-from agi_monai.evaluation.tables import read_csv
+from agi_monai.bundle.experiment import TrainingRun
+from agi_monai.bundle.registry import find_bundle
+from agi_monai.evaluation.ablation import ABLATIONS, TABLE5, architecture, select_ablations
+from agi_monai.evaluation.tables import FOLDER_SPLIT_NOTE, SUMMARY_JSON, read_csv, split_note
 from agi_monai.networks import CAGR, STAGES, AGINet, ResUNet
 from test_demo import assert_runs_recorded
 
@@ -41,9 +44,16 @@ def _count(network: torch.nn.Module) -> int:
 
 
 def test_the_ablation_set_is_the_papers():
+    # Table 5 (GR and CA) has three rows: the baseline without CAGR, GR only, GR + CA; no CA-only row
+    assert TABLE5 == ("stages_none", "gr_only", "agi_net")
+    assert inspect.signature(SCRIPT.main).parameters["ablations"].default == "stages_none,gr_only,agi_net"
+    assert "Table 5" in ABLATIONS["gr_only"].description and "Table 5" in ABLATIONS["agi_net"].description
+    assert "Table 5" in ABLATIONS["stages_none"].description
+    assert "NOT in the paper" in ABLATIONS["ca_only"].description
+    assert "Table 7" in ABLATIONS["groups_4"].description and "Table 9" in ABLATIONS["stages_down2"].description
     assert list(ABLATIONS) == [
-        "agi_net", "gr_only", "ca_only", "groups_1", "groups_2", "groups_4", "groups_8", "groups_16",
-        "stages_none", "stages_down1", "stages_down2", "stages_down3", "stages_body", "stages_up1", "stages_up2",
+        "stages_none", "gr_only", "agi_net", "ca_only", "groups_1", "groups_2", "groups_4", "groups_8", "groups_16",
+        "stages_down1", "stages_down2", "stages_down3", "stages_body", "stages_up1", "stages_up2",
         "stages_up3",
     ]
     assert ABLATIONS["gr_only"].overrides == {"network_def#attention": False}
@@ -51,7 +61,7 @@ def test_the_ablation_set_is_the_papers():
     assert ABLATIONS["stages_down2"].override_text() == "--network_def#cagr_stages \"['down1','down2']\""
     assert [a.name for a in select_ablations("ca_only, groups_4")] == ["ca_only", "groups_4"]
     assert len(select_ablations("all")) == len(ABLATIONS)
-    with pytest.raises(ValueError, match=r"\['gr'\]: expected names among \['agi_net'"):
+    with pytest.raises(ValueError, match=r"\['gr'\]: expected names among \['stages_none'"):
         select_ablations("gr,ca_only")
     with pytest.raises(ValueError, match="repeated"):
         select_ablations(["gr_only", "gr_only"])
@@ -176,3 +186,120 @@ def test_script_trains_evaluates_and_tabulates_two_ablations(tmp_path):
     # each run folder records what the run wrote, which a rerun into the same folder replaces (run twice in the demo's
     # test; the same record here)
     assert_runs_recorded(output, ["gr_only", "stages_none"], "ablation.py")
+
+
+# --------------------------------------------------------------------- the script's checks and tables, no training
+
+TINY = [8, 16, 16, 32]
+
+
+def _no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained before every argument was checked")
+
+    monkeypatch.setattr(SCRIPT, "train_bundle", refuse)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"protocols": "slice2d,brasyn3D"}, r"--protocols slice2d,brasyn3D: expected some of \['slice2d', 'brasyn3d'\]"),
+        ({"ablations": "stages_none,groups_16", "channels": TINY},
+         r"ablation groups_16 \(--network_def#groups 16\) cannot be built with --channels 8,16,16,32: .*groups=16"),
+        ({"dataset_dir": "/nonexistent/datalist.json"}, "no such datalist or folder"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_training(tmp_path, monkeypatch, arguments, message):
+    _no_training(monkeypatch)
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        SCRIPT.main(output_dir=str(output), device="cpu", iterations=2, batch_size=2, crop_size=64,
+                    **{"channels": [8, 16, 32, 64], **arguments})
+    assert not output.exists()
+
+
+def _fake_runs(monkeypatch, trained: list[str], fail_at: str | None = None):
+    """train_bundle / evaluate_bundle / load_generator without training: the overrides' network, untrained, and a
+    summary of made-up metrics (the tables, complexity and cleanup are what is tested)."""
+
+    def train(bundle, root, overrides):
+        root = Path(root)
+        if root.name == fail_at:
+            raise RuntimeError(f"{root.name}: training failed")
+        trained.append(root.name)
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        overrides_file = root / "overrides.json"
+        overrides_file.write_text(json.dumps(dict(overrides)))
+        return TrainingRun(root, root / "models" / "model.pt", overrides_file, "fake", 2, 0.1)
+
+    def evaluate(bundle, root, overrides):
+        folder = Path(root) / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        metrics = {m: {"mean": 1.0} for m in ("psnr_db", "ssim_pct", "mae_x100")}
+        summary = {"cases": 1, "protocols": {p: {"metrics": metrics} for p in overrides["protocols"]}}
+        (folder / SUMMARY_JSON).write_text(json.dumps(summary))
+        return folder
+
+    monkeypatch.setattr(SCRIPT, "train_bundle", train)
+    monkeypatch.setattr(SCRIPT, "evaluate_bundle", evaluate)
+    monkeypatch.setattr(SCRIPT, "load_generator", lambda bundle, weights, overrides: bundle_network(
+        bundle, json.loads(Path(overrides).read_text())).eval())
+
+
+def test_a_rerun_removes_the_earlier_tables_before_any_weights_are_replaced(tmp_path, monkeypatch, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    earlier = ["ablation.csv", "ablation.md", "ablation.json", "ablation_slice2d_psnr_db.png", "ablation_brasyn3d_psnr_db.png"]
+    for name in earlier:
+        (output / name).write_text("the earlier run's")
+    (output / "notes.txt").write_text("not the script's")
+    _fake_runs(monkeypatch, [], fail_at="stages_none")
+    with pytest.raises(RuntimeError, match="training failed"):
+        SCRIPT.main(ablations="stages_none", output_dir=str(output), device="cpu", iterations=2, batch_size=2,
+                    crop_size=64, channels=TINY, protocols="slice2d")
+    assert not any((output / name).exists() for name in earlier)
+    assert (output / "notes.txt").is_file()
+    assert "ablation.py: removed the earlier run's ablation.csv, ablation.md, ablation.json" in capsys.readouterr().out
+
+
+def test_a_3d_bundle_counts_its_complexity_on_a_patch_and_a_folder_is_stated_as_no_result(tmp_path, monkeypatch):
+    info = find_bundle("brats_t1_t2_flair_to_t1gd_3d")
+    assert SCRIPT.complexity_input(info) == (96, 96, 96)
+    assert SCRIPT.complexity_input(find_bundle("brats_t1_t2_to_flair")) == (240, 240)
+    trained: list[str] = []
+    _fake_runs(monkeypatch, trained)
+    monkeypatch.setattr(SCRIPT, "complexity_input", lambda info: (16, 16, 16))  # the 96^3 patch, smaller
+    folder = REPO / "tests" / "data" / "tcga-lgg"  # a folder: its cases are every split
+    assert split_note(folder) == FOLDER_SPLIT_NOTE and split_note(tmp_path / "datalist.json") is None
+    output = tmp_path / "out"
+    SCRIPT.main(ablations="stages_none,gr_only", bundle=info.name, output_dir=str(output), dataset_dir=str(folder),
+                device="cpu", iterations=2, batch_size=2, crop_size=64, channels=TINY, protocols="slice2d")
+    assert trained == ["stages_none", "gr_only"]
+    rows = read_csv(output / "ablation.csv")
+    assert all(float(row["gflops"]) > 0 for row in rows) and rows[1]["gflops"] > rows[0]["gflops"]
+    assert all(row["paper_params_m"] == "" for row in rows)  # the paper's counts are 2D
+    markdown = (output / "ablation.md").read_text()
+    assert f"**{FOLDER_SPLIT_NOTE}.**" in markdown and "one 1x3x16x16x16 patch" in markdown
+    assert json.loads((output / "ablation.json").read_text())["split_note"] == FOLDER_SPLIT_NOTE
+
+
+def test_a_long_plot_title_is_wrapped_within_the_figure(tmp_path, monkeypatch):
+    from matplotlib.text import Text
+
+    from agi_monai.evaluation import figures
+
+    saved = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda figure, path, dpi: (saved.append(figure), save(figure, path, dpi))[1])
+    title = "brats_t1_t2_flair_to_t1gd: slice2d PSNR, 2 iterations"
+    rows = [{"ablation": "stages_none", "params": 1e6, "slice2d_psnr_db": 20.0},
+            {"ablation": "gr_only", "params": 2e6, "slice2d_psnr_db": 21.0}]
+    figures.ablation_plot(rows, tmp_path / "ablation.png", title=title)
+    figures.robustness_plot([{"network": "AGI-Net", "perturbation": 0.0, "psnr_db": 20.0}], tmp_path / "sweep.png",
+                            title=title + ", and a longer description of the sweep")
+    for figure in saved:
+        renderer = figure.canvas.get_renderer()
+        texts = [t for t in figure.findobj(Text) if t.get_text().replace("\n", " ").startswith(title)]
+        assert len(texts) == 1
+        box = texts[0].get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= figure.bbox.width, (box, figure.bbox)
