@@ -48,6 +48,7 @@ from monai.utils import convert_to_tensor
 from agi_monai.bundle import load_split
 from agi_monai.bundle.experiment import (
     budget_overrides,
+    bundle_network,
     check_budget,
     budget_widths,
     default_slices_per_batch,
@@ -64,13 +65,16 @@ from agi_monai.bundle.run_folder import replacing_earlier_run
 from agi_monai.cli import run_script
 from agi_monai.data import write_json
 from agi_monai.evaluation import evaluate_volume, synthesis_panel, volume_dataset
-from agi_monai.evaluation.robustness import perturbation_levels, robustness_sweep, write_sweep
+from agi_monai.evaluation.robustness import check_sweep, perturbation_levels, robustness_sweep, write_sweep
 from agi_monai.evaluation.tables import (
     CASES_CSV,
     SUMMARY_JSON,
     case_row,
+    check_protocol_names,
     comparison_markdown,
     read_csv,
+    remove_earlier_outputs,
+    split_note,
     summarize,
     sweep_markdown,
     sweep_statistics,
@@ -159,7 +163,10 @@ def _panel(
     panel = synthesis_panel(
         inputs={c: image[i, ..., z].numpy() for i, c in enumerate(info.inputs)},
         predictions={name: p.numpy() for name, p in predictions.items()},
-        target=torch.as_tensor(item["target"])[0, ..., z].numpy(), path=path, target_name=info.target,
+        # clipped to [0, 1] as slice2d clips it (volume_dataset leaves it unclipped): the error maps show what the
+        # row labels' metrics measure
+        target=torch.as_tensor(item["target"])[0, ..., z].float().clamp(0.0, 1.0).numpy(), path=path,
+        target_name=info.target,
         metrics=metrics or None,
         title=f"{item['case_id']} (held out), axial slice {z} (largest brain area); metrics: slice2d, whole case",
     )
@@ -178,6 +185,7 @@ def run_scenario(
     folder.mkdir(parents=True, exist_ok=True)
     contrasts = [*info.inputs, info.target]
     datalist = dataset_dir or shipped_datalist(data_dir, contrasts, folder / "datalist.json")
+    note = split_note(dataset_dir)
 
     networks: dict[str, torch.nn.Module] = {}
     evaluations: dict[str, Path] = {}
@@ -200,7 +208,7 @@ def run_scenario(
     test = volume_dataset(load_split(datalist, "test", contrasts), info.inputs, info.target, info.spatial_size)
     items = [test[i] for i in range(len(test))]
     summaries.update(_baselines(items, info, protocols))
-    quality = comparison_markdown(summaries)
+    quality = (f"**{note}.**\n\n" if note else "") + comparison_markdown(summaries)
     write_text(f"# {info.name}: ({', '.join(info.inputs)}) -> {info.target}\n\n{quality}", folder / "quality.md")
 
     sweep_rows = []
@@ -220,7 +228,7 @@ def run_scenario(
     panel, z = _panel(items[0], info, networks, summaries, folder / "panel.png", device, slices_per_batch)
     record = {
         "bundle": info.name, "inputs": list(info.inputs), "target": info.target, "datalist": str(datalist),
-        "test_cases": [str(item["case_id"]) for item in items], "training": training,
+        "test_cases": [str(item["case_id"]) for item in items], "split_note": note, "training": training,
         "quality": {name: {p: {m: v["mean"] for m, v in entry["metrics"].items()} for p, entry in s["protocols"].items()}
                     for name, s in summaries.items()},
         "evaluations": {name: str(path) for name, path in evaluations.items()},
@@ -231,6 +239,40 @@ def run_scenario(
         "seconds": round(time.perf_counter() - started, 1),
     }
     return ScenarioResult(record, quality, sweep_rows)
+
+
+def _check_scenario(info: BundleInfo, widths: Sequence[int], moved_input: str | None) -> None:
+    """Refuses, before any work, a scenario whose networks cannot be built at ``widths`` or whose inputs lack
+    ``moved_input`` (the sweep's)."""
+    if moved_input is not None and moved_input not in info.inputs:
+        raise ValueError(f"--moved_input {moved_input}: not an input of {info.name} ({', '.join(info.inputs)})")
+    for name, (target_class, _) in NETWORKS.items():
+        try:
+            bundle_network(info.root, {"network_def#_target_": target_class, "network_def#channels": list(widths)})
+        except Exception as error:  # MONAI wraps the network's own error
+            cause = error
+            while cause.__cause__ is not None and cause.__cause__ is not cause:
+                cause = cause.__cause__
+            raise ValueError(
+                f"{info.name}: {name} cannot be built with --channels {','.join(map(str, widths))}: "
+                f"{' '.join(str(cause).split())}"
+            ) from error
+
+
+def _remove_earlier_outputs(output: Path, infos: Sequence[BundleInfo]) -> None:
+    """Removes, before any network is trained, what the earlier run wrote that this one writes again from the new
+    weights (results.md, compare.json; per scenario quality.md, panel.png and the sweep's files): a rerun that
+    fails part way leaves no earlier table beside weights it has replaced."""
+    remove_earlier_outputs(output, ["results.md", "compare.json"], "compare.py")
+    for info in infos:
+        folder = output / info.name
+        remove_earlier_outputs(folder, ["quality.md", "panel.png"], "compare.py")
+        sweep = folder / "robustness"
+        if sweep.is_dir():
+            remove_earlier_outputs(
+                sweep, sorted(p.name for p in sweep.iterdir() if p.suffix in (".csv", ".png") or p.name == "robustness.md"),
+                "compare.py",
+            )
 
 
 def _degradation(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -266,7 +308,8 @@ def _results_markdown(results: Sequence[ScenarioResult], summary: Mapping[str, A
     for scenario in results:
         result = scenario.record
         lines += [f"## {result['bundle']}: ({', '.join(result['inputs'])}) -> {result['target']}", ""]
-        lines += [f"Test case(s): {', '.join(result['test_cases'])}. Training:", ""]
+        lines += [f"Test case(s): {', '.join(result['test_cases'])}"
+                  + (f" (**{result['split_note']}**)" if result.get("split_note") else "") + ". Training:", ""]
         for name, run in result["training"].items():
             losses = ", ".join(f"{k} {v:.3f}" for k, v in run["last_losses"].items())
             lines.append(f"- {name}: {run['parameters']:,} parameters, {run['iterations']} iterations in "
@@ -352,14 +395,25 @@ def main(
         "kinds": _names(sweep_kinds) if sweep_kinds else [], "maximum": float(sweep_maximum), "step": float(sweep_step),
         "protocols": _names(sweep_protocols), "slice_step": int(sweep_slice_step), "moved_input": moved_input,
     }
+    protocols = check_protocol_names(_names(protocols))
+    scenario_names = _names(scenarios)
+    infos = [find_bundle(name) for name in scenario_names]
+    if sweep["kinds"]:
+        check_sweep(sweep["kinds"], sweep["protocols"], sweep["maximum"], sweep["step"], sweep["slice_step"],
+                    option="--sweep_kinds")
+    for info in infos:
+        _check_scenario(info, widths, moved_input if sweep["kinds"] else None)
+    if dataset_dir and not Path(dataset_dir).exists():
+        raise ValueError(f"--dataset_dir {dataset_dir}: no such datalist or folder")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    _remove_earlier_outputs(output, infos)
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = threads + "python " + " ".join(shlex.quote(a) for a in sys.argv)
     results = [
-        run_scenario(name, output, Path(data_dir), budget, seed, _names(protocols), sweep, device, slices_per_batch,
+        run_scenario(name, output, Path(data_dir), budget, seed, protocols, sweep, device, slices_per_batch,
                      progress, Path(dataset_dir).resolve() if dataset_dir else None)
-        for name in _names(scenarios)
+        for name in scenario_names
     ]
     summary = {
         "command": command,

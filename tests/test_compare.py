@@ -250,3 +250,80 @@ def test_compare_trains_both_networks_at_one_budget_and_reports(tmp_path):
     # each run folder records what the run wrote, which a rerun into the same folder replaces (run twice in the demo's
     # test; the same record here)
     assert_runs_recorded(output, ["brats_t1_t2_to_flair/agi_net", "brats_t1_t2_to_flair/resunet"], "compare.py")
+
+
+# ------------------------------------------------------------- the script's checks, cleanup, notes and panel
+
+def _no_scenario(monkeypatch, script):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a scenario ran (training)")
+
+    monkeypatch.setattr(script, "run_scenario", refuse)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"sweep_kinds": "translaton"}, r"--sweep_kinds translaton: expected some of \['translation', 'rigid'\]"),
+        ({"protocols": "slice2d,brasyn3D"}, r"--protocols slice2d,brasyn3D: expected some of"),
+        ({"sweep_protocols": "brasyn3d", "sweep_slice_step": 2}, "slice_step 2"),
+        ({"sweep_maximum": 1.2}, "not a whole number of steps"),
+        ({"moved_input": "T1Gd"}, "--moved_input T1Gd: not an input of brats_t1_t2_to_flair"),
+        ({"channels": [8, 16, 32]}, r"brats_t1_t2_to_flair: AGI-Net cannot be built with --channels 8,16,32"),
+    ],
+)
+def test_compare_refuses_bad_arguments_before_any_training(tmp_path, monkeypatch, arguments, message):
+    script = _compare_script()
+    _no_scenario(monkeypatch, script)
+    output = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        script.main(output_dir=str(output), scenarios="brats_t1_t2_to_flair", device="cpu", iterations=2,
+                    batch_size=2, crop_size=64, **{"channels": [8, 16, 32, 64], **arguments})
+    assert not output.exists()
+
+
+def test_compare_removes_the_earlier_runs_tables_before_training(tmp_path, monkeypatch, capsys):
+    script = _compare_script()
+    _no_scenario(monkeypatch, script)
+    output = tmp_path / "out"
+    scenario = output / "brats_t1_t2_to_flair"
+    earlier = [output / "results.md", output / "compare.json", scenario / "quality.md", scenario / "panel.png",
+               scenario / "robustness" / "translation_slice2d.csv", scenario / "robustness" / "robustness.md",
+               scenario / "robustness" / "translation_slice2d_psnr_db.png"]
+    kept = [scenario / "agi_net" / "models" / "model.pt", scenario / "datalist.json"]
+    for path in earlier + kept:
+        _write(path, "earlier")
+    with pytest.raises(RuntimeError, match="a scenario ran"):
+        script.main(output_dir=str(output), scenarios="brats_t1_t2_to_flair", device="cpu", iterations=2,
+                    batch_size=2, crop_size=64, channels=[8, 16, 32, 64])
+    assert [p for p in earlier if p.exists()] == [] and all(p.is_file() for p in kept)
+    assert "compare.py: removed the earlier run's results.md, compare.json" in capsys.readouterr().out
+
+
+def test_results_state_that_a_folder_tests_on_its_training_cases(tmp_path):
+    from agi_monai.evaluation.tables import FOLDER_SPLIT_NOTE, split_note
+
+    script = _compare_script()
+    assert split_note(DATA / "tcga-lgg") == FOLDER_SPLIT_NOTE
+    assert split_note(None) is None
+    record = {"bundle": "b", "inputs": ["T1", "T2"], "target": "FLAIR", "test_cases": ["case"],
+              "split_note": FOLDER_SPLIT_NOTE, "training": {}, "sweep": {"kinds": []}}
+    summary = {"command": "c", "seconds": 60.0, "seed": 0,
+               "machine": {"cpu": "x", "cpu_count": 1, "torch": "t", "torch_threads": 1, "gpu": None},
+               "budget": {"iterations": 2, "batch_size": 2, "crop_size": 64, "learning_rate": 1e-3,
+                          "channels": [8], "discriminator_channels": 8, "intensity_augmentation": 0.5}}
+    text = script._results_markdown([script.ScenarioResult(record, "quality", [])], summary)
+    assert f"Test case(s): case (**{FOLDER_SPLIT_NOTE}**)" in text
+
+
+def test_the_panel_draws_errors_against_the_target_clipped_as_slice2d_clips_it(tmp_path, monkeypatch):
+    script = _compare_script()
+    drawn = {}
+    monkeypatch.setattr(script, "synthesis_panel", lambda **kwargs: drawn.update(kwargs) or kwargs["path"])
+    generator = torch.nn.Conv2d(2, 1, 1)
+    target = torch.linspace(0.0, 2.44, 16 * 16 * 4).reshape(1, 16, 16, 4)  # unclipped, as volume_dataset leaves it
+    item = {"image": torch.rand(2, 16, 16, 4), "target": target, "mask": torch.ones(1, 16, 16, 4), "case_id": "c"}
+    info = script.find_bundle("brats_t1_t2_to_flair")
+    script._panel(item, info, {"AGI-Net": generator}, {"AGI-Net": {"protocols": {}}}, tmp_path / "panel.png",
+                  torch.device("cpu"), 2)
+    assert drawn["target"].max() == 1.0 and drawn["target"].min() == 0.0
