@@ -5,7 +5,11 @@ drawn from a fixed seed, the same for both networks and, up to its length, for e
 (:mod:`agi_monai.evaluation.robustness`).
 
 Writes into ``output_dir``: ``<kind>_<protocol>.csv`` (network, perturbation, case, the applied motion, metrics),
-``<kind>_<protocol>_<metric>.png`` (metric vs perturbation, a line per network) and ``robustness.md``.
+``<kind>_<protocol>_<metric>.png`` (metric vs perturbation, a line per network), ``robustness.md`` and
+``robustness.json`` (what was measured: both checkpoints, bundle, dataset, split, cases, kinds, levels, the command
+line; the markdown states it too). The arguments are checked first; then the files an earlier sweep wrote into
+``output_dir`` (any kind) are removed, before the new sweep, so that none stands beside the new ``robustness.md``.
+A plain folder as ``--dataset_dir`` is every split: the outputs then say the test cases are the training cases.
 
     # checkpoints from training runs (folders holding overrides.json and models/model.pt, e.g. scripts/compare.py's)
     python scripts/robustness_sweep.py --bundle brats_t1_t2_to_flair --dataset_dir outputs/compare/brats_t1_t2_to_flair/datalist.json \\
@@ -17,6 +21,9 @@ Writes into ``output_dir``: ``<kind>_<protocol>.csv`` (network, perturbation, ca
 
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +36,9 @@ from agi_monai.bundle.experiment import default_slices_per_batch, load_generator
 from agi_monai.bundle.registry import find_bundle
 from agi_monai.cli import run_script
 from agi_monai.evaluation import volume_dataset
-from agi_monai.evaluation.robustness import PERTURBATIONS, perturbation_levels, robustness_sweep, write_sweep
+from agi_monai.data import write_json
+from agi_monai.evaluation.robustness import check_sweep, earlier_sweep_files, robustness_sweep, write_sweep
+from agi_monai.evaluation.tables import remove_earlier_outputs, split_note
 
 #: name -> the bundle's network_def class, for bare weight files
 NETWORK_TARGETS = {"AGI-Net": "agi_monai.networks.AGINet", "ResUNet": "agi_monai.networks.ResUNet"}
@@ -38,6 +47,12 @@ NETWORK_TARGETS = {"AGI-Net": "agi_monai.networks.AGINet", "ResUNet": "agi_monai
 def _names(value: str | Sequence[str]) -> list[str]:
     """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``."""
     return [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+
+
+def checkpoint_weights(checkpoint: str | Path) -> Path:
+    """The weights file a checkpoint argument names: a run folder's ``models/model.pt``, or the file itself."""
+    path = Path(checkpoint)
+    return (path / "models" / "model.pt" if path.is_dir() else path).resolve()
 
 
 def checkpoint_generator(
@@ -52,7 +67,7 @@ def checkpoint_generator(
     """
     path = Path(checkpoint)
     if path.is_dir():
-        return load_generator(bundle, path / "models" / "model.pt", path / "overrides.json")
+        return load_generator(bundle, checkpoint_weights(path), path / "overrides.json")
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint (expected a training run's folder or a model.pt state dict)")
     overrides: dict[str, Any] = {"network_def#_target_": NETWORK_TARGETS[network]}
@@ -106,9 +121,7 @@ def main(
     started = time.perf_counter()
     info = find_bundle(bundle)
     kinds, protocols, metrics = _names(kinds), _names(protocols), _names(metrics)
-    for kind in kinds:
-        if kind not in PERTURBATIONS:
-            raise ValueError(f"--kinds {kind}: expected some of {list(PERTURBATIONS)}")
+    levels = check_sweep(kinds, protocols, maximum, step, slice_step, metrics, moved_input, info.inputs)
     device = resolve_device(device)
     slices_per_batch = slices_per_batch or default_slices_per_batch(device)
     networks = {
@@ -118,9 +131,23 @@ def main(
     cases = load_split(dataset_dir, split, [*info.inputs, info.target])
     if not cases:
         raise ValueError(f"{dataset_dir}: no case of split {split!r} has {[*info.inputs, info.target]}")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    # an earlier sweep's CSVs and plots (of other kinds too) would stand beside this sweep's robustness.md
+    remove_earlier_outputs(output, earlier_sweep_files(output), "robustness_sweep.py")
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    note = split_note(dataset_dir)
+    settings = {
+        "command": threads + "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "bundle": str(info.root), "dataset": str(Path(dataset_dir).resolve()), "split": split, "split_note": note,
+        "checkpoints": {"AGI-Net": str(checkpoint_weights(agi_net)), "ResUNet": str(checkpoint_weights(resunet))},
+        "cases": [str(case.get("case_id", i)) for i, case in enumerate(cases)],
+        "kinds": kinds, "levels": levels, "moved_input": moved_input, "seed": seed, "protocols": protocols,
+        "metrics": metrics, "channels": channels if channels is None or isinstance(channels, str) else list(channels),
+        "slice_step": slice_step, "device": str(device),
+    }
     dataset = volume_dataset(cases, info.inputs, info.target, info.spatial_size)
     items = [dataset[i] for i in range(len(dataset))]
-    levels = perturbation_levels(maximum, step)
     rows = []
     for kind in kinds:
         rows += robustness_sweep(
@@ -128,7 +155,18 @@ def main(
             slice_step, progress=progress,
         )
     title = f"({', '.join(info.inputs)}) -> {info.target}"  # short: the plots' title is one line
-    written = write_sweep(rows, output_dir, metrics, title)
+    preamble = [
+        f"Bundle `{settings['bundle']}`; dataset `{settings['dataset']}`, split `{split}` "
+        f"({len(settings['cases'])} case(s))" + (f": **{note}**" if note else "") + ".",
+        f"Checkpoints: AGI-Net `{settings['checkpoints']['AGI-Net']}`, ResUNet `{settings['checkpoints']['ResUNet']}`.",
+        f"Kinds {', '.join(kinds)}; levels {', '.join(f'{v:g}' for v in levels)}; moved input "
+        f"{moved_input or 'drawn per case'}; seed {seed}; every {slice_step} evaluated slice(s).",
+        f"Command: `{settings['command']}` (settings: `robustness.json`).",
+    ]
+    written = write_sweep(rows, output, metrics, title, preamble=preamble)
+    settings["files"] = sorted(path.name for path in written.values())
+    written["robustness.json"] = write_json({**settings, "seconds": round(time.perf_counter() - started, 1)},
+                                            output / "robustness.json")
     print(Path(written["robustness"]).read_text(encoding="utf-8"))
     print(f"robustness sweep: {len(rows)} rows, {len(written)} files in {output_dir} in "
           f"{time.perf_counter() - started:.0f} s")

@@ -267,3 +267,58 @@ def test_script_sweeps_two_tiny_checkpoints_on_a_shipped_case(tmp_path):
         for metric in ("psnr_db", "ssim_pct"):
             assert matplotlib.image.imread(output / f"{kind}_slice2d_{metric}.png").ndim == 3
     assert "## in-plane translation of one input (pixels), protocol `slice2d`" in (output / "robustness.md").read_text()
+
+
+def _checkpoints(tmp_path: Path) -> tuple[Path, Path, Path]:
+    channels = [8, 16, 32, 64]
+    run = tmp_path / "agi_run"
+    (run / "models").mkdir(parents=True)
+    (run / "overrides.json").write_text(json.dumps(
+        {"network_def#_target_": "agi_monai.networks.AGINet", "network_def#channels": channels}))
+    torch.save(AGINet(2, 2, 1, channels=channels).state_dict(), run / "models" / "model.pt")
+    torch.save(ResUNet(2, 2, 1, channels=channels).state_dict(), tmp_path / "resunet.pt")
+    case = {"case_id": "gli", **{c: str(CASE / f"BraTS-GLI-00001-000-{s}.nii.gz")
+                                 for c, s in (("T1", "t1n"), ("T2", "t2w"), ("FLAIR", "t2f"))}}
+    (tmp_path / "datalist.json").write_text(json.dumps({"test": [case]}))
+    return run, tmp_path / "resunet.pt", tmp_path / "datalist.json"
+
+
+def test_script_records_what_it_measured_and_a_rerun_leaves_no_earlier_kind(tmp_path, monkeypatch):
+    """robustness.json and robustness.md name both checkpoints, the bundle, dataset, split, kinds, levels and the
+    command; a rerun with other kinds removes the earlier run's CSVs and plots first (the sweep itself is faked:
+    what is tested is what the script writes around it)."""
+    script = _script()
+    run, resunet, datalist = _checkpoints(tmp_path)
+
+    def fake_sweep(networks, items, kind, levels, inputs, moved_input, seed, protocols, *args, **kwargs):
+        return [{"network": name, "perturbation": level, "case_id": "gli", "kind": kind, "moved_input": "T2",
+                 "protocol": protocol, "psnr_db": 20.0 - level, "ssim_pct": 80.0, "mae_x100": 5.0}
+                for protocol in protocols for level in levels for name in networks]
+
+    monkeypatch.setattr(script, "robustness_sweep", fake_sweep)
+    output = tmp_path / "sweep"
+    common = dict(bundle="brats_t1_t2_to_flair", dataset_dir=str(datalist), agi_net=str(run), resunet=str(resunet),
+                  channels="8,16,32,64", maximum=0.5, output_dir=str(output), progress=False)
+    script.main(kinds="translation,rigid", **common)
+    assert (output / "rigid_slice2d.csv").is_file() and (output / "rigid_slice2d_psnr_db.png").is_file()
+    (output / "notes.txt").write_text("not the script's")
+    script.main(kinds="translation", **common)
+    assert sorted(p.name for p in output.iterdir()) == [
+        "notes.txt", "robustness.json", "robustness.md", "translation_slice2d.csv", "translation_slice2d_psnr_db.png",
+        "translation_slice2d_ssim_pct.png"]
+    settings = json.loads((output / "robustness.json").read_text())
+    assert settings["checkpoints"] == {"AGI-Net": str((run / "models" / "model.pt").resolve()),
+                                       "ResUNet": str(resunet.resolve())}
+    assert settings["bundle"] == str(REPO / "bundles" / "brats_t1_t2_to_flair")
+    assert settings["dataset"] == str(datalist.resolve()) and settings["split"] == "test"
+    assert settings["kinds"] == ["translation"] and settings["levels"] == [0.0, 0.5] and settings["cases"] == ["gli"]
+    assert settings["split_note"] is None and "command" in settings
+    markdown = (output / "robustness.md").read_text()
+    assert str(run / "models" / "model.pt") in markdown and str(resunet) in markdown and "split `test`" in markdown
+
+
+def test_script_refuses_a_bad_kind_before_loading_anything(tmp_path):
+    with pytest.raises(ValueError, match=r"--kinds translaton: expected some of \['translation', 'rigid'\]"):
+        _script().main(bundle="brats_t1_t2_to_flair", dataset_dir=str(tmp_path), agi_net="missing.pt",
+                       resunet="missing.pt", kinds="translaton", output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

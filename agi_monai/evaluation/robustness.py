@@ -39,6 +39,8 @@ from agi_monai.evaluation.tables import sweep_markdown, write_csv, write_text
 __all__ = [
     "PERTURBATIONS",
     "Misalignment",
+    "check_sweep",
+    "earlier_sweep_files",
     "misalign",
     "perturbation_levels",
     "robustness_sweep",
@@ -108,6 +110,43 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"perturbation {kind!r}; expected one of {list(PERTURBATIONS)}")
 
 
+def check_sweep(
+    kinds: Sequence[str],
+    protocols: Sequence[str],
+    maximum: float = 3.0,
+    step: float = 0.5,
+    slice_step: int = 1,
+    metrics: Sequence[str] = (),
+    moved_input: str | None = None,
+    inputs: Sequence[str] | None = None,
+    option: str = "--kinds",
+) -> list[float]:
+    """The checks :func:`robustness_sweep` and :func:`write_sweep` make, for a script to make before any work
+    (training, loading): each kind, the protocols, the levels, ``slice_step``, the metrics, and ``moved_input``
+    among ``inputs``.
+
+    Returns:
+        The levels (:func:`perturbation_levels`).
+
+    Raises:
+        ValueError: the first bad setting, named by its option (``option`` for the kinds).
+    """
+    for kind in kinds:
+        if kind not in PERTURBATIONS:
+            raise ValueError(f"{option} {kind}: expected some of {list(PERTURBATIONS)}")
+    unknown = [p for p in protocols if p not in PROTOCOL_NAMES]
+    if unknown or not protocols:
+        raise ValueError(f"protocols {list(protocols)}: expected a non-empty list of {list(PROTOCOL_NAMES)}")
+    if slice_step < 1 or (slice_step > 1 and "brasyn3d" in protocols):
+        raise ValueError(f"slice_step {slice_step}: expected >= 1, and 1 with the 3D protocol 'brasyn3d'")
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"metrics {unknown}; expected some of {list(METRIC_NAMES)}")
+    if moved_input is not None and inputs is not None and moved_input not in inputs:
+        raise ValueError(f"moved_input {moved_input!r} is not one of the inputs {list(inputs)}")
+    return perturbation_levels(maximum, step)
+
+
 def misalign(
     image: torch.Tensor, kind: str, level: float, channel: int | None = None, seed: int = 0
 ) -> tuple[torch.Tensor, Misalignment]:
@@ -157,6 +196,21 @@ def misalign(
         kind, float(level), motion.moved_channel, tuple(float(v) for v in motion.translation), angle, axis_tuple
     )
     return moved, record
+
+
+def earlier_sweep_files(folder: str | Path) -> list[str]:
+    """The names of the files :func:`write_sweep` (and ``scripts/robustness_sweep.py``'s ``robustness.json``) may
+    have written in ``folder``, of any kind and protocol: what a new sweep into ``folder`` removes first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stems = [f"{kind}_{protocol}" for kind in PERTURBATIONS for protocol in PROTOCOL_NAMES]
+    return sorted(
+        path.name for path in folder.iterdir()
+        if path.name in ("robustness.md", "robustness.json")
+        or (path.suffix == ".csv" and path.stem in stems)
+        or (path.suffix == ".png" and any(path.stem.startswith(f"{stem}_") for stem in stems))
+    )
 
 
 def robustness_sweep(
@@ -262,11 +316,14 @@ def write_sweep(
     output_dir: str | Path,
     metrics: Sequence[str] = ("psnr_db", "ssim_pct"),
     title: str | None = None,
+    preamble: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Per (kind, protocol) of ``rows`` (:func:`robustness_sweep`): ``<kind>_<protocol>.csv`` (the rows),
     ``<kind>_<protocol>_<metric>.png`` per metric (metric vs level, a line per network, a band of ± std over
     cases when there are several; :func:`agi_monai.evaluation.robustness_plot`), and one ``robustness.md``
     with a table per (kind, protocol, metric) (mean over cases). Every file is written atomically.
+
+    ``preamble``: markdown lines placed under the markdown's title (e.g. what was measured: checkpoints, data).
 
     Returns:
         ``{file stem: path}`` of every file written (``"robustness"`` for the markdown).
@@ -279,6 +336,8 @@ def write_sweep(
     output_dir = Path(output_dir)
     written: dict[str, Path] = {}
     sections = [f"# Robustness to a misaligned input: {title}" if title else "# Robustness to a misaligned input", ""]
+    if preamble:
+        sections += [*preamble, ""]
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault((str(row["kind"]), str(row["protocol"])), []).append(row)
