@@ -11,7 +11,9 @@ Both bundles need trained weights (``models/model.pt`` in each, or ``--segmentat
 bundle's ``inference.json`` already wrote (``<case_id>_<target>.nii.gz``) instead of running its generator.
 It runs the segmentation bundle's ``train.json`` + ``evaluate.json`` (:class:`agi_monai.evaluation.downstream.
 DownstreamEvaluator`) with the overrides below, then writes into ``output_dir``: ``downstream_per_case.csv``,
-``downstream_summary.json``, ``downstream_summary.md`` (printed) and ``downstream_dice.png``. Protocol:
+``downstream_summary.json`` (its ``description`` records the segmenter's checkpoint, the synthesis bundle or
+``--synthesized_dir``, the generator's checkpoint and ``--synthesis_overrides``, split, label convention),
+``downstream_summary.md`` (printed) and ``downstream_dice.png``. Protocol:
 ``docs/downstream.md``.
 """
 

@@ -482,3 +482,28 @@ def test_train_two_iterations_then_downstream_dice_and_inference(tmp_path):
     assert written.shape == reference.shape and written.get_data_dtype() == np.uint8
     np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
     assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2, 4}
+
+
+def test_the_summary_description_names_both_checkpoints_and_the_synthesis_overrides(tmp_path):
+    """downstream_summary.json's description records what was measured: the segmenter's checkpoint, and the
+    generator's checkpoint and overrides (as downstream_dice.py passes them: JSON text), not only the bundle."""
+    synthesis = str(ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd")
+    overrides = json.dumps({"network_def#channels": [8, 16, 16, 32]})
+
+    def description(**settings):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+        parser.update({"bundle_root": str(tmp_path), "network_def#init_filters": 8, **settings})
+        parser.parse()
+        return parser.get_parsed_content("evaluate#evaluator#description")
+
+    given = description(synthesis_bundle=synthesis, synthesis_checkpoint=str(tmp_path / "generator.pt"),
+                        synthesis_overrides=overrides, ckpt_path=str(tmp_path / "seg.pt"))
+    assert given["segmenter_checkpoint"] == str(tmp_path / "seg.pt") and given["synthesis"] == synthesis
+    assert given["synthesis_checkpoint"] == str(tmp_path / "generator.pt")
+    # (MONAI's parser writes the id separator "#" of the text as its alias "::", which load_synthesizer reads alike)
+    assert json.loads(given["synthesis_overrides"].replace("::", "#")) == json.loads(overrides)
+    default = description(synthesis_bundle=synthesis)  # the bundle's own weights
+    assert default["synthesis_checkpoint"] == synthesis + "/models/model.pt"
+    files = description(synthesis_bundle=synthesis, synthesized_dir=str(tmp_path))  # no generator is run
+    assert files["synthesis"] == str(tmp_path) and files["synthesis_checkpoint"] == files["synthesis_overrides"] == ""
