@@ -445,10 +445,11 @@ def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_sa
 
     # a file there that no synthesis wrote (an acquired scan named like the output) is neither kept as a result nor
     # replaced, with or without overwrite: the case fails, naming it
-    (tmp_path / "b_PD.nii.gz").write_bytes(b"an acquired scan")
+    nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.float32), np.eye(4)), tmp_path / "b_PD.nii.gz")
+    acquired = (tmp_path / "b_PD.nii.gz").read_bytes()
     for overwrite in (False, True):
         summary, out, _ = run(cases[1:2], overwrite=overwrite, progress=False)
-        assert summary.written == summary.present == [] and (tmp_path / "b_PD.nii.gz").read_bytes() == b"an acquired scan"
+        assert summary.written == summary.present == [] and (tmp_path / "b_PD.nii.gz").read_bytes() == acquired
         assert out[1] == (f"  - b: {tmp_path / 'b_PD.nii.gz'}: exists and was not written by a synthesis (its NIfTI "
                           "header is not marked SYNTHETIC), so it is left as it was (expected another --output_dir, or "
                           "that file moved away)")
