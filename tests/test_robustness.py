@@ -235,17 +235,7 @@ def test_checkpoint_that_does_not_fit_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_script_sweeps_two_tiny_checkpoints_on_a_shipped_case(tmp_path):
-    channels = [8, 16, 32, 64]
-    torch.manual_seed(0)
-    run = tmp_path / "agi_run"
-    (run / "models").mkdir(parents=True)
-    (run / "overrides.json").write_text(json.dumps(
-        {"network_def#_target_": "agi_monai.networks.AGINet", "network_def#channels": channels}))
-    torch.save(AGINet(2, 2, 1, channels=channels).state_dict(), run / "models" / "model.pt")
-    torch.save(ResUNet(2, 2, 1, channels=channels).state_dict(), tmp_path / "resunet.pt")
-    case = {"case_id": "gli", **{c: str(CASE / f"BraTS-GLI-00001-000-{s}.nii.gz")
-                                 for c, s in (("T1", "t1n"), ("T2", "t2w"), ("FLAIR", "t2f"))}}
-    (tmp_path / "datalist.json").write_text(json.dumps({"test": [case]}))
+    run, _, _ = _checkpoints(tmp_path)
     output = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "robustness_sweep.py"), "--bundle", "brats_t1_t2_to_flair",
@@ -270,7 +260,10 @@ def test_script_sweeps_two_tiny_checkpoints_on_a_shipped_case(tmp_path):
 
 
 def _checkpoints(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Two tiny untrained networks as the sweep reads them (an AGI-Net run folder, a ResUNet file) and a datalist of
+    the shipped BraTS case: the run folder, the ResUNet checkpoint and the datalist."""
     channels = [8, 16, 32, 64]
+    torch.manual_seed(0)
     run = tmp_path / "agi_run"
     (run / "models").mkdir(parents=True)
     (run / "overrides.json").write_text(json.dumps(
