@@ -651,7 +651,7 @@ def _current_hold(ckpt_dir: str | Path) -> FolderHold | None:
     return reference() if reference is not None else None
 
 
-def hold_checkpoint_folder(ckpt_dir: str | Path) -> FolderHold:
+def hold_checkpoint_folder(ckpt_dir: str | Path) -> FolderHold | None:
     """``train.json``'s ``ckpt_dir_hold``, resolved by an ``initialize`` step after the checks of its settings, before
     the datasets: makes ``ckpt_dir`` this run's. (A config item, not the step itself: MONAI drops what ``initialize``
     steps return, and the hold lasts as long as the workflow keeps it.)
@@ -663,12 +663,16 @@ def hold_checkpoint_folder(ckpt_dir: str | Path) -> FolderHold:
     releases it) or its process does (a killed run's lock goes with it: nothing stale to clear, and no lock file among
     the checkpoints); a run from Python that fails before training releases it when its workflow is garbage
     collected (:class:`FolderHold`). A second run of the same process takes the folder over from an earlier one.
-    Under ``torchrun`` only rank 0 calls this. Where there are no locks (Windows; network file systems that refuse
-    a folder's ``flock``) the run goes on unlocked, with a warning.
+    Under ``torchrun`` rank 0 holds it and the other ranks get None (MONAI resolves a config's references before
+    its expressions, so ``"$dist.get_rank() > 0 or @ckpt_dir_hold"`` would still resolve it on every rank). Where
+    there are no locks (Windows; network file systems that refuse a folder's ``flock``) the run goes on unlocked,
+    with a warning.
 
     Raises:
         DataError: ``ckpt_dir`` cannot be written, or another process's run holds it.
     """
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return None
     folder = Path(os.path.abspath(ckpt_dir))
     expected = "a folder this run can write its checkpoints to"
     try:
