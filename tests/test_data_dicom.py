@@ -692,3 +692,16 @@ def test_contrasts_given_one_by_one_from_two_patients_are_refused(tmp_path):
         "its DICOM series come from different patients (T1: PATIENT-A, T2: PATIENT-B) (expected every contrast of "
         "one patient: their PatientIDs differ)"
     )
+
+
+def test_a_patients_series_without_a_study_uid_are_one_case(tmp_path):
+    # the folder fallback is for studies with neither PatientID nor StudyInstanceUID: a named patient's series lacking
+    # the study UID stay one case, named after the patient, as before
+    for number, (name, description) in enumerate([("t2", "AX T2 FSE"), ("t1", "AX T1 SE")], 5):
+        for file in write_dicom_series(sitk.ReadImage(str(NATIVE / f"{name}.nii.gz")), tmp_path / f"ser{number}",
+                                       description, "P9", number):
+            dataset = pydicom.dcmread(file)
+            del dataset.StudyInstanceUID
+            dataset.save_as(file)
+    found = discover_cases(tmp_path, required=["T1", "T2"])
+    assert [case["case_id"] for case in found.cases] == ["P9"] and found.failures == []

@@ -263,10 +263,11 @@ def _dicom_studies(root: Path) -> dict[str, list[DicomSeries]]:
     """DICOM series grouped by study; the case ID is the PatientID, plus the study UID's end when a
     patient has several studies. A study without a PatientID (anonymised exports) is named after the folder holding
     its series (each series often sits in a folder of its own: the study is their common folder); series without a
-    StudyInstanceUID either are grouped by their folder."""
+    StudyInstanceUID either are grouped by their folder (a patient's series without one are one study, as before)."""
     studies: dict[tuple[str, str], list[DicomSeries]] = defaultdict(list)
     for series in find_dicom_series(root):
-        studies[(series.patient_id, series.study_uid or str(Path(series.files[0]).parent))].append(series)
+        study = series.study_uid or ("" if series.patient_id else str(Path(series.files[0]).parent))
+        studies[(series.patient_id, study)].append(series)
     per_patient: dict[str, int] = defaultdict(int)
     for patient, _ in studies:
         per_patient[patient] += 1
