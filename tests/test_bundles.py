@@ -12,8 +12,10 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pydoc import locate
 from pathlib import Path
 
@@ -1066,9 +1068,17 @@ def test_a_fresh_start_interrupted_before_its_first_checkpoint_names_the_run_it_
     )
 
 
+#: What a gloo process prints when it aborts on a joinable C++ thread (SIGABRT) after its training's last validation:
+#: twice in the clean-clone runs of sessions 16-19 (once in each of the 2D and 3D tests), never when the test runs
+#: alone (3 of 3 passed on 2026-11-25). Not found in our code; a run failing so is run once more.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.slow
 def _two_process_training(name: str, *args: str) -> str:
-    """``multi_gpu_train.json`` over ``train.json`` under torchrun with 2 gloo CPU processes; returns the log."""
+    """``multi_gpu_train.json`` over ``train.json`` under torchrun with 2 gloo CPU processes; returns the log. A run
+    that fails only by :data:`GLOO_ABORT` is run once more from scratch (its ``models/`` and ``eval/`` removed); a
+    second failure fails the test."""
     configs = _configs(name, "multi_gpu_train.json")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1076,6 +1086,13 @@ def _two_process_training(name: str, *args: str) -> str:
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     log = result.stdout + result.stderr
+    if result.returncode != 0 and GLOO_ABORT in log:
+        warnings.warn(f"two-process training aborted in gloo ({GLOO_ABORT!r}); running it once more")
+        root = Path(args[args.index("--bundle_root") + 1])
+        for folder in ("models", "eval"):
+            shutil.rmtree(root / folder, ignore_errors=True)
+        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+        log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     assert log.count("Pix2PixTrainer - INFO - Engine run finished") == 2  # both ranks trained
     return log
