@@ -14,7 +14,6 @@ stripping or registration run again in place) makes its case be built again, wit
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from tqdm import tqdm
 from agi_monai.data.contrasts import CONTRASTS, LABELS
 from agi_monai.data.discovery import discover_cases
 from agi_monai.data.errors import DataError, Failure, format_failures
-from agi_monai.data.files import atomic_output, free_space, write_json
+from agi_monai.data.files import atomic_output, file_sha256, free_space, write_json
 from agi_monai.data.transforms import PREPROCESSING_VERSION, preprocessing_transforms
 from agi_monai.data.volumes import source_paths
 
@@ -91,22 +90,11 @@ def _source_state(item: Mapping[str, Any]) -> dict[str, list[list[Any]] | None]:
     return state
 
 
-def _sha256(path: str) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
-
-
 def _source_record(item: Mapping[str, Any]) -> dict[str, Any]:
     """What an entry built from ``item`` now records: each file's state and content hash, taken before the files are
     read (a file replaced while it is read then shows as changed at the next check)."""
     state = _source_state(item)
-    return {key: None if files is None else [[*entry, _sha256(entry[0]) if entry[1] is not None else None]
+    return {key: None if files is None else [[*entry, file_sha256(entry[0]) if entry[1] is not None else None]
                                              for entry in files]
             for key, files in state.items()}
 
@@ -144,7 +132,7 @@ def _compare_sources(recorded: dict[str, Any], current: dict[str, Any]) -> tuple
             if was[1] != now[1]:
                 return f"{key} changed since it was cached ({now[0]}: size {was[1]} -> {now[1]} bytes)", None
             if was[2] != now[2]:
-                if was[3] is None or _sha256(now[0]) != was[3]:
+                if was[3] is None or file_sha256(now[0]) != was[3]:
                     return f"{key} changed since it was cached ({now[0]}: modified, other content)", None
                 touched = True
             kept.append([*now, was[3]])

@@ -3,6 +3,7 @@ checked before any work is done."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from agi_monai.data.errors import DataError
 
 __all__ = [
     "atomic_output", "check_output_folder", "remove_stale_temporaries", "stopping_cleanly_on_sigterm", "temporary_path",
-    "walk_folders", "write_json", "free_space", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input", "check_report_path",
+    "walk_folders", "write_json", "free_space", "file_sha256", "AtomicNibabelWriter", "EarlierCaseOutputs", "is_searched_input", "check_report_path",
     "nifti_is_complete",
     "is_bids_derivative", "CaseOutputLayout", "refuse_foreign_outputs", "synthesis_output_paths", "case_id_of_output",
     "refuse_output_in_input",
@@ -304,6 +305,18 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """The SHA-256 of ``path``'s content (read in blocks), None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def free_space(folder: str | Path) -> str:

@@ -4,7 +4,6 @@ reader of a network's weights file (the same failures)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from agi_monai.data.contrasts import canonical_contrast
 from agi_monai.data.errors import DataError, MissingFileError
-from agi_monai.data.files import atomic_output, free_space, remove_stale_temporaries, write_json
+from agi_monai.data.files import atomic_output, file_sha256, free_space, remove_stale_temporaries, write_json
 
 try:
     import fcntl
@@ -321,14 +320,6 @@ def scenario_record(inputs: Sequence[str], target: str) -> dict[str, Any]:
     return {"inputs": [name(c) for c in inputs], "target": name(target)}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class BestModelDigest:
     """Saved in a training checkpoint (``state_dict`` only): the best generator's file name and SHA-256 as the
     checkpoint is written, which comes after that epoch's ``model.pt`` (:func:`keep_unrecorded_best_model` reads it).
@@ -345,7 +336,7 @@ class BestModelDigest:
         self.path = Path(handler.dirname) / handler.filename
 
     def state_dict(self) -> dict[str, str]:
-        return {"file": self.path.name, "sha256": _sha256(self.path) if self.path.is_file() else ""}
+        return {"file": self.path.name, "sha256": file_sha256(self.path) or ""}  # "" without a model.pt yet
 
 
 class ValidationBest:
@@ -381,7 +372,7 @@ def keep_unrecorded_best_model(resume_path: str | Path, ckpt_dir: str | Path) ->
     if not isinstance(record, Mapping) or not record.get("file"):
         return None  # saved before checkpoints recorded it
     model = Path(ckpt_dir) / str(record["file"])
-    if not model.is_file() or _sha256(model) == record.get("sha256"):
+    if not model.is_file() or file_sha256(model) == record.get("sha256"):
         return None
     kept, number = model.with_name(f"{model.stem}_after_{Path(resume_path).stem}{model.suffix}"), 1
     while kept.exists():  # a second stop after the same checkpoint: its copy is another generator
