@@ -16,7 +16,8 @@ BRATS_CONTRASTS = ("T1", "T2", "FLAIR", "T1Gd")
 PAPER_SIZES = (500, 40, 40)
 
 
-def main(root: str, output: str, sizes: tuple[float, ...] = PAPER_SIZES, seed: int = 0, validate: bool = True) -> None:
+def main(root: str, output: str, sizes: tuple[float, ...] = PAPER_SIZES, seed: int = 0, validate: bool = True,
+         extend: str | None = None) -> None:
     """Write the BraTS datalist.
 
     Args:
@@ -26,9 +27,11 @@ def main(root: str, output: str, sizes: tuple[float, ...] = PAPER_SIZES, seed: i
             (e.g. 0.8,0.1,0.1); anything else is refused before any volume is read.
         seed: seed of the patient shuffle.
         validate: (true/false, yes/no, 1/0) read every volume and leave out cases with a bad one.
+        extend: a datalist prepared earlier from this data (may be --output itself): its patients keep
+            their splits and only new ones are dealt out, so data that grows keeps its test set.
     """
     check_whole_numbers(seed=(seed, 0))
-    splits, discovery = prepare_datalist(root, output, BRATS_CONTRASTS, sizes, seed, validate)
+    splits, discovery = prepare_datalist(root, output, BRATS_CONTRASTS, sizes, seed, validate, extend=extend)
     print(preparation_summary(splits, discovery, output, "cases"))
 
 

@@ -305,3 +305,78 @@ def test_validate_false_in_any_spelling_reads_no_volume(tmp_path):
     result = _run_failing("prepare_brats.py", "--root", str(root), "--output", str(tmp_path / "b.json"),
                           "--validate", "maybe")
     assert result.stderr.strip().splitlines()[-1] == "prepare_brats.py: error: --validate: got 'maybe', expected true or false"
+
+
+def _splits_of(splits: dict) -> dict[str, str]:
+    return {case["patient_id"]: name for name, cases in splits.items() for case in cases}
+
+
+def test_growing_data_keeps_earlier_patients_in_their_splits():
+    earlier = split_cases(_cases(100, timepoints=2), (0.8, 0.1, 0.1), seed=0)
+    grown = _cases(110, timepoints=2)
+    # without keep, ten patients more move earlier ones between splits (some from training into test)
+    moved = {patient for patient, name in _splits_of(split_cases(grown, (0.8, 0.1, 0.1), seed=0)).items()
+             if patient in _splits_of(earlier) and _splits_of(earlier)[patient] != name}
+    assert moved
+    extended = split_cases(grown, (0.8, 0.1, 0.1), seed=0, keep=_splits_of(earlier))
+    after = _splits_of(extended)
+    assert all(after[patient] == name for patient, name in _splits_of(earlier).items())
+    assert [len(_patients(extended[name])) for name in ("training", "validation", "test")] == [88, 11, 11]
+    assert len(extended["training"]) == 176  # a new patient's time points stay together too
+    # counts: the new patients fill what the earlier splits lack, the rest are left out
+    earlier = split_cases(_cases(50), (30, 5, 5), seed=3)
+    extended = split_cases(_cases(60), (30, 8, 5), seed=3, keep=_splits_of(earlier))
+    assert [len(extended[name]) for name in ("training", "validation", "test")] == [30, 8, 5]
+    assert all(_splits_of(extended).get(patient, name) == name for patient, name in _splits_of(earlier).items())
+    assert len(set(_splits_of(extended)) - set(_splits_of(earlier))) == 3  # validation's three more: new patients
+    # kept patients beyond a size all stay; with fractions, new patients beyond full splits train
+    keep = {f"BraTS-GLI-{p:05d}": "test" for p in range(5)}
+    extended = split_cases(_cases(10), (0.8, 0.1, 0.1), keep=keep)
+    assert _patients(extended["test"]) == set(keep) and len(extended["training"]) == 5
+    assert split_cases(_cases(10), (0.8, 0.1, 0.1), keep={}) == split_cases(_cases(10), (0.8, 0.1, 0.1))
+
+
+def test_prepare_with_extend_keeps_the_earlier_datalist_and_records_what_changed(tmp_path):
+    root = _brats_layout(tmp_path / "brats", 8)
+    output = tmp_path / "lists" / "brats.json"
+    _run("prepare_brats.py", "--root", str(root), "--output", str(output), "--sizes", "0.5,0.25,0.25")
+    earlier = json.loads(output.read_text(encoding="utf-8"))
+    earlier_splits = {case["patient_id"]: name for name in ("training", "validation", "test") for case in earlier[name]}
+    assert len(earlier_splits) == 8
+    _brats_layout(root, 12)  # four new patients
+    shutil.rmtree(root / "BraTS-GLI-00000-000")  # and one gone
+    stdout = _run("prepare_brats.py", "--root", str(root), "--output", str(output), "--sizes", "0.5,0.25,0.25",
+                  "--extend", str(output))
+    assert stdout.strip().endswith("5/3/3 training/validation/test cases of 11 usable, 0 skipped"), stdout
+    grown = json.loads(output.read_text(encoding="utf-8"))
+    grown_splits = {case["patient_id"]: name for name in ("training", "validation", "test") for case in grown[name]}
+    del earlier_splits["BraTS-GLI-00000"]
+    assert {patient: grown_splits[patient] for patient in earlier_splits} == earlier_splits
+    assert grown["_info"]["extends"] == str(output.resolve())
+    assert (grown["_info"]["patients_kept"], grown["_info"]["patients_new"]) == (7, 4)
+    assert grown["_info"]["earlier_patients_missing"] == ["BraTS-GLI-00000"]
+    assert all((output.parent / case["T1"]).resolve().is_file() for case in grown["test"])
+
+
+def test_extend_refuses_what_is_not_an_earlier_datalist_of_the_data(tmp_path, no_volume_read):
+    root = _brats_layout(tmp_path / "brats", 2)
+    contrasts = ("T1", "T2", "FLAIR", "T1Gd")
+    earlier = tmp_path / "earlier.json"
+    # refused before discovery
+    earlier.write_text(json.dumps({"training": [{"patient_id": "p"}], "test": [{"case_id": "p"}]}))
+    with pytest.raises(DataError, match="patient p is in both training and test"):
+        prepare_datalist(root, tmp_path / "a.json", contrasts, (1, 0, 0), extend=earlier)
+    earlier.write_text(json.dumps({"training": [{"T1": "a.nii.gz"}]}))
+    with pytest.raises(DataError, match=r"training\[0\] has neither patient_id nor case_id"):
+        prepare_datalist(root, tmp_path / "a.json", contrasts, (1, 0, 0), extend=earlier)
+    earlier.write_text("[]")
+    with pytest.raises(DataError, match="is JSON without any of the keys of a datalist"):
+        prepare_datalist(root, tmp_path / "a.json", contrasts, (1, 0, 0), extend=earlier)
+    with pytest.raises(DataError, match="missing.json: does not exist"):
+        prepare_datalist(root, tmp_path / "a.json", contrasts, (1, 0, 0), extend=tmp_path / "missing.json")
+    # refused once discovery has found the cases: a datalist of other data
+    no_volume_read()
+    earlier.write_text(json.dumps({"training": [{"case_id": "other-1", "patient_id": "other"}]}))
+    with pytest.raises(DataError, match=r"earlier.json: none of its 1 patients is among the usable cases found"):
+        prepare_datalist(root, tmp_path / "a.json", contrasts, (1, 0, 0), validate=False, progress=False, extend=earlier)
+    assert not (tmp_path / "a.json").exists()

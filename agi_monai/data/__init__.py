@@ -90,6 +90,7 @@ _SUBMODULES: dict[str, tuple[str, ...]] = {
     ),
     "splits": (
         "SPLIT_NAMES",
+        "datalist_patients",
         "preparation_summary",
         "prepare_datalist",
         "split_cases",

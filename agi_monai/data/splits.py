@@ -18,7 +18,7 @@ from agi_monai.data.errors import DataError, format_failures
 from agi_monai.data.files import write_in_nearest_folder, write_json
 from agi_monai.data.volumes import with_source_paths
 
-__all__ = ["SPLIT_NAMES", "split_cases", "write_datalist", "prepare_datalist", "preparation_summary"]
+__all__ = ["SPLIT_NAMES", "split_cases", "datalist_patients", "write_datalist", "prepare_datalist", "preparation_summary"]
 
 SPLIT_NAMES: tuple[str, str, str] = ("training", "validation", "test")
 _SIZES_EXPECTED = (
@@ -30,13 +30,16 @@ _logger = logging.getLogger(__name__)
 
 
 def split_cases(
-    cases: Sequence[Mapping[str, Any]], sizes: Sequence[float], seed: int = 0
+    cases: Sequence[Mapping[str, Any]], sizes: Sequence[float], seed: int = 0, keep: Mapping[str, str] | None = None
 ) -> dict[str, list[dict[str, Any]]]:
     """Split cases by patient into training, validation and test.
 
     Patients (``case["patient_id"]``, else the case ID) are sorted, shuffled with ``seed`` and dealt out in
     that order, so the result depends only on the set of patients and the seed, and no patient is in two
-    splits.
+    splits. That set decides every patient's split: one patient more among 580 moves others between splits. So data
+    that grows is split with ``keep``, an earlier datalist's patients and splits (:func:`datalist_patients`): those
+    patients stay where they were, and only the new ones are shuffled and dealt out, filling each split up to its
+    size (with fractions, of all patients); a model tested on the earlier test set never trained on it.
 
     Args:
         cases: datalist items.
@@ -44,20 +47,58 @@ def split_cases(
             ``(1, 0, 0)`` is every patient in training), or else three whole numbers >= 0 of patients, not all 0
             (e.g. the paper's IXI ``(500, 37, 40)``; patients beyond their sum are left out).
         seed: seed of the shuffle.
+        keep: ``{patient: split}`` of patients whose split is fixed (more of them than a size asks for stay all
+            the same; with fractions, new patients beyond the sizes go to training).
 
     Raises:
         ValueError: ``sizes`` are neither, naming them.
         DataError: there are fewer patients than the counts ask for.
     """
     by_patient = _by_patient(cases)
-    patients = sorted(by_patient)
-    random.Random(seed).shuffle(patients)
-    counts = _patient_counts(sizes, len(patients))
-    splits, start = {}, 0
+    keep = {patient: split for patient, split in (keep or {}).items() if patient in by_patient}
+    new = sorted(patient for patient in by_patient if patient not in keep)
+    random.Random(seed).shuffle(new)
+    counts = _patient_counts(sizes, len(by_patient))
+    chosen: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
+    for patient, name in keep.items():
+        chosen[name].append(patient)
+    start = 0
     for name, count in zip(SPLIT_NAMES, counts):
-        splits[name] = [case for patient in patients[start : start + count] for case in by_patient[patient]]
-        start += count
-    return splits
+        room = max(count - len(chosen[name]), 0)
+        chosen[name] += new[start : start + room]
+        start += room
+    if _sizes_are_fractions(sizes):  # fractions use every patient: those beyond full splits train
+        chosen["training"] += new[start:]
+    return {name: [case for patient in chosen[name] for case in by_patient[patient]] for name in SPLIT_NAMES}
+
+
+def datalist_patients(path: str | Path) -> dict[str, str]:
+    """``{patient: split}`` of a datalist (:func:`write_datalist`'s), in its order: what :func:`split_cases` keeps.
+
+    Raises:
+        DataError: naming ``path``: not a readable JSON datalist, a case without ``patient_id`` or ``case_id``, or a
+            patient in two splits (a leaked datalist cannot be kept as it is).
+    """
+    path = Path(path)
+    expected = "a datalist written by scripts/prepare_*.py (a JSON object of training/validation/test case lists)"
+    problem = _not_a_datalist(path) if path.is_file() else ("is a folder" if path.is_dir() else "does not exist")
+    if problem:
+        raise DataError(path, problem, expected)
+    content = json.loads(path.read_text(encoding="utf-8"))
+    patients: dict[str, str] = {}
+    for name in SPLIT_NAMES:
+        split = content.get(name, [])
+        if not isinstance(split, list):
+            raise DataError(path, f"{name!r} is a {type(split).__name__}, not a list of cases", expected)
+        for index, case in enumerate(split):
+            patient = case.get("patient_id", case.get("case_id")) if isinstance(case, Mapping) else None
+            if patient is None:
+                raise DataError(path, f"{name}[{index}] has neither patient_id nor case_id", expected)
+            earlier = patients.setdefault(str(patient), name)
+            if earlier != name:
+                raise DataError(path, f"patient {patient} is in both {earlier} and {name}",
+                                "a datalist whose patients are each in one split")
+    return patients
 
 
 def write_datalist(
@@ -84,9 +125,13 @@ def prepare_datalist(
     seed: int = 0,
     validate: bool = True,
     progress: bool = True,
+    extend: str | Path | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], Discovery]:
     """Discover the cases under ``root`` that have every ``required`` contrast, check their volumes, split
     them by patient and write the datalist to ``output``. Bad cases are skipped and reported, not fatal.
+    With ``extend``, an earlier datalist of the same data (``output`` itself may be it), its patients keep their
+    splits and only new patients are dealt out (:func:`split_cases`' ``keep``); its patients no longer found are
+    listed in the new one's ``_info.earlier_patients_missing`` and logged.
 
     What can be refused without reading a volume is refused before the first is read (reading every volume of
     BraTS takes half an hour): ``sizes``, an ``output`` that cannot be written, no usable case, and more patients
@@ -97,11 +142,12 @@ def prepare_datalist(
 
     Raises:
         ValueError: ``sizes`` are neither fractions nor counts (:func:`split_cases`).
-        DataError: ``output`` cannot be written, ``root`` holds no usable case, or fewer patients than ``sizes`` ask
-            for; nothing is written.
+        DataError: ``output`` cannot be written, ``root`` holds no usable case, fewer patients than ``sizes`` ask
+            for, or ``extend`` is not a datalist or none of its patients is found; nothing is written.
     """
     _sizes_are_fractions(sizes)  # refuses sizes that are neither fractions nor counts
     output = _writable_output(output)
+    keep = datalist_patients(extend) if extend is not None else None
     discovery = discover_cases(root, required=required, progress=progress)
     _require_usable_cases(discovery, root, required)
     # the volumes can only leave out more patients: too few now is too few after reading them
@@ -112,7 +158,8 @@ def prepare_datalist(
         for failure in discovery.failures[checked:]:  # as discover_cases logs the cases it skips
             _logger.warning("skipped %s", failure)
         _require_usable_cases(discovery, root, required)
-    splits = split_cases(discovery.cases, sizes, seed)
+    extension = _extension(keep, discovery.cases, extend) if keep is not None else {}
+    splits = split_cases(discovery.cases, sizes, seed, keep)
     used = sum(len(cases) for cases in splits.values())
     info = {
         "source": str(Path(root).resolve()),
@@ -123,6 +170,7 @@ def prepare_datalist(
         "cases_left_out": len(discovery.cases) - used,
         "skipped": [str(failure) for failure in discovery.failures],
         "ignored": list(discovery.ignored),
+        **extension,
     }
     write_datalist(splits, output, info)
     return splits, discovery
@@ -141,6 +189,25 @@ def preparation_summary(
         line += f", {len(discovery.ignored)} files ignored (listed in the datalist's _info.ignored)"
     details = format_failures(discovery.failures, unit)
     return f"{details}\n{line}" if details else line
+
+
+def _extension(keep: Mapping[str, str], cases: Sequence[Mapping[str, Any]], extend: str | Path) -> dict[str, Any]:
+    """What extending the datalist ``extend`` (its patients ``keep``) with ``cases`` keeps, for the ``_info`` block.
+    None of its patients among the cases is an error: it is a datalist of other data (or IDs read otherwise)."""
+    found = set(_by_patient(cases))
+    missing = [patient for patient in keep if patient not in found]
+    if len(missing) == len(keep) and keep:
+        raise DataError(extend, f"none of its {len(keep)} patients is among the usable cases found",
+                        "the datalist of an earlier preparation of this data, to keep its patients' splits")
+    if missing:
+        _logger.warning("%s: %d of its patients are no longer found (or no longer usable), e.g. %s", extend,
+                        len(missing), ", ".join(missing[:5]))
+    return {
+        "extends": str(Path(extend).resolve()),
+        "patients_kept": len(keep) - len(missing),
+        "patients_new": len(found) - (len(keep) - len(missing)),
+        "earlier_patients_missing": missing,
+    }
 
 
 def _by_patient(cases: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
