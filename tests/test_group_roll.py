@@ -593,6 +593,21 @@ def test_torch_compile_fullgraph(backend, dynamic):
 
 
 @requires_extension
+def test_python_entry_choice_of_kernels_compiles_into_one_graph():
+    # group_roll (CAGR's entry) chooses compiled kernels or the reference by device. That choice must be a constant
+    # to dynamo: asked of the dispatcher per call (as the CUDA branch did), it broke the graph at every CAGR on CUDA.
+    torch._dynamo.reset()
+
+    def fn(weight, offsets, scales):
+        rolled = ops.group_roll(weight, offsets, scales)
+        return rolled * (2.0 if ops.extension_has_cuda() else 3.0)
+
+    inputs = make_inputs(2, 2, 4, 3, (3, 3), "mixed")
+    tight(torch.compile(fn, fullgraph=True, backend="eager")(*inputs), fn(*inputs))
+    torch._dynamo.reset()
+
+
+@requires_extension
 @pytest.mark.skipif(
     os.environ.get("AGI_MONAI_TEST_INDUCTOR") != "1",
     reason="inductor's first C++ compile takes ~25 s on a 2-core machine; set AGI_MONAI_TEST_INDUCTOR=1 to run",

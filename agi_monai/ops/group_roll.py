@@ -55,6 +55,21 @@ if _LOADED:
         return weight.new_empty(weight.shape), offsets.new_empty(offsets.shape), scales.new_empty(scales.shape)
 
 
+def kernel_device_types(op: str) -> frozenset[str]:
+    """The device types (``"cpu"``, ``"cuda"``) the compiled op ``agi_monai::<op>`` has kernels for. Asked once per op,
+    at import, and kept as a constant: torch.compile cannot trace the dispatcher query, so asking it per call broke
+    a compiled graph at every CAGR on CUDA."""
+    return frozenset(
+        device_type
+        for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if _LOADED and hasattr(torch.ops.agi_monai, op)
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"agi_monai::{op}", key)
+    )
+
+
+_KERNEL_DEVICE_TYPES = kernel_device_types("group_roll")
+
+
 def extension_available() -> bool:
     """Whether the compiled op is registered (CPU kernels at least)."""
     return _LOADED
@@ -67,7 +82,7 @@ def extension_error() -> str | None:
 
 def extension_has_cuda() -> bool:
     """Whether the compiled op has CUDA kernels (the extension was built with nvcc and a CUDA torch)."""
-    return _LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("agi_monai::group_roll", "CUDA")
+    return "cuda" in _KERNEL_DEVICE_TYPES
 
 
 _WARNED: set[str] = set()
@@ -120,7 +135,7 @@ def group_roll(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor
 def _group_roll_eager(weight: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     device_type = weight.device.type
     # (meta: the op's fake kernel, which checks the arguments as the kernels do)
-    if _LOADED and (device_type in ("cpu", "meta") or (device_type == "cuda" and extension_has_cuda())):
+    if _LOADED and (device_type == "meta" or device_type in _KERNEL_DEVICE_TYPES):
         return torch.ops.agi_monai.group_roll(weight, offsets, scales)
     if _LOADED:
         warn_fallback_once(device_type, f"the extension has no {device_type} kernels")

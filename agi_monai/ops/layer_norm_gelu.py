@@ -12,18 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from agi_monai.ops.group_roll import extension_available
+from agi_monai.ops.group_roll import extension_available, kernel_device_types
 
 __all__ = ["layer_norm_gelu", "layer_norm_gelu_reference", "fused_layer_norm_gelu_available"]
 
 # An extension built before this op existed has none: then the ATen ops stand in (rebuild to get it).
 _REGISTERED = extension_available() and hasattr(torch.ops.agi_monai, "layer_norm_gelu")
-# Decided once (a constant for torch.compile, which cannot trace the dispatcher query).
-_FUSED_DEVICE_TYPES = frozenset(
-    device_type
-    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-    if _REGISTERED and torch._C._dispatch_has_kernel_for_dispatch_key("agi_monai::layer_norm_gelu", key)
-)
+_FUSED_DEVICE_TYPES = kernel_device_types("layer_norm_gelu")
 
 if _REGISTERED:
 
