@@ -265,3 +265,30 @@ def test_outputs_take_the_reference_contrasts_form_codes(tmp_path):
     written = nib.load(tmp_path / "out" / "case_synth.nii.gz")
     assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (2, 0)
     assert [int(nib.load(f).header["sform_code"]) for f in files.values()] == [1, 2]  # inputs unchanged
+
+
+def test_outputs_keep_a_reference_qform_that_differs_from_its_sform(tmp_path):
+    """A reference whose qform lies 3 mm from its sform: nibabel and MONAI place it by the sform, ITK by the qform.
+    The output keeps both (its qform was the sform), so that every reader places it where it places the reference."""
+    files = {}
+    for contrast, suffix in (("T1", "t1n"), ("T2", "t2w")):
+        image = nib.load(BRATS_GLI / f"BraTS-GLI-00001-000-{suffix}.nii.gz").slicer[:, :, 76:80]
+        image.set_sform(image.affine, code=2)
+        shifted = image.affine.copy()
+        shifted[:3, 3] += [3.0, 0.0, 0.0] if contrast == "T2" else [0.0, 0.0, 0.0]
+        image.set_qform(shifted, code=1)
+        files[contrast] = tmp_path / f"case-{suffix}.nii.gz"
+        nib.save(image, files[contrast])
+    preprocessing = preprocessing_transforms(["T1", "T2"], None, spatial_size=(240, 240), reference="T2")
+    item = preprocessing({"case_id": "case", **{k: str(v) for k, v in files.items()}})
+    item["pred"] = MetaTensor(
+        item["image"][:1].clone(), meta=item["image"].meta, applied_operations=item["image"].applied_operations
+    )
+    restore_geometry_transforms(preprocessing, "pred", output_dir=tmp_path / "out", output_postfix="synth")(item)
+    output = tmp_path / "out" / "case_synth.nii.gz"
+    written, reference = nib.load(output), nib.load(files["T2"])
+    np.testing.assert_allclose(written.header.get_sform(), reference.header.get_sform(), atol=1e-4)
+    np.testing.assert_allclose(written.header.get_qform(), reference.header.get_qform(), atol=1e-4)
+    assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (2, 1)
+    itk_origin = lambda path: np.array(sitk.ReadImage(str(path)).GetOrigin())  # noqa: E731
+    np.testing.assert_allclose(itk_origin(output), itk_origin(files["T2"]), atol=1e-3)

@@ -42,6 +42,10 @@ _BIDS_NOT_RAW = ("derivatives", "sourcedata", "code")
 FORM_CODE_KEYS = ("sform_code", "qform_code")
 """The NIfTI header codes saying which space a volume's affine maps to; MONAI's reader keeps them in the metadata."""
 
+FORM_KEYS = (*FORM_CODE_KEYS, "srow_x", "srow_y", "srow_z", "quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+             "qoffset_y", "qoffset_z", "pixdim")
+"""The NIfTI header fields of a volume's two affines (sform, qform) and their codes, as MONAI's reader keeps them."""
+
 
 def walk_folders(
     root: str | Path, quiet: bool = False, hidden: list[str] | None = None
@@ -621,6 +625,7 @@ class AtomicNibabelWriter(NibabelWriter):
         super().__init__(**kwargs)
         self.description = description
         self.form_codes: dict[str, int] = {}
+        self.input_forms: tuple[np.ndarray | None, np.ndarray | None] = (None, None)  # (sform, qform)
 
     def set_metadata(self, meta_dict: Any = None, resample: bool = True, **options: Any) -> None:
         # the input's sform/qform codes (MONAI's NIfTI reader keeps them in the metadata), which MONAI's writer
@@ -629,6 +634,7 @@ class AtomicNibabelWriter(NibabelWriter):
             name: int(meta_dict[name]) for name in FORM_CODE_KEYS
             if meta_dict is not None and meta_dict.get(name) is not None
         }
+        self.input_forms = _header_forms(meta_dict)
         super().set_metadata(meta_dict, resample=resample, **options)
 
     def create_backend_obj(self, data_array: Any, affine: Any = None, dtype: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -638,6 +644,15 @@ class AtomicNibabelWriter(NibabelWriter):
         if self.description:
             image.header["descrip"] = self.description.encode("utf-8")
         return image
+
+    def _qform(self, affine: np.ndarray) -> np.ndarray:
+        """The input's own qform where it differs from its sform and the output lies on the input's (sform) grid:
+        readers that prefer the qform (ITK, SimpleITK) then place the output where they place the input, 3 mm away
+        otherwise for an input whose two forms are 3 mm apart. Else ``affine``, as MONAI writes it."""
+        sform, qform = self.input_forms
+        if sform is not None and qform is not None and np.allclose(affine, sform, atol=1e-4):
+            return qform
+        return affine
 
     def write(self, filename: str | Path, verbose: bool = False, **obj_kwargs: Any) -> None:
         # MONAI's NibabelWriter.write, but with the input's sform/qform codes where MONAI sets both to 1 (after
@@ -653,5 +668,23 @@ class AtomicNibabelWriter(NibabelWriter):
                 self.affine = np.eye(4)
             affine = to_affine_nd(r=3, affine=convert_data_type(self.affine, np.ndarray)[0])
             self.data_obj.set_sform(affine, code=self.form_codes.get("sform_code", 1))
-            self.data_obj.set_qform(affine, code=self.form_codes.get("qform_code", 1))
+            self.data_obj.set_qform(self._qform(affine), code=self.form_codes.get("qform_code", 1))
             nib.save(self.data_obj, temporary)
+
+
+def _header_forms(meta: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(sform, qform) of the NIfTI header whose fields ``meta`` holds (:data:`FORM_KEYS`), each None where its code is
+    0 or a field is missing (a volume not read from NIfTI)."""
+    import nibabel as nib
+
+    if meta is None or any(meta.get(key) is None for key in FORM_KEYS):
+        return None, None
+    header = nib.Nifti1Header()
+    try:
+        for key in FORM_KEYS:
+            header[key] = np.asarray(meta[key], dtype=np.float64)
+        sform = header.get_sform() if int(header["sform_code"]) > 0 else None
+        qform = header.get_qform() if int(header["qform_code"]) > 0 else None
+    except (ValueError, TypeError):  # fields of another shape: not a NIfTI header's
+        return None, None
+    return sform, qform

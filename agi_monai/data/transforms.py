@@ -52,7 +52,7 @@ from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from agi_monai.data.contrasts import choose_reference
 from agi_monai.data.errors import DataError
-from agi_monai.data.files import FORM_CODE_KEYS, AtomicNibabelWriter, CaseOutputLayout
+from agi_monai.data.files import FORM_KEYS, AtomicNibabelWriter, CaseOutputLayout
 from agi_monai.data.foreground import foreground_mask
 from agi_monai.data.registration import (
     coverage_mask,
@@ -255,10 +255,10 @@ class AlignToReferenced(MapTransform):
             moving = item[key]
             moving_image = metatensor_to_sitk(moving)
             if same_grid(moving_image, reference_image):
-                # the reference's sform/qform codes too (they say which space the shared affine maps to): the
-                # outputs, on the reference's grid, take them from the first input's metadata
-                codes = {k: reference.meta[k] for k in FORM_CODE_KEYS if k in reference.meta}
-                if any(moving.meta.get(k) != v for k, v in codes.items()):
+                # the reference's sform/qform and their codes too (which space the shared affine maps to; a qform that
+                # differs from it): the outputs, on the reference's grid, take them from the first input's metadata
+                codes = {k: reference.meta[k] for k in FORM_KEYS if k in reference.meta}
+                if any(not np.array_equal(np.asarray(moving.meta.get(k)), np.asarray(v)) for k, v in codes.items()):
                     meta = {**copy.deepcopy(moving.meta), **codes}
                     item[key] = MetaTensor(moving.as_tensor(), meta=meta, applied_operations=moving.applied_operations)
                 continue
