@@ -18,7 +18,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from agi_monai.data import DataError, Failure, PatchDataset, canonical_contrast, discover_cases
 from agi_monai.data.volumes import missing_file_error, source_paths
 
-__all__ = ["DATALIST_NAME", "check_batches", "check_spatial_size", "check_splits", "load_split"]
+__all__ = [
+    "DATALIST_NAME", "check_batches", "check_networks", "check_spatial_size", "check_splits", "check_training_length",
+    "load_split",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -106,10 +109,10 @@ def _missing_file(case: Mapping[str, Any], contrasts: Sequence[str]) -> DataErro
 def check_splits(**splits: Sequence[Mapping[str, Any]]) -> None:
     """Logs how many cases each split holds; raises when one holds none.
 
-    ``train.json``'s first ``initialize`` step, given ``@train#dataset#data`` and ``@validate#dataset#data``:
-    resolving them there reads (and checks, :func:`load_split`) every split before any dataset is built. Without
-    it MONAI resolves ``train#trainer`` depth-first, so the training slices (minutes at the paper's scale) were built
-    before the validation split was even read. It raises itself for a list given directly (MONAI Label overrides
+    An ``initialize`` step of ``train.json``, given ``@train#dataset#data`` and ``@validate#dataset#data``: resolving
+    them there reads (and checks, :func:`load_split`) every split before any dataset is built. Without it MONAI
+    resolves ``train#trainer`` depth-first, so the training slices (minutes at the paper's scale) were built before
+    the validation split was even read. It raises itself for a list given directly (MONAI Label overrides
     ``train#dataset#data`` and ``validate#dataset#data``), where :func:`load_split` never ran.
 
     Args:
@@ -127,10 +130,10 @@ def check_splits(**splits: Sequence[Mapping[str, Any]]) -> None:
 def check_spatial_size(spatial_size: Any, spatial_dims: int) -> None:
     """Raises unless ``spatial_size`` (``--spatial_size``, the in-plane pad/crop of every slice) is two positive sizes,
     multiples of :attr:`agi_monai.networks.ResUNet.SIZE_MULTIPLE` for a 2D network (which takes the slices whole; the
-    3D bundle's network takes ``--patch_size`` patches, checked by :class:`agi_monai.data.PatchDataset`). The first
-    ``initialize`` step of ``train.json`` and ``inference.json``: before, a size the network cannot take failed at the
-    first iteration, after the preprocessing, and a malformed one inside a MONAI transform ("Sequence must have length
-    3, got 2")."""
+    3D bundle's network takes ``--patch_size`` patches, checked by :class:`agi_monai.data.PatchDataset`). An
+    ``initialize`` step of ``train.json`` and ``inference.json``, before any dataset is built: before, a size the
+    network cannot take failed at the first iteration, after the preprocessing, and a malformed one inside a MONAI
+    transform ("Sequence must have length 3, got 2")."""
     from agi_monai.networks import ResUNet
 
     multiple = ResUNet.SIZE_MULTIPLE if spatial_dims == 2 else 1
@@ -146,11 +149,11 @@ def check_spatial_size(spatial_size: Any, spatial_dims: int) -> None:
 def check_training_length(epochs: Any, val_interval: Any, learning_rate: Any = None) -> None:
     """Raises unless ``--epochs`` and ``--val_interval`` (the iterations of an epoch: validation and checkpoint come
     after each) are positive whole numbers, and ``--learning_rate`` (when given) a positive finite number.
-    ``train.json``'s first ``initialize`` step: before, ``--val_interval 0`` exited 0 having trained nothing, ``-1``
-    made an epoch one pass over the data, ``1.5`` trained without end and never validated or checkpointed,
-    ``--epochs 1.5`` ran two epochs reported as "of 1.5", ``--learning_rate -1`` failed in torch ("Invalid learning
-    rate: -1", naming no setting) and ``0`` trained nothing on a fresh start but was refused on a resume, after the
-    preprocessing."""
+    An ``initialize`` step of ``train.json``, before any dataset is built: before, ``--val_interval 0`` exited 0 having
+    trained nothing, ``-1`` made an epoch one pass over the data, ``1.5`` trained without end and never validated or
+    checkpointed, ``--epochs 1.5`` ran two epochs reported as "of 1.5", ``--learning_rate -1`` failed in torch
+    ("Invalid learning rate: -1", naming no setting) and ``0`` trained nothing on a fresh start but was refused on a
+    resume, after the preprocessing."""
     meanings = {"epochs": "epochs to train", "val_interval": "training iterations per epoch (each epoch ends with a "
                 "validation and a checkpoint)"}
     for name, value in (("epochs", epochs), ("val_interval", val_interval)):

@@ -659,7 +659,7 @@ void lane_backward(
 #endif  // AGI_X86_DISPATCH
 
 // ---------------------------------------------------------------------------------------------------
-// Tap kernels (any dtype): float16 / bfloat16, non-finite inputs, AGI_MONAI_GROUP_ROLL_CPU=taps.
+// Tap kernels (any dtype): float16 / bfloat16, AGI_MONAI_GROUP_ROLL_CPU=taps.
 // ---------------------------------------------------------------------------------------------------
 
 // Taps of every (sample, group, kernel position): entry ((b * n + g) * K + k) * taps + t.
