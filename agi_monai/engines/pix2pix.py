@@ -75,6 +75,11 @@ class Pix2PixTrainer(Trainer):
     ``monai.networks.nets.PatchDiscriminator`` takes ``in_channels = C_inputs + 1``. It may return a tensor of
     logits or, as ``PatchDiscriminator`` does, a list of features whose last element is the logits.
 
+    Why not MONAI's ``AdversarialTrainer``: its discriminator judges an image alone, and the images it takes as real
+    are the generator's inputs (an autoencoder's GAN), where pix2pix's discriminator is conditional, judging
+    ``[image, target]`` against ``[image, fake]``; it steps the generator before the discriminator, where pix2pix
+    steps the discriminator first and the generator through it; and it computes the losses under autocast.
+
     ``engine.state.output`` is a dict: ``image``, ``target``, ``pred`` (the generator output, detached, float32)
     and the float losses ``g_loss``, ``d_loss``, ``l1_loss``, ``adv_loss`` and ``loss`` (= ``g_loss``), so
     ``StatsHandler(output_transform=lambda o: o["g_loss"])`` and ``from_engine(["pred", "target"])`` work.
