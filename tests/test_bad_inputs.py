@@ -146,10 +146,11 @@ EXPECTED = {
                  "{cases}/duplicate/duplicate-t1n.nii.gz",
     "negative": "{cases}/negative/negative-t2w.nii.gz: has its 99.5th intensity percentile at -175 (expected a positive "
                 "upper percentile (an MR magnitude image))",
-    # the truncated slice is 003_0005.dcm: GDCM leaves it out of the series, so its neighbours are named
+    # the truncated slice is 003_0005.dcm: GDCM leaves it out of the series; its neighbours and it are named
     "dicom-unreadable": "{cases}/dicom/dicom-unreadable: has a gap of 2 mm between 003_0004.dcm and 003_0006.dcm, two of "
                         "the 11 readable slices of its series 'AX T1 SE', where the others are 1 mm apart (a slice "
-                        "between them is missing or could not be read) (expected a complete series)",
+                        "between them is missing or could not be read; unread file(s) of this series in its folder: "
+                        "003_0005.dcm) (expected a complete series)",
     "dicom-two-t2": "{cases}/dicom/dicom-two-t2: several series match one contrast (T2: 'AX T2 FSE' (series 2, "
                     "{cases}/dicom/dicom-two-t2), 'T2 TSE repeat' (series 4, {cases}/dicom/dicom-two-t2)) (expected an "
                     "explicit mapping)",

@@ -513,6 +513,34 @@ def test_a_classic_series_that_is_not_one_stack_is_refused_naming_why(tmp_path, 
     assert message in str(raised.value), str(raised.value)
 
 
+@pytest.mark.parametrize("change, message", [
+    # before: read without a word, ITK placing the slices along the normal: up to 12 mm off at 5 degrees (review)
+    ("tilt", "has slices that are not stacked along their normal (shifted in plane by up to "),
+    # before: read, ITK giving the volume the median spacing: the slices beyond the gap ~1 mm off
+    ("uneven", "has unevenly spaced slices: 7.5 mm between 001_0007.dcm and 001_0006.dcm, 5.5 mm between most others"),
+    ("duplicate", "holds 26 slices at 25 slice positions (several echoes, stacks or time points in one series): e.g. "
+                  "001_0006.dcm and 001_0007.dcm at "),
+])
+def test_a_classic_series_misplaced_by_stacking_is_refused_naming_its_files(tmp_path, change, message):
+    files = write_dicom_series(sitk.ReadImage(str(NATIVE / "t2.nii.gz")), tmp_path / "series", "AX T2")
+    assert [Path(f).name for f in files[5:7]] == ["001_0006.dcm", "001_0007.dcm"]
+    datasets = [pydicom.dcmread(f) for f in files]
+    row, column = (np.asarray(datasets[0].ImageOrientationPatient[i:i + 3], float) for i in (0, 3))
+    for number, dataset in enumerate(datasets):
+        position = np.asarray(dataset.ImagePositionPatient, float)
+        if change == "tilt":  # each slice shifted along its column by tan(5 degrees) of its distance from the first
+            position = position + number * 5.5 * np.tan(np.radians(5)) * column
+        elif change == "uneven" and number > 5:
+            position = position - 2.0 * np.cross(row, column)  # (the slices run against the normal)
+        elif change == "duplicate" and number == 6:
+            position = np.asarray(datasets[5].ImagePositionPatient, float)
+        dataset.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        dataset.save_as(files[number])
+    with pytest.raises(DataError) as raised:
+        load_volume(tmp_path / "series")
+    assert message in str(raised.value), str(raised.value)
+
+
 @pytest.mark.parametrize("echo_time", ["15,0", "n/a", [15.0, 90.0], None])
 def test_a_series_without_one_usable_echo_time_per_file_is_left_whole(tmp_path, echo_time, caplog):
     # before the fix: a ValueError/TypeError traceback from discovery and convert-dicom for the whole folder

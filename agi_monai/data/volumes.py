@@ -16,6 +16,7 @@ import pydicom
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor, NibabelReader
+from monai.data.utils import affine_to_spacing
 from monai.transforms import EnsureChannelFirst, LoadImage
 
 from agi_monai.data.errors import DataError, MissingFileError
@@ -226,9 +227,10 @@ def _load_dicom_series(source: str | Path | Sequence[str], echo_time: float | No
 
 
 def _check_series_slices(files: Sequence[str], label: str) -> None:
-    """One patient in every slice, one stack (one orientation, pixel spacing and size, one slice per position), and
-    no slice missing: GDCM leaves out a file it cannot parse (e.g. a truncated one) without a word, and ITK then
-    stacks the remaining slices as if they were evenly spaced."""
+    """One patient in every slice, one stack (one orientation, pixel spacing and size, one slice per position) along
+    its normal, and no slice missing, evenly spaced: GDCM leaves out a file it cannot parse (e.g. a truncated one)
+    without a word, and ITK then stacks the remaining slices as if they were evenly spaced along the normal (a
+    shifted or unevenly spaced stack came out several mm from where its files place it, with no error)."""
     origins, orientations, spacings, sizes, patients, descriptions = [], [], [], [], set(), set()
     for name in files:  # headers only
         header = sitk.ImageFileReader()
@@ -249,8 +251,10 @@ def _check_series_slices(files: Sequence[str], label: str) -> None:
     normal = np.cross(orientations[0][:3], orientations[0][3:])
     along = np.asarray(origins) @ normal
     order = np.argsort(along, kind="stable")  # GDCM's order when it listed the files
-    files, along = [files[i] for i in order], along[order]
-    _check_one_per_position(along, label, "slices")
+    files, along, positions = [files[i] for i in order], along[order], np.asarray(origins)[order]
+    names = [Path(name).name for name in files]
+    _check_one_per_position(along, label, "slices", names)
+    _check_stacked_along_normal(positions, along, normal, float(np.min(spacings[0])), label, "slices")
     gap = _widest_gap(along)
     if gap is not None:
         widest, width, typical = gap
@@ -259,10 +263,63 @@ def _check_series_slices(files: Sequence[str], label: str) -> None:
         series = f"its series '{descriptions.pop()}'" if len(descriptions) == 1 and "" not in descriptions else "it"
         raise DataError(
             label,
-            f"has a gap of {width:.3g} mm between {Path(files[widest]).name} and {Path(files[widest + 1]).name}, "
-            f"two of the {len(origins)} readable slices of {series}, where the others are {typical:.3g} mm apart (a "
-            "slice between them is missing or could not be read)",
+            f"has a gap of {width:.3g} mm between {names[widest]} and {names[widest + 1]}, two of the {len(origins)} "
+            f"readable slices of {series}, where the others are {typical:.3g} mm apart (a slice between them is "
+            f"missing or could not be read{_left_out(files)})",
             "a complete series",
+        )
+    _check_even_spacing(along, label, "slices", names)
+
+
+def _left_out(files: Sequence[str]) -> str:
+    """``; unread file(s) of this series in its folder: ...``: the files beside the series' own that GDCM left out
+    although they hold its SeriesInstanceUID, or hold no readable DICOM header (one cut short is among them), or ""."""
+    folders = {Path(name).parent for name in files}
+    if len(folders) != 1:
+        return ""
+    uid = _series_uid(files[0])
+    read = {Path(name).name for name in files}
+    unread = [p.name for p in sorted(folders.pop().iterdir())
+              if p.is_file() and p.name not in read and _series_uid(p) in (uid, None)]
+    if not unread or uid is None:
+        return ""
+    shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+    return f"; unread file(s) of this series in its folder: {shown}"
+
+
+def _series_uid(path: str | Path) -> str | None:
+    """A DICOM file's SeriesInstanceUID ("" without one), None when it has no readable DICOM header."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+    except Exception:  # pydicom raises several types for files that are not (whole) DICOM
+        return None
+    return str(header.get("SeriesInstanceUID", ""))
+
+
+def _check_stacked_along_normal(positions: np.ndarray, along: np.ndarray, normal: np.ndarray, pixel_spacing: float,
+                                label: str, what: str) -> None:
+    """Each slice (or frame) where the first's, moved along the normal, puts it: ITK (and a NIfTI affine without
+    shear) can only place a stack that way; one shifted in plane (a gantry tilt) was placed millimetres off."""
+    offsets = positions - positions[0] - np.outer(along - along[0], normal)
+    if np.abs(offsets).max() > 0.01 * pixel_spacing:
+        raise DataError(label, f"has {what} that are not stacked along their normal (shifted in plane by up to "
+                               f"{np.abs(offsets).max():.3g} mm, e.g. a gantry tilt)",
+                        "a stack of slices along the slice normal (resample a tilted series first)")
+
+
+def _check_even_spacing(along: np.ndarray, label: str, what: str, names: Sequence[str]) -> None:
+    """Slices (or frames) evenly spaced along the normal, within 2 % (at least 0.05 mm: positions are written rounded):
+    ITK gives the volume one spacing, so an uneven stack's slices were placed up to a millimetre off."""
+    if len(along) < 3:
+        return
+    gaps = np.diff(along)
+    typical = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - typical)))
+    if abs(gaps[worst] - typical) > max(0.02 * typical, 0.05):
+        raise DataError(
+            label, f"has unevenly spaced {what}: {gaps[worst]:.3g} mm between {names[worst]} and {names[worst + 1]}, "
+                   f"{typical:.3g} mm between most others (spacings from {gaps.min():.3g} to {gaps.max():.3g} mm)",
+            "evenly spaced slices (one spacing throughout; resample the series first)",
         )
 
 
@@ -282,13 +339,17 @@ def _check_one_stack_geometry(orientations: Sequence[np.ndarray], spacings: Sequ
         raise DataError(label, f"holds {what} of {kinds} pixel spacings", "one stack of slices of one pixel spacing")
 
 
-def _check_one_per_position(along_normal: np.ndarray, label: str, what: str) -> None:
-    """One slice (or frame) at each position along the normal: several at one position are echoes, stacks or time
-    points of one series, which ITK would interleave into one volume of half the spacing."""
-    distinct = len(np.unique(np.round(along_normal, 3)))
+def _check_one_per_position(along_normal: np.ndarray, label: str, what: str, names: Sequence[str]) -> None:
+    """One slice (or frame) at each position along the normal (sorted): several at one position are echoes, stacks or
+    time points of one series, which ITK would interleave into one volume of half the spacing."""
+    rounded = np.round(along_normal, 3)
+    distinct = len(np.unique(rounded))
     if distinct < len(along_normal):
+        first = int(np.flatnonzero(np.diff(rounded) == 0)[0])
+        shared = [name for name, value in zip(names, rounded) if value == rounded[first]]
         raise DataError(label, f"holds {len(along_normal)} {what} at {distinct} slice positions (several echoes, "
-                               "stacks or time points in one series)",
+                               f"stacks or time points in one series): e.g. {' and '.join(shared[:3])} at "
+                               f"{along_normal[first]:.4g} mm along the normal",
                         "one per position: a single 3D stack of one echo and time point")
 
 
@@ -389,11 +450,9 @@ def _read_multiframe_series(files: Sequence[str], label: str, echo_time: float |
     frames.sort(key=lambda f: float(f[0] @ normal))
     positions = np.asarray([f[0] for f in frames])
     along = positions @ normal
-    _check_one_per_position(along, label, "frames")
-    offsets = positions - positions[0] - np.outer(along - along[0], normal)
-    if np.abs(offsets).max() > 0.01 * float(spacing.min()):
-        raise DataError(label, "has frames that are not stacked along their normal (shifted in plane, e.g. a gantry "
-                               "tilt)", "a stack of slices along the slice normal")
+    frame_names = [f"{Path(f[4]).name}, frame {f[5]}" for f in frames]
+    _check_one_per_position(along, label, "frames", frame_names)
+    _check_stacked_along_normal(positions, along, normal, float(spacing.min()), label, "frames")
     gap = _widest_gap(along)
     if gap is not None:
         widest, width, typical = gap
@@ -403,6 +462,7 @@ def _read_multiframe_series(files: Sequence[str], label: str, echo_time: float |
         raise DataError(label, f"has a gap of {width:.3g} mm between {between}, two of its {len(frames)} frames, where "
                                f"the others are {typical:.3g} mm apart (a frame between them is missing)",
                         "a complete series")
+    _check_even_spacing(along, label, "frames", frame_names)
     image = sitk.GetImageFromArray(np.stack([f[3] for f in frames]).astype(np.float32))
     # PixelSpacing is (between rows, between columns): x, along a row, is the second
     image.SetSpacing((float(spacing[1]), float(spacing[0]), float(np.median(np.diff(along))) if len(frames) > 1 else
@@ -466,7 +526,7 @@ def metatensor_to_sitk(volume: torch.Tensor, affine: torch.Tensor | np.ndarray |
     if array.ndim == 4:
         array = array[0]
     linear = affine[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
+    spacing = affine_to_spacing(affine, suppress_zeros=False)  # (a zero spacing is refused below)
     source = volume.meta.get("filename_or_obj", "<volume>") if isinstance(volume, MetaTensor) else "<volume>"
     if np.any(spacing <= 0):
         raise DataError(source, f"has zero voxel spacing {spacing.tolist()}", "a valid affine")
