@@ -53,16 +53,17 @@ def test_shipped_datalist_trains_on_the_brats_cases_and_tests_on_tcga(tmp_path):
 
 def test_seed_override_replaces_the_bundles_determinism_seed(tmp_path):
     overrides = seed_overrides(BUNDLE, 7)
-    assert overrides == {"initialize#2": "$monai.utils.set_determinism(seed=7)"}  # after the command-line steps
+    assert overrides == {"seed": 7}
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    assert parser.get_parsed_content("seed") == 0
     parser.update(overrides)
-    entries = json.loads((BUNDLE / "configs" / "train.json").read_text())["initialize"]
-    assert parser["initialize"] == [*entries[:2], "$monai.utils.set_determinism(seed=7)", *entries[3:]]  # only the seed
+    assert parser.get_parsed_content("seed") == 7
+    assert "$monai.utils.set_determinism(seed=@seed)" in parser["initialize"]  # the step that seeds the run reads it
     fake = tmp_path / "bundle"
     (fake / "configs").mkdir(parents=True)
-    (fake / "configs" / "train.json").write_text(json.dumps({"initialize": ["$print(1)"]}))
-    with pytest.raises(ValueError, match=r"train.json: expected one 'initialize' entry calling set_determinism"):
+    (fake / "configs" / "train.json").write_text(json.dumps({"initialize": ["$monai.utils.set_determinism(seed=0)"]}))
+    with pytest.raises(ValueError, match=r"train.json: expected a 'seed' setting"):
         seed_overrides(fake, 1)
 
 

@@ -292,3 +292,26 @@ def test_outputs_keep_a_reference_qform_that_differs_from_its_sform(tmp_path):
     assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (2, 1)
     itk_origin = lambda path: np.array(sitk.ReadImage(str(path)).GetOrigin())  # noqa: E731
     np.testing.assert_allclose(itk_origin(output), itk_origin(files["T2"]), atol=1e-3)
+
+
+def test_rigid_all_registers_a_contrast_on_the_references_grid_that_moved(tmp_path):
+    """Two acquisitions of one slice prescription share a header grid, the head having moved between them: "rigid"
+    trusts the header (identity), "rigid_all" registers them and finds the motion (here 6 degrees about z)."""
+    t1 = sitk.ReadImage(str(BRATS_GLI / "BraTS-GLI-00001-000-t1n.nii.gz"), sitk.sitkFloat32)[40:200, 30:210, 30:120]
+    motion = sitk.Euler3DTransform()
+    motion.SetCenter(t1.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in t1.GetSize()]))
+    motion.SetRotation(0.0, 0.0, np.radians(6.0))
+    moved = sitk.Resample(t1, t1, motion, sitk.sitkLinear, 0.0)  # the same grid, the head turned
+    files = {"T1": tmp_path / "case-t1n.nii.gz", "T2": tmp_path / "case-t2w.nii.gz"}
+    sitk.WriteImage(t1, str(files["T1"]))
+    sitk.WriteImage(moved, str(files["T2"]))
+    angles = {}
+    for registration in ("rigid", "rigid_all"):
+        preprocessing = preprocessing_transforms(["T1", "T2"], None, spatial_size=(240, 240), reference="T2",
+                                                 registration=registration)
+        matrix = preprocessing({"case_id": "case", **{k: str(v) for k, v in files.items()}})["registration"]["T1"]
+        angles[registration] = float(np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1) / 2, -1, 1))))
+    assert angles["rigid"] == 0.0
+    assert abs(angles["rigid_all"] - 6.0) < 0.5, angles
+    with pytest.raises(ValueError, match="registration must be one of 'rigid', 'rigid_all', 'header', got 'all'"):
+        preprocessing_transforms(["T1", "T2"], None, spatial_size=(240, 240), registration="all")

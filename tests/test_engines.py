@@ -619,7 +619,7 @@ def test_a_checkpoint_of_another_scenario_is_refused(tmp_path, caplog):
             "checkpoint of this bundle's scenario, inputs in the same order"
         )
     older = _training_checkpoint(tmp_path / "older" / "training_checkpoint_epoch=2.pt")  # saved before the record
-    with caplog.at_level(logging.WARNING, logger="agi_monai.engines.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agi_monai.engines.training_run"):
         check_resume_checkpoint(older, 3, 3, "a training checkpoint", None, saved)
     assert f"{older} records no scenario (saved by an earlier version)" in caplog.text
 
@@ -771,7 +771,7 @@ def test_a_best_model_written_after_the_resumed_checkpoint_is_kept(tmp_path, cap
     torch.save(state, checkpoint)
     assert keep_unrecorded_best_model(checkpoint, tmp_path) is None  # model.pt is the one the checkpoint recorded
     model.write_bytes(b"epoch 2's better generator")  # then epoch 2's checkpoint failed (a full disk)
-    with caplog.at_level(logging.WARNING, logger="agi_monai.engines.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="agi_monai.engines.training_run"):
         kept = keep_unrecorded_best_model(checkpoint, tmp_path)
     assert kept == tmp_path / "model_after_training_checkpoint_epoch=1.pt"
     assert kept.read_bytes() == b"epoch 2's better generator" and model.read_bytes() == kept.read_bytes()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -59,7 +58,6 @@ SHIPPED_TEST_CASE = ("tcga-lgg/TCGA-FG-6692", "TCGA-FG-6692")
 #: Generator widths of the budget runs on a CPU (AGI-Net 1.2 M parameters) and the paper's (19 M), with CUDA.
 CPU_CHANNELS = (16, 32, 64, 128)
 PAPER_CHANNELS = (64, 128, 256, 512)
-_SEED_EXPRESSION = re.compile(r"set_determinism\(\s*seed\s*=\s*\d+\s*\)")
 
 _logger = logging.getLogger(__name__)
 
@@ -297,22 +295,17 @@ def shipped_datalist(data_dir: str | Path, contrasts: Sequence[str], path: str |
     )
 
 
-def seed_overrides(bundle: str | Path, seed: int) -> dict[str, str]:
-    """The override of ``train.json``'s ``initialize`` entry ``$monai.utils.set_determinism(seed=...)`` that seeds
-    a run with ``seed`` (weight initialisation, data order, augmentation), e.g. ``{"initialize#2": ...}``.
+def seed_overrides(bundle: str | Path, seed: int) -> dict[str, int]:
+    """The override of ``train.json``'s ``seed`` (weight initialisation, data order, augmentation: its
+    ``set_determinism`` step), ``{"seed": seed}``.
 
     Raises:
-        ValueError: ``train.json`` has no such entry, or several.
+        ValueError: ``train.json`` has no ``seed`` setting (a bundle from before it had one).
     """
     train_json = Path(bundle) / "configs" / "train.json"
-    entries = json.loads(train_json.read_text(encoding="utf-8")).get("initialize", [])
-    found = [i for i, entry in enumerate(entries) if isinstance(entry, str) and _SEED_EXPRESSION.search(entry)]
-    if len(found) != 1:
-        raise ValueError(
-            f"{train_json}: expected one 'initialize' entry calling set_determinism(seed=N), found {len(found)}"
-        )
-    index = found[0]
-    return {f"initialize#{index}": _SEED_EXPRESSION.sub(f"set_determinism(seed={int(seed)})", entries[index])}
+    if "seed" not in json.loads(train_json.read_text(encoding="utf-8")):
+        raise ValueError(f"{train_json}: expected a 'seed' setting (set_determinism(seed=@seed)), found none")
+    return {"seed": int(seed)}
 
 
 def _parser(bundle: Path, config_names: Sequence[str], overrides: Mapping[str, Any] | None) -> ConfigParser:

@@ -33,6 +33,7 @@ import SimpleITK as sitk
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.transforms import (
     Affine,
     Compose,
@@ -53,7 +54,7 @@ from monai.transforms.utils_pytorch_numpy_unification import percentile
 from agi_monai.data.contrasts import choose_reference
 from agi_monai.data.errors import DataError
 from agi_monai.data.files import FORM_KEYS, AtomicNibabelWriter, CaseOutputLayout
-from agi_monai.data.foreground import foreground_mask
+from agi_monai.data.foreground import inputs_foreground
 from agi_monai.data.registration import (
     coverage_mask,
     register_rigid,
@@ -78,6 +79,7 @@ __all__ = [
     "spacing_mismatch",
     "is_synthetic_nifti",
     "synthetic_description",
+    "synthetic_series_descriptions",
 ]
 
 #: The version of what :func:`preprocessing_transforms` makes of the same files and settings, recorded with every
@@ -193,13 +195,20 @@ class ScaleIntensityToPercentiled(MapTransform):
         return item
 
 
+#: :class:`AlignToReferenced`'s ``registration`` choices.
+REGISTRATION_MODES = ("rigid", "rigid_all", "header")
+
+
 class AlignToReferenced(MapTransform):
     """Put every key on the grid of ``reference_key``; images on another grid are rigidly registered first.
 
-    A key already on the reference grid is left untouched. Otherwise the image is registered to the
-    reference (``registration="rigid"``, :func:`agi_monai.data.register_rigid`) or aligned by its header
-    only (``"header"``), then resampled (linear; nearest for ``label_keys``, which are never registered
-    themselves). The resampled volume takes the reference's metadata (grid, applied operations), keeping
+    A key already on the reference grid is left untouched (``registration="rigid"``). Otherwise the image is registered
+    to the reference (``"rigid"``, :func:`agi_monai.data.register_rigid`) or aligned by its header only
+    (``"header"``), then resampled (linear; nearest for ``label_keys``, which are never registered themselves).
+    ``"rigid_all"`` registers the contrasts on the reference's grid too: acquisitions planned on one slice
+    prescription share a header grid, but the head may have moved between them (the shipped native TCGA T1 and
+    T1Gd: 9.6 degrees), which a header cannot show; what is already aligned (BraTS' co-registered contrasts) gains
+    nothing but a registration's time and sub-voxel error. The resampled volume takes the reference's metadata (grid, applied operations), keeping
     its own file name, so later spatial transforms and their inversion treat all contrasts alike.
     The transform of each key is kept in ``item["registration"][key]`` (4x4, RAS world, reference ->
     that contrast; identity when no resampling was needed).
@@ -215,7 +224,7 @@ class AlignToReferenced(MapTransform):
     Args:
         keys: the contrast (and label) keys to align, the reference included.
         reference_key: the contrast whose grid the others take.
-        registration: ``"rigid"`` or ``"header"``.
+        registration: ``"rigid"``, ``"rigid_all"`` or ``"header"``.
         label_keys: keys holding label maps.
         registration_options: keyword arguments for :func:`agi_monai.data.register_rigid`.
         allow_missing_keys: skip keys absent from the item.
@@ -233,8 +242,9 @@ class AlignToReferenced(MapTransform):
         coverage_key: str | None = COVERAGE_KEY,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if registration not in ("rigid", "header"):
-            raise ValueError(f"registration must be 'rigid' or 'header', got {registration!r}.")
+        if registration not in REGISTRATION_MODES:
+            raise ValueError(f"registration must be one of {', '.join(map(repr, REGISTRATION_MODES))}, got "
+                             f"{registration!r}.")
         self.reference_key = reference_key
         self.registration = registration
         self.label_keys = tuple(label_keys)
@@ -254,7 +264,8 @@ class AlignToReferenced(MapTransform):
                 continue
             moving = item[key]
             moving_image = metatensor_to_sitk(moving)
-            if same_grid(moving_image, reference_image):
+            register = self.registration in ("rigid", "rigid_all") and key not in self.label_keys
+            if same_grid(moving_image, reference_image) and not (register and self.registration == "rigid_all"):
                 # the reference's sform/qform and their codes too (which space the shared affine maps to; a qform that
                 # differs from it): the outputs, on the reference's grid, take them from the first input's metadata
                 codes = {k: reference.meta[k] for k in FORM_KEYS if k in reference.meta}
@@ -266,14 +277,14 @@ class AlignToReferenced(MapTransform):
             # co-registered, as on one grid; registering them would only add a sub-millimetre error and blur
             reordered = same_voxel_centres(moving_image, reference_image)
             transform = None
-            if self.registration == "rigid" and key not in self.label_keys and not reordered:
+            if register and (not reordered or self.registration == "rigid_all"):
                 result = register_rigid(
                     reference_image, moving_image, moving_name=_source(moving, key), **self.registration_options
                 )
                 transform, matrices[key] = result.transform, result.matrix_ras
             interpolation = "nearest" if key in self.label_keys else "linear"
             resampled = resample_to_reference(moving_image, reference_image, transform, interpolation)
-            if self.coverage_key is not None and not reordered:
+            if self.coverage_key is not None and not (reordered and transform is None):
                 # SimpleITK arrays are (z, y, x), the MetaTensors (x, y, z)
                 coverage = coverage_mask(moving_image, reference_image, transform)
                 covered[str(key)] = sitk.GetArrayFromImage(coverage).transpose(2, 1, 0)
@@ -306,8 +317,8 @@ class AlignToReferenced(MapTransform):
 class AddForegroundMaskd(MapTransform):
     """Add the foreground (head; brain for skull-stripped data) of ``key`` as a 0/1 channel ``mask_key``.
 
-    The mask comes from the channel mean of ``key`` (the inputs, so that training and inference see the
-    same mask), see :func:`agi_monai.data.foreground_mask`.
+    The mask is the foreground of the channel mean of ``key`` (the inputs, so that training and inference see the
+    same mask): :func:`agi_monai.data.foreground.inputs_foreground`.
 
     Args:
         keys: the key of the stacked inputs (one key).
@@ -324,8 +335,7 @@ class AddForegroundMaskd(MapTransform):
         item = dict(data)
         key = self.first_key(item)
         image = item[key]
-        mask = foreground_mask(torch.as_tensor(image).mean(dim=0).numpy(), self.threshold)
-        mask_tensor = torch.from_numpy(mask[None].astype(np.float32))
+        mask_tensor = torch.from_numpy(inputs_foreground(image, self.threshold)[None].astype(np.float32))
         if isinstance(image, MetaTensor):
             mask_tensor = MetaTensor(
                 mask_tensor, meta=copy.deepcopy(image.meta), applied_operations=copy.deepcopy(image.applied_operations)
@@ -612,8 +622,9 @@ def _warp_channel(image: torch.Tensor, channel: int, warp: Affine) -> torch.Tens
 
 
 def _spacing(image: Any) -> np.ndarray:
+    """The voxel spacing (mm) of a ``MetaTensor``; 1 mm for an array without an affine."""
     if isinstance(image, MetaTensor):
-        return np.linalg.norm(np.asarray(image.affine, dtype=np.float64)[:3, :3], axis=0)
+        return affine_to_spacing(np.asarray(image.affine, dtype=np.float64), suppress_zeros=False)
     return np.ones(3)
 
 
@@ -655,7 +666,8 @@ def preprocessing_transforms(
         spatial_size: in-plane size after padding/cropping: (256, 256) IXI, (240, 240) BraTS.
         reference: the contrast whose grid all take; default :func:`agi_monai.data.choose_reference` of
             ``inputs`` (it must be an input, so that inference finds it).
-        registration: ``"rigid"`` (register contrasts on other grids) or ``"header"`` (resample only).
+        registration: ``"rigid"`` (register contrasts on other grids), ``"rigid_all"`` (also those on the
+            reference's grid: separate acquisitions of one slice prescription) or ``"header"`` (resample only).
         labels: label keys to carry along (e.g. ``("seg",)``), resampled with nearest neighbour.
         upper_percentile: intensity percentile mapped to 1 (the paper: 99.5).
         mask_threshold: see :func:`agi_monai.data.foreground_mask`.
@@ -803,6 +815,31 @@ def synthetic_description(target: str, inputs: Sequence[str], source: str) -> st
         source: what made it (the bundle's name).
     """
     return f"SYNTHETIC {target} from {','.join(inputs)} by {source}"[:80]
+
+
+def synthetic_series_descriptions(
+    target: str, inputs: Sequence[str], source: str, reference: str, application: str | None = None
+) -> tuple[str, str]:
+    """The SeriesDescription and DerivationDescription of a synthesized DICOM series, e.g. "SYNTHETIC FLAIR
+    brats_t1_t2_to_flair" (cut to the tag's 64 characters) and "Synthetic FLAIR made by AGI-Net bundle
+    brats_t1_t2_to_flair (agi-monai 0.1.0) from T1, T2 on the T2 grid; research use only, not for diagnosis".
+
+    Args:
+        target: the synthesized contrast.
+        inputs: the contrasts it was made from.
+        source: what made it (the bundle's name).
+        reference: the input contrast whose grid it is on.
+        application: what ran the bundle when not the ``agi-monai`` command, e.g. ``"MONAI Deploy app"``; named after
+            the version.
+    """
+    from agi_monai import __version__
+
+    made_with = f"agi-monai {__version__}" + (f", {application}" if application else "")
+    return (
+        f"SYNTHETIC {target} {source}"[:64],
+        f"Synthetic {target} made by AGI-Net bundle {source} ({made_with}) from {', '.join(inputs)} on the "
+        f"{reference} grid; research use only, not for diagnosis",
+    )
 
 
 def is_synthetic_nifti(path: str | Path) -> bool:

@@ -3,7 +3,7 @@
 Training (``train.json``)::
 
     "train#trainer": {"_target_": "agi_monai.engines.Pix2PixTrainer", "device": "@device",
-        "max_epochs": 120, "epoch_length": 1000, "train_data_loader": "@train#dataloader",
+        "max_epochs": 60, "epoch_length": 2000, "train_data_loader": "@train#dataloader",
         "generator": "@network", "discriminator": "@discriminator",
         "g_optimizer": "@g_optimizer", "d_optimizer": "@d_optimizer", "l1_weight": 100.0, "amp": true,
         "train_handlers": "@train#handlers"}
@@ -35,19 +35,10 @@ keys are ``pred`` and ``label``).
 from agi_monai.engines.checkpoint import (
     AtomicCheckpointSaver,
     BestModelDigest,
-    ValidationBest,
     ReportingCheckpointLoader,
-    check_resume_checkpoint,
+    ValidationBest,
     expected_bundle_weights,
-    find_resume_checkpoint,
-    hold_checkpoint_folder,
-    keep_unrecorded_best_model,
-    latest_training_checkpoint,
     load_weights,
-    record_training_run,
-    release_checkpoint_folder,
-    resume_purge_step,
-    set_aside_earlier_run,
 )
 from agi_monai.engines.evaluation import (
     CropToMaskSlabd,
@@ -57,6 +48,18 @@ from agi_monai.engines.evaluation import (
     synthesis_metrics,
 )
 from agi_monai.engines.pix2pix import BCEWithLogitsAdversarialLoss, Pix2PixKeys, Pix2PixTrainer, training_checkpoint_dict
+from agi_monai.engines.training_run import (
+    check_resume_checkpoint,
+    find_resume_checkpoint,
+    hold_checkpoint_folder,
+    keep_unrecorded_best_model,
+    latest_training_checkpoint,
+    record_training_run,
+    release_checkpoint_folder,
+    resume_purge_step,
+    set_aside_earlier_run,
+    start_training_run,
+)
 from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = [
@@ -82,6 +85,7 @@ __all__ = [
     "release_checkpoint_folder",
     "resume_purge_step",
     "set_aside_earlier_run",
+    "start_training_run",
     "synthesis_evaluator",
     "synthesis_metrics",
     "training_checkpoint_dict",
