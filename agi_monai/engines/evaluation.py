@@ -16,6 +16,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import MetricReduction
 from torch import nn
 
+from agi_monai.data.foreground import widened_span
 from agi_monai.engines.utils import SynthesisPrepareBatch
 
 __all__ = ["CropToMaskSlabd", "StructuralSimilarityIndex", "clip_prediction", "synthesis_evaluator", "synthesis_metrics"]
@@ -118,10 +119,7 @@ class CropToMaskSlabd(MapTransform):
         slices = torch.nonzero(mask.reshape(-1, depth).any(dim=0)).flatten()
         if not len(slices):
             return item
-        first, end = int(slices[0]), int(slices[-1]) + 1
-        short = max(self.min_slices - (end - first), 0)
-        first = max(min(first - short // 2, depth - max(self.min_slices, end - first)), 0)
-        end = min(max(end, first + self.min_slices), depth)
+        first, end = widened_span(int(slices[0]), int(slices[-1]) + 1, depth, self.min_slices)
         for key in self.key_iterator(item):
             item[key] = item[key][..., first:end]
         return item

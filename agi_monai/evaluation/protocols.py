@@ -26,7 +26,7 @@ import torch
 from monai.metrics import MAEMetric, PSNRMetric, SSIMMetric
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 
-from agi_monai.data.foreground import foreground_mask
+from agi_monai.data.foreground import inputs_foreground, widened_span
 
 __all__ = [
     "METRIC_NAMES",
@@ -179,12 +179,10 @@ def _mean(metric: Any) -> float:
 
 
 def brain_mask(image: Any, threshold: float = 0.05) -> torch.Tensor:
-    """The brain (skull-stripped data) or head mask of a case, from its inputs: the foreground
-    (:func:`agi_monai.data.foreground_mask`) of the channel mean of ``image`` (C, H, W, D) or (H, W, D),
-    exactly the ``"mask"`` the bundles' preprocessing adds (``AddForegroundMaskd``). Returns a bool (H, W, D)."""
-    tensor = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(np.asarray(image))
-    volume = tensor.float().mean(dim=0) if tensor.ndim == 4 else tensor.float()
-    return torch.from_numpy(foreground_mask(volume.cpu().numpy(), threshold))
+    """The brain (skull-stripped data) or head mask of a case, from its inputs ``image`` (C, H, W, D) or (H, W, D):
+    :func:`agi_monai.data.foreground.inputs_foreground`, the ``"mask"`` the bundles' preprocessing adds
+    (``AddForegroundMaskd``), as a bool (H, W, D) tensor."""
+    return torch.from_numpy(inputs_foreground(image, threshold))
 
 
 def evaluated_slices(mask: Any, min_foreground_fraction: float = 0.05) -> torch.Tensor:
@@ -213,10 +211,7 @@ def mask_bounding_box(inside: torch.Tensor, minimum: int) -> tuple[slice, ...]:
     for axis, size in enumerate(inside.shape):
         others = tuple(a for a in range(inside.ndim) if a != axis)
         occupied = torch.nonzero(inside.sum(dim=others) > 0).flatten() if others else torch.nonzero(inside).flatten()
-        low, high = int(occupied.min()), int(occupied.max()) + 1
-        grow = max(minimum - (high - low), 0)
-        low = max(min(low - grow // 2, size - minimum), 0)
-        box.append(slice(low, max(high, low + minimum)))
+        box.append(slice(*widened_span(int(occupied.min()), int(occupied.max()) + 1, size, minimum)))
     return tuple(box)
 
 
