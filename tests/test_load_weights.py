@@ -113,8 +113,8 @@ def test_a_file_that_does_not_fit_is_named_and_changes_nothing(tmp_path, kind, p
 
 
 def test_training_checkpoint_loader_describes_a_network_file_as_load_weights_does(tmp_path):
-    """``evaluate.json`` reads ``models/model.pt`` with :class:`ReportingCheckpointLoader`, ``inference.json`` with
-    :func:`load_weights`: the same file gets the same message from both."""
+    """A training checkpoint's loader (:class:`ReportingCheckpointLoader`) given a network's weights file names it as
+    :func:`load_weights` does: the same file gets the same message from both."""
     path = tmp_path / "model.pt"
     _write("other widths", path)
     with pytest.raises(DataError) as by_load_weights:

@@ -286,7 +286,8 @@ def load_weights(
     expected: str = _BUNDLE_WEIGHTS,
 ) -> torch.nn.Module:
     """``network`` with the state dict of ``path`` loaded (``torch.load(weights_only=True)``, strict), e.g.
-    ``inference.json``'s ``models/model.pt``. The one place this package reads a network's weights from a file: the
+    ``models/model.pt`` of ``inference.json`` and ``evaluate.json`` (an ``initialize`` step: a file that does not fit
+    is refused before any case is read). The one place this package reads a network's weights from a file: the
     bundles' configs, :func:`agi_monai.bundle.experiment.load_generator`, the CLI, the Deploy synthesizer and
     :func:`agi_monai.evaluation.downstream.load_synthesizer` all come here.
 
