@@ -578,6 +578,9 @@ class RandRigidMisalignChanneld(RandomizableTransform, MapTransform):
         self.rotation_deg = rotation_deg
         self.translation_mm = translation_mm
         self.channel = channel
+        # the last draws: the unit axis and the angle (degrees) of the rotation, its matrix, the translation (mm)
+        self.axis = np.array([0.0, 0.0, 1.0])
+        self.angle_deg = 0.0
         self.rotation = np.eye(3)
         self.translation = np.zeros(3)
         self.moved_channel = 0
@@ -585,9 +588,10 @@ class RandRigidMisalignChanneld(RandomizableTransform, MapTransform):
     def randomize(self, channels: int) -> None:  # type: ignore[override]
         super().randomize(None)
         axis, direction = self.R.normal(size=3), self.R.normal(size=3)
-        axis /= max(np.linalg.norm(axis), 1e-12)
+        self.axis = axis / max(np.linalg.norm(axis), 1e-12)
         direction /= max(np.linalg.norm(direction), 1e-12)
-        self.rotation = _rotation_matrix(axis, math.radians(self.R.uniform(*self.rotation_deg)))
+        self.angle_deg = float(self.R.uniform(*self.rotation_deg))
+        self.rotation = _rotation_matrix(self.axis, math.radians(self.angle_deg))
         self.translation = direction * self.R.uniform(*self.translation_mm)
         self.moved_channel = self.channel if self.channel is not None else int(self.R.randint(channels))
 

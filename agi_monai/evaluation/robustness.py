@@ -19,7 +19,6 @@ parameter), which ``tests/test_robustness.py`` checks against the moved image.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,14 +185,9 @@ def misalign(
     moved = motion({"image": image})["image"]
     if level == 0:
         moved = image.clone()
-    # recover the rotation's axis and angle from the matrix the transform applied (its draws are private)
-    rotation = motion.rotation
-    angle = math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(rotation) - 1.0) / 2.0))))
-    axis = np.array([rotation[2, 1] - rotation[1, 2], rotation[0, 2] - rotation[2, 0], rotation[1, 0] - rotation[0, 1]])
-    norm = float(np.linalg.norm(axis))
-    axis_tuple = tuple(float(v) for v in axis / norm) if norm > 1e-12 else (0.0, 0.0, 0.0)
     record = Misalignment(
-        kind, float(level), motion.moved_channel, tuple(float(v) for v in motion.translation), angle, axis_tuple
+        kind, float(level), motion.moved_channel, tuple(float(v) for v in motion.translation), motion.angle_deg,
+        tuple(float(v) for v in motion.axis),
     )
     return moved, record
 
