@@ -439,7 +439,7 @@ def run_script(component: Any, name: str) -> None:
     Fire prints a command's return value; the scripts' commands print their own results, so it is not printed again.
     """
     from agi_monai.bundle.registry import BundleError
-    from agi_monai.data import DataError
+    from agi_monai.data.errors import DataError, innermost_cause
 
     try:
         shown = ({key: _as_fire_shows_types(value) for key, value in component.items()} if isinstance(component, Mapping)
@@ -450,7 +450,7 @@ def run_script(component: Any, name: str) -> None:
         print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
     except Exception as error:
-        cause = _innermost_cause(error)
+        cause = innermost_cause(error)
         if not isinstance(cause, (ValueError, UsageError, DataError, BundleError)):
             raise
         print(f"{name}: error: {' '.join(str(cause).split())}", file=sys.stderr, flush=True)
@@ -712,10 +712,12 @@ def _initialize(workflow: Any, bundle: Any, overrides: Mapping[str, Any]) -> Non
     """The workflow's ``initialize``, which loads the weights (``inference.json``:
     :func:`agi_monai.engines.load_weights`): weights it refuses are reported with what this command needs, the
     bundle and its ``--network_def#...`` flags."""
+    from agi_monai.data.errors import find_data_error
+
     try:
         workflow.initialize()
     except Exception as error:  # MONAI wraps the expression's error: find load_weights' DataError in the chain
-        if _data_error_in(error) is None:  # e.g. an override the network cannot be built with
+        if find_data_error(error) is None:  # e.g. an override the network cannot be built with
             raise _not_initialisable(bundle, error) from error
         _raise_bad_input(error, workflow, bundle, overrides)
 
@@ -736,11 +738,9 @@ def _raise_bad_input(error: BaseException, workflow: Any, bundle: Any, overrides
 def _data_error_in(error: BaseException) -> Any:
     """The :class:`agi_monai.data.DataError` in ``error``'s chain of causes (MONAI wraps a config expression's
     error in a ``RuntimeError``), as a fresh one to raise without MONAI's wrapping; None when there is none."""
-    from agi_monai.data import DataError
+    from agi_monai.data.errors import DataError, find_data_error
 
-    cause: Optional[BaseException] = error
-    while cause is not None and not isinstance(cause, DataError):
-        cause = cause.__cause__
+    cause = find_data_error(error)
     return None if cause is None else DataError(cause.source, cause.problem, cause.expected, cause.details)
 
 
@@ -755,7 +755,12 @@ def _weights_refused(error: Any, bundle: Any, overrides: Mapping[str, Any]) -> U
 
 
 def _not_initialisable(bundle: Any, error: BaseException) -> UsageError:
-    return UsageError(f"bundle {bundle.name}: its configs cannot be initialised with these options ({_innermost(error)})")
+    from agi_monai.data.errors import error_line, innermost_cause
+
+    return UsageError(
+        f"bundle {bundle.name}: its configs cannot be initialised with these options "
+        f"({error_line(innermost_cause(error), limit=400)})"
+    )
 
 
 def _check_weights(parser: Any, weights: Path, bundle: Any, overrides: Mapping[str, Any]) -> None:
@@ -774,20 +779,6 @@ def _check_weights(parser: Any, weights: Path, bundle: Any, overrides: Mapping[s
         load_weights(network, weights, "cpu")
     except DataError as error:
         raise _weights_refused(error, bundle, overrides) from None
-
-
-def _innermost_cause(error: BaseException) -> BaseException:
-    """The end of ``error``'s ``__cause__`` chain (MONAI wraps a config expression's error)."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
-
-
-def _innermost(error: BaseException) -> str:
-    """``<type>: <message>`` of the innermost cause of ``error``, on one line."""
-    error = _innermost_cause(error)
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text if len(text) <= 400 else text[:400] + ' ...'}"
 
 
 def _refuse_unusable_outputs(discovery: Any, output: Path, target: str, overwrite: bool) -> None:
@@ -851,12 +842,14 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
     import SimpleITK as sitk
     from tqdm import tqdm
 
-    from agi_monai import __version__
-    from agi_monai.data import DataError, Failure, choose_reference, failure_reason
+    from agi_monai.data import DataError, Failure, choose_reference, failure_reason, synthesis_output_paths
     from agi_monai.data.dicom import is_dicom_source, write_derived_series
-    from agi_monai.data import synthesis_output_paths
+    from agi_monai.data.transforms import synthetic_series_descriptions
 
     reference_contrast = choose_reference(bundle.inputs)
+    series_description, derivation_description = synthetic_series_descriptions(
+        bundle.target, bundle.inputs, bundle.name, reference_contrast
+    )
     earlier = [p for p in summary.present
                if not synthesis_output_paths(summary.case_id_of(p), bundle.target, summary.output_dir)[1].exists()]
     failures = []
@@ -868,11 +861,8 @@ def _write_dicom_outputs(summary: Any, cases: Mapping[str, Any], bundle: Any, ov
             write_derived_series(
                 sitk.ReadImage(str(nifti)),
                 synthesis_output_paths(case_id, bundle.target, summary.output_dir)[1],
-                series_description=f"SYNTHETIC {bundle.target} {bundle.name}"[:64],
-                derivation_description=(
-                    f"Synthetic {bundle.target} made by AGI-Net bundle {bundle.name} (agi-monai {__version__}) from "
-                    f"{', '.join(bundle.inputs)} on the {reference_contrast} grid; research use only, not for diagnosis"
-                ),
+                series_description=series_description,
+                derivation_description=derivation_description,
                 reference=reference if is_dicom else None,
                 case_id=case_id,
                 overwrite=overwrite,

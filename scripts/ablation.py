@@ -45,9 +45,10 @@ from agi_monai.bundle.experiment import (
     train_bundle,
 )
 from agi_monai.bundle.registry import find_bundle
-from agi_monai.bundle.run_folder import replacing_earlier_run
+from agi_monai.bundle.run_folder import remove_earlier_outputs, replacing_earlier_run
 from agi_monai.cli import run_script
 from agi_monai.data import write_json
+from agi_monai.data.errors import error_line, innermost_cause
 from agi_monai.evaluation.ablation import ABLATIONS, TABLE5, Ablation, architecture, select_ablations
 from agi_monai.evaluation.protocols import METRIC_NAMES
 from agi_monai.evaluation.figures import ablation_plot
@@ -55,7 +56,6 @@ from agi_monai.evaluation.tables import (
     SUMMARY_JSON,
     cases_markdown,
     check_protocol_names,
-    remove_earlier_outputs,
     split_note,
     write_csv,
     write_text,
@@ -105,13 +105,9 @@ def check_networks(bundle: Path, chosen: Sequence[Ablation], widths: Sequence[in
         try:
             bundle_network(bundle, {"network_def#channels": [int(c) for c in widths], **ablation.overrides})
         except Exception as error:  # MONAI wraps the network's ValueError; the innermost one says what is wrong
-            cause, seen = error, {id(error)}
-            while (cause.__cause__ or cause.__context__) is not None and id(cause.__cause__ or cause.__context__) not in seen:
-                cause = cause.__cause__ or cause.__context__
-                seen.add(id(cause))
             raise ValueError(
                 f"ablation {ablation.name} ({ablation.override_text()}) cannot be built with --channels "
-                f"{','.join(map(str, widths))}: {' '.join(str(cause).split())}"
+                f"{','.join(map(str, widths))}: {error_line(innermost_cause(error))}"
             ) from error
 
 

@@ -61,11 +61,14 @@ from agi_monai.bundle.experiment import (
     train_bundle,
 )
 from agi_monai.bundle.registry import BundleInfo, find_bundle
-from agi_monai.bundle.run_folder import replacing_earlier_run
+from agi_monai.bundle.run_folder import remove_earlier_outputs, replacing_earlier_run
 from agi_monai.cli import run_script
 from agi_monai.data import write_json
+from agi_monai.data.errors import error_line, innermost_cause
 from agi_monai.evaluation import evaluate_volume, synthesis_panel, volume_dataset
-from agi_monai.evaluation.robustness import check_sweep, perturbation_levels, robustness_sweep, write_sweep
+from agi_monai.evaluation.robustness import (
+    check_sweep, earlier_sweep_files, perturbation_levels, robustness_sweep, write_sweep,
+)
 from agi_monai.evaluation.tables import (
     CASES_CSV,
     SUMMARY_JSON,
@@ -73,7 +76,6 @@ from agi_monai.evaluation.tables import (
     check_protocol_names,
     comparison_markdown,
     read_csv,
-    remove_earlier_outputs,
     split_note,
     summarize,
     sweep_markdown,
@@ -250,12 +252,9 @@ def _check_scenario(info: BundleInfo, widths: Sequence[int], moved_input: str | 
         try:
             bundle_network(info.root, {"network_def#_target_": target_class, "network_def#channels": list(widths)})
         except Exception as error:  # MONAI wraps the network's own error
-            cause = error
-            while cause.__cause__ is not None and cause.__cause__ is not cause:
-                cause = cause.__cause__
             raise ValueError(
                 f"{info.name}: {name} cannot be built with --channels {','.join(map(str, widths))}: "
-                f"{' '.join(str(cause).split())}"
+                f"{error_line(innermost_cause(error))}"
             ) from error
 
 
@@ -267,12 +266,7 @@ def _remove_earlier_outputs(output: Path, infos: Sequence[BundleInfo]) -> None:
     for info in infos:
         folder = output / info.name
         remove_earlier_outputs(folder, ["quality.md", "panel.png"], "compare.py")
-        sweep = folder / "robustness"
-        if sweep.is_dir():
-            remove_earlier_outputs(
-                sweep, sorted(p.name for p in sweep.iterdir() if p.suffix in (".csv", ".png") or p.name == "robustness.md"),
-                "compare.py",
-            )
+        remove_earlier_outputs(folder / "robustness", earlier_sweep_files(folder / "robustness"), "compare.py")
 
 
 def _degradation(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -18,6 +18,7 @@ from monai.utils import ImageMetaKey
 from torch import nn
 
 from agi_monai.data import stopping_cleanly_on_sigterm
+from agi_monai.data.errors import error_line
 from agi_monai.engines import latest_training_checkpoint, release_checkpoint_folder
 
 __all__ = [
@@ -238,7 +239,7 @@ class StopOnNonFiniteTraining:
         else:
             raise error
         raise NonFiniteTrainingError(
-            f"training stopped at {_position(engine)}: {what} {type(error).__name__}: {_first_line(error)}. "
+            f"training stopped at {_position(engine)}: {what} {error_line(error, first_line=True)}. "
             f"{self._after(engine)}"
         ) from None  # its type and first line are in the message; as a cause, the run's last line would name it instead
 
@@ -294,11 +295,6 @@ class StopOnNonFiniteTraining:
         )
         remedy = "A lower --learning_rate" + (", or mixed precision off (--amp False)," if getattr(engine, "amp", False) else "")
         return f"Nothing of epoch {engine.state.epoch} was validated or saved; {resume}. {remedy} usually avoids this"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else ""
 
 
 def run_training(trainer: Engine, ckpt_dir: str | Path) -> None:

@@ -9,19 +9,22 @@ refers to. Hence each run's files are recorded in ``<run folder>/script_outputs.
 time) and exactly those are removed before the next run of the same script there. A folder without that record
 (another script's, one a person points the script at, or a run from before the record existed) loses nothing: the
 bundle sets its earlier run aside, as for any bundle folder.
+
+The tables and figures a script writes beside its run folders are named in advance: :func:`remove_earlier_outputs`
+removes those of its earlier run by name before any work.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from agi_monai.data import DataError, write_json
 
-__all__ = ["RECORD_NAME", "replacing_earlier_run"]
+__all__ = ["RECORD_NAME", "remove_earlier_outputs", "replacing_earlier_run"]
 
 #: the record of the files a script's run wrote in its run folder
 RECORD_NAME = "script_outputs.json"
@@ -41,7 +44,7 @@ def _files(folder: Path, keep: Sequence[str]) -> dict[str, os.stat_result]:
     return files
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+def _file_identity(stat: os.stat_result) -> tuple[int, int, int]:
     """A file's (inode, size, mtime): a file the bundle only moved (``os.replace`` into ``earlier_run_*``) keeps all
     three, so it is not counted as written by the run."""
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
@@ -125,10 +128,37 @@ def replacing_earlier_run(
             f"{script}: {folder} holds {len(earlier)} file(s) it did not write ({_names(earlier)}): none removed "
             "(a fresh bundle run moves an earlier model.pt and checkpoints to models/earlier_run_<time>/)"
         )
-    before = {_identity(stat) for stat in earlier.values()}
+    before = {_file_identity(stat) for stat in earlier.values()}
     try:
         yield folder
     finally:
-        written = {path: stat for path, stat in _files(folder, keep).items() if _identity(stat) not in before}
+        written = {path: stat for path, stat in _files(folder, keep).items() if _file_identity(stat) not in before}
         files = [{"path": path, "size": s.st_size, "mtime_ns": s.st_mtime_ns} for path, s in sorted(written.items())]
         write_json({"script": script, "files": files}, folder / RECORD_NAME)
+
+
+def remove_earlier_outputs(
+    folder: str | Path, names: Iterable[str], script: str, say: Callable[[str], None] | None = None
+) -> list[Path]:
+    """At the start of a run, before any network is trained or weights replaced: removes the files ``names``
+    (relative to ``folder``) that an earlier run wrote and this one writes again at its end (the top-level tables,
+    figures, JSON), so that a run that fails part way leaves no earlier table beside replaced weights. Says so in
+    one line (``say``, default printed) when it removed any.
+
+    Returns:
+        The removed files.
+    """
+    folder = Path(folder)
+    removed = []
+    for name in dict.fromkeys(names):
+        path = folder / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    if removed:
+        say = say or (lambda line: print(line, flush=True))
+        say(
+            f"{script}: removed the earlier run's {', '.join(p.name for p in removed)} from {folder} before any "
+            "work (this run writes them again when it completes)"
+        )
+    return removed

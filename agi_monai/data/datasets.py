@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import Dataset, PersistentDataset
-from monai.data.utils import SUPPORTED_PICKLE_MOD, pickle_hashing
+from monai.data.utils import SUPPORTED_PICKLE_MOD, no_collation, pickle_hashing
 from monai.transforms import Compose
 from monai.utils import convert_to_tensor, look_up_option
 from torch.utils.data import DataLoader
@@ -35,12 +35,15 @@ from tqdm import tqdm
 
 from agi_monai.data.contrasts import CONTRASTS, LABELS
 from agi_monai.data.discovery import discover_cases
-from agi_monai.data.errors import DataError, Failure, format_failures
+from agi_monai.data.errors import DataError, Failure, cause_chain, failure_reason, format_failures
 from agi_monai.data.files import atomic_output, file_sha256, free_space, write_json
 from agi_monai.data.transforms import PREPROCESSING_VERSION, preprocessing_transforms
 from agi_monai.data.volumes import source_paths
 
-__all__ = ["build_volume_dataset", "SliceDataset", "slice_dataset", "build_slice_dataset", "build_inference_dataset"]
+__all__ = [
+    "FailureReportingDataset", "SliceDataset", "build_inference_dataset", "build_slice_dataset", "build_volume_dataset",
+    "slice_dataset",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -454,16 +457,17 @@ class SliceDataset(torch.utils.data.Dataset):
         """Preprocesses the volumes ``pending`` into ``built`` (stored where ``files`` says), failures into
         :attr:`failures`."""
         loader = DataLoader(
-            _ReportingDataset(volumes, pending, record_sources=self.storage_dir is not None), batch_size=None,
-            num_workers=num_workers, collate_fn=_identity,
+            _VolumesAndSources(volumes, pending, record_sources=self.storage_dir is not None), batch_size=None,
+            num_workers=num_workers, collate_fn=no_collation,
         )
         # (tqdm first: zip then asks it once more, and the bar counts the last volume); no bar when every volume is
         # stored already
         bar = tqdm(loader, desc="preprocessing volumes", unit="volume", disable=not progress or not pending)
-        for (item, sources), index in zip(bar, pending):
-            if isinstance(item, Failure):
-                self.failures.append(item)
+        for loaded, index in zip(bar, pending):
+            if isinstance(loaded, Failure):
+                self.failures.append(loaded)
                 continue
+            item, sources = loaded
             fractions = torch.as_tensor(item[mask_key]).float().mean(dim=(0, 1, 2))
             kept = torch.nonzero(fractions >= min_foreground_fraction).flatten()
             if not self._channels:
@@ -625,40 +629,61 @@ def _wait_for_all_ranks() -> None:
         distributed.destroy_process_group(group)
 
 
-class _ReportingDataset(torch.utils.data.Dataset):
-    """Returns a :class:`Failure` instead of raising when a case's preprocessing hits a :class:`DataError`
-    (MONAI's ``Compose`` wraps it in a ``RuntimeError``), so one bad case does not stop the others."""
+class FailureReportingDataset(torch.utils.data.Dataset):
+    """``dataset[i]`` for each ``i`` of ``indices``, or a :class:`Failure` naming the case (its datalist item's
+    ``"case_id"``) and why (:func:`agi_monai.data.failure_reason`) when loading raises an error with one of ``catch``
+    in its chain of causes (MONAI's ``Compose`` wraps a transform's error in a ``RuntimeError``); any other error is
+    raised. One bad case then does not stop the others.
+
+    Args:
+        dataset: the cases, e.g. a MONAI ``Dataset`` of datalist items.
+        catch: the errors reported as a case's failure instead of raised: :class:`DataError` where any other error
+            is a defect; ``Exception`` where every readable case must be measured and every other one named.
+        indices: the items of ``dataset`` to load, in order; all of them by default.
+    """
 
     def __init__(
-        self, volumes: Dataset | Sequence[Mapping[str, Any]], indices: Sequence[int], record_sources: bool = False
+        self,
+        dataset: Dataset | Sequence[Any],
+        catch: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        indices: Sequence[int] | None = None,
     ) -> None:
-        self.volumes = volumes
-        self.indices = list(indices)  # the volumes to load (those without a slice file)
-        self.record_sources = record_sources  # return each volume's datalist item's files (_source_record) with it
+        self.dataset = dataset
+        self.catch = catch
+        self.indices = list(range(len(dataset)) if indices is None else indices)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple[Any, dict[str, Any] | None]:
-        """(the volume or its :class:`Failure`, the files it is read from when ``record_sources``, else None)"""
+    def __getitem__(self, position: int) -> Any:
         index = self.indices[position]
-        # the files' state is taken before they are read: one replaced meanwhile shows as changed at the next build
-        sources = _source_record(self.volumes.data[index]) if self.record_sources else None
         try:
-            return self.volumes[index], sources
+            return self.load(index)
         except Exception as error:
-            cause: BaseException | None = error
-            while cause is not None and not isinstance(cause, DataError):
-                cause = cause.__cause__
-            if cause is None:
+            if not any(isinstance(cause, self.catch) for cause in cause_chain(error)):
                 raise
-            case = getattr(self.volumes, "data", None)
-            case_id = str(case[index].get("case_id", index)) if case is not None else str(index)
-            return Failure(case_id, str(cause)), None
+            cases = getattr(self.dataset, "data", None)
+            case_id = str(cases[index].get("case_id", index)) if cases is not None else str(index)
+            return Failure(case_id, failure_reason(error))
+
+    def load(self, index: int) -> Any:
+        """Item ``index`` of the dataset; a subclass may return more with it."""
+        return self.dataset[index]
 
 
-def _identity(item: Any) -> Any:
-    return item
+class _VolumesAndSources(FailureReportingDataset):
+    """(A preprocessed volume, the files it is read from when ``record_sources``, else None), or the
+    :class:`Failure` of a volume whose preprocessing hits a :class:`DataError`."""
+
+    def __init__(self, volumes: Dataset | Sequence[Mapping[str, Any]], indices: Sequence[int],
+                 record_sources: bool) -> None:
+        super().__init__(volumes, DataError, indices)
+        self.record_sources = record_sources  # each volume's datalist item's files (_source_record) with it
+
+    def load(self, index: int) -> tuple[Any, dict[str, Any] | None]:
+        # the files' state is taken before they are read: one replaced meanwhile shows as changed at the next build
+        sources = _source_record(self.dataset.data[index]) if self.record_sources else None
+        return self.dataset[index], sources
 
 
 def _foreground_box(mask: torch.Tensor) -> list[tuple[int, int]]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DataError", "Failure", "MissingFileError", "failure_reason", "format_failures"]
+__all__ = [
+    "DataError", "Failure", "MissingFileError", "cause_chain", "error_line", "failure_reason", "find_data_error",
+    "format_failures", "innermost_cause",
+]
 
 
 class DataError(ValueError):
@@ -62,16 +66,45 @@ def format_failures(failures: list[Failure], what: str = "cases") -> str:
     return "\n".join(lines)
 
 
+def cause_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, its ``__cause__``, that one's ``__cause__``...: MONAI's ``Compose`` and a config expression re-raise
+    an error as a ``RuntimeError`` ``from`` it, so the error that says what is wrong is further down."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:  # ``raise e from e`` makes a loop
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__
+
+
+def innermost_cause(error: BaseException) -> BaseException:
+    """The end of ``error``'s :func:`cause_chain`: the error behind MONAI's wrapping."""
+    *_, innermost = cause_chain(error)
+    return innermost
+
+
+def find_data_error(error: BaseException) -> DataError | None:
+    """The first :class:`DataError` in ``error``'s :func:`cause_chain` (``error`` itself included); None when there is
+    none."""
+    return next((cause for cause in cause_chain(error) if isinstance(cause, DataError)), None)
+
+
+def error_line(error: BaseException, limit: int | None = None, first_line: bool = False) -> str:
+    """``<type>: <message>`` of ``error`` on one line: the message's lines joined (SimpleITK's span several), or only
+    its first with ``first_line`` (where the others are advice, as torch's), cut at ``limit`` characters when given;
+    the type alone when the message is empty."""
+    lines = str(error).strip().splitlines()
+    text = " ".join(" ".join(lines[:1] if first_line else lines).split())
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + " ..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def failure_reason(error: BaseException) -> str:
     """What to report for a failed case: the :class:`DataError` behind ``error`` when there is one (MONAI's
     ``Compose`` wraps it in a ``RuntimeError``), else the type and message of the innermost cause: the
     ``OSError`` naming the file and the system's reason (read-only file system, no space left), not MONAI's
     "applying transform <Compose object at 0x…>"; on one line (SimpleITK's messages span several), as the
     summaries list one case a line."""
-    cause: BaseException = error
-    while True:
-        if isinstance(cause, DataError):
-            return str(cause)
-        if cause.__cause__ is None:
-            return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
-        cause = cause.__cause__
+    data_error = find_data_error(error)
+    return str(data_error) if data_error is not None else error_line(innermost_cause(error))

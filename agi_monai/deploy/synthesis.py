@@ -43,7 +43,9 @@ from agi_monai.data import (
     synthetic_description,
 )
 from agi_monai.data.dicom import is_dicom_source, write_derived_series
+from agi_monai.data.errors import error_line
 from agi_monai.data.files import EarlierCaseOutputs, refuse_foreign_outputs, synthesis_output_paths
+from agi_monai.data.transforms import synthetic_series_descriptions
 from agi_monai.engines import clip_prediction, expected_bundle_weights, load_weights
 
 __all__ = ["BundleSynthesizer", "SynthesisOutputs", "refuse_existing_outputs", "write_synthesis_outputs"]
@@ -140,7 +142,7 @@ class BundleSynthesizer:
             network = torch.jit.load(str(path), map_location=self.device, _extra_files=extra)
         except Exception as error:  # torch.jit.load raises RuntimeError/ValueError for a file that is not TorchScript
             raise BundleError(
-                f"{path}: cannot be loaded as TorchScript ({type(error).__name__}: {_one_line(error)}); expected a "
+                f"{path}: cannot be loaded as TorchScript ({error_line(error, limit=400)}); expected a "
                 f"file written by 'agi-monai export'"
             ) from None
         embedded = json.loads(extra[INFERENCE_CONFIG]) if extra[INFERENCE_CONFIG] else None
@@ -178,11 +180,6 @@ def _the_model_in(folder: Path) -> Path:
             "it; expected a bundle, a .ts file or a models folder holding one"
         )
     raise BundleError(f"{folder}: holds {len(found)} models ({', '.join(map(str, found))}); expected one: give its file")
-
-
-def _one_line(error: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 @dataclass
@@ -247,15 +244,14 @@ def write_synthesis_outputs(
     try:
         writer.write(nifti)
         if dicom:
+            series_description, derivation_description = synthetic_series_descriptions(
+                synthesizer.target, synthesizer.inputs, synthesizer.name, synthesizer.reference, "MONAI Deploy app"
+            )
             write_derived_series(
                 metatensor_to_sitk(prediction),
                 series,
-                series_description=f"SYNTHETIC {synthesizer.target} {synthesizer.name}"[:64],
-                derivation_description=(
-                    f"Synthetic {synthesizer.target} made by AGI-Net bundle {synthesizer.name} (agi-monai "
-                    f"{agi_monai.__version__}, MONAI Deploy app) from {', '.join(synthesizer.inputs)} on the "
-                    f"{synthesizer.reference} grid; research use only, not for diagnosis"
-                ),
+                series_description=series_description,
+                derivation_description=derivation_description,
                 reference=reference if from_dicom else None,
                 case_id=case_id,
                 overwrite=overwrite,

@@ -23,12 +23,14 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from monai.data import Dataset
+from monai.data.utils import no_collation
 from monai.engines import Evaluator
 from monai.inferers import Inferer
 from torch.utils.data import DataLoader
 
 from agi_monai.bundle.experiment import infer_case
 from agi_monai.data import Failure, build_volume_dataset, failure_reason, preprocessing_transforms
+from agi_monai.data.datasets import FailureReportingDataset
 from agi_monai.evaluation.protocols import (
     METRIC_NAMES,
     PROTOCOL_NAMES,
@@ -71,31 +73,6 @@ def volume_dataset(
     return build_volume_dataset(data, preprocessing_transforms(inputs, target, spatial_size, **options))
 
 
-class _CaseLoading(torch.utils.data.Dataset):
-    """``dataset[i]``, or a :class:`Failure` naming the case and the reason when loading raises.
-
-    Any exception, not only a :class:`agi_monai.data.DataError` as when slice datasets are built: an evaluation
-    must end with every readable case measured and every other one named."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        try:
-            return self.dataset[index]
-        except Exception as error:  # reported per case; the evaluation goes on
-            cases = getattr(self.dataset, "data", None)
-            case_id = str(cases[index].get("case_id", index)) if cases is not None else str(index)
-            return Failure(case_id, failure_reason(error))
-
-
-def _identity(item: Any) -> Any:
-    return item
-
-
 class CaseEvaluator(Evaluator):
     """A MONAI ``Evaluator`` (Ignite engine) whose iteration is one whole case: loaded (behind a wrapper that turns
     a loading error into a :class:`Failure`), then :meth:`evaluate_case`. A case that fails anywhere is logged
@@ -126,7 +103,10 @@ class CaseEvaluator(Evaluator):
         if len(dataset) == 0:
             raise ValueError("the dataset holds no case to evaluate (is the split empty?)")
         device = torch.device(device)
-        loader = DataLoader(_CaseLoading(dataset), batch_size=None, collate_fn=_identity, num_workers=num_workers)
+        # any exception, not only a DataError as when slice datasets are built: an evaluation must end with every
+        # readable case measured and every other one named
+        loader = DataLoader(FailureReportingDataset(dataset, catch=Exception), batch_size=None,
+                            collate_fn=no_collation, num_workers=num_workers)
         super().__init__(device=device, val_data_loader=loader, epoch_length=len(dataset), decollate=False,
                          amp=amp and device.type == "cuda")
         self.output_dir = Path(output_dir)

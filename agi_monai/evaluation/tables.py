@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+# (until scripts/robustness_sweep.py imports it from agi_monai.bundle.run_folder, where it now lives)
+from agi_monai.bundle.run_folder import remove_earlier_outputs  # noqa: F401
 from agi_monai.data import DataError, Failure, atomic_output, write_json
 from agi_monai.evaluation.protocols import METRIC_NAMES, Protocol, ProtocolResult
 
@@ -396,29 +398,3 @@ def check_protocol_names(protocols: Sequence[str], option: str = "--protocols") 
     if unknown or not names:
         raise ValueError(f"{option} {','.join(names)}: expected some of {list(PROTOCOL_NAMES)}")
     return names
-
-
-def remove_earlier_outputs(
-    folder: str | Path, names: Iterable[str], script: str, say: Any = None
-) -> list[Path]:
-    """At the start of a run, before any network is trained or weights replaced: removes the files ``names``
-    (relative to ``folder``) that an earlier run wrote and this one writes again at its end (the top-level tables,
-    figures, JSON), so that a run that fails part way leaves no earlier table beside replaced weights. Says so in
-    one line (``say``, default printed) when it removed any.
-
-    Returns:
-        The removed files.
-    """
-    folder = Path(folder)
-    removed = []
-    for name in dict.fromkeys(names):
-        path = folder / name
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-            removed.append(path)
-    if removed:
-        (say or (lambda line: print(line, flush=True)))(
-            f"{script}: removed the earlier run's {', '.join(p.name for p in removed)} from {folder} before any "
-            "work (this run writes them again when it completes)"
-        )
-    return removed
