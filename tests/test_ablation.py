@@ -4,7 +4,6 @@ trains, evaluates and tabulates a 2-entry set on the shipped cases."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import math
@@ -23,20 +22,14 @@ from agi_monai.evaluation.ablation import ABLATIONS, TABLE5, architecture, selec
 from agi_monai.evaluation.tables import FOLDER_SPLIT_NOTE, SUMMARY_JSON, read_csv, split_note
 from agi_monai.networks import CAGR, STAGES, AGINet, ResUNet
 from test_demo import assert_runs_recorded
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_t1_t2_to_flair"  # 2 inputs, as the paper's complexity tables
 PAPER_WIDTHS = {"down1": 64, "down2": 128, "down3": 256, "body": 512, "up1": 256, "up2": 128, "up3": 64}
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("ablation_script", REPO / "scripts" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SCRIPT = _script()
+SCRIPT = load_script("ablation.py")
 
 
 def _count(network: torch.nn.Module) -> int:

@@ -33,9 +33,10 @@ import torch
 from agi_monai.cli import main
 from agi_monai.data import synthetic_description, write_dicom_series
 from agi_monai.networks import AGINet
+from helpers import DATA, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-GLI = ROOT / "tests" / "data" / "brats2023-gli" / "BraTS-GLI-00001-000"
+GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 WIDTHS = "[8,8,8,8]"
 FAST = ["--network_def#channels", WIDTHS, "--spatial_size", "[64,64]"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -429,15 +430,6 @@ def _assert_synthesized(output: Path, reference: Path) -> None:
 # ------------------------------------------------------------------------------------------------- benchmark scripts
 
 
-def _script_module(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), ROOT / "scripts" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name, args, message", [
     ("benchmark_op.py", ["--shapes", "9"], "--shapes 9: expected comma-separated indices from 0 to 4"),
     ("benchmark_op.py", ["--repeats", "0"], "--repeats 0: expected a whole number >= 1"),
@@ -454,7 +446,7 @@ def test_benchmark_scripts_refuse_a_bad_argument_in_one_line_before_timing_anyth
 ):
     from agi_monai.cli import run_script
 
-    module = _script_module(name)
+    module = load_script(name)
     monkeypatch.setattr(module, "timed_interleaved" if name == "benchmark_network.py" else "bench_shape",
                         lambda *a, **k: pytest.fail("timed before refusing the argument"))
     monkeypatch.setattr(sys, "argv", [name, *args])

@@ -36,10 +36,10 @@ from agi_monai.bundle import (
 )
 from agi_monai.data import Failure, nifti_is_complete, synthetic_description
 from agi_monai.networks import AGINet
+from helpers import DATA, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLES = ROOT / "bundles"
-DATA = ROOT / "tests" / "data"
 SCHEMA = BUNDLES / "_template" / "schemas" / "meta_schema_20240725.json"
 SCHEMA_SHA256 = "774785636fa303916a6a438655fd47fcbc7c0e16a66200f13278cd55ff91ab17"
 # One OpenMP thread per process: on a busy 2-core machine two spinning threads made a tiny-width training
@@ -49,15 +49,7 @@ TINY = ["--network_def#channels", "[8,16,16,32]"]
 TINY_D = ["--discriminator_def#channels", "8"]
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("generate_bundles", ROOT / "scripts" / "generate_bundles.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-GENERATOR = _generator()
+GENERATOR = load_script("generate_bundles.py")
 SCENARIOS = {s.name: s for s in GENERATOR.SCENARIOS}
 CONFIGS = ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json")
 

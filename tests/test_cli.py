@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import runpy
 import shutil
 import subprocess
 import sys
@@ -34,9 +33,9 @@ from agi_monai.evaluation import evaluate_volume, volume_dataset
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, SUMMARY_MD, read_csv
 from agi_monai.networks import AGINet
 from agi_monai.ops import extension_available
+from helpers import DATA, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tests" / "data"
 GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 AURORA = DATA / "brats2023-mets" / "aurora-example"
 NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
@@ -401,7 +400,7 @@ def test_folder_and_id_arguments_stay_as_typed(flair_bundle, cases, tmp_path):
     assert _strings_as_typed(synthesize, ["--input_dir", "a", "2024_01"]) == ["--input_dir", "'a'", "'2024_01'"]
     # the scripts (run_script): their annotations are strings; "str | Sequence[str]" (a list on the command line) is
     # left to Fire
-    compare = runpy.run_path(str(ROOT / "scripts" / "compare.py"))["main"]
+    compare = load_script("compare.py").main
     assert _strings_as_typed(compare, ["--output_dir", "2024_01", "--iterations", "3", "--scenarios", "a,b"]) == [
         "--output_dir", "'2024_01'", "--iterations", "3", "--scenarios", "a,b",
     ]
@@ -411,7 +410,7 @@ def test_yes_no_arguments_are_read_before_fire_sees_them(capsys):
     # Fire keeps "false" and "no" as strings, which count as true: prepare_ixi.py --validate false read every volume
     from agi_monai.cli import UsageError, _strings_as_typed, synthesize
 
-    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_ixi.py"))["main"]  # annotated "bool" (a string)
+    prepare = load_script("prepare_ixi.py").main  # annotated "bool" (a string)
     for given, read in [("false", "False"), ("No", "False"), ("0", "False"), ("TRUE", "True"), ("yes", "True")]:
         assert _strings_as_typed(prepare, ["--validate", given, "--sizes", "1,0,0"]) == ["--validate", read, "--sizes", "1,0,0"]
         assert _strings_as_typed(synthesize, [f"--dicom={given}", "a"]) == [f"--dicom={read}", "'a'"]

@@ -4,7 +4,6 @@ end-to-end comparison on the shipped cases (training, evaluate.json, baselines, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -32,9 +31,9 @@ from agi_monai.evaluation import brain_mask, slice_protocol
 from agi_monai.evaluation.tables import CASES_CSV, read_csv, write_csv
 from agi_monai.networks import AGINet, ResUNet
 from test_demo import assert_runs_recorded
+from helpers import DATA, load_script
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data"
 BUNDLE = REPO / "bundles" / "brats_t1_t2_to_flair"
 
 
@@ -162,14 +161,6 @@ def test_a_rerun_removes_exactly_the_files_the_scripts_earlier_run_wrote(tmp_pat
             pass
     assert _files(folder).keys() == before.keys()
 
-def _compare_script():
-    spec = importlib.util.spec_from_file_location("compare", REPO / "scripts" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_unperturbed_check_matches_case_ids_that_look_like_numbers(tmp_path):
     """evaluate.json's per-case table read back keeps ``00042`` and ``42`` as written (they were read as the
     numbers 42 and 42.0: a KeyError), so the sweep's level 0 is checked against its case."""
@@ -177,7 +168,7 @@ def test_the_unperturbed_check_matches_case_ids_that_look_like_numbers(tmp_path)
     write_csv([{"case_id": case, "slice2d_psnr_db": 20.0 + i} for i, case in enumerate(ids)], tmp_path / CASES_CSV)
     rows = [{"network": "AGI-Net", "perturbation": 0.0, "protocol": "slice2d", "case_id": case, "psnr_db": 20.0 + i}
             for i, case in enumerate(ids)]
-    check = _compare_script()._check_unperturbed
+    check = load_script("compare.py")._check_unperturbed
     assert check(rows, {"AGI-Net": tmp_path}) == 0.0
     with pytest.raises(RuntimeError, match="differs from evaluate.json's by 1.0000 dB"):
         check([{**rows[0], "psnr_db": 21.0}], {"AGI-Net": tmp_path})
@@ -274,7 +265,7 @@ def _no_scenario(monkeypatch, script):
     ],
 )
 def test_compare_refuses_bad_arguments_before_any_training(tmp_path, monkeypatch, arguments, message):
-    script = _compare_script()
+    script = load_script("compare.py")
     _no_scenario(monkeypatch, script)
     output = tmp_path / "out"
     with pytest.raises(ValueError, match=message):
@@ -284,7 +275,7 @@ def test_compare_refuses_bad_arguments_before_any_training(tmp_path, monkeypatch
 
 
 def test_compare_removes_the_earlier_runs_tables_before_training(tmp_path, monkeypatch, capsys):
-    script = _compare_script()
+    script = load_script("compare.py")
     _no_scenario(monkeypatch, script)
     output = tmp_path / "out"
     scenario = output / "brats_t1_t2_to_flair"
@@ -304,7 +295,7 @@ def test_compare_removes_the_earlier_runs_tables_before_training(tmp_path, monke
 def test_results_state_that_a_folder_tests_on_its_training_cases(tmp_path):
     from agi_monai.evaluation.tables import FOLDER_SPLIT_NOTE, split_note
 
-    script = _compare_script()
+    script = load_script("compare.py")
     assert split_note(DATA / "tcga-lgg") == FOLDER_SPLIT_NOTE
     assert split_note(None) is None
     record = {"bundle": "b", "inputs": ["T1", "T2"], "target": "FLAIR", "test_cases": ["case"],
@@ -318,7 +309,7 @@ def test_results_state_that_a_folder_tests_on_its_training_cases(tmp_path):
 
 
 def test_the_panel_draws_errors_against_the_target_clipped_as_slice2d_clips_it(tmp_path, monkeypatch):
-    script = _compare_script()
+    script = load_script("compare.py")
     drawn = {}
     monkeypatch.setattr(script, "synthesis_panel", lambda **kwargs: drawn.update(kwargs) or kwargs["path"])
     generator = torch.nn.Conv2d(2, 1, 1)

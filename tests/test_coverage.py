@@ -21,8 +21,8 @@ from agi_monai.data import (
 )
 from agi_monai.data.errors import failure_reason
 from agi_monai.evaluation import volume_dataset
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 BRATS = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 FILES = {"T1": "t1n", "T2": "t2w", "FLAIR": "t2f"}
 HEADER = {"registration": "header"}  # the cut files lie exactly on the original grid: no registration to wait for

@@ -35,8 +35,8 @@ from agi_monai.data import (
     write_dicom_series,
 )
 from agi_monai.data.transforms import PREPROCESSING_VERSION
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 BRATS_CONTRASTS = ["T1", "T2", "FLAIR", "T1Gd"]
 
 

@@ -20,8 +20,8 @@ from agi_monai.data import (
     write_dicom_series,
 )
 from agi_monai.data.dicom import write_derived_series
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
 BRATS_T1 = DATA / "brats2023-gli" / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t1n.nii.gz"
 TOLERANCE = 1e-4

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 from agi_monai.data import (
     DataError, canonical_contrast, choose_reference, discover_cases, parse_filename, patient_id, write_dicom_series
 )
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 BRATS_GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 

@@ -13,8 +13,8 @@ import torch
 import SimpleITK as sitk
 
 from agi_monai.data import DataError, normalized_mutual_information, register_rigid, resample_to_reference
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
 IXI_HEAD_CENTRE_LPS = np.array([0.0, 17.0, 10.0])  # the ground truth's rotation centre (0, -17, 10) mm RAS

@@ -5,8 +5,8 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 ROW = re.compile(r"^\| `(?P<path>[^`]+)` \|.*\| (?P<bytes>\d+) \| `(?P<sha256>[0-9a-f]{64})` \|")
 BUDGET_BYTES = 42_000_000  # the 40 MB (MiB) budget, with room for the README itself

@@ -22,8 +22,8 @@ from agi_monai.data import (
     restore_geometry_transforms,
     spacing_mismatch,
 )
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 BRATS_GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 TCGA_T2 = DATA / "tcga-lgg" / "TCGA-FG-6692" / "OtherEXampleFromTCIA_t2_bet.nii.gz"
 

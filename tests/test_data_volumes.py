@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from agi_monai.data import DataError, load_volume, metatensor_to_sitk, sitk_to_metatensor
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 NATIVE_T2 = DATA / "tcga-lgg" / "TCGA-FG-6692-native" / "t2.nii.gz"
 
 

@@ -14,9 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import DATA
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data"
 HELD_OUT_T2 = DATA / "tcga-lgg" / "TCGA-FG-6692" / "OtherEXampleFromTCIA_t2_bet.nii.gz"  # the reference grid
 
 

@@ -17,8 +17,8 @@ import agi_monai.data.dicom as dicom_module
 from agi_monai.data import DataError, write_dicom_series
 from agi_monai.data.dicom import DERIVED_SERIES_NUMBER_OFFSET, write_derived_series
 from test_cli import FAST, GLI, SLICES, digest, run_cli
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 NATIVE_T2 = DATA / "tcga-lgg" / "TCGA-FG-6692-native" / "t2.nii.gz"
 PATIENT_TAGS = {  # set on the reference series, so that carrying them over is visible
     "PatientName": "DOE^JANE",

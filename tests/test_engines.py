@@ -41,8 +41,8 @@ from agi_monai.engines import (
 )
 from agi_monai.data import DataError
 from agi_monai.networks import AGINet
+from helpers import DATA
 
-DATA = Path(__file__).parent / "data"
 INPUTS, TARGET = ["T1", "T2"], "FLAIR"
 # the (8, 16, 16, 32) AGI-Net and an 8-channel PatchGAN run an iteration on two 64x64 slices in ~0.1 s
 SIZE, WIDTHS = (64, 64), (8, 16, 16, 32)

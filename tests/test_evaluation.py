@@ -34,8 +34,8 @@ from agi_monai.evaluation import (
 from agi_monai.evaluation.figures import largest_error_box
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, SUMMARY_MD, read_csv
 from agi_monai.networks import AGINet
+from helpers import DATA
 
-DATA = Path(__file__).resolve().parent / "data"
 CASE = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 C1, C2 = 0.01**2, 0.03**2  # SSIM's stability constants at data range 1
 

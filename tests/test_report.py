@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,19 +17,13 @@ import torch
 from agi_monai.data import Failure, write_json
 from agi_monai.evaluation import brain_mask, protocol_record, slice_protocol, synthesis_panel
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, read_csv, summarize, write_csv
+from helpers import DATA, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-CASE = ROOT / "tests" / "data" / "brats2023-gli" / "BraTS-GLI-00001-000"
+CASE = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-REPORT = _script()
+REPORT = load_script("report.py")
 
 
 def _evaluation(

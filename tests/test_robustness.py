@@ -5,7 +5,6 @@ markdown and PNGs; the script on tiny checkpoints."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -25,9 +24,10 @@ from agi_monai.evaluation import brain_mask, slice_protocol
 from agi_monai.evaluation.robustness import misalign, perturbation_levels, robustness_sweep, write_sweep
 from agi_monai.evaluation.tables import read_csv
 from agi_monai.networks import AGINet, ResUNet
+from helpers import DATA, load_script
 
 REPO = Path(__file__).resolve().parents[1]
-CASE = REPO / "tests" / "data" / "brats2023-gli" / "BraTS-GLI-00001-000"
+CASE = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 SLICES = slice(70, 82)  # 12 axial slices through the tumour: enough brain, fast
 
 
@@ -213,18 +213,11 @@ def test_rigid_sweep_and_bad_arguments(real_case):
         misalign(image[0], "translation", 1.0)
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("robustness_sweep", REPO / "scripts" / "robustness_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_checkpoint_that_does_not_fit_is_named(tmp_path):
     weights = tmp_path / "agi.pt"
     torch.save(AGINet(2, 2, 1, channels=(8, 16, 32, 64)).state_dict(), weights)
     bundle = REPO / "bundles" / "brats_t1_t2_to_flair"
-    script = _script()
+    script = load_script("robustness_sweep.py")
     network = script.checkpoint_generator(bundle, weights, "AGI-Net", "8,16,32,64")
     assert isinstance(network, AGINet) and not network.training
     with pytest.raises(ValueError, match=rf"{weights}: does not fit AGINet"):
@@ -280,7 +273,7 @@ def test_script_records_what_it_measured_and_a_rerun_leaves_no_earlier_kind(tmp_
     """robustness.json and robustness.md name both checkpoints, the bundle, dataset, split, kinds, levels and the
     command; a rerun with other kinds removes the earlier run's CSVs and plots first (the sweep itself is faked:
     what is tested is what the script writes around it)."""
-    script = _script()
+    script = load_script("robustness_sweep.py")
     run, resunet, datalist = _checkpoints(tmp_path)
 
     def fake_sweep(networks, items, kind, levels, inputs, moved_input, seed, protocols, *args, **kwargs):
@@ -312,6 +305,7 @@ def test_script_records_what_it_measured_and_a_rerun_leaves_no_earlier_kind(tmp_
 
 def test_script_refuses_a_bad_kind_before_loading_anything(tmp_path):
     with pytest.raises(ValueError, match=r"--kinds translaton: expected some of \['translation', 'rigid'\]"):
-        _script().main(bundle="brats_t1_t2_to_flair", dataset_dir=str(tmp_path), agi_net="missing.pt",
-                       resunet="missing.pt", kinds="translaton", output_dir=str(tmp_path / "out"))
+        load_script("robustness_sweep.py").main(bundle="brats_t1_t2_to_flair", dataset_dir=str(tmp_path),
+                                                agi_net="missing.pt", resunet="missing.pt", kinds="translaton",
+                                                output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
