@@ -38,7 +38,8 @@ from agi_monai.cli import run_script
 from agi_monai.evaluation import volume_dataset
 from agi_monai.data import write_json
 from agi_monai.evaluation.robustness import check_sweep, earlier_sweep_files, robustness_sweep, write_sweep
-from agi_monai.evaluation.tables import remove_earlier_outputs, split_note
+from agi_monai.bundle.run_folder import remove_earlier_outputs
+from agi_monai.evaluation.tables import split_note
 
 #: name -> the bundle's network_def class, for bare weight files
 NETWORK_TARGETS = {"AGI-Net": "agi_monai.networks.AGINet", "ResUNet": "agi_monai.networks.ResUNet"}

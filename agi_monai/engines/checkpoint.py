@@ -22,7 +22,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from agi_monai.data.contrasts import canonical_contrast
-from agi_monai.data.errors import DataError, MissingFileError
+from agi_monai.data.errors import DataError, MissingFileError, error_line
 from agi_monai.data.files import atomic_output, file_sha256, free_space, remove_stale_temporaries
 
 __all__ = [
@@ -403,8 +403,7 @@ def _unreadable(error: BaseException) -> str:
 
 def _first_line(error: BaseException) -> str:
     """``<type>: <first sentence>`` of ``error`` (torch's read errors go on with advice for a paragraph)."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0].split('. ')[0] if lines else ''}"
+    return error_line(error, first_line=True).split(". ")[0]
 
 
 def _on_first_iteration(engine: Engine, action: Callable[[], Any]) -> None:

@@ -23,8 +23,6 @@ from typing import Any
 
 import numpy as np
 
-# (until scripts/robustness_sweep.py imports it from agi_monai.bundle.run_folder, where it now lives)
-from agi_monai.bundle.run_folder import remove_earlier_outputs  # noqa: F401
 from agi_monai.data import DataError, Failure, atomic_output, write_json
 from agi_monai.evaluation.protocols import METRIC_NAMES, Protocol, ProtocolResult
 
