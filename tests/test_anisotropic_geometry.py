@@ -9,8 +9,6 @@ derived DICOM series written from it against GDCM's reading and pydicom's PixelS
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -20,8 +18,8 @@ import SimpleITK as sitk
 from agi_monai.data import write_dicom_series
 from agi_monai.data.dicom import write_derived_series
 from agi_monai.data.volumes import load_volume, metatensor_to_sitk, sitk_to_metatensor
+from helpers import DATA
 
-DATA = Path(__file__).resolve().parent / "data"  # the shipped real samples (tests/data/README.md)
 NATIVE_T2 = DATA / "tcga-lgg" / "TCGA-FG-6692-native" / "t2.nii.gz"
 SPACING = (0.9, 1.3, 5.5)  # x (between columns), y (between rows), z
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -17,8 +17,8 @@ import SimpleITK as sitk
 
 from agi_monai.data import write_dicom_series
 from agi_monai.data.dicom import write_derived_series
+from helpers import DATA
 
-DATA = Path(__file__).resolve().parent / "data"  # the shipped real samples (tests/data/README.md)
 NATIVE_T2 = DATA / "tcga-lgg" / "TCGA-FG-6692-native" / "t2.nii.gz"
 
 # keyword -> the value set on the reference series (as pydicom writes it back as text)

@@ -10,8 +10,6 @@ the stacked inputs.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from monai.data import MetaTensor
@@ -19,8 +17,8 @@ from monai.transforms import Compose, ConcatItemsd
 
 from agi_monai.data.transforms import AddForegroundMaskd, AlignToReferenced, LoadVolumed, ScaleIntensityToPercentiled
 from agi_monai.evaluation import brain_mask
+from helpers import DATA
 
-DATA = Path(__file__).resolve().parent / "data"  # the shipped real samples (tests/data/README.md)
 NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
 INPUTS = ["T2", "FLAIR"]
 

@@ -9,8 +9,6 @@ only, so a dropped residual or skip in the module makes the two disagree.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -19,8 +17,8 @@ import torch.nn.functional as F
 
 from agi_monai.networks import CAGR, ResUNet
 from agi_monai.networks.blocks import ResBlock
+from helpers import DATA
 
-DATA = Path(__file__).resolve().parent / "data"  # the shipped real samples (tests/data/README.md)
 GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-"
 CHANNELS = (8, 16, 32, 64)
 NUM_RES_BLOCKS = 2
@@ -64,7 +62,8 @@ def _unetres_forward(x: torch.Tensor, w: dict[str, torch.Tensor], n: int) -> tor
 
 def test_resunet_matches_an_independent_unetres_forward_on_a_brats_slice():
     torch.manual_seed(0)
-    network = ResUNet(2, in_channels=2, out_channels=1, channels=CHANNELS, num_res_blocks=NUM_RES_BLOCKS).double().eval()
+    network = ResUNet(2, in_channels=2, out_channels=1, channels=CHANNELS, num_res_blocks=NUM_RES_BLOCKS)
+    network = network.double().eval()
     weights = {name: value.detach() for name, value in network.state_dict().items()}
     # Every weight is read by the functional forward: none of the module's parameters is left out of it.
     expected_names = {"head.weight", "tail.weight"}

@@ -14,8 +14,6 @@ updates.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -24,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from agi_monai.engines import Pix2PixTrainer
+from helpers import DATA
 
-DATA = Path(__file__).resolve().parent / "data"  # the shipped real samples (tests/data/README.md)
 GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-"
 LR, L1_WEIGHT = 0.1, 100.0
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
@@ -33,7 +31,8 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 @pytest.fixture(scope="module")
 def batch() -> dict[str, torch.Tensor]:
-    """Three real axial slices (central 48×48) of BraTS-GLI-00001-000: inputs (T1, T2), target FLAIR, each in [0, 1]."""
+    """Three real axial slices (central 48×48) of BraTS-GLI-00001-000: inputs (T1, T2), target FLAIR, each scaled
+    to [0, 1]."""
     def planes(contrast: str) -> np.ndarray:
         volume = np.asarray(nib.load(f"{GLI}{contrast}.nii.gz").dataobj[96:144, 96:144, 65:90:12], dtype=np.float32)
         return np.moveaxis(volume / volume.max(), -1, 0)[:, None]  # (3, 1, 48, 48)
@@ -112,8 +111,8 @@ def test_one_iteration_steps_d_then_g_by_the_pix2pix_gradients(batch):
 
 
 def test_real_pairs_are_labelled_real_and_fake_pairs_fake_in_d_loss(batch):
-    # A discriminator that is right: logits 2a·(contrast channel) + a, so ≥ a on the real pairs (target in [0, 1]) and
-    # -a on the fake ones (the generator gives -1 everywhere). pix2pix's labels give it a small loss,
+    # A discriminator that is right: logits 2a·(contrast channel) + a, so ≥ a on the real pairs (target in [0, 1])
+    # and -a on the fake ones (the generator gives -1 everywhere). pix2pix's labels give it a small loss,
     # ½·[mean softplus(-real logits) + softplus(-a)] < 0.05; real and fake labels swapped would give more than 3.
     generator = nn.Conv2d(2, 1, 1)
     with torch.no_grad():
