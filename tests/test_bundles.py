@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.handlers import StatsHandler, ValidationHandler
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 from monai.bundle.properties import InferProperties, TrainProperties
@@ -32,7 +33,7 @@ from monai.utils import optional_import
 
 from agi_monai.bundle import (
     FolderSynthesis, NonFiniteTrainingError, StopOnNonFiniteTraining, TrainingSummary, check_command_line, load_split,
-    loss_terms, report_failures, slice_names,
+    loss_terms, rank_handlers, report_failures,
 )
 from agi_monai.data import Failure, nifti_is_complete, synthetic_description
 from agi_monai.networks import AGINet
@@ -338,12 +339,16 @@ def test_load_split_reads_a_datalist_split(tmp_path):
     assert load_split(tmp_path / "datalist.json", "test", ["T1"]) == []
 
 
-def test_loss_terms_and_slice_names():
+def test_loss_terms_and_rank_handlers(monkeypatch):
     output = {"pred": torch.zeros(2, 1, 4, 4), "loss": 3.0, "g_loss": 3.0, "d_loss": 0.5}
     assert loss_terms(output) == {"g_loss": 3.0, "d_loss": 0.5} == loss_terms([output, output])
-    batch = {"case_id": ["a", "b"], "slice_index": torch.tensor([3, 7])}
-    names = [n["filename_or_obj"] for n in slice_names(batch)]
-    assert names == ["a#3", "b#7"] == [n["filename_or_obj"] for n in slice_names([{"case_id": "a", "slice_index": 3}, {"case_id": "b", "slice_index": 7}])]
+    # multi_gpu_train.json's train handlers: all on rank 0, only the validation and the non-finite stop elsewhere
+    validation = ValidationHandler(1, validator=None)
+    stop, stats = StopOnNonFiniteTraining({"generator": torch.nn.Linear(1, 1)}, "models"), StatsHandler()
+    assert rank_handlers([stats, validation, stop]) == [stats, validation, stop]  # no process group: one process
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    assert rank_handlers([stats, validation, stop]) == [validation, stop]
 
 
 def test_folder_synthesis_reports_any_error_and_goes_on(tmp_path):

@@ -20,8 +20,8 @@ from agi_monai.bundle.handlers import (
     TrainingSummary,
     log_iterations,
     loss_terms,
+    rank_handlers,
     run_training,
-    slice_names,
 )
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
 
@@ -43,6 +43,6 @@ __all__ = [
     "log_iterations",
     "loss_terms",
     "report_failures",
+    "rank_handlers",
     "run_training",
-    "slice_names",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
-from monai.utils import ImageMetaKey
+from monai.handlers import ValidationHandler
 from torch import nn
 
 from agi_monai.data import stopping_cleanly_on_sigterm
@@ -28,8 +28,8 @@ __all__ = [
     "TrainingSummary",
     "log_iterations",
     "loss_terms",
+    "rank_handlers",
     "run_training",
-    "slice_names",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -60,14 +60,16 @@ def log_iterations(interval: int) -> Callable[[Engine, int], bool]:
     return logged
 
 
-def slice_names(batch: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """Names ``<case_id>#<slice_index>`` for the rows of ``MetricsSaver``'s per-image CSV, from slice items
-    (:class:`agi_monai.data.SliceDataset` has no image metadata to take file names from)."""
-    if isinstance(batch, Mapping):
-        items = [{"case_id": c, "slice_index": s} for c, s in zip(batch["case_id"], batch["slice_index"])]
-    else:
-        items = list(batch)
-    return [{ImageMetaKey.FILENAME_OR_OBJ: f"{item['case_id']}#{int(item['slice_index'])}"} for item in items]
+def rank_handlers(handlers: Sequence[Any]) -> list[Any]:
+    """``multi_gpu_train.json``'s train handlers of this process: all of them on rank 0 (or without ``torchrun``); on
+    the other ranks only those every rank must run alike: the validation (its evaluator is distributed) and the
+    non-finite stop (one rank stopping alone would leave the others waiting in their next all-reduce). Logging,
+    TensorBoard and checkpoints are rank 0's."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        return list(handlers)
+    return [handler for handler in handlers if isinstance(handler, (ValidationHandler, StopOnNonFiniteTraining))]
 
 
 class EvaluatorProgressBar(ProgressBar):
