@@ -106,9 +106,11 @@ _SUBMODULES: dict[str, tuple[str, ...]] = {
         "RandShiftChanneld",
         "ScaleIntensityToPercentiled",
         "is_synthetic_nifti",
+        "network_grid_transforms",
         "preprocessing_transforms",
         "restore_geometry_transforms",
         "spacing_mismatch",
+        "stacked_input_transforms",
         "synthetic_description",
     ),
     "volumes": (

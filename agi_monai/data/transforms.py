@@ -40,7 +40,9 @@ from monai.transforms import (
     ConcatItemsd,
     DeleteItemsd,
     DivisiblePadd,
+    EnsureChannelFirstd,
     Invertd,
+    LoadImaged,
     MapTransform,
     Orientationd,
     RandomizableTransform,
@@ -48,6 +50,7 @@ from monai.transforms import (
     SaveImaged,
     ScaleIntensityRange,
     SpatialPadd,
+    SplitDimd,
 )
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 
@@ -74,8 +77,10 @@ __all__ = [
     "NameAfterCased",
     "RandShiftChanneld",
     "RandRigidMisalignChanneld",
+    "network_grid_transforms",
     "preprocessing_transforms",
     "restore_geometry_transforms",
+    "stacked_input_transforms",
     "spacing_mismatch",
     "is_synthetic_nifti",
     "synthetic_description",
@@ -708,16 +713,7 @@ def preprocessing_transforms(
     outputs = ["image"] + (["target"] if target else []) + ["mask"] + labels
 
     def spatial(keys: list[str], allow_missing_keys: bool = False) -> list[Any]:
-        return [
-            Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=allow_missing_keys),
-            *(
-                [ResizeWithPadOrCropd(keys, spatial_size=(*spatial_size, -1), allow_missing_keys=allow_missing_keys)]
-                if crop else [
-                    SpatialPadd(keys, spatial_size=(*spatial_size, -1), allow_missing_keys=allow_missing_keys),
-                    DivisiblePadd(keys, k=(size_multiple, size_multiple, 1), allow_missing_keys=allow_missing_keys),
-                ]
-            ),
-        ]
+        return network_grid_transforms(keys, spatial_size, crop, size_multiple, allow_missing_keys)
 
     stacking = [ConcatItemsd(inputs, "image")] + ([ConcatItemsd([target], "target")] if target else [])
     return Compose(
@@ -736,6 +732,45 @@ def preprocessing_transforms(
             RestrictToCoveraged(COVERAGE_KEY, "mask", coverage, target, min_slice_coverage, min_input_coverage),
         ]
     )
+
+
+def network_grid_transforms(
+    keys: list[str], spatial_size: Sequence[int], crop: bool = True, size_multiple: int = 8,
+    allow_missing_keys: bool = False,
+) -> list[Any]:
+    """The volumes' geometry for the networks: RAS, then each slice cropped or padded to ``spatial_size``, centred
+    (``crop``), or padded to at least ``spatial_size`` and to a multiple of ``size_multiple`` (inference: a larger
+    slice is kept whole). One place for :func:`preprocessing_transforms` and :func:`stacked_input_transforms`, whose
+    inverses (``Invertd``) restore the input's grid."""
+    if crop:
+        fit = [ResizeWithPadOrCropd(keys, spatial_size=(*spatial_size, -1), allow_missing_keys=allow_missing_keys)]
+    else:
+        fit = [
+            SpatialPadd(keys, spatial_size=(*spatial_size, -1), allow_missing_keys=allow_missing_keys),
+            DivisiblePadd(keys, k=(size_multiple, size_multiple, 1), allow_missing_keys=allow_missing_keys),
+        ]
+    return [Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=allow_missing_keys), *fit]
+
+
+def stacked_input_transforms(
+    inputs: Sequence[str], spatial_size: Sequence[int], upper_percentile: float = 99.5, size_multiple: int = 8
+) -> Compose:
+    """``inference.json``'s ``pre_transforms`` (MONAI Label's): one file of the ``inputs`` stacked along its last axis
+    (checked: :class:`CheckStackedContrastsd`) -> ``"image"`` (C, H, W, D), each contrast scaled to its
+    ``upper_percentile`` as :func:`preprocessing_transforms` scales it, on the inference grid
+    (:func:`network_grid_transforms` with ``crop=False``). Registration and the brain mask are left out: the contrasts
+    of one file share one grid."""
+    channels = [f"image_{contrast}" for contrast in inputs]
+    return Compose([
+        LoadImaged("image", image_only=True, dtype=np.float32),
+        CheckStackedContrastsd("image", inputs),
+        EnsureChannelFirstd("image", channel_dim=-1),
+        SplitDimd("image", output_postfixes=list(inputs), keepdim=True),
+        ScaleIntensityToPercentiled(channels, upper_percentile),
+        ConcatItemsd(channels, "image"),
+        DeleteItemsd(channels),
+        *network_grid_transforms(["image"], spatial_size, crop=False, size_multiple=size_multiple),
+    ])
 
 
 def restore_geometry_transforms(
