@@ -203,3 +203,25 @@ def test_3d_validation_measures_only_the_slices_the_target_covers(slab):
     assert CropToMaskSlabd(["label"])({"label": whole["target"], "mask": thin})["label"].shape[-1] == 11
     empty = CropToMaskSlabd(["label"])({"label": whole["target"], "mask": torch.zeros_like(whole["mask"])})
     assert empty["label"].shape[-1] == 80
+
+
+@pytest.mark.parametrize("shift_mm", [None, 300.0], ids=["identity affine", "moved 30 cm"])
+def test_a_label_map_whose_header_places_it_off_the_images_is_refused(tmp_path, shift_mm):
+    """The shipped TCGA tumour label saved with an identity affine (as a tool that drops the header writes it), or
+    moved 30 cm: resampled onto the images, its labels vanished and the case was scored as one without tumour."""
+    case = DATA / "tcga-lgg" / "TCGA-FG-6692"
+    label = nib.load(case / "mav.nii.gz")
+    affine = np.eye(4) if shift_mm is None else label.affine.copy()
+    if shift_mm is not None:
+        affine[0, 3] += shift_mm
+    moved = tmp_path / "mav-moved.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), affine), moved)
+    item = {"case_id": "TCGA-FG-6692", "T1": str(case / "OtherEXampleFromTCIA_t1_bet.nii.gz"),
+            "T2": str(case / "OtherEXampleFromTCIA_t2_bet.nii.gz"), "seg": str(moved)}
+    chain = preprocessing_transforms(["T1", "T2"], None, (240, 240), labels=("seg",), **HEADER)
+    with pytest.raises(RuntimeError) as refused:  # (MONAI's Compose wraps what a transform raises)
+        build_volume_dataset([item], chain)[0]
+    reason = failure_reason(refused.value)
+    assert reason.startswith(f"{moved}: labels ") and " mm³, of which 0 mm³ fall on the grid of " in reason, reason
+    assert reason.endswith("(expected a label map on its case's images (the header geometry of the images it was "
+                           "drawn on))"), reason

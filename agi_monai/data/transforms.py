@@ -110,6 +110,24 @@ def _labels_its_faces(label: Any) -> bool:
     return any(bool(values.select(axis, index).any()) for axis in range(3) for index in (0, -1))
 
 
+def _labelled_volume(image: sitk.Image) -> float:
+    """mm³ of the nonzero voxels of a label map."""
+    return float(np.count_nonzero(sitk.GetArrayViewFromImage(image))) * float(np.prod(image.GetSpacing()))
+
+
+def _check_labels_kept(label: sitk.Image, resampled: sitk.Image, source: str, reference: str) -> None:
+    """Refuses a label map most of whose labels fall outside the reference grid once resampled onto it: a map whose
+    header places it elsewhere (an identity affine written by a tool) was resampled to an empty map and scored as a
+    case without tumour. (Nearest-neighbour resampling onto another spacing moves the volume by a few per cent.)"""
+    before, after = _labelled_volume(label), _labelled_volume(resampled)
+    if before > 0 and after < 0.5 * before:
+        raise DataError(
+            source, f"labels {before:.0f} mm³, of which {after:.0f} mm³ fall on the grid of {reference}: its header "
+                    "places most of them outside the case's images",
+            "a label map on its case's images (the header geometry of the images it was drawn on)",
+        )
+
+
 def _source(volume: Any, key: Hashable) -> str:
     return volume.meta.get("filename_or_obj", str(key)) if isinstance(volume, MetaTensor) else str(key)
 
@@ -289,6 +307,8 @@ class AlignToReferenced(MapTransform):
                 transform, matrices[key] = result.transform, result.matrix_ras
             interpolation = "nearest" if key in self.label_keys else "linear"
             resampled = resample_to_reference(moving_image, reference_image, transform, interpolation)
+            if key in self.label_keys:
+                _check_labels_kept(moving_image, resampled, _source(moving, key), _source(reference, self.reference_key))
             if self.coverage_key is not None and not (reordered and transform is None):
                 # SimpleITK arrays are (z, y, x), the MetaTensors (x, y, z)
                 coverage = coverage_mask(moving_image, reference_image, transform)
