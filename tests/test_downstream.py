@@ -507,3 +507,44 @@ def test_the_summary_description_names_both_checkpoints_and_the_synthesis_overri
     assert default["synthesis_checkpoint"] == synthesis + "/models/model.pt"
     files = description(synthesis_bundle=synthesis, synthesized_dir=str(tmp_path))  # no generator is run
     assert files["synthesis"] == str(tmp_path) and files["synthesis_checkpoint"] == files["synthesis_overrides"] == ""
+
+
+# ------------------------------------------------------------------------------------------- skipped cases
+
+
+def _cases_with_one_unlabelled(folder: Path) -> Path:
+    """The shipped labelled case, and the same four contrasts under another name without a label map."""
+    (folder / TCGA.name).mkdir(parents=True)
+    (folder / "nolabel").mkdir()
+    for file in TCGA.iterdir():
+        (folder / TCGA.name / file.name).symlink_to(file)
+        if file.name != MAV.name:
+            (folder / "nolabel" / file.name.replace("OtherEXampleFromTCIA", "nolabel")).symlink_to(file)
+    return folder
+
+
+def test_a_case_without_a_label_reaches_the_summary_as_failed(tmp_path, capsys):
+    """Before: evaluate.json read its cases with load_split, which drops discovery's failures, and the evaluator never
+    knew: a case without seg disappeared from the downstream results, reported nowhere but in the log."""
+    cases = _cases_with_one_unlabelled(tmp_path / "cases")
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(cases), "network_def#init_filters": 8})
+    parser.parse()
+    assert [case["case_id"] for case in parser.get_parsed_content("evaluate#datalist")] == ["OtherEXampleFromTCIA"]
+    (skipped,) = parser.get_parsed_content("evaluate#evaluator#skipped")
+    assert (skipped.case_id, skipped.reason) == ("nolabel", "missing seg (found FLAIR, T1, T1Gd, T2)")
+
+    evaluator = DownstreamEvaluator("cpu", Dataset([_toy_case()]), ThresholdSegmenter(), SimpleInferer(),
+                                    tmp_path / "out", ["real"], skipped=[skipped])
+    evaluator.run()
+    summary = json.loads((tmp_path / "out" / DOWNSTREAM_JSON).read_text())
+    assert summary["case_ids"] == ["toy"]
+    assert summary["failed"] == [{"case_id": "nolabel", "reason": "missing seg (found FLAIR, T1, T1Gd, T2)"}]
+    assert "- nolabel: missing seg (found FLAIR, T1, T1Gd, T2)" in (tmp_path / "out" / DOWNSTREAM_MD).read_text()
+    assert "evaluated 1 of 2 cases" in capsys.readouterr().out
+    evaluator.run()  # a second run lists it once
+    assert len(json.loads((tmp_path / "out" / DOWNSTREAM_JSON).read_text())["failed"]) == 1
+    with pytest.raises(ValueError, match=r"no case to evaluate: the 1 cases found were skipped \(nolabel: missing seg"):
+        DownstreamEvaluator("cpu", Dataset([]), ThresholdSegmenter(), SimpleInferer(), tmp_path, ["real"],
+                            skipped=[skipped])

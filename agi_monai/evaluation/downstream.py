@@ -67,15 +67,18 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
+from agi_monai.bundle.data import DATALIST_NAME
 from agi_monai.bundle.experiment import infer_case, synthesize_volume
 from agi_monai.bundle.registry import read_bundle
 from agi_monai.data import (
     DataError,
+    Discovery,
     Failure,
     atomic_output,
     build_volume_dataset,
     canonical_contrast,
     choose_reference,
+    discover_cases,
     load_volume,
     metatensor_to_sitk,
     preprocessing_transforms,
@@ -106,6 +109,7 @@ __all__ = [
     "downstream_bar_chart",
     "downstream_dataset",
     "downstream_markdown",
+    "labelled_split",
     "load_synthesizer",
     "region_dice",
     "regions_to_label",
@@ -331,6 +335,31 @@ class AttachSynthesizedd(MapTransform):
             )
         item[SYNTHESIZED_KEY] = str(path)
         return item
+
+
+def labelled_split(source: str | Path, split: str, contrasts: Sequence[str]) -> Discovery:
+    """The cases of one split that have every contrast of ``contrasts`` (the inputs and the label map), and those it
+    leaves out with the reason: ``evaluate.json``'s ``evaluate#discovery``, whose ``failures`` reach
+    :class:`DownstreamEvaluator` (``skipped``) and so its summary's failed cases. :func:`agi_monai.bundle.load_split`
+    reads ``source`` the same way (a JSON datalist, a folder holding ``datalist.json``, or a plain folder whose cases
+    serve as every split, with a warning) but keeps only the cases: a labelled case without ``seg`` disappeared from
+    the results unreported (logged by discovery among the preprocessing's messages).
+
+    Raises:
+        DataError: ``source`` does not exist or is not a datalist with ``split``.
+    """
+    source = Path(source)
+    if source.is_dir() and (source / DATALIST_NAME).is_file():
+        source = source / DATALIST_NAME
+    if source.is_dir():
+        discovery = discover_cases(source, required=contrasts)
+        if discovery.cases:
+            _logger.warning(
+                "%s has no %s: its %d cases serve as the %r split (and as every other split)",
+                source, DATALIST_NAME, len(discovery.cases), split,
+            )
+        return discovery
+    return discover_cases(source, required=contrasts, split=split)
 
 
 def downstream_dataset(
@@ -560,6 +589,12 @@ class DownstreamEvaluator(CaseEvaluator):
         val_handlers: Ignite/MONAI handlers, attached after the evaluator's own writer.
         amp: autocast on CUDA.
         num_workers: processes preprocessing cases ahead of the network.
+        skipped: cases left out before the dataset was built (:func:`labelled_split`'s ``failures``: no label map,
+            a missing contrast...), listed among the failed cases of the summary with their reasons.
+
+    Raises:
+        ValueError: conditions, ``missing_contrast`` or a synthesizer that do not fit, or no case to evaluate
+            (naming the skipped ones).
     """
 
     def __init__(
@@ -579,8 +614,15 @@ class DownstreamEvaluator(CaseEvaluator):
         val_handlers: Sequence | None = None,
         amp: bool = False,
         num_workers: int = 0,
+        skipped: Sequence[Failure] = (),
     ) -> None:
         conditions = list(conditions)
+        self.skipped = list(skipped)
+        if len(dataset) == 0 and self.skipped:
+            raise ValueError(
+                f"no case to evaluate: the {len(self.skipped)} cases found were skipped "
+                f"({'; '.join(map(str, self.skipped))})"
+            )
         if not conditions or any(c not in CONDITIONS for c in conditions) or len(set(conditions)) < len(conditions):
             raise ValueError(f"conditions {conditions}: expected distinct names among {list(CONDITIONS)}")
         self.inputs = tuple(canonical_contrast(c) for c in inputs)
@@ -608,6 +650,10 @@ class DownstreamEvaluator(CaseEvaluator):
         self.mean_value = mean_value
         self.threshold = threshold
         self.post = Compose([Activations(sigmoid=True), AsDiscrete(threshold=threshold)])
+
+    def _reset(self, engine: Engine) -> None:
+        super()._reset(engine)
+        self.failures = list(self.skipped)  # logged by discovery already
 
     def record(self, case_id: str, measured: list[dict[str, Any]]) -> dict[str, Any]:
         for row in measured:
