@@ -548,3 +548,41 @@ def test_a_case_without_a_label_reaches_the_summary_as_failed(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"no case to evaluate: the 1 cases found were skipped \(nolabel: missing seg"):
         DownstreamEvaluator("cpu", Dataset([]), ThresholdSegmenter(), SimpleInferer(), tmp_path, ["real"],
                             skipped=[skipped])
+
+
+def test_a_segmenter_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tmp_path):
+    """Before: downstream_dice.py --segmentation_checkpoint with a synthesis bundle's model.pt (or a segmenter of other
+    widths) ended on MONAI's traceback "Failed to evaluate ConfigExpression", exit 1, the file unnamed. evaluate.json
+    now loads the weights in an initialize step (agi_monai.engines.load_weights), before any case is read."""
+    from agi_monai.data.errors import innermost_cause
+    from agi_monai.networks import AGINet
+    from monai.networks.nets import SegResNet
+
+    generator = tmp_path / "generator.pt"
+    torch.save(AGINet(in_channels=3, channels=[8, 16, 16, 32]).state_dict(), generator)
+    cases = _cases_with_one_unlabelled(tmp_path / "cases")
+    result = subprocess.run(
+        [sys.executable, "scripts/downstream_dice.py", "--dataset_dir", str(cases), "--output_dir", str(tmp_path / "out"),
+         "--segmentation_checkpoint", str(generator), "--conditions", "['real']", "--segmentation_overrides", str(TINY)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"downstream_dice.py: error: {generator}: does not fit SegResNet of this config: ")
+    assert line.endswith("its init_filters too, which scripts/downstream_dice.py takes in --segmentation_overrides)")
+
+    narrower = tmp_path / "segmenter8.pt"  # init_filters 8, loaded into the config's 16
+    torch.save(SegResNet(3, init_filters=8, in_channels=4, out_channels=3, blocks_down=[1, 2, 2, 4],
+                         blocks_up=[1, 1, 1]).state_dict(), narrower)
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(cases), "ckpt_path": str(narrower)})
+    parser.parse()
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("initialize")
+    error = innermost_cause(raised.value)
+    assert isinstance(error, DataError) and str(error).startswith(
+        f"{narrower}: does not fit SegResNet of this config: 82 tensor(s) of another shape (e.g. convInit.conv.weight "
+        "(8, 4, 3, 3, 3) in the file, (16, 4, 3, 3, 3) here)"
+    )
