@@ -210,7 +210,8 @@ class ChannelCopy(torch.nn.Module):
 
 def _evaluate(network, tmp_path, conditions=CONDITIONS, **options):
     case = _toy_case()
-    synthesizer = SliceSynthesizer(ChannelCopy(), ["T1", "T2", "FLAIR"], "T1Gd", slices_per_batch=4)
+    synthesizer = options.pop("synthesizer", None) or SliceSynthesizer(ChannelCopy(), ["T1", "T2", "FLAIR"], "T1Gd",
+                                                                        slices_per_batch=4)
     evaluator = DownstreamEvaluator(
         "cpu", Dataset([case]), network, SimpleInferer(), tmp_path, conditions, "T1Gd", synthesizer=synthesizer,
         description={"case": "toy"}, **options,
@@ -586,3 +587,62 @@ def test_a_segmenter_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tmp_pat
         f"{narrower}: does not fit SegResNet of this config: 82 tensor(s) of another shape (e.g. convInit.conv.weight "
         "(8, 4, 3, 3, 3) in the file, (16, 4, 3, 3, 3) here)"
     )
+
+
+# ----------------------------------------------------------------------------------- where 'synthesized' comes from
+
+
+def test_the_synthesized_condition_without_a_synthesizer_or_files_is_refused(tmp_path):
+    """Before: conditions with 'synthesized' and neither a synthesis bundle nor synthesized_dir failed every case at
+    run time, and the run ended with status 0 and a summary of NaN."""
+    from agi_monai.data.errors import innermost_cause
+
+    with pytest.raises(ValueError, match="condition 'synthesized' needs the synthesized contrast: a synthesizer"):
+        DownstreamEvaluator("cpu", Dataset([_toy_case()]), ThresholdSegmenter(), SimpleInferer(), tmp_path / "out",
+                            ["real", "synthesized"], "T1Gd")
+    assert not (tmp_path / "out").exists()
+    cases = _cases_with_one_unlabelled(tmp_path / "cases")
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(cases), "network_def#init_filters": 8,
+                   "conditions": ["real", "synthesized"]})
+    parser.parse()
+    with pytest.raises(Exception) as raised:  # evaluate.json, before any case is read
+        parser.get_parsed_content("evaluate#evaluator")
+    assert "needs the synthesized contrast" in str(innermost_cause(raised.value))
+    # accepted with synthesized files (downstream_dataset attaches them), or items that carry the contrast
+    (case,) = discover_cases(TCGA.parent, required=["T1Gd", "T1", "T2", "FLAIR", "seg"]).cases
+    files = downstream_dataset([case], synthesized_dir=tmp_path / "synth", missing_contrast="T1Gd")
+    DownstreamEvaluator("cpu", files, ThresholdSegmenter(), SimpleInferer(), tmp_path, ["synthesized"], "T1Gd")
+    carried = Dataset([{**_toy_case(), "synthesized": torch.zeros(1, 10, 10, 4)}])
+    DownstreamEvaluator("cpu", carried, ThresholdSegmenter(), SimpleInferer(), tmp_path, ["synthesized"], "T1Gd")
+
+
+def test_a_3d_synthesis_bundle_synthesizes_through_its_own_inferer(tmp_path):
+    """Before: load_synthesizer wrapped every generator in the 2D slice loop, and with the 3D bundle every case failed
+    on a channel error. An untrained small 3D AGI-Net on a region of the shipped case, against the same network run
+    through MONAI's sliding window with the bundle's settings."""
+    from monai.inferers import SlidingWindowInferer
+
+    from agi_monai.evaluation.downstream import VolumeSynthesizer, load_synthesizer, segmentation_preprocessing
+    from agi_monai.networks import AGINet
+
+    torch.manual_seed(0)
+    generator = AGINet(spatial_dims=3, in_channels=3, channels=[8, 16, 16, 32]).eval()
+    torch.save(generator.state_dict(), tmp_path / "generator3d.pt")
+    overrides = {"network_def#channels": [8, 16, 16, 32], "patch_size": [32, 32, 32], "patches_per_batch": 2}
+    synthesizer = load_synthesizer(ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd_3d", tmp_path / "generator3d.pt",
+                                   json.dumps(overrides))
+    assert isinstance(synthesizer, VolumeSynthesizer)
+    assert (synthesizer.inputs, synthesizer.target) == (("T1", "T2", "FLAIR"), "T1Gd")
+    (case,) = discover_cases(TCGA, required=["T1Gd", "T1", "T2", "FLAIR"]).cases
+    image = segmentation_preprocessing(label_key=None)(case)["image"].as_tensor()
+    region = image[1:, 130:178, 128:176, 60:92]  # T1, T2, FLAIR; 48x48x32 through the tumour
+    synthesized = synthesizer(region)
+    with torch.no_grad():
+        expected = SlidingWindowInferer([32, 32, 32], 2, overlap=0.25, mode="gaussian")(region[None], generator)[0]
+    assert synthesized.shape == (1, 48, 48, 32) and 0 <= synthesized.min() and synthesized.max() <= 1
+    torch.testing.assert_close(synthesized, expected.clamp(0, 1), atol=1e-5, rtol=1e-5)
+    # in the evaluator: the synthesized condition is measured, not failed
+    _, evaluator = _evaluate(ThresholdSegmenter(), tmp_path, ["real", "synthesized"], synthesizer=synthesizer)
+    assert evaluator.failures == [] and [row["condition"] for row in evaluator.rows] == ["real", "synthesized"]

@@ -8,7 +8,8 @@ under four **conditions** of the contrast under test (the *missing* contrast, e.
 - ``"real"``: all four acquired contrasts;
 - ``"synthesized"``: the missing contrast replaced by a synthesized one, either made here by a synthesis
   bundle's 2D generator applied to each axial slice of the case's other contrasts (:class:`SliceSynthesizer`,
-  :func:`load_synthesizer`), or read from NIfTI files a synthesis bundle's ``inference.json`` already wrote
+  :func:`load_synthesizer`) or by a 3D bundle's generator through its own sliding-window inferer
+  (:class:`VolumeSynthesizer`), or read from NIfTI files a synthesis bundle's ``inference.json`` already wrote
   (``<case_id>_<contrast>.nii.gz``, :class:`AttachSynthesizedd`);
 - ``"zero_imputed"``: the missing contrast set to 0 everywhere;
 - ``"mean_imputed"``: the missing contrast set, inside the case's brain mask, to one value, by default the mean of the
@@ -105,6 +106,7 @@ __all__ = [
     "DownstreamEvaluator",
     "LabelConvention",
     "SliceSynthesizer",
+    "VolumeSynthesizer",
     "condition_image",
     "downstream_bar_chart",
     "downstream_dataset",
@@ -437,6 +439,41 @@ class SliceSynthesizer:
         return synthesize_volume(self.network, image, self.device, self.slices_per_batch, self.amp)
 
 
+class VolumeSynthesizer(SliceSynthesizer):
+    """A 3D synthesis bundle's generator (e.g. ``bundles/brats_t1_t2_flair_to_t1gd_3d``) applied to a case's whole
+    input volume through the bundle's own ``inferer`` (its ``inference.json``'s ``SlidingWindowInferer`` over
+    ``patch_size`` patches), clipped to [0, 1] as its ``inference.json`` writes it. Called like
+    :class:`SliceSynthesizer`: (C, H, W, D) inputs in :attr:`inputs` order -> (1, H, W, D).
+
+    Args:
+        network: the 3D generator, weights loaded.
+        inputs: its input contrasts in channel order.
+        target: the contrast it synthesizes.
+        inferer: the bundle's inferer, called with a batch of one (1, C, H, W, D).
+        device: where the generator runs.
+        amp: autocast on CUDA.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inputs: Sequence[str],
+        target: str,
+        inferer: Inferer,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+    ) -> None:
+        super().__init__(network, inputs, target, device=device, amp=amp)
+        self.inferer = inferer
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = torch.as_tensor(image)
+        if image.ndim != 4 or image.shape[0] != len(self.inputs):
+            expected = f"({len(self.inputs)}, H, W, D): {', '.join(self.inputs)}"
+            raise ValueError(f"inputs of shape {tuple(image.shape)}; expected {expected}")
+        return infer_case(self.network, self.inferer, image, self.device, self.amp).clamp(0.0, 1.0)
+
+
 def load_synthesizer(
     bundle: str | Path,
     checkpoint: str | Path | None = None,
@@ -445,7 +482,9 @@ def load_synthesizer(
     amp: bool = False,
 ) -> SliceSynthesizer:
     """The generator of a synthesis bundle (its ``inference.json``'s ``network_def``, ``inputs``, ``target``,
-    ``slices_per_batch``) with trained weights, as a :class:`SliceSynthesizer`.
+    ``slices_per_batch``) with trained weights, as a :class:`SliceSynthesizer`; that of a 3D bundle
+    (``network_def#spatial_dims`` 3) as a :class:`VolumeSynthesizer` with the bundle's ``inferer`` (before, a 3D
+    generator was wrapped in the 2D slice loop too, and every case failed on a channel error).
 
     Args:
         bundle: the synthesis bundle's folder (e.g. ``bundles/brats_t1_t2_flair_to_t1gd``).
@@ -474,6 +513,10 @@ def load_synthesizer(
     )
     network = load_weights(parser.get_parsed_content("network_def"), checkpoint, "cpu", expected)
     _logger.info("synthesis: %s (%s -> %s) with %s", info.name, ", ".join(info.inputs), info.target, checkpoint)
+    if int(parser.get("network_def#spatial_dims", info.spatial_dims)) == 3:
+        return VolumeSynthesizer(
+            network.to(device), info.inputs, info.target, parser.get_parsed_content("inferer"), device, amp
+        )
     return SliceSynthesizer(
         network.to(device), info.inputs, info.target, int(parser.get("slices_per_batch", 16)), device, amp
     )
@@ -581,8 +624,10 @@ class DownstreamEvaluator(CaseEvaluator):
         conditions: any of :data:`CONDITIONS`, in table order.
         missing_contrast: the contrast under test; needed by every condition but ``"real"``.
         inputs: the network's channels in order.
-        synthesizer: makes the ``"synthesized"`` condition's contrast from the others (:class:`SliceSynthesizer`);
-            None to read it from the item's ``"synthesized"`` (:class:`AttachSynthesizedd`).
+        synthesizer: makes the ``"synthesized"`` condition's contrast from the others (:class:`SliceSynthesizer`,
+            :class:`VolumeSynthesizer`); None to read it from the item's ``"synthesized"`` (:class:`AttachSynthesizedd`).
+            With the ``"synthesized"`` condition one of the two must be there: it is refused here otherwise (before,
+            every case failed at run time and the run ended with status 0 and a summary of NaN).
         mean_value: the ``"mean_imputed"`` condition's value; None for each case's mean over its brain mask.
         threshold: on the sigmoid of each region's logit.
         description: written at the top of the summary (segmenter, synthesis bundle, data...).
@@ -631,6 +676,12 @@ class DownstreamEvaluator(CaseEvaluator):
             raise ValueError(
                 f"missing_contrast {missing_contrast!r}: conditions {conditions} replace one of the network's "
                 f"inputs {list(self.inputs)}; name it"
+            )
+        if "synthesized" in conditions and synthesizer is None and not _reads_synthesized_files(dataset):
+            raise ValueError(
+                "condition 'synthesized' needs the synthesized contrast: a synthesizer (a synthesis bundle's "
+                "generator: evaluate.json's synthesis_bundle, scripts/downstream_dice.py's --synthesis_bundle) or "
+                "synthesized files (synthesized_dir, --synthesized_dir); neither was given"
             )
         if synthesizer is not None:
             synthesis_inputs = tuple(getattr(synthesizer, "inputs", ()))
@@ -698,6 +749,20 @@ class DownstreamEvaluator(CaseEvaluator):
             for metric, stats in metrics.items():
                 engine.state.metrics[f"{condition}_{metric}"] = stats["mean"]
         self._print_summary(len({row["case_id"] for row in self.rows}), paths["cases"])
+
+
+def _reads_synthesized_files(dataset: Dataset) -> bool:
+    """Whether the items of ``dataset`` carry a synthesized contrast: its transform attaches the files
+    (:class:`AttachSynthesizedd`, :func:`downstream_dataset` with ``synthesized_dir``), or its items hold
+    ``"synthesized"`` already."""
+    pending = [getattr(dataset, "transform", None)]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, AttachSynthesizedd):
+            return True
+        pending.extend(getattr(current, "transforms", ()))
+    items = getattr(dataset, "data", ())
+    return bool(len(items)) and all(isinstance(item, Mapping) and SYNTHESIZED_KEY in item for item in items)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
