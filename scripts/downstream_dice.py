@@ -11,8 +11,10 @@ Both bundles need trained weights (``models/model.pt`` in each, or ``--segmentat
 bundle's ``inference.json`` already wrote (``<case_id>_<target>.nii.gz``) instead of running its generator.
 It runs the segmentation bundle's ``train.json`` + ``evaluate.json`` (:class:`agi_monai.evaluation.downstream.
 DownstreamEvaluator`) with the overrides below, then writes into ``output_dir``: ``downstream_per_case.csv``,
-``downstream_summary.json`` (its ``description`` records the segmenter's checkpoint, the synthesis bundle or
-``--synthesized_dir``, the generator's checkpoint and ``--synthesis_overrides``, split, label convention),
+``downstream_summary.json`` (its ``description`` records the segmenter's checkpoint and network_def (as built:
+class, parameters, widths), ``dataset_dir``, split, inputs, label convention, ``spatial_size``, ``sw_roi_size``,
+``mean_value``, the synthesis bundle or ``--synthesized_dir``, the generator's checkpoint and ``--synthesis_overrides``
+as typed),
 ``downstream_summary.md`` (printed) and ``downstream_dice.png``. Protocol:
 ``docs/downstream.md``.
 """
@@ -39,6 +41,15 @@ from agi_monai.evaluation.downstream import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def synthesis_overrides_text(overrides: Mapping[str, Any] | None) -> str:
+    """``--synthesis_overrides`` as the segmentation config receives them: JSON text, since MONAI's parser would build
+    a nested ``"_target_"`` (a whole ``network_def``) into an object; each ``#`` written as the JSON escape
+    ``\\u0023``, since the parser rewrites ``#`` to ``::`` in every string of a config, and the summary recorded
+    ``network_def::channels`` for a typed ``network_def#channels``. The text decodes to the overrides as typed
+    (:func:`agi_monai.evaluation.downstream.overrides_as_given`)."""
+    return json.dumps(dict(overrides or {})).replace("#", "\\u0023")
 
 
 def main(
@@ -102,8 +113,7 @@ def main(
         "ckpt_path": str(checkpoint),
         "synthesis_bundle": str(synthesis.root) if uses_generator else "",
         "synthesis_checkpoint": synthesis_checkpoint,
-        # as JSON text: MONAI's parser would build a nested "_target_" (a whole network_def) into an object
-        "synthesis_overrides": json.dumps(dict(synthesis_overrides or {})),
+        "synthesis_overrides": synthesis_overrides_text(synthesis_overrides),
         "synthesized_dir": synthesized_dir,
         "mean_value": mean_value,
         **dict(segmentation_overrides or {}),

@@ -485,29 +485,55 @@ def test_train_two_iterations_then_downstream_dice_and_inference(tmp_path):
     assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2, 4}
 
 
+def _description(tmp_path, **settings):
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    parser.update({"bundle_root": str(tmp_path), "network_def#init_filters": 8, **settings})
+    parser.parse()
+    return parser.get_parsed_content("evaluate#evaluator#description")
+
+
 def test_the_summary_description_names_both_checkpoints_and_the_synthesis_overrides(tmp_path):
     """downstream_summary.json's description records what was measured: the segmenter's checkpoint, and the
-    generator's checkpoint and overrides (as downstream_dice.py passes them: JSON text), not only the bundle."""
+    generator's checkpoint and overrides (as downstream_dice.py passes them: JSON text), not only the bundle. The
+    overrides as typed: MONAI's parser rewrites '#' to '::' in every config string, and before the summary read
+    network_def::channels for a typed network_def#channels (the script now writes '#' as the JSON escape)."""
+    from helpers import load_script
+
+    from agi_monai.evaluation.downstream import overrides_as_given
+
     synthesis = str(ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd")
-    overrides = json.dumps({"network_def#channels": [8, 16, 16, 32]})
-
-    def description(**settings):
-        parser = ConfigParser()
-        parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
-        parser.update({"bundle_root": str(tmp_path), "network_def#init_filters": 8, **settings})
-        parser.parse()
-        return parser.get_parsed_content("evaluate#evaluator#description")
-
-    given = description(synthesis_bundle=synthesis, synthesis_checkpoint=str(tmp_path / "generator.pt"),
-                        synthesis_overrides=overrides, ckpt_path=str(tmp_path / "seg.pt"))
+    typed = {"network_def#channels": [8, 16, 16, 32], "network_def#_target_": "agi_monai.networks.ResUNet"}
+    overrides = load_script("downstream_dice.py").synthesis_overrides_text(typed)
+    given = _description(tmp_path, synthesis_bundle=synthesis, synthesis_checkpoint=str(tmp_path / "generator.pt"),
+                         synthesis_overrides=overrides, ckpt_path=str(tmp_path / "seg.pt"))
     assert given["segmenter_checkpoint"] == str(tmp_path / "seg.pt") and given["synthesis"] == synthesis
     assert given["synthesis_checkpoint"] == str(tmp_path / "generator.pt")
-    # (MONAI's parser writes the id separator "#" of the text as its alias "::", which load_synthesizer reads alike)
-    assert json.loads(given["synthesis_overrides"].replace("::", "#")) == json.loads(overrides)
-    default = description(synthesis_bundle=synthesis)  # the bundle's own weights
-    assert default["synthesis_checkpoint"] == synthesis + "/models/model.pt"
-    files = description(synthesis_bundle=synthesis, synthesized_dir=str(tmp_path))  # no generator is run
+    assert given["synthesis_overrides"] == typed == overrides_as_given(overrides)  # what load_synthesizer applies
+    default = _description(tmp_path, synthesis_bundle=synthesis)  # the bundle's own weights
+    assert default["synthesis_checkpoint"] == synthesis + "/models/model.pt" and default["synthesis_overrides"] == {}
+    files = _description(tmp_path, synthesis_bundle=synthesis, synthesized_dir=str(tmp_path))  # no generator is run
     assert files["synthesis"] == str(tmp_path) and files["synthesis_checkpoint"] == files["synthesis_overrides"] == ""
+
+
+def test_the_summary_description_records_the_data_sizes_and_the_segmenter(tmp_path):
+    """Before: two runs at different sizes (WT 0.657 at 160x160 vs 0.890 at 240x240 in the review) wrote the same
+    description; it named neither dataset_dir, spatial_size, sw_roi_size, the segmenter's network_def nor mean_value."""
+    first = _description(tmp_path, dataset_dir=str(tmp_path / "a"), spatial_size=[160, 160],
+                         sw_roi_size=[160, 160, 160])
+    second = _description(tmp_path, dataset_dir=str(tmp_path / "b"), **{"network_def#init_filters": 16},
+                          mean_value=0.4)
+    assert (first["dataset_dir"], first["spatial_size"], first["sw_roi_size"]) == (
+        str(tmp_path / "a"), [160, 160], [160, 160, 160])
+    assert (second["dataset_dir"], second["spatial_size"], second["sw_roi_size"]) == (
+        str(tmp_path / "b"), [240, 240], [240, 240, 160])
+    assert first["inputs"] == ["T1Gd", "T1", "T2", "FLAIR"] and (first["mean_value"], second["mean_value"]) == (None, 0.4)
+    network = first["segmenter_network_def"]
+    assert network["class"] == "monai.networks.nets.segresnet.SegResNet" and network["parameters"] == 1176843
+    assert (network["init_filters"], network["in_channels"], network["blocks_down"], network["blocks_up"]) == (
+        8, 4, [1, 2, 2, 4], [1, 1, 1])
+    assert second["segmenter_network_def"]["init_filters"] == 16
+    json.dumps(first)  # JSON-able as the summary writes it
 
 
 # ------------------------------------------------------------------------------------------- skipped cases

@@ -113,6 +113,8 @@ __all__ = [
     "downstream_markdown",
     "labelled_split",
     "load_synthesizer",
+    "network_record",
+    "overrides_as_given",
     "region_dice",
     "regions_to_label",
     "segmentation_preprocessing",
@@ -474,6 +476,17 @@ class VolumeSynthesizer(SliceSynthesizer):
         return infer_case(self.network, self.inferer, image, self.device, self.amp).clamp(0.0, 1.0)
 
 
+def overrides_as_given(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """``--synthesis_overrides`` as a dict: JSON text (how ``scripts/downstream_dice.py`` passes them, see
+    :func:`load_synthesizer`) decoded, a mapping copied; what :func:`load_synthesizer` applies and the summary's
+    ``description`` records. ``downstream_dice.py`` writes each ``#`` of the text as the JSON escape ``\\u0023``:
+    MONAI's config parser rewrites ``#`` to its other id separator ``::`` in every string of a config, so that
+    ``network_def#channels`` was recorded as ``network_def::channels``."""
+    if isinstance(overrides, str):
+        return dict(json.loads(overrides)) if overrides.strip() else {}
+    return dict(overrides or {})
+
+
 def load_synthesizer(
     bundle: str | Path,
     checkpoint: str | Path | None = None,
@@ -503,7 +516,7 @@ def load_synthesizer(
             ``overrides`` (:func:`agi_monai.engines.load_weights`: the file and the differing tensors named).
     """
     info = read_bundle(bundle)
-    overrides = json.loads(overrides) if isinstance(overrides, str) else overrides
+    overrides = overrides_as_given(overrides)
     checkpoint = Path(checkpoint) if checkpoint else info.weights
     parser = ConfigParser()
     parser.read_config(str(info.config_dir / "inference.json"))
@@ -520,6 +533,29 @@ def load_synthesizer(
     return SliceSynthesizer(
         network.to(device), info.inputs, info.target, int(parser.get("slices_per_batch", 16)), device, amp
     )
+
+
+def network_record(network: torch.nn.Module) -> dict[str, Any]:
+    """What the summary's ``description`` records of the segmenter: its class, parameter count and the constructor
+    arguments it keeps as attributes (SegResNet: ``spatial_dims``, ``init_filters``, ``in_channels``, ``blocks_down``,
+    ``blocks_up``, ``dropout_prob``, ``norm``, ``act``...), i.e. the ``network_def`` as built, overrides included
+    (a config's raw ``network_def`` cannot be recorded: the parser builds it into the network)."""
+    import inspect
+
+    record: dict[str, Any] = {
+        "class": f"{type(network).__module__}.{type(network).__qualname__}",
+        "parameters": sum(parameter.numel() for parameter in network.parameters()),
+    }
+    try:
+        names = [name for name in inspect.signature(type(network).__init__).parameters if name != "self"]
+    except (TypeError, ValueError):
+        names = []
+    for name in names:
+        value = getattr(network, name, None)
+        if value is None or isinstance(value, (torch.nn.Module, torch.Tensor)) or callable(value):
+            continue
+        record[name] = json.loads(json.dumps(value, default=str))
+    return record
 
 
 # ------------------------------------------------------------------------------------------ conditions, Dice
