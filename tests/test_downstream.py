@@ -672,3 +672,30 @@ def test_a_3d_synthesis_bundle_synthesizes_through_its_own_inferer(tmp_path):
     # in the evaluator: the synthesized condition is measured, not failed
     _, evaluator = _evaluate(ThresholdSegmenter(), tmp_path, ["real", "synthesized"], synthesizer=synthesizer)
     assert evaluator.failures == [] and [row["condition"] for row in evaluator.rows] == ["real", "synthesized"]
+
+
+def test_the_dice_is_of_the_raw_channels_at_or_above_half_not_of_the_written_map(tmp_path):
+    """What the summary states (DICE_POLICY, README): sigmoid >= 0.5 (a logit of 0 counts; the text said "> 0.5"),
+    on the raw TC, WT, ET channels; inference.json's nested label map, read back, can score differently."""
+    from agi_monai.evaluation.downstream import DICE_POLICY
+
+    label = torch.zeros(3, 4, 4, 2)
+    label[0, :2, :2], label[1, :3, :3], label[2, :1, :1] = 1, 1, 1  # nested: ET in TC in WT
+    logits = label * 20 - 10
+    logits[0, 0, 0, 0] = 0.0  # sigmoid exactly 0.5: counted as TC
+    logits[2, 3, 3, 0] = 10.0  # ET predicted outside TC and WT
+    case = {"case_id": "nested", "image": torch.zeros(4, 4, 4, 2), "label": label, "mask": torch.ones(1, 4, 4, 2)}
+    segmenter = LabelSegmenter(logits / 20 + 0.5)  # (the stub returns 20 x - 10: these logits)
+    DownstreamEvaluator("cpu", Dataset([case]), segmenter, SimpleInferer(), tmp_path, ["real"]).run()
+    (row,) = read_csv(tmp_path / DOWNSTREAM_CSV)
+    evaluator_tc = row["dice3d_TC"]
+    channels = (torch.sigmoid(logits) >= 0.5).float()
+    assert channels[0, 0, 0, 0] == 1
+    raw = region_dice(channels, label)
+    assert evaluator_tc == pytest.approx(raw["dice3d_TC"]) == 1.0  # ET outside TC does not touch TC's channel
+    written = BratsRegionsd("seg", "brats2023")({"seg": regions_to_label(channels).float()})["label"]
+    as_map = region_dice(written, label)
+    assert as_map["dice3d_TC"] == pytest.approx(2 * 8 / (9 + 8))  # the map's TC took the ET voxel outside it
+    assert as_map["dice3d_WT"] == pytest.approx(2 * 18 / (19 + 18)) and raw["dice3d_WT"] == 1.0
+    assert as_map["dice3d_ET"] == raw["dice3d_ET"]
+    assert DICE_POLICY.startswith("sigmoid >= 0.5 per region channel") and "raw TC, WT, ET channels" in DICE_POLICY

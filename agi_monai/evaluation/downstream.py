@@ -18,7 +18,9 @@ under four **conditions** of the contrast under test (the *missing* contrast, e.
   training set's mean), which is what a deployment without the contrast could use.
 
 Dice of the three BraTS regions, tumour core (TC), whole tumour (WT) and enhancing tumour (ET), on the network's
-sigmoid outputs thresholded at 0.5 (MONAI ``Activations``/``AsDiscrete``, ``DiceMetric``):
+raw sigmoid channels, each thresholded on its own at >= 0.5 (MONAI ``Activations``/``AsDiscrete``, ``DiceMetric``;
+the segmentation bundle's ``inference.json`` writes instead a nested label map, :func:`regions_to_label`, whose TC
+and WT also hold the ET, and TC, predicted outside them, so that the Dice of a written map can differ):
 
 - **3D**: per volume. A region absent from both the label and the prediction scores 1, absent from the label
   but predicted 0 (the BraTS convention; ``DiceMetric(ignore_empty=False)``).
@@ -142,7 +144,9 @@ DOWNSTREAM_PNG = "downstream_dice.png"
 SYNTHESIZED_KEY = "synthesized"
 
 DICE_POLICY = (
-    "sigmoid > 0.5 per region channel; 3D: Dice per volume, a region absent from label and prediction scores 1, "
+    "sigmoid >= 0.5 per region channel (a logit of 0 counts), the raw TC, WT, ET channels each on its own (not "
+    "the nested label map inference.json writes, whose TC and WT also take ET, and TC, predicted outside them); "
+    "3D: Dice per volume, a region absent from label and prediction scores 1, "
     "absent from the label but predicted 0 (BraTS); 2D: Dice per axial slice, mean over the slices where the "
     "region is in the label or the prediction (slices empty in both left out, false-positive-only slices 0), "
     "1 when no slice qualifies"
@@ -258,7 +262,11 @@ def _number(value: float) -> int | float:
 
 def regions_to_label(regions: torch.Tensor, label_convention: str = "brats2023") -> torch.Tensor:
     """Three 0/1 channels TC, WT, ET (3, ...) -> a BraTS label map (1, ...) of ``label_convention``: ET -> its
-    enhancing value, TC outside ET -> 1, WT outside TC -> 2 (the model zoo's inference output, any edition)."""
+    enhancing value, TC outside ET -> 1, WT outside TC -> 2 (the model zoo's inference output, any edition).
+
+    The map nests the regions (ET in TC in WT); a network's channels need not: read back, the map's TC is TC or ET
+    and its WT is WT, TC or ET, so its Dice can differ from that of the channels, which is what
+    :class:`DownstreamEvaluator` and the bundle's validation measure."""
     regions = torch.as_tensor(regions) > 0
     if regions.shape[0] != 3:
         raise ValueError(f"regions have {regions.shape[0]} channels; expected 3 (TC, WT, ET)")
