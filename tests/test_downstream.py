@@ -527,7 +527,8 @@ def test_the_summary_description_records_the_data_sizes_and_the_segmenter(tmp_pa
         str(tmp_path / "a"), [160, 160], [160, 160, 160])
     assert (second["dataset_dir"], second["spatial_size"], second["sw_roi_size"]) == (
         str(tmp_path / "b"), [240, 240], [240, 240, 160])
-    assert first["inputs"] == ["T1Gd", "T1", "T2", "FLAIR"] and (first["mean_value"], second["mean_value"]) == (None, 0.4)
+    assert first["inputs"] == ["T1Gd", "T1", "T2", "FLAIR"]
+    assert (first["mean_value"], second["mean_value"]) == (None, 0.4)
     network = first["segmenter_network_def"]
     assert network["class"] == "monai.networks.nets.segresnet.SegResNet" and network["parameters"] == 1176843
     assert (network["init_filters"], network["in_channels"], network["blocks_down"], network["blocks_up"]) == (
@@ -589,8 +590,9 @@ def test_a_segmenter_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tmp_pat
     torch.save(AGINet(in_channels=3, channels=[8, 16, 16, 32]).state_dict(), generator)
     cases = _cases_with_one_unlabelled(tmp_path / "cases")
     result = subprocess.run(
-        [sys.executable, "scripts/downstream_dice.py", "--dataset_dir", str(cases), "--output_dir", str(tmp_path / "out"),
-         "--segmentation_checkpoint", str(generator), "--conditions", "['real']", "--segmentation_overrides", str(TINY)],
+        [sys.executable, "scripts/downstream_dice.py", "--dataset_dir", str(cases), "--output_dir",
+         str(tmp_path / "out"), "--segmentation_checkpoint", str(generator), "--conditions", "['real']",
+         "--segmentation_overrides", str(TINY)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV,
     )
     assert result.returncode == 2, result.stderr[-3000:]

@@ -786,7 +786,8 @@ class DownstreamEvaluator(CaseEvaluator):
         missing_contrast: the contrast under test; needed by every condition but ``"real"``.
         inputs: the network's channels in order.
         synthesizer: makes the ``"synthesized"`` condition's contrast from the others (:class:`SliceSynthesizer`,
-            :class:`VolumeSynthesizer`); None to read it from the item's ``"synthesized"`` (:class:`AttachSynthesizedd`).
+            :class:`VolumeSynthesizer`); None to read it from the item's ``"synthesized"``
+            (:class:`AttachSynthesizedd`).
             With the ``"synthesized"`` condition one of the two must be there: it is refused here otherwise (before,
             every case failed at run time and the run ended with status 0 and a summary of NaN).
         mean_value: the ``"mean_imputed"`` condition's value; None for each case's mean over its brain mask.
