@@ -23,7 +23,7 @@ from agi_monai.data import DataError
 from agi_monai.data.errors import innermost_cause
 from agi_monai.engines import ReportingCheckpointLoader, keep_unrecorded_best_model
 from agi_monai.engines.checkpoint import BEST_MODEL_DIGEST_KEY, VALIDATION_BEST_KEY
-from agi_monai.evaluation.downstream import CosineLearningRate, check_segmentation_sizes
+from agi_monai.bundle import CosineLearningRate, check_segmentation_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "bundles" / "brats_segmentation" / "configs"

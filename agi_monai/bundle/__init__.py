@@ -8,12 +8,15 @@ from agi_monai.bundle.command_line import check_command_line, check_distributed_
 from agi_monai.bundle.data import (
     check_batches,
     check_networks,
+    check_segmentation_sizes,
     check_spatial_size,
     check_splits,
     check_training_length,
+    discover_split,
     load_split,
 )
 from agi_monai.bundle.handlers import (
+    CosineLearningRate,
     EvaluatorProgressBar,
     NonFiniteTrainingError,
     StopOnNonFiniteTraining,
@@ -26,6 +29,7 @@ from agi_monai.bundle.handlers import (
 from agi_monai.bundle.inference import FolderSynthesis, SynthesisSummary
 
 __all__ = [
+    "CosineLearningRate",
     "EvaluatorProgressBar",
     "FolderSynthesis",
     "NonFiniteTrainingError",
@@ -36,9 +40,11 @@ __all__ = [
     "check_command_line",
     "check_distributed_launch",
     "check_networks",
+    "check_segmentation_sizes",
     "check_spatial_size",
     "check_splits",
     "check_training_length",
+    "discover_split",
     "load_split",
     "log_iterations",
     "loss_terms",

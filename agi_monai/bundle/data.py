@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from agi_monai.data import DataError, Failure, PatchDataset, canonical_contrast, discover_cases
+from agi_monai.data import DataError, Discovery, Failure, PatchDataset, canonical_contrast, discover_cases
 from agi_monai.data.volumes import missing_file_error, source_paths
 
 __all__ = [
-    "DATALIST_NAME", "check_batches", "check_networks", "check_spatial_size", "check_splits", "check_training_length",
-    "load_split",
+    "DATALIST_NAME", "check_batches", "check_networks", "check_segmentation_sizes", "check_spatial_size", "check_splits",
+    "check_training_length", "discover_split", "discovery_source", "load_split",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -58,18 +58,8 @@ def load_split(
         DataError: ``source`` does not exist or is not a datalist with ``split``; or, with ``allow_empty=False``,
             no case of the split has every contrast (and, with ``require_files``, its files).
     """
-    source = Path(source)
-    if source.is_dir() and (source / DATALIST_NAME).is_file():
-        source = source / DATALIST_NAME
-    if source.is_dir():
-        discovery = discover_cases(source, required=contrasts)
-        if discovery.cases:  # (none: the error below says so)
-            _logger.warning(
-                "%s has no %s: its %d cases serve as the %r split (and as every other split)",
-                source, DATALIST_NAME, len(discovery.cases), split,
-            )
-    else:
-        discovery = discover_cases(source, required=contrasts, split=split)
+    discovery = discover_split(source, split, contrasts)
+    source = discovery_source(source)
     cases, failures = discovery.cases, list(discovery.failures)  # discovery has logged its skipped cases
     if require_files:
         cases = []
@@ -87,6 +77,85 @@ def load_split(
             "; ".join(f"skipped {failure}" for failure in failures),
         )
     return cases
+
+
+def discovery_source(source: str | Path) -> Path:
+    """What ``dataset_dir`` names: a JSON datalist, the ``datalist.json`` of a folder holding one, or a plain folder."""
+    source = Path(source)
+    return source / DATALIST_NAME if source.is_dir() and (source / DATALIST_NAME).is_file() else source
+
+
+def discover_split(source: str | Path, split: str, contrasts: Sequence[str]) -> Discovery:
+    """The cases of one split that have every contrast of ``contrasts``, and those left out with the reason
+    (``failures``): :func:`load_split` keeps the cases; the segmentation bundle's ``evaluate.json`` gives the failures
+    to its evaluator, whose summary lists them (a labelled case without ``seg`` disappeared from it unreported).
+    ``source`` as for :func:`load_split`; a plain folder's cases serve as every split, with a warning.
+
+    Raises:
+        DataError: ``source`` does not exist or is not a datalist with ``split``.
+    """
+    source = discovery_source(source)
+    if not source.is_dir():
+        return discover_cases(source, required=contrasts, split=split)
+    discovery = discover_cases(source, required=contrasts)
+    if discovery.cases:  # (none: the callers say so)
+        _logger.warning("%s has no %s: its %d cases serve as the %r split (and as every other split)",
+                        source, DATALIST_NAME, len(discovery.cases), split)
+    return discovery
+
+
+def check_segmentation_sizes(
+    network: torch.nn.Module,
+    roi_size: Sequence[int] | None = None,
+    sw_roi_size: Sequence[int] | None = None,
+    spatial_size: Sequence[int] | None = None,
+) -> None:
+    """Raises unless the sizes the segmenter is fed fit it: an ``initialize`` step of the segmentation bundle's
+    ``train.json`` (``roi_size``, ``sw_roi_size``, ``spatial_size``), ``evaluate.json`` and ``inference.json``
+    (``sw_roi_size``), before any case is read. SegResNet halves a patch ``len(blocks_down) - 1`` times and adds the
+    skip connections back, so every side of a patch must be a multiple of ``2 ** (len(blocks_down) - 1)`` (8 for the
+    zoo's ``[1, 2, 2, 4]``): before, ``--roi_size [60,60,30]`` failed at the first iteration, after the
+    preprocessing, on "The size of tensor a (16) must match the size of tensor b (15)". The training patch is the
+    random crop of ``roi_size`` from the preprocessed volume, whose in-plane sides are ``spatial_size``: where
+    ``roi_size`` is larger, the crop is ``spatial_size``, which must then be a multiple too. (A volume of fewer axial
+    slices than ``roi_size[2]`` gives a crop of its own depth, unknown before it is read.) The sliding window pads a
+    smaller volume up to ``sw_roi_size``, so only that size matters there.
+
+    Args:
+        network: the segmenter (its ``blocks_down`` sets the multiple; another network: positive sizes only).
+        roi_size: the random training crop (three sides); None: not checked.
+        sw_roi_size: the validation/evaluation/inference sliding window (three sides); None: not checked.
+        spatial_size: the in-plane pad/crop (two sides); None: not checked.
+
+    Raises:
+        ValueError: naming the setting, its value and the multiple.
+    """
+    blocks = getattr(network, "blocks_down", None)
+    multiple = 2 ** (len(blocks) - 1) if isinstance(blocks, Sequence) and len(blocks) else 1
+    why = (f", multiples of {multiple}: {type(network).__name__} halves each side {len(blocks) - 1} times"
+           if multiple > 1 else "")
+
+    def sides(name: str, value: Any, count: int) -> list[int]:
+        values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else []
+        if len(values) != count or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ValueError(f"--{name} {value!r}: expected {count} positive whole sizes")
+        return values
+
+    plane = sides("spatial_size", spatial_size, 2) if spatial_size is not None else None
+    for name, value in (("roi_size", roi_size), ("sw_roi_size", sw_roi_size)):
+        if value is None:
+            continue
+        size = sides(name, value, 3)
+        if any(side % multiple for side in size):
+            raise ValueError(f"--{name} {value!r}: expected three patch sides{why} (e.g. [224, 224, 144])")
+        if name == "roi_size" and plane is not None:
+            crop = [min(r, p) for r, p in zip(size[:2], plane)]
+            if any(side % multiple for side in crop):
+                raise ValueError(
+                    f"--spatial_size {spatial_size!r} with --roi_size {roi_size!r}: the training crop is {crop} "
+                    f"in-plane, the smaller of the two; expected sides{why} (a --spatial_size that is, or a "
+                    "--roi_size no larger than it)"
+                )
 
 
 def _missing_file(case: Mapping[str, Any], contrasts: Sequence[str]) -> DataError | None:

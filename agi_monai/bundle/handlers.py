@@ -22,6 +22,7 @@ from agi_monai.data.errors import error_line
 from agi_monai.engines import latest_training_checkpoint, release_checkpoint_folder
 
 __all__ = [
+    "CosineLearningRate",
     "EvaluatorProgressBar",
     "NonFiniteTrainingError",
     "StopOnNonFiniteTraining",
@@ -70,6 +71,64 @@ def rank_handlers(handlers: Sequence[Any]) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         return list(handlers)
     return [handler for handler in handlers if isinstance(handler, (ValidationHandler, StopOnNonFiniteTraining))]
+
+
+class CosineLearningRate:
+    """The segmentation bundle's learning-rate schedule (``train#handlers``): cosine annealing to 0 over ``epochs``,
+    set on every parameter group at the start of each epoch from this run's settings alone. Epoch ``e`` (1-based)
+    trains at ``learning_rate * (1 + cos(pi * (e - 1) / epochs)) / 2``: torch's ``CosineAnnealingLR(T_max=epochs,
+    eta_min=0)`` stepped each epoch, the zoo's schedule, as a function of the epoch rather than a state.
+
+    On a resume (``--resume_ckpt``), then, the schedule is the one this run's ``--learning_rate`` and ``--epochs``
+    define, taken up at the epoch the checkpoint reached: with the settings unchanged, the rates of an
+    uninterrupted run; with more ``--epochs``, the cosine stretched over the new total (the rate rises from where
+    the old schedule had brought it to the new curve's value at that epoch, then falls to 0 at the new last
+    epoch); with another ``--learning_rate``, the cosine scaled to it. Before, MONAI's ``CheckpointLoader``
+    restored the optimizer's rate and the scheduler's ``T_max``: ``--learning_rate`` was ignored, the first epoch
+    after a finished run trained at 0, and the extra epochs followed the old cosine round again.
+
+    Args:
+        optimizer: the segmenter's optimizer.
+        learning_rate: the rate of the first epoch (``--learning_rate``).
+        epochs: the epochs the cosine spans (``--epochs``).
+
+    Raises:
+        ValueError: ``learning_rate`` not a positive number or ``epochs`` not a positive whole number.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, learning_rate: float, epochs: int) -> None:
+        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
+            math.isfinite(learning_rate) and learning_rate > 0
+        ):
+            raise ValueError(f"--learning_rate {learning_rate!r}: expected a positive number (the zoo's is 1e-4)")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"--epochs {epochs!r}: expected a positive whole number of epochs")
+        self.optimizer = optimizer
+        self.learning_rate = float(learning_rate)
+        self.epochs = epochs
+        self._started = False
+
+    def rate(self, epoch: int) -> float:
+        """The learning rate of epoch ``epoch`` (1-based)."""
+        progress = min(max(epoch - 1, 0), self.epochs) / self.epochs
+        return self.learning_rate * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch, rate = engine.state.epoch, self.rate(engine.state.epoch)
+        held = sorted({group["lr"] for group in self.optimizer.param_groups})
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        if epoch > 1 and not self._started:  # the first epoch of a resumed run
+            _logger.info(
+                "resumed at epoch %d of %d: learning rate %g (the cosine from --learning_rate %g over --epochs %d; "
+                "the checkpoint's optimizer held %s)", epoch, self.epochs, rate, self.learning_rate, self.epochs,
+                " / ".join(f"{value:g}" for value in held),
+            )
+        self._started = True
+        _logger.info("Epoch %d: learning rate %g", epoch, rate)
 
 
 class EvaluatorProgressBar(ProgressBar):

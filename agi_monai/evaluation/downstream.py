@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.data import Dataset, MetaTensor
@@ -70,18 +70,15 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from agi_monai.bundle.data import DATALIST_NAME
 from agi_monai.bundle.experiment import infer_case, synthesize_volume
 from agi_monai.bundle.registry import read_bundle
 from agi_monai.data import (
     DataError,
-    Discovery,
     Failure,
     atomic_output,
     build_volume_dataset,
     canonical_contrast,
     choose_reference,
-    discover_cases,
     load_volume,
     metatensor_to_sitk,
     preprocessing_transforms,
@@ -105,17 +102,14 @@ __all__ = [
     "SEGMENTATION_CONTRASTS",
     "AttachSynthesizedd",
     "BratsRegionsd",
-    "CosineLearningRate",
     "DownstreamEvaluator",
     "LabelConvention",
     "SliceSynthesizer",
     "VolumeSynthesizer",
-    "check_segmentation_sizes",
     "condition_image",
     "downstream_bar_chart",
     "downstream_dataset",
     "downstream_markdown",
-    "labelled_split",
     "load_synthesizer",
     "network_record",
     "overrides_as_given",
@@ -351,31 +345,6 @@ class AttachSynthesizedd(MapTransform):
         return item
 
 
-def labelled_split(source: str | Path, split: str, contrasts: Sequence[str]) -> Discovery:
-    """The cases of one split that have every contrast of ``contrasts`` (the inputs and the label map), and those it
-    leaves out with the reason: ``evaluate.json``'s ``evaluate#discovery``, whose ``failures`` reach
-    :class:`DownstreamEvaluator` (``skipped``) and so its summary's failed cases. :func:`agi_monai.bundle.load_split`
-    reads ``source`` the same way (a JSON datalist, a folder holding ``datalist.json``, or a plain folder whose cases
-    serve as every split, with a warning) but keeps only the cases: a labelled case without ``seg`` disappeared from
-    the results unreported (logged by discovery among the preprocessing's messages).
-
-    Raises:
-        DataError: ``source`` does not exist or is not a datalist with ``split``.
-    """
-    source = Path(source)
-    if source.is_dir() and (source / DATALIST_NAME).is_file():
-        source = source / DATALIST_NAME
-    if source.is_dir():
-        discovery = discover_cases(source, required=contrasts)
-        if discovery.cases:
-            _logger.warning(
-                "%s has no %s: its %d cases serve as the %r split (and as every other split)",
-                source, DATALIST_NAME, len(discovery.cases), split,
-            )
-        return discovery
-    return discover_cases(source, required=contrasts, split=split)
-
-
 def downstream_dataset(
     data: Sequence[Mapping[str, Any]],
     inputs: Sequence[str] = SEGMENTATION_CONTRASTS,
@@ -409,118 +378,6 @@ def downstream_dataset(
 
 
 # ------------------------------------------------------------------------------- training (the segmenter's)
-
-
-def check_segmentation_sizes(
-    network: torch.nn.Module,
-    roi_size: Sequence[int] | None = None,
-    sw_roi_size: Sequence[int] | None = None,
-    spatial_size: Sequence[int] | None = None,
-) -> None:
-    """Raises unless the sizes the segmenter is fed fit it: an ``initialize`` step of the segmentation bundle's
-    ``train.json`` (``roi_size``, ``sw_roi_size``, ``spatial_size``), ``evaluate.json`` and ``inference.json``
-    (``sw_roi_size``), before any case is read. SegResNet halves a patch ``len(blocks_down) - 1`` times and adds the
-    skip connections back, so every side of a patch must be a multiple of ``2 ** (len(blocks_down) - 1)`` (8 for the
-    zoo's ``[1, 2, 2, 4]``): before, ``--roi_size [60,60,30]`` failed at the first iteration, after the
-    preprocessing, on "The size of tensor a (16) must match the size of tensor b (15)". The training patch is the
-    random crop of ``roi_size`` from the preprocessed volume, whose in-plane sides are ``spatial_size``: where
-    ``roi_size`` is larger, the crop is ``spatial_size``, which must then be a multiple too. (A volume of fewer axial
-    slices than ``roi_size[2]`` gives a crop of its own depth, unknown before it is read.) The sliding window pads a
-    smaller volume up to ``sw_roi_size``, so only that size matters there.
-
-    Args:
-        network: the segmenter (its ``blocks_down`` sets the multiple; another network: positive sizes only).
-        roi_size: the random training crop (three sides); None: not checked.
-        sw_roi_size: the validation/evaluation/inference sliding window (three sides); None: not checked.
-        spatial_size: the in-plane pad/crop (two sides); None: not checked.
-
-    Raises:
-        ValueError: naming the setting, its value and the multiple.
-    """
-    blocks = getattr(network, "blocks_down", None)
-    multiple = 2 ** (len(blocks) - 1) if isinstance(blocks, Sequence) and len(blocks) else 1
-    why = (f", multiples of {multiple}: {type(network).__name__} halves each side {len(blocks) - 1} times"
-           if multiple > 1 else "")
-
-    def sides(name: str, value: Any, count: int) -> list[int]:
-        values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else []
-        if len(values) != count or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-            raise ValueError(f"--{name} {value!r}: expected {count} positive whole sizes")
-        return values
-
-    plane = sides("spatial_size", spatial_size, 2) if spatial_size is not None else None
-    for name, value in (("roi_size", roi_size), ("sw_roi_size", sw_roi_size)):
-        if value is None:
-            continue
-        size = sides(name, value, 3)
-        if any(side % multiple for side in size):
-            raise ValueError(f"--{name} {value!r}: expected three patch sides{why} (e.g. [224, 224, 144])")
-        if name == "roi_size" and plane is not None:
-            crop = [min(r, p) for r, p in zip(size[:2], plane)]
-            if any(side % multiple for side in crop):
-                raise ValueError(
-                    f"--spatial_size {spatial_size!r} with --roi_size {roi_size!r}: the training crop is {crop} "
-                    f"in-plane, the smaller of the two; expected sides{why} (a --spatial_size that is, or a "
-                    "--roi_size no larger than it)"
-                )
-
-
-class CosineLearningRate:
-    """The segmentation bundle's learning-rate schedule (``train#handlers``): cosine annealing to 0 over ``epochs``,
-    set on every parameter group at the start of each epoch from this run's settings alone. Epoch ``e`` (1-based)
-    trains at ``learning_rate * (1 + cos(pi * (e - 1) / epochs)) / 2``: torch's ``CosineAnnealingLR(T_max=epochs,
-    eta_min=0)`` stepped each epoch, the zoo's schedule, as a function of the epoch rather than a state.
-
-    On a resume (``--resume_ckpt``), then, the schedule is the one this run's ``--learning_rate`` and ``--epochs``
-    define, taken up at the epoch the checkpoint reached: with the settings unchanged, the rates of an
-    uninterrupted run; with more ``--epochs``, the cosine stretched over the new total (the rate rises from where
-    the old schedule had brought it to the new curve's value at that epoch, then falls to 0 at the new last
-    epoch); with another ``--learning_rate``, the cosine scaled to it. Before, MONAI's ``CheckpointLoader``
-    restored the optimizer's rate and the scheduler's ``T_max``: ``--learning_rate`` was ignored, the first epoch
-    after a finished run trained at 0, and the extra epochs followed the old cosine round again.
-
-    Args:
-        optimizer: the segmenter's optimizer.
-        learning_rate: the rate of the first epoch (``--learning_rate``).
-        epochs: the epochs the cosine spans (``--epochs``).
-
-    Raises:
-        ValueError: ``learning_rate`` not a positive number or ``epochs`` not a positive whole number.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, learning_rate: float, epochs: int) -> None:
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
-            math.isfinite(learning_rate) and learning_rate > 0
-        ):
-            raise ValueError(f"--learning_rate {learning_rate!r}: expected a positive number (the zoo's is 1e-4)")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"--epochs {epochs!r}: expected a positive whole number of epochs")
-        self.optimizer = optimizer
-        self.learning_rate = float(learning_rate)
-        self.epochs = epochs
-        self._started = False
-
-    def rate(self, epoch: int) -> float:
-        """The learning rate of epoch ``epoch`` (1-based)."""
-        progress = min(max(epoch - 1, 0), self.epochs) / self.epochs
-        return self.learning_rate * (1.0 + math.cos(math.pi * progress)) / 2.0
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        epoch, rate = engine.state.epoch, self.rate(engine.state.epoch)
-        held = sorted({group["lr"] for group in self.optimizer.param_groups})
-        for group in self.optimizer.param_groups:
-            group["lr"] = rate
-        if epoch > 1 and not self._started:  # the first epoch of a resumed run
-            _logger.info(
-                "resumed at epoch %d of %d: learning rate %g (the cosine from --learning_rate %g over --epochs %d; "
-                "the checkpoint's optimizer held %s)", epoch, self.epochs, rate, self.learning_rate, self.epochs,
-                " / ".join(f"{value:g}" for value in held),
-            )
-        self._started = True
-        _logger.info("Epoch %d: learning rate %g", epoch, rate)
 
 
 # ----------------------------------------------------------------------------------------------- synthesis
@@ -796,7 +653,7 @@ class DownstreamEvaluator(CaseEvaluator):
         val_handlers: Ignite/MONAI handlers, attached after the evaluator's own writer.
         amp: autocast on CUDA.
         num_workers: processes preprocessing cases ahead of the network.
-        skipped: cases left out before the dataset was built (:func:`labelled_split`'s ``failures``: no label map,
+        skipped: cases left out before the dataset was built (:func:`agi_monai.bundle.discover_split`'s ``failures``: no label map,
             a missing contrast...), listed among the failed cases of the summary with their reasons.
 
     Raises:
