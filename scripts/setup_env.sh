@@ -47,7 +47,10 @@ if [ "${AGI_MONAI_DEPLOY:-1}" = 1 ]; then
   site_dir=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   pyver=$("$VENV/bin/python" -c 'import sys; print(f"python{sys.version_info.major}.{sys.version_info.minor}")')
   deploy_site="$VENV/deploy/lib/$pyver/site-packages"
-  if [ ! -f "$deploy_site/monai/deploy/__init__.py" ] || [ scripts/deploy_requirements.txt -nt "$deploy_site/monai/deploy/__init__.py" ]; then
+  # written once the side environment is complete (a package's own file is written early: an install killed midway
+  # left it, and the environment was taken for complete)
+  deploy_done="$VENV/deploy/.agi_monai_installed"
+  if [ ! -f "$deploy_done" ] || [ scripts/deploy_requirements.txt -nt "$deploy_done" ]; then
     echo "[setup] installing the MONAI Deploy App SDK into the side environment $VENV/deploy"
     if "$PY" -m venv "$VENV/deploy" \
        && echo "import site; site.addsitedir('$(realpath "$site_dir")')" > "$deploy_site/aa_agi_monai_main_venv.pth" \
@@ -56,7 +59,7 @@ if [ "${AGI_MONAI_DEPLOY:-1}" = 1 ]; then
       # (That first start ran the holoscan wheel's one-time install hook, a .pth file that imports pip: left
       # for later, it would run inside the first process that loads the SDK, where importing pip switches off
       # setuptools' distutils shim, so that torch.compile's C++ tooling then fails in that process.)
-      touch "$deploy_site/monai/deploy/__init__.py"
+      touch "$deploy_done"
     else
       echo "[setup] WARNING: the MONAI Deploy side environment could not be installed; its tests will skip"
     fi
