@@ -246,14 +246,17 @@ def test_spacing_mismatch_checks_its_training_spacing():
             spacing_mismatch(image, wrong)
 
 
-def test_outputs_take_the_reference_contrasts_form_codes(tmp_path):
-    """The output lies on the reference's grid, so its sform/qform codes are the reference's, also when the first
-    input (whose metadata the stacked image carries) shares that grid but says it maps to another space."""
+def _synthesize_onto_t2(tmp_path: Path, forms: dict) -> tuple[Path, dict]:
+    """A BraTS T1 and T2 slab written with the header forms ``{contrast: (sform_code, qform_code, qform shift mm)}``,
+    taken through the preprocessing (reference T2) and written back as a synthesis: the output and the inputs."""
     files = {}
-    for contrast, suffix, codes in (("T1", "t1n", (1, 1)), ("T2", "t2w", (2, 0))):
+    for contrast, suffix in (("T1", "t1n"), ("T2", "t2w")):
+        sform_code, qform_code, shift = forms[contrast]
         image = nib.load(BRATS_GLI / f"BraTS-GLI-00001-000-{suffix}.nii.gz").slicer[:, :, 76:80]
-        image.set_sform(image.affine, code=codes[0])
-        image.set_qform(image.affine, code=codes[1])
+        qform = image.affine.copy()
+        qform[0, 3] += shift
+        image.set_sform(image.affine, code=sform_code)
+        image.set_qform(qform, code=qform_code)
         files[contrast] = tmp_path / f"case-{suffix}.nii.gz"
         nib.save(image, files[contrast])
     preprocessing = preprocessing_transforms(["T1", "T2"], None, spatial_size=(240, 240), reference="T2")
@@ -262,7 +265,14 @@ def test_outputs_take_the_reference_contrasts_form_codes(tmp_path):
         item["image"][:1].clone(), meta=item["image"].meta, applied_operations=item["image"].applied_operations
     )
     restore_geometry_transforms(preprocessing, "pred", output_dir=tmp_path / "out", output_postfix="synth")(item)
-    written = nib.load(tmp_path / "out" / "case_synth.nii.gz")
+    return tmp_path / "out" / "case_synth.nii.gz", files
+
+
+def test_outputs_take_the_reference_contrasts_form_codes(tmp_path):
+    """The output lies on the reference's grid, so its sform/qform codes are the reference's, also when the first
+    input (whose metadata the stacked image carries) shares that grid but says it maps to another space."""
+    output, files = _synthesize_onto_t2(tmp_path, {"T1": (1, 1, 0.0), "T2": (2, 0, 0.0)})
+    written = nib.load(output)
     assert (int(written.header["sform_code"]), int(written.header["qform_code"])) == (2, 0)
     assert [int(nib.load(f).header["sform_code"]) for f in files.values()] == [1, 2]  # inputs unchanged
 
@@ -270,22 +280,7 @@ def test_outputs_take_the_reference_contrasts_form_codes(tmp_path):
 def test_outputs_keep_a_reference_qform_that_differs_from_its_sform(tmp_path):
     """A reference whose qform lies 3 mm from its sform: nibabel and MONAI place it by the sform, ITK by the qform.
     The output keeps both (its qform was the sform), so that every reader places it where it places the reference."""
-    files = {}
-    for contrast, suffix in (("T1", "t1n"), ("T2", "t2w")):
-        image = nib.load(BRATS_GLI / f"BraTS-GLI-00001-000-{suffix}.nii.gz").slicer[:, :, 76:80]
-        image.set_sform(image.affine, code=2)
-        shifted = image.affine.copy()
-        shifted[:3, 3] += [3.0, 0.0, 0.0] if contrast == "T2" else [0.0, 0.0, 0.0]
-        image.set_qform(shifted, code=1)
-        files[contrast] = tmp_path / f"case-{suffix}.nii.gz"
-        nib.save(image, files[contrast])
-    preprocessing = preprocessing_transforms(["T1", "T2"], None, spatial_size=(240, 240), reference="T2")
-    item = preprocessing({"case_id": "case", **{k: str(v) for k, v in files.items()}})
-    item["pred"] = MetaTensor(
-        item["image"][:1].clone(), meta=item["image"].meta, applied_operations=item["image"].applied_operations
-    )
-    restore_geometry_transforms(preprocessing, "pred", output_dir=tmp_path / "out", output_postfix="synth")(item)
-    output = tmp_path / "out" / "case_synth.nii.gz"
+    output, files = _synthesize_onto_t2(tmp_path, {"T1": (2, 1, 0.0), "T2": (2, 1, 3.0)})
     written, reference = nib.load(output), nib.load(files["T2"])
     np.testing.assert_allclose(written.header.get_sform(), reference.header.get_sform(), atol=1e-4)
     np.testing.assert_allclose(written.header.get_qform(), reference.header.get_qform(), atol=1e-4)
