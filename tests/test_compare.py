@@ -91,6 +91,29 @@ def test_a_runs_overrides_rebuild_its_generator(tmp_path):
     with pytest.raises(ValueError, match="no such overrides file"):
         load_generator(BUNDLE, tmp_path / "model.pt", tmp_path / "missing.json")
 
+def test_a_fresh_process_logs_its_first_training_command(tmp_path):
+    """The equivalent ``monai.bundle run`` command of the first run in a process (the demo's and the comparison's
+    first network) reaches the run's log: logging is set up from the bundle's logging.conf only once its
+    workflow is built. A fresh interpreter, as the scripts start: pytest's own handlers would catch the line."""
+    script = (
+        "import sys\n"
+        "from agi_monai.bundle.experiment import budget_overrides, train_bundle\n"
+        "overrides = budget_overrides(sys.argv[1], iterations=1, batch_size=2, crop_size=None, device='cpu', "
+        "channels=[8, 16, 16, 32], discriminator_channels=8, spatial_size=[64, 64], cache_dir=sys.argv[3])\n"
+        "train_bundle(sys.argv[2], sys.argv[4], overrides)\n"
+    )
+    ixi = REPO / "bundles" / "ixi_t1_t2_to_pd"
+    arguments = [str(DATA / "ixi-sim"), str(ixi), str(tmp_path / "cache"), str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, encoding="utf-8",
+                            cwd=REPO, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = (f"training: python -m monai.bundle run --config_file \"['{ixi}/configs/train.json',"
+               f"'{tmp_path}/run/overrides.json']\" --bundle_root {tmp_path}/run --logging_file "
+               f"{ixi}/configs/logging.conf")
+    assert [line.split(" - INFO - ", 1)[-1] for line in result.stdout.splitlines() if "training: " in line] == [command]
+
+
 
 
 def _write(path: Path, text: str) -> Path:

@@ -199,11 +199,12 @@ def train_bundle(bundle: str | Path, bundle_root: str | Path, overrides: Mapping
         "python -m monai.bundle run --config_file \"['" + "','".join(config_files) + "']\" "
         f"--bundle_root {bundle_root} --logging_file {bundle / 'configs' / 'logging.conf'}"
     )
-    _logger.info("training: %s", command)
     workflow = ConfigWorkflow(
         config_file=config_files, workflow_type="train", bundle_root=str(bundle_root),
         logging_file=str(bundle / "configs" / "logging.conf"),
     )
+    # after the workflow applied the bundle's logging.conf: before it, a first run's INFO line has no handler
+    _logger.info("training: %s", command)
     workflow.initialize()
     start = time.perf_counter()
     workflow.run()
