@@ -44,6 +44,7 @@ recorded in ``<network>/script_outputs.json``) instead of leaving them in ``mode
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -232,7 +233,8 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    return f"cpu ({threads} thread{'s' * (threads > 1)})"
+    waiting = os.environ.get("OMP_WAIT_POLICY", "libgomp's default").lower()
+    return f"cpu ({threads} thread{'s' * (threads > 1)}, OpenMP wait policy {waiting})"
 
 
 if __name__ == "__main__":
