@@ -1,7 +1,7 @@
-"""The segmentation bundle's (``bundles/brats_segmentation``) training resume and size checks, at the level of its
-config's objects (no training run): the learning-rate schedule a resumed run follows, the validation's best score and
-best-model digest its checkpoints carry, the message for a file that is not one of its checkpoints, and the patch
-sizes SegResNet takes, refused before any work.
+"""The segmentation bundle's (``bundles/brats_segmentation``) training resume and size checks, mostly at the level of
+its config's objects: the learning-rate schedule a resumed run follows, the validation's and the trainer's best score
+and the best-model digest its checkpoints carry (the trainer's also through a tiny run resumed), the message for a file
+that is not one of its checkpoints, and the patch sizes SegResNet takes, refused before any work.
 
 The review that found these resumed real runs (``--resume_ckpt latest`` with another ``--learning_rate`` and more
 ``--epochs``; a synthesis bundle's checkpoint; ``--roi_size [60,60,30]``); here the same objects are built from
@@ -10,7 +10,9 @@ The review that found these resumed real runs (``--resume_ckpt latest`` with ano
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from monai.networks.nets import SegResNet
 from agi_monai.data import DataError
 from agi_monai.data.errors import innermost_cause
 from agi_monai.engines import ReportingCheckpointLoader, keep_unrecorded_best_model
-from agi_monai.engines.checkpoint import BEST_MODEL_DIGEST_KEY, VALIDATION_BEST_KEY
+from agi_monai.engines.checkpoint import BEST_MODEL_DIGEST_KEY, TRAINING_BEST_KEY, VALIDATION_BEST_KEY
 from agi_monai.bundle import CosineLearningRate, check_segmentation_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,13 +43,17 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _link_case(folder: Path) -> Path:
+    """``folder`` holding the shipped labelled case (links to its files)."""
+    (folder / TCGA.name).mkdir(parents=True)
+    for file in TCGA.iterdir():
+        (folder / TCGA.name / file.name).symlink_to(file)
+    return folder
+
+
 @pytest.fixture
 def cases(tmp_path) -> Path:
-    folder = tmp_path / "cases" / TCGA.name
-    folder.mkdir(parents=True)
-    for file in TCGA.iterdir():
-        (folder / file.name).symlink_to(file)
-    return folder.parent
+    return _link_case(tmp_path / "cases")
 
 
 def _train_config(bundle_root: Path, cases: Path, *files: str, **settings) -> ConfigParser:
@@ -114,7 +120,7 @@ def test_the_schedule_is_the_zoo_cosine_and_a_resume_follows_its_own_settings():
 
 
 def test_a_resume_restores_the_best_score_and_sets_this_runs_learning_rate(tmp_path, cases):
-    """train.json's checkpoint records the validation's best (ValidationBest) and the best model's digest
+    """train.json's checkpoint records the validation's best (BestKeyMetric) and the best model's digest
     (BestModelDigest), as the synthesis bundles' do; its loader (ReportingCheckpointLoader) restores the best into the
     validation's evaluator. Before, the first validation of a resumed run logged "Got new best metric" whatever its
     score; and lr_scheduler was restored, so --learning_rate did not count."""
@@ -123,7 +129,7 @@ def test_a_resume_restores_the_best_score_and_sets_this_runs_learning_rate(tmp_p
     saver = first.get_parsed_content("checkpoint_saver")
     save_dict = saver._interval_checkpoint.to_save
     assert set(save_dict) == {"model", "optimizer", "trainer", "best_model_ranking", BEST_MODEL_DIGEST_KEY,
-                              VALIDATION_BEST_KEY}
+                              VALIDATION_BEST_KEY, TRAINING_BEST_KEY}
     models = tmp_path / "run" / "models"
     models.mkdir(parents=True, exist_ok=True)
     (models / "model.pt").write_bytes(b"the best network of epoch 2")
@@ -155,6 +161,80 @@ def test_a_resume_restores_the_best_score_and_sets_this_runs_learning_rate(tmp_p
     (models / "model.pt").write_bytes(b"a better network of epoch 4, whose checkpoint was never written")
     kept = keep_unrecorded_best_model(checkpoint, models)
     assert kept is not None and kept.read_bytes().startswith(b"a better network of epoch 4")
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> Path:
+    """The bundle root of a tiny run of train.json: one epoch of one iteration, no validation (``val_interval`` past
+    the last epoch; ~10 s), its checkpoint ``models/training_checkpoint_epoch=1.pt``."""
+    folder = tmp_path_factory.mktemp("one_epoch")
+    _train(folder / "run", _link_case(folder / "cases"), epochs=1)
+    return folder / "run"
+
+
+def _train(bundle_root: Path, cases: Path, **settings) -> ConfigParser:
+    """``bundle_root`` trained by train.json (its initialize and run, in this process) with the tiny settings."""
+    parser = _train_config(bundle_root, cases, val_interval=3, **settings)
+    parser.get_parsed_content("initialize")
+    parser.get_parsed_content("run")
+    return parser
+
+
+def _copy_run(run: Path, bundle_root: Path) -> Path:
+    """``run``'s models folder copied to ``bundle_root``; its checkpoint there."""
+    shutil.copytree(run / "models", bundle_root / "models")
+    return bundle_root / "models" / "training_checkpoint_epoch=1.pt"
+
+
+def test_a_resumed_run_keeps_the_trainers_best_key_metric(one_epoch_run, tmp_path, cases, caplog):
+    """train.json's trainer has a key metric of its own (train_mean_dice), whose best MONAI keeps outside Ignite's
+    state dict, as the validation's: before, a resumed run started it afresh and logged its first epoch as "Got new
+    best metric of train_mean_dice", and its end as that epoch's best, whatever the run's best."""
+    checkpoint = _copy_run(one_epoch_run, tmp_path / "run")
+    state = torch.load(checkpoint, weights_only=True)
+    assert state[TRAINING_BEST_KEY]["best_metric_epoch"] == 1  # the first epoch's is the best so far
+    state[TRAINING_BEST_KEY] = {"best_metric": 1.0, "best_metric_epoch": 1}  # a best no epoch beats: a Dice is <= 1
+    torch.save(state, checkpoint)
+    caplog.set_level(logging.INFO)
+    resumed = _train(tmp_path / "run", cases, epochs=2, resume_ckpt="latest")
+    trainer = resumed.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2 and "train_mean_dice" in trainer.state.metrics
+    assert (trainer.state.best_metric, trainer.state.best_metric_epoch) == (1.0, 1)
+    assert not [line for line in caplog.messages if "Got new best metric of train_mean_dice" in line]
+    saved = torch.load(tmp_path / "run" / "models" / "training_checkpoint_epoch=2.pt", weights_only=True)
+    assert saved[TRAINING_BEST_KEY] == {"best_metric": 1.0, "best_metric_epoch": 1}
+
+
+def test_a_checkpoint_without_the_best_key_metrics_resumes_and_a_damaged_entry_is_named(
+        one_epoch_run, tmp_path, cases, caplog):
+    """A checkpoint saved before the trainer's best was recorded (or the validation's) still resumes: the best starts
+    afresh, as it did, and a line says so (only the log's "new best" depends on it, not which model.pt is kept). An
+    entry that is not a best key metric is refused naming the file."""
+    checkpoint = _copy_run(one_epoch_run, tmp_path / "run")
+    state = torch.load(checkpoint, weights_only=True)
+    del state[TRAINING_BEST_KEY], state[VALIDATION_BEST_KEY]
+    torch.save(state, checkpoint)
+    resumed = _train_config(tmp_path / "run", cases, epochs=2, resume_ckpt=str(checkpoint))
+    trainer, evaluator = resumed.get_parsed_content("train#trainer"), resumed.get_parsed_content("validate#evaluator")
+    caplog.set_level(logging.INFO)
+    resumed.get_parsed_content("checkpoint_loader")(trainer)
+    assert trainer.state.epoch == 1
+    assert (trainer.state.best_metric_epoch, evaluator.state.best_metric_epoch) == (-1, -1)
+    assert f"{checkpoint}: no {TRAINING_BEST_KEY} entry (saved before it was recorded): the best train_mean_dice " \
+           "starts afresh, so that its first value is logged as a new best" in caplog.messages
+    assert any(f"no {VALIDATION_BEST_KEY} entry" in line and "val_mean_dice" in line for line in caplog.messages)
+
+    state[TRAINING_BEST_KEY] = {"best_metric": "0.5"}
+    torch.save(state, checkpoint)
+    loader = _train_config(tmp_path / "run", cases, epochs=2, resume_ckpt=str(checkpoint)).get_parsed_content(
+        "checkpoint_loader")
+    with pytest.raises(DataError) as raised:
+        loader(trainer)
+    assert str(raised.value) == (
+        f"{checkpoint}: its 'training_best' entry is {{'best_metric': '0.5'}}, not {{'best_metric': <number>, "
+        "'best_metric_epoch': <whole number>} (expected a training checkpoint of this bundle, "
+        "training_checkpoint_epoch=<n>.pt of a run with the same network_def)"
+    )
 
 
 def test_a_checkpoint_of_another_bundle_is_named_with_what_it_holds(tmp_path, cases):

@@ -1,8 +1,8 @@
 """MONAI's CheckpointSaver with atomic writes (a checkpoint file is either the old one or the new one), its
 CheckpointLoader with failures that name the file and say what does not match, what a training checkpoint records
-besides the networks (scenario, best model's digest, validation's best), and :func:`load_weights`, the reader of a
-network's weights file (the same failures). What a run does around them (its folder, resume checks, set-aside
-files, run record) is :mod:`agi_monai.engines.training_run`."""
+besides the networks (scenario, best model's digest, the validation's and the trainer's best key metric), and
+:func:`load_weights`, the reader of a network's weights file (the same failures). What a run does around them (its
+folder, resume checks, set-aside files, run record) is :mod:`agi_monai.engines.training_run`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import reprlib
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from agi_monai.data.files import atomic_output, file_sha256, free_space, remove_
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "BestKeyMetric",
     "BestModelDigest",
     "ValidationBest",
     "ReportingCheckpointLoader",
@@ -44,8 +46,12 @@ SCENARIO_KEY = "scenario"
 #: The training checkpoint's entry recording the best generator's file as the checkpoint was written.
 BEST_MODEL_DIGEST_KEY = "best_model_digest"
 
-#: The training checkpoint's entry recording the validation's best key metric and its epoch.
+#: The training checkpoint's entry recording the validation's best key metric and its epoch (:class:`BestKeyMetric`).
 VALIDATION_BEST_KEY = "validation_best"
+
+#: The training checkpoint's entry recording the trainer's best key metric and its epoch (:class:`BestKeyMetric`),
+#: for a trainer with a ``key_train_metric`` (the segmentation bundle's ``train_mean_dice``).
+TRAINING_BEST_KEY = "training_best"
 
 
 class _AtomicDiskSaver(DiskSaver):
@@ -164,11 +170,15 @@ class ReportingCheckpointLoader(CheckpointLoader):
         learning_rates: ``{name in load_dict: learning rate}`` set on those optimizers' parameter groups once the
             checkpoint is restored. Leave it out where a scheduler in ``load_dict`` drives the learning rate.
         evaluator: the validation's evaluator, whose best key metric and epoch are restored from the checkpoint's
-            :class:`ValidationBest` record (a checkpoint without one leaves them as they are).
+            ``validation_best`` entry (:class:`BestKeyMetric`). The engine the loader is attached to (the trainer)
+            has its own restored from ``training_best``. A checkpoint without the entry (saved before it was
+            recorded) still resumes, with a logged line: that engine's best starts afresh, as before, so that its
+            first key metric is logged as a new best; only the log says so (``models/model.pt`` is replaced by the
+            ranking of ``best_model_ranking``), which is no reason to refuse a run's checkpoints.
 
     Raises:
         MissingFileError: ``load_path`` does not exist (a ``FileNotFoundError``).
-        DataError: it cannot be read or restored into ``load_dict``.
+        DataError: it cannot be read or restored into ``load_dict``, or a best key metric entry is not one.
         ValueError: ``learning_rates`` names no optimizer of ``load_dict``, or a rate that is not positive.
     """
 
@@ -212,12 +222,26 @@ class ReportingCheckpointLoader(CheckpointLoader):
                              " / ".join(f"{value:g}" for value in restored))
             for group in groups:
                 group["lr"] = rate
-        if self.evaluator is not None:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            record = checkpoint.get(VALIDATION_BEST_KEY) if isinstance(checkpoint, Mapping) else None
-            if isinstance(record, Mapping):
-                self.evaluator.state.best_metric = float(record["best_metric"])
-                self.evaluator.state.best_metric_epoch = int(record["best_metric_epoch"])
+        self._restore_best_key_metrics(path, engine)
+
+    def _restore_best_key_metrics(self, path: Path, trainer: Engine) -> None:
+        """Restores the trainer's and the evaluator's best key metric from the checkpoint's :class:`BestKeyMetric`
+        entries (MONAI keeps them outside Ignite's state dict, which ``super().__call__`` restored)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for key, workflow in ((TRAINING_BEST_KEY, trainer), (VALIDATION_BEST_KEY, self.evaluator)):
+            if workflow is None:
+                continue
+            record = checkpoint.get(key) if isinstance(checkpoint, Mapping) else None
+            if record is None:
+                metric = getattr(workflow.state, "key_metric_name", None)
+                if metric is not None:
+                    _logger.info("%s: no %s entry (saved before it was recorded): the best %s starts afresh, so "
+                                 "that its first value is logged as a new best", path, key, metric)
+                continue
+            try:
+                BestKeyMetric(workflow).load_state_dict(record)
+            except ValueError as error:
+                raise DataError(path, f"its {key!r} entry {error}", self.expected) from error
 
 
 def _past_last_epoch(path: Path, epoch: int, max_epochs: int) -> DataError:
@@ -257,22 +281,47 @@ class BestModelDigest:
         return {"file": self.path.name, "sha256": file_sha256(self.path) or ""}  # "" without a model.pt yet
 
 
-class ValidationBest:
-    """Saved in a training checkpoint (``state_dict`` only): the validation's best key metric and its epoch, which
-    MONAI's evaluator keeps in its state, outside Ignite's state dict. :class:`ReportingCheckpointLoader` with
-    ``evaluator`` restores them: a resumed run's first validation was logged as "Got new best metric" (and "best
-    value ... at epoch" at the end) even when worse than the run's best, while ``model.pt`` rightly stayed.
+class BestKeyMetric:
+    """Saved in a training checkpoint: a MONAI workflow's best key metric and its epoch, which MONAI keeps in the
+    engine's state, outside Ignite's state dict: the validation's evaluator's as ``validation_best``, the trainer's
+    (with a ``key_train_metric``) as ``training_best``. :class:`ReportingCheckpointLoader` restores both (by
+    :meth:`load_state_dict`): a resumed run's first epoch was logged as "Got new best metric" (and "best value ... at
+    epoch" at the end) even when worse than the run's best, while ``model.pt`` rightly stayed.
 
     Args:
-        evaluator: the validation's ``monai.engines.SupervisedEvaluator``.
+        engine: a ``monai.engines.Workflow``: a ``SupervisedEvaluator``, a ``SupervisedTrainer``, ...
     """
 
-    def __init__(self, evaluator: Engine) -> None:
-        self.evaluator = evaluator
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     def state_dict(self) -> dict[str, float | int]:
-        state = self.evaluator.state
+        state = self.engine.state
         return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, record: Any) -> None:
+        """Sets the engine's best from ``record`` (a :meth:`state_dict`).
+
+        Raises:
+            ValueError: ``record`` is not a :meth:`state_dict` (says what it holds); the engine is left as it was.
+        """
+        metric = record.get("best_metric") if isinstance(record, Mapping) else None
+        epoch = record.get("best_metric_epoch") if isinstance(record, Mapping) else None
+        # a NaN best is a real state (a first epoch's NaN metric becomes the best): only the types are checked
+        if not (_is_number(metric) and _is_number(epoch) and float(epoch).is_integer()):
+            raise ValueError(f"is {reprlib.repr(record)}, not {{'best_metric': <number>, "
+                             "'best_metric_epoch': <whole number>}")
+        self.engine.state.best_metric = float(metric)
+        self.engine.state.best_metric_epoch = int(epoch)
+
+
+#: The former name of :class:`BestKeyMetric`, when it recorded the validation's best only; ``agi_monai.engines`` and
+#: ``pix2pix.training_checkpoint_dict`` still import it.
+ValidationBest = BestKeyMetric
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 #: :func:`load_weights`'s default ``expected``: what a bundle's ``inference.json`` loads.
