@@ -60,3 +60,20 @@ def test_a_bundle_config_target_in_agi_monai_data_resolves():
     """)
     assert result.returncode == 0, result.stderr
     assert "x.nii.gz: bad (expected good) None" in result.stdout
+
+
+def test_monai_nvimgcodec_reader_messages_are_filtered_and_nothing_else():
+    # MONAI's LoadImage builds its nvImageCodec DICOM reader whichever reader it is given; where nvImageCodec is not
+    # installed that reader logs and warns at every LoadImage (agi_monai/__init__.py says why they are filtered).
+    result = run_python("""
+        import logging, warnings
+        logging.basicConfig(level=logging.INFO)
+        import agi_monai
+        from monai.transforms import LoadImage
+        LoadImage(image_only=True)
+        warnings.warn("another UserWarning")
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").warning("another message of that logger")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "nvImageCodec" not in result.stderr
+    assert "another UserWarning" in result.stderr and "another message of that logger" in result.stderr
