@@ -51,13 +51,11 @@ from agi_monai.bundle.experiment import (
     bundle_network,
     check_budget,
     budget_widths,
-    default_slices_per_batch,
     evaluate_bundle,
     load_generator,
     resolve_device,
     seed_overrides,
     shipped_datalist,
-    synthesize_volume,
     train_bundle,
 )
 from agi_monai.bundle.registry import BundleInfo, find_bundle
@@ -65,6 +63,7 @@ from agi_monai.bundle.run_folder import remove_earlier_outputs, replacing_earlie
 from agi_monai.cli import run_script
 from agi_monai.data import write_json
 from agi_monai.data.errors import error_line, innermost_cause
+from agi_monai.engines.inference import default_slices_per_batch, synthesize_volume
 from agi_monai.evaluation import evaluate_volume, synthesis_panel, volume_dataset
 from agi_monai.evaluation.robustness import (
     check_sweep, earlier_sweep_files, perturbation_levels, robustness_sweep, write_sweep,

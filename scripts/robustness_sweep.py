@@ -32,11 +32,12 @@ from typing import Any
 import torch
 
 from agi_monai.bundle import load_split
-from agi_monai.bundle.experiment import default_slices_per_batch, load_generator, resolve_device
+from agi_monai.bundle.experiment import load_generator, resolve_device
 from agi_monai.bundle.registry import find_bundle
 from agi_monai.cli import run_script
 from agi_monai.evaluation import volume_dataset
 from agi_monai.data import write_json
+from agi_monai.engines.inference import default_slices_per_batch
 from agi_monai.evaluation.robustness import check_sweep, earlier_sweep_files, robustness_sweep, write_sweep
 from agi_monai.bundle.run_folder import remove_earlier_outputs
 from agi_monai.evaluation.tables import split_note

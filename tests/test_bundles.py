@@ -423,7 +423,7 @@ def test_folder_synthesis_without_overwrite_keeps_outputs_already_present_and_sa
     assert summary.written == [tmp_path / "slices" / "a_PD.nii.gz"]
     bar = capsys.readouterr().err
     assert "\ra:   0%|          | 0/4 [" in bar and "slice/s]" in bar, bar  # drawn, then cleared (leave=False)
-    from agi_monai.bundle.experiment import infer_case
+    from agi_monai.engines.inference import infer_case
 
     batches = []  # what the bar is updated with: each batch's slices
     infer_case(FirstChannel(), SliceInferer(roi_size=(8, 8), sw_batch_size=3, spatial_dim=2), cases[0]["image"],

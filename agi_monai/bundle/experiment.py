@@ -16,19 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
-from monai.inferers import SliceInferer
-from monai.utils import convert_to_tensor
 
 from agi_monai.data import discover_cases, write_json
 from agi_monai.engines.checkpoint import expected_bundle_weights, load_weights
+from agi_monai.evaluation.tables import SUMMARY_JSON
 
 __all__ = [
     "CPU_CHANNELS",
@@ -40,14 +38,11 @@ __all__ = [
     "budget_widths",
     "check_budget",
     "bundle_network",
-    "default_slices_per_batch",
     "evaluate_bundle",
-    "infer_case",
     "load_generator",
     "resolve_device",
     "seed_overrides",
     "shipped_datalist",
-    "synthesize_volume",
     "train_bundle",
 ]
 
@@ -177,13 +172,6 @@ def budget_widths(
     return widths, int(discriminator_channels or (64 if on_cuda else 16))
 
 
-def default_slices_per_batch(device: torch.device) -> int:
-    """Axial slices per forward pass for :func:`synthesize_volume`: 16 with CUDA; 2 on a CPU, where larger batches
-    only cost cache (measured on one thread, 240x240 slices: batch 16 took 1.2-1.8x the time of batch 2 for
-    AGI-Net and ResUNet at widths 8-64 and 16-128)."""
-    return 16 if torch.device(device).type == "cuda" else 2
-
-
 def train_bundle(bundle: str | Path, bundle_root: str | Path, overrides: Mapping[str, Any]) -> TrainingRun:
     """Runs ``<bundle>/configs/train.json`` merged with ``overrides`` (written to ``<bundle_root>/overrides.json``)
     in ``bundle_root`` (its ``models/`` and logs go there; the bundle folder is only read).
@@ -222,50 +210,6 @@ def train_bundle(bundle: str | Path, bundle_root: str | Path, overrides: Mapping
         iterations=iterations, seconds=seconds,
         last_losses={k: float(v) for k, v in last.items() if k.endswith("_loss")},
     )
-
-
-def infer_case(
-    network: torch.nn.Module,
-    inferer: Callable[[torch.Tensor, torch.nn.Module], Any],
-    image: torch.Tensor,
-    device: str | torch.device = "cpu",
-    amp: bool = False,
-    on_batch: Callable[[int], Any] | None = None,
-) -> torch.Tensor:
-    """``network`` in eval mode, without gradients, on one case's (C, spatial...) ``image``, through ``inferer``
-    (e.g. a MONAI ``SliceInferer``) called with a batch of one on ``device``: the (C', spatial...) output as a
-    plain float32 tensor on the CPU.
-
-    A ``MetaTensor`` input loses its metadata first: tracking it costs time in every layer and nothing here needs
-    it. ``amp`` autocasts (mixed precision) on ``device``'s type. ``on_batch`` is called with the size of every
-    batch the inferer hands the network (a ``SliceInferer``'s: its number of slices), e.g. a progress bar's update.
-    """
-    network.eval()
-    plain = convert_to_tensor(image, track_meta=False)
-    autocast = torch.autocast(torch.device(device).type) if amp else nullcontext()
-    forward: Callable[[torch.Tensor], Any] = network
-    if on_batch is not None:
-        def forward(batch: torch.Tensor) -> Any:
-            output = network(batch)
-            on_batch(batch.shape[0])
-            return output
-    with torch.inference_mode(), autocast:
-        output = inferer(plain[None].to(device), forward)
-    return convert_to_tensor(output, track_meta=False)[0].float().cpu()
-
-
-def synthesize_volume(
-    network: torch.nn.Module,
-    volume: torch.Tensor,
-    device: str | torch.device = "cpu",
-    slices_per_batch: int = 16,
-    amp: bool = False,
-) -> torch.Tensor:
-    """Axial slice-by-slice synthesis of a preprocessed (C, H, W, D) volume, as the bundles' ``inference.json``
-    (MONAI ``SliceInferer``, no overlap; :func:`infer_case`): the (1, H, W, D) prediction clipped to [0, 1],
-    float32 on the CPU. ``amp`` autocasts the network (mixed precision)."""
-    inferer = SliceInferer(roi_size=volume.shape[1:3], sw_batch_size=slices_per_batch, spatial_dim=2, overlap=0.0)
-    return infer_case(network, inferer, volume, device, amp).clamp(0.0, 1.0)
 
 
 def shipped_datalist(data_dir: str | Path, contrasts: Sequence[str], path: str | Path) -> Path:
@@ -362,9 +306,6 @@ def evaluate_bundle(
     Raises:
         RuntimeError: the run wrote no summary.
     """
-    # imported here: agi_monai.evaluation (its robustness sweep) imports this module
-    from agi_monai.evaluation.tables import SUMMARY_JSON
-
     bundle, bundle_root = Path(bundle), Path(bundle_root)
     config_files = [str(bundle / "configs" / name) for name in ("train.json", "evaluate.json")]
     run_overrides = bundle_root / "overrides.json"

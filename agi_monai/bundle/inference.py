@@ -21,7 +21,6 @@ from monai.data import Dataset, MetaTensor
 from monai.inferers import Inferer, SliceInferer
 from tqdm import tqdm
 
-from agi_monai.bundle.experiment import infer_case
 from agi_monai.data import (
     CONTRASTS,
     LABELS,
@@ -36,6 +35,7 @@ from agi_monai.data import (
     synthesis_output_paths,
     write_json,
 )
+from agi_monai.engines.inference import infer_case
 
 __all__ = ["FolderSynthesis", "SynthesisSummary"]
 

@@ -29,7 +29,6 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 import agi_monai  # noqa: F401  (registers torch.ops.agi_monai.group_roll before a default export is loaded)
-from agi_monai.bundle.experiment import infer_case
 from agi_monai.bundle.registry import BundleError
 from agi_monai.data import (
     AtomicNibabelWriter,
@@ -47,6 +46,7 @@ from agi_monai.data.errors import error_line
 from agi_monai.data.files import EarlierCaseOutputs, refuse_foreign_outputs, synthesis_output_paths
 from agi_monai.data.transforms import synthetic_series_descriptions
 from agi_monai.engines import clip_prediction, expected_bundle_weights, load_weights
+from agi_monai.engines.inference import infer_case
 
 __all__ = ["BundleSynthesizer", "SynthesisOutputs", "refuse_existing_outputs", "write_synthesis_outputs"]
 

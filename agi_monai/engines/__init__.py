@@ -1,4 +1,5 @@
-"""Ignite engines for synthesis bundles: pix2pix training, validation/evaluation metrics, atomic checkpoints.
+"""Ignite engines for synthesis bundles: pix2pix training, validation/evaluation metrics, atomic checkpoints, and the
+inference step every synthesis path shares (:func:`infer_case`; :func:`synthesize_volume`, axial slice by slice).
 
 Training (``train.json``)::
 
@@ -47,6 +48,7 @@ from agi_monai.engines.evaluation import (
     synthesis_evaluator,
     synthesis_metrics,
 )
+from agi_monai.engines.inference import default_slices_per_batch, infer_case, synthesize_volume
 from agi_monai.engines.pix2pix import BCEWithLogitsAdversarialLoss, Pix2PixKeys, Pix2PixTrainer, training_checkpoint_dict
 from agi_monai.engines.training_run import (
     check_resume_checkpoint,
@@ -75,9 +77,11 @@ __all__ = [
     "SynthesisPrepareBatch",
     "check_resume_checkpoint",
     "clip_prediction",
+    "default_slices_per_batch",
     "expected_bundle_weights",
     "find_resume_checkpoint",
     "hold_checkpoint_folder",
+    "infer_case",
     "keep_unrecorded_best_model",
     "latest_training_checkpoint",
     "load_weights",
@@ -86,6 +90,7 @@ __all__ = [
     "resume_purge_step",
     "set_aside_earlier_run",
     "start_training_run",
+    "synthesize_volume",
     "synthesis_evaluator",
     "synthesis_metrics",
     "training_checkpoint_dict",

@@ -70,7 +70,6 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_tensor
 
-from agi_monai.bundle.experiment import infer_case, synthesize_volume
 from agi_monai.bundle.registry import read_bundle
 from agi_monai.data import (
     DataError,
@@ -87,6 +86,7 @@ from agi_monai.data import (
     write_json,
 )
 from agi_monai.engines.checkpoint import expected_bundle_weights, load_weights
+from agi_monai.engines.inference import infer_case, synthesize_volume
 from agi_monai.evaluation.evaluator import CaseEvaluator
 from agi_monai.evaluation.tables import statistics, write_csv, write_text
 

@@ -28,7 +28,7 @@ from monai.engines import Evaluator
 from monai.inferers import Inferer
 from torch.utils.data import DataLoader
 
-from agi_monai.bundle.experiment import infer_case
+from agi_monai.engines.inference import infer_case
 from agi_monai.data import Failure, build_volume_dataset, failure_reason, preprocessing_transforms
 from agi_monai.data.datasets import FailureReportingDataset
 from agi_monai.evaluation.protocols import (

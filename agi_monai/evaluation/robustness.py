@@ -29,8 +29,8 @@ import torch
 from monai.utils import convert_to_tensor
 from tqdm import tqdm
 
-from agi_monai.bundle.experiment import default_slices_per_batch, synthesize_volume
 from agi_monai.data.transforms import RandRigidMisalignChanneld, RandShiftChanneld
+from agi_monai.engines.inference import default_slices_per_batch, synthesize_volume
 from agi_monai.evaluation.figures import robustness_plot
 from agi_monai.evaluation.protocols import METRIC_NAMES, PROTOCOL_NAMES, evaluate_volume, evaluated_slices
 from agi_monai.evaluation.tables import sweep_markdown, write_csv, write_text
@@ -224,7 +224,7 @@ def robustness_sweep(
     **protocol_options: Any,
 ) -> list[dict[str, Any]]:
     """Every network on every case at every level: one input moved (:func:`misalign`), the target synthesized
-    slice by slice (:func:`agi_monai.bundle.experiment.synthesize_volume`, as ``inference.json``) and measured
+    slice by slice (:func:`agi_monai.engines.inference.synthesize_volume`, as ``inference.json``) and measured
     against the unmoved ground truth inside the unmoved brain mask
     (:func:`agi_monai.evaluation.evaluate_volume`).
 
@@ -240,7 +240,7 @@ def robustness_sweep(
         protocols: ``"slice2d"`` and/or ``"brasyn3d"``.
         device: where the networks run.
         slices_per_batch: axial slices per forward pass; default
-            :func:`agi_monai.bundle.experiment.default_slices_per_batch`.
+            :func:`agi_monai.engines.inference.default_slices_per_batch`.
         slice_step: synthesize and measure every ``slice_step``-th of the slices protocol ``"slice2d"``
             evaluates (those whose mask covers ``min_foreground_fraction``), after moving the whole volume: a
             ``slice_step`` times cheaper sweep (the paper's test sets also hold a subset of each volume's slices).
