@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from agi_monai.evaluation.ablation import ABLATIONS, TABLE5, architecture, selec
 from agi_monai.evaluation.tables import FOLDER_SPLIT_NOTE, SUMMARY_JSON, read_csv, split_note
 from agi_monai.networks import CAGR, STAGES, AGINet, ResUNet
 from test_demo import assert_runs_recorded
-from helpers import load_script
+from helpers import CPU_SCRIPT_ENV, SUBPROCESS_ENV, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_t1_t2_to_flair"  # 2 inputs, as the paper's complexity tables
@@ -126,7 +125,7 @@ def test_scripts_refuse_a_bad_budget_in_one_line_before_any_work(tmp_path, scrip
     output = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / script), *arguments, "--output_dir", str(output)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV,
     )
     assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
     # (MONAI's import may print its own notices about optional decoders first)
@@ -143,8 +142,7 @@ def test_script_trains_evaluates_and_tabulates_two_ablations(tmp_path):
         "--iterations", "2", "--batch_size", "2", "--crop_size", "64", "--channels", ",".join(map(str, channels)),
         "--discriminator_channels", "8", "--protocols", "slice2d", "--device", "cpu", "--output_dir", str(output),
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=REPO, timeout=900, env=env)
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=REPO, timeout=900, env=CPU_SCRIPT_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"ablation: 2 runs in {output}" in result.stdout
     rows = read_csv(output / "ablation.csv")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -33,13 +32,12 @@ import torch
 from agi_monai.cli import main
 from agi_monai.data import synthetic_description, write_dicom_series
 from agi_monai.networks import AGINet
-from helpers import DATA, load_script
+from helpers import DATA, SUBPROCESS_ENV, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 WIDTHS = "[8,8,8,8]"
 FAST = ["--network_def#channels", WIDTHS, "--spatial_size", "[64,64]"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CROP = (slice(88, 152), slice(88, 152), slice(70, 82))  # 64 x 64 x 12 voxels through the tumour
 GOOD = ("good-a", "good-b")
 
@@ -177,7 +175,8 @@ def make_bundle(folder: Path, name: str, in_channels: int, source: str | None = 
 
 
 def run(*args: object, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=SUBPROCESS_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -460,7 +459,7 @@ def test_benchmark_scripts_refuse_a_bad_argument_in_one_line_before_timing_anyth
 
 def test_benchmark_scripts_run_at_a_tiny_size(tmp_path):
     # the benchmarks' own figures are in docs/benchmarks.md; this only shows both scripts run end to end
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark_op.py"), "--shapes", "3", "--warmup", "0", "--repeats", "1", "--threads", "1",
          "--out", str(tmp_path / "op.json")], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)

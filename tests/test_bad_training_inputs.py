@@ -90,13 +90,10 @@ class Records(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
+def cache(tmp_path_factory, one_torch_thread) -> Path:
     """The preprocessed-volume cache every run of this module shares; while they run, torch uses one thread (the
     shared training run measured 4 s so, 40 s with two threads on the busy 2-core test machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path_factory.mktemp("cache")
-    torch.set_num_threads(threads)
+    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")

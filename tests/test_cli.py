@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ from agi_monai.evaluation import evaluate_volume, volume_dataset
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, SUMMARY_MD, read_csv
 from agi_monai.networks import AGINet
 from agi_monai.ops import extension_available
-from helpers import DATA, load_script
+from helpers import DATA, SUBPROCESS_ENV, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
@@ -42,7 +41,6 @@ NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
 SCRIPT = Path(sys.executable).parent / "agi-monai"
 WIDTHS = [8, 8, 8, 8]
 FAST = ["--network_def#channels", str(WIDTHS).replace(" ", ""), "--spatial_size", "[64,64]", "--progress", "False"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: the tests share two cores
 SLICES = slice(60, 100)  # 40 axial slices through the tumour
 
 
@@ -50,7 +48,8 @@ def run_cli(*args: str, module: bool = False, env: dict | None = None, timeout: 
     """``agi-monai ARGS`` (the console script) or ``python -m agi_monai ARGS``."""
     command = [sys.executable, "-m", "agi_monai"] if module else [str(SCRIPT)]
     return subprocess.run(
-        [*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or ENV
+        [*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env or SUBPROCESS_ENV,
     )
 
 
@@ -361,7 +360,7 @@ def test_an_overwrite_never_leaves_a_nifti_beside_another_runs_series(flair_bund
 
 
 def test_files_given_one_by_one_and_the_bundle_chosen_by_target(bundles, cases, tmp_path):
-    env = {**ENV, "AGI_MONAI_BUNDLES": str(bundles)}
+    env = {**SUBPROCESS_ENV, "AGI_MONAI_BUNDLES": str(bundles)}
     t1, t2 = cases / GLI.name / "BraTS-GLI-00001-000-t1n.nii.gz", cases / GLI.name / "BraTS-GLI-00001-000-t2w.nii.gz"
     ambiguous = run_cli("synthesize", "--t1", t1, "--t2", t2, "--output_dir", tmp_path / "out", *FAST, env=env)
     assert ambiguous.returncode == 2 and "Traceback" not in ambiguous.stderr
@@ -450,7 +449,7 @@ def test_batch_size_sets_the_batch_setting_the_bundle_has(cases, tmp_path, monke
 def test_the_bundle_choice_sees_the_discovery_overrides(bundles, tmp_path):
     # a DICOM study whose T2 series has a description no rule knows: --discovery#dicom_mapping names it; before, only
     # a run with --bundle used the mapping, and the bundle choice stopped with "no cases found"
-    env = {**ENV, "AGI_MONAI_BUNDLES": str(bundles)}
+    env = {**SUBPROCESS_ENV, "AGI_MONAI_BUNDLES": str(bundles)}
     study = tmp_path / "study"
     for number, (name, description) in enumerate([("t1n", "AX T1 SE"), ("t2w", "Sequence B")], 1):
         volume = sitk.ReadImage(str(GLI / f"BraTS-GLI-00001-000-{name}.nii.gz"))[:, :, 70:74]
@@ -757,7 +756,8 @@ def test_portable_export_runs_without_agi_monai(flair_bundle, tmp_path, capsys):
         "except RuntimeError as error:\n"
         "    print('compiled file failed:', error)\n"
     )
-    run = subprocess.run([sys.executable, "-c", fresh], cwd="/", capture_output=True, text=True, timeout=300, env=ENV)
+    run = subprocess.run([sys.executable, "-c", fresh], cwd="/", capture_output=True, text=True, timeout=300,
+                         env=SUBPROCESS_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-4, atol=1e-5)
     if extension_available():  # the default export calls the compiled op: the negative control

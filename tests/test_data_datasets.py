@@ -35,7 +35,7 @@ from agi_monai.data import (
     write_dicom_series,
 )
 from agi_monai.data.transforms import PREPROCESSING_VERSION
-from helpers import DATA
+from helpers import DATA, SUBPROCESS_ENV
 
 BRATS_CONTRASTS = ["T1", "T2", "FLAIR", "T1Gd"]
 
@@ -528,8 +528,7 @@ def test_ranks_of_a_distributed_run_share_the_preprocessing_into_one_cache(brats
     script.write_text(_RANK_BUILD)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                json.dumps(cases), str(tmp_path / "slices"), str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for rank, seen in enumerate(ranks):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -38,13 +37,13 @@ from agi_monai.cli import main as cli_main  # noqa: E402
 from agi_monai.data import write_dicom_series  # noqa: E402
 from agi_monai.deploy.app import main  # noqa: E402
 from agi_monai.networks import AGINet  # noqa: E402
+from helpers import SUBPROCESS_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692-native"
 AURORA = ROOT / "tests" / "data" / "brats2023-mets" / "aurora-example"
 WIDTHS = [8, 16, 16, 32]
 STUDY_UID = "1.2.826.0.1.3680043.8.498.7"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -105,7 +104,7 @@ def test_app_synthesizes_float_nifti_and_a_derived_dicom_series(exported, inputs
         "--bundle_root", str(exported), "--dataset_dir", str(inputs), "--output_dir", str(reference_run),
         "--network_def#channels", str(WIDTHS).replace(" ", ""), "--device", "$torch.device('cpu')",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     for case in ("TCGA-FG-6692", "aurora-example"):
         deployed, bundled = nib.load(output / f"{case}_FLAIR.nii.gz"), nib.load(reference_run / f"{case}_FLAIR.nii.gz")
@@ -347,8 +346,8 @@ def test_a_signal_mid_write_stops_at_once_leaving_complete_outputs_and_the_case_
     command = [sys.executable, "-c", _STOPPED_MID_WRITE, str(reached), "-i", str(inputs), "-o", str(output), "-m",
                str(exported / "models" / "model.ts"), "--device", "cpu", "--overwrite"]
     threads = {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}  # threads the kernel may hand the signal to
-    process = subprocess.Popen(command, cwd=ROOT, env={**ENV, **threads}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(command, cwd=ROOT, env={**SUBPROCESS_ENV, **threads}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     try:
         while not reached.exists():
             assert process.poll() is None, process.communicate()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from agi_monai.evaluation.downstream import (
     regions_to_label,
 )
 from agi_monai.evaluation.tables import read_csv
+from helpers import SUBPROCESS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "bundles" / "brats_segmentation"
@@ -56,15 +56,8 @@ TCGA = ROOT / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692"
 MAV = TCGA / "mav.nii.gz"
 SCHEMA = ROOT / "bundles" / "_template" / "schemas" / "meta_schema_20240725.json"
 SCHEMA_SHA256 = "774785636fa303916a6a438655fd47fcbc7c0e16a66200f13278cd55ff91ab17"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see tests/test_bundles.py: one thread per subprocess on busy cores
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------- labels
@@ -390,7 +383,8 @@ TINY = {  # widths and sizes for CPU tests; the tumour (x 136-178, y 124-182 of 
 
 
 def _run(*args: str, timeout: int = 600) -> str:
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env=SUBPROCESS_ENV)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-6000:]}"
     return output
@@ -593,7 +587,7 @@ def test_a_segmenter_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tmp_pat
         [sys.executable, "scripts/downstream_dice.py", "--dataset_dir", str(cases), "--output_dir",
          str(tmp_path / "out"), "--segmentation_checkpoint", str(generator), "--conditions", "['real']",
          "--segmentation_overrides", str(TINY)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV,
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()

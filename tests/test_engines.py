@@ -49,14 +49,7 @@ SIZE, WIDTHS = (64, 64), (8, 16, 16, 32)
 OUTPUT_KEYS = {"image", "target", "pred", "loss", "g_loss", "d_loss", "l1_loss", "adv_loss"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    # the suite shares 2 cores with other processes; with 2 OpenMP threads a contended core makes every
-    # convolution wait (iterations measured 10-50x slower), with 1 thread they run at full speed
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build_slices():

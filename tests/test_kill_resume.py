@@ -23,10 +23,10 @@ import torch
 
 from agi_monai.data import DataError
 from agi_monai.engines import hold_checkpoint_folder
+from helpers import SUBPROCESS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "bundles" / "ixi_t1_t2_to_pd"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 EPOCHS, ITERATIONS_PER_EPOCH = 3, 2
 
 
@@ -45,7 +45,8 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
     first = models / "training_checkpoint_epoch=1.pt"
     log = tmp_path / "killed.log"
     with open(log, "w") as output:
-        process = subprocess.Popen(train_command(tmp_path), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, env=ENV)
+        process = subprocess.Popen(train_command(tmp_path), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                   env=SUBPROCESS_ENV)
         try:
             deadline = time.monotonic() + 300
             while not first.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -71,7 +72,7 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
     torch.load(models / "model.pt", weights_only=True)
 
     resumed = subprocess.run(train_command(tmp_path, "--resume_ckpt", "latest"), cwd=ROOT, capture_output=True, text=True,
-                             timeout=600, env=ENV)
+                             timeout=600, env=SUBPROCESS_ENV)
     text = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, text[-4000:]
     assert f"Restored all variables from {first}" in text

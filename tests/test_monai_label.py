@@ -26,6 +26,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from agi_monai.networks import AGINet
+from helpers import SUBPROCESS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 GLI = ROOT / "tests" / "data" / "brats2023-gli" / "BraTS-GLI-00001-000"
@@ -114,7 +115,7 @@ def test_monai_label_bundle_infer_task_writes_the_same_float_volume(bundle, case
         "print('RESULT', json.dumps({'path': path, 'labels': task.labels}))\n"
     )
     run = subprocess.run([str(LABEL_PYTHON), "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env=SUBPROCESS_ENV)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     result = json.loads(run.stdout.split("RESULT ", 1)[1].splitlines()[0])
     written = nib.load(result["path"])

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from agi_monai.data import Failure, write_json
 from agi_monai.evaluation import brain_mask, protocol_record, slice_protocol, synthesis_panel
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, read_csv, summarize, write_csv
-from helpers import DATA, load_script
+from helpers import DATA, SUBPROCESS_ENV, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CASE = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
@@ -159,7 +158,7 @@ def test_robustness_tables_and_plots_through_the_command_line(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "report.py"), "robustness", str(sweep), "--output_dir", str(output),
          "--title", "translation"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=SUBPROCESS_ENV,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in output.iterdir()) == ["robustness.md", "robustness_psnr_db.png", "robustness_ssim_pct.png"]
@@ -190,7 +189,7 @@ def test_robustness_names_the_file_line_and_column_of_a_bad_cell(tmp_path):
     path.write_text("network,perturbation,psnr_db\n1,0,30\n1,x,20\n")
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "robustness", str(path),
                              "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=SUBPROCESS_ENV)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"report.py: error: {path}: line 3, column 'perturbation': 'x' is not a number (expected a number in every "

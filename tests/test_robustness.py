@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from agi_monai.evaluation import brain_mask, slice_protocol
 from agi_monai.evaluation.robustness import misalign, perturbation_levels, robustness_sweep, write_sweep
 from agi_monai.evaluation.tables import read_csv
 from agi_monai.networks import AGINet, ResUNet
-from helpers import DATA, load_script
+from helpers import CPU_SCRIPT_ENV, DATA, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 CASE = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
@@ -236,7 +235,7 @@ def test_script_sweeps_two_tiny_checkpoints_on_a_shipped_case(tmp_path):
          "--channels", "8,16,32,64", "--maximum", "0.5", "--slice_step", "8", "--output_dir", str(output),
          "--progress", "False"],
         capture_output=True, encoding="utf-8", cwd=REPO, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+        env=CPU_SCRIPT_ENV,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "robustness sweep: 8 rows" in result.stdout

@@ -34,13 +34,7 @@ TINY = {"spatial_size": [128, 128], "roi_size": [64, 64, 32], "sw_roi_size": [12
         "network_def#init_filters": 8, "num_workers": 0, "label_convention": "brats2018",
         "device": "$torch.device('cpu')"}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _link_case(folder: Path) -> Path:
@@ -164,7 +158,7 @@ def test_a_resume_restores_the_best_score_and_sets_this_runs_learning_rate(tmp_p
 
 
 @pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory) -> Path:
+def one_epoch_run(tmp_path_factory, one_torch_thread) -> Path:
     """The bundle root of a tiny run of train.json: one epoch of one iteration, no validation (``val_interval`` past
     the last epoch; ~10 s), its checkpoint ``models/training_checkpoint_epoch=1.pt``."""
     folder = tmp_path_factory.mktemp("one_epoch")
