@@ -6,11 +6,10 @@ model zoo's ``brats_mri_segmentation`` recipe, channels T1Gd, T1, T2, FLAIR) seg
 under four **conditions** of the contrast under test (the *missing* contrast, e.g. T1Gd):
 
 - ``"real"``: all four acquired contrasts;
-- ``"synthesized"``: the missing contrast replaced by a synthesized one, either made here by a synthesis
-  bundle's 2D generator applied to each axial slice of the case's other contrasts (:class:`SliceSynthesizer`,
-  :func:`load_synthesizer`) or by a 3D bundle's generator through its own sliding-window inferer
-  (:class:`VolumeSynthesizer`), or read from NIfTI files a synthesis bundle's ``inference.json`` already wrote
-  (``<case_id>_<contrast>.nii.gz``, :class:`AttachSynthesizedd`);
+- ``"synthesized"``: the missing contrast replaced by a synthesized one, either made here from the case's other
+  contrasts by a synthesis bundle's generator through the bundle's own inferer, a 2D bundle's slice by slice, a 3D
+  bundle's by sliding window (:class:`VolumeSynthesizer`, :func:`load_synthesizer`), or read from NIfTI files a
+  synthesis bundle's ``inference.json`` already wrote (``<case_id>_<contrast>.nii.gz``, :class:`AttachSynthesizedd`);
 - ``"zero_imputed"``: the missing contrast set to 0 everywhere;
 - ``"mean_imputed"``: the missing contrast set, inside the case's brain mask, to one value, by default the mean of the
   real contrast over that mask (in the [0, 1]-normalised scale; 0 outside the mask). This per-case value is an
@@ -57,7 +56,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.data import Dataset, MetaTensor
-from monai.inferers import Inferer
+from monai.inferers import Inferer, SliceInferer
 from monai.metrics import DiceMetric
 from monai.transforms import (
     Activations,
@@ -86,7 +85,7 @@ from agi_monai.data import (
     write_json,
 )
 from agi_monai.engines.checkpoint import expected_bundle_weights, load_weights
-from agi_monai.engines.inference import infer_case, synthesize_volume
+from agi_monai.engines.inference import infer_case
 from agi_monai.evaluation.evaluator import CaseEvaluator
 from agi_monai.evaluation.tables import statistics, write_csv, write_text
 
@@ -361,7 +360,7 @@ def downstream_dataset(
         data: datalist items with the four contrasts and ``label_key`` (:func:`agi_monai.data.discover_cases`).
         inputs, spatial_size, label_convention, label_key: as for :func:`segmentation_preprocessing`.
         synthesized_dir: a folder of synthesized ``<case_id>_<missing_contrast>.nii.gz`` (condition
-            ``"synthesized"`` from files); None when a :class:`SliceSynthesizer` makes them.
+            ``"synthesized"`` from files); None when a :class:`VolumeSynthesizer` makes them.
         missing_contrast: the synthesized contrast (needed with ``synthesized_dir``).
         preprocessing_options: further arguments of :func:`agi_monai.data.preprocessing_transforms`.
     """
@@ -383,54 +382,16 @@ def downstream_dataset(
 # ----------------------------------------------------------------------------------------------- synthesis
 
 
-class SliceSynthesizer:
-    """A synthesis bundle's 2D generator applied to every axial slice of a case's input contrasts.
+class VolumeSynthesizer:
+    """A synthesis bundle's generator applied to a case's input volume through the bundle's own ``inferer`` (its
+    ``inference.json``'s: a 2D bundle's ``SliceInferer`` over whole axial slices, a 3D bundle's
+    ``SlidingWindowInferer`` over ``patch_size`` patches), clipped to [0, 1] as that ``inference.json`` writes it.
 
     Called with the inputs stacked in :attr:`inputs` order, (C, H, W, D) in [0, 1], it returns the synthesized
-    :attr:`target` (1, H, W, D), clipped to [0, 1] as the bundles' ``inference.json`` writes it (MONAI
-    ``SliceInferer``, whole slices).
+    :attr:`target` (1, H, W, D).
 
     Args:
         network: the generator, weights loaded.
-        inputs: its input contrasts in channel order.
-        target: the contrast it synthesizes.
-        slices_per_batch: axial slices per forward pass.
-        device: where the generator runs.
-        amp: autocast on CUDA.
-    """
-
-    def __init__(
-        self,
-        network: torch.nn.Module,
-        inputs: Sequence[str],
-        target: str,
-        slices_per_batch: int = 16,
-        device: str | torch.device = "cpu",
-        amp: bool = False,
-    ) -> None:
-        self.network = network
-        self.inputs = tuple(canonical_contrast(c) for c in inputs)
-        self.target = canonical_contrast(target)
-        self.slices_per_batch = slices_per_batch
-        self.device = torch.device(device)
-        self.amp = amp and self.device.type == "cuda"
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        image = torch.as_tensor(image)
-        if image.ndim != 4 or image.shape[0] != len(self.inputs):
-            expected = f"({len(self.inputs)}, H, W, D): {', '.join(self.inputs)}"
-            raise ValueError(f"inputs of shape {tuple(image.shape)}; expected {expected}")
-        return synthesize_volume(self.network, image, self.device, self.slices_per_batch, self.amp)
-
-
-class VolumeSynthesizer(SliceSynthesizer):
-    """A 3D synthesis bundle's generator (e.g. ``bundles/brats_t1_t2_flair_to_t1gd_3d``) applied to a case's whole
-    input volume through the bundle's own ``inferer`` (its ``inference.json``'s ``SlidingWindowInferer`` over
-    ``patch_size`` patches), clipped to [0, 1] as its ``inference.json`` writes it. Called like
-    :class:`SliceSynthesizer`: (C, H, W, D) inputs in :attr:`inputs` order -> (1, H, W, D).
-
-    Args:
-        network: the 3D generator, weights loaded.
         inputs: its input contrasts in channel order.
         target: the contrast it synthesizes.
         inferer: the bundle's inferer, called with a batch of one (1, C, H, W, D).
@@ -447,8 +408,12 @@ class VolumeSynthesizer(SliceSynthesizer):
         device: str | torch.device = "cpu",
         amp: bool = False,
     ) -> None:
-        super().__init__(network, inputs, target, device=device, amp=amp)
+        self.network = network
+        self.inputs = tuple(canonical_contrast(c) for c in inputs)
+        self.target = canonical_contrast(target)
         self.inferer = inferer
+        self.device = torch.device(device)
+        self.amp = amp and self.device.type == "cuda"
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         image = torch.as_tensor(image)
@@ -456,6 +421,29 @@ class VolumeSynthesizer(SliceSynthesizer):
             expected = f"({len(self.inputs)}, H, W, D): {', '.join(self.inputs)}"
             raise ValueError(f"inputs of shape {tuple(image.shape)}; expected {expected}")
         return infer_case(self.network, self.inferer, image, self.device, self.amp).clamp(0.0, 1.0)
+
+
+class SliceSynthesizer(VolumeSynthesizer):
+    """A 2D generator without its bundle's config (e.g. a stand-in network): a :class:`VolumeSynthesizer` through
+    the inferer the 2D bundles' ``inference.json`` defines, MONAI ``SliceInferer`` over whole axial slices, no
+    overlap, ``slices_per_batch`` slices per forward pass.
+
+    Args:
+        network, inputs, target, device, amp: as for :class:`VolumeSynthesizer`.
+        slices_per_batch: axial slices per forward pass.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inputs: Sequence[str],
+        target: str,
+        slices_per_batch: int = 16,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+    ) -> None:
+        inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=slices_per_batch, spatial_dim=2, overlap=0.0)
+        super().__init__(network, inputs, target, inferer, device, amp)
 
 
 def overrides_as_given(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
@@ -475,11 +463,11 @@ def load_synthesizer(
     overrides: Mapping[str, Any] | str | None = None,
     device: str | torch.device = "cpu",
     amp: bool = False,
-) -> SliceSynthesizer:
-    """The generator of a synthesis bundle (its ``inference.json``'s ``network_def``, ``inputs``, ``target``,
-    ``slices_per_batch``) with trained weights, as a :class:`SliceSynthesizer`; that of a 3D bundle
-    (``network_def#spatial_dims`` 3) as a :class:`VolumeSynthesizer` with the bundle's ``inferer`` (before, a 3D
-    generator was wrapped in the 2D slice loop too, and every case failed on a channel error).
+) -> VolumeSynthesizer:
+    """The generator of a synthesis bundle (its ``inference.json``'s ``network_def``, ``inputs``, ``target``) with
+    trained weights, as a :class:`VolumeSynthesizer` through the bundle's own ``inferer``: slice by slice for a 2D
+    bundle, patch by patch for a 3D one (before, a 3D generator was wrapped in the 2D slice loop too, and every case
+    failed on a channel error).
 
     Args:
         bundle: the synthesis bundle's folder (e.g. ``bundles/brats_t1_t2_flair_to_t1gd``).
@@ -508,12 +496,8 @@ def load_synthesizer(
     )
     network = load_weights(parser.get_parsed_content("network_def"), checkpoint, "cpu", expected)
     _logger.info("synthesis: %s (%s -> %s) with %s", info.name, ", ".join(info.inputs), info.target, checkpoint)
-    if int(parser.get("network_def#spatial_dims", info.spatial_dims)) == 3:
-        return VolumeSynthesizer(
-            network.to(device), info.inputs, info.target, parser.get_parsed_content("inferer"), device, amp
-        )
-    return SliceSynthesizer(
-        network.to(device), info.inputs, info.target, int(parser.get("slices_per_batch", 16)), device, amp
+    return VolumeSynthesizer(
+        network.to(device), info.inputs, info.target, parser.get_parsed_content("inferer"), device, amp
     )
 
 
@@ -642,8 +626,8 @@ class DownstreamEvaluator(CaseEvaluator):
         conditions: any of :data:`CONDITIONS`, in table order.
         missing_contrast: the contrast under test; needed by every condition but ``"real"``.
         inputs: the network's channels in order.
-        synthesizer: makes the ``"synthesized"`` condition's contrast from the others (:class:`SliceSynthesizer`,
-            :class:`VolumeSynthesizer`); None to read it from the item's ``"synthesized"``
+        synthesizer: makes the ``"synthesized"`` condition's contrast from the others (:class:`VolumeSynthesizer`,
+            :class:`SliceSynthesizer`); None to read it from the item's ``"synthesized"``
             (:class:`AttachSynthesizedd`).
             With the ``"synthesized"`` condition one of the two must be there: it is refused here otherwise (before,
             every case failed at run time and the run ended with status 0 and a summary of NaN).
