@@ -426,7 +426,8 @@ class RestrictToCoveraged(MapTransform):
         if key not in item:  # nothing was resampled: every contrast covers the whole grid
             return item
         coverage = item.pop(key)
-        names = list(coverage.meta.get("contrasts", [])) if isinstance(coverage, MetaTensor) else []
+        meta = coverage.meta if isinstance(coverage, MetaTensor) else {}
+        names = list(meta.get("contrasts", []))
         covered = torch.as_tensor(coverage).bool()  # (K, H, W, D)
         if len(names) != covered.shape[0]:
             raise ValueError(f"RestrictToCoveraged: {key!r} has {covered.shape[0]} channels, names {names}")
@@ -435,59 +436,78 @@ class RestrictToCoveraged(MapTransform):
         total = int(foreground.sum())
         if not total:
             return item
-        labels = set(coverage.meta.get("labels", [])) if isinstance(coverage, MetaTensor) else set()
-        cut = set(coverage.meta.get("labels_cut", [])) if isinstance(coverage, MetaTensor) else set()
         shares = {name: int((foreground & inside).sum()) / total for name, inside in zip(names, covered)}
+        self._refuse_cut_label_maps(item, shares, set(meta.get("labels_cut", [])))
+        # the images' coverage, not the label maps', decides what the mask keeps
+        labels = set(meta.get("labels", []))
+        images = {name: inside for name, inside in zip(names, covered) if name not in labels}
+        if not images:
+            return item
+        shares = {name: shares[name] for name in images}
+        case = str(item.get("case_id") or _source(item.get("image"), "case"))
+        if self.mode == "warn":
+            self._warn_of_partial_inputs(case, shares)
+            return item
+        keep = torch.stack(list(images.values())).all(dim=0)
+        if self.mode == "slices":
+            keep[..., self._slices_lacking_coverage(case, foreground, images, shares)] = False
+        else:
+            self._warn_of_voxels_left_out(case, int((foreground & ~keep).sum()), total, shares)
+        item[self.mask_key] = mask * keep[None].to(torch.as_tensor(mask).dtype)
+        return item
+
+    def _refuse_cut_label_maps(self, item: Mapping[Hashable, Any], shares: Mapping[str, float], cut: set[str]) -> None:
+        """A label map is ground truth: where a cut one does not reach, "no tumour" would be scored as if it had
+        been drawn. No mode can make up for it, so the case is refused. (One labelling nothing on its grid's
+        faces, e.g. drawn on a grid cropped to the brain, holds all it labels.)"""
         for name, share in shares.items():
-            # A label map is ground truth: where a cut one does not reach, "no tumour" would be scored as if it had
-            # been drawn. No mode can make up for it, so the case is refused. (One labelling nothing on its grid's
-            # faces, e.g. drawn on a grid cropped to the brain, holds all it labels.)
             if name in cut and share < self.min_slice_coverage:
                 raise DataError(
                     _source(item.get(name), name),
                     f"the label map covers only {100 * share:.0f}% of the head/brain on the images' grid, and labels "
                     "the edge of its own field of view (it was cut where the labelled structure goes on)",
-                    f"a label map covering at least {100 * self.min_slice_coverage:.0f}% of it, or labelling nothing on "
-                    "the faces of its own grid (drawn on the images' grid, or on one holding all it labels)",
+                    f"a label map covering at least {100 * self.min_slice_coverage:.0f}% of it, or labelling nothing "
+                    "on the faces of its own grid (drawn on the images' grid, or on one holding all it labels)",
                 )
-        kept_channels = [index for index, name in enumerate(names) if name not in labels]
-        names, covered = [names[index] for index in kept_channels], covered[kept_channels]
-        if not names:
-            return item
-        shares = {name: shares[name] for name in names}
-        case = str(item.get("case_id") or _source(item.get("image"), "case"))
-        if self.mode == "warn":
-            for name, share in shares.items():
-                if share < self.min_input_coverage:
-                    _logger.warning(
-                        "%s: %s covers only %.0f%% of the head/brain on the reference grid (expected at least %.0f%%):"
-                        " the synthesis outside its field of view is extrapolation from the other inputs",
-                        case, name, 100 * share, 100 * self.min_input_coverage,
-                    )
-            return item
-        common = covered.all(dim=0)
-        keep = common.clone()
-        if self.mode == "slices":
-            per_slice = foreground.sum(dim=(0, 1))
-            lacking = {
-                name: (foreground & ~inside).sum(dim=(0, 1)) > (1.0 - self.min_slice_coverage) * per_slice
-                for name, inside in zip(names, covered)
-            }
-            dropped = torch.stack(list(lacking.values())).any(dim=0) & (per_slice > 0)
-            keep[..., dropped] = False
-            if bool(dropped.any()):
+
+    def _warn_of_partial_inputs(self, case: str, shares: Mapping[str, float]) -> None:
+        """Mode ``"warn"``: one warning per input covering less than ``min_input_coverage`` of the foreground."""
+        for name, share in shares.items():
+            if share < self.min_input_coverage:
                 _logger.warning(
-                    "%s: %d of the %d slices holding foreground dropped for lack of coverage (mask cleared, so no "
-                    "training or validation slice is taken from them): %s",
-                    case, int(dropped.sum()), int((per_slice > 0).sum()),
-                    "; ".join(
-                        f"{self._named(name)} does not cover the foreground of {int(slices.sum())} of them "
-                        f"(it covers {100 * shares[name]:.0f}% of the case's foreground)"
-                        for name, slices in lacking.items() if bool(slices.any())
-                    ),
+                    "%s: %s covers only %.0f%% of the head/brain on the reference grid (expected at least %.0f%%):"
+                    " the synthesis outside its field of view is extrapolation from the other inputs",
+                    case, name, 100 * share, 100 * self.min_input_coverage,
                 )
-        outside = int((foreground & ~keep).sum())
-        if self.mode == "voxels" and outside:
+
+    def _slices_lacking_coverage(
+        self, case: str, foreground: torch.Tensor, covered: Mapping[str, torch.Tensor], shares: Mapping[str, float]
+    ) -> torch.Tensor:
+        """Mode ``"slices"``: the axial slices (a (D,) bool) holding foreground that some contrast leaves uncovered
+        by more than ``1 - min_slice_coverage``; one warning counts them and names the contrasts."""
+        per_slice = foreground.sum(dim=(0, 1))
+        lacking = {
+            name: (foreground & ~inside).sum(dim=(0, 1)) > (1.0 - self.min_slice_coverage) * per_slice
+            for name, inside in covered.items()
+        }
+        dropped = torch.stack(list(lacking.values())).any(dim=0) & (per_slice > 0)
+        if bool(dropped.any()):
+            _logger.warning(
+                "%s: %d of the %d slices holding foreground dropped for lack of coverage (mask cleared, so no "
+                "training or validation slice is taken from them): %s",
+                case, int(dropped.sum()), int((per_slice > 0).sum()),
+                "; ".join(
+                    f"{self._named(name)} does not cover the foreground of {int(slices.sum())} of them "
+                    f"(it covers {100 * shares[name]:.0f}% of the case's foreground)"
+                    for name, slices in lacking.items() if bool(slices.any())
+                ),
+            )
+        return dropped
+
+    def _warn_of_voxels_left_out(self, case: str, outside: int, total: int, shares: Mapping[str, float]) -> None:
+        """Mode ``"voxels"``: one warning counting the ``outside`` of the ``total`` foreground voxels some contrast
+        does not cover, naming those contrasts."""
+        if outside:
             _logger.warning(
                 "%s: the mask keeps the %d of its %d voxels covered by every contrast, %d left out (outside the field "
                 "of view of %s): metrics measure no zero-filled voxel",
@@ -495,8 +515,6 @@ class RestrictToCoveraged(MapTransform):
                 ", ".join(f"{self._named(name)}, which covers {100 * share:.0f}%"
                           for name, share in shares.items() if share < 1.0),
             )
-        item[self.mask_key] = mask * keep[None].to(torch.as_tensor(mask).dtype)
-        return item
 
     def _named(self, contrast: str) -> str:
         return f"{contrast} (the target)" if contrast == self.target else contrast
