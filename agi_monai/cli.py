@@ -109,9 +109,8 @@ def synthesize(
             output files), for a pipeline; not inside the input folder.
         overrides: --<config id>=<value> overrides of the bundle's inference.json.
     """
-    from agi_monai.bundle.registry import BundleError, choose_bundle, find_bundle
+    from agi_monai.bundle.registry import BundleError
     from agi_monai.data import check_report_path, discover_cases
-    from agi_monai.data import synthesis_output_paths
 
     started = time.perf_counter()
     given = {"t1": t1, "t2": t2, "pd": pd, "flair": flair, "t1gd": t1gd}
@@ -131,66 +130,116 @@ def synthesize(
             check_report_path(report_path, source, output)
         try:
             if bundle is not None:
-                chosen = find_bundle(bundle)
-                if target is not None and _canonical(target, "--target") != chosen.target:
-                    raise UsageError(f"--target {target}: bundle {chosen.name} synthesizes {chosen.target}, not {target}")
-                missing = [contrast for contrast in chosen.inputs if files and contrast not in files]
-                if missing:  # one case given file by file: a missing file is an argument, not a failed case
-                    flags = " ".join(f"--{contrast.lower()}" for contrast in missing)
-                    raise UsageError(f"{flags}: required, bundle {chosen.name} reads {', '.join(chosen.inputs)}")
+                chosen = _named_bundle(bundle, target, files)
             else:
                 discovery = discover_cases(source, **_discovery_options(overrides))
                 if not discovery.cases and discovery.failures:
                     # no bundle can be chosen, yet this is a batch whose every case failed (exit 1, each case named,
                     # as with --bundle), not a usage error
                     return _no_case_readable(discovery, output, started)
-                present = _contrasts_present(discovery, source)
-                chosen = choose_bundle(present, target)
-                print(
-                    f"{_PROGRAM} synthesize: using bundle {chosen.name} ({', '.join(chosen.inputs)} -> {chosen.target}); "
-                    f"contrasts every case has: {', '.join(present)}",
-                    flush=True,
-                )
+                chosen = _bundle_for_contrasts(discovery, source, target)
         except BundleError as error:
             raise UsageError(str(error)) from None
-
-        workflow = _workflow(
-            chosen, ["inference.json"], overrides, dataset_dir=str(source), output_dir=str(output),
-            device=_device_expression(device), **({_batch_size_setting(chosen): batch_size} if batch_size else {}),
-            **({} if progress else {"evaluator#progress": False}),
-            # the DICOM outputs come after the bundle's run, and this command sets the exit status
-            **{"evaluator#overwrite": overwrite, "evaluator#exit_on_failure": False},
-        )
-        _initialize(workflow, chosen, overrides)
-        try:
-            discovery = workflow.parser.get_parsed_content("discovery")  # the instance the evaluator will read
-        except Exception as error:  # e.g. a datalist that is not JSON: its DataError, without MONAI's wrapping
-            cause = _data_error_in(error)
-            if cause is None:
-                raise
-            raise cause from error
-        _require_cases(discovery, source)
-        cases = {case["case_id"]: case for case in discovery.cases}
+        workflow = _synthesis_workflow(chosen, overrides, source, output, device, batch_size, overwrite, progress)
+        discovery = _workflow_cases(workflow, source)
         _refuse_unusable_outputs(discovery, output, chosen.target, overwrite)
-        earlier: dict[str, Any] = {}  # case ID -> EarlierCaseOutputs
-        try:
-            if overwrite:
-                _set_earlier_outputs_aside(earlier, [case["case_id"] for case in discovery.cases], output, chosen.target)
-            summary = _run(workflow)
-            if dicom:
-                _write_dicom_outputs(summary, cases, chosen, overwrite, progress, earlier)
-            if report is not None:  # after the DICOM step: its outcome too, and the series folders
-                series = (lambda case_id: synthesis_output_paths(case_id, chosen.target, output)[1]) if dicom else None
-                summary.write_report(report_path, series, bundle=chosen.name)
-        finally:  # the cases the DICOM step did not reach (failed, interrupted, no --dicom): never a NIfTI beside another
-            # run's series
-            for outputs in earlier.values():
-                outputs.settle()
+        summary = _run_synthesis(workflow, discovery, chosen, output, overwrite, dicom, progress, report_path)
         workflow.finalize()
 
     print(_summary_line(summary, f" ({chosen.target}, {'NIfTI + DICOM' if dicom else 'NIfTI'})", f" by {chosen.name}",
                         started), flush=True)
     return EXIT_FAILED if summary.failures or summary.cases == 0 else EXIT_OK
+
+
+def _named_bundle(bundle: Any, target: Any, files: Mapping[str, Any]) -> Any:
+    """The bundle ``--bundle`` names, checked against ``--target`` and, for one case given file by file, against the
+    files given (a missing file is an argument, not a failed case).
+
+    Raises:
+        UsageError: naming the flag; agi_monai.bundle.registry.BundleError: no such bundle.
+    """
+    from agi_monai.bundle.registry import find_bundle
+
+    chosen = find_bundle(bundle)
+    if target is not None and _canonical(target, "--target") != chosen.target:
+        raise UsageError(f"--target {target}: bundle {chosen.name} synthesizes {chosen.target}, not {target}")
+    missing = [contrast for contrast in chosen.inputs if files and contrast not in files]
+    if missing:
+        flags = " ".join(f"--{contrast.lower()}" for contrast in missing)
+        raise UsageError(f"{flags}: required, bundle {chosen.name} reads {', '.join(chosen.inputs)}")
+    return chosen
+
+
+def _bundle_for_contrasts(discovery: Any, source: Path, target: Any) -> Any:
+    """The bundle chosen from the contrasts every discovered case has (and ``--target``), announced.
+
+    Raises:
+        agi_monai.bundle.registry.BundleError: no bundle reads them, or several do and no ``--target`` decides.
+    """
+    from agi_monai.bundle.registry import choose_bundle
+
+    present = _contrasts_present(discovery, source)
+    chosen = choose_bundle(present, target)
+    print(
+        f"{_PROGRAM} synthesize: using bundle {chosen.name} ({', '.join(chosen.inputs)} -> {chosen.target}); "
+        f"contrasts every case has: {', '.join(present)}",
+        flush=True,
+    )
+    return chosen
+
+
+def _synthesis_workflow(bundle: Any, overrides: Mapping[str, Any], source: Path, output: Path, device: Any,
+                        batch_size: Optional[int], overwrite: bool, progress: bool) -> Any:
+    """The bundle's ``inference.json`` workflow with the command's arguments as overrides, initialized."""
+    workflow = _workflow(
+        bundle, ["inference.json"], overrides, dataset_dir=str(source), output_dir=str(output),
+        device=_device_expression(device), **({_batch_size_setting(bundle): batch_size} if batch_size else {}),
+        **({} if progress else {"evaluator#progress": False}),
+        # the DICOM outputs come after the bundle's run, and this command sets the exit status
+        **{"evaluator#overwrite": overwrite, "evaluator#exit_on_failure": False},
+    )
+    _initialize(workflow, bundle, overrides)
+    return workflow
+
+
+def _workflow_cases(workflow: Any, source: Path) -> Any:
+    """The workflow's ``discovery``, the instance its evaluator will read; a bad input raises its DataError (without
+    MONAI's wrapping), a source without a case a :class:`UsageError`."""
+    try:
+        discovery = workflow.parser.get_parsed_content("discovery")
+    except Exception as error:  # e.g. a datalist that is not JSON
+        cause = _data_error_in(error)
+        if cause is None:
+            raise
+        raise cause from error
+    _require_cases(discovery, source)
+    return discovery
+
+
+def _run_synthesis(workflow: Any, discovery: Any, bundle: Any, output: Path, overwrite: bool, dicom: bool,
+                   progress: bool, report_path: Optional[Path]) -> Any:
+    """Runs the workflow over the discovered cases, then writes the DICOM series (``--dicom``) and the report
+    (``--report``): the run's :class:`agi_monai.bundle.SynthesisSummary`. With ``--overwrite``, the cases' earlier
+    outputs are set aside first and settled at the end, whatever happened."""
+    from agi_monai.data import synthesis_output_paths
+
+    cases = {case["case_id"]: case for case in discovery.cases}
+    earlier: dict[str, Any] = {}  # case ID -> EarlierCaseOutputs
+    try:
+        if overwrite:
+            case_ids = [case["case_id"] for case in discovery.cases]
+            _set_earlier_outputs_aside(earlier, case_ids, output, bundle.target)
+        summary = _run(workflow)
+        if dicom:
+            _write_dicom_outputs(summary, cases, bundle, overwrite, progress, earlier)
+        if report_path is not None:  # after the DICOM step: its outcome too, and the series folders
+            series = (lambda case_id: synthesis_output_paths(case_id, bundle.target, output)[1]) if dicom else None
+            summary.write_report(report_path, series, bundle=bundle.name)
+    finally:  # the cases the DICOM step did not reach (failed, interrupted, no --dicom): never a NIfTI beside another
+        # run's series
+        for outputs in earlier.values():
+            outputs.settle()
+    return summary
 
 
 def _summary_line(summary: Any, written_as: str, written_by: str, started: float) -> str:
