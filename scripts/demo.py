@@ -60,7 +60,6 @@ from agi_monai.bundle.experiment import (
     budget_widths,
     resolve_device,
     shipped_datalist,
-    synthesize_volume,
     train_bundle,
 )
 from agi_monai.bundle.run_folder import replacing_earlier_run
@@ -68,6 +67,7 @@ from agi_monai.cli import run_script
 from agi_monai.data import (
     build_inference_dataset, restore_geometry_transforms, synthesis_output_paths, synthetic_description, write_json,
 )
+from agi_monai.engines.inference import synthesize_volume
 from agi_monai.evaluation import slice_protocol, synthesis_panel
 from agi_monai.networks import AGINet, ResUNet
 
