@@ -36,12 +36,11 @@ from agi_monai.engines import (
     keep_unrecorded_best_model,
     release_checkpoint_folder,
     set_aside_earlier_run,
-    synthesis_evaluator,
     training_checkpoint_dict,
 )
 from agi_monai.data import DataError
 from agi_monai.networks import AGINet
-from helpers import DATA
+from helpers import DATA, REPO
 
 INPUTS, TARGET = ["T1", "T2"], "FLAIR"
 # the (8, 16, 16, 32) AGI-Net and an 8-channel PatchGAN run an iteration on two 64x64 slices in ~0.1 s
@@ -303,12 +302,18 @@ def test_the_temporary_checkpoint_of_a_killed_run_is_removed_by_the_next_run(tmp
 
 
 def test_validation_metrics_match_monai_metric_functions(slices):
+    # the evaluator of a bundle's own train.json (validate#evaluator), given this generator and these slices
+    from monai.bundle import ConfigParser
+
     networks = make_networks()
     make_trainer(loader_of(slices, [40, 41]), networks, max_epochs=2).run()
     generator = networks["generator"]
     loader = loader_of(slices, range(20, 110, 10), batch_size=4)  # 9 slices: batches of 4, 4, 1
-
-    evaluator = synthesis_evaluator("cpu", loader, generator)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "brats_t1_t2_to_flair" / "configs" / "train.json"))
+    parser.update({"device": "$torch.device('cpu')", "amp": False, "network": generator,
+                   "validate#dataloader": loader, "validate#handlers": []})
+    evaluator = parser.get_parsed_content("validate#evaluator")
     evaluator.run()
 
     generator.eval()
@@ -316,15 +321,16 @@ def test_validation_metrics_match_monai_metric_functions(slices):
         pred = torch.cat([generator(batch["image"].as_tensor()) for batch in loader]).clamp(0.0, 1.0)
     target = torch.cat([batch["target"].as_tensor() for batch in loader])
     expected = {
-        "psnr": PSNRMetric(max_val=1.0)(pred, target).mean().item(),
-        "ssim": SSIMMetric(spatial_dims=2, data_range=1.0)(pred, target).mean().item(),
-        "mae": MAEMetric()(pred, target).mean().item(),
+        "val_psnr": PSNRMetric(max_val=1.0)(pred, target).mean().item(),
+        "val_ssim": SSIMMetric(spatial_dims=2, data_range=1.0)(pred, target).mean().item(),
+        "val_mae": MAEMetric()(pred, target).mean().item(),
     }
     assert set(evaluator.state.metrics) == set(expected)
     for name, value in expected.items():
         assert evaluator.state.metrics[name] == pytest.approx(value, rel=1e-5), name
-    assert evaluator.state.key_metric_name == "psnr" and evaluator.state.best_metric == evaluator.state.metrics["psnr"]
-    assert evaluator.state.metric_details["ssim"].shape == (9, 1)  # per slice, for MetricsSaver
+    assert evaluator.state.key_metric_name == "val_psnr"
+    assert evaluator.state.best_metric == evaluator.state.metrics["val_psnr"]
+    assert evaluator.state.metric_details["val_ssim"].shape == (9, 1)  # per slice, for MetricsSaver
 
 
 def test_ssim_handler_averages_per_image_ssim():
@@ -444,7 +450,7 @@ def test_trainer_whose_discriminator_diverges_reports_non_finite_losses_instead_
 
 
 def evaluator_recipe() -> dict:
-    """The ``SupervisedEvaluator`` recipe of :func:`agi_monai.engines.synthesis_evaluator`'s docstring."""
+    """A bundle's ``validate#evaluator`` (``SupervisedEvaluator``), written out in one piece."""
     pairs = "$monai.handlers.from_engine(['pred', 'label'])"
     return {
         "_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",

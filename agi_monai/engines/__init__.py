@@ -27,17 +27,17 @@ default) resume exactly; with a fixed ``set_determinism`` seed and an unshuffled
 uninterrupted one.
 :class:`AtomicCheckpointSaver` (MONAI's saver writes non-atomically) serves both checkpoints.
 
-Validation: :func:`synthesis_evaluator`, or the ``SupervisedEvaluator`` recipe in its docstring (PSNR with
-``PeakSignalToNoiseRatio(max_val=1.0)``, SSIM with :class:`StructuralSimilarityIndex`, MAE with
-``MeanAbsoluteError``, on predictions clipped to [0, 1] by :func:`clip_prediction`; the evaluator's output
-keys are ``pred`` and ``label``).
+Validation: MONAI's ``SupervisedEvaluator`` as ``train.json``'s ``validate#evaluator`` builds it (PSNR with
+``PeakSignalToNoiseRatio(max_val=1.0)``, the key metric; SSIM with :class:`StructuralSimilarityIndex`; MAE with
+``MeanAbsoluteError``; on predictions clipped to [0, 1] by :func:`clip_prediction`, batches prepared by
+:class:`SynthesisPrepareBatch`; the evaluator's output keys are ``pred`` and ``label``).
 """
 
 from agi_monai.engines.checkpoint import (
     AtomicCheckpointSaver,
     BestModelDigest,
     ReportingCheckpointLoader,
-    ValidationBest,
+    BestKeyMetric,
     expected_bundle_weights,
     load_weights,
 )
@@ -45,8 +45,6 @@ from agi_monai.engines.evaluation import (
     CropToMaskSlabd,
     StructuralSimilarityIndex,
     clip_prediction,
-    synthesis_evaluator,
-    synthesis_metrics,
 )
 from agi_monai.engines.inference import default_slices_per_batch, infer_case, synthesize_volume
 from agi_monai.engines.pix2pix import BCEWithLogitsAdversarialLoss, Pix2PixKeys, Pix2PixTrainer, training_checkpoint_dict
@@ -67,7 +65,7 @@ from agi_monai.engines.utils import SynthesisPrepareBatch
 __all__ = [
     "AtomicCheckpointSaver",
     "BestModelDigest",
-    "ValidationBest",
+    "BestKeyMetric",
     "CropToMaskSlabd",
     "BCEWithLogitsAdversarialLoss",
     "Pix2PixKeys",
@@ -91,7 +89,5 @@ __all__ = [
     "set_aside_earlier_run",
     "start_training_run",
     "synthesize_volume",
-    "synthesis_evaluator",
-    "synthesis_metrics",
     "training_checkpoint_dict",
 ]

@@ -30,7 +30,6 @@ __all__ = [
     "AtomicCheckpointSaver",
     "BestKeyMetric",
     "BestModelDigest",
-    "ValidationBest",
     "ReportingCheckpointLoader",
     "expected_bundle_weights",
     "load_weights",
@@ -314,10 +313,6 @@ class BestKeyMetric:
         self.engine.state.best_metric = float(metric)
         self.engine.state.best_metric_epoch = int(epoch)
 
-
-#: The former name of :class:`BestKeyMetric`, when it recorded the validation's best only; ``agi_monai.engines`` and
-#: ``pix2pix.training_checkpoint_dict`` still import it.
-ValidationBest = BestKeyMetric
 
 
 def _is_number(value: Any) -> bool:

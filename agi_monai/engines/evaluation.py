@@ -3,23 +3,19 @@ paper's 2D per-slice protocol: each slice's metric over the whole slice, average
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.engines import SupervisedEvaluator
-from monai.handlers import IgniteMetricHandler, MeanAbsoluteError, PeakSignalToNoiseRatio, from_engine
-from monai.inferers import Inferer, SimpleInferer
+from monai.handlers import IgniteMetricHandler
 from monai.metrics import SSIMMetric
 from monai.transforms import MapTransform, ScaleIntensityRanged
 from monai.utils import CommonKeys as Keys
 from monai.utils import MetricReduction
-from torch import nn
 
 from agi_monai.data.foreground import widened_span
-from agi_monai.engines.utils import SynthesisPrepareBatch
 
-__all__ = ["CropToMaskSlabd", "StructuralSimilarityIndex", "clip_prediction", "synthesis_evaluator", "synthesis_metrics"]
+__all__ = ["CropToMaskSlabd", "StructuralSimilarityIndex", "clip_prediction"]
 
 
 class StructuralSimilarityIndex(IgniteMetricHandler):
@@ -59,34 +55,6 @@ class StructuralSimilarityIndex(IgniteMetricHandler):
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
 
 
-def synthesis_metrics(
-    data_range: float = 1.0,
-    spatial_dims: int = 2,
-    output_transform: Callable | None = None,
-    save_details: bool = True,
-) -> dict[str, IgniteMetricHandler]:
-    """``{"psnr": ..., "ssim": ..., "mae": ...}`` metric handlers (PSNR first: the key metric for the best model).
-
-    Values are as MONAI computes them: PSNR in dB with ``max_val = data_range``, SSIM in [0, 1], MAE in image
-    units; the paper reports SSIM in % and MAE ×100.
-
-    Args:
-        data_range: the images' value range (1.0: predictions clipped to [0, 1], targets in [0, 1]).
-        spatial_dims: 2 for slices, 3 for volumes.
-        output_transform: extracts ``(pred, target)`` from the engine output; default
-            ``from_engine(["pred", "label"])``, the keys of ``SupervisedEvaluator``'s output.
-        save_details: keep per-image values (for ``MetricsSaver``).
-    """
-    pairs = from_engine([Keys.PRED, Keys.LABEL]) if output_transform is None else output_transform
-    return {
-        "psnr": PeakSignalToNoiseRatio(max_val=data_range, output_transform=pairs, save_details=save_details),
-        "ssim": StructuralSimilarityIndex(
-            spatial_dims=spatial_dims, data_range=data_range, output_transform=pairs, save_details=save_details
-        ),
-        "mae": MeanAbsoluteError(output_transform=pairs, save_details=save_details),
-    }
-
-
 def clip_prediction(pred_key: str = Keys.PRED, low: float = 0.0, high: float = 1.0) -> ScaleIntensityRanged:
     """Postprocessing clipping ``pred_key`` to ``[low, high]`` (the range the metrics assume) and nothing else:
     an identity intensity range with ``clip=True``, because MONAI has no plain clipping transform."""
@@ -123,76 +91,3 @@ class CropToMaskSlabd(MapTransform):
         for key in self.key_iterator(item):
             item[key] = item[key][..., first:end]
         return item
-
-
-def synthesis_evaluator(
-    device: str | torch.device,
-    val_data_loader: Iterable,
-    network: nn.Module,
-    epoch_length: int | None = None,
-    image_key: str = "image",
-    target_key: str = "target",
-    data_range: float = 1.0,
-    clip_pred: bool = True,
-    inferer: Inferer | None = None,
-    val_handlers: Sequence | None = None,
-    amp: bool = False,
-    non_blocking: bool = False,
-    save_details: bool = True,
-    **evaluator_kwargs: Any,
-) -> SupervisedEvaluator:
-    """A ``monai.engines.SupervisedEvaluator`` of a synthesis generator with PSNR (key metric), SSIM and MAE.
-
-    The same evaluator, written in a bundle config::
-
-        "validate#evaluator": {
-            "_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-            "network": "@network", "inferer": {"_target_": "SimpleInferer"},
-            "prepare_batch": {"_target_": "agi_monai.engines.SynthesisPrepareBatch"},
-            "postprocessing": "$agi_monai.engines.clip_prediction()",
-            "key_val_metric": {"val_psnr": {"_target_": "PeakSignalToNoiseRatio", "max_val": 1.0,
-                                            "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
-            "additional_metrics": {
-                "val_ssim": {"_target_": "agi_monai.engines.StructuralSimilarityIndex", "spatial_dims": 2,
-                             "data_range": 1.0, "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"},
-                "val_mae": {"_target_": "MeanAbsoluteError",
-                            "output_transform": "$monai.handlers.from_engine(['pred', 'label'])"}},
-            "val_handlers": "@validate#handlers"}
-
-    The output holds ``image``, ``label`` (the target contrast) and ``pred``, MONAI's evaluator keys.
-
-    Args:
-        device: where batches go; ``network`` must be there.
-        val_data_loader: yields dict batches with ``image_key`` and ``target_key``.
-        network: the generator.
-        epoch_length: iterations per evaluation, default ``len(val_data_loader)``.
-        image_key: batch key of the stacked inputs.
-        target_key: batch key of the real contrast.
-        data_range: value range of the images for PSNR and SSIM.
-        clip_pred: clip predictions to ``[0, data_range]`` before the metrics (the generator has no output
-            activation; synthesized images are used clipped).
-        inferer: forward method, default ``SimpleInferer()`` (2D slices fit whole).
-        val_handlers: handlers to attach (``StatsHandler``, ``CheckpointSaver`` of the best model, ``MetricsSaver``...).
-        amp: mixed-precision inference on CUDA (ignored elsewhere).
-        non_blocking: asynchronous host-to-device copies.
-        save_details: keep per-image metric values (for ``MetricsSaver``).
-        evaluator_kwargs: further ``SupervisedEvaluator`` arguments (``decollate``, ``to_kwargs``...).
-    """
-    device = torch.device(device)
-    metrics = synthesis_metrics(data_range=data_range, save_details=save_details)
-    key_name = next(iter(metrics))
-    return SupervisedEvaluator(
-        device=device,
-        val_data_loader=val_data_loader,
-        network=network,
-        epoch_length=epoch_length,
-        non_blocking=non_blocking,
-        prepare_batch=SynthesisPrepareBatch(image_key, target_key),
-        inferer=SimpleInferer() if inferer is None else inferer,
-        postprocessing=clip_prediction(high=data_range) if clip_pred else None,
-        key_val_metric={key_name: metrics.pop(key_name)},
-        additional_metrics=metrics,
-        val_handlers=val_handlers,
-        amp=amp and device.type == "cuda",
-        **evaluator_kwargs,
-    )

@@ -21,8 +21,8 @@ from agi_monai.engines.checkpoint import (
     BEST_MODEL_DIGEST_KEY,
     SCENARIO_KEY,
     VALIDATION_BEST_KEY,
+    BestKeyMetric,
     BestModelDigest,
-    ValidationBest,
     scenario_record,
 )
 from agi_monai.engines.utils import SynthesisPrepareBatch
@@ -326,7 +326,7 @@ def training_checkpoint_dict(
     checks before any work (:func:`agi_monai.engines.check_resume_checkpoint`), and, with ``best_model_saver``,
     ``best_model_digest`` (:class:`agi_monai.engines.BestModelDigest`, read by
     :func:`agi_monai.engines.keep_unrecorded_best_model`), and, with ``validator`` (the validation's evaluator),
-    ``validation_best`` (:class:`agi_monai.engines.ValidationBest`, restored by the loader's ``evaluator``).
+    ``validation_best`` (:class:`agi_monai.engines.BestKeyMetric`, restored by the loader's ``evaluator``).
 
     In a bundle config the saver and loader cannot be train handlers (they would reference the trainer inside
     its own arguments); attach them once the trainer exists, e.g.
@@ -355,5 +355,5 @@ def training_checkpoint_dict(
         if best_model_saver is not None:
             objects[BEST_MODEL_DIGEST_KEY] = BestModelDigest(best_model_saver)
         if validator is not None:
-            objects[VALIDATION_BEST_KEY] = ValidationBest(validator)
+            objects[VALIDATION_BEST_KEY] = BestKeyMetric(validator)
     return objects
