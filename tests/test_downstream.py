@@ -25,7 +25,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 from monai.data import Dataset, MetaTensor
-from monai.inferers import SimpleInferer
+from monai.inferers import SimpleInferer, SliceInferer
 from monai.utils import optional_import
 
 from agi_monai.data import DataError, LoadVolumed, discover_cases
@@ -40,7 +40,7 @@ from agi_monai.evaluation.downstream import (
     AttachSynthesizedd,
     BratsRegionsd,
     DownstreamEvaluator,
-    SliceSynthesizer,
+    VolumeSynthesizer,
     condition_image,
     downstream_dataset,
     region_dice,
@@ -201,10 +201,14 @@ class ChannelCopy(torch.nn.Module):
         return x[:, 2:3]
 
 
+#: the 2D bundles' inference.json inferer: whole axial slices, four per forward pass
+WHOLE_SLICES = SliceInferer(roi_size=(-1, -1), sw_batch_size=4, spatial_dim=2)
+
+
 def _evaluate(network, tmp_path, conditions=CONDITIONS, **options):
     case = _toy_case()
-    synthesizer = options.pop("synthesizer", None) or SliceSynthesizer(ChannelCopy(), ["T1", "T2", "FLAIR"], "T1Gd",
-                                                                        slices_per_batch=4)
+    synthesizer = options.pop("synthesizer", None) or VolumeSynthesizer(
+        ChannelCopy(), ["T1", "T2", "FLAIR"], "T1Gd", WHOLE_SLICES)
     evaluator = DownstreamEvaluator(
         "cpu", Dataset([case]), network, SimpleInferer(), tmp_path, conditions, "T1Gd", synthesizer=synthesizer,
         description={"case": "toy"}, **options,
@@ -261,7 +265,7 @@ def test_a_fixed_mean_value_and_the_conditions_checks(tmp_path):
         DownstreamEvaluator("cpu", dataset, ThresholdSegmenter(), SimpleInferer(), tmp_path, ["real", "zero"], "T1Gd")
     with pytest.raises(ValueError, match="missing_contrast 'PD': conditions"):
         DownstreamEvaluator("cpu", dataset, ThresholdSegmenter(), SimpleInferer(), tmp_path, ["zero_imputed"], "PD")
-    wrong = SliceSynthesizer(ChannelCopy(), ["T1", "T2"], "FLAIR")
+    wrong = VolumeSynthesizer(ChannelCopy(), ["T1", "T2"], "FLAIR", WHOLE_SLICES)
     with pytest.raises(ValueError, match=r"the synthesizer makes FLAIR from \['T1', 'T2'\]; expected T1Gd"):
         DownstreamEvaluator("cpu", dataset, ThresholdSegmenter(), SimpleInferer(), tmp_path, missing_contrast="T1Gd",
                             synthesizer=wrong)
@@ -646,7 +650,7 @@ def test_a_3d_synthesis_bundle_synthesizes_through_its_own_inferer(tmp_path):
     through MONAI's sliding window with the bundle's settings."""
     from monai.inferers import SlidingWindowInferer
 
-    from agi_monai.evaluation.downstream import VolumeSynthesizer, load_synthesizer, segmentation_preprocessing
+    from agi_monai.evaluation.downstream import load_synthesizer, segmentation_preprocessing
     from agi_monai.networks import AGINet
 
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 from monai.config import KeysCollection
 from monai.data import Dataset, MetaTensor
-from monai.inferers import Inferer, SliceInferer
+from monai.inferers import Inferer
 from monai.metrics import DiceMetric
 from monai.transforms import (
     Activations,
@@ -103,7 +103,6 @@ __all__ = [
     "BratsRegionsd",
     "DownstreamEvaluator",
     "LabelConvention",
-    "SliceSynthesizer",
     "VolumeSynthesizer",
     "condition_image",
     "downstream_bar_chart",
@@ -423,29 +422,6 @@ class VolumeSynthesizer:
         return infer_case(self.network, self.inferer, image, self.device, self.amp).clamp(0.0, 1.0)
 
 
-class SliceSynthesizer(VolumeSynthesizer):
-    """A 2D generator without its bundle's config (e.g. a stand-in network): a :class:`VolumeSynthesizer` through
-    the inferer the 2D bundles' ``inference.json`` defines, MONAI ``SliceInferer`` over whole axial slices, no
-    overlap, ``slices_per_batch`` slices per forward pass.
-
-    Args:
-        network, inputs, target, device, amp: as for :class:`VolumeSynthesizer`.
-        slices_per_batch: axial slices per forward pass.
-    """
-
-    def __init__(
-        self,
-        network: torch.nn.Module,
-        inputs: Sequence[str],
-        target: str,
-        slices_per_batch: int = 16,
-        device: str | torch.device = "cpu",
-        amp: bool = False,
-    ) -> None:
-        inferer = SliceInferer(roi_size=(-1, -1), sw_batch_size=slices_per_batch, spatial_dim=2, overlap=0.0)
-        super().__init__(network, inputs, target, inferer, device, amp)
-
-
 def overrides_as_given(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
     """``--synthesis_overrides`` as a dict: JSON text (how ``scripts/downstream_dice.py`` passes them, see
     :func:`load_synthesizer`) decoded, a mapping copied; what :func:`load_synthesizer` applies and the summary's
@@ -626,8 +602,8 @@ class DownstreamEvaluator(CaseEvaluator):
         conditions: any of :data:`CONDITIONS`, in table order.
         missing_contrast: the contrast under test; needed by every condition but ``"real"``.
         inputs: the network's channels in order.
-        synthesizer: makes the ``"synthesized"`` condition's contrast from the others (:class:`VolumeSynthesizer`,
-            :class:`SliceSynthesizer`); None to read it from the item's ``"synthesized"``
+        synthesizer: makes the ``"synthesized"`` condition's contrast from the others (:class:`VolumeSynthesizer`);
+            None to read it from the item's ``"synthesized"``
             (:class:`AttachSynthesizedd`).
             With the ``"synthesized"`` condition one of the two must be there: it is refused here otherwise (before,
             every case failed at run time and the run ended with status 0 and a summary of NaN).
