@@ -37,15 +37,13 @@ from agi_monai.bundle import (
 )
 from agi_monai.data import Failure, nifti_is_complete, synthetic_description
 from agi_monai.networks import AGINet
-from helpers import DATA, load_script
+from helpers import DATA, SUBPROCESS_ENV, load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLES = ROOT / "bundles"
 SCHEMA = BUNDLES / "_template" / "schemas" / "meta_schema_20240725.json"
 SCHEMA_SHA256 = "774785636fa303916a6a438655fd47fcbc7c0e16a66200f13278cd55ff91ab17"
-# One OpenMP thread per process: on a busy 2-core machine two spinning threads made a tiny-width training
-# iteration take 7 s instead of 0.05 s (measured); the runs below are about wiring, not speed.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = SUBPROCESS_ENV  # one OpenMP thread per process (helpers says why)
 TINY = ["--network_def#channels", "[8,16,16,32]"]
 TINY_D = ["--discriminator_def#channels", "8"]
 
@@ -962,7 +960,7 @@ def test_training_summary_line_for_a_run_a_resumed_run_and_a_finished_one(tmp_pa
     TrainingSummary(tmp_path / "none", empty).attach(untrained)
     untrained.run(range(2), max_epochs=1)
     assert capsys.readouterr().out.strip().endswith(
-        "(epoch 1 of 1) in 0:00:00.0; no validation yet, so no best generator"
+        "(epoch 1 of 1) in 0:00:00.0; no validation yet, so no best model"
     )
 
 

@@ -31,9 +31,8 @@ from agi_monai.evaluation import brain_mask, slice_protocol
 from agi_monai.evaluation.tables import CASES_CSV, read_csv, write_csv
 from agi_monai.networks import AGINet, ResUNet
 from test_demo import assert_runs_recorded
-from helpers import DATA, load_script
+from helpers import CPU_SCRIPT_ENV, DATA, REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_t1_t2_to_flair"
 
 
@@ -104,9 +103,8 @@ def test_a_fresh_process_logs_its_first_training_command(tmp_path):
     )
     ixi = REPO / "bundles" / "ixi_t1_t2_to_pd"
     arguments = [str(DATA / "ixi-sim"), str(ixi), str(tmp_path / "cache"), str(tmp_path / "run")]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, encoding="utf-8",
-                            cwd=REPO, timeout=300, env=env)
+                            cwd=REPO, timeout=300, env=CPU_SCRIPT_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     command = (f"training: python -m monai.bundle run --config_file \"['{ixi}/configs/train.json',"
                f"'{tmp_path}/run/overrides.json']\" --bundle_root {tmp_path}/run --logging_file "
@@ -207,8 +205,7 @@ def test_compare_trains_both_networks_at_one_budget_and_reports(tmp_path):
         "--discriminator_channels", "8", "--protocols", "slice2d", "--sweep_kinds", "translation",
         "--sweep_maximum", "0.5", "--device", "cpu", "--progress", "False", "--output_dir", str(output),
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=REPO, timeout=900, env=env)
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", cwd=REPO, timeout=900, env=CPU_SCRIPT_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((output / "compare.json").read_text())
     scenario = summary["scenarios"]["brats_t1_t2_to_flair"]

@@ -5,7 +5,6 @@ panel; nothing left behind, inputs and the bundle folder untouched."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import DATA
+from helpers import CPU_SCRIPT_ENV, DATA, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 HELD_OUT_T2 = DATA / "tcga-lgg" / "TCGA-FG-6692" / "OtherEXampleFromTCIA_t2_bet.nii.gz"  # the reference grid
 
 
@@ -29,9 +27,7 @@ def _run_demo(output: Path, *arguments: str) -> subprocess.CompletedProcess:
         [sys.executable, str(REPO / "scripts" / "demo.py"), "--output_dir", str(output), "--progress", "False",
          *arguments],
         capture_output=True, encoding="utf-8", cwd=REPO, timeout=600,
-        # one thread: the tiny network's many small operations run 2x slower on 2 threads when the cores are shared
-        env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-             "PYTHONIOENCODING": "utf-8"},
+        env={**CPU_SCRIPT_ENV, "PYTHONIOENCODING": "utf-8"},
     )
     assert result.returncode == 0, f"demo failed:\n{result.stdout}\n{result.stderr}"
     return result

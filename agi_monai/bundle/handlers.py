@@ -207,7 +207,7 @@ class TrainingSummary:
             name = getattr(ranking.save_handler, "filename", None) or name  # MONAI saves the best under a fixed name
             parts.append(f"best {self.metric_name} {score:.4f}: {Path(self.best_model_saver.save_dir) / name}")
         elif self.best_model_saver is not None:
-            parts.append("no validation yet, so no best generator")
+            parts.append("no validation yet, so no best model")
         latest = latest_training_checkpoint(self.ckpt_dir)
         if latest is not None:
             parts.append(f"--resume_ckpt latest continues from {latest}")
