@@ -110,8 +110,8 @@ def test_a_fresh_process_logs_its_first_training_command(tmp_path):
                f"'{tmp_path}/run/overrides.json']\" --bundle_root {tmp_path}/run --logging_file "
                f"{ixi}/configs/logging.conf")
     assert [line.split(" - INFO - ", 1)[-1] for line in result.stdout.splitlines() if "training: " in line] == [command]
-
-
+    # the overrides file's settings reach MONAI as overrides, not as a config file outside the bundle's configs/
+    assert "Not all config files are in" not in result.stdout + result.stderr
 
 
 def _write(path: Path, text: str) -> Path:

@@ -187,9 +187,11 @@ def train_bundle(bundle: str | Path, bundle_root: str | Path, overrides: Mapping
         "python -m monai.bundle run --config_file \"['" + "','".join(config_files) + "']\" "
         f"--bundle_root {bundle_root} --logging_file {bundle / 'configs' / 'logging.conf'}"
     )
+    # the file's settings given as overrides, the same merge as a second config file (MONAI's ConfigWorkflow
+    # updates by ID either way), without MONAI's warning that the files are not in one folder
     workflow = ConfigWorkflow(
-        config_file=config_files, workflow_type="train", bundle_root=str(bundle_root),
-        logging_file=str(bundle / "configs" / "logging.conf"),
+        config_file=config_files[0], workflow_type="train", bundle_root=str(bundle_root),
+        logging_file=str(bundle / "configs" / "logging.conf"), **_read_overrides(overrides_file),
     )
     # after the workflow applied the bundle's logging.conf: before it, a first run's INFO line has no handler
     _logger.info("training: %s", command)
@@ -309,11 +311,10 @@ def evaluate_bundle(
     bundle, bundle_root = Path(bundle), Path(bundle_root)
     config_files = [str(bundle / "configs" / name) for name in ("train.json", "evaluate.json")]
     run_overrides = bundle_root / "overrides.json"
-    if run_overrides.is_file():
-        config_files.append(str(run_overrides))
+    settings = {**(_read_overrides(run_overrides) if run_overrides.is_file() else {}), **dict(overrides or {})}
     workflow = ConfigWorkflow(
         config_file=config_files, workflow_type=None, bundle_root=str(bundle_root),
-        logging_file=str(bundle / "configs" / "logging.conf"), **dict(overrides or {}),
+        logging_file=str(bundle / "configs" / "logging.conf"), **settings,
     )
     workflow.initialize()
     workflow.run()
