@@ -48,7 +48,7 @@ def split_cases(
             (e.g. the paper's IXI ``(500, 37, 40)``; patients beyond their sum are left out).
         seed: seed of the shuffle.
         keep: ``{patient: split}`` of patients whose split is fixed (more of them than a size asks for stay all
-            the same; with fractions, new patients beyond the sizes go to training).
+            the same).
 
     Raises:
         ValueError: ``sizes`` are neither, naming them.
@@ -62,13 +62,12 @@ def split_cases(
     chosen: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
     for patient, name in keep.items():
         chosen[name].append(patient)
+    # (with fractions the counts add up to every patient, so the rooms hold all the new ones)
     start = 0
     for name, count in zip(SPLIT_NAMES, counts):
         room = max(count - len(chosen[name]), 0)
         chosen[name] += new[start : start + room]
         start += room
-    if _sizes_are_fractions(sizes):  # fractions use every patient: those beyond full splits train
-        chosen["training"] += new[start:]
     return {name: [case for patient in chosen[name] for case in by_patient[patient]] for name in SPLIT_NAMES}
 
 
