@@ -10,6 +10,9 @@
 #   AGI_MONAI_DEPLOY   1 (default) | 0: the side environment $VENV/deploy with the MONAI Deploy App SDK
 #                      (scripts/deploy_requirements.txt; docs/deploy.md says why it is a side environment). Its
 #                      failure is not fatal: the Deploy tests then skip, saying why.
+#   AGI_MONAI_LABEL    1 (default) | 0: the side environment $VENV/label with MONAI Label and numpy < 2
+#                      (scripts/label_requirements.txt; docs/deploy.md). Its failure is not fatal: the test of
+#                      MONAI Label's BundleInferTask then skips, saying why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${AGI_MONAI_VENV:-.venv}"
@@ -43,28 +46,47 @@ if [ -z "$so" ] || [ -n "$(find csrc setup.py pyproject.toml -newer "$so" -print
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
   echo "[setup] extension built in $(( $(date +%s) - start )) s"
 fi
-if [ "${AGI_MONAI_DEPLOY:-1}" = 1 ]; then
-  site_dir=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  pyver=$("$VENV/bin/python" -c 'import sys; print(f"python{sys.version_info.major}.{sys.version_info.minor}")')
-  deploy_site="$VENV/deploy/lib/$pyver/site-packages"
+# side_env NAME REQUIREMENTS WHAT CHECK...: the side environment $VENV/NAME, a venv of .venv's Python that also sees
+# .venv's packages through a .pth file (after its own: its pins win), with the exact pins of REQUIREMENTS installed
+# --no-deps (a resolver run would pull a second torch or replace the project's packages), then started once with
+# CHECK (python's arguments). Built from nothing when missing, incomplete or older than REQUIREMENTS (a pin removed
+# leaves no package behind). Its failure is not fatal: a warning, and the tests that need it skip, saying why.
+main_site=$(realpath "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')")
+pyver=$("$VENV/bin/python" -c 'import sys; print(f"python{sys.version_info.major}.{sys.version_info.minor}")')
+side_env() {
+  local dir="$VENV/$1" requirements=$2 what=$3
+  shift 3
   # written once the side environment is complete (a package's own file is written early: an install killed midway
   # left it, and the environment was taken for complete)
-  deploy_done="$VENV/deploy/.agi_monai_installed"
-  if [ ! -f "$deploy_done" ] || [ scripts/deploy_requirements.txt -nt "$deploy_done" ]; then
-    echo "[setup] installing the MONAI Deploy App SDK into the side environment $VENV/deploy"
-    if "$PY" -m venv "$VENV/deploy" \
-       && echo "import site; site.addsitedir('$(realpath "$site_dir")')" > "$deploy_site/aa_agi_monai_main_venv.pth" \
-       && "$VENV/deploy/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r scripts/deploy_requirements.txt \
-       && "$VENV/deploy/bin/python" -W 'ignore:Current stack size:RuntimeWarning' -c 'import holoscan'; then
-      # (That first start ran the holoscan wheel's one-time install hook, a .pth file that imports pip: left
-      # for later, it would run inside the first process that loads the SDK, where importing pip switches off
-      # setuptools' distutils shim, so that torch.compile's C++ tooling then fails in that process. Its warning
-      # about the stack size is for the app's runs, where docs/deploy.md deals with it, not for this start.)
-      touch "$deploy_done"
-    else
-      echo "[setup] WARNING: the MONAI Deploy side environment could not be installed; its tests will skip"
-    fi
+  local done_marker="$dir/.agi_monai_installed"
+  if [ -f "$done_marker" ] && [ ! "$requirements" -nt "$done_marker" ]; then
+    return 0
   fi
+  echo "[setup] installing $what into the side environment $dir"
+  local start
+  start=$(date +%s)
+  rm -rf "$dir"
+  if "$VENV/bin/python" -m venv "$dir" \
+     && echo "import site; site.addsitedir('$main_site')" > "$dir/lib/$pyver/site-packages/aa_agi_monai_main_venv.pth" \
+     && "$dir/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r "$requirements" \
+     && "$dir/bin/python" "$@"; then
+    touch "$done_marker"
+    echo "[setup] $dir installed in $(( $(date +%s) - start )) s"
+  else
+    echo "[setup] WARNING: the side environment $dir ($what) could not be installed; the tests that need it will skip"
+  fi
+}
+if [ "${AGI_MONAI_DEPLOY:-1}" = 1 ]; then
+  # The check start runs the holoscan wheel's one-time install hook, a .pth file that imports pip: left for later,
+  # it would run inside the first process that loads the SDK, where importing pip switches off setuptools' distutils
+  # shim, so that torch.compile's C++ tooling then fails in that process. Its warning about the stack size is for the
+  # app's runs, where docs/deploy.md deals with it, not for this start.
+  side_env deploy scripts/deploy_requirements.txt "the MONAI Deploy App SDK" \
+    -W 'ignore:Current stack size:RuntimeWarning' -c 'import holoscan'
+fi
+if [ "${AGI_MONAI_LABEL:-1}" = 1 ]; then
+  side_env label scripts/label_requirements.txt "MONAI Label" \
+    -c 'from monailabel.tasks.infer.bundle import BundleInferTask'
 fi
 
 "$VENV/bin/python" - <<'PY'
