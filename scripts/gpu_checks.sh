@@ -10,7 +10,7 @@
 # default: AGI_MONAI_GPU_PYTHON) and saves the real-image slices test_engines.py trains on (building them
 # needs SimpleITK, whose ~50 MB wheel is too big to carry). run installs the wheels into a scratch
 # folder (never into the machine's Python), builds the extension in place for the GPU's architecture and
-# runs STEPS (default: build tests op network), writing logs and tables under RESULTS:
+# runs STEPS (default: build tests op network inference), writing logs and tables under RESULTS:
 #   tests    pytest: tests/test_group_roll.py (all, CUDA vs CPU for both CUDA implementations),
 #            tests/test_layer_norm_gelu.py, and the CUDA tests of tests/test_engines.py (AMP training on real
 #            slices; agi_monai.engines imports no SimpleITK, pydicom or nibabel) and tests/test_networks.py
@@ -18,6 +18,9 @@
 #   network  scripts/benchmark_network.py --device cuda, batch 16, 256²: float32 and AMP bf16, each beside the
 #            previous code (--compare_previous: taps kernels, unfused LayerNorm+GELU) with the CAGR breakdown,
 #            then float32 under torch.compile
+#   inference scripts/benchmark_inference.py --device cuda: one 240x240x155 case through AGI-Net and ResUNet at the
+#            paper's widths as the bundles run it (SliceInferer), 4/16/64 slices per batch, float32 and AMP, with
+#            torch.cuda.max_memory_allocated (network only: the end-to-end command needs SimpleITK, not carried)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_PYTHON="${AGI_MONAI_GPU_PYTHON:-3.12}"
@@ -44,7 +47,7 @@ EOF
 run() {
   local results="${1:?usage: gpu_checks.sh run RESULTS [STEPS...]}"
   shift
-  local steps="${*:-build tests op network}"
+  local steps="${*:-build tests op network inference}"
   mkdir -p "$results"
   local py="${PYTHON:-python3}"
   if compgen -G ".whl/*.whl" >/dev/null; then
@@ -110,7 +113,11 @@ run_step() {
         "$py" scripts/benchmark_network.py --device cuda --batch 16 --size 256 --warmup 3 --repeats 20 --compile \
           --compare_fold False --out "$out" 2>&1 | grep -v Warning | tail -8
         ;;
-      *) echo "gpu_checks: unknown step '$step' (build, tests, op, network)" >&2; exit 2 ;;
+      inference)
+        "$py" scripts/benchmark_inference.py --device cuda --batch_sizes 4,16,64 \
+          --out "$results/benchmark_inference_cuda.json" 2>&1 | tee "$results/benchmark_inference_cuda.log" | tail -22
+        ;;
+      *) echo "gpu_checks: unknown step '$step' (build, tests, op, network, inference)" >&2; exit 2 ;;
     esac
   )
 }
@@ -156,6 +163,6 @@ case "${1:-}" in
   prepare) prepare ;;
   resources) shift; resources "$@" ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash scripts/gpu_checks.sh prepare | run RESULTS [build] [tests] [op] [network] | resources [ARCH]" >&2
+  *) echo "usage: bash scripts/gpu_checks.sh prepare | run RESULTS [build] [tests] [op] [network] [inference] | resources [ARCH]" >&2
      exit 2 ;;
 esac
