@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv (if needed) with torch, the pinned dependencies and the compiled extension.
-# Idempotent: a second run only rebuilds the extension when csrc/ changed. Used by scripts/test.sh
-# and scripts/demo.sh, so that each README command sets itself up on a fresh machine.
+# Idempotent: a second run only rebuilds the extension when csrc/ changed, and a side environment when its pins
+# or torch changed. Used by scripts/test.sh and scripts/demo.sh, so that each README command sets itself up on a
+# fresh machine.
 #
 #   AGI_MONAI_TORCH    torch requirement (default torch==2.14.1: the CUDA 13.0 build, so the CUDA
 #                      kernels compile wherever nvcc 13 is installed; torch==2.13.0 here is CPU-only)
@@ -49,30 +50,45 @@ fi
 # side_env NAME REQUIREMENTS WHAT CHECK...: the side environment $VENV/NAME, a venv of .venv's Python that also sees
 # .venv's packages through a .pth file (after its own: its pins win), with the exact pins of REQUIREMENTS installed
 # --no-deps (a resolver run would pull a second torch or replace the project's packages), then started once with
-# CHECK (python's arguments). Built from nothing when missing, incomplete or older than REQUIREMENTS (a pin removed
-# leaves no package behind). Its failure is not fatal: a warning, and the tests that need it skip, saying why.
+# CHECK (python's arguments). Built from nothing when missing, incomplete or built from other pins or another torch
+# (a pin removed leaves no package behind). Its failure is not fatal: a warning, and the tests that need it skip,
+# saying why; a build that failed with the same pins and torch is not retried on every run (its marker says how).
 main_site=$(realpath "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')")
 pyver=$("$VENV/bin/python" -c 'import sys; print(f"python{sys.version_info.major}.{sys.version_info.minor}")')
+torch_version=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')
 side_env() {
-  local dir="$VENV/$1" requirements=$2 what=$3
+  local name=$1 dir="$VENV/$1" requirements=$2 what=$3
   shift 3
-  # written once the side environment is complete (a package's own file is written early: an install killed midway
-  # left it, and the environment was taken for complete)
-  local done_marker="$dir/.agi_monai_installed"
-  if [ -f "$done_marker" ] && [ ! "$requirements" -nt "$done_marker" ]; then
+  # The markers hold what the environment was built from, the pins and torch's version, compared by content: a
+  # clone or checkout gives every file a new time. The done marker is written once the environment is complete (a
+  # package's own file is written early: an install killed midway left it, and the environment was taken for
+  # complete), and removed first when it is rebuilt.
+  local done_marker="$dir/.agi_monai_installed" failed_marker="$VENV/.agi_monai_${name}_failed" wanted start
+  wanted="$(cat "$requirements"; echo "torch $torch_version")"
+  if [ -f "$done_marker" ] && [ "$(cat "$done_marker")" = "$wanted" ]; then
+    return 0
+  fi
+  if [ -f "$failed_marker" ] && [ "$(cat "$failed_marker")" = "$wanted" ]; then
+    echo "[setup] WARNING: the side environment $dir ($what) failed to install with these pins and torch $torch_version" \
+         "before; not retried (remove $failed_marker to retry); the tests that need it will skip"
+    return 0
+  fi
+  if [ -e "$dir" ] && [ ! -f "$dir/pyvenv.cfg" ]; then
+    echo "[setup] WARNING: $dir is not a virtual environment; left as it is (the tests that need $what will skip)"
     return 0
   fi
   echo "[setup] installing $what into the side environment $dir"
-  local start
   start=$(date +%s)
-  rm -rf "$dir"
-  if "$VENV/bin/python" -m venv "$dir" \
+  if rm -f "$done_marker" && rm -rf "$dir" \
+     && "$VENV/bin/python" -m venv "$dir" \
      && echo "import site; site.addsitedir('$main_site')" > "$dir/lib/$pyver/site-packages/aa_agi_monai_main_venv.pth" \
      && "$dir/bin/python" -m pip install --disable-pip-version-check -q --no-deps -r "$requirements" \
      && "$dir/bin/python" "$@"; then
-    touch "$done_marker"
+    printf '%s\n' "$wanted" > "$done_marker"
+    rm -f "$failed_marker"
     echo "[setup] $dir installed in $(( $(date +%s) - start )) s"
   else
+    printf '%s\n' "$wanted" > "$failed_marker"
     echo "[setup] WARNING: the side environment $dir ($what) could not be installed; the tests that need it will skip"
   fi
 }
