@@ -90,6 +90,26 @@ def test_a_runs_overrides_rebuild_its_generator(tmp_path):
     with pytest.raises(ValueError, match="no such overrides file"):
         load_generator(BUNDLE, tmp_path / "model.pt", tmp_path / "missing.json")
 
+def test_a_runs_overrides_file_merges_as_a_second_config_file_would(tmp_path):
+    # train_bundle and evaluate_bundle merge overrides.json into the workflow's parser rather than list it as a config
+    # file (MONAI warns about config files outside configs/); the result must be what the logged command's
+    # `--config_file "['train.json', 'overrides.json']"` gives: '#' IDs set nested values, '+' keys extend
+    from agi_monai.bundle.experiment import _merge_config_file
+
+    train = REPO / "bundles" / "brats_t1_t2_to_flair" / "configs" / "train.json"
+    overrides = {"network_def#channels": [8, 16, 16, 32], "+train#handlers": [{"_target_": "StatsHandler"}],
+                 "+network_def": {"groups": 4}, "epochs": "$@val_interval * 2", "new_setting": "@epochs"}
+    overrides_file = tmp_path / "overrides.json"
+    overrides_file.write_text(json.dumps(overrides))
+    merged = ConfigParser()
+    merged.read_config(str(train))
+    _merge_config_file(merged, overrides_file)
+    as_files = ConfigParser()
+    as_files.read_config([str(train), str(overrides_file)])
+    assert merged.get() == as_files.get()
+    assert merged["network_def"]["groups"] == 4 and merged["train#handlers"][-1] == {"_target_": "StatsHandler"}
+
+
 def test_a_fresh_process_logs_its_first_training_command(tmp_path):
     """The equivalent ``monai.bundle run`` command of the first run in a process (the demo's and the comparison's
     first network) reaches the run's log: logging is set up from the bundle's logging.conf only once its

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.utils import merge_kv
 
 from agi_monai.data import discover_cases, write_json
 from agi_monai.engines.checkpoint import expected_bundle_weights, load_weights
@@ -187,12 +188,11 @@ def train_bundle(bundle: str | Path, bundle_root: str | Path, overrides: Mapping
         "python -m monai.bundle run --config_file \"['" + "','".join(config_files) + "']\" "
         f"--bundle_root {bundle_root} --logging_file {bundle / 'configs' / 'logging.conf'}"
     )
-    # the file's settings given as overrides, the same merge as a second config file (MONAI's ConfigWorkflow
-    # updates by ID either way), without MONAI's warning that the files are not in one folder
     workflow = ConfigWorkflow(
         config_file=config_files[0], workflow_type="train", bundle_root=str(bundle_root),
-        logging_file=str(bundle / "configs" / "logging.conf"), **_read_overrides(overrides_file),
+        logging_file=str(bundle / "configs" / "logging.conf"),
     )
+    _merge_config_file(workflow.parser, overrides_file)
     # after the workflow applied the bundle's logging.conf: before it, a first run's INFO line has no handler
     _logger.info("training: %s", command)
     workflow.initialize()
@@ -269,6 +269,15 @@ def bundle_network(bundle: str | Path, overrides: Mapping[str, Any] | None = Non
     return _parser(Path(bundle), ["train.json"], overrides).get_parsed_content("network_def")
 
 
+def _merge_config_file(parser: ConfigParser, path: Path) -> None:
+    """Merges the config file ``path`` into ``parser`` as MONAI merges a later file of ``--config_file`` (``merge_kv``:
+    IDs with ``#`` set nested values, ``+`` keys extend a dict or list). Given to ``ConfigWorkflow`` as a second
+    config file instead, a file outside the bundle's ``configs/`` makes MONAI warn "Not all config files are in" at
+    every run."""
+    for key, value in _read_overrides(path).items():
+        merge_kv(parser, key, value)
+
+
 def _read_overrides(overrides: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
     if overrides is None or isinstance(overrides, Mapping):
         return dict(overrides or {})
@@ -311,11 +320,13 @@ def evaluate_bundle(
     bundle, bundle_root = Path(bundle), Path(bundle_root)
     config_files = [str(bundle / "configs" / name) for name in ("train.json", "evaluate.json")]
     run_overrides = bundle_root / "overrides.json"
-    settings = {**(_read_overrides(run_overrides) if run_overrides.is_file() else {}), **dict(overrides or {})}
     workflow = ConfigWorkflow(
         config_file=config_files, workflow_type=None, bundle_root=str(bundle_root),
-        logging_file=str(bundle / "configs" / "logging.conf"), **settings,
+        logging_file=str(bundle / "configs" / "logging.conf"),
     )
+    if run_overrides.is_file():
+        _merge_config_file(workflow.parser, run_overrides)
+    workflow.parser.update(dict(overrides or {}))  # as a command line's overrides, after the config files
     workflow.initialize()
     workflow.run()
     output = Path(workflow.parser.get_parsed_content("output_dir"))
