@@ -39,6 +39,7 @@ from agi_monai.engines import (
     training_checkpoint_dict,
 )
 from agi_monai.data import DataError
+from agi_monai.engines.checkpoint import TRAINING_BEST_KEY
 from agi_monai.networks import AGINet
 from helpers import DATA, REPO
 
@@ -621,6 +622,20 @@ def test_a_checkpoint_of_another_scenario_is_refused(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="agi_monai.engines.training_run"):
         check_resume_checkpoint(older, 3, 3, "a training checkpoint", None, saved)
     assert f"{older} records no scenario (saved by an earlier version)" in caplog.text
+
+
+def test_a_trainer_with_a_key_metric_records_its_best_in_the_checkpoint(slices):
+    # a Pix2PixTrainer given a key_train_metric: its best (which MONAI keeps outside Ignite's state dict) is saved
+    # as training_best, for ReportingCheckpointLoader to restore; without one there is nothing to record
+    scenario = {"inputs": INPUTS, "target": TARGET}
+    plain = make_trainer(loader_of(slices, [40, 41]), make_networks())
+    assert TRAINING_BEST_KEY not in training_checkpoint_dict(plain, scenario=scenario)
+    trainer = make_trainer(loader_of(slices, [40, 41]), make_networks(), key_train_metric={
+        "train_mae": MeanAbsoluteError(output_transform=from_engine(["pred", "target"]))})
+    trainer.run()
+    record = training_checkpoint_dict(trainer, scenario=scenario)[TRAINING_BEST_KEY].state_dict()
+    assert record == {"best_metric": trainer.state.best_metric, "best_metric_epoch": 1}
+    assert math.isfinite(record["best_metric"])
 
 
 def test_a_resume_that_would_replace_another_runs_files_is_refused(tmp_path):

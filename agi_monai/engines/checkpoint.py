@@ -226,16 +226,18 @@ class ReportingCheckpointLoader(CheckpointLoader):
     def _restore_best_key_metrics(self, path: Path, trainer: Engine) -> None:
         """Restores the trainer's and the evaluator's best key metric from the checkpoint's :class:`BestKeyMetric`
         entries (MONAI keeps them outside Ignite's state dict, which ``super().__call__`` restored)."""
+        workflows = [
+            (key, workflow) for key, workflow in ((TRAINING_BEST_KEY, trainer), (VALIDATION_BEST_KEY, self.evaluator))
+            if workflow is not None and getattr(workflow.state, "key_metric_name", None) is not None
+        ]
+        if not workflows:  # no best to restore (a trainer without a key metric, no evaluator): no second read
+            return
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        for key, workflow in ((TRAINING_BEST_KEY, trainer), (VALIDATION_BEST_KEY, self.evaluator)):
-            if workflow is None:
-                continue
+        for key, workflow in workflows:
             record = checkpoint.get(key) if isinstance(checkpoint, Mapping) else None
             if record is None:
-                metric = getattr(workflow.state, "key_metric_name", None)
-                if metric is not None:
-                    _logger.info("%s: no %s entry (saved before it was recorded): the best %s starts afresh, so "
-                                 "that its first value is logged as a new best", path, key, metric)
+                _logger.info("%s: no %s entry (saved before it was recorded): the best %s starts afresh, so that its "
+                             "first value is logged as a new best", path, key, workflow.state.key_metric_name)
                 continue
             try:
                 BestKeyMetric(workflow).load_state_dict(record)
@@ -312,7 +314,6 @@ class BestKeyMetric:
                              "'best_metric_epoch': <whole number>}")
         self.engine.state.best_metric = float(metric)
         self.engine.state.best_metric_epoch = int(epoch)
-
 
 
 def _is_number(value: Any) -> bool:

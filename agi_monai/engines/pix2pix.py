@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from agi_monai.engines.checkpoint import (
     BEST_MODEL_DIGEST_KEY,
     SCENARIO_KEY,
+    TRAINING_BEST_KEY,
     VALIDATION_BEST_KEY,
     BestKeyMetric,
     BestModelDigest,
@@ -326,7 +327,8 @@ def training_checkpoint_dict(
     checks before any work (:func:`agi_monai.engines.check_resume_checkpoint`), and, with ``best_model_saver``,
     ``best_model_digest`` (:class:`agi_monai.engines.BestModelDigest`, read by
     :func:`agi_monai.engines.keep_unrecorded_best_model`), and, with ``validator`` (the validation's evaluator),
-    ``validation_best`` (:class:`agi_monai.engines.BestKeyMetric`, restored by the loader's ``evaluator``).
+    ``validation_best`` (:class:`agi_monai.engines.BestKeyMetric`, restored by the loader's ``evaluator``), and, when
+    the trainer has a ``key_train_metric``, ``training_best`` (restored into the trainer).
 
     In a bundle config the saver and loader cannot be train handlers (they would reference the trainer inside
     its own arguments); attach them once the trainer exists, e.g.
@@ -356,4 +358,6 @@ def training_checkpoint_dict(
             objects[BEST_MODEL_DIGEST_KEY] = BestModelDigest(best_model_saver)
         if validator is not None:
             objects[VALIDATION_BEST_KEY] = BestKeyMetric(validator)
+        if trainer.state.key_metric_name is not None:  # a key_train_metric given: its best is restored too
+            objects[TRAINING_BEST_KEY] = BestKeyMetric(trainer)
     return objects
