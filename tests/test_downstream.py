@@ -404,9 +404,12 @@ def test_the_synthesizer_takes_overrides_as_json_text_with_a_whole_network(tmp_p
     torch.save(conv.state_dict(), tmp_path / "generator.pt")
     network = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 1, "kernel_size": 1}
     synthesizer = load_synthesizer(ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd", tmp_path / "generator.pt",
-                                   json.dumps({"network_def": network}))
+                                   json.dumps({"network_def": network, "slices_per_batch": 5}))
     assert isinstance(synthesizer.network, torch.nn.Conv2d)
     torch.testing.assert_close(synthesizer.network.weight, conv.weight)
+    # through the 2D bundle's own inference.json inferer: whole axial slices, its slices_per_batch at a time
+    assert isinstance(synthesizer.inferer, SliceInferer) and synthesizer.inferer.spatial_dim == 2
+    assert synthesizer.inferer.sw_batch_size == 5 and tuple(synthesizer.inferer.roi_size) == (-1, -1)
 
 
 def _flags(overrides: dict) -> list[str]:
