@@ -3,6 +3,7 @@ a learning signal, resume that reproduces an uninterrupted run, atomic checkpoin
 equal to MONAI's metric functions."""
 
 import gc
+import json
 import logging
 import math
 import os
@@ -450,21 +451,13 @@ def test_trainer_whose_discriminator_diverges_reports_non_finite_losses_instead_
     assert "and the discriminator ('initial_conv" in str(stopped.value)
 
 
-def evaluator_recipe() -> dict:
-    """A bundle's ``validate#evaluator`` (``SupervisedEvaluator``), written out in one piece."""
-    pairs = "$monai.handlers.from_engine(['pred', 'label'])"
-    return {
-        "_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@validate#dataloader",
-        "network": "@generator", "inferer": {"_target_": "SimpleInferer"},
-        "prepare_batch": {"_target_": "agi_monai.engines.SynthesisPrepareBatch"},
-        "postprocessing": "$agi_monai.engines.clip_prediction()",
-        "key_val_metric": {"val_psnr": {"_target_": "PeakSignalToNoiseRatio", "max_val": 1.0, "output_transform": pairs}},
-        "additional_metrics": {
-            "val_ssim": {"_target_": "agi_monai.engines.StructuralSimilarityIndex", "spatial_dims": 2,
-                         "data_range": 1.0, "output_transform": pairs},
-            "val_mae": {"_target_": "MeanAbsoluteError", "output_transform": pairs},
-        },
-    }
+def bundle_validation() -> dict:
+    """A synthesis bundle's own ``validate`` section (train.json) without its data and handlers: the evaluator recipe
+    (``SupervisedEvaluator``, SimpleInferer, clipped predictions, PSNR key metric, SSIM and MAE), given a dataloader."""
+    train = REPO / "bundles" / "brats_t1_t2_to_flair" / "configs" / "train.json"
+    validate = json.loads(train.read_text())["validate"]
+    keep = ("inferer", "postprocessing", "key_metric", "additional_metrics", "evaluator")
+    return {**{key: validate[key] for key in keep}, "dataloader": None, "handlers": []}
 
 
 def test_bundle_config_recipe_trains_checkpoints_resumes_and_validates(slices, tmp_path):
@@ -497,7 +490,8 @@ def test_bundle_config_recipe_trains_checkpoints_resumes_and_validates(slices, t
                 "checkpoint_loader": {"_target_": "CheckpointLoader", "load_path": str(tmp_path / "training.pt"),
                                       "load_dict": "$agi_monai.engines.training_checkpoint_dict(@train#trainer)"},
             },
-            "validate": {"dataloader": None, "evaluator": evaluator_recipe()},
+            "network": "@generator", "amp": False,  # the names the bundle's evaluator takes them by
+            "validate": bundle_validation(),
             "initialize": ["$@train#checkpoint_saver.attach(@train#trainer)"]
             + (["$@train#checkpoint_loader.attach(@train#trainer)"] if resume else []),
             "run": ["$@train#trainer.run()"],
