@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 # OpenMP threads that wait by spinning (libgomp's default) stall each other when the cores are shared with other
 # work: an AGI-Net training step of the demo took 4.9-6.1 s with two spinning threads and 1.3-1.7 s with
-# passive ones on 2 cores at load 3-4 (one thread: 1.6-2.2 s). libgomp reads this when torch loads, so here.
+# passive ones on 2 cores at load 3-4 (one thread: 1.6-2.2 s); on the idle machine passive costs about 10 % (0.63-0.65
+# s against 0.57-0.60 s). libgomp reads this when torch loads, so here.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 exec "${AGI_MONAI_VENV:-.venv}/bin/python" scripts/demo.py "$@"
