@@ -98,8 +98,8 @@ def synthesize(
         t1gd: the contrast-enhanced T1 of one case.
         case_id: the case's name for files given with --t1/...; default: from the file names.
         device: torch device, e.g. cpu, cuda, cuda:1. Default: cuda:0 if available, else cpu.
-        batch_size: axial slices per forward pass (a 2D bundle's slices_per_batch: 16 on a GPU, 2 on a CPU), or 3D patches per forward
-            pass (a 3D bundle's patches_per_batch, 4).
+        batch_size: axial slices per forward pass (a 2D bundle's slices_per_batch: 16 on a GPU, 2 on a CPU), or 3D
+            patches per forward pass (a 3D bundle's patches_per_batch, 4).
         overwrite: replace existing outputs; without it a case whose outputs exist is skipped (counted as already
             present: a rerun over a folder does the rest; with --dicom, a NIfTI without its DICOM series, from a run
             stopped between the two, gets its series), and one with a DICOM series but no NIfTI fails, naming it.
