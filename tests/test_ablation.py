@@ -21,9 +21,8 @@ from agi_monai.evaluation.ablation import ABLATIONS, TABLE5, architecture, selec
 from agi_monai.evaluation.tables import FOLDER_SPLIT_NOTE, SUMMARY_JSON, read_csv, split_note
 from agi_monai.networks import CAGR, STAGES, AGINet, ResUNet
 from test_demo import assert_runs_recorded
-from helpers import CPU_SCRIPT_ENV, SUBPROCESS_ENV, load_script
+from helpers import CPU_SCRIPT_ENV, REPO, SUBPROCESS_ENV, load_script
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brats_t1_t2_to_flair"  # 2 inputs, as the paper's complexity tables
 PAPER_WIDTHS = {"down1": 64, "down2": 128, "down3": 256, "body": 512, "up1": 256, "up2": 128, "up3": 64}
 

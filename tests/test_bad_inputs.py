@@ -32,9 +32,8 @@ import torch
 from agi_monai.cli import main
 from agi_monai.data import synthetic_description, write_dicom_series
 from agi_monai.networks import AGINet
-from helpers import DATA, SUBPROCESS_ENV, load_script
+from helpers import DATA, REPO, SUBPROCESS_ENV, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 WIDTHS = "[8,8,8,8]"
 FAST = ["--network_def#channels", WIDTHS, "--spatial_size", "[64,64]"]
@@ -167,7 +166,7 @@ def digest(folder: Path) -> dict[str, str]:
 def make_bundle(folder: Path, name: str, in_channels: int, source: str | None = None) -> Path:
     """A copy of repository bundle ``source`` (default ``name``) with a freshly initialised narrow generator."""
     root = folder / name
-    shutil.copytree(ROOT / "bundles" / (source or name), root, ignore=shutil.ignore_patterns("models", "eval"))
+    shutil.copytree(REPO / "bundles" / (source or name), root, ignore=shutil.ignore_patterns("models", "eval"))
     (root / "models").mkdir()
     torch.manual_seed(0)
     torch.save(AGINet(in_channels=in_channels, channels=[8, 8, 8, 8]).state_dict(), root / "models" / "model.pt")
@@ -175,7 +174,7 @@ def make_bundle(folder: Path, name: str, in_channels: int, source: str | None = 
 
 
 def run(*args: object, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=SUBPROCESS_ENV)
 
 
@@ -459,16 +458,16 @@ def test_benchmark_scripts_refuse_a_bad_argument_in_one_line_before_timing_anyth
 
 def test_benchmark_scripts_run_at_a_tiny_size(tmp_path):
     # the benchmarks' own figures are in docs/benchmarks.md; this only shows both scripts run end to end
-    env = {**SUBPROCESS_ENV, "PYTHONPATH": str(ROOT)}
+    env = {**SUBPROCESS_ENV, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark_op.py"), "--shapes", "3", "--warmup", "0", "--repeats", "1", "--threads", "1",
-         "--out", str(tmp_path / "op.json")], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        [sys.executable, str(REPO / "scripts" / "benchmark_op.py"), "--shapes", "3", "--warmup", "0", "--repeats", "1", "--threads", "1",
+         "--out", str(tmp_path / "op.json")], capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "op.json").read_text())["rows"]
     assert [row["name"] for row in rows] == ["CAGR 256→256 3×3, B=1, n=8"] and rows[0]["fwd_compiled_ms"] > 0
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark_network.py"), "--batch", "1", "--size", "16", "--warmup", "0",
+        [sys.executable, str(REPO / "scripts" / "benchmark_network.py"), "--batch", "1", "--size", "16", "--warmup", "0",
          "--repeats", "1", "--compare_fold", "False", "--threads", "1", "--amp", "bf16"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "AMP bf16" in result.stdout and "AGI-Net / ResUNet train step on cpu:" in result.stdout

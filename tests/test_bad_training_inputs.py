@@ -33,14 +33,14 @@ from agi_monai.bundle.experiment import budget_overrides, evaluate_bundle, train
 from agi_monai.data import DataError, MissingFileError, discover_cases, load_volume, write_json
 from agi_monai.engines import find_resume_checkpoint
 from agi_monai.networks import AGINet
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-IXI = ROOT / "bundles" / "ixi_t1_t2_to_pd"  # (T1, T2) -> PD
-BRATS_3_TO_1 = ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd"  # (T1, T2, FLAIR) -> T1Gd: 3 input channels
-IXI_SIM = ROOT / "tests" / "data" / "ixi-sim"
-GLI = ROOT / "tests" / "data" / "brats2023-gli"
-TCGA = ROOT / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692"  # BraTS space, with a tumour label (mav)
-SEGMENTATION = ROOT / "bundles" / "brats_segmentation"
+IXI = REPO / "bundles" / "ixi_t1_t2_to_pd"  # (T1, T2) -> PD
+BRATS_3_TO_1 = REPO / "bundles" / "brats_t1_t2_flair_to_t1gd"  # (T1, T2, FLAIR) -> T1Gd: 3 input channels
+IXI_SIM = REPO / "tests" / "data" / "ixi-sim"
+GLI = REPO / "tests" / "data" / "brats2023-gli"
+TCGA = REPO / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692"  # BraTS space, with a tumour label (mav)
+SEGMENTATION = REPO / "bundles" / "brats_segmentation"
 SEGMENTATION_CONTRASTS = ["T1Gd", "T1", "T2", "FLAIR", "seg"]
 WIDTHS = [8, 16, 16, 32]
 CHECKPOINT = "training_checkpoint_epoch=1.pt"

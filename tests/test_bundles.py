@@ -37,10 +37,9 @@ from agi_monai.bundle import (
 )
 from agi_monai.data import Failure, nifti_is_complete, synthetic_description
 from agi_monai.networks import AGINet
-from helpers import DATA, SUBPROCESS_ENV, load_script
+from helpers import DATA, REPO, SUBPROCESS_ENV, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-BUNDLES = ROOT / "bundles"
+BUNDLES = REPO / "bundles"
 SCHEMA = BUNDLES / "_template" / "schemas" / "meta_schema_20240725.json"
 SCHEMA_SHA256 = "774785636fa303916a6a438655fd47fcbc7c0e16a66200f13278cd55ff91ab17"
 ENV = SUBPROCESS_ENV  # one OpenMP thread per process (helpers says why)
@@ -65,7 +64,7 @@ def _bundle(name: str, command: str, configs: list[str], *args: str, timeout: in
     stdout+stderr, fails with it when the exit status is not ``status``."""
     config_file = configs[0] if len(configs) == 1 else "[" + ",".join(f"'{c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", *command.split(), "--config_file", config_file, *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
     output = result.stdout + result.stderr
     assert result.returncode == status, f"{' '.join(cmd)} exited with {result.returncode}:\n{output[-6000:]}"
     return output
@@ -188,7 +187,7 @@ def test_metadata_describes_the_scenario(name):
     assert image["channel_def"] == {str(i): c for i, c in enumerate(scenario.inputs)}
     assert pred["num_channels"] == 1 and pred["channel_def"] == {"0": scenario.target}
     # the pins are the project's own (environment.yml), so they install together
-    pins = dict(re.findall(r"^\s*- ([\w-]+)==(\S+)", (ROOT / "environment.yml").read_text(), re.M))
+    pins = dict(re.findall(r"^\s*- ([\w-]+)==(\S+)", (REPO / "environment.yml").read_text(), re.M))
     packages = {"monai": meta["monai_version"], "torch": meta["pytorch_version"], **meta["required_packages_version"]}
     for package, version in pins.items():
         if package in packages:
@@ -591,7 +590,7 @@ def test_inference_with_weights_of_other_widths_names_the_file(untrained_bundle,
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", _configs(name, "inference.json")[0],
            "--bundle_root", str(untrained_bundle), "--dataset_dir", str(DATA / "brats2023-gli"),
            "--output_dir", str(tmp_path / "out")]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode != 0
     assert (
         f"{weights}: does not fit AGINet of this config: 136 tensor(s) of another shape (e.g. head.weight "
@@ -611,7 +610,7 @@ def test_export_torchscript_loads_in_a_fresh_process(untrained_bundle):
             "--ckpt_file", str(untrained_bundle / "models" / "model.pt"), "--meta_file", str(folder / "metadata.json"),
             "--config_file", str(folder / "inference.json"), "--bundle_root", str(untrained_bundle), *TINY,
         ],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     check = (
@@ -1090,14 +1089,14 @@ def _two_process_training(name: str, *args: str) -> str:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "training", "--config_file", "[" + ",".join(f"'{c}'" for c in configs) + "]", *args,
     ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
     log = result.stdout + result.stderr
     if result.returncode != 0 and GLOO_ABORT in log:
         warnings.warn(f"two-process training aborted in gloo ({GLOO_ABORT!r}); running it once more")
         root = Path(args[args.index("--bundle_root") + 1])
         for folder in ("models", "eval"):
             shutil.rmtree(root / folder, ignore_errors=True)
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
         log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     assert log.count("Pix2PixTrainer - INFO - Engine run finished") == 2  # both ranks trained

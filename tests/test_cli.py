@@ -32,9 +32,8 @@ from agi_monai.evaluation import evaluate_volume, volume_dataset
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, SUMMARY_MD, read_csv
 from agi_monai.networks import AGINet
 from agi_monai.ops import extension_available
-from helpers import DATA, SUBPROCESS_ENV, load_script
+from helpers import DATA, REPO, SUBPROCESS_ENV, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 GLI = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 AURORA = DATA / "brats2023-mets" / "aurora-example"
 NATIVE = DATA / "tcga-lgg" / "TCGA-FG-6692-native"
@@ -48,7 +47,7 @@ def run_cli(*args: str, module: bool = False, env: dict | None = None, timeout: 
     """``agi-monai ARGS`` (the console script) or ``python -m agi_monai ARGS``."""
     command = [sys.executable, "-m", "agi_monai"] if module else [str(SCRIPT)]
     return subprocess.run(
-        [*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        [*command, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env=env or SUBPROCESS_ENV,
     )
 
@@ -67,7 +66,7 @@ def digest(folder: Path) -> dict[str, str]:
 def make_bundle(folder: Path, name: str, in_channels: int) -> Path:
     """A copy of a repository bundle whose models/model.pt is a freshly initialised narrow generator."""
     root = folder / name
-    shutil.copytree(ROOT / "bundles" / name, root, ignore=shutil.ignore_patterns("models", "eval"))
+    shutil.copytree(REPO / "bundles" / name, root, ignore=shutil.ignore_patterns("models", "eval"))
     (root / "models").mkdir()
     torch.manual_seed(0)
     torch.save(AGINet(in_channels=in_channels, channels=WIDTHS).state_dict(), root / "models" / "model.pt")
@@ -441,8 +440,8 @@ def test_batch_size_sets_the_batch_setting_the_bundle_has(cases, tmp_path, monke
     assert main(argv) == 2 and "stopped before the run" in capsys.readouterr().err
     assert {key: value for key, value in given.items() if key.endswith("_per_batch")} == {setting: 2}
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles" / bundle / "configs" / "inference.json"))
-    parser.update({setting: given[setting], "bundle_root": str(ROOT / "bundles" / bundle)})
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
+    parser.update({setting: given[setting], "bundle_root": str(REPO / "bundles" / bundle)})
     assert parser.get_parsed_content("inferer").sw_batch_size == 2
 
 
@@ -516,7 +515,7 @@ def test_an_output_never_replaces_an_input_and_a_case_id_with_a_slash_names_one_
 
 
 def test_missing_weights_name_the_file_and_how_to_train(cases, tmp_path, capsys):
-    bundle = ROOT / "bundles" / "brats_t1_t2_to_flair"
+    bundle = REPO / "bundles" / "brats_t1_t2_to_flair"
     if (bundle / "models" / "model.pt").exists():
         pytest.skip("this checkout has trained weights for brats_t1_t2_to_flair")
     status = main(["synthesize", str(cases), "--bundle", "brats_t1_t2_to_flair", "--output_dir", str(tmp_path / "o")])
@@ -682,8 +681,8 @@ def test_bundles_lists_the_ten_scenarios_and_the_3d_one():
     assert re.match(r"brats_t1_t2_flair_to_t1gd\s+T1, T2, FLAIR\s+T1Gd\s+240x240\s+(yes|no)", row), row
     row = next(line for line in lines if line.startswith("brats_t1_t2_flair_to_t1gd_3d "))
     assert re.match(r"brats_t1_t2_flair_to_t1gd_3d\s+T1, T2, FLAIR\s+T1Gd\s+240x240 \(3D patches\)\s+(yes|no)", row), row
-    with_weights = sum((ROOT / "bundles" / n / "models" / "model.pt").is_file() for n in names)
-    assert lines[-1] == f"11 bundles in {ROOT / 'bundles'}, {with_weights} with weights (models/model.pt)"
+    with_weights = sum((REPO / "bundles" / n / "models" / "model.pt").is_file() for n in names)
+    assert lines[-1] == f"11 bundles in {REPO / 'bundles'}, {with_weights} with weights (models/model.pt)"
 
 
 def test_bundles_table_shows_weights(bundles, capsys, monkeypatch):

@@ -13,9 +13,8 @@ import pytest
 
 import agi_monai.data.splits as splits_module
 from agi_monai.data import DataError, discover_cases, preparation_summary, prepare_datalist, split_cases, write_datalist
-from helpers import DATA
+from helpers import DATA, REPO
 
-REPO = Path(__file__).parents[1]
 
 
 def _cases(patients: int, timepoints: int = 1) -> list[dict]:

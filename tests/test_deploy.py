@@ -37,11 +37,10 @@ from agi_monai.cli import main as cli_main  # noqa: E402
 from agi_monai.data import write_dicom_series  # noqa: E402
 from agi_monai.deploy.app import main  # noqa: E402
 from agi_monai.networks import AGINet  # noqa: E402
-from helpers import SUBPROCESS_ENV  # noqa: E402
+from helpers import REPO, SUBPROCESS_ENV  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-NATIVE = ROOT / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692-native"
-AURORA = ROOT / "tests" / "data" / "brats2023-mets" / "aurora-example"
+NATIVE = REPO / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692-native"
+AURORA = REPO / "tests" / "data" / "brats2023-mets" / "aurora-example"
 WIDTHS = [8, 16, 16, 32]
 STUDY_UID = "1.2.826.0.1.3680043.8.498.7"
 
@@ -56,7 +55,7 @@ def exported(tmp_path_factory) -> Path:
     import shutil
 
     root = tmp_path_factory.mktemp("bundles") / "brats_t1_t2_to_flair"
-    shutil.copytree(ROOT / "bundles" / root.name, root, ignore=shutil.ignore_patterns("models", "eval"))
+    shutil.copytree(REPO / "bundles" / root.name, root, ignore=shutil.ignore_patterns("models", "eval"))
     (root / "models").mkdir()
     torch.manual_seed(0)
     torch.save(AGINet(in_channels=2, channels=WIDTHS).state_dict(), root / "models" / "model.pt")
@@ -104,7 +103,7 @@ def test_app_synthesizes_float_nifti_and_a_derived_dicom_series(exported, inputs
         "--bundle_root", str(exported), "--dataset_dir", str(inputs), "--output_dir", str(reference_run),
         "--network_def#channels", str(WIDTHS).replace(" ", ""), "--device", "$torch.device('cpu')",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     for case in ("TCGA-FG-6692", "aurora-example"):
         deployed, bundled = nib.load(output / f"{case}_FLAIR.nii.gz"), nib.load(reference_run / f"{case}_FLAIR.nii.gz")
@@ -181,7 +180,7 @@ def test_where_the_model_is_found_and_what_it_is_called(exported, tmp_path):
 
     # another scenario's bundle folder holding this export as its models/model.ts
     other = tmp_path / "brats_t2_flair_to_t1"
-    shutil.copytree(ROOT / "bundles" / other.name, other, ignore=shutil.ignore_patterns("models", "eval"))
+    shutil.copytree(REPO / "bundles" / other.name, other, ignore=shutil.ignore_patterns("models", "eval"))
     (other / "models").mkdir()
     shutil.copy(exported / "models" / "model.ts", other / "models" / "model.ts")
     with pytest.raises(BundleError, match=r"was exported from a bundle for inputs \['T1', 'T2'\] -> FLAIR "
@@ -346,7 +345,7 @@ def test_a_signal_mid_write_stops_at_once_leaving_complete_outputs_and_the_case_
     command = [sys.executable, "-c", _STOPPED_MID_WRITE, str(reached), "-i", str(inputs), "-o", str(output), "-m",
                str(exported / "models" / "model.ts"), "--device", "cpu", "--overwrite"]
     threads = {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}  # threads the kernel may hand the signal to
-    process = subprocess.Popen(command, cwd=ROOT, env={**SUBPROCESS_ENV, **threads}, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=REPO, env={**SUBPROCESS_ENV, **threads}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         while not reached.exists():

@@ -47,14 +47,13 @@ from agi_monai.evaluation.downstream import (
     regions_to_label,
 )
 from agi_monai.evaluation.tables import read_csv
-from helpers import SUBPROCESS_ENV
+from helpers import REPO, SUBPROCESS_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
-BUNDLE = ROOT / "bundles" / "brats_segmentation"
+BUNDLE = REPO / "bundles" / "brats_segmentation"
 CONFIGS = BUNDLE / "configs"
-TCGA = ROOT / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692"
+TCGA = REPO / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692"
 MAV = TCGA / "mav.nii.gz"
-SCHEMA = ROOT / "bundles" / "_template" / "schemas" / "meta_schema_20240725.json"
+SCHEMA = REPO / "bundles" / "_template" / "schemas" / "meta_schema_20240725.json"
 SCHEMA_SHA256 = "774785636fa303916a6a438655fd47fcbc7c0e16a66200f13278cd55ff91ab17"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -110,7 +109,7 @@ def test_a_brats2023_map_read_as_brats2015_is_warned_about(caplog):
     assert caplog.records == []
 
 
-BRATS2015 = ROOT.parent / "shared" / "data" / "brats2015-deepmedic" / "brats_2013_pat0004_1" / "OTMultiClass.nii.gz"
+BRATS2015 = REPO.parent / "shared" / "data" / "brats2015-deepmedic" / "brats_2013_pat0004_1" / "OTMultiClass.nii.gz"
 
 
 @pytest.mark.skipif(not BRATS2015.is_file(), reason="the shared BRATS 2015 cases are not beside this clone (not shipped)")
@@ -387,7 +386,7 @@ TINY = {  # widths and sizes for CPU tests; the tumour (x 136-178, y 124-182 of 
 
 
 def _run(*args: str, timeout: int = 600) -> str:
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                             env=SUBPROCESS_ENV)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-6000:]}"
@@ -403,7 +402,7 @@ def test_the_synthesizer_takes_overrides_as_json_text_with_a_whole_network(tmp_p
     conv = torch.nn.Conv2d(3, 1, kernel_size=1)
     torch.save(conv.state_dict(), tmp_path / "generator.pt")
     network = {"_target_": "torch.nn.Conv2d", "in_channels": 3, "out_channels": 1, "kernel_size": 1}
-    synthesizer = load_synthesizer(ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd", tmp_path / "generator.pt",
+    synthesizer = load_synthesizer(REPO / "bundles" / "brats_t1_t2_flair_to_t1gd", tmp_path / "generator.pt",
                                    json.dumps({"network_def": network, "slices_per_batch": 5}))
     assert isinstance(synthesizer.network, torch.nn.Conv2d)
     torch.testing.assert_close(synthesizer.network.weight, conv.weight)
@@ -503,7 +502,7 @@ def test_the_summary_description_names_both_checkpoints_and_the_synthesis_overri
 
     from agi_monai.evaluation.downstream import overrides_as_given
 
-    synthesis = str(ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd")
+    synthesis = str(REPO / "bundles" / "brats_t1_t2_flair_to_t1gd")
     typed = {"network_def#channels": [8, 16, 16, 32], "network_def#_target_": "agi_monai.networks.ResUNet"}
     overrides = load_script("downstream_dice.py").synthesis_overrides_text(typed)
     given = _description(tmp_path, synthesis_bundle=synthesis, synthesis_checkpoint=str(tmp_path / "generator.pt"),
@@ -594,7 +593,7 @@ def test_a_segmenter_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tmp_pat
         [sys.executable, "scripts/downstream_dice.py", "--dataset_dir", str(cases), "--output_dir",
          str(tmp_path / "out"), "--segmentation_checkpoint", str(generator), "--conditions", "['real']",
          "--segmentation_overrides", str(TINY)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV,
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
@@ -660,7 +659,7 @@ def test_a_3d_synthesis_bundle_synthesizes_through_its_own_inferer(tmp_path):
     generator = AGINet(spatial_dims=3, in_channels=3, channels=[8, 16, 16, 32]).eval()
     torch.save(generator.state_dict(), tmp_path / "generator3d.pt")
     overrides = {"network_def#channels": [8, 16, 16, 32], "patch_size": [32, 32, 32], "patches_per_batch": 2}
-    synthesizer = load_synthesizer(ROOT / "bundles" / "brats_t1_t2_flair_to_t1gd_3d", tmp_path / "generator3d.pt",
+    synthesizer = load_synthesizer(REPO / "bundles" / "brats_t1_t2_flair_to_t1gd_3d", tmp_path / "generator3d.pt",
                                    json.dumps(overrides))
     assert isinstance(synthesizer, VolumeSynthesizer)
     assert (synthesizer.inputs, synthesizer.target) == (("T1", "T2", "FLAIR"), "T1Gd")

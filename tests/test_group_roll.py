@@ -28,8 +28,8 @@ import torch
 import agi_monai  # noqa: F401  (loads the op library)
 from agi_monai import ops
 from agi_monai.ops import group_roll, group_roll_reference
+from helpers import REPO
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 requires_extension = pytest.mark.skipif(
     not ops.extension_available(),
@@ -441,7 +441,7 @@ def test_python_entry_uses_compiled_op_without_warning():
 
 def _run_python(code: str, cwd: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("PYTHONWARNINGS", None)
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout

@@ -23,17 +23,16 @@ import torch
 
 from agi_monai.data import DataError
 from agi_monai.engines import hold_checkpoint_folder
-from helpers import SUBPROCESS_ENV
+from helpers import REPO, SUBPROCESS_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
-BUNDLE = ROOT / "bundles" / "ixi_t1_t2_to_pd"
+BUNDLE = REPO / "bundles" / "ixi_t1_t2_to_pd"
 EPOCHS, ITERATIONS_PER_EPOCH = 3, 2
 
 
 def train_command(root: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "monai.bundle", "run", "--config_file", str(BUNDLE / "configs" / "train.json"),
-        "--bundle_root", str(root), "--dataset_dir", str(ROOT / "tests" / "data" / "ixi-sim"),
+        "--bundle_root", str(root), "--dataset_dir", str(REPO / "tests" / "data" / "ixi-sim"),
         "--epochs", str(EPOCHS), "--val_interval", str(ITERATIONS_PER_EPOCH), "--batch_size", "2", "--num_workers", "0",
         "--spatial_size", "[64,64]", "--network_def#channels", "[8,16,16,32]", "--discriminator_def#channels", "8", *extra,
     ]
@@ -45,7 +44,7 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
     first = models / "training_checkpoint_epoch=1.pt"
     log = tmp_path / "killed.log"
     with open(log, "w") as output:
-        process = subprocess.Popen(train_command(tmp_path), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(train_command(tmp_path), cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
                                    env=SUBPROCESS_ENV)
         try:
             deadline = time.monotonic() + 300
@@ -71,7 +70,7 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(tmp_path):
     assert {"generator", "discriminator", "g_optimizer", "d_optimizer", "best_model_ranking"} <= set(state)
     torch.load(models / "model.pt", weights_only=True)
 
-    resumed = subprocess.run(train_command(tmp_path, "--resume_ckpt", "latest"), cwd=ROOT, capture_output=True, text=True,
+    resumed = subprocess.run(train_command(tmp_path, "--resume_ckpt", "latest"), cwd=REPO, capture_output=True, text=True,
                              timeout=600, env=SUBPROCESS_ENV)
     text = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, text[-4000:]

@@ -21,9 +21,9 @@ from agi_monai.data import MissingFileError
 from agi_monai.engines import ReportingCheckpointLoader, expected_bundle_weights, load_weights
 from agi_monai.evaluation.downstream import load_synthesizer
 from agi_monai.networks import AGINet
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-BUNDLE = ROOT / "bundles" / "brats_t1_t2_to_flair"
+BUNDLE = REPO / "bundles" / "brats_t1_t2_to_flair"
 WIDTHS = [8, 8, 8, 8]
 EXPECTED = "the weights of the test's generator"
 

@@ -28,10 +28,9 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from agi_monai.networks import AGINet
-from helpers import SUBPROCESS_ENV
+from helpers import REPO, SUBPROCESS_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
-GLI = ROOT / "tests" / "data" / "brats2023-gli" / "BraTS-GLI-00001-000"
+GLI = REPO / "tests" / "data" / "brats2023-gli" / "BraTS-GLI-00001-000"
 # the side environment of scripts/setup_env.sh beside this environment (.venv/label), counted as there only once its
 # marker is: an install that failed or was cut off leaves a Python without MONAI Label, and setup_env.sh has warned
 LABEL_ENV = Path(sys.prefix) / "label"
@@ -53,7 +52,7 @@ def bundle(tmp_path_factory) -> Path:
     """A copy of brats_t1_t2_to_flair with an untrained narrow generator; its inference.json is given the narrow
     widths and 64x64 slices (MONAI Label instantiates ``network_def`` as the file says: no overrides)."""
     root = tmp_path_factory.mktemp("bundles") / "brats_t1_t2_to_flair"
-    shutil.copytree(ROOT / "bundles" / root.name, root, ignore=shutil.ignore_patterns("models", "eval"))
+    shutil.copytree(REPO / "bundles" / root.name, root, ignore=shutil.ignore_patterns("models", "eval"))
     config = json.loads((root / "configs" / "inference.json").read_text())
     config["network_def"]["channels"] = WIDTHS
     config["spatial_size"] = [64, 64]

@@ -16,9 +16,8 @@ import torch
 from agi_monai.data import Failure, write_json
 from agi_monai.evaluation import brain_mask, protocol_record, slice_protocol, synthesis_panel
 from agi_monai.evaluation.tables import CASES_CSV, SUMMARY_JSON, read_csv, summarize, write_csv
-from helpers import DATA, SUBPROCESS_ENV, load_script
+from helpers import DATA, REPO, SUBPROCESS_ENV, load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 CASE = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 
 
@@ -61,7 +60,7 @@ def test_compare_puts_runs_side_by_side(tmp_path):
 def test_compare_refuses_two_runs_of_one_name_in_one_line_and_prints_each_table_once(tmp_path):
     agi = _evaluation(tmp_path / "agi" / "eval", [24.0, 26.0], [90.0, 92.0], [2.0, 2.5])
     res = _evaluation(tmp_path / "res" / "eval", [23.0, 23.0, 26.0], [89.0, 89.0, 89.0], [3.0, 3.0, 3.0])
-    script = [sys.executable, str(ROOT / "scripts" / "report.py"), "compare"]
+    script = [sys.executable, str(REPO / "scripts" / "report.py"), "compare"]
     for runs in ([str(agi), str(res)], [f"AGI={agi}", f"AGI={res}"]):  # bare paths: both are called "eval"
         result = subprocess.run([*script, *runs], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
@@ -112,7 +111,7 @@ def test_compare_names_a_corrupt_summary_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"truncated/metrics_summary.json: is not valid JSON: Expecting property name "
                                          r"enclosed in double quotes at line 3 column 17 \(expected the metrics_summary"):
         REPORT.compare(f"a={tmp_path / 'truncated'}")
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "compare", f"a={tmp_path / 'empty'}"],
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "compare", f"a={tmp_path / 'empty'}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
@@ -156,9 +155,9 @@ def test_robustness_tables_and_plots_through_the_command_line(tmp_path):
     sweep = _sweep(tmp_path / "sweep.csv")
     output = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "report.py"), "robustness", str(sweep), "--output_dir", str(output),
+        [sys.executable, str(REPO / "scripts" / "report.py"), "robustness", str(sweep), "--output_dir", str(output),
          "--title", "translation"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300, env=SUBPROCESS_ENV,
+        capture_output=True, text=True, cwd=REPO, timeout=300, env=SUBPROCESS_ENV,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in output.iterdir()) == ["robustness.md", "robustness_psnr_db.png", "robustness_ssim_pct.png"]
@@ -187,7 +186,7 @@ def test_robustness_names_the_file_line_and_column_of_a_bad_cell(tmp_path):
             REPORT.robustness(str(path), str(tmp_path / "out"))
     path = tmp_path / "level.csv"
     path.write_text("network,perturbation,psnr_db\n1,0,30\n1,x,20\n")
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), "robustness", str(path),
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), "robustness", str(path),
                              "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                             env=SUBPROCESS_ENV)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -23,9 +23,8 @@ from agi_monai.evaluation import brain_mask, slice_protocol
 from agi_monai.evaluation.robustness import misalign, perturbation_levels, robustness_sweep, write_sweep
 from agi_monai.evaluation.tables import read_csv
 from agi_monai.networks import AGINet, ResUNet
-from helpers import CPU_SCRIPT_ENV, DATA, load_script
+from helpers import CPU_SCRIPT_ENV, DATA, REPO, load_script
 
-REPO = Path(__file__).resolve().parents[1]
 CASE = DATA / "brats2023-gli" / "BraTS-GLI-00001-000"
 SLICES = slice(70, 82)  # 12 axial slices through the tumour: enough brain, fast
 

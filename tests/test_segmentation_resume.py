@@ -26,10 +26,10 @@ from agi_monai.data.errors import innermost_cause
 from agi_monai.engines import ReportingCheckpointLoader, keep_unrecorded_best_model
 from agi_monai.engines.checkpoint import BEST_MODEL_DIGEST_KEY, TRAINING_BEST_KEY, VALIDATION_BEST_KEY
 from agi_monai.bundle import CosineLearningRate, check_segmentation_sizes
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "bundles" / "brats_segmentation" / "configs"
-TCGA = ROOT / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692"
+CONFIGS = REPO / "bundles" / "brats_segmentation" / "configs"
+TCGA = REPO / "tests" / "data" / "tcga-lgg" / "TCGA-FG-6692"
 TINY = {"spatial_size": [128, 128], "roi_size": [64, 64, 32], "sw_roi_size": [128, 128, 160],
         "network_def#init_filters": 8, "num_workers": 0, "label_convention": "brats2018",
         "device": "$torch.device('cpu')"}
